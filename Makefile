@@ -1,0 +1,41 @@
+# kaapana_assets — the two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export KAAPANA_HOME ?= $(CURDIR)/.kaapana
+export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
+# Tests never reach the network: no telemetry, no model or data downloads.
+export DAGSTER_DISABLE_TELEMETRY = 1
+export HF_HUB_OFFLINE = 1
+
+.PHONY: install test test-all demo dev bench-ingest lint clean
+
+# The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
+# the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+demo: install
+	$(BIN)/kaapana demo
+
+dev: install
+	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
+	$(BIN)/dagster dev
+
+bench-ingest: install
+	$(BIN)/python bench/ingest.py
+
+clean:
+	rm -rf $(KAAPANA_HOME) .pytest_cache

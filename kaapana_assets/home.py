@@ -1,0 +1,48 @@
+"""Where a site keeps its data: one KAAPANA_HOME holds lake, archive, spool and quarantine.
+
+Production swaps the URIs (S3 lake, external PACS), not the code; this layout is the
+embedded default used by the demo, tests and a single-node install.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_HOME = ".kaapana"
+
+
+@dataclass(frozen=True)
+class KaapanaHome:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> "KaapanaHome":
+        return cls(Path(os.environ.get("KAAPANA_HOME", DEFAULT_HOME)).resolve())
+
+    @property
+    def lake(self) -> Path:
+        return self.root / "lake"
+
+    @property
+    def archive(self) -> Path:
+        return self.root / "archive"
+
+    @property
+    def incoming(self) -> Path:
+        """The spool that the DICOM receiver and manual copies fill."""
+        return self.root / "incoming"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine"
+
+    @property
+    def previews(self) -> Path:
+        return self.root / "previews"
+
+    def ensure(self) -> "KaapanaHome":
+        for path in (self.lake, self.archive, self.incoming, self.quarantine, self.previews):
+            path.mkdir(parents=True, exist_ok=True)
+        return self

@@ -1,0 +1,140 @@
+"""Series and study rows, recomputed from the instances of the affected studies.
+
+Recomputing from `instances` (rather than incrementing counters) keeps the index right
+when a study arrives in several parts, when a SEG arrives after its CT, and after a crash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from kaapana_assets.lake.schemas import SERIES, STUDIES
+
+AXIAL_TOLERANCE = 0.95  # |slice normal · z| above this counts as axial
+
+
+def _first(rows: Iterable[dict[str, Any]], key: str) -> Any:
+    return next((r[key] for r in rows if r.get(key) not in (None, "", [])), None)
+
+
+def _digest(row: dict[str, Any]) -> str:
+    content = {k: v for k, v in row.items() if k not in ("row_digest", "updated_at")}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def is_axial(orientation: list[float] | None) -> bool | None:
+    if not orientation or len(orientation) != 6:
+        return None
+    normal = np.cross(np.asarray(orientation[:3]), np.asarray(orientation[3:]))
+    norm = float(np.linalg.norm(normal))
+    return bool(norm > 0 and abs(normal[2]) / norm >= AXIAL_TOLERANCE)
+
+
+def missing_instance_numbers(numbers: list[int]) -> list[int]:
+    if not numbers:
+        return []
+    present = set(numbers)
+    return [n for n in range(min(present), max(present) + 1) if n not in present]
+
+
+def series_rows(instances: list[dict[str, Any]], now: dt.datetime) -> list[dict[str, Any]]:
+    by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in instances:
+        by_series[row["series_uid"]].append(row)
+    # Which SEG series point at which series, within the studies at hand.
+    segs_of: dict[str, set[str]] = defaultdict(set)
+    for series_uid, rows in by_series.items():
+        for row in rows:
+            for ref in row.get("referenced_series_uids") or []:
+                segs_of[ref].add(series_uid)
+    out = []
+    for series_uid, rows in sorted(by_series.items()):
+        rows.sort(key=lambda r: (r.get("instance_number") is None, r.get("instance_number") or 0))
+        numbers = [r["instance_number"] for r in rows if r.get("instance_number") is not None]
+        gaps = missing_instance_numbers(numbers)
+        spacing = _first(rows, "pixel_spacing") or [None, None]
+        orientation = _first(rows, "image_orientation")
+        row = {
+            "series_uid": series_uid,
+            "study_uid": rows[0]["study_uid"],
+            "patient_id": _first(rows, "patient_id"),
+            "modality": _first(rows, "modality"),
+            "series_number": _first(rows, "series_number"),
+            "series_description": _first(rows, "series_description"),
+            "body_part": _first(rows, "body_part"),
+            "manufacturer": _first(rows, "manufacturer"),
+            "manufacturer_model": _first(rows, "manufacturer_model"),
+            "institution": _first(rows, "institution"),
+            "sop_class_uid": _first(rows, "sop_class_uid"),
+            "instance_count": len(rows),
+            "slice_thickness": _first(rows, "slice_thickness"),
+            "row_spacing": spacing[0] if len(spacing) > 0 else None,
+            "column_spacing": spacing[1] if len(spacing) > 1 else None,
+            "rows": _first(rows, "rows"),
+            "columns": _first(rows, "columns"),
+            "orientation": orientation,
+            "is_axial": is_axial(orientation),
+            "min_instance_number": min(numbers) if numbers else None,
+            "max_instance_number": max(numbers) if numbers else None,
+            "missing_instance_numbers": gaps,
+            "complete": not gaps,
+            "frame_of_reference_uid": _first(rows, "frame_of_reference_uid"),
+            "referenced_series_uids": sorted({u for r in rows for u in r.get("referenced_series_uids") or []}),
+            "reference_seg_series_uids": sorted(segs_of.get(series_uid, ())),
+            "segment_labels": sorted({lab for r in rows for lab in r.get("segment_labels") or []}),
+        }
+        row["row_digest"] = _digest(row)
+        row["updated_at"] = now
+        out.append(row)
+    return out
+
+
+def study_rows(instances: list[dict[str, Any]], series: list[dict[str, Any]], now: dt.datetime) -> list[dict[str, Any]]:
+    by_study: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in instances:
+        by_study[row["study_uid"]].append(row)
+    series_count: dict[str, int] = defaultdict(int)
+    for s in series:
+        series_count[s["study_uid"]] += 1
+    out = []
+    for study_uid, rows in sorted(by_study.items()):
+        row = {
+            "study_uid": study_uid,
+            "patient_id": _first(rows, "patient_id"),
+            "patient_name": _first(rows, "patient_name"),
+            "patient_sex": _first(rows, "patient_sex"),
+            "patient_birth_date": _first(rows, "patient_birth_date"),
+            "study_date": _first(rows, "study_date"),
+            "study_description": _first(rows, "study_description"),
+            "accession_number": _first(rows, "accession_number"),
+            # The acquiring site: prefer the images' institution over a derived object's.
+            "institution": _first([r for r in rows if r.get("modality") != "SEG"], "institution")
+            or _first(rows, "institution"),
+            "modalities": sorted({r["modality"] for r in rows if r.get("modality")}),
+            "series_count": series_count[study_uid],
+            "instance_count": len(rows),
+        }
+        row["row_digest"] = _digest(row)
+        row["updated_at"] = now
+        out.append(row)
+    return out
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def series_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return to_table(rows, SERIES.schema)
+
+
+def studies_table(rows: list[dict[str, Any]]) -> pa.Table:
+    return to_table(rows, STUDIES.schema)

@@ -1,0 +1,163 @@
+"""Schemas of the Delta tables. One place, so every domain writes the same columns.
+
+Keys are DICOM UIDs wherever the row describes a DICOM object: MERGEs on them make
+re-ingestion idempotent. `row_digest` lets a MERGE update a row only when its content
+changed, so an unchanged re-run commits no new Delta version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+FLOATS = pa.list_(pa.float64())
+STRINGS = pa.list_(pa.string())
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    schema: pa.Schema
+    keys: tuple[str, ...]
+    # Mutable rows are updated when their row_digest differs; immutable rows are insert-only.
+    mutable: bool = False
+
+    def empty(self) -> pa.Table:
+        return self.schema.empty_table()
+
+
+INSTANCES = TableSpec(
+    "instances",
+    pa.schema(
+        [
+            ("sop_instance_uid", pa.string()),
+            ("sop_class_uid", pa.string()),
+            ("series_uid", pa.string()),
+            ("study_uid", pa.string()),
+            ("patient_id", pa.string()),
+            # Study/series attributes as each instance carries them: `series` and `studies`
+            # are recomputed from these, so they can always be rebuilt from `instances`.
+            ("patient_name", pa.string()),
+            ("patient_sex", pa.string()),
+            ("patient_birth_date", pa.string()),
+            ("study_date", pa.string()),
+            ("study_description", pa.string()),
+            ("accession_number", pa.string()),
+            ("institution", pa.string()),
+            ("manufacturer", pa.string()),
+            ("manufacturer_model", pa.string()),
+            ("series_number", pa.int64()),
+            ("series_description", pa.string()),
+            ("body_part", pa.string()),
+            ("modality", pa.string()),
+            ("instance_number", pa.int64()),
+            ("image_position", FLOATS),
+            ("image_orientation", FLOATS),
+            ("pixel_spacing", FLOATS),
+            ("slice_thickness", pa.float64()),
+            ("rows", pa.int64()),
+            ("columns", pa.int64()),
+            ("number_of_frames", pa.int64()),
+            ("rescale_slope", pa.float64()),
+            ("rescale_intercept", pa.float64()),
+            ("frame_of_reference_uid", pa.string()),
+            ("transfer_syntax_uid", pa.string()),
+            ("referenced_series_uids", STRINGS),
+            ("segment_labels", STRINGS),
+            ("calling_ae_title", pa.string()),
+            ("called_ae_title", pa.string()),
+            ("archive_path", pa.string()),
+            ("sha256", pa.string()),
+            ("size_bytes", pa.int64()),
+            ("ingested_at", TIMESTAMP),
+        ]
+    ),
+    keys=("sop_instance_uid",),
+)
+
+SERIES = TableSpec(
+    "series",
+    pa.schema(
+        [
+            ("series_uid", pa.string()),
+            ("study_uid", pa.string()),
+            ("patient_id", pa.string()),
+            ("modality", pa.string()),
+            ("series_number", pa.int64()),
+            ("series_description", pa.string()),
+            ("body_part", pa.string()),
+            ("manufacturer", pa.string()),
+            ("manufacturer_model", pa.string()),
+            ("institution", pa.string()),
+            ("sop_class_uid", pa.string()),
+            ("instance_count", pa.int64()),
+            ("slice_thickness", pa.float64()),
+            ("row_spacing", pa.float64()),
+            ("column_spacing", pa.float64()),
+            ("rows", pa.int64()),
+            ("columns", pa.int64()),
+            ("orientation", FLOATS),
+            ("is_axial", pa.bool_()),
+            ("min_instance_number", pa.int64()),
+            ("max_instance_number", pa.int64()),
+            ("missing_instance_numbers", pa.list_(pa.int64())),
+            ("complete", pa.bool_()),
+            ("frame_of_reference_uid", pa.string()),
+            ("referenced_series_uids", STRINGS),
+            ("reference_seg_series_uids", STRINGS),
+            ("segment_labels", STRINGS),
+            ("row_digest", pa.string()),
+            ("updated_at", TIMESTAMP),
+        ]
+    ),
+    keys=("series_uid",),
+    mutable=True,
+)
+
+STUDIES = TableSpec(
+    "studies",
+    pa.schema(
+        [
+            ("study_uid", pa.string()),
+            ("patient_id", pa.string()),
+            ("patient_name", pa.string()),
+            ("patient_sex", pa.string()),
+            ("patient_birth_date", pa.string()),
+            ("study_date", pa.string()),
+            ("study_description", pa.string()),
+            ("accession_number", pa.string()),
+            ("institution", pa.string()),
+            ("modalities", STRINGS),
+            ("series_count", pa.int64()),
+            ("instance_count", pa.int64()),
+            ("row_digest", pa.string()),
+            ("updated_at", TIMESTAMP),
+        ]
+    ),
+    keys=("study_uid",),
+    mutable=True,
+)
+
+QUARANTINE = TableSpec(
+    "quarantine",
+    pa.schema(
+        [
+            # Content-addressed: the same bad bytes sent twice are one row, one file.
+            ("sha256", pa.string()),
+            ("reason", pa.string()),
+            ("error", pa.string()),
+            ("source_path", pa.string()),
+            ("quarantine_path", pa.string()),
+            ("size_bytes", pa.int64()),
+            # Untrusted values as read (may be hostile); stored as data, never used as paths.
+            ("study_uid", pa.string()),
+            ("sop_instance_uid", pa.string()),
+            ("quarantined_at", TIMESTAMP),
+        ]
+    ),
+    keys=("sha256",),
+)
+
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE)}
