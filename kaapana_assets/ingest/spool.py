@@ -1,0 +1,111 @@
+"""The spool: where received and copied DICOM files wait for ingestion.
+
+Pure planning for the `incoming_studies` sensor: which studies are complete (quiet for a
+while), which files cannot be read at all (they go to quarantine through a run), and a
+content digest per study so that a run is keyed by exactly the files it will ingest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kaapana_assets.ingest.headers import Rejected, parse_header
+
+UNREADABLE = ""  # study key of files whose header cannot be read or validated
+MAX_HEADER_BYTES = 1 << 26  # files larger than 64 MiB are parsed by the run, not the sensor
+
+
+@dataclass(frozen=True)
+class SpoolFile:
+    path: str
+    size: int
+    mtime_ns: int
+
+
+def scan_spool(root: Path) -> list[SpoolFile]:
+    """Regular files under root, skipping hidden names and in-flight temp files (the
+    receiver writes `.name.part` and renames when durable)."""
+    found: list[SpoolFile] = []
+    if not root.exists():
+        return found
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or name.endswith((".part", ".tmp")):
+                continue
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # ingested or moved meanwhile
+                continue
+            found.append(SpoolFile(path, st.st_size, st.st_mtime_ns))
+    return sorted(found, key=lambda f: f.path)
+
+
+def study_of_file(path: str) -> str:
+    """StudyInstanceUID of a spool file, or UNREADABLE (the full validation decides:
+    a file the run would quarantine anyway is routed to quarantine directly)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_HEADER_BYTES)
+        return parse_header(data).study_uid
+    except (Rejected, OSError):
+        return UNREADABLE
+
+
+@dataclass
+class SpoolPlan:
+    ready: dict[str, list[str]] = field(default_factory=dict)  # study -> files
+    unreadable: list[str] = field(default_factory=list)
+    waiting: dict[str, int] = field(default_factory=dict)  # study -> files still settling
+    digests: dict[str, str] = field(default_factory=dict)  # study (or UNREADABLE) -> digest
+    studies_of: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # path -> (size, mtime, study)
+
+
+def digest(files: Iterable[SpoolFile]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def plan_spool(
+    files: list[SpoolFile],
+    known: Mapping[str, tuple[int, int, str]],
+    now_ns: int,
+    quiet_period_s: float,
+) -> SpoolPlan:
+    """Group files by study; a group is ready when none of its files changed within the
+    quiet period. `known` caches the study of files already seen (path -> size, mtime,
+    study), so each file's header is parsed once however many ticks it waits."""
+    plan = SpoolPlan()
+    groups: dict[str, list[SpoolFile]] = {}
+    for f in files:
+        cached = known.get(f.path)
+        if cached and cached[0] == f.size and cached[1] == f.mtime_ns:
+            study = cached[2]
+        else:
+            study = study_of_file(f.path)
+        plan.studies_of[f.path] = (f.size, f.mtime_ns, study)
+        groups.setdefault(study, []).append(f)
+    quiet_ns = int(quiet_period_s * 1e9)
+    for study, group in groups.items():
+        if now_ns - max(f.mtime_ns for f in group) < quiet_ns:
+            plan.waiting[study] = len(group)
+            continue
+        plan.digests[study] = digest(group)
+        paths = [f.path for f in group]
+        if study == UNREADABLE:
+            plan.unreadable = paths
+        else:
+            plan.ready[study] = paths
+    return plan
+
+
+def find_study_files(root: Path, study_uid: str) -> list[str]:
+    """All spool files of one study (for a run started without a file list, e.g. from the UI)."""
+    return [f.path for f in scan_spool(root) if study_of_file(f.path) == study_uid]

@@ -1,0 +1,110 @@
+"""What a study looks like in the index: its series, counts, a data version, a preview."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pydicom
+from PIL import Image
+
+from kaapana_assets.lake import Lake
+
+PREVIEW_SIZE = 160
+SOFT_TISSUE_WINDOW = (40.0, 400.0)  # centre, width in HU
+
+
+@dataclass
+class StudySummary:
+    study_uid: str
+    patient_id: str | None
+    instance_count: int
+    modalities: list[str]
+    series: list[dict[str, Any]]
+    data_version: str
+    instances_version: int | None
+
+    def series_markdown(self) -> str:
+        lines = [
+            "| series | modality | instances | thickness (mm) | complete | reference SEG |",
+            "|---|---|---|---|---|---|",
+        ]
+        for s in self.series:
+            lines.append(
+                f"| {s.get('series_description') or s['series_uid'][-12:]} | {s['modality']} "
+                f"| {s['instance_count']} | {s.get('slice_thickness') or ''} | "
+                f"{'yes' if s['complete'] else 'no'} | {len(s.get('reference_seg_series_uids') or [])} |"
+            )
+        return "\n".join(lines)
+
+
+def summarize_study(lake: Lake, study_uid: str) -> StudySummary | None:
+    version = lake.version("instances")
+    instances = lake.read("instances", pl.col("study_uid") == study_uid, version=version)
+    if instances.height == 0:
+        return None
+    # The data version is the set of instances and their bytes: re-ingesting the same
+    # files gives the same version; one new instance changes it.
+    h = hashlib.sha256()
+    for sop, sha in sorted(zip(instances["sop_instance_uid"].to_list(), instances["sha256"].to_list())):
+        h.update(f"{sop}:{sha}\n".encode())
+    series = lake.read("series", pl.col("study_uid") == study_uid).sort("series_number", nulls_last=True).to_dicts()
+    return StudySummary(
+        study_uid=study_uid,
+        patient_id=instances["patient_id"][0],
+        instance_count=instances.height,
+        modalities=sorted(set(instances["modality"].to_list())),
+        series=series,
+        data_version=h.hexdigest()[:24],
+        instances_version=version,
+    )
+
+
+def middle_slice_png(paths: list[Path], size: int = PREVIEW_SIZE) -> bytes | None:
+    """PNG of the middle slice of an image series (by position along the slice normal),
+    in a soft-tissue window. None when the pixels cannot be decoded."""
+    if not paths:
+        return None
+    try:
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        def z(ds: pydicom.Dataset) -> float:
+            pos = ds.get("ImagePositionPatient")
+            return float(pos[2]) if pos else float(ds.get("InstanceNumber", 0) or 0)
+        order = sorted(range(len(paths)), key=lambda i: z(headers[i]))
+        ds = pydicom.dcmread(paths[order[len(order) // 2]])
+        pixels = ds.pixel_array.astype(np.float32)
+        if pixels.ndim == 3:  # multi-frame: take its middle frame
+            pixels = pixels[pixels.shape[0] // 2]
+        hu = pixels * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+        centre, width = SOFT_TISSUE_WINDOW
+        if ds.get("Modality") != "CT":
+            centre, width = float(np.mean(hu)), float(np.ptp(hu) or 1.0)
+        img = np.clip((hu - (centre - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
+        image = Image.fromarray(img)
+        image.thumbnail((size, size))
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    except Exception:  # a preview is a courtesy: never fail an ingest over it
+        return None
+
+
+def png_markdown(png: bytes, alt: str = "preview") -> str:
+    return f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})"
+
+
+def preview_series_paths(lake: Lake, archive_root: Path, summary: StudySummary) -> list[Path]:
+    """Archive files of the study's largest CT (else largest image) series."""
+    images = [s for s in summary.series if s["modality"] != "SEG" and s.get("rows")]
+    if not images:
+        return []
+    images.sort(key=lambda s: (s["modality"] != "CT", -s["instance_count"]))
+    series_uid = images[0]["series_uid"]
+    rows = lake.read("instances", pl.col("series_uid") == series_uid).select("archive_path")
+    return [archive_root / p for p in rows["archive_path"].to_list()]

@@ -1,0 +1,70 @@
+"""Storage resources. Local defaults live under KAAPANA_HOME; production swaps URIs only."""
+
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from kaapana_assets.home import KaapanaHome
+from kaapana_assets.ingest.pipeline import IngestTargets
+from kaapana_assets.lake import Lake
+
+
+class LakeResource(dg.ConfigurableResource):
+    """The Delta lake: a folder locally, an object-store URI (s3://…) in production."""
+
+    uri: str = Field(description="Root of the Delta tables, e.g. /data/kaapana/lake or s3://bucket/lake")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="deltalake storage options (credentials, endpoint) for object stores"
+    )
+
+    def lake(self) -> Lake:
+        return Lake(self.uri, self.storage_options or None)
+
+
+class ArchiveResource(dg.ConfigurableResource):
+    """The DICOM archive (PACS role), the incoming spool and the quarantine folder."""
+
+    home: str = Field(description="KAAPANA_HOME: archive/, incoming/, quarantine/ and previews/ live here")
+    quiet_period_s: float = Field(
+        default=10.0, description="A study counts as complete once its spool files are unchanged this long"
+    )
+    ingest_workers: int = Field(default=2, description="Processes that parse headers in parallel")
+
+    def kaapana_home(self) -> KaapanaHome:
+        return KaapanaHome(Path(self.home))
+
+    @property
+    def spool(self) -> Path:
+        return self.kaapana_home().incoming
+
+    def targets(self, lake: Lake) -> IngestTargets:
+        home = self.kaapana_home().ensure()
+        return IngestTargets(lake=lake, archive=home.archive, quarantine=home.quarantine)
+
+
+def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource]:
+    """Resources for KAAPANA_ENV: `local` (embedded defaults) or `k8s` (URIs from the
+    environment of the user-code deployment)."""
+    env = env or os.environ.get("KAAPANA_ENV", "local")
+    home = KaapanaHome.from_env()
+    if env == "local":
+        return {
+            "lake": LakeResource(uri=str(home.lake)),
+            "archive": ArchiveResource(home=str(home.root)),
+        }
+    if env == "k8s":
+        return {
+            "lake": LakeResource(
+                uri=dg.EnvVar("KAAPANA_LAKE_URI"),
+                storage_options={
+                    "AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", ""),
+                    "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
+                    "AWS_ALLOW_HTTP": os.environ.get("AWS_ALLOW_HTTP", "false"),
+                },
+            ),
+            "archive": ArchiveResource(home=dg.EnvVar("KAAPANA_HOME")),
+        }
+    raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")

@@ -1,0 +1,1 @@
+"""Sensors: incoming studies (and, with later issues, model promotion and run failures)."""
