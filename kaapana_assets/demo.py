@@ -54,7 +54,7 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int) -> int
     sensor = defs.get_sensor_def("incoming_studies")
     resources = defs.resources or {}
     # The files were just copied: no need to wait the receiver's quiet period.
-    archive = ArchiveResource(home=str(home.root), quiet_period_s=0.0)
+    archive = ArchiveResource(quiet_period_s=0.0)
     with dg.partition_loading_context(dynamic_partitions_store=instance):
         context = dg.build_sensor_context(
             instance=instance, instance_ref=instance.get_ref(), definitions=defs,

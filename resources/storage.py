@@ -15,26 +15,34 @@ from kaapana_assets.lake import Lake
 class LakeResource(dg.ConfigurableResource):
     """The Delta lake: a folder locally, an object-store URI (s3://…) in production."""
 
-    uri: str = Field(description="Root of the Delta tables, e.g. /data/kaapana/lake or s3://bucket/lake")
+    uri: str = Field(
+        default="",
+        description="Root of the Delta tables, e.g. /data/kaapana/lake or s3://bucket/lake; "
+        "empty: $KAAPANA_HOME/lake, resolved when a run starts",
+    )
     storage_options: dict[str, str] = Field(
         default_factory=dict, description="deltalake storage options (credentials, endpoint) for object stores"
     )
 
     def lake(self) -> Lake:
-        return Lake(self.uri, self.storage_options or None)
+        return Lake(self.uri or KaapanaHome.from_env().lake, self.storage_options or None)
 
 
 class ArchiveResource(dg.ConfigurableResource):
     """The DICOM archive (PACS role), the incoming spool and the quarantine folder."""
 
-    home: str = Field(description="KAAPANA_HOME: archive/, incoming/, quarantine/ and previews/ live here")
+    home: str = Field(
+        default="",
+        description="KAAPANA_HOME: archive/, incoming/, quarantine/ and previews/ live here; "
+        "empty: $KAAPANA_HOME (default ./.kaapana), resolved when a run starts",
+    )
     quiet_period_s: float = Field(
         default=10.0, description="A study counts as complete once its spool files are unchanged this long"
     )
     ingest_workers: int = Field(default=2, description="Processes that parse headers in parallel")
 
     def kaapana_home(self) -> KaapanaHome:
-        return KaapanaHome(Path(self.home))
+        return KaapanaHome(Path(self.home)) if self.home else KaapanaHome.from_env()
 
     @property
     def spool(self) -> Path:
@@ -49,12 +57,9 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
     """Resources for KAAPANA_ENV: `local` (embedded defaults) or `k8s` (URIs from the
     environment of the user-code deployment)."""
     env = env or os.environ.get("KAAPANA_ENV", "local")
-    home = KaapanaHome.from_env()
     if env == "local":
-        return {
-            "lake": LakeResource(uri=str(home.lake)),
-            "archive": ArchiveResource(home=str(home.root)),
-        }
+        # Paths resolve from KAAPANA_HOME when a run starts, not when this module loads.
+        return {"lake": LakeResource(), "archive": ArchiveResource()}
     if env == "k8s":
         return {
             "lake": LakeResource(

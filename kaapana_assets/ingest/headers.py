@@ -63,7 +63,7 @@ FIELDS: dict[str, str] = {
     "StudyDescription": "str",
     "SeriesDescription": "str",
     "ManufacturerModelName": "str",
-    "PatientName": "str",
+    "PatientName": "pn",
     "PatientID": "str",
     "PatientBirthDate": "str",
     "PatientSex": "str",
@@ -150,6 +150,11 @@ class InstanceHeader:
         return asdict(self)
 
 
+def _person_name(text: str) -> str | None:
+    """Person names compare equal whatever empty trailing components a writer kept."""
+    return "=".join(group.rstrip("^ ") for group in text.split("=")).rstrip("=") or None
+
+
 def _text(raw: bytes, encoding: str) -> str:
     return raw.decode(encoding, errors="replace").strip(" \x00")
 
@@ -165,6 +170,8 @@ def _convert(kind: str, vr: bytes, raw: bytes, encoding: str) -> object:
     text = _text(raw, encoding)
     if kind in ("str", "uid"):
         return text or None
+    if kind == "pn":
+        return _person_name(text)
     parts = [p.strip() for p in text.split("\\")]
     if kind == "strs":
         return [p for p in parts if p]
@@ -226,6 +233,8 @@ def _pydicom_value(ds: pydicom.Dataset, keyword: str, kind: str) -> object:
         return bytes(value)
     if kind in ("str", "uid"):
         return str(value).strip(" \x00") or None
+    if kind == "pn":
+        return _person_name(str(value).strip(" \x00"))
     if kind == "strs":
         return [str(v) for v in (value if isinstance(value, pydicom.multival.MultiValue) else [value]) if str(v)]
     if kind == "int":

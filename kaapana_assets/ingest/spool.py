@@ -63,7 +63,8 @@ class SpoolPlan:
     unreadable: list[str] = field(default_factory=list)
     waiting: dict[str, int] = field(default_factory=dict)  # study -> files still settling
     digests: dict[str, str] = field(default_factory=dict)  # study (or UNREADABLE) -> digest
-    studies_of: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # path -> (size, mtime, study)
+    # path -> (size, mtime, study, first seen): the cache for the next tick
+    studies_of: dict[str, tuple[int, int, str, int]] = field(default_factory=dict)
 
 
 def digest(files: Iterable[SpoolFile]) -> str:
@@ -75,26 +76,29 @@ def digest(files: Iterable[SpoolFile]) -> str:
 
 def plan_spool(
     files: list[SpoolFile],
-    known: Mapping[str, tuple[int, int, str]],
+    known: Mapping[str, tuple[int, int, str, int]],
     now_ns: int,
     quiet_period_s: float,
 ) -> SpoolPlan:
-    """Group files by study; a group is ready when none of its files changed within the
-    quiet period. `known` caches the study of files already seen (path -> size, mtime,
-    study), so each file's header is parsed once however many ticks it waits."""
+    """Group files by study; a group is ready when none of its files changed, and none
+    appeared, within the quiet period. First-seen times matter because `cp -p` and
+    `rsync -a` keep old mtimes: a half-copied study must not look settled. `known` caches
+    (size, mtime, study, first seen) per path, so each header is parsed once."""
     plan = SpoolPlan()
     groups: dict[str, list[SpoolFile]] = {}
+    settled_at: dict[str, int] = {}
     for f in files:
         cached = known.get(f.path)
         if cached and cached[0] == f.size and cached[1] == f.mtime_ns:
-            study = cached[2]
+            study, first_seen = cached[2], cached[3]
         else:
-            study = study_of_file(f.path)
-        plan.studies_of[f.path] = (f.size, f.mtime_ns, study)
+            study, first_seen = study_of_file(f.path), now_ns
+        plan.studies_of[f.path] = (f.size, f.mtime_ns, study, first_seen)
         groups.setdefault(study, []).append(f)
+        settled_at[study] = max(settled_at.get(study, 0), f.mtime_ns, first_seen)
     quiet_ns = int(quiet_period_s * 1e9)
     for study, group in groups.items():
-        if now_ns - max(f.mtime_ns for f in group) < quiet_ns:
+        if now_ns - settled_at[study] < quiet_ns:
             plan.waiting[study] = len(group)
             continue
         plan.digests[study] = digest(group)

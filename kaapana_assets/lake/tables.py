@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
@@ -84,7 +85,7 @@ class Lake:
         rows whose row_digest changed are updated. A MERGE that changes nothing commits
         nothing, so re-running is free and leaves the version as it was."""
         spec = self.spec(table)
-        rows = rows.select(spec.schema.names).cast(spec.schema)
+        rows = self._unique_keys(rows.select(spec.schema.names), spec).cast(spec.schema)
         if rows.num_rows == 0:
             return WriteResult(table, self.version(table))
         on = " AND ".join(f"t.{key} = s.{key}" for key in spec.keys)
@@ -107,6 +108,17 @@ class Lake:
                 updated=int(metrics.get("num_target_rows_updated", 0)),
             )
         raise AssertionError("unreachable")
+
+    @staticmethod
+    def _unique_keys(rows: pa.Table, spec: TableSpec) -> pa.Table:
+        """MERGE inserts every unmatched source row, duplicates included: keep the last
+        row per key so one batch cannot create two rows for one UID."""
+        if rows.num_rows < 2:
+            return rows
+        keyed = rows.append_column("__row", pa.array(range(rows.num_rows), pa.int64()))
+        last = keyed.group_by(list(spec.keys), use_threads=False).aggregate([("__row", "max")])
+        keep = pa.compute.sort_indices(last["__row_max"])
+        return rows.take(pa.compute.take(last["__row_max"], keep))
 
     def scan(self, table: str, version: int | None = None) -> pl.LazyFrame:
         """A lazy polars scan; an absent table reads as empty (with its schema)."""

@@ -5,6 +5,7 @@ the same (site, seed, index) gives the same UIDs and pixels."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from kaapana_assets import __version__
 from kaapana_assets.synthetic.phantom import LABELS, Phantom, make_phantom
@@ -49,8 +50,10 @@ class GeneratedStudy:
 
 
 def _uid(*parts: object) -> str:
-    """Deterministic 2.25 UID from the parts (pydicom hashes the entropy sources)."""
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """Deterministic UUID-derived UID (PS3.5 B.2: '2.25.' + a 128-bit integer) from the parts.
+    pydicom's generate_uid ignores its entropy sources when prefix is None."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 def study_rng(site: str, seed: int, index: int) -> np.random.Generator:

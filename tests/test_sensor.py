@@ -1,0 +1,109 @@
+"""incoming_studies: quiet period, one request per study, no duplicates, unreadable files routed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
+from resources.storage import ArchiveResource
+from dagster._core.definitions.sensor_definition import SensorExecutionData  # noqa: F401  (evaluate_tick result type)
+from sensors.incoming import incoming_studies
+
+
+def _age(root: Path, seconds: float) -> None:
+    past = time.time() - seconds
+    for p in root.rglob("*"):
+        if p.is_file():
+            os.utime(p, (past, past))
+
+
+QUIET_S = 1.0
+
+
+def _tick(instance: dg.DagsterInstance, home: Path, cursor: str | None = None) -> "SensorExecutionData":
+    import definitions
+
+    with dg.partition_loading_context(dynamic_partitions_store=instance):
+        context = dg.build_sensor_context(
+            instance=instance,
+            instance_ref=instance.get_ref(),
+            cursor=cursor,
+            definitions=definitions.defs,
+            resources={"archive": ArchiveResource(home=str(home), quiet_period_s=QUIET_S)},
+        )
+        return incoming_studies.evaluate_tick(context)  # type: ignore[return-value]
+
+
+def test_plan_spool_groups_and_waits(tmp_path: Path, corpus_root: Path, corpus: dict) -> None:
+    spool = tmp_path / "incoming"
+    shutil.copytree(corpus_root, spool)
+    (spool / "garbage.dcm").write_bytes(b"garbage")
+    _age(spool, 3600)  # copied with old mtimes, as `cp -p` does: first sight still counts
+    files = scan_spool(spool)
+    now = time.time_ns()
+    plan = plan_spool(files, {}, now, quiet_period_s=10)
+    assert plan.ready == {} and len(plan.waiting) == 7  # 6 studies + unreadable, all new
+    later = plan_spool(files, plan.studies_of, now + 11 * 10**9, quiet_period_s=10)
+    studies = {s.study_uid for site in corpus.values() for s in site}
+    assert set(later.ready) == studies and later.unreadable == [str(spool / "garbage.dcm")]
+    assert plan.studies_of[str(spool / "garbage.dcm")][2] == UNREADABLE
+
+
+def test_sensor_quiet_period_one_request_per_study_no_duplicates(tmp_path: Path, corpus_root: Path, corpus: dict) -> None:
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    shutil.copytree(corpus_root, spool)
+    studies = {s.study_uid for site in corpus.values() for s in site}
+    with dg.instance_for_test() as instance:
+        # Files still arriving: nothing requested.
+        first = _tick(instance, home)
+        assert not first.run_requests and "waiting" in (first.skip_message or "")
+        # Quiet period over: one request per study, partitions added, keyed by content.
+        time.sleep(QUIET_S + 0.1)
+        second = _tick(instance, home, first.cursor)
+        assert sorted(r.partition_key for r in second.run_requests) == sorted(studies)  # type: ignore[type-var]
+        assert all(r.run_key.startswith(f"{r.partition_key}:") for r in second.run_requests)  # type: ignore[union-attr]
+        added = [k for req in second.dynamic_partitions_requests for k in req.partition_keys]  # type: ignore[union-attr]
+        assert sorted(added) == sorted(studies)
+        request = second.run_requests[0]
+        files = request.run_config["ops"]["dicom_studies"]["config"]["files"]
+        assert files and all(Path(f).exists() for f in files)
+        # The next tick gives no duplicate.
+        for key in added:
+            instance.add_dynamic_partitions("studies", [key])
+        third = _tick(instance, home, second.cursor)
+        assert not third.run_requests
+        # A new file for one study changes its digest: exactly that study is requested again.
+        study = next(iter(corpus.values()))[0]
+        extra = Path(files[0]).with_name("copy-of-first.dcm")
+        shutil.copy(study.ct_files[0], extra)
+        settling = _tick(instance, home, third.cursor)
+        assert not settling.run_requests  # the new file settles first
+        time.sleep(QUIET_S + 0.1)
+        fourth = _tick(instance, home, settling.cursor)
+        assert [r.partition_key for r in fourth.run_requests] == [study.study_uid]
+
+
+def test_sensor_routes_unreadable_files_to_quarantine(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    spool.mkdir(parents=True)
+    (spool / "broken.dcm").write_bytes(b"\x00" * 200)
+    (spool / ".in-flight.dcm.part").write_bytes(b"partial")  # receiver temp files are ignored
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, home)
+        time.sleep(QUIET_S + 0.1)
+        result = _tick(instance, home, first.cursor)
+        assert len(result.run_requests) == 1
+        request = result.run_requests[0]
+        assert request.job_name == "quarantine_unreadable"
+        assert request.run_config["ops"]["quarantine"]["config"]["files"] == [str(spool / "broken.dcm")]
+        assert not _tick(instance, home, result.cursor).run_requests
+        assert json.loads(result.cursor)["requested"]  # type: ignore[arg-type]
