@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory")
     p.add_argument("--home", default=None, help="KAAPANA_HOME (default: $KAAPANA_HOME or ./.kaapana)")
     p.add_argument("--workers", type=int, default=None, help="parser processes (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=2000, help="files per committed batch")
+    p.add_argument("--batch-size", type=int, default=1000, help="files per committed batch")
     p.add_argument("--move", action="store_true", help="delete each source file once it is committed")
     p.set_defaults(func=cmd_ingest)
 

@@ -39,28 +39,45 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+_made_dirs: set[str] = set()  # per process: one mkdir per series folder, not per file
+
+
+def _ensure_dir(path: str) -> None:
+    if path not in _made_dirs:
+        os.makedirs(path, exist_ok=True)
+        _made_dirs.add(path)
+
+
 def write_once(root: Path, relpath: str, data: bytes, sha256: str) -> bool:
     """Write `data` to root/relpath atomically (temp file + hard link, which fails if the
     target exists). Returns True if written, False if the same content was already there;
-    raises ArchiveConflict if different content is."""
-    final = root / relpath
-    if not final.resolve().is_relative_to(root.resolve()):
+    raises ArchiveConflict if different content is. `relpath` must come from
+    archive_relpath/quarantine_relpath, whose validated components cannot leave root."""
+    if relpath.startswith("/") or ".." in relpath.split("/"):
         raise ValueError(f"{relpath!r} leaves the archive")
-    if final.exists():
-        if sha256_of(final) == sha256:
+    final = os.path.join(root, relpath)
+    if os.path.exists(final):
+        if sha256_of(Path(final)) == sha256:
             return False
         raise ArchiveConflict(f"{relpath} exists with different content")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = root / ".staging"
-    staging.mkdir(exist_ok=True)
-    tmp = staging / f"{uuid.uuid4().hex}.part"
+    staging = os.path.join(root, ".staging")
+    tmp = os.path.join(staging, f"{uuid.uuid4().hex}.part")
+    for folder in (os.path.dirname(final), staging):
+        _ensure_dir(folder)
     try:
-        with open(tmp, "wb") as fh:
+        try:
+            fh = open(tmp, "wb")
+        except FileNotFoundError:  # the folder was removed since it was cached
+            _made_dirs.clear()
+            _ensure_dir(staging)
+            _ensure_dir(os.path.dirname(final))
+            fh = open(tmp, "wb")
+        with fh:
             fh.write(data)
         try:
             os.link(tmp, final)  # atomic create-if-absent: never clobbers a concurrent writer
         except FileExistsError:
-            if sha256_of(final) != sha256:
+            if sha256_of(Path(final)) != sha256:
                 raise ArchiveConflict(f"{relpath} exists with different content") from None
             return False
         except OSError:
@@ -68,7 +85,33 @@ def write_once(root: Path, relpath: str, data: bytes, sha256: str) -> bool:
             os.replace(tmp, final)
         return True
     finally:
-        tmp.unlink(missing_ok=True)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def link_once(root: Path, relpath: str, source: str, sha256: str) -> bool:
+    """Like write_once, but hard-links `source` (a spool file about to be deleted) into the
+    archive: atomic, never clobbers, no data copy. Falls back to copying when the spool and
+    the archive are on different filesystems."""
+    if relpath.startswith("/") or ".." in relpath.split("/"):
+        raise ValueError(f"{relpath!r} leaves the archive")
+    final = os.path.join(root, relpath)
+    _ensure_dir(os.path.dirname(final))
+    try:
+        os.link(source, final)
+        return True
+    except FileExistsError:
+        if sha256_of(Path(final)) != sha256:
+            raise ArchiveConflict(f"{relpath} exists with different content") from None
+        return False
+    except FileNotFoundError:
+        if not os.path.exists(source):
+            raise
+        _made_dirs.discard(os.path.dirname(final))
+    except OSError:  # EXDEV, or no hard links on this filesystem
+        pass
+    with open(source, "rb") as fh:
+        return write_once(root, relpath, fh.read(), sha256)
 
 
 def durable() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from struct import unpack_from
 
 import pydicom
@@ -147,7 +147,11 @@ class InstanceHeader:
     called_ae_title: str | None = None
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        # Shallow on purpose: dataclasses.asdict deep-copies and cost ~0.4 ms per file.
+        return {name: getattr(self, name) for name in _HEADER_FIELDS}
+
+
+_HEADER_FIELDS = tuple(f.name for f in fields(InstanceHeader))
 
 
 def _person_name(text: str) -> str | None:

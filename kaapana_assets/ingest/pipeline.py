@@ -10,43 +10,41 @@ Order of a batch, so that a crash at any point loses nothing and a re-run conver
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
-import hashlib
 import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Sequence
 import logging
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import polars as pl
 import pyarrow as pa
 
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest import index
-from kaapana_assets.ingest.archive import (
-    ArchiveConflict,
-    archive_relpath,
-    durable,
-    quarantine_relpath,
-    write_once,
-)
-from kaapana_assets.ingest.headers import Reason, Rejected, parse_header
+from kaapana_assets.ingest.archive import durable, quarantine_relpath
+from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE
 
-INDEXED = "indexed"
-ALREADY_INDEXED = "already_indexed"
-QUARANTINED = "quarantined"
-FAILED = "failed"  # could not even be read or copied: left in the spool for the next run
+from kaapana_assets.ingest.worker import (
+    ALREADY_INDEXED,
+    FAILED,
+    INDEXED,
+    QUARANTINED,
+    FileResult,
+    process_chunk,
+    quarantine_copy,
+)
 
 log = logging.getLogger(__name__)
 
 POOL_THRESHOLD = 256  # below this, a pool's start-up costs more than it saves
-DEFAULT_BATCH = 2000
+DEFAULT_BATCH = 1000
 
 Progress = Callable[[int, int], None]
 
@@ -61,22 +59,6 @@ class IngestTargets:
     def for_home(cls, home: KaapanaHome) -> "IngestTargets":
         home.ensure()
         return cls(Lake(home.lake), home.archive, home.quarantine)
-
-
-@dataclass
-class FileResult:
-    source: str
-    status: str
-    sha256: str | None = None
-    size: int = 0
-    reason: str | None = None
-    error: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
-    sop_uid: str | None = None
-    modality: str | None = None
-    row: dict[str, Any] | None = None
-    written: bool = False
 
 
 @dataclass
@@ -105,57 +87,6 @@ class IngestReport:
         return {s: self.count(s) for s in (INDEXED, ALREADY_INDEXED, QUARANTINED, FAILED)}
 
 
-def _quarantine_copy(quarantine_root: Path, data: bytes, sha: str) -> str:
-    rel = quarantine_relpath(sha)
-    try:
-        write_once(quarantine_root, rel, data, sha)
-    except ArchiveConflict:  # a sha256 collision would be news; keep the first
-        pass
-    return rel
-
-
-def process_file(source: str, archive_root: str, quarantine_root: str) -> FileResult:
-    """Parse one file and write its archive or quarantine copy. Runs in pool workers;
-    never raises: every outcome is a FileResult."""
-    try:
-        with open(source, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        return FileResult(source, FAILED, reason=Reason.IO_ERROR, error=f"{type(exc).__name__}: {exc}")
-    sha = hashlib.sha256(data).hexdigest()
-    result = FileResult(source, QUARANTINED, sha256=sha, size=len(data))
-    try:
-        header = parse_header(data)
-        rel = archive_relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
-        result.written = write_once(Path(archive_root), rel, data, sha)
-    except Rejected as exc:
-        result.reason, result.error = exc.reason, exc.message
-        result.study_uid, result.sop_uid = exc.study_uid, exc.sop_uid
-    except ArchiveConflict as exc:
-        result.reason, result.error = Reason.SOP_CONFLICT, str(exc)
-        result.study_uid, result.sop_uid = header.study_uid, header.sop_instance_uid
-    except Exception as exc:  # defensive: a parser bug must not lose the file
-        result.reason, result.error = Reason.MALFORMED, f"{type(exc).__name__}: {exc}"[:500]
-    else:
-        result.status = INDEXED
-        result.study_uid, result.series_uid = header.study_uid, header.series_uid
-        result.sop_uid, result.modality = header.sop_instance_uid, header.modality
-        row = header.as_dict()
-        row.update(archive_path=rel, sha256=sha, size_bytes=len(data))
-        result.row = row
-        return result
-    try:
-        _quarantine_copy(Path(quarantine_root), data, sha)
-    except OSError as exc:
-        result.status, result.error = FAILED, f"{result.error}; quarantine copy failed: {exc}"
-    return result
-
-
-def _process_chunk(args: tuple[list[str], str, str]) -> list[FileResult]:
-    sources, archive_root, quarantine_root = args
-    return [process_file(s, archive_root, quarantine_root) for s in sources]
-
-
 def _resolve_conflicts(lake: Lake, results: list[FileResult], quarantine_root: Path) -> None:
     """Same SOP Instance UID already indexed: identical bytes are a no-op, different bytes
     are a conflict, quarantined (never overwriting what the index points at)."""
@@ -173,7 +104,7 @@ def _resolve_conflicts(lake: Lake, results: list[FileResult], quarantine_root: P
             r.status, r.row = ALREADY_INDEXED, None
         else:
             with open(r.source, "rb") as fh:
-                _quarantine_copy(quarantine_root, fh.read(), r.sha256)  # type: ignore[arg-type]
+                quarantine_copy(quarantine_root, fh.read(), r.sha256)  # type: ignore[arg-type]
             r.status, r.row = QUARANTINED, None
             r.reason = Reason.SOP_CONFLICT
             r.error = f"SOP Instance {r.sop_uid} is already indexed with different content"
@@ -202,20 +133,60 @@ def _commit(lake: Lake, results: list[FileResult], quarantine_root: Path, report
     ]
     if quarantined:
         writes.append(lake.merge("quarantine", pa.Table.from_pylist(quarantined, schema=QUARANTINE.schema)))
-    studies = sorted({r.study_uid for r in results if r.status == INDEXED and r.study_uid})
+    # Every study the batch touched, not only those with new rows: a crash between the
+    # instances MERGE and the series MERGE is healed by the re-run (unchanged rows are
+    # skipped by their digest, so this commits nothing when all is in order).
+    studies = sorted({r.study_uid for r in results if r.status in (INDEXED, ALREADY_INDEXED) and r.study_uid})
     if studies:
         instances = lake.read("instances", pl.col("study_uid").is_in(studies)).to_dicts()
         series = index.series_rows(instances, now)
         writes.append(lake.merge("series", index.series_table(series)))
         writes.append(lake.merge("studies", index.studies_table(index.study_rows(instances, series, now))))
     for w in writes:
-        report.inserted[w.table] = report.inserted.get(w.table, 0) + w.inserted
-        report.updated[w.table] = report.updated.get(w.table, 0) + w.updated
+        if w.inserted:
+            report.inserted[w.table] = report.inserted.get(w.table, 0) + w.inserted
+        if w.updated:
+            report.updated[w.table] = report.updated.get(w.table, 0) + w.updated
+
+
+_POOL: tuple[int, ProcessPoolExecutor] | None = None
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    """One worker pool per process, reused across ingests: start-up is paid once."""
+    global _POOL
+    if _POOL is None or _POOL[0] != workers:
+        _drop_pool()
+        # spawn, not fork: the caller may be a threaded Dagster or deltalake process.
+        _POOL = (workers, ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+        atexit.register(_drop_pool)
+    return _POOL[1]
+
+
+def _drop_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL[1].shutdown(wait=False, cancel_futures=True)
+        _POOL = None
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterable[list[str]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
+
+
+def _finish_batch(targets: IngestTargets, results: list[FileResult], remove_sources: bool, report: IngestReport) -> None:
+    _resolve_conflicts(targets.lake, results, targets.quarantine)
+    if any(r.written or r.status == QUARANTINED for r in results):
+        durable()  # copies on stable storage before any row points at them
+    _commit(targets.lake, results, targets.quarantine, report)
+    if remove_sources:
+        for r in results:
+            if r.status != FAILED:
+                Path(r.source).unlink(missing_ok=True)
+    for r in results:
+        r.row = None  # keep the report small
+    report.files.extend(results)
 
 
 def ingest_files(
@@ -228,55 +199,47 @@ def ingest_files(
     progress: Progress | None = None,
 ) -> IngestReport:
     """Ingest files through the one code path that the asset, the CLI and the sensor's
-    runs share. Returns what happened to every file, and the Delta versions written."""
+    runs share. Returns what happened to every file, and the Delta versions written.
+
+    Files are parsed in chunks (in a process pool for large ingests) and committed in
+    batches of `batch_size`; while the main process commits a batch, the workers already
+    parse the next chunks."""
     paths = sorted({str(Path(s)) for s in sources})
     report = IngestReport()
     targets.archive.mkdir(parents=True, exist_ok=True)
     targets.quarantine.mkdir(parents=True, exist_ok=True)
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    pool: Executor | None = None
-    if workers > 1 and len(paths) >= POOL_THRESHOLD:
-        # spawn, not fork: the caller may be a threaded Dagster process.
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = _pool(workers) if workers > 1 and len(paths) >= POOL_THRESHOLD else None
     roots = (str(targets.archive), str(targets.quarantine))
-    done = 0
+    chunk = max(16, min(128, len(paths) // (8 * workers) or 1))
+    # Sources that will be deleted are hard-linked into the archive instead of copied.
+    jobs = [(c, *roots, remove_sources) for c in _chunks(paths, chunk)]
+
+    # Even batches: each commit has a fixed cost, so 2,058 files are 2 × 1,029, not 1,000 + 1,000 + 58.
+    batch_size = -(-len(paths) // max(1, -(-len(paths) // batch_size))) if paths else batch_size
+    pending: list[FileResult] = []
+    received = 0  # jobs whose results arrived
+
+    def take(part: list[FileResult]) -> None:
+        nonlocal pending, received
+        pending.extend(part)
+        received += 1
+        if progress:
+            progress(len(report.files) + len(pending), len(paths))
+        if len(pending) >= batch_size:
+            _finish_batch(targets, pending, remove_sources, report)
+            pending = []
+
     try:
-        for batch in _chunks(paths, batch_size):
-            chunk = max(16, len(batch) // (4 * workers))
-            jobs = [(c, *roots) for c in _chunks(batch, chunk)]
-            results: list[FileResult] = []
-            try:
-                mapped = pool.map(_process_chunk, jobs) if pool else map(_process_chunk, jobs)
-                for part in mapped:
-                    results.extend(part)
-                    done += len(part)
-                    if progress:
-                        progress(done, len(paths))
-            except BrokenProcessPool as exc:
-                # Parsing is idempotent (write-once copies), so redo the batch in-process.
-                log.warning("ingest worker pool failed (%s); continuing in-process", exc)
-                pool.shutdown(cancel_futures=True)  # type: ignore[union-attr]
-                pool = None
-                done -= len(results)
-                results = []
-                for part in map(_process_chunk, jobs):
-                    results.extend(part)
-                    done += len(part)
-                    if progress:
-                        progress(done, len(paths))
-            _resolve_conflicts(targets.lake, results, targets.quarantine)
-            if any(r.written or r.status == QUARANTINED for r in results):
-                durable()
-            _commit(targets.lake, results, targets.quarantine, report)
-            if remove_sources:
-                for r in results:
-                    if r.status != FAILED:
-                        Path(r.source).unlink(missing_ok=True)
-            for r in results:
-                r.row = None  # keep the report small
-            report.files.extend(results)
-    finally:
-        if pool:
-            pool.shutdown()
+        for part in pool.map(process_chunk, jobs) if pool else map(process_chunk, jobs):
+            take(part)
+    except BrokenProcessPool as exc:
+        # Parsing is idempotent (write-once copies): redo what did not arrive, in-process.
+        log.warning("ingest worker pool failed (%s); continuing in-process", exc)
+        _drop_pool()
+        for job in jobs[received:]:
+            take(process_chunk(job))
+    if pending:
+        _finish_batch(targets, pending, remove_sources, report)
     report.versions = targets.lake.versions(("instances", "series", "studies", "quarantine"))
     return report
