@@ -2,11 +2,14 @@
 
 import dagster as dg
 
+from kaapana_assets.cohorts import assets as cohorts
 from kaapana_assets.ingest import assets as ingest
 from resources import build_resources
+from sensors.cohort_definitions import cohort_definitions
 from sensors.incoming import incoming_studies
 
 defs = dg.Definitions.merge(
     ingest.defs,
-    dg.Definitions(sensors=[incoming_studies], resources=build_resources()),
+    cohorts.defs,
+    dg.Definitions(sensors=[incoming_studies, cohort_definitions], resources=build_resources()),
 )

@@ -79,11 +79,62 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int) -> int
         console.print(f"  {'[green]✓' if outcome.success else '[red]✗'}[/] {request.job_name} {label}")
 
     _print_summary(console, home, sites)
+    _curate(console, home)
+    failed += _cohorts(console, defs, instance, resources)
     console.print(
         "\nNext: [bold]make dev[/] opens the Dagster UI on http://localhost:3000 with these runs; "
         f"the Delta tables are under {home.lake}."
     )
     return 1 if failed else 0
+
+
+def _curate(console: Console, home: KaapanaHome) -> None:
+    """A radiologist reviews one CT series per site and tags it (the reviewed-test cohort)."""
+    from kaapana_assets.cohorts.tags import add_tag
+    from kaapana_assets.lake import Lake
+
+    lake = Lake(home.lake)
+    series = lake.read("series").filter(pl.col("modality") == "CT").sort("series_uid")
+    chosen = series.group_by("institution").agg(pl.col("series_uid").first())["series_uid"].to_list()
+    add_tag(lake, "reviewed", chosen)
+    console.print(f"tagged {len(chosen)} series 'reviewed' (kaapana tag add reviewed --series ...)")
+
+
+def _cohorts(console: Console, defs: dg.Definitions, instance: dg.DagsterInstance, resources: dict) -> int:
+    """Register the cohort definitions, snapshot each cohort with its checks, then the
+    site statistics. A failed harmonization check is a finding, not a demo failure."""
+    sensor = defs.get_sensor_def("cohort_definitions")
+    result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=resources, definitions=defs))
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys or []))
+    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}  # outcomes are tabled below
+    job = defs.resolve_job_def("materialize_cohort")
+    table = Table(title="Cohorts and their harmonization checks")
+    for column in ("cohort", "version", "series", "checks", "failed checks"):
+        table.add_column(column)
+    errors = 0
+    for name in sorted(instance.get_dynamic_partitions("cohorts")):
+        with console.status(f"materializing cohort {name}"):
+            outcome = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False, run_config=quiet)
+        materializations = outcome.asset_materializations_for_node("cohorts")
+        if not materializations:
+            console.print(f"  [yellow]cohort {name} not materialized (no matching series?)")
+            continue
+        md = materializations[0].metadata
+        checks = outcome.get_asset_check_evaluations()
+        bad = [f"{e.check_name}: {e.description}" for e in checks if not e.passed]
+        table.add_row(name, str(md["cohort_version"].value), str(md["series"].value),
+                      f"{len(checks) - len(bad)}/{len(checks)} passed", "\n".join(bad) or "—")
+    console.print(table)
+    console.print("A failed check blocks training on its cohort: mixing scanners with different slice "
+                  "thickness is what the pre-learning checks exist to catch.")
+    stats = defs.resolve_implicit_global_asset_job_def().execute_in_process(
+        asset_selection=[dg.AssetKey("site_statistics")], instance=instance, raise_on_error=False, run_config=quiet)
+    errors += not stats.success
+    if stats.success:
+        path = stats.asset_materializations_for_node("site_statistics")[0].metadata["openmetrics_file"].value
+        console.print(f"site statistics → Delta table site_statistics and {path}")
+    return errors
 
 
 def _print_summary(console: Console, home: KaapanaHome, sites: list[str]) -> None:

@@ -10,6 +10,7 @@ from pydantic import Field
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
+from resources.cohorts import CohortDefinitionsResource
 
 
 class LakeResource(dg.ConfigurableResource):
@@ -40,6 +41,10 @@ class ArchiveResource(dg.ConfigurableResource):
         default=10.0, description="A study counts as complete once its spool files are unchanged this long"
     )
     ingest_workers: int = Field(default=2, description="Processes that parse headers in parallel")
+    site: str = Field(default="", description="This site's name in statistics; empty: $KAAPANA_SITE or 'local'")
+
+    def site_name(self) -> str:
+        return self.site or os.environ.get("KAAPANA_SITE", "local")
 
     def kaapana_home(self) -> KaapanaHome:
         return KaapanaHome(Path(self.home)) if self.home else KaapanaHome.from_env()
@@ -59,7 +64,7 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
     env = env or os.environ.get("KAAPANA_ENV", "local")
     if env == "local":
         # Paths resolve from KAAPANA_HOME when a run starts, not when this module loads.
-        return {"lake": LakeResource(), "archive": ArchiveResource()}
+        return {"lake": LakeResource(), "archive": ArchiveResource(), "cohort_definitions": CohortDefinitionsResource()}
     if env == "k8s":
         return {
             "lake": LakeResource(
@@ -71,5 +76,6 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
                 },
             ),
             "archive": ArchiveResource(home=dg.EnvVar("KAAPANA_HOME")),
+            "cohort_definitions": CohortDefinitionsResource(folder=dg.EnvVar("KAAPANA_COHORTS")),
         }
     raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")

@@ -73,6 +73,7 @@ def series_rows(instances: list[dict[str, Any]], now: dt.datetime) -> list[dict[
             "manufacturer": _first(rows, "manufacturer"),
             "manufacturer_model": _first(rows, "manufacturer_model"),
             "institution": _first(rows, "institution"),
+            "study_date": _first(rows, "study_date"),
             "sop_class_uid": _first(rows, "sop_class_uid"),
             "instance_count": len(rows),
             "slice_thickness": _first(rows, "slice_thickness"),

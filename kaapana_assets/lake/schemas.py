@@ -91,6 +91,7 @@ SERIES = TableSpec(
             ("manufacturer", pa.string()),
             ("manufacturer_model", pa.string()),
             ("institution", pa.string()),
+            ("study_date", pa.string()),
             ("sop_class_uid", pa.string()),
             ("instance_count", pa.int64()),
             ("slice_thickness", pa.float64()),
@@ -160,4 +161,52 @@ QUARANTINE = TableSpec(
     keys=("sha256",),
 )
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE)}
+COHORT_MEMBERS = TableSpec(
+    "cohort_members",
+    pa.schema(
+        [
+            ("cohort", pa.string()),
+            ("cohort_version", pa.int64()),
+            ("series_uid", pa.string()),
+            ("study_uid", pa.string()),
+            ("patient_id", pa.string()),
+            # The reference SEG(s) chosen for the series and their labels, as of the snapshot.
+            ("reference_seg_series_uids", STRINGS),
+            ("reference_labels", STRINGS),
+            # What this version is and what it was computed from (Delta time travel).
+            ("membership_hash", pa.string()),
+            ("definition_hash", pa.string()),
+            ("purpose", pa.string()),
+            ("series_table_version", pa.int64()),
+            ("tags_table_version", pa.int64()),
+            ("created_at", TIMESTAMP),
+        ]
+    ),
+    keys=("cohort", "cohort_version", "series_uid"),
+)
+
+TAGS = TableSpec(
+    "tags",
+    pa.schema([("series_uid", pa.string()), ("tag", pa.string()), ("tagged_at", TIMESTAMP)]),
+    keys=("series_uid", "tag"),
+)
+
+SITE_STATISTICS = TableSpec(
+    "site_statistics",
+    pa.schema(
+        [
+            ("snapshot_id", pa.string()),
+            ("site", pa.string()),
+            ("metric", pa.string()),
+            ("labels", pa.string()),  # JSON object of label values, "{}" when none
+            ("value", pa.float64()),
+            ("computed_at", TIMESTAMP),
+        ]
+    ),
+    keys=("snapshot_id", "metric", "labels"),
+)
+
+TABLES: dict[str, TableSpec] = {
+    spec.name: spec
+    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, COHORT_MEMBERS, TAGS, SITE_STATISTICS)
+}

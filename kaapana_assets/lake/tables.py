@@ -30,6 +30,7 @@ class WriteResult:
     version: int | None
     inserted: int = 0
     updated: int = 0
+    deleted: int = 0
 
 
 class Lake:
@@ -119,6 +120,21 @@ class Lake:
         last = keyed.group_by(list(spec.keys), use_threads=False).aggregate([("__row", "max")])
         keep = pa.compute.sort_indices(last["__row_max"])
         return rows.take(pa.compute.take(last["__row_max"], keep))
+
+    def delete(self, table: str, predicate: str) -> WriteResult:
+        """Delete rows matching a SQL predicate. Callers build predicates from validated
+        values only (UIDs, tag names), never from free text."""
+        for attempt in range(MAX_COMMIT_ATTEMPTS):
+            dt = self.delta(table)
+            try:
+                metrics = dt.delete(predicate)
+            except CommitFailedError:
+                if attempt == MAX_COMMIT_ATTEMPTS - 1:
+                    raise
+                time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
+                continue
+            return WriteResult(table, dt.version(), deleted=int(metrics.get("num_deleted_rows", 0)))
+        raise AssertionError("unreachable")
 
     def scan(self, table: str, version: int | None = None) -> pl.LazyFrame:
         """A lazy polars scan; an absent table reads as empty (with its schema)."""

@@ -1,0 +1,150 @@
+"""Dagster wiring of cohorts: the cohorts asset, its blocking harmonization checks, and
+site statistics. The work happens in plain modules (membership, harmonization, statistics)."""
+
+import datetime as dt
+import uuid
+
+import dagster as dg
+import polars as pl
+import pyarrow as pa
+
+from kaapana_assets.cohorts.definitions import CohortDefinitionError
+from kaapana_assets.cohorts.harmonization import CHECKS, offending_markdown
+from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
+from kaapana_assets.cohorts.partitions import cohorts_partitions
+from kaapana_assets.cohorts.statistics import (
+    compute_statistics,
+    openmetrics_text,
+    statistics_markdown,
+    statistics_rows,
+    write_textfile,
+)
+from kaapana_assets.ingest.assets import dicom_studies, quarantine
+from kaapana_assets.lake.schemas import SITE_STATISTICS
+from resources.cohorts import CohortDefinitionsResource
+from resources.storage import ArchiveResource, LakeResource
+
+
+def _definition(cohort_definitions: CohortDefinitionsResource, name: str):  # type: ignore[no-untyped-def]
+    try:
+        return cohort_definitions.get(name)
+    except CohortDefinitionError as exc:
+        raise dg.Failure(description=f"invalid cohort definition: {exc}") from None
+
+
+@dg.asset(
+    partitions_def=cohorts_partitions,
+    group_name="cohorts",
+    kinds={"deltalake"},
+    deps=[dg.AssetDep(dicom_studies, partition_mapping=dg.AllPartitionMapping())],
+    description="A curated cohort: its membership snapshotted as a numbered version in cohort_members.",
+)
+def cohorts(
+    context: dg.AssetExecutionContext, lake: LakeResource, cohort_definitions: CohortDefinitionsResource
+) -> dg.MaterializeResult:
+    definition = _definition(cohort_definitions, context.partition_key)
+    try:
+        snapshot = snapshot_cohort(lake.lake(), definition)
+    except EmptyCohort as exc:
+        raise dg.Failure(description=str(exc)) from None
+    per_site = snapshot.members.group_by("institution").len().sort("institution")
+    site_lines = ["| site | series |", "|---|---|"] + [f"| {s or '?'} | {n} |" for s, n in per_site.iter_rows()]
+    context.log.info(
+        f"cohort {snapshot.cohort} v{snapshot.version}: {snapshot.size} series"
+        + (" (new version)" if snapshot.created else " (membership unchanged)")
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "cohort_version": dg.MetadataValue.int(snapshot.version),
+            "new_version": dg.MetadataValue.bool(snapshot.created),
+            "purpose": dg.MetadataValue.text(definition.purpose),
+            "series": dg.MetadataValue.int(snapshot.size),
+            "patients": dg.MetadataValue.int(snapshot.members["patient_id"].n_unique()),
+            "sites": dg.MetadataValue.md("\n".join(site_lines)),
+            "membership_hash": dg.MetadataValue.text(snapshot.membership_hash),
+            "definition_hash": dg.MetadataValue.text(definition.digest()),
+            "delta_versions_read": dg.MetadataValue.json(
+                {"series": snapshot.series_table_version, "tags": snapshot.tags_table_version}
+            ),
+            "delta_version": dg.MetadataValue.int(snapshot.cohort_members_version or 0),
+        },
+        data_version=dg.DataVersion(snapshot.membership_hash),
+    )
+
+
+def _harmonization_check(name: str) -> dg.AssetChecksDefinition:
+    check = CHECKS[name]
+
+    @dg.asset_check(
+        asset=cohorts,
+        name=name,
+        blocking=True,
+        partitions_def=cohorts_partitions,
+        description=(check.__doc__ or name.replace("_", " ")).strip(),
+    )
+    def _check(
+        context: dg.AssetCheckExecutionContext, lake: LakeResource, cohort_definitions: CohortDefinitionsResource
+    ) -> dg.AssetCheckResult:
+        definition = _definition(cohort_definitions, context.partition_key)
+        snapshot = read_cohort(lake.lake(), context.partition_key)
+        outcome = check(snapshot, definition)
+        metadata: dict[str, dg.MetadataValue] = {
+            "cohort_version": dg.MetadataValue.int(snapshot.version),
+            "offending_count": dg.MetadataValue.int(len(outcome.offending)),
+            **{k: dg.MetadataValue.json(v) if isinstance(v, dict) else dg.MetadataValue.float(float(v))
+               for k, v in outcome.values.items()},
+        }
+        if outcome.offending:
+            metadata["offending_series"] = dg.MetadataValue.md(offending_markdown(outcome.offending))
+        return dg.AssetCheckResult(
+            passed=outcome.passed, description=outcome.description, metadata=metadata,
+            severity=dg.AssetCheckSeverity.ERROR,
+        )
+
+    return _check
+
+
+harmonization_checks = [_harmonization_check(name) for name in CHECKS]
+
+
+@dg.asset(
+    group_name="cohorts",
+    kinds={"deltalake", "prometheus"},
+    deps=[dg.AssetDep(dicom_studies, partition_mapping=dg.AllPartitionMapping()), quarantine,
+          dg.AssetDep(cohorts, partition_mapping=dg.AllPartitionMapping())],
+    description="Patients, studies, series and instances per modality, quarantine and cohort sizes: "
+    "a Delta table and an OpenMetrics file for Prometheus' textfile collector.",
+)
+def site_statistics(lake: LakeResource, archive: ArchiveResource) -> dg.MaterializeResult:
+    the_lake, site = lake.lake(), archive.site_name()
+    samples = compute_statistics(the_lake)
+    now = dt.datetime.now(dt.timezone.utc)
+    written = the_lake.merge(
+        "site_statistics",
+        pa.Table.from_pylist(statistics_rows(samples, site, uuid.uuid4().hex, now), schema=SITE_STATISTICS.schema),
+    )
+    path = archive.kaapana_home().root / "metrics" / "kaapana.prom"
+    write_textfile(path, openmetrics_text(samples, site))
+    value = {s.metric: s.value for s in samples if not s.labels}
+    return dg.MaterializeResult(
+        metadata={
+            "site": dg.MetadataValue.text(site),
+            "patients": dg.MetadataValue.int(int(value.get("kaapana_dicom_patients_total", 0))),
+            "studies": dg.MetadataValue.int(int(value.get("kaapana_dicom_studies_total", 0))),
+            "statistics": dg.MetadataValue.md(statistics_markdown(samples)),
+            "openmetrics_file": dg.MetadataValue.path(str(path)),
+            "delta_version": dg.MetadataValue.int(written.version or 0),
+        },
+    )
+
+
+cohort_job = dg.define_asset_job(
+    "materialize_cohort",
+    selection=dg.AssetSelection.assets(cohorts),
+    partitions_def=cohorts_partitions,
+    description="Snapshot a cohort and run its harmonization checks.",
+)
+
+defs = dg.Definitions(
+    assets=[cohorts, site_statistics], asset_checks=harmonization_checks, jobs=[cohort_job]
+)

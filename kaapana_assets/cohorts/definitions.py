@@ -1,0 +1,167 @@
+"""Cohort definitions: YAML files, validated with pydantic. A bad file gets an error that
+names the file and the field."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kaapana_assets.ingest.uids import is_valid_uid
+
+EXAMPLES = Path(__file__).parent / "examples"
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+
+
+class CohortDefinitionError(ValueError):
+    def __init__(self, path: Path | str, field: str, message: str):
+        self.path, self.field = str(path), field
+        super().__init__(f"{path}: {field}: {message}")
+
+
+def _as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+StrList = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+class Range(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def ordered(self) -> "Range":
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min {self.min} is greater than max {self.max}")
+        return self
+
+
+class DateRange(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    start: dt.date | None = Field(default=None, alias="from")
+    end: dt.date | None = Field(default=None, alias="to")
+
+
+class CohortFilter(BaseModel):
+    """A filter over the `series` table. Every given field must match (AND); a list
+    matches any of its values (OR)."""
+
+    model_config = ConfigDict(extra="forbid")
+    modality: StrList | None = None
+    body_part: StrList | None = None
+    manufacturer: StrList | None = None
+    institution: StrList | None = None
+    slice_thickness: Range | None = None
+    series_description: str | None = Field(default=None, description="regular expression, searched")
+    study_date: DateRange | None = None
+    tags: StrList | None = Field(default=None, description="series must carry all of these tags")
+    has_reference_segmentation: bool | None = None
+    include_series: StrList = Field(default_factory=list, description="always members (if indexed)")
+    exclude_series: StrList = Field(default_factory=list, description="never members")
+
+    @field_validator("series_description")
+    @classmethod
+    def regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("include_series", "exclude_series")
+    @classmethod
+    def uids(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if not is_valid_uid(v)]
+        if bad:
+            raise ValueError(f"not valid SeriesInstanceUIDs: {bad[:3]}")
+        return values
+
+    @field_validator("tags")
+    @classmethod
+    def tag_names(cls, values: list[str] | None) -> list[str] | None:
+        for v in values or []:
+            validate_tag(v)
+        return values
+
+
+class Harmonization(BaseModel):
+    """Tolerances of the pre-learning checks."""
+
+    model_config = ConfigDict(extra="forbid")
+    slice_thickness_tolerance_mm: float = Field(default=0.5, ge=0)
+    pixel_spacing_tolerance_mm: float = Field(default=0.5, ge=0)
+    min_size: int = Field(default=2, ge=1)
+    require_axial: bool = True
+    require_complete: bool = True
+
+
+class CohortDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    description: str = ""
+    purpose: Literal["train", "test", "inference"]
+    required_labels: StrList = Field(default_factory=list)
+    filter: CohortFilter = Field(default_factory=CohortFilter)
+    harmonization: Harmonization = Field(default_factory=Harmonization)
+
+    @field_validator("name")
+    @classmethod
+    def valid_name(cls, value: str) -> str:
+        if not NAME.fullmatch(value):
+            raise ValueError("use lowercase letters, digits, '.', '_' and '-' (at most 63)")
+        return value
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def validate_tag(tag: str) -> str:
+    if not TAG.fullmatch(tag):
+        raise ValueError(f"tag {tag!r}: use letters, digits, '_', '.', ':' and '-' (at most 64)")
+    return tag
+
+
+def parse_definition(text: str, source: Path | str = "<text>") -> CohortDefinition:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CohortDefinitionError(source, "(yaml)", str(exc).replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise CohortDefinitionError(source, "(document)", "expected a mapping with name, purpose, filter, ...")
+    try:
+        return CohortDefinition.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "(document)"
+        raise CohortDefinitionError(source, field, first["msg"]) from None
+
+
+def load_definition(path: Path) -> CohortDefinition:
+    definition = parse_definition(path.read_text(encoding="utf-8"), path)
+    if definition.name != path.stem:
+        raise CohortDefinitionError(path, "name", f"{definition.name!r} must match the file name {path.stem!r}")
+    return definition
+
+
+def load_definitions(folder: Path) -> tuple[dict[str, CohortDefinition], list[CohortDefinitionError]]:
+    """All valid definitions of a folder, and the errors of the invalid ones."""
+    found: dict[str, CohortDefinition] = {}
+    errors: list[CohortDefinitionError] = []
+    for path in sorted(folder.glob("*.y*ml")) if folder.exists() else []:
+        try:
+            definition = load_definition(path)
+        except CohortDefinitionError as exc:
+            errors.append(exc)
+            continue
+        found[definition.name] = definition
+    return found, errors

@@ -1,0 +1,145 @@
+"""Pre-learning harmonization checks on a cohort snapshot. Each returns whether it passed,
+a sentence saying why, and the offending series, so a data engineer can act on them."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from kaapana_assets.cohorts.definitions import CohortDefinition
+from kaapana_assets.cohorts.membership import CohortSnapshot
+
+
+@dataclass
+class CheckOutcome:
+    passed: bool
+    description: str
+    offending: list[dict[str, Any]] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def _offenders(frame: pl.DataFrame, why: str | pl.Expr) -> list[dict[str, Any]]:
+    problem = (why if isinstance(why, pl.Expr) else pl.lit(why)).alias("problem")
+    cols = [c for c in ("series_uid", "study_uid", "institution") if c in frame.columns]
+    return frame.with_columns(problem).select(*cols, "problem").to_dicts()
+
+
+def single_modality(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    counts = Counter(snapshot.members["modality"].to_list())
+    if len(counts) <= 1:
+        return CheckOutcome(True, f"all series are {next(iter(counts), 'none')}", values={"modalities": dict(counts)})
+    majority = counts.most_common(1)[0][0]
+    bad = snapshot.members.filter(pl.col("modality") != majority)
+    return CheckOutcome(
+        False,
+        f"{len(counts)} modalities {dict(counts)}; expected one",
+        _offenders(bad, pl.format("modality {} (majority {})", pl.col("modality"), pl.lit(majority))),
+        {"modalities": dict(counts)},
+    )
+
+
+def _spread(snapshot: CohortSnapshot, column: str, tolerance: float, label: str) -> CheckOutcome:
+    values = snapshot.members
+    missing = values.filter(pl.col(column).is_null())
+    present = values.filter(pl.col(column).is_not_null())
+    if present.height == 0:
+        return CheckOutcome(False, f"no series has a {label}", _offenders(missing, f"no {label}"))
+    median = float(present[column].median())  # type: ignore[arg-type]
+    spread = float(present[column].max() - present[column].min())  # type: ignore[operator]
+    far = present.filter((pl.col(column) - median).abs() > tolerance / 2)
+    offending = _offenders(missing, f"no {label}") + _offenders(
+        far, pl.format(f"{label} {{}} mm, cohort median {median:g} mm", pl.col(column))
+    )
+    passed = spread <= tolerance and not missing.height
+    return CheckOutcome(
+        passed,
+        f"{label} spread {spread:g} mm (tolerance {tolerance:g} mm, median {median:g} mm)",
+        [] if passed else offending,
+        {"spread_mm": spread, "median_mm": median, "tolerance_mm": tolerance},
+    )
+
+
+def slice_thickness_spread(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    return _spread(snapshot, "slice_thickness", definition.harmonization.slice_thickness_tolerance_mm, "slice thickness")
+
+
+def pixel_spacing_spread(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    return _spread(snapshot, "row_spacing", definition.harmonization.pixel_spacing_tolerance_mm, "pixel spacing")
+
+
+def axial_orientation(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    if not definition.harmonization.require_axial:
+        return CheckOutcome(True, "not required by the definition")
+    bad = snapshot.members.filter(~pl.col("is_axial").fill_null(False))
+    return CheckOutcome(
+        bad.height == 0,
+        "all series are axial" if bad.height == 0 else f"{bad.height} series are not axial",
+        _offenders(bad, "not axial (or no orientation)"),
+    )
+
+
+def series_complete(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    if not definition.harmonization.require_complete:
+        return CheckOutcome(True, "not required by the definition")
+    bad = snapshot.members.filter(~pl.col("complete").fill_null(False))
+    return CheckOutcome(
+        bad.height == 0,
+        "no InstanceNumber gaps" if bad.height == 0 else f"{bad.height} series have InstanceNumber gaps",
+        _offenders(bad, pl.format("missing instances {}", pl.col("missing_instance_numbers").cast(pl.List(pl.String)).list.join(","))),
+    )
+
+
+def reference_segmentations(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    if definition.purpose != "train":
+        return CheckOutcome(True, f"not required for a {definition.purpose} cohort")
+    required = set(definition.required_labels)
+    frame = snapshot.members.with_columns(
+        pl.col("reference_labels").fill_null([]).alias("labels"),
+        (pl.col("reference_seg_series_uids").list.len() == 0).alias("no_seg"),
+    )
+    offending: list[dict[str, Any]] = []
+    for row in frame.iter_rows(named=True):
+        missing = sorted(required - set(row["labels"]))
+        if row["no_seg"]:
+            offending.append({"series_uid": row["series_uid"], "study_uid": row["study_uid"],
+                              "institution": row.get("institution"), "problem": "no reference SEG"})
+        elif missing:
+            offending.append({"series_uid": row["series_uid"], "study_uid": row["study_uid"],
+                              "institution": row.get("institution"), "problem": f"reference SEG lacks {missing}"})
+    return CheckOutcome(
+        not offending,
+        f"every series has a reference SEG with {sorted(required)}" if not offending
+        else f"{len(offending)} series lack a reference SEG with {sorted(required)}",
+        offending,
+    )
+
+
+def minimum_size(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    need = definition.harmonization.min_size
+    return CheckOutcome(
+        snapshot.size >= need, f"{snapshot.size} series (minimum {need})", values={"size": snapshot.size, "minimum": need}
+    )
+
+
+CHECKS: dict[str, Callable[[CohortSnapshot, CohortDefinition], CheckOutcome]] = {
+    "single_modality": single_modality,
+    "slice_thickness_spread": slice_thickness_spread,
+    "pixel_spacing_spread": pixel_spacing_spread,
+    "axial_orientation": axial_orientation,
+    "series_complete": series_complete,
+    "reference_segmentations": reference_segmentations,
+    "minimum_size": minimum_size,
+}
+
+
+def offending_markdown(offending: list[dict[str, Any]], limit: int = 50) -> str:
+    lines = ["| series | study | site | problem |", "|---|---|---|---|"]
+    for o in offending[:limit]:
+        lines.append(f"| {o['series_uid']} | {o.get('study_uid') or ''} | {o.get('institution') or ''} | {o['problem']} |")
+    if len(offending) > limit:
+        lines.append(f"| … {len(offending) - limit} more | | | |")
+    return "\n".join(lines)
