@@ -156,6 +156,43 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tracking(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.training.tracking import default_tracking
+
+    return default_tracking(KaapanaHome(Path(args.home)).root if args.home else KaapanaHome.from_env().root)
+
+
+def cmd_model_promote(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    tracking = _tracking(args)
+    try:
+        version = tracking.client().get_model_version(args.name, str(args.version))
+        tracking.promote(args.name, args.version, args.alias)
+    except MlflowException as exc:
+        console.print(f"[red]{exc.message}")
+        return 2
+    console.print(f"{args.name} v{version.version} now holds the alias '{args.alias}' "
+                  f"(validation: {version.tags.get('kaapana.validation', 'unknown')})")
+    return 0
+
+
+def cmd_model_list(args: argparse.Namespace) -> int:
+    client = _tracking(args).client()
+    table = Table(title="registered models")
+    for column in ("model", "version", "aliases", "validation", "dice", "cohort version", "run"):
+        table.add_column(column)
+    for model in client.search_registered_models():
+        for v in sorted(client.search_model_versions(f"name='{model.name}'"), key=lambda v: int(v.version)):
+            aliases = [a for a, n in (model.aliases or {}).items() if str(n) == str(v.version)]
+            table.add_row(model.name, str(v.version), ",".join(aliases), v.tags.get("kaapana.validation", ""),
+                          v.tags.get("kaapana.validation_dice", ""), v.tags.get("kaapana.cohort_version", ""),
+                          (v.run_id or "")[:12])
+    console.print(table)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kaapana_assets.demo import run_demo
 
@@ -203,6 +240,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort", help="every series of the cohort's latest version")
     p.add_argument("--home", default=None)
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("model", help="the MLflow model registry: list versions, promote one to production")
+    model = p.add_subparsers(dest="model_command", required=True)
+    q = model.add_parser("list", help="registered models, versions, aliases and validation results")
+    q.add_argument("--home", default=None)
+    q.set_defaults(func=cmd_model_list)
+    q = model.add_parser("promote", help="give a model version the alias (default: production), explicitly")
+    q.add_argument("name")
+    q.add_argument("version", type=int)
+    q.add_argument("--alias", default="production")
+    q.add_argument("--home", default=None)
+    q.set_defaults(func=cmd_model_promote)
 
     p = sub.add_parser("demo", help="run the demo end to end on the embedded defaults")
     p.add_argument("--sites", nargs="+", default=["site-a", "site-b"])

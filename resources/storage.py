@@ -11,6 +11,8 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
 from resources.cohorts import CohortDefinitionsResource
+from resources.mlflow import MlflowResource
+from resources.nnunet import NnunetResource
 
 
 class LakeResource(dg.ConfigurableResource):
@@ -64,7 +66,13 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
     env = env or os.environ.get("KAAPANA_ENV", "local")
     if env == "local":
         # Paths resolve from KAAPANA_HOME when a run starts, not when this module loads.
-        return {"lake": LakeResource(), "archive": ArchiveResource(), "cohort_definitions": CohortDefinitionsResource()}
+        return {
+            "lake": LakeResource(),
+            "archive": ArchiveResource(),
+            "cohort_definitions": CohortDefinitionsResource(),
+            "nnunet_settings": NnunetResource(),
+            "mlflow": MlflowResource(),
+        }
     if env == "k8s":
         return {
             "lake": LakeResource(
@@ -77,5 +85,8 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
             ),
             "archive": ArchiveResource(home=dg.EnvVar("KAAPANA_HOME")),
             "cohort_definitions": CohortDefinitionsResource(folder=dg.EnvVar("KAAPANA_COHORTS")),
+            "nnunet_settings": NnunetResource(device="cuda", schedule="full", threads=8),
+            "mlflow": MlflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
+                                     artifact_root=dg.EnvVar("KAAPANA_MLFLOW_ARTIFACTS")),
         }
     raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")

@@ -61,3 +61,65 @@ def spool_copy(tmp_path: Path, corpus_root: Path) -> Path:
 
 def dicom_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+TRAIN_GRID = {"slices": 16, "matrix": 48}
+TRAIN_COHORT = """name: liver-train
+purpose: train
+required_labels: [liver]
+filter:
+  modality: CT
+  has_reference_segmentation: true
+harmonization:
+  min_size: 4
+"""
+
+
+class TrainedSite:
+    """One site after the whole training flow ran through Dagster (tiny schedule)."""
+
+    def __init__(self, root: Path, studies: list, instance, resources: dict, result) -> None:  # type: ignore[no-untyped-def]
+        self.root, self.studies, self.instance, self.resources, self.result = root, studies, instance, resources, result
+
+    @property
+    def home(self) -> KaapanaHome:
+        return KaapanaHome(self.root / "home")
+
+    def tracking(self):  # type: ignore[no-untyped-def]
+        return self.resources["mlflow"].tracking()
+
+
+@pytest.fixture(scope="session")
+def trained_site(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """Six annotated studies ingested, the liver-train cohort materialized with its checks,
+    and a tiny nnU-Net trained, validated, registered and promoted — once per session."""
+    import dagster as dg
+
+    from kaapana_assets.cohorts.assets import cohorts, harmonization_checks
+    from kaapana_assets.training.assets import nnunet_dataset, production_model, trained_model
+    from resources import ArchiveResource, CohortDefinitionsResource, LakeResource, MlflowResource, NnunetResource
+
+    root = tmp_path_factory.mktemp("trained")
+    home = KaapanaHome(root / "home").ensure()
+    studies = generate_site("site-a", 6, seed=21, out=root / "generated", with_annotations=True, **TRAIN_GRID)
+    from kaapana_assets.ingest.pipeline import ingest_files
+
+    ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+    (root / "cohorts").mkdir()
+    (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT)
+    resources = {
+        "lake": LakeResource(uri=str(home.lake)),
+        "archive": ArchiveResource(home=str(home.root)),
+        "cohort_definitions": CohortDefinitionsResource(folder=str(root / "cohorts")),
+        "nnunet_settings": NnunetResource(workdir=str(home.root / "nnunet"), device="cpu", schedule="tiny",
+                                          promotion_dice=0.05),
+        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{home.root / 'mlflow.db'}",
+                                 artifact_root=(home.root / "mlartifacts").as_uri()),
+    }
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("cohorts", ["liver-train"])
+        result = dg.materialize(
+            [cohorts, *harmonization_checks, nnunet_dataset, trained_model, production_model],
+            partition_key="liver-train", instance=instance, resources=resources,
+        )
+        yield TrainedSite(root, studies, instance, resources, result)

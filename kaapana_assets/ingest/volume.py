@@ -1,0 +1,119 @@
+"""Archive → arrays: a CT series as a 3D volume with its geometry, and a DICOM SEG as a
+label volume aligned to it. Shared by training (dataset export) and segmentation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+
+ORIENTATION_TOLERANCE = 1e-4
+SPACING_TOLERANCE = 0.01  # relative spread of slice gaps that still counts as uniform
+
+
+class VolumeError(ValueError):
+    """The series cannot form a regular 3D volume."""
+
+
+@dataclass
+class Volume:
+    hu: np.ndarray  # (z, y, x) float32, rescale applied
+    spacing_zyx: tuple[float, float, float]
+    origin: tuple[float, float, float]  # ImagePositionPatient of the first slice (along the normal)
+    direction: np.ndarray  # 3×3, rows: row direction, column direction, slice normal (LPS)
+    sop_uids: list[str]  # in volume (slice) order
+    series_uid: str
+    study_uid: str
+    datasets: list[pydicom.Dataset]  # in volume order, pixel data loaded
+
+    def sitk_image(self, array: np.ndarray | None = None):  # type: ignore[no-untyped-def]
+        """This geometry as a SimpleITK image (for NIfTI): spacing x,y,z; direction as columns."""
+        import SimpleITK as sitk
+
+        image = sitk.GetImageFromArray(self.hu if array is None else array)
+        dz, dy, dx = self.spacing_zyx
+        image.SetSpacing((dx, dy, dz))
+        image.SetOrigin(self.origin)
+        image.SetDirection(tuple(float(v) for v in self.direction.T.flatten()))
+        return image
+
+
+def assemble_volume(paths: Sequence[Path | str]) -> Volume:
+    """Slices sorted by their position along the slice normal (not by InstanceNumber),
+    rescale applied. Mixed orientation, mixed size, missing or irregular slices raise
+    VolumeError with the reason."""
+    if not paths:
+        raise VolumeError("no files")
+    datasets = [pydicom.dcmread(p) for p in paths]
+    series = {str(ds.SeriesInstanceUID) for ds in datasets}
+    if len(series) != 1:
+        raise VolumeError(f"files of {len(series)} series given; a volume is one series")
+    first = datasets[0]
+    if "ImageOrientationPatient" not in first or "ImagePositionPatient" not in first:
+        raise VolumeError("no ImageOrientationPatient/ImagePositionPatient: not a volume series")
+    orientation = np.asarray(first.ImageOrientationPatient, dtype=float)
+    for ds in datasets:
+        if not np.allclose(np.asarray(ds.ImageOrientationPatient, dtype=float), orientation, atol=ORIENTATION_TOLERANCE):
+            raise VolumeError(f"mixed orientation (instance {ds.get('InstanceNumber')})")
+        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
+            raise VolumeError(f"mixed image size (instance {ds.get('InstanceNumber')})")
+        if [float(v) for v in ds.PixelSpacing] != [float(v) for v in first.PixelSpacing]:
+            raise VolumeError(f"mixed pixel spacing (instance {ds.get('InstanceNumber')})")
+    row, col = orientation[:3], orientation[3:]
+    normal = np.cross(row, col)
+    positions = np.array([np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal) for ds in datasets])
+    order = np.argsort(positions)
+    datasets = [datasets[i] for i in order]
+    positions = positions[order]
+    if len(datasets) > 1:
+        gaps = np.diff(positions)
+        if np.any(gaps < 1e-3):
+            raise VolumeError("two slices at the same position")
+        median = float(np.median(gaps))
+        if np.any(gaps > 1.5 * median):
+            missing = int(round(float(np.sum(gaps[gaps > 1.5 * median] / median - 1))))
+            raise VolumeError(f"missing slices: about {missing} gap(s) along the normal")
+        if (gaps.max() - gaps.min()) > SPACING_TOLERANCE * median + 1e-3:
+            raise VolumeError(f"varying slice spacing ({gaps.min():.3f}–{gaps.max():.3f} mm)")
+        dz = median
+    else:
+        dz = float(first.get("SliceThickness") or 1.0)
+    hu = np.stack(
+        [ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+         for ds in datasets]
+    )
+    dy, dx = (float(v) for v in first.PixelSpacing)
+    return Volume(
+        hu=hu,
+        spacing_zyx=(dz, dy, dx),
+        origin=tuple(float(v) for v in datasets[0].ImagePositionPatient),  # type: ignore[arg-type]
+        direction=np.stack([row, col, normal]),
+        sop_uids=[str(ds.SOPInstanceUID) for ds in datasets],
+        series_uid=str(first.SeriesInstanceUID),
+        study_uid=str(first.StudyInstanceUID),
+        datasets=datasets,
+    )
+
+
+def seg_labels(seg_path: Path | str, volume: Volume, label_ids: Mapping[str, int]) -> np.ndarray:
+    """The SEG's segments as one label volume aligned to `volume` (uint8, 0 = background).
+    Segments are mapped by their SegmentLabel to `label_ids`; unknown labels are ignored."""
+    seg = hd.seg.segread(seg_path)
+    numbers = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
+    wanted = [n for n, label in numbers.items() if label in label_ids]
+    out = np.zeros(volume.hu.shape, dtype=np.uint8)
+    if not wanted:
+        return out
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=volume.sop_uids,
+        segment_numbers=wanted,
+        combine_segments=False,
+        assert_missing_frames_are_empty=True,
+    )  # (slices, rows, cols, segments)
+    for index, number in enumerate(wanted):
+        out[pixels[..., index] > 0] = label_ids[numbers[number]]
+    return out

@@ -1,0 +1,1 @@
+"""nnU-Net training from a cohort: dataset export, plan/preprocess, training, packaging."""

@@ -1,0 +1,218 @@
+"""Dagster wiring of training: nnunet_dataset → trained_model (blocking validation check)
+→ production_model. The work happens in plain modules (export, nnunet, tracking)."""
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+
+from kaapana_assets.cohorts.assets import cohorts
+from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
+from kaapana_assets.cohorts.partitions import cohorts_partitions
+from kaapana_assets.training import nnunet
+from kaapana_assets.training.export import ExportError, export_cohort
+from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
+from kaapana_assets.training.tracking import code_version, model_name_for
+from resources.cohorts import CohortDefinitionsResource
+from resources.mlflow import MlflowResource
+from resources.nnunet import NnunetResource
+from resources.storage import ArchiveResource, LakeResource
+
+VALIDATION_CHECK = "validation_dice"
+
+
+def _latest_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[context.partition_key]), limit=1
+    ).records
+    if not records:
+        raise dg.Failure(description=f"{asset} has no materialization for {context.partition_key}; materialize it first")
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}  # type: ignore[union-attr]
+
+
+@dg.asset(
+    partitions_def=cohorts_partitions,
+    group_name="training",
+    kinds={"nnunet"},
+    deps=[cohorts],
+    description="The cohort's latest version exported to nnU-Net's raw format, fingerprinted, planned and preprocessed.",
+)
+def nnunet_dataset(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    archive: ArchiveResource,
+    cohort_definitions: CohortDefinitionsResource,
+    nnunet_settings: NnunetResource,
+) -> dg.MaterializeResult:
+    name = context.partition_key
+    definition = cohort_definitions.get(name)
+    if definition.purpose != "train":
+        raise dg.Failure(description=f"cohort {name} is a {definition.purpose} cohort; nnU-Net datasets are made from train cohorts")
+    try:
+        snapshot = read_cohort(lake.lake(), name)
+    except UnknownCohortVersion as exc:
+        raise dg.Failure(description=str(exc.args[0])) from None
+    paths = nnunet_settings.paths(name, snapshot.version)
+    dataset_id = nnunet.dataset_id_for(name)
+    folder = paths.raw / nnunet.dataset_name(dataset_id, name)
+    try:
+        exported = export_cohort(
+            lake.lake(), archive.kaapana_home().archive, snapshot, folder, definition.required_labels,
+            progress=lambda done, total: context.log.info(f"exported {done}/{total} cases") if done % 10 == 0 or done == total else None,
+        )
+    except ExportError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    context.log.info("fingerprint, plan and preprocess with nnunetv2")
+    with nnunet.nnunet_environment(paths, threads=nnunet_settings.threads):
+        fingerprint, plans = nnunet.plan_and_preprocess(dataset_id, processes=nnunet_settings.threads)
+    configuration = plans["configurations"][nnunet.CONFIGURATION]
+    digest = hashlib.sha256((snapshot.membership_hash + json.dumps(plans, sort_keys=True)).encode()).hexdigest()[:24]
+    return dg.MaterializeResult(
+        metadata={
+            "cohort_version": dg.MetadataValue.int(snapshot.version),
+            "membership_hash": dg.MetadataValue.text(snapshot.membership_hash),
+            "dataset_id": dg.MetadataValue.int(dataset_id),
+            "dataset_folder": dg.MetadataValue.path(str(folder)),
+            "nnunet_root": dg.MetadataValue.path(str(paths.root)),
+            "cases": dg.MetadataValue.int(len(exported.cases)),
+            "labels": dg.MetadataValue.json(exported.labels),
+            "patch_size": dg.MetadataValue.text(str(configuration["patch_size"])),
+            "target_spacing": dg.MetadataValue.text(str(configuration["spacing"])),
+            "fingerprint": dg.MetadataValue.json({
+                "median_shape": fingerprint.get("shapes_after_crop", [[]])[0] if fingerprint.get("shapes_after_crop") else [],
+                "spacings": fingerprint.get("spacings", [])[:20],
+                "intensity": fingerprint.get("foreground_intensity_properties_per_channel", {}),
+            }),
+            "plans": dg.MetadataValue.json(configuration),
+        },
+        data_version=dg.DataVersion(digest),
+    )
+
+
+@dg.asset(
+    partitions_def=cohorts_partitions,
+    group_name="training",
+    kinds={"nnunet", "pytorch", "mlflow"},
+    deps=[nnunet_dataset],
+    op_tags=gpu_op_tags(),
+    pool=GPU_POOL,
+    check_specs=[dg.AssetCheckSpec(VALIDATION_CHECK, asset="trained_model", blocking=True,
+                                   description="validation Dice of the required labels ≥ the promotion threshold")],
+    description="nnU-Net trained on the cohort's dataset, tracked in MLflow and registered as a model version.",
+)
+def trained_model(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    cohort_definitions: CohortDefinitionsResource,
+    nnunet_settings: NnunetResource,
+    mlflow: MlflowResource,
+):  # type: ignore[no-untyped-def]
+    name = context.partition_key
+    definition = cohort_definitions.get(name)
+    dataset = _latest_metadata(context, "nnunet_dataset")
+    paths = nnunet.NnunetPaths(Path(dataset["nnunet_root"]))
+    raw_folder = Path(dataset["dataset_folder"])
+    dataset_id = int(dataset["dataset_id"])
+    cases = json.loads((raw_folder / "cases.json").read_text())
+    split = nnunet.patient_split([(c["case"], c["patient_id"]) for c in cases])
+    schedule = nnunet_settings.training_schedule()
+    tracking = mlflow.tracking()
+    model_name = model_name_for(name)
+    labels = {k: v for k, v in json.loads((raw_folder / "dataset.json").read_text())["labels"].items() if v}
+    with tracking.run(f"train {name} v{dataset['cohort_version']}", tags={
+        "kaapana.cohort": name, "kaapana.cohort_version": str(dataset["cohort_version"]),
+        "dagster.run_id": context.run.run_id, "dagster.partition": name,
+    }) as run:
+        import mlflow as mlflow_api
+
+        mlflow_api.log_params({
+            "cohort": name, "cohort_version": dataset["cohort_version"], "membership_hash": dataset["membership_hash"],
+            "dataset_id": dataset_id, "configuration": nnunet.CONFIGURATION, "device": nnunet_settings.device,
+            "train_cases": len(split["train"]), "val_cases": len(split["val"]),
+            **{f"schedule.{k}": v for k, v in schedule.__dict__.items()}, **code_version(),
+        })
+        mlflow_api.log_dict(split, "split.json")
+        for artifact in ("dataset.json", "cases.json"):
+            mlflow_api.log_artifact(str(raw_folder / artifact), "dataset")
+        preprocessed = paths.preprocessed / raw_folder.name
+        for artifact in ("nnUNetPlans.json", "dataset_fingerprint.json"):
+            mlflow_api.log_artifact(str(preprocessed / artifact), "dataset")
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            mlflow_api.log_metrics({k: v for k, v in metrics.items() if v == v}, step=epoch)  # skip NaN
+            context.log.info(f"epoch {epoch + 1}/{schedule.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+
+        with nnunet.nnunet_environment(paths, threads=nnunet_settings.threads, training=True):
+            result = nnunet.train(dataset_id, schedule, split, nnunet_settings.device, nnunet_settings.threads, on_epoch)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_folder = nnunet.package_model(result, Path(tmp) / "model")
+            predictor = nnunet.load_predictor(model_folder, nnunet_settings.device)
+            scores = nnunet.evaluate(predictor, raw_folder, split["val"], labels)
+            mlflow_api.log_metrics({f"val_dice_{k}": v for k, v in scores.items() if v == v})
+            mlflow_api.log_artifacts(str(model_folder), "model")
+        required = definition.required_labels or list(labels)
+        required_scores = [scores[k] for k in required if k in scores and scores[k] == scores[k]]
+        gate = min(required_scores) if required_scores else 0.0
+        passed = gate >= nnunet_settings.promotion_dice
+        version = tracking.register(run.info.run_id, "model", model_name, tags={
+            "kaapana.cohort": name, "kaapana.cohort_version": dataset["cohort_version"],
+            "kaapana.membership_hash": dataset["membership_hash"], "kaapana.validation": "passed" if passed else "failed",
+            "kaapana.validation_dice": f"{gate:.4f}", "dagster.run_id": context.run.run_id,
+        }, description=f"cohort {name} v{dataset['cohort_version']}, {schedule.epochs} epochs")
+    dice_md = dg.MetadataValue.json({k: round(v, 4) for k, v in scores.items()})
+    yield dg.MaterializeResult(
+        metadata={
+            "model_name": dg.MetadataValue.text(model_name),
+            "model_version": dg.MetadataValue.int(int(version.version)),
+            "mlflow_run_id": dg.MetadataValue.text(run.info.run_id),
+            "validation_dice": dice_md,
+            "cohort_version": dg.MetadataValue.int(int(dataset["cohort_version"])),
+            "epochs": dg.MetadataValue.md(
+                "| epoch | train loss | val loss | pseudo Dice |\n|---|---|---|---|\n" + "\n".join(
+                    f"| {e['epoch'] + 1} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | {e['pseudo_dice']:.3f} |"
+                    for e in result.epochs)),
+        },
+        data_version=dg.DataVersion(f"{model_name}:{version.version}"),
+    )
+    yield dg.AssetCheckResult(
+        check_name=VALIDATION_CHECK,
+        passed=passed,
+        description=f"min Dice over {required} = {gate:.3f} (threshold {nnunet_settings.promotion_dice})",
+        metadata={"validation_dice": dice_md, "threshold": dg.MetadataValue.float(nnunet_settings.promotion_dice)},
+    )
+
+
+@dg.asset(
+    partitions_def=cohorts_partitions,
+    group_name="training",
+    kinds={"mlflow"},
+    deps=[trained_model],
+    description="Moves the MLflow alias `production` to the model version that just passed validation.",
+)
+def production_model(context: dg.AssetExecutionContext, mlflow: MlflowResource) -> dg.MaterializeResult:
+    trained = _latest_metadata(context, "trained_model")
+    tracking = mlflow.tracking()
+    version = tracking.client().get_model_version(trained["model_name"], str(trained["model_version"]))
+    if version.tags.get("kaapana.validation") != "passed":
+        raise dg.Failure(description=(
+            f"{trained['model_name']} v{version.version} failed validation (Dice {version.tags.get('kaapana.validation_dice')}); "
+            f"promote it explicitly with `kaapana model promote {trained['model_name']} {version.version}` if intended"))
+    tracking.promote(trained["model_name"], version.version)
+    return dg.MaterializeResult(
+        metadata={"model_name": dg.MetadataValue.text(trained["model_name"]),
+                  "model_version": dg.MetadataValue.int(int(version.version)),
+                  "alias": dg.MetadataValue.text("production")},
+        data_version=dg.DataVersion(f"{trained['model_name']}:{version.version}"),
+    )
+
+
+training_job = dg.define_asset_job(
+    "train_cohort",
+    selection=dg.AssetSelection.assets(nnunet_dataset, trained_model, production_model),
+    partitions_def=cohorts_partitions,
+    description="Export, plan, train, validate, register and (if validation passes) promote.",
+)
+
+defs = dg.Definitions(assets=[nnunet_dataset, trained_model, production_model], jobs=[training_job])
