@@ -4,14 +4,17 @@ import dagster as dg
 
 from kaapana_assets.cohorts import assets as cohorts
 from kaapana_assets.ingest import assets as ingest
+from kaapana_assets.segmentation import assets as segmentation
 from kaapana_assets.training import assets as training
 from resources import build_resources
 from sensors.cohort_definitions import cohort_definitions
 from sensors.incoming import incoming_studies
+from sensors.model_promotion import model_promotion
 
 defs = dg.Definitions.merge(
     ingest.defs,
     cohorts.defs,
     training.defs,
-    dg.Definitions(sensors=[incoming_studies, cohort_definitions], resources=build_resources()),
+    segmentation.defs,
+    dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion], resources=build_resources()),
 )

@@ -178,6 +178,19 @@ def cmd_model_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_import(args: argparse.Namespace) -> int:
+    from kaapana_assets.segmentation.models import InvalidModelFolder, import_model
+
+    try:
+        version = import_model(_tracking(args), Path(args.path), args.name, promote=args.promote)
+    except InvalidModelFolder as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    console.print(f"registered {args.name} v{version.version} from {args.path}"
+                  + (" and promoted it to production" if args.promote else "; promote it with `kaapana model promote`"))
+    return 0
+
+
 def cmd_model_list(args: argparse.Namespace) -> int:
     client = _tracking(args).client()
     table = Table(title="registered models")
@@ -246,6 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = model.add_parser("list", help="registered models, versions, aliases and validation results")
     q.add_argument("--home", default=None)
     q.set_defaults(func=cmd_model_list)
+    q = model.add_parser("import", help="register an nnU-Net v2 results folder already on disk (nothing is downloaded)")
+    q.add_argument("path", help="folder with dataset.json, plans.json and fold_*/checkpoint_final.pth")
+    q.add_argument("--name", required=True, help="registered model name")
+    q.add_argument("--promote", action="store_true", help="also give it the alias production")
+    q.add_argument("--home", default=None)
+    q.set_defaults(func=cmd_model_import)
     q = model.add_parser("promote", help="give a model version the alias (default: production), explicitly")
     q.add_argument("name")
     q.add_argument("version", type=int)

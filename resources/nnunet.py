@@ -20,6 +20,14 @@ class NnunetResource(dg.ConfigurableResource):
     iterations_per_epoch: int | None = None
     base_features: int | None = Field(default=None, description="network width of the first stage")
     promotion_dice: float = Field(default=0.8, description="validation Dice a model needs to become production")
+    segmentation_model: str = Field(default="", description="registered model whose `production` version segments "
+                                    "new studies; empty: $KAAPANA_SEGMENTATION_MODEL or nnunet-liver-train")
+
+    def segmentation_model_name(self) -> str:
+        return self.segmentation_model or os.environ.get("KAAPANA_SEGMENTATION_MODEL", "nnunet-liver-train")
+
+    def model_cache(self) -> Path:
+        return self.work_root().parent / "models"
 
     def work_root(self) -> Path:
         return Path(self.workdir) if self.workdir else KaapanaHome.from_env().root / "nnunet"

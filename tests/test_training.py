@@ -42,6 +42,7 @@ def test_tiny_training_end_to_end(trained_site) -> None:  # type: ignore[no-unty
     run = client.get_run(md["mlflow_run_id"].value)
     assert run.data.params["cohort"] == "liver-train" and run.data.params["schedule.epochs"] == "4"
     assert "kaapana_assets" in run.data.params and run.data.params["cohort_version"] == "1"
+    assert int(run.data.params["delta_version.series"]) >= 1  # the exact series table version the cohort read
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 4  # one per epoch
     assert run.data.metrics["val_dice_liver"] >= 0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}

@@ -206,7 +206,31 @@ SITE_STATISTICS = TableSpec(
     keys=("snapshot_id", "metric", "labels"),
 )
 
+SEGMENTATIONS = TableSpec(
+    "segmentations",
+    pa.schema(
+        [
+            ("seg_sop_instance_uid", pa.string()),
+            ("label", pa.string()),
+            ("label_value", pa.int64()),
+            ("study_uid", pa.string()),
+            ("series_uid", pa.string()),  # the segmented (source) series
+            ("seg_series_uid", pa.string()),
+            ("model_name", pa.string()),
+            ("model_version", pa.string()),
+            ("voxel_count", pa.int64()),
+            ("volume_ml", pa.float64()),
+            ("mean_hu", pa.float64()),
+            ("min_hu", pa.float64()),
+            ("max_hu", pa.float64()),
+            ("bbox", pa.list_(pa.int64())),  # z0, z1, y0, y1, x0, x1 (voxel indices, inclusive)
+            ("created_at", TIMESTAMP),
+        ]
+    ),
+    keys=("seg_sop_instance_uid", "label"),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, COHORT_MEMBERS, TAGS, SITE_STATISTICS)
+    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS)
 }

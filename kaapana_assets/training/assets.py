@@ -73,6 +73,9 @@ def nnunet_dataset(
         metadata={
             "cohort_version": dg.MetadataValue.int(snapshot.version),
             "membership_hash": dg.MetadataValue.text(snapshot.membership_hash),
+            "delta_versions_read": dg.MetadataValue.json(
+                {"series": snapshot.series_table_version, "cohort_members": snapshot.cohort_members_version}
+            ),
             "dataset_id": dg.MetadataValue.int(dataset_id),
             "dataset_folder": dg.MetadataValue.path(str(folder)),
             "nnunet_root": dg.MetadataValue.path(str(paths.root)),
@@ -129,6 +132,7 @@ def trained_model(
 
         mlflow_api.log_params({
             "cohort": name, "cohort_version": dataset["cohort_version"], "membership_hash": dataset["membership_hash"],
+            **{f"delta_version.{table}": v for table, v in dataset["delta_versions_read"].items()},
             "dataset_id": dataset_id, "configuration": nnunet.CONFIGURATION, "device": nnunet_settings.device,
             "train_cases": len(split["train"]), "val_cases": len(split["val"]),
             **{f"schedule.{k}": v for k, v in schedule.__dict__.items()}, **code_version(),

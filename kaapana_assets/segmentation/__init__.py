@@ -1,0 +1,1 @@
+"""nnU-Net inference on studies → DICOM SEG, per-label statistics, previews."""

@@ -1,0 +1,75 @@
+"""Dagster wiring of segmentation: one partition per study, materialized eagerly after
+dicom_studies. The work happens in plain modules (models, segment)."""
+
+import dagster as dg
+
+from kaapana_assets.ingest.assets import dicom_studies
+from kaapana_assets.ingest.partitions import studies_partitions
+from kaapana_assets.ingest.study import png_markdown
+from kaapana_assets.segmentation.models import NoProductionModel, production_model
+from kaapana_assets.segmentation.segment import NothingToSegment, segment_study
+from kaapana_assets.segmentation.statistics import statistics_markdown
+from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
+from resources.mlflow import MlflowResource
+from resources.nnunet import NnunetResource
+from resources.storage import ArchiveResource, LakeResource
+
+
+@dg.asset(
+    partitions_def=studies_partitions,
+    deps=[dicom_studies],
+    group_name="segmentation",
+    kinds={"nnunet", "dicom", "deltalake"},
+    op_tags=gpu_op_tags(),
+    pool=GPU_POOL,
+    automation_condition=dg.AutomationCondition.eager(),
+    description="nnU-Net segmentation of the study's CT with the production model, written back as a DICOM SEG "
+    "(archived and indexed) with per-label statistics.",
+)
+def segmentations(
+    context: dg.AssetExecutionContext,
+    lake: LakeResource,
+    archive: ArchiveResource,
+    nnunet_settings: NnunetResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    study_uid = context.partition_key
+    the_lake = lake.lake()
+    try:
+        model = production_model(mlflow.tracking(), nnunet_settings.segmentation_model_name(),
+                                 nnunet_settings.model_cache(), nnunet_settings.device)
+        result = segment_study(the_lake, archive.targets(the_lake), study_uid, model)
+    except (NoProductionModel, NothingToSegment) as exc:
+        # A reason, not a traceback; retrying would not change it.
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    context.log.info(f"{study_uid}: {'reused' if result.reused else 'segmented'} with {result.model}")
+    metadata: dict[str, dg.MetadataValue] = {
+        "model": dg.MetadataValue.text(result.model),
+        "source_series_uid": dg.MetadataValue.text(result.series_uid),
+        "seg_series_uid": dg.MetadataValue.text(result.seg_series_uid),
+        "seg_sop_instance_uid": dg.MetadataValue.text(result.seg_sop_uid),
+        "statistics": dg.MetadataValue.md(statistics_markdown(result.statistics)),
+        "volumes_ml": dg.MetadataValue.json({s["label"]: s["volume_ml"] for s in result.statistics}),
+        "reused_existing": dg.MetadataValue.bool(result.reused),
+        "delta_versions": dg.MetadataValue.json(result.versions),
+    }
+    if result.preview_png:
+        metadata["overlay"] = dg.MetadataValue.md(png_markdown(result.preview_png, f"segmentation of {study_uid}"))
+    # The model version is part of the data version: a new production model makes a new one.
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(f"{result.model}:{result.seg_sop_uid[-12:]}"))
+
+
+segmentation_automation = dg.AutomationConditionSensorDefinition(
+    "segmentation_automation",
+    target=[segmentations],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=30,
+    description="Segments every newly ingested study (segmentations are eager on dicom_studies).",
+)
+
+segment_job = dg.define_asset_job(
+    "segment_studies", selection=[segmentations], partitions_def=studies_partitions,
+    description="Segment studies with the production model (the model_promotion sensor requests it).",
+)
+
+defs = dg.Definitions(assets=[segmentations], sensors=[segmentation_automation], jobs=[segment_job])

@@ -1,0 +1,65 @@
+"""Per-label statistics of a segmentation, and an overlay preview."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+COLOURS = [(230, 80, 60), (60, 180, 230), (250, 200, 40), (120, 220, 90), (200, 90, 220)]
+
+
+def label_statistics(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[float, float, float],
+                     label_names: Mapping[int, str]) -> list[dict[str, Any]]:
+    voxel_ml = float(np.prod(spacing_zyx)) / 1000.0
+    rows = []
+    for value, name in sorted(label_names.items()):
+        if not value:
+            continue
+        mask = labels == value
+        count = int(mask.sum())
+        if count == 0:
+            rows.append({"label": name, "label_value": value, "voxel_count": 0, "volume_ml": 0.0,
+                         "mean_hu": None, "min_hu": None, "max_hu": None, "bbox": []})
+            continue
+        values = hu[mask]
+        where = np.argwhere(mask)
+        lo, hi = where.min(axis=0), where.max(axis=0)
+        rows.append({
+            "label": name, "label_value": value, "voxel_count": count, "volume_ml": round(count * voxel_ml, 3),
+            "mean_hu": round(float(values.mean()), 2), "min_hu": float(values.min()), "max_hu": float(values.max()),
+            "bbox": [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])],
+        })
+    return rows
+
+
+def statistics_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| label | voxels | volume (ml) | mean HU | min HU | max HU |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['voxel_count']} | {r['volume_ml']} | {r['mean_hu']} | {r['min_hu']} | {r['max_hu']} |")
+    return "\n".join(lines)
+
+
+def overlay_png(hu: np.ndarray, labels: np.ndarray, size: int = 256, window: tuple[float, float] = (40.0, 400.0)) -> bytes:
+    """The axial slice through the centre of the largest label, soft-tissue window, labels
+    blended in colour."""
+    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    if len(values):
+        largest = values[np.argmax(counts)]
+        z = int(np.round(np.argwhere(labels == largest)[:, 0].mean()))
+    else:
+        z = hu.shape[0] // 2
+    centre, width = window
+    grey = np.clip((hu[z] - (centre - width / 2)) / width * 255.0, 0, 255)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    for i, value in enumerate(sorted(values)):
+        mask = labels[z] == value
+        rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.array(COLOURS[i % len(COLOURS)])
+    image = Image.fromarray(rgb.astype(np.uint8))
+    image = image.resize((size, int(size * image.height / image.width)), Image.NEAREST)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
