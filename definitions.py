@@ -4,6 +4,7 @@ import dagster as dg
 
 from kaapana_assets.cohorts import assets as cohorts
 from kaapana_assets.ingest import assets as ingest
+from kaapana_assets.network import assets as network
 from kaapana_assets.segmentation import assets as segmentation
 from kaapana_assets.training import assets as training
 from resources import build_resources
@@ -16,5 +17,6 @@ defs = dg.Definitions.merge(
     cohorts.defs,
     training.defs,
     segmentation.defs,
+    network.defs,
     dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion], resources=build_resources()),
 )

@@ -206,6 +206,64 @@ def cmd_model_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_receive(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.network.receiver import start_receiver
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    home = KaapanaHome(Path(args.home)) if args.home else KaapanaHome.from_env()
+    spool = Path(args.spool) if args.spool else home.ensure().incoming
+    server = start_receiver(spool, args.host, args.port, args.ae_title, args.allow or None, block=False)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console.print(f"receiving as {args.ae_title} on {args.host}:{args.port} → {spool} (Ctrl-C stops)")
+    while not stop.wait(0.5):  # a timed wait lets the signal handler run
+        pass
+    for assoc in list(server.active_associations):  # a stalled peer must not hold up shutdown
+        assoc.abort()
+    server.shutdown()
+    return 0
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    from kaapana_assets.network.sender import DicomNode, record_sent, send_files
+
+    files = [p for f in args.files for p in ([f] if Path(f).is_file() else sorted(Path(f).rglob("*.dcm")))]
+    if not files:
+        console.print("[red]no files to send")
+        return 2
+    node = DicomNode(args.ae_title, args.host, args.port)
+    outcomes = send_files(files, node, args.calling_ae_title, retries=args.retries)
+    if not args.no_record:
+        record_sent(_lake(args), outcomes, node)
+    failed = [o for o in outcomes if o.status != "success"]
+    console.print(f"sent {len(outcomes) - len(failed)}/{len(outcomes)} to {node}")
+    for o in failed:
+        console.print(f"  [red]{o.path}: {o.error}")
+    return 1 if failed else 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.network.dicomweb import DicomWebSource
+
+    home = KaapanaHome(Path(args.home)) if args.home else KaapanaHome.from_env()
+    source = DicomWebSource(args.url, args.name)
+    studies = args.study or [m.study_uid for m in source.search_studies(**dict(f.split("=", 1) for f in args.filter))]
+    total = 0
+    for study_uid in studies:
+        total += len(source.retrieve_study(study_uid, home.ensure().incoming))
+    console.print(f"retrieved {total} instance(s) of {len(studies)} study(ies) into {home.incoming}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kaapana_assets.demo import run_demo
 
@@ -271,6 +329,35 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alias", default="production")
     q.add_argument("--home", default=None)
     q.set_defaults(func=cmd_model_promote)
+
+    p = sub.add_parser("receive", help="run the DICOM C-STORE receiver feeding the spool")
+    p.add_argument("--ae-title", default="KAAPANA")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=11112)
+    p.add_argument("--allow", nargs="*", help="calling AE titles allowed (default: any)")
+    p.add_argument("--spool", default=None, help="default: $KAAPANA_HOME/incoming")
+    p.add_argument("--home", default=None)
+    p.add_argument("--verbose", action="store_true")
+    p.set_defaults(func=cmd_receive)
+
+    p = sub.add_parser("send", help="C-STORE files (or folders of .dcm) to a DICOM node")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--ae-title", required=True, help="remote AE title")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--calling-ae-title", default="KAAPANA")
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--no-record", action="store_true", help="do not record in the `sent` table")
+    p.add_argument("--home", default=None)
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser("pull", help="retrieve studies from a DICOMweb server (QIDO-RS/WADO-RS) into the spool")
+    p.add_argument("--url", required=True, help="DICOMweb base URL")
+    p.add_argument("--study", nargs="*", help="StudyInstanceUIDs (default: every study matching --filter)")
+    p.add_argument("--filter", nargs="*", default=[], help="QIDO filters, e.g. ModalitiesInStudy=CT")
+    p.add_argument("--name", default="dicomweb", help="spool folder name")
+    p.add_argument("--home", default=None)
+    p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("demo", help="run the demo end to end on the embedded defaults")
     p.add_argument("--sites", nargs="+", default=["site-a", "site-b"])

@@ -1,6 +1,7 @@
 """ConfigurableResources: thin, typed handles on the site's storage and services."""
 
 from resources.cohorts import CohortDefinitionsResource
+from resources.dicom_node import DicomNodeResource, DicomWebResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource, build_resources
@@ -8,6 +9,8 @@ from resources.storage import ArchiveResource, LakeResource, build_resources
 __all__ = [
     "ArchiveResource",
     "CohortDefinitionsResource",
+    "DicomNodeResource",
+    "DicomWebResource",
     "LakeResource",
     "MlflowResource",
     "NnunetResource",

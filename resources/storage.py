@@ -11,6 +11,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
 from resources.cohorts import CohortDefinitionsResource
+from resources.dicom_node import DicomNodeResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 
@@ -72,6 +73,11 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
             "cohort_definitions": CohortDefinitionsResource(),
             "nnunet_settings": NnunetResource(),
             "mlflow": MlflowResource(),
+            "dicom_node": DicomNodeResource(
+                ae_title=os.environ.get("KAAPANA_DICOM_NODE_AET", ""),
+                host=os.environ.get("KAAPANA_DICOM_NODE_HOST", "127.0.0.1"),
+                port=int(os.environ.get("KAAPANA_DICOM_NODE_PORT", "104")),
+            ),
         }
     if env == "k8s":
         return {
@@ -88,5 +94,9 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
             "nnunet_settings": NnunetResource(device="cuda", schedule="full", threads=8),
             "mlflow": MlflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
                                      artifact_root=dg.EnvVar("KAAPANA_MLFLOW_ARTIFACTS")),
+            "dicom_node": DicomNodeResource(
+                ae_title=dg.EnvVar("KAAPANA_DICOM_NODE_AET"), host=dg.EnvVar("KAAPANA_DICOM_NODE_HOST"),
+                port=int(os.environ.get("KAAPANA_DICOM_NODE_PORT", "104")),
+            ),
         }
     raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")

@@ -230,7 +230,28 @@ SEGMENTATIONS = TableSpec(
     keys=("seg_sop_instance_uid", "label"),
 )
 
+SENT = TableSpec(
+    "sent",
+    pa.schema(
+        [
+            ("sop_instance_uid", pa.string()),
+            ("destination", pa.string()),  # AE_TITLE@host:port
+            ("study_uid", pa.string()),
+            ("series_uid", pa.string()),
+            ("sop_class_uid", pa.string()),
+            ("status", pa.string()),  # success | failed
+            ("dimse_status", pa.int64()),
+            ("attempts", pa.int64()),
+            ("error", pa.string()),
+            ("sent_at", TIMESTAMP),
+            ("row_digest", pa.string()),
+        ]
+    ),
+    keys=("sop_instance_uid", "destination"),
+    mutable=True,
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS)
+    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SENT)
 }

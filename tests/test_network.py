@@ -1,0 +1,209 @@
+"""DICOM networking against dcmtk, on loopback: storescu → our receiver, our sender → storescp."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from kaapana_assets.home import KaapanaHome
+from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.lake import Lake
+
+needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Receiver:
+    """`kaapana receive` as a real process, with its log."""
+
+    def __init__(self, home: Path, allow: list[str] | None = None):
+        self.home, self.port = home, free_port()
+        self.log_path = home.parent / f"receiver-{self.port}.log"
+        cmd = [sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(home), "--port", str(self.port),
+               "--ae-title", "KAAPANA"] + (["--allow", *allow] if allow else [])
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.echo():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"receiver did not start: {self.log()}")
+
+    def echo(self, calling: str = "ECHOSCU") -> bool:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="KAAPANA")
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return bool(status) and status.Status == 0
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def spool_files(self) -> list[Path]:
+        return sorted(p for p in (self.home / "incoming").rglob("*") if p.is_file())
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"receiver ignored SIGTERM: {self.log()}") from None
+
+
+@pytest.fixture
+def receiver(tmp_path: Path):  # type: ignore[no-untyped-def]
+    r = Receiver(tmp_path / "home", allow=["STORESCU", "ECHOSCU", "KAAPANA_TEST"])
+    yield r
+    r.stop()
+
+
+def storescu(port: int, files: list[Path], calling: str = "STORESCU") -> subprocess.CompletedProcess:
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run(["storescu", "-R", "-aet", calling, "-aec", "KAAPANA", "127.0.0.1", str(port), *map(str, files)],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def _dataset_bytes(path: Path) -> bytes:
+    """The data set after the file meta, byte for byte."""
+    data = path.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    meta_end = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    return data[meta_end:]
+
+
+@needs_dcmtk
+def test_storescu_into_receiver_then_ingest(receiver: Receiver, corpus: dict, tmp_path: Path) -> None:
+    study = corpus["site-b"][0]
+    sent = storescu(receiver.port, study.files)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    received = receiver.spool_files()
+    assert len(received) == len(study.files)
+    assert all(p.parent.name == "STORESCU" for p in received)
+    by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in received}
+    for original in study.files:
+        ds = pydicom.dcmread(original, stop_before_pixels=True)
+        assert _dataset_bytes(by_sop[ds.SOPInstanceUID]) == _dataset_bytes(original)  # identical content
+    report = ingest_files(received, IngestTargets.for_home(KaapanaHome(receiver.home)))
+    assert report.count("indexed") == len(study.files)
+    rows = Lake(receiver.home / "lake").read("instances")
+    assert set(rows["calling_ae_title"].to_list()) == {"STORESCU"} and set(rows["called_ae_title"].to_list()) == {"KAAPANA"}
+
+
+@needs_dcmtk
+def test_disallowed_ae_is_refused(receiver: Receiver, corpus: dict) -> None:
+    refused = storescu(receiver.port, corpus["site-a"][0].ct_files[:2], calling="INTRUDER")
+    assert refused.returncode != 0
+    assert receiver.spool_files() == []
+    time.sleep(0.3)
+    assert "refused association from INTRUDER" in receiver.log()
+    assert storescu(receiver.port, corpus["site-a"][0].ct_files[:1]).returncode == 0  # still serving
+
+
+def test_malformed_dataset_is_refused(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pynetdicom.association
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, "1.2.826.0.1.3680043.10.1"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    # The peer (pynetdicom's SCU, not our code) puts undecodable bytes on the wire.
+    garbage = b"\x08\x00\x16\x00UI\xff\xff" + b"1.2.840" + b"\x08\x00\x18\x00UI\x10\x00"
+    monkeypatch.setattr(pynetdicom.association, "encode", lambda *args, **kwargs: garbage)
+    ae = AE(ae_title="KAAPANA_TEST")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="KAAPANA")
+    assert assoc.is_established
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xC210
+    assert receiver.spool_files() == []
+    assert "refused a malformed data set 1.2.826.0.1.3680043.10.1 from KAAPANA_TEST" in receiver.log()
+    assert receiver.echo()
+
+
+def test_aborted_association_leaves_nothing(receiver: Receiver) -> None:
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, "1.2.826.0.1.3680043.10.2"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.4", "CT"
+    ds.Rows = ds.Columns = 4096
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.NumberOfFrames = 4
+    ds.PixelData = np.zeros((4, 4096, 4096), dtype=np.uint16).tobytes()  # 128 MiB: long enough to cut
+    ae = AE(ae_title="KAAPANA_TEST")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="KAAPANA")
+    assert assoc.is_established
+    threading.Timer(0.5, assoc.abort).start()  # cut the transfer mid-way
+    try:
+        assoc.send_c_store(ds)
+    except Exception:  # noqa: BLE001 - the SCU side sees its own abort in various ways
+        pass
+    time.sleep(1.0)
+    assert receiver.spool_files() == []  # nothing partial
+    assert "aborted" in receiver.log()
+    assert receiver.echo()
+
+
+@needs_dcmtk
+def test_send_seg_to_storescp(tmp_path: Path, corpus: dict) -> None:
+    from kaapana_assets.cli import main
+
+    port = free_port()
+    out = tmp_path / "received"
+    out.mkdir()
+    scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), "+xa", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(0.5)
+        seg = next(s for s in corpus["site-a"] if s.seg_file).seg_file
+        home = tmp_path / "home"
+        assert main(["send", str(seg), "--ae-title", "STORESCP", "--port", str(port), "--home", str(home)]) == 0
+    finally:
+        os.killpg(scp.pid, signal.SIGTERM)
+        scp.wait(timeout=10)
+    [received] = list(out.iterdir())
+    assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(seg).SOPInstanceUID
+    if shutil.which("dciodvfy"):
+        check = subprocess.run(["dciodvfy", str(received)], capture_output=True, text=True, timeout=60)
+        assert [l for l in (check.stdout + check.stderr).splitlines() if l.startswith("Error")] == []
+    sent = Lake(home / "lake").read("sent")
+    assert sent.height == 1 and sent["status"][0] == "success" and sent["destination"][0].startswith("STORESCP@")
+
+
+def test_send_retries_then_records_failure(tmp_path: Path, corpus: dict) -> None:
+    from kaapana_assets.network.sender import DicomNode, record_sent, send_files
+
+    node = DicomNode("NOBODY", "127.0.0.1", free_port())  # nothing listens there
+    outcomes = send_files(corpus["site-a"][0].ct_files[:2], node, retries=2, backoff_s=0.05, timeout_s=2)
+    assert all(o.status == "failed" and o.attempts == 2 and "no association" in (o.error or "") for o in outcomes)
+    lake = Lake(tmp_path / "lake")
+    record_sent(lake, outcomes, node)
+    assert lake.read("sent").filter(pl.col("status") == "failed").height == 2
