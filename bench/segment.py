@@ -51,7 +51,7 @@ def main() -> int:
     from kaapana_assets.synthetic import generate_site
     from kaapana_assets.training import nnunet
     from kaapana_assets.training.assets import nnunet_dataset, production_model as promote, trained_model
-    from resources import ArchiveResource, CohortDefinitionsResource, LakeResource, MlflowResource, NnunetResource
+    from resources import site_resources
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -60,15 +60,7 @@ def main() -> int:
         ingest_files([f for s in train for f in s.files], IngestTargets.for_home(home), remove_sources=False)
         (root / "cohorts").mkdir()
         (root / "cohorts" / "liver-train.yaml").write_text(COHORT)
-        resources = {
-            "lake": LakeResource(uri=str(home.lake)),
-            "archive": ArchiveResource(home=str(home.root)),
-            "cohort_definitions": CohortDefinitionsResource(folder=str(root / "cohorts")),
-            "nnunet_settings": NnunetResource(workdir=str(home.root / "nnunet"), device="cpu", schedule=args.schedule,
-                                              promotion_dice=0.0),
-            "mlflow": MlflowResource(tracking_uri=f"sqlite:///{home.root / 'mlflow.db'}",
-                                     artifact_root=(home.root / "mlartifacts").as_uri()),
-        }
+        resources = site_resources(home.root, root / "cohorts", device="cpu", schedule=args.schedule, promotion_dice=0.0)
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
         with dg.instance_for_test() as instance:
             instance.add_dynamic_partitions("cohorts", ["liver-train"])

@@ -4,7 +4,7 @@ from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource, DicomWebResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
-from resources.storage import ArchiveResource, LakeResource, build_resources
+from resources.storage import ArchiveResource, LakeResource, build_resources, site_resources
 
 __all__ = [
     "ArchiveResource",
@@ -15,4 +15,5 @@ __all__ = [
     "MlflowResource",
     "NnunetResource",
     "build_resources",
+    "site_resources",
 ]

@@ -100,3 +100,16 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
             ),
         }
     raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")
+
+
+def site_resources(home: Path, cohorts: Path | None = None, **nnunet: object) -> dict[str, dg.ConfigurableResource]:
+    """Every resource of one site pinned to its own home (tests, benchmarks, and sites run
+    side by side on one machine): lake, archive, MLflow and nnU-Net work all under `home`."""
+    return {
+        "lake": LakeResource(uri=str(home / "lake")),
+        "archive": ArchiveResource(home=str(home)),
+        "cohort_definitions": CohortDefinitionsResource(folder=str(cohorts) if cohorts else ""),
+        "nnunet_settings": NnunetResource(workdir=str(home / "nnunet"), **nnunet),  # type: ignore[arg-type]
+        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=(home / "mlartifacts").as_uri()),
+        "dicom_node": DicomNodeResource(),
+    }

@@ -97,7 +97,7 @@ def trained_site(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 
     from kaapana_assets.cohorts.assets import cohorts, harmonization_checks
     from kaapana_assets.training.assets import nnunet_dataset, production_model, trained_model
-    from resources import ArchiveResource, CohortDefinitionsResource, LakeResource, MlflowResource, NnunetResource
+    from resources import site_resources
 
     root = tmp_path_factory.mktemp("trained")
     home = KaapanaHome(root / "home").ensure()
@@ -107,15 +107,7 @@ def trained_site(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
     (root / "cohorts").mkdir()
     (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT)
-    resources = {
-        "lake": LakeResource(uri=str(home.lake)),
-        "archive": ArchiveResource(home=str(home.root)),
-        "cohort_definitions": CohortDefinitionsResource(folder=str(root / "cohorts")),
-        "nnunet_settings": NnunetResource(workdir=str(home.root / "nnunet"), device="cpu", schedule="tiny",
-                                          promotion_dice=0.05),
-        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{home.root / 'mlflow.db'}",
-                                 artifact_root=(home.root / "mlartifacts").as_uri()),
-    }
+    resources = site_resources(home.root, root / "cohorts", device="cpu", schedule="tiny", promotion_dice=0.05)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("cohorts", ["liver-train"])
         result = dg.materialize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -18,7 +19,7 @@ import polars as pl
 import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from kaapana_assets.home import KaapanaHome
@@ -152,20 +153,32 @@ def test_aborted_association_leaves_nothing(receiver: Receiver) -> None:
     ds.file_meta = pydicom.dataset.FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = "1.2.3", "1.2.3.4", "CT"
-    ds.Rows = ds.Columns = 4096
+    ds.Rows = ds.Columns = 512
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.NumberOfFrames = 4
-    ds.PixelData = np.zeros((4, 4096, 4096), dtype=np.uint16).tobytes()  # 128 MiB: long enough to cut
+    ds.PixelData = np.zeros((4, 512, 512), dtype=np.uint16).tobytes()  # 2 MiB: many P-DATA PDUs
+
+    sent_pdus = []
+
+    def cut_after_three(event):  # type: ignore[no-untyped-def]
+        # The peer dies mid-transfer (a crash, a pulled cable): its socket closes after the
+        # third data PDU, deterministically, while the data set is far from complete.
+        if type(event.pdu).__name__ == "P_DATA_TF":
+            sent_pdus.append(1)
+            if len(sent_pdus) == 3:
+                event.assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+
     ae = AE(ae_title="KAAPANA_TEST")
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="KAAPANA")
+    assoc = ae.associate("127.0.0.1", receiver.port, ae_title="KAAPANA",
+                         evt_handlers=[(evt.EVT_PDU_SENT, cut_after_three)])
     assert assoc.is_established
-    threading.Timer(0.5, assoc.abort).start()  # cut the transfer mid-way
     try:
         assoc.send_c_store(ds)
-    except Exception:  # noqa: BLE001 - the SCU side sees its own abort in various ways
+    except Exception:  # noqa: BLE001 - the SCU sees its own broken connection in various ways
         pass
+    assert len(sent_pdus) >= 3
     time.sleep(1.0)
     assert receiver.spool_files() == []  # nothing partial
     assert "aborted" in receiver.log()
@@ -207,3 +220,29 @@ def test_send_retries_then_records_failure(tmp_path: Path, corpus: dict) -> None
     lake = Lake(tmp_path / "lake")
     record_sent(lake, outcomes, node)
     assert lake.read("sent").filter(pl.col("status") == "failed").height == 2
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
+def test_pull_from_orthanc_via_dicomweb(tmp_path: Path, corpus: dict) -> None:
+    from tests import orthanc
+
+    if not orthanc.available():
+        pytest.skip("Debian's orthanc + orthanc-dicomweb not installed (.ci/run installs them)")
+    study = corpus["site-a"][1]
+    out = subprocess.run(
+        ["unshare", "-n", sys.executable, "-m", "tests.scenarios.orthanc_pull", str(tmp_path), *map(str, study.ct_files)],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["pull_exit"] == 0
+    assert [m["study_uid"] for m in result["matches"]] == [study.study_uid]
+    assert result["matches"][0]["patient_id"] == study.patient_id
+    assert result["spooled"] == len(study.ct_files)
+    assert result["ingest"]["indexed"] == len(study.ct_files) and result["studies"] == [study.study_uid]

@@ -71,26 +71,25 @@ def pixel_spacing_spread(snapshot: CohortSnapshot, definition: CohortDefinition)
     return _spread(snapshot, "row_spacing", definition.harmonization.pixel_spacing_tolerance_mm, "pixel spacing")
 
 
-def axial_orientation(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
-    if not definition.harmonization.require_axial:
+def _all_true(snapshot: CohortSnapshot, required: bool, column: str, passed: str, failed: str,
+              why: str | pl.Expr) -> CheckOutcome:
+    """Every member has `column` true (a missing value counts as false)."""
+    if not required:
         return CheckOutcome(True, "not required by the definition")
-    bad = snapshot.members.filter(~pl.col("is_axial").fill_null(False))
-    return CheckOutcome(
-        bad.height == 0,
-        "all series are axial" if bad.height == 0 else f"{bad.height} series are not axial",
-        _offenders(bad, "not axial (or no orientation)"),
-    )
+    bad = snapshot.members.filter(~pl.col(column).fill_null(False))
+    return CheckOutcome(bad.height == 0, passed if bad.height == 0 else f"{bad.height} series {failed}",
+                        _offenders(bad, why))
+
+
+def axial_orientation(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    return _all_true(snapshot, definition.harmonization.require_axial, "is_axial", "all series are axial",
+                     "are not axial", "not axial (or no orientation)")
 
 
 def series_complete(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
-    if not definition.harmonization.require_complete:
-        return CheckOutcome(True, "not required by the definition")
-    bad = snapshot.members.filter(~pl.col("complete").fill_null(False))
-    return CheckOutcome(
-        bad.height == 0,
-        "no InstanceNumber gaps" if bad.height == 0 else f"{bad.height} series have InstanceNumber gaps",
-        _offenders(bad, pl.format("missing instances {}", pl.col("missing_instance_numbers").cast(pl.List(pl.String)).list.join(","))),
-    )
+    gaps = pl.col("missing_instance_numbers").cast(pl.List(pl.String)).list.join(",")
+    return _all_true(snapshot, definition.harmonization.require_complete, "complete", "no InstanceNumber gaps",
+                     "have InstanceNumber gaps", pl.format("missing instances {}", gaps))
 
 
 def reference_segmentations(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
