@@ -1,0 +1,91 @@
+"""Fingerprint aggregation across sites, checked against exact pooled statistics, and one
+nnU-Net plan made at the hub from aggregates alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from kaapana_assets.cohorts.definitions import CohortDefinition
+from kaapana_assets.cohorts.membership import snapshot_cohort
+from kaapana_assets.federated.fingerprint import (
+    FederationError,
+    aggregate_fingerprints,
+    plan_at_hub,
+    site_fingerprint,
+)
+from kaapana_assets.home import KaapanaHome
+from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.training import nnunet
+from kaapana_assets.training.export import export_cohort
+
+COHORT = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
+                                          "filter": {"modality": "CT", "has_reference_segmentation": True}})
+
+
+@pytest.fixture(scope="module")
+def site_datasets(tmp_path_factory: pytest.TempPathFactory, corpus: dict) -> dict[str, Path]:
+    """Each site exports its own cohort at its own home (two scanners: non-IID)."""
+    root = tmp_path_factory.mktemp("fedplan")
+    out = {}
+    for site, studies in corpus.items():
+        home = KaapanaHome(root / site)
+        targets = IngestTargets.for_home(home)
+        ingest_files([f for s in studies for f in s.files], targets, remove_sources=False)
+        snapshot = snapshot_cohort(targets.lake, COHORT)
+        folder = root / site / "nnunet" / "raw" / "Dataset001_LiverTrain"
+        export_cohort(targets.lake, targets.archive, snapshot, folder, ["liver"])
+        out[site] = folder
+    return out
+
+
+def _pooled_foreground(folders: list[Path]) -> np.ndarray:
+    values = []
+    for folder in folders:
+        for image in sorted((folder / "imagesTr").glob("*_0000.nii.gz")):
+            label = folder / "labelsTr" / image.name.replace("_0000", "")
+            array = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
+            mask = sitk.GetArrayFromImage(sitk.ReadImage(str(label))) > 0
+            values.append(array[mask].astype(np.float64))
+    return np.concatenate(values)
+
+
+def test_aggregate_equals_pooled_statistics(site_datasets: dict[str, Path]) -> None:
+    fingerprints = [site_fingerprint(folder, site) for site, folder in site_datasets.items()]
+    # Only aggregates travel: the summary is small and holds no voxel values.
+    assert all(len(f.to_json()) < 200_000 for f in fingerprints)
+    combined = aggregate_fingerprints(fingerprints)
+    pooled = _pooled_foreground(list(site_datasets.values()))
+    stats = combined["foreground_intensity_properties_per_channel"]["0"]
+    assert stats["mean"] == pytest.approx(pooled.mean(), rel=1e-9)
+    assert stats["std"] == pytest.approx(pooled.std(), rel=1e-6)
+    assert (stats["min"], stats["max"]) == (pooled.min(), pooled.max())
+    for key, q in (("median", 50), ("percentile_00_5", 0.5), ("percentile_99_5", 99.5)):
+        assert abs(stats[key] - np.percentile(pooled, q)) <= 1.0, key  # exact to the 1-HU bin
+    assert len(combined["spacings"]) == sum(f.cases for f in fingerprints)
+    assert len({tuple(s) for s in combined["spacings"]}) == 2  # both scanners' geometry is in the plan
+
+
+def test_one_plan_at_the_hub_without_images(site_datasets: dict[str, Path], tmp_path: Path) -> None:
+    fingerprints = [site_fingerprint(folder, site) for site, folder in site_datasets.items()]
+    paths = nnunet.NnunetPaths(tmp_path / "hub")
+    with nnunet.nnunet_environment(paths):
+        plans = plan_at_hub(aggregate_fingerprints(fingerprints), fingerprints,
+                            paths.raw / "Dataset900_Federated", paths.preprocessed / "Dataset900_Federated", 900)
+    configuration = plans["configurations"]["3d_fullres"]
+    assert configuration["normalization_schemes"] == ["CTNormalization"]
+    assert plans["foreground_intensity_properties_per_channel"]["0"]["mean"] == pytest.approx(
+        aggregate_fingerprints(fingerprints)["foreground_intensity_properties_per_channel"]["0"]["mean"])
+    assert not list(paths.raw.rglob("*.nii.gz"))  # the hub never held an image
+
+
+def test_sites_must_agree_on_labels(site_datasets: dict[str, Path]) -> None:
+    a, b = (site_fingerprint(folder, site) for site, folder in site_datasets.items())
+    b.labels = {"background": 0, "kidney": 1}
+    with pytest.raises(FederationError, match="labels of"):
+        aggregate_fingerprints([a, b])
