@@ -89,3 +89,47 @@ def test_sites_must_agree_on_labels(site_datasets: dict[str, Path]) -> None:
     b.labels = {"background": 0, "kidney": 1}
     with pytest.raises(FederationError, match="labels of"):
         aggregate_fingerprints([a, b])
+
+
+def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) -> None:
+    """Hub plan → shared initial network → each site trains from it on its own data →
+    sealed updates → FedAvg → a global model that loads and predicts."""
+    import torch
+
+    from kaapana_assets.federated.aggregation import fedavg, require_quorum
+    from kaapana_assets.federated.exchange import generate_site_key, open_sealed, seal
+    from kaapana_assets.federated.payload import pack_update, unpack_update
+    from kaapana_assets.federated.site import local_update, prepare_site
+
+    fingerprints = [site_fingerprint(folder, site) for site, folder in site_datasets.items()]
+    hub = nnunet.NnunetPaths(tmp_path / "hub")
+    fingerprint = aggregate_fingerprints(fingerprints)
+    with nnunet.nnunet_environment(hub):
+        plans = plan_at_hub(fingerprint, fingerprints,
+                            hub.raw / "Dataset900_Federated", hub.preprocessed / "Dataset900_Federated", 900)
+    plans = nnunet.with_width(plans, 8)
+    dataset_json = json.loads(next(iter(site_datasets.values())).joinpath("dataset.json").read_text())
+    start = nnunet.initial_network_weights(plans, dataset_json, seed=7)
+    keys = {site: generate_site_key() for site in site_datasets}
+    schedule = nnunet.Schedule.preset("tiny", epochs=1, iterations_per_epoch=3)
+    updates = []
+    for site, raw in site_datasets.items():
+        paths = nnunet.NnunetPaths(raw.parents[2] / "nnunet")  # the site's own nnU-Net folders
+        prepare_site(paths, raw, 1, plans, fingerprint)
+        update = local_update(site, paths, raw, 1, start, schedule, "cpu", 2)
+        envelope = seal(pack_update(update.weights, update.cases, update.metrics), keys[site], "exp", 1, site, update.cases)
+        _, payload = open_sealed(envelope, keys[site], "exp", 1, site)
+        updates.append(unpack_update(site, payload))
+    require_quorum(updates, list(site_datasets), min_sites=2)
+    merged = fedavg(updates)
+    key = next(k for k, v in start.items() if v.is_floating_point() and v.numel() > 10)
+    assert not torch.equal(updates[0].weights[key], start[key])  # the sites trained
+    total = sum(u.cases for u in updates)
+    expected = sum(u.weights[key].double() * u.cases / total for u in updates)
+    assert torch.allclose(merged[key].double(), expected, atol=1e-6)
+    folder = nnunet.model_folder_from_weights(tmp_path / "global", plans, dataset_json, merged)
+    predictor = nnunet.load_predictor(folder, "cpu")
+    image = next((next(iter(site_datasets.values())) / "imagesTr").glob("*_0000.nii.gz"))
+    array = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float32)
+    spacing = tuple(reversed(sitk.ReadImage(str(image)).GetSpacing()))
+    assert nnunet.predict(predictor, array, spacing).shape == array.shape  # type: ignore[arg-type]

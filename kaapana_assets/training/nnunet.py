@@ -194,7 +194,9 @@ def _trainer_class():  # type: ignore[no-untyped-def]
         """nnUNetTrainer with a configurable schedule, optimizer and an epoch callback.
         Instantiated directly by our code, never looked up by name."""
 
-        def apply(self, schedule: Schedule, on_epoch: EpochCallback | None) -> None:
+        def apply(self, schedule: Schedule, on_epoch: EpochCallback | None,
+                  initial_weights: dict | None = None) -> None:
+            self.initial_weights = initial_weights
             self.num_epochs = schedule.epochs
             self.num_iterations_per_epoch = schedule.iterations_per_epoch
             self.num_val_iterations_per_epoch = schedule.val_iterations
@@ -202,6 +204,14 @@ def _trainer_class():  # type: ignore[no-untyped-def]
             self.kaapana_optimizer = schedule.optimizer
             self.on_epoch = on_epoch
             self.save_every = max(self.num_epochs, 1)  # only the final checkpoint matters here
+
+        def on_train_start(self) -> None:
+            super().on_train_start()  # builds the network
+            if getattr(self, "initial_weights", None) is not None:
+                # Every site starts from the same global network: the full state dict,
+                # segmentation layers included (load_pretrained_weights would skip them).
+                network = self.network.module if self.is_ddp else self.network
+                getattr(network, "_orig_mod", network).load_state_dict(self.initial_weights)
 
         def configure_optimizers(self):  # type: ignore[no-untyped-def]
             if getattr(self, "kaapana_optimizer", "sgd") != "adamw":
@@ -251,8 +261,10 @@ def train(
     device: str = "auto",
     threads: int | None = None,
     on_epoch: EpochCallback | None = None,
+    initial_weights: dict | None = None,
 ) -> TrainingResult:
-    """Train fold 0 on `split`. Call inside nnunet_environment(training=True)."""
+    """Train fold 0 on `split` (from `initial_weights` when given: a federated round).
+    Call inside nnunet_environment(training=True)."""
     import torch
     from nnunetv2.utilities.dataset_name_id_conversion import convert_id_to_dataset_name
 
@@ -272,7 +284,7 @@ def train(
 
     trainer = _trainer_class()(plans={**plans, "continue_training": False}, configuration=CONFIGURATION,
                                fold=FOLD, dataset_json=dataset_json, device=device_for(device))
-    trainer.apply(schedule, record)
+    trainer.apply(schedule, record, initial_weights)
     trainer.run_training()
     return TrainingResult(Path(trainer.output_folder), plans, dataset_json, split, epochs)
 
@@ -341,3 +353,37 @@ def evaluate(predictor, raw_folder: Path, cases: list[str], labels: Mapping[str,
             if not np.isnan(score):
                 scores[name].append(score)
     return {name: float(np.mean(v)) if v else float("nan") for name, v in scores.items()}
+
+
+def initial_network_weights(plans: dict, dataset_json: dict, seed: int = 0) -> dict:
+    """One freshly initialised network for the plans, seeded: made once and given to every
+    site (averaging independently initialised networks destroys them)."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    manager = PlansManager(plans)
+    configuration = manager.get_configuration(CONFIGURATION)
+    labels = manager.get_label_manager(dataset_json)
+    torch.manual_seed(seed)
+    network = nnUNetTrainer.build_network_architecture(
+        manager, configuration, len(dataset_json["channel_names"]), labels.num_segmentation_heads, True)
+    return {k: v.detach().clone() for k, v in network.state_dict().items()}
+
+
+def model_folder_from_weights(target: Path, plans: dict, dataset_json: dict, weights: dict) -> Path:
+    """A predictor-ready folder for weights that no single trainer produced (a federated
+    global model): fold_all/checkpoint_final.pth with trainer_name nnUNetTrainer."""
+    import torch
+
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "dataset.json").write_text(json.dumps(dataset_json, indent=2))
+    (target / "plans.json").write_text(json.dumps(plans, indent=2))
+    (target / "fold_all").mkdir(exist_ok=True)
+    torch.save({
+        "network_weights": weights, "optimizer_state": None, "grad_scaler_state": None, "current_epoch": 0,
+        "trainer_name": "nnUNetTrainer", "inference_allowed_mirroring_axes": (0, 1, 2), "_best_ema": None,
+        "init_args": {"plans": plans, "configuration": CONFIGURATION, "fold": "all", "dataset_json": dataset_json,
+                      "device": "cpu"},
+    }, target / "fold_all" / "checkpoint_final.pth")
+    return target
