@@ -3,8 +3,6 @@
 
 import hashlib
 import json
-import tempfile
-from pathlib import Path
 
 import dagster as dg
 
@@ -14,7 +12,7 @@ from kaapana_assets.cohorts.partitions import cohorts_partitions
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.export import ExportError, export_cohort
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
-from kaapana_assets.training.tracking import code_version, model_name_for
+from kaapana_assets.training.run import DatasetRef, train_and_register
 from resources.cohorts import CohortDefinitionsResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
@@ -107,84 +105,37 @@ def nnunet_dataset(
 )
 def trained_model(
     context: dg.AssetExecutionContext,
-    lake: LakeResource,
     cohort_definitions: CohortDefinitionsResource,
     nnunet_settings: NnunetResource,
     mlflow: MlflowResource,
 ):  # type: ignore[no-untyped-def]
     name = context.partition_key
-    definition = cohort_definitions.get(name)
-    dataset = _latest_metadata(context, "nnunet_dataset")
-    paths = nnunet.NnunetPaths(Path(dataset["nnunet_root"]))
-    raw_folder = Path(dataset["dataset_folder"])
-    dataset_id = int(dataset["dataset_id"])
-    cases = json.loads((raw_folder / "cases.json").read_text())
-    split = nnunet.patient_split([(c["case"], c["patient_id"]) for c in cases])
-    schedule = nnunet_settings.training_schedule()
-    tracking = mlflow.tracking()
-    model_name = model_name_for(name)
-    labels = {k: v for k, v in json.loads((raw_folder / "dataset.json").read_text())["labels"].items() if v}
-    with tracking.run(f"train {name} v{dataset['cohort_version']}", tags={
-        "kaapana.cohort": name, "kaapana.cohort_version": str(dataset["cohort_version"]),
-        "dagster.run_id": context.run.run_id, "dagster.partition": name,
-    }) as run:
-        import mlflow as mlflow_api
-
-        mlflow_api.log_params({
-            "cohort": name, "cohort_version": dataset["cohort_version"], "membership_hash": dataset["membership_hash"],
-            **{f"delta_version.{table}": v for table, v in dataset["delta_versions_read"].items()},
-            "dataset_id": dataset_id, "configuration": nnunet.CONFIGURATION, "device": nnunet_settings.device,
-            "train_cases": len(split["train"]), "val_cases": len(split["val"]),
-            **{f"schedule.{k}": v for k, v in schedule.__dict__.items()}, **code_version(),
-        })
-        mlflow_api.log_dict(split, "split.json")
-        for artifact in ("dataset.json", "cases.json"):
-            mlflow_api.log_artifact(str(raw_folder / artifact), "dataset")
-        preprocessed = paths.preprocessed / raw_folder.name
-        for artifact in ("nnUNetPlans.json", "dataset_fingerprint.json"):
-            mlflow_api.log_artifact(str(preprocessed / artifact), "dataset")
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            mlflow_api.log_metrics({k: v for k, v in metrics.items() if v == v}, step=epoch)  # skip NaN
-            context.log.info(f"epoch {epoch + 1}/{schedule.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
-
-        with nnunet.nnunet_environment(paths, threads=nnunet_settings.threads, training=True):
-            result = nnunet.train(dataset_id, schedule, split, nnunet_settings.device, nnunet_settings.threads, on_epoch)
-        with tempfile.TemporaryDirectory() as tmp:
-            model_folder = nnunet.package_model(result, Path(tmp) / "model")
-            predictor = nnunet.load_predictor(model_folder, nnunet_settings.device)
-            scores = nnunet.evaluate(predictor, raw_folder, split["val"], labels)
-            mlflow_api.log_metrics({f"val_dice_{k}": v for k, v in scores.items() if v == v})
-            mlflow_api.log_artifacts(str(model_folder), "model")
-        required = definition.required_labels or list(labels)
-        required_scores = [scores[k] for k in required if k in scores and scores[k] == scores[k]]
-        gate = min(required_scores) if required_scores else 0.0
-        passed = gate >= nnunet_settings.promotion_dice
-        version = tracking.register(run.info.run_id, "model", model_name, tags={
-            "kaapana.cohort": name, "kaapana.cohort_version": dataset["cohort_version"],
-            "kaapana.membership_hash": dataset["membership_hash"], "kaapana.validation": "passed" if passed else "failed",
-            "kaapana.validation_dice": f"{gate:.4f}", "dagster.run_id": context.run.run_id,
-        }, description=f"cohort {name} v{dataset['cohort_version']}, {schedule.epochs} epochs")
-    dice_md = dg.MetadataValue.json({k: round(v, 4) for k, v in scores.items()})
+    dataset = DatasetRef.from_metadata(name, _latest_metadata(context, "nnunet_dataset"))
+    outcome = train_and_register(
+        dataset, cohort_definitions.get(name).required_labels, nnunet_settings.training_schedule(),
+        mlflow.tracking(), nnunet_settings.promotion_dice, nnunet_settings.device, nnunet_settings.threads,
+        tags={"dagster.run_id": context.run.run_id, "dagster.partition": name}, log=context.log.info,
+    )
+    dice = dg.MetadataValue.json({k: round(v, 4) for k, v in outcome.scores.items()})
     yield dg.MaterializeResult(
         metadata={
-            "model_name": dg.MetadataValue.text(model_name),
-            "model_version": dg.MetadataValue.int(int(version.version)),
-            "mlflow_run_id": dg.MetadataValue.text(run.info.run_id),
-            "validation_dice": dice_md,
-            "cohort_version": dg.MetadataValue.int(int(dataset["cohort_version"])),
+            "model_name": dg.MetadataValue.text(outcome.model_name),
+            "model_version": dg.MetadataValue.int(outcome.model_version),
+            "mlflow_run_id": dg.MetadataValue.text(outcome.run_id),
+            "validation_dice": dice,
+            "cohort_version": dg.MetadataValue.int(dataset.cohort_version),
             "epochs": dg.MetadataValue.md(
                 "| epoch | train loss | val loss | pseudo Dice |\n|---|---|---|---|\n" + "\n".join(
                     f"| {e['epoch'] + 1} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | {e['pseudo_dice']:.3f} |"
-                    for e in result.epochs)),
+                    for e in outcome.epochs)),
         },
-        data_version=dg.DataVersion(f"{model_name}:{version.version}"),
+        data_version=dg.DataVersion(f"{outcome.model_name}:{outcome.model_version}"),
     )
     yield dg.AssetCheckResult(
         check_name=VALIDATION_CHECK,
-        passed=passed,
-        description=f"min Dice over {required} = {gate:.3f} (threshold {nnunet_settings.promotion_dice})",
-        metadata={"validation_dice": dice_md, "threshold": dg.MetadataValue.float(nnunet_settings.promotion_dice)},
+        passed=outcome.passed,
+        description=f"min Dice over {outcome.required} = {outcome.gate:.3f} (threshold {nnunet_settings.promotion_dice})",
+        metadata={"validation_dice": dice, "threshold": dg.MetadataValue.float(nnunet_settings.promotion_dice)},
     )
 
 
