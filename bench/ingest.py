@@ -59,7 +59,7 @@ def main() -> int:
         tmp_path = Path(tmp)
         t0 = time.perf_counter()
         files = make_corpus(tmp_path / "corpus", args.instances)
-        warm_files = make_corpus(tmp_path / "corpus2", args.instances, seed=2027)
+        make_corpus(tmp_path / "corpus2", args.instances, seed=2027)  # the warm run's different corpus
         print(f"corpus: 2 × ~{len(files)} instances generated in {time.perf_counter() - t0:.1f}s")
 
         targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home"))
@@ -72,7 +72,6 @@ def main() -> int:
             report = ingest_files(spool_files, targets, workers=args.workers)
             timings.append((label, len(spool_files), time.perf_counter() - t0))
             assert report.count("indexed") == len(spool_files), report.summary()
-        ours = timings[0][2]
 
         import pydicom
 

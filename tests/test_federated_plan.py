@@ -4,7 +4,6 @@ nnU-Net plan made at the hub from aggregates alone."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

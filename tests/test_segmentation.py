@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
@@ -12,7 +11,6 @@ import dagster as dg
 import highdicom as hd
 import numpy as np
 import polars as pl
-import pytest
 import torch
 
 from kaapana_assets.ingest.assets import dicom_studies, quarantine

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import pytest
 
 from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
 from resources.storage import ArchiveResource

@@ -5,7 +5,6 @@ import datetime as dt
 import uuid
 
 import dagster as dg
-import polars as pl
 import pyarrow as pa
 
 from kaapana_assets.cohorts.definitions import CohortDefinitionError
