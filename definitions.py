@@ -3,6 +3,7 @@
 import dagster as dg
 
 from kaapana_assets.cohorts import assets as cohorts
+from kaapana_assets.federated import assets as federated
 from kaapana_assets.ingest import assets as ingest
 from kaapana_assets.network import assets as network
 from kaapana_assets.segmentation import assets as segmentation
@@ -18,5 +19,6 @@ defs = dg.Definitions.merge(
     training.defs,
     segmentation.defs,
     network.defs,
+    federated.defs,
     dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion], resources=build_resources()),
 )

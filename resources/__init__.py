@@ -2,6 +2,7 @@
 
 from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource, DicomWebResource
+from resources.federation import FederatedSiteResource, FederationResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource, build_resources, site_resources
@@ -11,6 +12,8 @@ __all__ = [
     "CohortDefinitionsResource",
     "DicomNodeResource",
     "DicomWebResource",
+    "FederatedSiteResource",
+    "FederationResource",
     "LakeResource",
     "MlflowResource",
     "NnunetResource",

@@ -12,6 +12,7 @@ from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
 from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource
+from resources.federation import FederatedSiteResource, FederationResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 
@@ -73,6 +74,8 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
             "cohort_definitions": CohortDefinitionsResource(),
             "nnunet_settings": NnunetResource(),
             "mlflow": MlflowResource(),
+            "federation": FederationResource(),
+            "federated_site": FederatedSiteResource(),
             "dicom_node": DicomNodeResource(
                 ae_title=os.environ.get("KAAPANA_DICOM_NODE_AET", ""),
                 host=os.environ.get("KAAPANA_DICOM_NODE_HOST", "127.0.0.1"),
@@ -94,6 +97,9 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
             "nnunet_settings": NnunetResource(device="cuda", schedule="full", threads=8),
             "mlflow": MlflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
                                      artifact_root=dg.EnvVar("KAAPANA_MLFLOW_ARTIFACTS")),
+            # Sites from $KAAPANA_FEDERATION (YAML); this site's identity from KAAPANA_SITE/_KEY.
+            "federation": FederationResource(schedule="full"),
+            "federated_site": FederatedSiteResource(),
             "dicom_node": DicomNodeResource(
                 ae_title=dg.EnvVar("KAAPANA_DICOM_NODE_AET"), host=dg.EnvVar("KAAPANA_DICOM_NODE_HOST"),
                 port=int(os.environ.get("KAAPANA_DICOM_NODE_PORT", "104")),
@@ -102,14 +108,17 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
     raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")
 
 
-def site_resources(home: Path, cohorts: Path | None = None, **nnunet: object) -> dict[str, dg.ConfigurableResource]:
+def site_resources(home: Path, cohorts: Path | None = None, site: str = "",
+                   **nnunet: object) -> dict[str, dg.ConfigurableResource]:
     """Every resource of one site pinned to its own home (tests, benchmarks, and sites run
     side by side on one machine): lake, archive, MLflow and nnU-Net work all under `home`."""
     return {
         "lake": LakeResource(uri=str(home / "lake")),
-        "archive": ArchiveResource(home=str(home)),
+        "archive": ArchiveResource(home=str(home), site=site),
         "cohort_definitions": CohortDefinitionsResource(folder=str(cohorts) if cohorts else ""),
         "nnunet_settings": NnunetResource(workdir=str(home / "nnunet"), **nnunet),  # type: ignore[arg-type]
         "mlflow": MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=(home / "mlartifacts").as_uri()),
         "dicom_node": DicomNodeResource(),
+        "federation": FederationResource(exchange=str(home / "exchange")),
+        "federated_site": FederatedSiteResource(name=site),
     }

@@ -1,3 +1,4 @@
 """Federated nnU-Net: only model updates leave a site, sealed per site; the hub verifies
-and aggregates them. This package holds the exchange format, aggregation and the guard
-on what may leave a site; rounds as assets build on it."""
+and aggregates them. Plain modules: exchange (sealing), payload (what may leave),
+aggregation, guard, fingerprint, store (the exchange folder), site (site-side steps),
+hub (plan, rounds). assets.py wires them into Dagster."""

@@ -1,17 +1,91 @@
-"""The site side of a federated round, local transport: preprocess with the hub's plans,
-train from the global weights on the site's own data, return an update (weights, case
-count, metrics). Nothing else leaves: see payload.py and guard.py."""
+"""The site side of a federated experiment: everything here runs at the site, against the
+site's own lake and archive, and sends only sealed aggregates, tensors and metrics.
+
+  compute_fingerprint  export the cohort locally, summarise it (round 0 envelope)
+  train_update         preprocess with the hub's plans, train from global r-1 (round r envelope)
+  evaluate_global      score global r on the site's own validation patients (metrics only)
+
+Every payload passes the identifier guard before it is sealed with the site's own key.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kaapana_assets.federated.payload import SiteUpdate
+from kaapana_assets.cohorts.membership import read_cohort
+from kaapana_assets.federated.exchange import seal
+from kaapana_assets.federated.fingerprint import site_fingerprint
+from kaapana_assets.federated.guard import assert_nothing_identifying
+from kaapana_assets.federated.payload import SiteUpdate, pack_update
+from kaapana_assets.federated.store import ExchangeStore, checked_name
+from kaapana_assets.lake import Lake
 from kaapana_assets.training import nnunet
+from kaapana_assets.training.export import export_cohort
+
+DATASET_ID = 1  # each experiment has its own nnU-Net root at the site, so one id suffices
+DATASET = nnunet.dataset_name(DATASET_ID, "Federated")
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """What a site step needs: who it is, its key, and its own data."""
+
+    site: str
+    key: str
+    store: ExchangeStore
+    lake: Lake
+    archive_root: Path
+    work_root: Path  # the site's nnU-Net work folder
+    device: str = "auto"
+    threads: int = 2
+    log: Callable[[str], None] = print
+
+    def paths(self, experiment: str) -> nnunet.NnunetPaths:
+        return nnunet.NnunetPaths(self.work_root / "federated" / checked_name("experiment", experiment))
+
+    def raw(self, experiment: str) -> Path:
+        return self.paths(experiment).raw / DATASET
+
+    def send(self, experiment: str, round_: int, kind: str, payload: bytes, cases: int) -> str:
+        """Guard, seal with this site's key, write to the exchange; returns the payload's sha256."""
+        assert_nothing_identifying(payload, self.lake)
+        self.store.write_envelope(experiment, round_, kind, self.site,
+                                  seal(payload, self.key, experiment, round_, self.site, cases))
+        return hashlib.sha256(payload).hexdigest()
+
+
+def compute_fingerprint(ctx: SiteContext, experiment: str) -> dict[str, object]:
+    """Export the site's cohort (latest version) to nnU-Net's raw format, locally, and send
+    its fingerprint: aggregates only (see fingerprint.py)."""
+    spec = ctx.store.read_json(experiment, "experiment")
+    snapshot = read_cohort(ctx.lake, spec["cohort"])
+    raw = ctx.raw(experiment)
+    # Export beside, then swap: a failed export leaves the previous one intact.
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=raw.parent))
+    exported = export_cohort(ctx.lake, ctx.archive_root, snapshot, staging / DATASET, list(spec["labels"]))
+    if raw.exists():
+        shutil.rmtree(raw)
+    (staging / DATASET).rename(raw)
+    shutil.rmtree(staging, ignore_errors=True)
+    # Site-local record of what the experiment trains on (never sent).
+    (ctx.paths(experiment).root / "cohort.json").write_text(json.dumps(
+        {"cohort": snapshot.cohort, "version": snapshot.version, "members": snapshot.size}))
+    fingerprint = site_fingerprint(raw, ctx.site)
+    sha = ctx.send(experiment, 0, "fingerprint", fingerprint.to_json().encode(), fingerprint.cases)
+    ctx.log(f"{ctx.site}: fingerprint of {fingerprint.cases} cases (cohort {snapshot.cohort} v{snapshot.version}) sent")
+    return {"cases": fingerprint.cases, "cohort": snapshot.cohort, "cohort_version": snapshot.version,
+            "labels": list(exported.labels), "sha256": sha}
 
 
 def prepare_site(paths: nnunet.NnunetPaths, raw_dataset: Path, dataset_id: int, plans: dict, fingerprint: dict,
@@ -30,16 +104,67 @@ def prepare_site(paths: nnunet.NnunetPaths, raw_dataset: Path, dataset_id: int, 
                            num_processes=[processes], verbose=False, show_progress_bar=False)
 
 
+def _split(raw_dataset: Path) -> dict[str, list[str]]:
+    cases = json.loads((raw_dataset / "cases.json").read_text())
+    return nnunet.patient_split([(c["case"], c["patient_id"]) for c in cases])
+
+
 def local_update(site: str, paths: nnunet.NnunetPaths, raw_dataset: Path, dataset_id: int, global_weights: dict,
                  schedule: nnunet.Schedule, device: str = "cpu", threads: int = 2) -> SiteUpdate:
     """Train from the global weights on the site's training split."""
     # The hub's plans fix the network; a site must not change its width.
     schedule = dataclasses.replace(schedule, base_features=None)
-    cases = json.loads((raw_dataset / "cases.json").read_text())
-    split = nnunet.patient_split([(c["case"], c["patient_id"]) for c in cases])
+    split = _split(raw_dataset)
     with nnunet.nnunet_environment(paths, threads=threads, training=True):
         result = nnunet.train(dataset_id, schedule, split, device, threads, initial_weights=global_weights)
     checkpoint = torch.load(result.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     last = result.epochs[-1] if result.epochs else {}
     metrics = {k: float(last[k]) for k in ("train_loss", "val_loss", "pseudo_dice") if k in last and last[k] == last[k]}
     return SiteUpdate(site, len(split["train"]), checkpoint["network_weights"], metrics)
+
+
+def _plans_digest(plans: dict) -> str:
+    return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
+
+
+def train_update(ctx: SiteContext, experiment: str, round_: int) -> dict[str, object]:
+    """Round r at this site: train from global r-1, send the sealed update."""
+    raw = ctx.raw(experiment)
+    if not (raw / "cases.json").exists():
+        raise FileNotFoundError(f"{ctx.site} has no export for {experiment}: site_fingerprint must run first")
+    plans = ctx.store.read_json(experiment, "plans")
+    spec = ctx.store.read_json(experiment, "experiment")
+    paths = ctx.paths(experiment)
+    marker = paths.preprocessed / DATASET / ".kaapana-plans"
+    if not marker.exists() or marker.read_text() != _plans_digest(plans):
+        ctx.log(f"{ctx.site}: preprocessing with the hub's plans")
+        prepare_site(paths, raw, DATASET_ID, plans, ctx.store.read_json(experiment, "fingerprint"))
+        marker.write_text(_plans_digest(plans))
+    start = ctx.store.read_global(experiment, round_ - 1)
+    schedule = nnunet.Schedule(**spec["schedule"])
+    ctx.log(f"{ctx.site}: round {round_}, {schedule.epochs} local epochs × {schedule.iterations_per_epoch} iterations")
+    update = local_update(ctx.site, paths, raw, DATASET_ID, start, schedule, ctx.device, ctx.threads)
+    sha = ctx.send(experiment, round_, "update", pack_update(update.weights, update.cases, update.metrics), update.cases)
+    return {"cases": update.cases, **update.metrics, "sha256": sha}
+
+
+def metric_name(label: str) -> str:
+    return "dice_" + (re.sub(r"[^a-z0-9_]+", "_", label.lower()).strip("_") or "label")
+
+
+def evaluate_global(ctx: SiteContext, experiment: str, round_: int) -> dict[str, float]:
+    """Score global r on this site's validation patients; only the Dice values leave."""
+    raw = ctx.raw(experiment)
+    plans = ctx.store.read_json(experiment, "plans")
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    labels = {k: v for k, v in dataset_json["labels"].items() if v}
+    weights = ctx.store.read_global(experiment, round_)
+    val = _split(raw)["val"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = nnunet.model_folder_from_weights(Path(tmp) / "model", plans, dataset_json, weights)
+        scores = nnunet.evaluate(nnunet.load_predictor(folder, ctx.device), raw, val, labels)
+    metrics = {metric_name(k): v for k, v in scores.items() if v == v}
+    ctx.send(experiment, round_, "evaluation", pack_update({}, len(val), metrics), len(val))
+    ctx.log(f"{ctx.site}: global model of round {round_} on {len(val)} validation case(s): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    return {"cases": float(len(val)), **metrics}

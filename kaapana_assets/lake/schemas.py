@@ -251,7 +251,34 @@ SENT = TableSpec(
     mutable=True,
 )
 
+FEDERATED_ROUNDS = TableSpec(
+    "federated_rounds",
+    pa.schema(
+        [
+            ("experiment", pa.string()),
+            ("round", pa.int64()),
+            ("site", pa.string()),  # a site name, or "global" for the round's aggregate
+            ("status", pa.string()),  # aggregated | rejected | failed | global
+            ("reason", pa.string()),  # why a site's update was not aggregated
+            ("message", pa.string()),
+            ("cases", pa.int64()),  # training cases behind the update
+            ("train_loss", pa.float64()),
+            ("val_cases", pa.int64()),
+            ("dice", pa.float64()),  # the round's global model on this site's validation patients
+            ("update_sha256", pa.string()),
+            ("global_sha256", pa.string()),
+            ("plan_sha256", pa.string()),
+            ("strategy", pa.string()),
+            ("committed_at", TIMESTAMP),
+            ("row_digest", pa.string()),
+        ]
+    ),
+    keys=("experiment", "round", "site"),
+    mutable=True,  # a retried round replaces its failed attempt (Delta history keeps both)
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SENT)
+    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SENT,
+                 FEDERATED_ROUNDS)
 }

@@ -68,6 +68,16 @@ class Tracking:
         with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=all_tags, nested=bool(parent_run_id)) as run:
             yield run
 
+    def find_run(self, tags: Mapping[str, str]) -> str | None:
+        """The newest run carrying all `tags` (e.g. a federated experiment's parent run)."""
+        experiment = self.client().get_experiment_by_name(self.experiment)
+        if experiment is None:
+            return None
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client().search_runs([experiment.experiment_id], query, max_results=1,
+                                         order_by=["attributes.start_time DESC"])
+        return runs[0].info.run_id if runs else None
+
     def register(self, run_id: str, artifact_path: str, model_name: str, tags: Mapping[str, str],
                  description: str = "") -> Any:
         """A new version of `model_name` whose source is the run's artifact folder."""

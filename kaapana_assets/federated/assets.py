@@ -1,0 +1,343 @@
+"""Federated training as assets. Hub side: federated_plan[experiment] →
+federated_rounds[experiment|round] → federated_model[experiment]. Site side (runs at each
+site, on the site's own Dagster): site_fingerprint, site_update, site_evaluation.
+
+Round r reads global r-1 from the exchange; Dagster cannot express a round depending on
+the previous round of the same asset (self-dependencies need time partitions), so the
+round checks it and the federated_round_chain sensor requests r+1 after r succeeds.
+"""
+
+import json
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from kaapana_assets.federated.hub import (
+    ExperimentSpec,
+    RoundFailed,
+    collect_fingerprints,
+    plan_experiment,
+    publish_experiment,
+    run_round,
+    weights_digest,
+)
+from kaapana_assets.federated.partitions import experiments_partitions, round_key, rounds_partitions
+from kaapana_assets.federated.site import compute_fingerprint, evaluate_global, metric_name, train_update
+from kaapana_assets.lake.schemas import TABLES
+from kaapana_assets.training import nnunet
+from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
+from kaapana_assets.training.tracking import model_name_for
+from resources.federation import FederatedSiteResource, FederationResource
+from resources.mlflow import MlflowResource
+from resources.nnunet import NnunetResource
+from resources.storage import ArchiveResource, LakeResource
+
+SITE_GROUP = "federated_site"
+HUB_GROUP = "federated"
+
+
+def _site_context(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
+                  nnunet_settings: NnunetResource, federated_site: FederatedSiteResource):  # type: ignore[no-untyped-def]
+    return federated_site.context(lake.lake(), archive.kaapana_home().archive, nnunet_settings, context.log.info)
+
+
+def _round(context: dg.AssetExecutionContext) -> tuple[str, int]:
+    key = context.partition_key.keys_by_dimension  # type: ignore[attr-defined]
+    return key["experiment"], int(key["round"])
+
+
+# -- site side -------------------------------------------------------------------------------
+
+@dg.asset(partitions_def=experiments_partitions, group_name=SITE_GROUP, kinds={"nnunet"},
+          description="At a site: export its own cohort locally and send its nnU-Net fingerprint "
+                      "(aggregates only), sealed with the site's key.")
+def site_fingerprint(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
+                     nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
+    summary = compute_fingerprint(_site_context(context, lake, archive, nnunet_settings, federated_site),
+                                  context.partition_key)
+    return dg.MaterializeResult(metadata={k: v for k, v in summary.items()},
+                                data_version=dg.DataVersion(str(summary["sha256"])[:16]))
+
+
+@dg.asset(partitions_def=rounds_partitions, group_name=SITE_GROUP, kinds={"nnunet", "pytorch"},
+          op_tags=gpu_op_tags(), pool=GPU_POOL,
+          description="At a site: train N local epochs from the global weights of the previous round on the "
+                      "site's own cohort; send weights, case count and metrics, sealed.")
+def site_update(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
+                nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
+    experiment, round_ = _round(context)
+    summary = train_update(_site_context(context, lake, archive, nnunet_settings, federated_site), experiment, round_)
+    return dg.MaterializeResult(metadata=summary, data_version=dg.DataVersion(str(summary["sha256"])[:16]))
+
+
+@dg.asset(partitions_def=rounds_partitions, group_name=SITE_GROUP, kinds={"nnunet"},
+          description="At a site: score the round's global model on the site's own validation patients; "
+                      "only the Dice values leave.")
+def site_evaluation(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
+                    nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
+    experiment, round_ = _round(context)
+    metrics = evaluate_global(_site_context(context, lake, archive, nnunet_settings, federated_site),
+                              experiment, round_)
+    return dg.MaterializeResult(metadata=metrics)
+
+
+SITE_ASSETS = {"site_fingerprint": site_fingerprint, "site_update": site_update, "site_evaluation": site_evaluation}
+
+
+# -- hub side --------------------------------------------------------------------------------
+
+def _spec(experiment: str, federation: FederationResource) -> ExperimentSpec:
+    return ExperimentSpec(experiment=experiment, cohort=federation.cohort, labels=list(federation.labels),
+                          rounds=federation.rounds, min_sites=federation.min_sites, strategy=federation.strategy,
+                          schedule=dict(federation.training_schedule().__dict__), seed=federation.seed)
+
+
+def _parent_run(mlflow: MlflowResource, experiment: str) -> str | None:
+    return mlflow.tracking().find_run({"kaapana.federated_experiment": experiment, "kaapana.role": "experiment"})
+
+
+@dg.asset(partitions_def=experiments_partitions, group_name=HUB_GROUP, kinds={"nnunet", "mlflow"},
+          description="The experiment's one plan: every site's fingerprint (aggregates only) combined into a "
+                      "global fingerprint, labels and channels checked, nnU-Net planned at the hub, and one "
+                      "seeded initial network published to every site.")
+def federated_plan(context: dg.AssetExecutionContext, federation: FederationResource, mlflow: MlflowResource,
+                   nnunet_settings: NnunetResource) -> dg.MaterializeResult:
+    import mlflow as mlflow_api
+
+    experiment = context.partition_key
+    spec = _spec(experiment, federation)
+    store = federation.store()
+    publish_experiment(store, spec)
+    sites = [site.name for site in federation.site_list()]
+    runs = federation.run_on_sites("site_fingerprint", experiment, None, sites, context.log.info)
+    keys = federation.site_keys()
+    fingerprints, rejected = collect_fingerprints(store, experiment, keys, [s for s in sites if runs[s].ok])
+    failed = {s: runs[s].message for s in sites if not runs[s].ok} | {r.site: f"{r.reason}: {r.message}"
+                                                                       for r in rejected}
+    for site, message in failed.items():
+        context.log.warning(f"{site} is not part of {experiment}: {message}")
+    if len(fingerprints) < federation.min_sites:
+        raise dg.Failure(description=f"{len(fingerprints)} of {len(sites)} sites sent a fingerprint, "
+                         f"{federation.min_sites} needed; nothing planned", metadata={"failed_sites": failed})
+    work = nnunet_settings.work_root() / "federated-hub" / experiment
+    plan = plan_experiment(store, spec, fingerprints, work)
+    participants = sorted(plan.cases)
+    store.write_json(experiment, "participants", {"sites": participants, "cases": plan.cases})
+
+    tracking = mlflow.tracking()
+    with tracking.run(f"federated {experiment}", tags={"kaapana.federated_experiment": experiment,
+                                                     "kaapana.role": "experiment", "kaapana.cohort": spec.cohort,
+                                                     "dagster.run_id": context.run.run_id}) as run:
+        mlflow_api.log_params({"cohort": spec.cohort, "sites": ",".join(participants), "rounds": spec.rounds,
+                               "min_sites": spec.min_sites, "strategy": spec.strategy, "plan_sha256": plan.digest,
+                               "cases": sum(plan.cases.values()), "patch_size": plan.patch_size,
+                               "features_per_stage": plan.features,
+                               **{f"schedule.{k}": v for k, v in spec.schedule.items()}})
+        mlflow_api.log_dict(plan.plans, "plan/plans.json")
+        mlflow_api.log_dict(plan.fingerprint, "plan/dataset_fingerprint.json")
+    initial = weights_digest(store.read_global(experiment, 0))
+    return dg.MaterializeResult(
+        metadata={
+            "sites": dg.MetadataValue.table(
+                [dg.TableRecord({"site": s, "cases": plan.cases[s]}) for s in participants],
+                schema=dg.TableSchema([dg.TableColumn("site", "string"), dg.TableColumn("cases", "int")])),
+            "excluded_sites": dg.MetadataValue.json(failed),
+            "cases": sum(plan.cases.values()),
+            "patch_size": dg.MetadataValue.json(plan.patch_size),
+            "features_per_stage": dg.MetadataValue.json(plan.features),
+            "median_spacing": dg.MetadataValue.json(
+                plan.plans["configurations"][nnunet.CONFIGURATION]["spacing"]),
+            "plan_sha256": plan.digest,
+            "initial_weights_sha256": initial,
+            "mlflow_run_id": run.info.run_id,
+            "exchange": dg.MetadataValue.path(str(store.experiment_dir(experiment))),
+        },
+        data_version=dg.DataVersion(f"{plan.digest[:12]}-{initial[:12]}"),
+    )
+
+
+def _round_table(rows: list[dict]) -> dg.MetadataValue:
+    def fmt(value: object, pattern: str = "{}") -> str:
+        return "—" if value is None else pattern.format(value)
+
+    return dg.MetadataValue.md("| site | status | cases | train loss | Dice (own validation) | reason |\n"
+                               "|---|---|---|---|---|---|\n" + "\n".join(
+        f"| {r['site']} | {r['status']} | {fmt(r['cases'])} | {fmt(r['train_loss'], '{:.4f}')} | "
+        f"{fmt(r['dice'], '{:.3f}')} | {r['reason'] or ''} |" for r in rows))
+
+
+@dg.asset(partitions_def=rounds_partitions, group_name=HUB_GROUP, kinds={"pytorch", "delta", "mlflow"},
+          ins={"federated_plan": dg.AssetIn(partition_mapping=dg.MultiToSingleDimensionPartitionMapping("experiment"),
+                                            dagster_type=dg.Nothing)},
+          description="One FedAvg round: global weights of round r-1 to every site, their sealed updates "
+                      "verified (tampered, foreign and replayed ones rejected), quorum, aggregation, global "
+                      "model r scored by every site on its own validation patients. Writes federated_rounds "
+                      "rows and a nested MLflow run.")
+def federated_rounds(context: dg.AssetExecutionContext, federation: FederationResource, mlflow: MlflowResource,
+                     lake: LakeResource) -> dg.MaterializeResult:
+    import mlflow as mlflow_api
+
+    experiment, round_ = _round(context)
+    store = federation.store()
+    published = store.read_json(experiment, "experiment")
+    spec = ExperimentSpec(**published)
+    if round_ > spec.rounds:
+        raise dg.Failure(description=f"{experiment} has {spec.rounds} rounds; {round_} is beyond it")
+    participants = store.read_json(experiment, "participants")["sites"]
+    keys = federation.site_keys()
+    missing = sorted(set(participants) - set(keys))
+    if missing:
+        raise dg.Failure(description=f"sites {missing} of {experiment} are no longer configured")
+
+    def run_sites(asset: str, sites: list[str]):  # type: ignore[no-untyped-def]
+        return federation.run_on_sites(asset, experiment, round_, sites, context.log.info)
+
+    table = lake.lake()
+    try:
+        outcome = run_round(store, spec, round_, participants, keys, federation.min_sites, run_sites,
+                            context.log.info, context.log.warning)
+    except FileNotFoundError as exc:
+        raise dg.Failure(description=str(exc)) from None
+    except RoundFailed as exc:
+        if exc.rows:
+            table.merge("federated_rounds", _arrow(exc.rows))
+        raise dg.Failure(description=str(exc), metadata={"sites": _round_table(exc.rows)}) from None
+    written = table.merge("federated_rounds", _arrow(outcome.rows))
+
+    tracking = mlflow.tracking()
+    parent = _parent_run(mlflow, experiment)
+    main = metric_name(spec.labels[0])
+    with tracking.run(f"{experiment} round {round_}", parent_run_id=parent,
+                      tags={"kaapana.federated_experiment": experiment, "kaapana.role": "round",
+                            "kaapana.round": str(round_), "dagster.run_id": context.run.run_id}):
+        mlflow_api.log_params({"round": round_, "aggregated": ",".join(outcome.aggregated),
+                               "rejected": ",".join(f"{r.site}:{r.reason}" for r in outcome.rejected) or "none",
+                               "global_sha256": outcome.global_sha256})
+        mlflow_api.log_metrics({f"global_{k}": v for k, v in outcome.metrics.items()}, step=round_)
+        for site, metrics in outcome.evaluations.items():
+            mlflow_api.log_metrics({f"{site.replace('-', '_')}.{k}": v for k, v in metrics.items()}, step=round_)
+    if parent and main in outcome.metrics:
+        tracking.client().log_metric(parent, f"global_{main}", outcome.metrics[main], step=round_)
+    return dg.MaterializeResult(
+        metadata={
+            "round": round_,
+            "aggregated_sites": dg.MetadataValue.json(outcome.aggregated),
+            "rejected_sites": dg.MetadataValue.json({r.site: r.reason for r in outcome.rejected}),
+            f"global_{main}": dg.MetadataValue.float(float(outcome.metrics.get(main, float("nan")))),
+            "sites": _round_table(outcome.rows),
+            "global_sha256": outcome.global_sha256,
+            "delta_version": dg.MetadataValue.int(written.version or 0),
+        },
+        data_version=dg.DataVersion(outcome.global_sha256[:16]),
+    )
+
+
+def _arrow(rows: list[dict]):  # type: ignore[no-untyped-def]
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(rows, schema=TABLES["federated_rounds"].schema)
+
+
+class FederatedModelConfig(dg.Config):
+    promote: bool = True  # move `production` to it when its cross-site Dice passes the threshold
+
+
+@dg.asset(partitions_def=experiments_partitions, group_name=HUB_GROUP, kinds={"mlflow"},
+          ins={"federated_rounds": dg.AssetIn(
+              partition_mapping=dg.MultiToSingleDimensionPartitionMapping("experiment"), dagster_type=dg.Nothing)},
+          description="The experiment's final global model registered in MLflow with its lineage (rounds, sites, "
+                      "case counts, plan); promoted to `production` when its cross-site Dice passes.")
+def federated_model(context: dg.AssetExecutionContext, config: FederatedModelConfig, federation: FederationResource,
+                    mlflow: MlflowResource, nnunet_settings: NnunetResource, lake: LakeResource) -> dg.MaterializeResult:
+    import mlflow as mlflow_api
+
+    experiment = context.partition_key
+    store = federation.store()
+    spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
+    rows = lake.lake().read("federated_rounds", (pl.col("experiment") == experiment)) \
+        if lake.lake().exists("federated_rounds") else pl.DataFrame()
+    done = rows.filter(pl.col("status") == "global").sort("round") if len(rows) else rows
+    if not len(done):
+        raise dg.Failure(description=f"no round of {experiment} has completed: materialize federated_rounds first")
+    last = done.row(-1, named=True)
+    round_ = int(last["round"])
+    if round_ < spec.rounds:
+        context.log.warning(f"{experiment}: registering round {round_} of {spec.rounds}")
+    participants = store.read_json(experiment, "participants")
+    aggregated = rows.filter((pl.col("status") == "aggregated") & (pl.col("round") == round_))["site"].to_list()
+    weights = store.read_global(experiment, round_)
+    if weights_digest(weights) != last["global_sha256"]:
+        raise dg.Failure(description=f"global model of round {round_} in the exchange does not match the recorded digest")
+    dice = last["dice"]
+    threshold = nnunet_settings.promotion_dice
+    passed = dice is not None and dice == dice and dice >= threshold
+    tracking = mlflow.tracking()
+    name = model_name_for(spec.cohort)
+    lineage = {
+        "kaapana.source": "federated", "kaapana.federated_experiment": experiment, "kaapana.cohort": spec.cohort,
+        "kaapana.rounds": str(round_), "kaapana.sites": ",".join(participants["sites"]),
+        "kaapana.sites_last_round": ",".join(aggregated),
+        "kaapana.cases": json.dumps(participants["cases"], sort_keys=True),
+        "kaapana.plan_sha256": str(last["plan_sha256"]), "kaapana.global_sha256": str(last["global_sha256"]),
+        "kaapana.strategy": spec.strategy, "kaapana.validation": "passed" if passed else "failed",
+        "kaapana.validation_dice": f"{dice:.4f}" if dice is not None else "nan",
+    }
+    with tracking.run(f"{experiment} model", parent_run_id=_parent_run(mlflow, experiment),
+                      tags={**lineage, "kaapana.role": "model", "dagster.run_id": context.run.run_id}) as run:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = nnunet.model_folder_from_weights(Path(tmp) / "model", store.read_json(experiment, "plans"),
+                                                      store.read_json(experiment, "dataset"), weights)
+            mlflow_api.log_artifacts(str(folder), "model")
+        mlflow_api.log_metrics({"cross_site_dice": float(dice)} if dice is not None else {})
+        version = tracking.register(run.info.run_id, "model", name, tags=lineage,
+                                    description=f"federated {experiment}: {round_} rounds over "
+                                    f"{len(participants['sites'])} sites")
+    promoted = bool(config.promote and passed)
+    if promoted:
+        tracking.promote(name, version.version)
+    elif config.promote:
+        context.log.warning(f"{name} v{version.version}: cross-site Dice {dice} < {threshold}; not promoted")
+    curve = done.select("round", "dice").to_dicts()
+    return dg.MaterializeResult(
+        metadata={
+            "model_name": name, "model_version": dg.MetadataValue.int(int(version.version)),
+            "promoted": promoted, "rounds": round_, "cross_site_dice": dg.MetadataValue.float(float(dice or 0.0)),
+            "dice_by_round": dg.MetadataValue.md("| round | global Dice |\n|---|---|\n" + "\n".join(
+                f"| {c['round']} | {c['dice']:.3f} |" for c in curve if c["dice"] is not None)),
+            "lineage": dg.MetadataValue.json(lineage),
+            "mlflow_run_id": run.info.run_id,
+        },
+        data_version=dg.DataVersion(f"{name}:{version.version}"),
+    )
+
+
+federated_round_job = dg.define_asset_job("federated_round", selection=[federated_rounds],
+                                          description="One round of a federated experiment.")
+federated_model_job = dg.define_asset_job("register_federated_model", selection=[federated_model],
+                                          description="Register (and promote) a federated experiment's model.")
+
+
+@dg.asset_sensor(asset_key=dg.AssetKey("federated_rounds"), jobs=[federated_round_job, federated_model_job],
+                 default_status=dg.DefaultSensorStatus.RUNNING,
+                 description="Round r done → request round r+1; last round done → register the model.")
+def federated_round_chain(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry,
+                          federation: FederationResource) -> dg.RunRequest | dg.SkipReason:
+    materialization = asset_event.asset_materialization
+    if materialization is None or not materialization.partition:
+        return dg.SkipReason("not a round materialization")
+    experiment, round_ = materialization.partition.split("|")
+    try:
+        rounds = int(federation.store().read_json(experiment, "experiment")["rounds"])
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        return dg.SkipReason(f"{experiment}: {exc}")
+    if int(round_) < rounds:
+        return dg.RunRequest(run_key=f"{experiment}|{int(round_) + 1}|{asset_event.storage_id}", job_name=federated_round_job.name,
+                             partition_key=round_key(experiment, int(round_) + 1))
+    return dg.RunRequest(run_key=f"{experiment}|model|{asset_event.storage_id}", job_name=federated_model_job.name, partition_key=experiment)
+
+
+hub_assets = [federated_plan, federated_rounds, federated_model]
+defs = dg.Definitions(assets=[*hub_assets, *SITE_ASSETS.values()],
+                      jobs=[federated_round_job, federated_model_job], sensors=[federated_round_chain])

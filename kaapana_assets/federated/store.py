@@ -1,0 +1,105 @@
+"""The exchange store: the only place hub and sites share. The hub publishes what every
+site needs (experiment, plans, global weights); each site drops sealed envelopes (its
+fingerprint, updates, evaluations). No image, label or identifier is ever written here.
+
+A folder locally (tests, demo, sites on one machine); in production the same layout on a
+shared volume. Writes are atomic (temp file + rename), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def checked_name(kind: str, value: str) -> str:
+    """Experiment and site names become path components: refuse anything that could escape."""
+    if not NAME.fullmatch(value) or ".." in value:
+        raise ValueError(f"{kind} name {value[:80]!r} is not allowed: letters, digits, '.', '_', '-' (max 64)")
+    return value
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ExchangeStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def experiment_dir(self, experiment: str) -> Path:
+        return self.root / checked_name("experiment", experiment)
+
+    # -- published by the hub ------------------------------------------------------------
+    def write_json(self, experiment: str, name: str, data: dict) -> Path:
+        path = self.experiment_dir(experiment) / f"{name}.json"
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
+        return path
+
+    def read_json(self, experiment: str, name: str) -> dict:
+        path = self.experiment_dir(experiment) / f"{name}.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: has federated_plan[{experiment}] been materialized?")
+        return json.loads(path.read_text())
+
+    def global_path(self, experiment: str, round_: int) -> Path:
+        return self.experiment_dir(experiment) / "global" / f"round-{round_:04d}.safetensors"
+
+    def write_global(self, experiment: str, round_: int, weights: dict[str, torch.Tensor]) -> Path:
+        from safetensors.torch import save
+
+        path = self.global_path(experiment, round_)
+        # state dicts alias tensors (decoder.encoder.* is encoder.*): clone so each key is saved
+        write_atomic(path, save({k: v.detach().cpu().clone().contiguous() for k, v in weights.items()}))
+        return path
+
+    def read_global(self, experiment: str, round_: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        path = self.global_path(experiment, round_)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no global model for {experiment} round {round_}: "
+                + ("materialize federated_plan first" if round_ == 0 else f"round {round_} has not completed")
+            )
+        return load(path.read_bytes())
+
+    def has_global(self, experiment: str, round_: int) -> bool:
+        return self.global_path(experiment, round_).exists()
+
+    # -- sealed envelopes written by sites -------------------------------------------------
+    def envelope_path(self, experiment: str, round_: int, kind: str, site: str) -> Path:
+        if kind not in {"fingerprint", "update", "evaluation"}:
+            raise ValueError(f"unknown envelope kind {kind!r}")
+        return (self.experiment_dir(experiment) / f"round-{round_:04d}" / kind
+                / f"{checked_name('site', site)}.sealed")
+
+    def write_envelope(self, experiment: str, round_: int, kind: str, site: str, envelope: bytes) -> Path:
+        path = self.envelope_path(experiment, round_, kind, site)
+        write_atomic(path, envelope)
+        return path
+
+    def read_envelope(self, experiment: str, round_: int, kind: str, site: str) -> bytes | None:
+        path = self.envelope_path(experiment, round_, kind, site)
+        return path.read_bytes() if path.exists() else None
+
+    def files(self, experiment: str | None = None) -> list[Path]:
+        root = self.experiment_dir(experiment) if experiment else self.root
+        return sorted(p for p in root.rglob("*") if p.is_file())

@@ -1,0 +1,207 @@
+"""Federated nnU-Net through Dagster with the local transport: three non-IID sites, each
+with its own KAAPANA_HOME (lake, archive, MLflow) and its own Dagster instance; the hub
+plans from their fingerprints, runs rounds, registers the model. Faults: a site that
+fails, below and above quorum; a foreign key; tampered and replayed updates."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from kaapana_assets.cohorts.definitions import CohortDefinition
+from kaapana_assets.cohorts.membership import snapshot_cohort
+from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
+from kaapana_assets.federated.exchange import generate_site_key
+from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
+from kaapana_assets.federated.hub import ExperimentSpec, collect_updates
+from kaapana_assets.federated.partitions import round_key
+from kaapana_assets.federated.store import ExchangeStore
+from kaapana_assets.home import KaapanaHome
+from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.lake import Lake
+from kaapana_assets.synthetic import generate_site
+from resources import site_resources
+from resources.federation import FederatedSite, FederationResource
+from tests.conftest import TRAIN_GRID
+
+SITES = ("site-a", "site-b", "site-c")  # three scanner profiles: non-IID by construction
+COHORT = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
+                                          "filter": {"modality": "CT", "has_reference_segmentation": True}})
+
+
+@dataclass
+class Federation:
+    root: Path
+    homes: dict[str, KaapanaHome]
+    keys: dict[str, str]
+
+    @property
+    def exchange(self) -> ExchangeStore:
+        return ExchangeStore(self.root / "exchange")
+
+    def resource(self, sites: tuple[str, ...] = SITES, min_sites: int = 2, rounds: int = 3,
+                 devices: dict[str, str] | None = None, keys: dict[str, str] | None = None) -> FederationResource:
+        keys = keys or self.keys
+        return FederationResource(
+            sites=[FederatedSite(name=s, transport="local", home=str(self.homes[s].root), key=keys[s],
+                                 device=(devices or {}).get(s, "cpu")) for s in sites],
+            exchange=str(self.root / "exchange"), rounds=rounds, min_sites=min_sites, schedule="tiny",
+            local_epochs=2, iterations_per_epoch=8,
+        )
+
+    def hub(self, federation: FederationResource) -> dict:
+        return {**site_resources(self.root / "hub", device="cpu", promotion_dice=0.05), "federation": federation}
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    """Three sites, four annotated studies each, ingested into each site's own home and its
+    liver-train cohort snapshotted there."""
+    root = tmp_path_factory.mktemp("federation")
+    homes, keys = {}, {}
+    for index, site in enumerate(SITES):
+        home = KaapanaHome(root / site).ensure()
+        studies = generate_site(site, 4, seed=41 + index, out=root / "generated", with_annotations=True, **TRAIN_GRID)
+        ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+        snapshot_cohort(Lake(home.lake), COHORT)
+        homes[site], keys[site] = home, generate_site_key()
+    return Federation(root, homes, keys)
+
+
+def _materialize(assets: list, partition: str, instance: dg.DagsterInstance, resources: dict,
+                 raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    return dg.materialize(assets, partition_key=partition, instance=instance, resources=resources,
+                          selection=[assets[-1]], raise_on_error=raise_on_error)
+
+
+@pytest.fixture(scope="session")
+def three_rounds(federation: Federation):  # type: ignore[no-untyped-def]
+    """Plan, three rounds and the registered model, once per session."""
+    resources = federation.hub(federation.resource())
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("federated_experiments", ["liver-fed"])
+        plan = _materialize([federated_plan], "liver-fed", instance, resources)
+        rounds = [_materialize([federated_plan, federated_rounds], round_key("liver-fed", r), instance, resources)
+                  for r in (1, 2, 3)]
+        model = _materialize([federated_rounds, federated_model], "liver-fed", instance, resources)
+        yield plan, rounds, model, resources
+
+
+def _metadata(result: dg.ExecuteInProcessResult) -> dict:
+    return {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
+
+
+def test_three_sites_three_rounds_improve(federation: Federation, three_rounds) -> None:  # type: ignore[no-untyped-def]
+    plan, rounds, model, resources = three_rounds
+    plan_meta = _metadata(plan)
+    assert plan_meta["cases"] == 12 and not plan_meta["excluded_sites"]
+    table = Lake(federation.root / "hub" / "lake").read("federated_rounds")
+    global_rows = table.filter(pl.col("site") == "global").sort("round")
+    assert global_rows["round"].to_list() == [1, 2, 3]
+    per_site = table.filter(pl.col("status") == "aggregated")
+    assert per_site.height == 9 and set(per_site["site"]) == set(SITES)
+    assert per_site["cases"].to_list() == [3] * 9  # 4 patients per site, 1 held out for validation
+    dice = global_rows["dice"].to_list()
+    print("global Dice by round:", dice)
+    assert dice[-1] > dice[0] and dice[-1] > 0.3  # the global model improves over the rounds
+    assert all(later >= earlier - 0.05 for earlier, later in zip(dice, dice[1:]))
+
+    meta = _metadata(model)
+    assert meta["rounds"] == 3 and meta["promoted"]
+    tracking = resources["mlflow"].tracking()
+    version = tracking.version_by_alias("nnunet-liver-train")
+    assert str(version.version) == str(meta["model_version"])
+    assert version.tags["kaapana.source"] == "federated" and version.tags["kaapana.sites"] == ",".join(SITES)
+    assert version.tags["kaapana.rounds"] == "3" and version.tags["kaapana.plan_sha256"] == plan_meta["plan_sha256"]
+    runs = tracking.client().search_runs([tracking.client().get_experiment_by_name("kaapana").experiment_id],
+                                         "tags.`kaapana.federated_experiment` = 'liver-fed'")
+    parent = next(r for r in runs if r.data.tags.get("kaapana.role") == "experiment")
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["kaapana.role"] for r in nested) == ["model", "round", "round", "round"]
+
+    # Every site ran its own jobs on its own Dagster instance.
+    for site in SITES:
+        instance = dg.DagsterInstance.local_temp(str(federation.homes[site].root / "dagster"))
+        try:
+            done = instance.get_materialized_partitions(dg.AssetKey("site_update"))
+            assert done == {round_key("liver-fed", r) for r in (1, 2, 3)}
+        finally:
+            instance.dispose()
+
+
+def test_nothing_identifying_leaves_a_site(federation: Federation, three_rounds) -> None:  # type: ignore[no-untyped-def]
+    """Scan every byte in the exchange for every patient name/ID and study/series/SOP UID."""
+    files = federation.exchange.files("liver-fed")
+    assert len([f for f in files if f.suffix == ".sealed"]) == 3 + 3 * 3 * 2  # fingerprints, updates, evaluations
+    for site, home in federation.homes.items():
+        identifiers = site_identifiers(Lake(home.lake))
+        assert len(identifiers) > 50
+        for path in files:
+            assert not leaked_identifiers(path.read_bytes(), identifiers), f"{path} leaks {site}'s identifiers"
+
+
+def test_tampered_and_replayed_updates_are_rejected(federation: Federation, three_rounds,  # type: ignore[no-untyped-def]
+                                                    tmp_path: Path) -> None:
+    store = ExchangeStore(tmp_path / "exchange")
+    shutil.copytree(federation.exchange.experiment_dir("liver-fed"), store.experiment_dir("liver-fed"))
+    tampered = store.envelope_path("liver-fed", 3, "update", "site-a")
+    data = bytearray(tampered.read_bytes())
+    data[-100] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    replayed = store.envelope_path("liver-fed", 3, "update", "site-b")
+    replayed.write_bytes(store.envelope_path("liver-fed", 2, "update", "site-b").read_bytes())
+    updates, rejected = collect_updates(store, "liver-fed", 3, "update", federation.keys, list(SITES))
+    assert [u.site for u in updates] == ["site-c"]
+    assert {(r.site, r.reason) for r in rejected} == {("site-a", "unauthentic"), ("site-b", "replayed")}
+    # A key the hub does not hold for site-c (a foreign or rotated key): rejected too.
+    foreign = {**federation.keys, "site-c": generate_site_key()}
+    updates, rejected = collect_updates(store, "liver-fed", 3, "update", foreign, ["site-c"])
+    assert not updates and [(r.site, r.reason) for r in rejected] == [("site-c", "unauthentic")]
+
+
+def test_spec_refuses_hostile_names() -> None:
+    with pytest.raises(ValueError, match="not allowed"):
+        ExperimentSpec("../etc", "liver-train", ["liver"], 1, 1, "fedavg", {})
+    with pytest.raises(ValueError, match="not allowed"):
+        ExchangeStore("/tmp/x").envelope_path("exp", 1, "update", "../../site")
+
+
+def test_site_failure_quorum_and_retry(federation: Federation) -> None:
+    """site-b's accelerator is gone (training raises): with quorum 1 of 2 the round completes
+    without it; with quorum 2 it fails cleanly and aggregates nothing; once site-b is fixed a
+    retry of the round succeeds and the experiment goes on."""
+    pair = ("site-a", "site-b")
+    broken = {"site-b": "cuda:99"}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("federated_experiments", ["faults"])
+        _materialize([federated_plan], "faults", instance, federation.hub(federation.resource(pair, min_sites=2)))
+        store = federation.exchange
+        # Quorum 1: completes with site-a alone, site-b's failure recorded.
+        lenient = federation.hub(federation.resource(pair, min_sites=1, devices=broken))
+        _materialize([federated_plan, federated_rounds], "faults|1", instance, lenient)
+        rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
+        statuses = dict(zip(rows.filter(pl.col("round") == 1)["site"], rows.filter(pl.col("round") == 1)["status"]))
+        assert statuses["site-a"] == "aggregated" and statuses["site-b"] == "failed" and statuses["global"] == "global"
+        # Quorum 2: round 2 fails, nothing aggregated, no global model written.
+        strict = federation.hub(federation.resource(pair, min_sites=2, devices=broken))
+        result = _materialize([federated_plan, federated_rounds], "faults|2", instance, strict, raise_on_error=False)
+        assert not result.success
+        failure = result.get_step_failure_events()[0].step_failure_data.error.message
+        assert "1 of 2 site updates arrived, 2 needed" in failure and "nothing aggregated" in failure
+        assert not store.has_global("faults", 2)
+        # Round 3 cannot run before round 2 has completed.
+        early = _materialize([federated_plan, federated_rounds], "faults|3", instance, strict, raise_on_error=False)
+        assert "materialize faults|2 first" in early.get_step_failure_events()[0].step_failure_data.error.message
+        # site-b recovers: the retry of round 2 aggregates both.
+        healthy = federation.hub(federation.resource(pair, min_sites=2))
+        _materialize([federated_plan, federated_rounds], "faults|2", instance, healthy)
+        assert store.has_global("faults", 2)
+        rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
+        assert set(rows.filter((pl.col("round") == 2) & (pl.col("status") == "aggregated"))["site"]) == set(pair)
+        beyond = _materialize([federated_plan, federated_rounds], "faults|4", instance, healthy, raise_on_error=False)
+        assert "faults has 3 rounds" in beyond.get_step_failure_events()[0].step_failure_data.error.message
