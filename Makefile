@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install test test-all demo dev bench-ingest bench-segment bench-receive clean
+.PHONY: install test test-all demo dev bench-ingest bench-segment bench-receive bench-federated clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -36,6 +36,9 @@ dev: install
 
 bench-receive: install
 	$(BIN)/python bench/receive.py
+
+bench-federated: install
+	$(BIN)/python bench/federated.py
 
 bench-segment: install
 	$(BIN)/python bench/segment.py
