@@ -3,6 +3,7 @@
 import dagster as dg
 
 from kaapana_assets.cohorts import assets as cohorts
+from kaapana_assets.extensions import assets as extensions
 from kaapana_assets.federated import assets as federated
 from kaapana_assets.ingest import assets as ingest
 from kaapana_assets.network import assets as network
@@ -20,5 +21,6 @@ defs = dg.Definitions.merge(
     segmentation.defs,
     network.defs,
     federated.defs,
+    extensions.defs,
     dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion], resources=build_resources()),
 )

@@ -264,10 +264,64 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_federation_key(args: argparse.Namespace) -> int:
+    from kaapana_assets.federated.exchange import generate_site_key
+
+    # Only the key on stdout, so it can be piped straight into a secret store.
+    print(generate_site_key())
+    return 0
+
+
+def cmd_federation_rounds(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.lake import Lake
+
+    lake = Lake(KaapanaHome(Path(args.home)).lake if args.home else KaapanaHome.from_env().lake)
+    if not lake.exists("federated_rounds"):
+        console.print("[yellow]no federated round has run at this hub yet")
+        return 1
+    rows = lake.read("federated_rounds", pl.col("experiment") == args.experiment).sort(["round", "site"])
+    table = Table(title=f"federated rounds of {args.experiment}")
+    for column in ("round", "site", "status", "cases", "train loss", "Dice", "reason"):
+        table.add_column(column)
+    for r in rows.iter_rows(named=True):
+        table.add_row(str(r["round"]), r["site"], r["status"], str(r["cases"] or ""),
+                      f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "",
+                      f"{r['dice']:.3f}" if r["dice"] is not None else "", r["reason"] or "")
+    console.print(table)
+    return 0 if rows.height else 1
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    from rich.tree import Tree
+
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.lineage import LineageNotFound, Node, trace
+
+    home = KaapanaHome(Path(args.home)) if args.home else KaapanaHome.from_env()
+    try:
+        root = trace(home, _tracking(args), args.uid)
+    except LineageNotFound as exc:
+        console.print(f"[red]{exc}")
+        return 2
+
+    def grow(tree: Tree, node: Node) -> None:
+        for child in node.children:
+            grow(tree.add(child.label), child)
+
+    tree = Tree(f"[bold]{root.label}")
+    grow(tree, root)
+    console.print(tree)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kaapana_assets.demo import run_demo
 
-    return run_demo(console, sites=args.sites, studies=args.studies, seed=args.seed)
+    return run_demo(console, sites=args.sites, studies=args.studies, seed=args.seed, rounds=args.rounds,
+                    new_studies=args.new_studies)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,9 +413,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--home", default=None)
     p.set_defaults(func=cmd_pull)
 
+    p = sub.add_parser("federation", help="federated training: site keys and round history")
+    federation = p.add_subparsers(dest="federation_command", required=True)
+    q = federation.add_parser("key", help="print a new AES-256 site key (base64); give each site its own")
+    q.set_defaults(func=cmd_federation_key)
+    q = federation.add_parser("rounds", help="the federated_rounds table of an experiment, at this hub")
+    q.add_argument("experiment")
+    q.add_argument("--home", default=None)
+    q.set_defaults(func=cmd_federation_rounds)
+
+    p = sub.add_parser("lineage", help="a SEG's chain: model → rounds or training run → cohort → Delta → source UIDs")
+    p.add_argument("uid", help="SEG SOPInstanceUID, SEG series UID, or the segmented series UID")
+    p.add_argument("--home", default=None)
+    p.set_defaults(func=cmd_lineage)
+
     p = sub.add_parser("demo", help="run the demo end to end on the embedded defaults")
-    p.add_argument("--sites", nargs="+", default=["site-a", "site-b"])
-    p.add_argument("--studies", type=int, default=4, help="studies per site")
+    p.add_argument("--sites", nargs="+", default=["site-a", "site-b", "site-c"])
+    p.add_argument("--studies", type=int, default=4, help="annotated studies per site")
+    p.add_argument("--rounds", type=int, default=3, help="federated rounds")
+    p.add_argument("--new-studies", type=int, default=2, help="unannotated studies that arrive afterwards")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

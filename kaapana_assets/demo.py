@@ -1,8 +1,14 @@
-"""`make demo`: the main flow end to end on the embedded defaults, through Dagster.
+"""`make demo`: the whole story on the embedded defaults, through Dagster.
 
-Synthetic studies of several sites land in the spool (as the DICOM receiver would put
-them), the incoming_studies sensor is evaluated, and each run it requests is executed
-in-process on the persistent Dagster instance, so `make dev` shows the runs afterwards.
+1. Three sites' annotated studies: the first site's land in the spool (as the DICOM
+   receiver would put them) and are ingested through the incoming_studies sensor; the
+   other two ingest at their own homes (their own lakes; their data never comes here).
+2. Cohorts are materialized with their blocking checks.
+3. Federated nnU-Net (short schedule): plan from fingerprints, rounds, model registered
+   and promoted — through the real assets, local transport.
+4. New unannotated studies arrive in the spool, are ingested as the sensor would, and are
+   segmented by the automation with the promoted model; the SEGs land in the archive.
+Every run executes in-process on the persistent Dagster instance, so `make dev` shows them.
 """
 
 from __future__ import annotations
@@ -17,8 +23,14 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from kaapana_assets.cohorts.definitions import EXAMPLES, load_definition
+from kaapana_assets.cohorts.membership import snapshot_cohort
+from kaapana_assets.federated.exchange import generate_site_key
 from kaapana_assets.home import KaapanaHome
+from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.lake import Lake
 from kaapana_assets.synthetic import generate_site, get_profile
+from resources.federation import FederatedSite, FederationResource
 from resources.storage import ArchiveResource
 
 
@@ -28,43 +40,36 @@ def _truncated_copy(source: Path, target: Path) -> None:
     target.write_bytes(data[: len(data) // 2])
 
 
-def run_demo(console: Console, sites: list[str], studies: int, seed: int) -> int:
-    import definitions  # the real code location
+DEMO_GRID = {"slices": 24, "matrix": 64}  # smaller than the scanners' grids: minutes on a laptop CPU
+EXPERIMENT = "liver-fed"
 
-    home = KaapanaHome.from_env().ensure()
+
+def _dagster_home(home: KaapanaHome) -> Path:
+    import definitions
+
     os.environ.setdefault("DAGSTER_HOME", str(home.root / "dagster"))
     dagster_home = Path(os.environ["DAGSTER_HOME"])
     dagster_home.mkdir(parents=True, exist_ok=True)
     if not (dagster_home / "dagster.yaml").exists():
         shutil.copy(Path(definitions.__file__).parent / "dagster.yaml", dagster_home / "dagster.yaml")
-    console.rule("[bold]kaapana_assets demo")
-    console.print(f"KAAPANA_HOME = {home.root}\nDAGSTER_HOME = {os.environ['DAGSTER_HOME']}")
+    return dagster_home
 
-    with tempfile.TemporaryDirectory() as tmp:
-        for site in sites:
-            with console.status(f"synthesizing {studies} studies of {site}"):
-                generated = generate_site(site, studies, seed, Path(tmp), with_annotations=True)
-            target = home.incoming / site
-            shutil.copytree(Path(tmp) / site, target, dirs_exist_ok=True)
-            _truncated_copy(generated[0].ct_files[0], target / "truncated-in-transfer.dcm")
-            console.print(f"{site}: {sum(len(g.files) for g in generated)} files + 1 truncated file → spool")
 
-    defs = definitions.defs
-    instance = dg.DagsterInstance.get()
+def _spool_and_ingest(console: Console, defs: dg.Definitions, instance: dg.DagsterInstance, resources: dict,
+                      cursor: str | None = None) -> tuple[int, str | None]:
+    """One tick of the incoming_studies sensor, then every run it requested, in-process."""
     sensor = defs.get_sensor_def("incoming_studies")
-    resources = defs.resources or {}
     # The files were just copied: no need to wait the receiver's quiet period.
     archive = ArchiveResource(quiet_period_s=0.0)
     with dg.partition_loading_context(dynamic_partitions_store=instance):
         context = dg.build_sensor_context(
-            instance=instance, instance_ref=instance.get_ref(), definitions=defs,
+            instance=instance, instance_ref=instance.get_ref(), definitions=defs, cursor=cursor,
             resources={**resources, "archive": archive},
         )
         result = sensor.evaluate_tick(context)
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys or []))
-    console.print(f"sensor: {len(result.run_requests or [])} run request(s)")
-
+    console.print(f"sensor incoming_studies: {len(result.run_requests or [])} run request(s)")
     failed = 0
     for request in result.run_requests or []:
         job = defs.resolve_job_def(request.job_name)  # type: ignore[arg-type]
@@ -77,15 +82,169 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int) -> int
             )
         failed += not outcome.success
         console.print(f"  {'[green]✓' if outcome.success else '[red]✗'}[/] {request.job_name} {label}")
+    return failed, result.cursor
 
-    _print_summary(console, home, sites)
+
+def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds: int = 3,
+             new_studies: int = 2) -> int:
+    import definitions  # the real code location
+
+    home = KaapanaHome.from_env().ensure()
+    _dagster_home(home)
+    console.rule("[bold]kaapana_assets demo")
+    console.print(f"KAAPANA_HOME = {home.root}  (the hub, and {sites[0]}'s own platform)\n"
+                  f"DAGSTER_HOME = {os.environ['DAGSTER_HOME']}")
+    defs = definitions.defs
+    instance = dg.DagsterInstance.get()
+    resources = dict(defs.resources or {})
+    failed = 0
+
+    console.rule(f"1 · annotated studies of {len(sites)} sites")
+    site_homes = {sites[0]: home, **{s: KaapanaHome(home.root / "sites" / s).ensure() for s in sites[1:]}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for site in sites:
+            with console.status(f"synthesizing {studies} annotated studies of {site}"):
+                generated = generate_site(site, studies, seed, Path(tmp), with_annotations=True, **DEMO_GRID)
+            if site == sites[0]:
+                target = home.incoming / site
+                shutil.copytree(Path(tmp) / site, target, dirs_exist_ok=True)
+                _truncated_copy(generated[0].ct_files[0], target / "truncated-in-transfer.dcm")
+                console.print(f"{site}: {sum(len(g.files) for g in generated)} files + 1 truncated file → spool")
+            else:
+                # The other sites ingest on their own platforms; their data never comes here.
+                with console.status(f"{site} ingests at its own site"):
+                    ingest_files([f for g in generated for f in g.files],
+                                 IngestTargets.for_home(site_homes[site]), remove_sources=False)
+                console.print(f"{site}: {sum(len(g.files) for g in generated)} files ingested at "
+                              f"{site_homes[site].root} (its own lake and archive)")
+    ingest_failed, cursor = _spool_and_ingest(console, defs, instance, resources)
+    failed += ingest_failed
+    _print_summary(console, home, sites[:1])
+
+    console.rule("2 · cohorts and their harmonization checks")
     _curate(console, home)
     failed += _cohorts(console, defs, instance, resources)
+    train_cohort = load_definition(EXAMPLES / "liver-train.yaml")
+    for site in sites[1:]:
+        snapshot = snapshot_cohort(Lake(site_homes[site].lake), train_cohort)
+        console.print(f"{site}: cohort liver-train v{snapshot.version} ({snapshot.size} series) at its own site")
+
+    console.rule(f"3 · federated nnU-Net across {len(sites)} sites, {rounds} rounds")
+    federation = _federation(home, site_homes, rounds)
+    failed += _federate(console, instance, resources, federation)
+
+    console.rule("4 · new, unannotated studies arrive and are segmented automatically")
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    with tempfile.TemporaryDirectory() as tmp:
+        generate_site(sites[0], new_studies, seed + 1, Path(tmp), first_index=500, **DEMO_GRID)
+        shutil.copytree(Path(tmp) / sites[0], home.incoming / f"{sites[0]}-new", dirs_exist_ok=True)
+    console.print(f"{new_studies} new CT studies (no annotations) → spool")
+    ingest_failed, cursor = _spool_and_ingest(console, defs, instance, resources, cursor)
+    failed += ingest_failed
+    evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
+    requested = sorted(evaluation.get_requested_partitions(dg.AssetKey("segmentations")))
+    console.print(f"automation (segmentation_automation sensor): {len(requested)} study(ies) to segment")
+    job = defs.resolve_job_def("segment_studies")
+    for study_uid in requested:
+        with console.status(f"segmenting {study_uid}"):
+            outcome = job.execute_in_process(partition_key=study_uid, instance=instance, raise_on_error=False,
+                                             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+        failed += not outcome.success
+        console.print(f"  {'[green]✓' if outcome.success else '[red]✗'}[/] segmentations {study_uid}")
+
+    console.rule("summary")
+    _final_summary(console, home)
     console.print(
-        "\nNext: [bold]make dev[/] opens the Dagster UI on http://localhost:3000 with these runs; "
-        f"the Delta tables are under {home.lake}."
+        "\n[bold]Where to look next[/]\n"
+        "  make dev                                   Dagster UI on http://localhost:3000 with these runs\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{home.root / 'mlflow.db'}   MLflow on :5000\n"
+        f"  kaapana federation rounds {EXPERIMENT}          every site's part in every round\n"
+        "  kaapana lineage <SEG SOPInstanceUID>       model → rounds → cohorts → Delta versions → source UIDs\n"
+        f"  Delta tables under {home.lake}"
     )
     return 1 if failed else 0
+
+
+def _federation(home: KaapanaHome, site_homes: dict[str, KaapanaHome], rounds: int) -> FederationResource:
+    """Sites reached in-process (local transport), each with its own key; written to
+    federation.yaml too so `make dev` shows the same federation in the UI."""
+    import yaml
+
+    path = home.root / "federation.yaml"
+    known = {s["name"]: s for s in (yaml.safe_load(path.read_text()) or {}).get("sites", [])} if path.exists() else {}
+    sites = [{"name": name, "transport": "local", "home": str(site_home.root),
+              "key": known.get(name, {}).get("key") or generate_site_key()} for name, site_home in site_homes.items()]
+    # Demo only: keys inline. In production each key lives in a secret (key_env).
+    path.write_text(yaml.safe_dump({"sites": sites}, sort_keys=False))
+    os.environ.setdefault("KAAPANA_FEDERATION", str(path))
+    return FederationResource(sites=[FederatedSite(**s) for s in sites], exchange=str(home.root / "exchange"),
+                              rounds=rounds, min_sites=2, schedule="short", local_epochs=2)
+
+
+def _federate(console: Console, instance: dg.DagsterInstance, resources: dict, federation: FederationResource) -> int:
+    from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
+    from kaapana_assets.federated.partitions import round_key
+
+    resources = {**resources, "federation": federation}
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    if not instance.has_dynamic_partition("federated_experiments", EXPERIMENT):
+        instance.add_dynamic_partitions("federated_experiments", [EXPERIMENT])
+
+    def run(assets: list, partition: str, label: str, config: dict | None = None) -> dg.ExecuteInProcessResult | None:
+        with console.status(label):
+            result = dg.materialize(assets, partition_key=partition, instance=instance, resources=resources,
+                                    selection=[assets[-1]], raise_on_error=False, run_config={**quiet, **(config or {})})
+        if not result.success:
+            failure = result.get_step_failure_events()
+            console.print(f"  [red]✗[/] {label}: {failure[0].step_failure_data.error.message if failure else ''}")
+            return None
+        return result
+
+    plan = run([federated_plan], EXPERIMENT, "federated_plan: fingerprints from every site, one plan at the hub")
+    if plan is None:
+        return 1
+    md = plan.get_asset_materialization_events()[0].materialization.metadata
+    console.print(f"  [green]✓[/] federated_plan[{EXPERIMENT}]: {md['cases'].value} cases, patch "
+                  f"{md['patch_size'].value}, network {md['features_per_stage'].value}")
+    for r in range(1, federation.rounds + 1):
+        result = run([federated_plan, federated_rounds], round_key(EXPERIMENT, r),
+                     f"round {r}/{federation.rounds}: every site trains from the global model")
+        if result is None:
+            return 1
+        md = result.get_asset_materialization_events()[0].materialization.metadata
+        console.print(f"  [green]✓[/] round {r}: {', '.join(md['aggregated_sites'].value)} aggregated; "
+                      f"global liver Dice on the sites' own validation patients "
+                      f"{md['global_dice_liver'].value:.3f}")
+    model = run([federated_rounds, federated_model], EXPERIMENT, "federated_model: register and promote")
+    if model is None:
+        return 1
+    md = model.get_asset_materialization_events()[0].materialization.metadata
+    console.print(f"  [green]✓[/] {md['model_name'].value} v{md['model_version'].value} registered"
+                  + (" and promoted to production" if md["promoted"].value else " (not promoted: below threshold)"))
+    return 0 if md["promoted"].value else 1
+
+
+def _final_summary(console: Console, home: KaapanaHome) -> None:
+    from kaapana_assets.lake import Lake
+
+    lake = Lake(home.lake)
+    rounds = lake.read("federated_rounds", (pl.col("experiment") == EXPERIMENT) & (pl.col("site") == "global"))
+    table = Table(title=f"Federated experiment {EXPERIMENT}")
+    for column in ("round", "cases", "global liver Dice"):
+        table.add_column(column, justify="right")
+    for row in rounds.sort("round").iter_rows(named=True):
+        table.add_row(str(row["round"]), str(row["cases"]), f"{row['dice']:.3f}" if row["dice"] is not None else "—")
+    console.print(table)
+    if lake.exists("segmentations"):
+        segs = lake.read("segmentations", pl.col("label") == "liver").sort("study_uid")
+        table = Table(title="Automatic segmentations (DICOM SEG in the archive)")
+        for column in ("study", "SEG SOPInstanceUID", "model", "liver volume (ml)", "mean HU"):
+            table.add_column(column)
+        for row in segs.iter_rows(named=True):
+            table.add_row(row["study_uid"][-16:], row["seg_sop_instance_uid"],
+                          f"{row['model_name']} v{row['model_version']}", f"{row['volume_ml']:.0f}",
+                          f"{row['mean_hu']:.0f}")
+        console.print(table)
 
 
 def _curate(console: Console, home: KaapanaHome) -> None:

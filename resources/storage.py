@@ -12,6 +12,7 @@ from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
 from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource
+from resources.extensions import ExtensionRunner
 from resources.federation import FederatedSiteResource, FederationResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
@@ -76,6 +77,7 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
             "mlflow": MlflowResource(),
             "federation": FederationResource(),
             "federated_site": FederatedSiteResource(),
+            "extensions": ExtensionRunner(),
             "dicom_node": DicomNodeResource(
                 ae_title=os.environ.get("KAAPANA_DICOM_NODE_AET", ""),
                 host=os.environ.get("KAAPANA_DICOM_NODE_HOST", "127.0.0.1"),
@@ -100,6 +102,8 @@ def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource
             # Sites from $KAAPANA_FEDERATION (YAML); this site's identity from KAAPANA_SITE/_KEY.
             "federation": FederationResource(schedule="full"),
             "federated_site": FederatedSiteResource(),
+            "extensions": ExtensionRunner(mode="k8s", image=dg.EnvVar("KAAPANA_EXTENSION_IMAGE"),
+                                          home_claim=os.environ.get("KAAPANA_HOME_PVC", "kaapana-home")),
             "dicom_node": DicomNodeResource(
                 ae_title=dg.EnvVar("KAAPANA_DICOM_NODE_AET"), host=dg.EnvVar("KAAPANA_DICOM_NODE_HOST"),
                 port=int(os.environ.get("KAAPANA_DICOM_NODE_PORT", "104")),
@@ -121,4 +125,5 @@ def site_resources(home: Path, cohorts: Path | None = None, site: str = "",
         "dicom_node": DicomNodeResource(),
         "federation": FederationResource(exchange=str(home / "exchange")),
         "federated_site": FederatedSiteResource(name=site),
+        "extensions": ExtensionRunner(),
     }

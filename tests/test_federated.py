@@ -205,3 +205,37 @@ def test_site_failure_quorum_and_retry(federation: Federation) -> None:
         assert set(rows.filter((pl.col("round") == 2) & (pl.col("status") == "aggregated"))["site"]) == set(pair)
         beyond = _materialize([federated_plan, federated_rounds], "faults|4", instance, healthy, raise_on_error=False)
         assert "faults has 3 rounds" in beyond.get_step_failure_events()[0].step_failure_data.error.message
+
+
+def test_round_chain_sensor_requests_next_round_then_model(tmp_path: Path) -> None:
+    import definitions
+    from kaapana_assets.federated.assets import federated_round_chain
+    from kaapana_assets.federated.hub import publish_experiment
+
+    store = ExchangeStore(tmp_path / "exchange")
+    publish_experiment(store, ExperimentSpec("chain", "liver-train", ["liver"], 2, 1, "fedavg", {}))
+    with dg.instance_for_test() as instance, dg.partition_loading_context(dynamic_partitions_store=instance):
+        instance.add_dynamic_partitions("federated_experiments", ["chain"])
+        requests = []
+        cursor = None
+        for r in (1, 2):
+            instance.report_runless_asset_event(dg.AssetMaterialization("federated_rounds", partition=f"chain|{r}"))
+            context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=definitions.defs,
+                                              resources={"federation": FederationResource(exchange=str(store.root))})
+            result = federated_round_chain(context)
+            requests.extend(result.run_requests)
+            cursor = result.cursor
+        assert (requests[0].job_name, requests[0].partition_key) == ("federated_round", "chain|2")
+        assert (requests[1].job_name, requests[1].partition_key) == ("register_federated_model", "chain")
+
+
+def test_cli_shows_rounds_and_makes_keys(federation: Federation, three_rounds, capsys) -> None:  # type: ignore[no-untyped-def]
+    import base64
+
+    from kaapana_assets.cli import main
+
+    assert main(["federation", "key"]) == 0
+    assert len(base64.b64decode(capsys.readouterr().out.strip())) == 32
+    assert main(["federation", "rounds", "liver-fed", "--home", str(federation.root / "hub")]) == 0
+    out = capsys.readouterr().out
+    assert "federated rounds of liver-fed" in out and out.count("aggregated") == 9

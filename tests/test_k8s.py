@@ -11,11 +11,12 @@ import yaml
 from dagster_k8s import DagsterK8sJobConfig, construct_dagster_k8s_job
 from dagster_k8s.job import get_user_defined_k8s_config
 
+from kaapana_assets.federated.assets import site_update
 from kaapana_assets.segmentation.assets import segmentations
 from kaapana_assets.training.assets import trained_model
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-GPU_ASSETS = [trained_model, segmentations]  # federated site updates join when they land
+GPU_ASSETS = [trained_model, segmentations, site_update]
 
 
 def _job(asset: dg.AssetsDefinition):  # type: ignore[no-untyped-def]

@@ -319,23 +319,33 @@ federated_model_job = dg.define_asset_job("register_federated_model", selection=
                                           description="Register (and promote) a federated experiment's model.")
 
 
-@dg.asset_sensor(asset_key=dg.AssetKey("federated_rounds"), jobs=[federated_round_job, federated_model_job],
-                 default_status=dg.DefaultSensorStatus.RUNNING,
-                 description="Round r done → request round r+1; last round done → register the model.")
-def federated_round_chain(context: dg.SensorEvaluationContext, asset_event: dg.EventLogEntry,
-                          federation: FederationResource) -> dg.RunRequest | dg.SkipReason:
-    materialization = asset_event.asset_materialization
-    if materialization is None or not materialization.partition:
-        return dg.SkipReason("not a round materialization")
-    experiment, round_ = materialization.partition.split("|")
-    try:
-        rounds = int(federation.store().read_json(experiment, "experiment")["rounds"])
-    except (FileNotFoundError, KeyError, ValueError) as exc:
-        return dg.SkipReason(f"{experiment}: {exc}")
-    if int(round_) < rounds:
-        return dg.RunRequest(run_key=f"{experiment}|{int(round_) + 1}|{asset_event.storage_id}", job_name=federated_round_job.name,
-                             partition_key=round_key(experiment, int(round_) + 1))
-    return dg.RunRequest(run_key=f"{experiment}|model|{asset_event.storage_id}", job_name=federated_model_job.name, partition_key=experiment)
+@dg.sensor(jobs=[federated_round_job, federated_model_job], default_status=dg.DefaultSensorStatus.RUNNING,
+           minimum_interval_seconds=15,
+           description="Round r done → request round r+1; last round done → register the model.")
+def federated_round_chain(context: dg.SensorEvaluationContext, federation: FederationResource) -> dg.SensorResult:
+    after = int(context.cursor or 0)
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("federated_rounds"), after_storage_id=after),
+        limit=100, ascending=True).records
+    requests = []
+    for record in records:
+        partition = record.partition_key
+        if not partition:
+            continue
+        experiment, round_ = partition.split("|")
+        try:
+            rounds = int(federation.store().read_json(experiment, "experiment")["rounds"])
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            context.log.warning(f"{experiment}: {exc}")
+            continue
+        if int(round_) < rounds:
+            requests.append(dg.RunRequest(run_key=f"{partition}→{record.storage_id}", job_name=federated_round_job.name,
+                                          partition_key=round_key(experiment, int(round_) + 1)))
+        else:
+            requests.append(dg.RunRequest(run_key=f"{experiment}|model→{record.storage_id}",
+                                          job_name=federated_model_job.name, partition_key=experiment))
+    cursor = str(max([after, *(r.storage_id for r in records)]))
+    return dg.SensorResult(run_requests=requests, cursor=cursor)
 
 
 hub_assets = [federated_plan, federated_rounds, federated_model]
