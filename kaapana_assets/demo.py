@@ -23,7 +23,6 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
-from kaapana_assets.cohorts.definitions import EXAMPLES, load_definition
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.federated.exchange import generate_site_key
 from kaapana_assets.home import KaapanaHome
@@ -31,6 +30,7 @@ from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.lake import Lake
 from kaapana_assets.synthetic import generate_site, get_profile
 from resources.federation import FederatedSite, FederationResource
+from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource
 
 
@@ -40,7 +40,9 @@ def _truncated_copy(source: Path, target: Path) -> None:
     target.write_bytes(data[: len(data) // 2])
 
 
-DEMO_GRID = {"slices": 24, "matrix": 64}  # smaller than the scanners' grids: minutes on a laptop CPU
+# The scanners' slices (their slice thickness is what cohorts filter on), a smaller in-plane
+# matrix: the whole story takes minutes on a laptop CPU.
+DEMO_GRID: dict[str, int | None] = {"slices": None, "matrix": 64}
 EXPERIMENT = "liver-fed"
 
 
@@ -86,7 +88,8 @@ def _spool_and_ingest(console: Console, defs: dg.Definitions, instance: dg.Dagst
 
 
 def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds: int = 3,
-             new_studies: int = 2) -> int:
+             new_studies: int = 2, grid: dict[str, int | None] | None = None, schedule: str = "short",
+             promotion_dice: float = 0.7) -> int:
     import definitions  # the real code location
 
     home = KaapanaHome.from_env().ensure()
@@ -98,13 +101,14 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
     instance = dg.DagsterInstance.get()
     resources = dict(defs.resources or {})
     failed = 0
+    grid = grid or DEMO_GRID
 
     console.rule(f"1 · annotated studies of {len(sites)} sites")
     site_homes = {sites[0]: home, **{s: KaapanaHome(home.root / "sites" / s).ensure() for s in sites[1:]}}
     with tempfile.TemporaryDirectory() as tmp:
         for site in sites:
             with console.status(f"synthesizing {studies} annotated studies of {site}"):
-                generated = generate_site(site, studies, seed, Path(tmp), with_annotations=True, **DEMO_GRID)
+                generated = generate_site(site, studies, seed, Path(tmp), with_annotations=True, **grid)
             if site == sites[0]:
                 target = home.incoming / site
                 shutil.copytree(Path(tmp) / site, target, dirs_exist_ok=True)
@@ -124,19 +128,22 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
     console.rule("2 · cohorts and their harmonization checks")
     _curate(console, home)
     failed += _cohorts(console, defs, instance, resources)
-    train_cohort = load_definition(EXAMPLES / "liver-train.yaml")
+    train_cohort = resources["cohort_definitions"].get("liver-train")
     for site in sites[1:]:
         snapshot = snapshot_cohort(Lake(site_homes[site].lake), train_cohort)
         console.print(f"{site}: cohort liver-train v{snapshot.version} ({snapshot.size} series) at its own site")
 
     console.rule(f"3 · federated nnU-Net across {len(sites)} sites, {rounds} rounds")
-    federation = _federation(home, site_homes, rounds)
-    failed += _federate(console, instance, resources, federation)
+    federation = _federation(home, site_homes, rounds, schedule)
+    console.print(f"schedule {schedule}, {federation.local_epochs} local epoch(s) per round; the model is promoted "
+                  f"when its cross-site liver Dice reaches {promotion_dice}")
+    failed += _federate(console, instance, {**resources, "nnunet_settings": NnunetResource(
+        promotion_dice=promotion_dice)}, federation)
 
     console.rule("4 · new, unannotated studies arrive and are segmented automatically")
     before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     with tempfile.TemporaryDirectory() as tmp:
-        generate_site(sites[0], new_studies, seed + 1, Path(tmp), first_index=500, **DEMO_GRID)
+        generate_site(sites[0], new_studies, seed + 1, Path(tmp), first_index=500, **grid)
         shutil.copytree(Path(tmp) / sites[0], home.incoming / f"{sites[0]}-new", dirs_exist_ok=True)
     console.print(f"{new_studies} new CT studies (no annotations) → spool")
     ingest_failed, cursor = _spool_and_ingest(console, defs, instance, resources, cursor)
@@ -165,7 +172,8 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
     return 1 if failed else 0
 
 
-def _federation(home: KaapanaHome, site_homes: dict[str, KaapanaHome], rounds: int) -> FederationResource:
+def _federation(home: KaapanaHome, site_homes: dict[str, KaapanaHome], rounds: int,
+                schedule: str) -> FederationResource:
     """Sites reached in-process (local transport), each with its own key; written to
     federation.yaml too so `make dev` shows the same federation in the UI."""
     import yaml
@@ -178,7 +186,7 @@ def _federation(home: KaapanaHome, site_homes: dict[str, KaapanaHome], rounds: i
     path.write_text(yaml.safe_dump({"sites": sites}, sort_keys=False))
     os.environ.setdefault("KAAPANA_FEDERATION", str(path))
     return FederationResource(sites=[FederatedSite(**s) for s in sites], exchange=str(home.root / "exchange"),
-                              rounds=rounds, min_sites=2, schedule="short", local_epochs=2)
+                              rounds=rounds, min_sites=2, schedule=schedule, local_epochs=2)
 
 
 def _federate(console: Console, instance: dg.DagsterInstance, resources: dict, federation: FederationResource) -> int:

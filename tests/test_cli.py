@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from kaapana_assets.cli import main
 from kaapana_assets.lake import Lake
-from tests.conftest import dicom_files
+from kaapana_assets.cohorts.definitions import EXAMPLES
+from tests.conftest import TRAIN_COHORT, dicom_files
 
 
 def test_ingest_command_copies_by_default(tmp_path: Path, spool_copy: Path, capsys: pytest.CaptureFixture) -> None:
@@ -26,14 +28,56 @@ def test_ingest_command_missing_folder(tmp_path: Path) -> None:
     assert main(["ingest", str(tmp_path / "nope"), "--home", str(tmp_path / "home")]) == 2
 
 
-def test_demo_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
-    monkeypatch.setenv("KAAPANA_HOME", str(tmp_path / "kaapana"))
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster"))
-    assert main(["demo", "--studies", "1", "--sites", "site-b", "site-c"]) == 0
+@pytest.fixture(scope="module")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`kaapana demo` once on small grids with the tiny schedule: the whole story."""
+    root = tmp_path_factory.mktemp("demo")
+    # The examples, with liver-train relaxed for 16-slice test grids (thicker slices than 5 mm).
+    shutil.copytree(EXAMPLES, root / "cohorts")
+    (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT.replace("min_size: 4", "min_size: 2"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KAAPANA_COHORTS", str(root / "cohorts"))
+        mp.setenv("KAAPANA_HOME", str(root / "kaapana"))
+        mp.setenv("DAGSTER_HOME", str(root / "dagster"))
+        mp.delenv("KAAPANA_FEDERATION", raising=False)
+        code = main(["demo", "--studies", "3", "--rounds", "2", "--new-studies", "1", "--slices", "16", "--matrix", "40",
+                     "--schedule", "tiny", "--promotion-dice", "0.2"])
+    (root / "exit_code").write_text(str(code))
+    return root
+
+
+def test_demo_end_to_end(demo_home: Path, capsys: pytest.CaptureFixture) -> None:
+    assert (demo_home / "exit_code").read_text() == "0"
+    lake = Lake(demo_home / "kaapana" / "lake")
+    # site-a's annotated studies + the new one; the truncated file in quarantine
+    assert lake.read("studies").height == 4
+    assert lake.read("quarantine")["reason"].to_list() == ["truncated"]
+    # site-b and site-c ingested at their own homes; nothing of theirs is in the hub's lake
+    for site in ("site-b", "site-c"):
+        assert Lake(demo_home / "kaapana" / "sites" / site / "lake").read("studies").height == 3
+    rounds = lake.read("federated_rounds")
+    assert sorted(rounds.filter(rounds["site"] == "global")["round"].to_list()) == [1, 2]
+    assert set(rounds.filter(rounds["status"] == "aggregated")["site"]) == {"site-a", "site-b", "site-c"}
+    segs = lake.read("segmentations")
+    assert segs.height and set(segs["model_name"]) == {"nnunet-liver-train"}
+    assert (demo_home / "dagster" / "dagster.yaml").exists()
+    assert os.listdir(demo_home / "dagster" / "storage")  # runs recorded on the persistent instance
+
+
+def test_lineage_of_a_demo_segmentation(demo_home: Path, capsys: pytest.CaptureFixture) -> None:
+    lake = Lake(demo_home / "kaapana" / "lake")
+    seg = lake.read("segmentations").row(0, named=True)
+    capsys.readouterr()
+    assert main(["lineage", seg["seg_sop_instance_uid"], "--home", str(demo_home / "kaapana")]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "What the lake holds, per site" in out and "truncated: 2" in out
-    lake = Lake(tmp_path / "kaapana" / "lake")
-    assert lake.read("studies").height == 2
-    assert lake.read("quarantine").height == 2
-    assert (tmp_path / "dagster" / "dagster.yaml").exists()
-    assert os.listdir(tmp_path / "dagster" / "storage")  # runs recorded on the persistent instance
+    assert f"model nnunet-liver-train v{seg['model_version']}" in out
+    assert "federated experiment liver-fed: 2 round(s)" in out
+    assert "round 1: site-a" in out and "round 2: site-a" in out
+    assert "this site: cohort liver-train v" in out and "Delta versions read: series v" in out
+    assert "other sites: cohort versions and members stay at the sites" in out
+    sources = lake.read("cohort_members")["series_uid"].to_list()
+    assert any(uid in out for uid in sources)  # source series UIDs …
+    assert "SOP " in out and f"segmented series {seg['series_uid']}" in out  # … and SOP UIDs
+    # by the segmented series UID too; an unknown UID is a clear error
+    assert main(["lineage", seg["series_uid"], "--home", str(demo_home / "kaapana")]) == 0
+    assert main(["lineage", "1.2.3.4", "--home", str(demo_home / "kaapana")]) == 2
