@@ -132,6 +132,10 @@ def write_raw_dataset(folder: Path, cases: list[Case], labels: Mapping[str, int]
         "numTraining": len(cases),
         "file_ending": ".nii.gz",
         "description": description,
+        # Explicit file lists: without them nnU-Net lists files with a fork()ed Pool of 12,
+        # which deadlocks in a process that has threads (a Dagster run, torch) — seen here.
+        "dataset": {case.name: {"images": [f"imagesTr/{case.name}_0000.nii.gz"], "label": f"labelsTr/{case.name}.nii.gz"}
+                    for case in cases},
     }
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
     return dataset
