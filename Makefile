@@ -30,9 +30,13 @@ test-all: install
 demo: install
 	$(BIN)/kaapana demo
 
+# The demo's data (made first if missing), then the UI with the sensors running.
 dev: install
+	test -d $(KAAPANA_HOME)/lake/studies || $(BIN)/kaapana demo
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
-	$(BIN)/dagster dev
+	@echo "Dagster UI: http://localhost:3000"
+	@echo "MLflow UI (another shell): $(BIN)/mlflow ui --backend-store-uri sqlite:///$(KAAPANA_HOME)/mlflow.db"
+	KAAPANA_FEDERATION=$(KAAPANA_HOME)/federation.yaml $(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 bench-receive: install
 	$(BIN)/python bench/receive.py

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,13 @@ import pytest
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from kaapana_assets.cohorts.definitions import CohortDefinition  # noqa: E402
+from kaapana_assets.cohorts.membership import snapshot_cohort  # noqa: E402
+from kaapana_assets.federated.exchange import generate_site_key  # noqa: E402
+from kaapana_assets.federated.store import ExchangeStore  # noqa: E402
 from kaapana_assets.home import KaapanaHome  # noqa: E402
-from kaapana_assets.ingest.pipeline import IngestTargets  # noqa: E402
+from kaapana_assets.lake import Lake  # noqa: E402
+from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files  # noqa: E402
 from kaapana_assets.synthetic import GeneratedStudy, generate_site  # noqa: E402
 
 SMALL = {"slices": 12, "matrix": 40}  # small grids: same scanners, fewer voxels
@@ -115,3 +121,53 @@ def trained_site(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
             partition_key="liver-train", instance=instance, resources=resources,
         )
         yield TrainedSite(root, studies, instance, resources, result)
+
+
+SITES = ("site-a", "site-b", "site-c")  # three scanner profiles: non-IID by construction
+COHORT = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
+                                          "filter": {"modality": "CT", "has_reference_segmentation": True}})
+
+
+@dataclass
+class Federation:
+    root: Path
+    homes: dict[str, KaapanaHome]
+    keys: dict[str, str]
+
+    @property
+    def exchange(self) -> ExchangeStore:
+        return ExchangeStore(self.root / "exchange")
+
+    def resource(self, sites: tuple[str, ...] = SITES, min_sites: int = 2, rounds: int = 3,
+                 devices: dict[str, str] | None = None, keys: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+        from resources.federation import FederatedSite, FederationResource
+
+        keys = keys or self.keys
+        return FederationResource(
+            sites=[FederatedSite(name=s, transport="local", home=str(self.homes[s].root), key=keys[s],
+                                 device=(devices or {}).get(s, "cpu")) for s in sites],
+            exchange=str(self.root / "exchange"), rounds=rounds, min_sites=min_sites, schedule="tiny",
+            local_epochs=2, iterations_per_epoch=8,
+        )
+
+    def hub(self, federation) -> dict:  # type: ignore[no-untyped-def]
+        from resources import site_resources
+
+        return {**site_resources(self.root / "hub", device="cpu", promotion_dice=0.05), "federation": federation}
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    """Three sites, four annotated studies each, ingested into each site's own home and its
+    liver-train cohort snapshotted there."""
+    root = tmp_path_factory.mktemp("federation")
+    homes, keys = {}, {}
+    for index, site in enumerate(SITES):
+        home = KaapanaHome(root / site).ensure()
+        studies = generate_site(site, 4, seed=41 + index, out=root / "generated", with_annotations=True, **TRAIN_GRID)
+        ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+        snapshot_cohort(Lake(home.lake), COHORT)
+        homes[site], keys[site] = home, generate_site_key()
+    return Federation(root, homes, keys)
+
+

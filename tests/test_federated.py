@@ -6,72 +6,21 @@ fails, below and above quorum; a foreign key; tampered and replayed updates."""
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pytest
 
-from kaapana_assets.cohorts.definitions import CohortDefinition
-from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
 from kaapana_assets.federated.exchange import generate_site_key
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
 from kaapana_assets.federated.hub import ExperimentSpec, collect_updates
 from kaapana_assets.federated.partitions import round_key
 from kaapana_assets.federated.store import ExchangeStore
-from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from resources.federation import FederationResource
 from kaapana_assets.lake import Lake
-from kaapana_assets.synthetic import generate_site
-from resources import site_resources
-from resources.federation import FederatedSite, FederationResource
-from tests.conftest import TRAIN_GRID
-
-SITES = ("site-a", "site-b", "site-c")  # three scanner profiles: non-IID by construction
-COHORT = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
-                                          "filter": {"modality": "CT", "has_reference_segmentation": True}})
-
-
-@dataclass
-class Federation:
-    root: Path
-    homes: dict[str, KaapanaHome]
-    keys: dict[str, str]
-
-    @property
-    def exchange(self) -> ExchangeStore:
-        return ExchangeStore(self.root / "exchange")
-
-    def resource(self, sites: tuple[str, ...] = SITES, min_sites: int = 2, rounds: int = 3,
-                 devices: dict[str, str] | None = None, keys: dict[str, str] | None = None) -> FederationResource:
-        keys = keys or self.keys
-        return FederationResource(
-            sites=[FederatedSite(name=s, transport="local", home=str(self.homes[s].root), key=keys[s],
-                                 device=(devices or {}).get(s, "cpu")) for s in sites],
-            exchange=str(self.root / "exchange"), rounds=rounds, min_sites=min_sites, schedule="tiny",
-            local_epochs=2, iterations_per_epoch=8,
-        )
-
-    def hub(self, federation: FederationResource) -> dict:
-        return {**site_resources(self.root / "hub", device="cpu", promotion_dice=0.05), "federation": federation}
-
-
-@pytest.fixture(scope="session")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
-    """Three sites, four annotated studies each, ingested into each site's own home and its
-    liver-train cohort snapshotted there."""
-    root = tmp_path_factory.mktemp("federation")
-    homes, keys = {}, {}
-    for index, site in enumerate(SITES):
-        home = KaapanaHome(root / site).ensure()
-        studies = generate_site(site, 4, seed=41 + index, out=root / "generated", with_annotations=True, **TRAIN_GRID)
-        ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
-        snapshot_cohort(Lake(home.lake), COHORT)
-        homes[site], keys[site] = home, generate_site_key()
-    return Federation(root, homes, keys)
-
+from tests.conftest import SITES, Federation
 
 def _materialize(assets: list, partition: str, instance: dg.DagsterInstance, resources: dict,
                  raise_on_error: bool = True) -> dg.ExecuteInProcessResult:

@@ -21,13 +21,13 @@ from kaapana_assets.lake import Lake
 from resources import site_resources
 from resources.federation import FederatedSite, FederationResource
 from tests.dagster_site import SiteWebserver
-from tests.test_federated import Federation, federation  # noqa: F401 - the shared session fixture
+from tests.conftest import Federation
 
 PAIR = ("site-a", "site-b")
 
 
 @pytest.fixture
-def site_servers(federation: Federation, tmp_path: Path):  # noqa: F811  # type: ignore[no-untyped-def]
+def site_servers(federation: Federation, tmp_path: Path):  # type: ignore[no-untyped-def]
     servers = {}
     try:
         for site in PAIR:
@@ -70,7 +70,7 @@ def _kill_when_training(server: SiteWebserver, partition: str, done: threading.E
 
 
 @pytest.mark.timeout(900)
-def test_round_through_two_site_webservers(federation: Federation, site_servers) -> None:  # noqa: F811  # type: ignore[no-untyped-def]
+def test_round_through_two_site_webservers(federation: Federation, site_servers) -> None:  # type: ignore[no-untyped-def]
     resource = FederationResource(
         sites=[FederatedSite(name=s, transport="graphql", url=site_servers[s].url, key=federation.keys[s])
                for s in PAIR],
