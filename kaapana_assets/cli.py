@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=4, help="annotated studies per site")
     p.add_argument("--rounds", type=int, default=3, help="federated rounds")
     p.add_argument("--new-studies", type=int, default=2, help="unannotated studies that arrive afterwards")
-    p.add_argument("--matrix", type=int, default=64, help="in-plane size of the synthetic CT (smaller = faster)")
+    p.add_argument("--matrix", type=int, default=48, help="in-plane size of the synthetic CT (smaller = faster)")
     p.add_argument("--slices", type=int, default=None,
                    help="slices per CT (default: the scanner's; fewer means thicker slices, which the "
                         "liver-train cohort's 5 mm limit excludes)")

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import dagster as dg
@@ -42,7 +45,7 @@ def _truncated_copy(source: Path, target: Path) -> None:
 
 # The scanners' slices (their slice thickness is what cohorts filter on), a smaller in-plane
 # matrix: the whole story takes minutes on a laptop CPU.
-DEMO_GRID: dict[str, int | None] = {"slices": None, "matrix": 64}
+DEMO_GRID: dict[str, int | None] = {"slices": None, "matrix": 48}
 EXPERIMENT = "liver-fed"
 
 
@@ -94,6 +97,11 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
 
     home = KaapanaHome.from_env().ensure()
     _dagster_home(home)
+    # A newcomer reads the story, not library notices (they are in the Dagster run logs).
+    warnings.filterwarnings("ignore", module=r"dagster(\.|$)")
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     console.rule("[bold]kaapana_assets demo")
     console.print(f"KAAPANA_HOME = {home.root}  (the hub, and {sites[0]}'s own platform)\n"
                   f"DAGSTER_HOME = {os.environ['DAGSTER_HOME']}")
@@ -166,10 +174,20 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
         "  make dev                                   Dagster UI on http://localhost:3000 with these runs\n"
         f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{home.root / 'mlflow.db'}   MLflow on :5000\n"
         f"  kaapana federation rounds {EXPERIMENT}          every site's part in every round\n"
-        "  kaapana lineage <SEG SOPInstanceUID>       model → rounds → cohorts → Delta versions → source UIDs\n"
+        f"  kaapana lineage {_a_seg_uid(home)}\n"
+        "      the chain of that SEG: model → rounds → cohorts → Delta versions → source UIDs\n"
         f"  Delta tables under {home.lake}"
     )
     return 1 if failed else 0
+
+
+def _a_seg_uid(home: KaapanaHome) -> str:
+    from kaapana_assets.lake import Lake
+
+    lake = Lake(home.lake)
+    if not lake.exists("segmentations"):
+        return "<SEG SOPInstanceUID>"
+    return str(lake.read("segmentations")["seg_sop_instance_uid"][0])
 
 
 def _federation(home: KaapanaHome, site_homes: dict[str, KaapanaHome], rounds: int,
@@ -198,10 +216,20 @@ def _federate(console: Console, instance: dg.DagsterInstance, resources: dict, f
     if not instance.has_dynamic_partition("federated_experiments", EXPERIMENT):
         instance.add_dynamic_partitions("federated_experiments", [EXPERIMENT])
 
+    log_path = Path(os.environ["DAGSTER_HOME"]).parent / "logs" / "federated.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"nnU-Net's own output goes to {log_path}")
+
     def run(assets: list, partition: str, label: str, config: dict | None = None) -> dg.ExecuteInProcessResult | None:
-        with console.status(label):
-            result = dg.materialize(assets, partition_key=partition, instance=instance, resources=resources,
-                                    selection=[assets[-1]], raise_on_error=False, run_config={**quiet, **(config or {})})
+        # nnU-Net prints every epoch to stdout: keep it in a log file, the console shows progress.
+        console.file = sys.stdout  # pinned: the spinner stays on the terminal
+        try:
+            with console.status(label), log_path.open("a") as log, redirect_stdout(log), redirect_stderr(log):
+                result = dg.materialize(assets, partition_key=partition, instance=instance, resources=resources,
+                                        selection=[assets[-1]], raise_on_error=False,
+                                        run_config={**quiet, **(config or {})})
+        finally:
+            console.file = None  # type: ignore[assignment]
         if not result.success:
             failure = result.get_step_failure_events()
             console.print(f"  [red]✗[/] {label}: {failure[0].step_failure_data.error.message if failure else ''}")

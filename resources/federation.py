@@ -105,8 +105,10 @@ class LocalTransport:
         try:
             if not instance.has_dynamic_partition(EXPERIMENTS, experiment):
                 instance.add_dynamic_partitions(EXPERIMENTS, [experiment])
+            # The site's full log is in its own instance; here only what goes wrong.
             result = dg.materialize([SITE_ASSETS[asset]], partition_key=partition_key, instance=instance,
                                     resources=resources, raise_on_error=False,
+                                    run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
                                     tags={"kaapana/federated": "true", "kaapana/site": self.site.name})
             if result.success:
                 return SiteRun(self.site.name, True, run_id=result.run_id)

@@ -46,6 +46,7 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.timeout(1500)
 def test_demo_end_to_end(demo_home: Path, capsys: pytest.CaptureFixture) -> None:
     assert (demo_home / "exit_code").read_text() == "0"
     lake = Lake(demo_home / "kaapana" / "lake")
@@ -64,6 +65,7 @@ def test_demo_end_to_end(demo_home: Path, capsys: pytest.CaptureFixture) -> None
     assert os.listdir(demo_home / "dagster" / "storage")  # runs recorded on the persistent instance
 
 
+@pytest.mark.timeout(1500)
 def test_lineage_of_a_demo_segmentation(demo_home: Path, capsys: pytest.CaptureFixture) -> None:
     lake = Lake(demo_home / "kaapana" / "lake")
     seg = lake.read("segmentations").row(0, named=True)

@@ -18,9 +18,14 @@ from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
 from kaapana_assets.federated.hub import ExperimentSpec, collect_updates
 from kaapana_assets.federated.partitions import round_key
 from kaapana_assets.federated.store import ExchangeStore
-from resources.federation import FederationResource
 from kaapana_assets.lake import Lake
+from resources.federation import FederationResource
 from tests.conftest import SITES, Federation
+
+# Session fixtures train real networks on 2 cores: allow more than the default 10 minutes
+# for whichever test happens to set them up.
+pytestmark = pytest.mark.timeout(1500)
+
 
 def _materialize(assets: list, partition: str, instance: dg.DagsterInstance, resources: dict,
                  raise_on_error: bool = True) -> dg.ExecuteInProcessResult:

@@ -69,7 +69,7 @@ def _kill_when_training(server: SiteWebserver, partition: str, done: threading.E
         instance.dispose()
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 def test_round_through_two_site_webservers(federation: Federation, site_servers) -> None:  # type: ignore[no-untyped-def]
     resource = FederationResource(
         sites=[FederatedSite(name=s, transport="graphql", url=site_servers[s].url, key=federation.keys[s])

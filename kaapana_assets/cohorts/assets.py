@@ -140,7 +140,6 @@ def site_statistics(lake: LakeResource, archive: ArchiveResource) -> dg.Material
 cohort_job = dg.define_asset_job(
     "materialize_cohort",
     selection=dg.AssetSelection.assets(cohorts),
-    partitions_def=cohorts_partitions,
     description="Snapshot a cohort and run its harmonization checks.",
 )
 

@@ -112,7 +112,7 @@ def quarantine(
 
 
 ingest_study_job = dg.define_asset_job(
-    "ingest_study", selection=[dicom_studies], partitions_def=studies_partitions,
+    "ingest_study", selection=[dicom_studies],
     description="Ingest one study from the spool.",
 )
 quarantine_job = dg.define_asset_job(

@@ -68,7 +68,7 @@ segmentation_automation = dg.AutomationConditionSensorDefinition(
 )
 
 segment_job = dg.define_asset_job(
-    "segment_studies", selection=[segmentations], partitions_def=studies_partitions,
+    "segment_studies", selection=[segmentations],
     description="Segment studies with the production model (the model_promotion sensor requests it).",
 )
 

@@ -72,7 +72,7 @@ def write_seg(
         instance_number=1,
         manufacturer="kaapana_assets",
         manufacturer_model_name=model_name,
-        software_versions=(__version__, str(model_version)),
+        software_versions=[__version__, str(model_version)],  # a list: pydicom refuses tuples for LO
         device_serial_number="0",
         content_label="NNUNET",
         content_description=f"{model_name} v{model_version}",

@@ -166,7 +166,6 @@ def production_model(context: dg.AssetExecutionContext, mlflow: MlflowResource) 
 training_job = dg.define_asset_job(
     "train_cohort",
     selection=dg.AssetSelection.assets(nnunet_dataset, trained_model, production_model),
-    partitions_def=cohorts_partitions,
     description="Export, plan, train, validate, register and (if validation passes) promote.",
 )
 
