@@ -147,7 +147,7 @@ class Federation:
             sites=[FederatedSite(name=s, transport="local", home=str(self.homes[s].root), key=keys[s],
                                  device=(devices or {}).get(s, "cpu")) for s in sites],
             exchange=str(self.root / "exchange"), rounds=rounds, min_sites=min_sites, schedule="tiny",
-            local_epochs=2, iterations_per_epoch=8,
+            local_epochs=2, iterations_per_epoch=6,
         )
 
     def hub(self, federation) -> dict:  # type: ignore[no-untyped-def]
