@@ -170,8 +170,14 @@ def test_round_chain_sensor_requests_next_round_then_model(tmp_path: Path) -> No
     publish_experiment(store, ExperimentSpec("chain", "liver-train", ["liver"], 2, 1, "fedavg", {}))
     with dg.instance_for_test() as instance, dg.partition_loading_context(dynamic_partitions_store=instance):
         instance.add_dynamic_partitions("federated_experiments", ["chain"])
+        instance.report_runless_asset_event(dg.AssetMaterialization("federated_rounds", partition="chain|1"))
+        # The first tick only notes where history ends: finished rounds are not re-run.
+        first = federated_round_chain(dg.build_sensor_context(
+            instance=instance, definitions=definitions.defs,
+            resources={"federation": FederationResource(exchange=str(store.root))}))
+        assert not first.run_requests
         requests = []
-        cursor = None
+        cursor = first.cursor
         for r in (1, 2):
             instance.report_runless_asset_event(dg.AssetMaterialization("federated_rounds", partition=f"chain|{r}"))
             context = dg.build_sensor_context(instance=instance, cursor=cursor, definitions=definitions.defs,
@@ -193,3 +199,16 @@ def test_cli_shows_rounds_and_makes_keys(federation: Federation, three_rounds, c
     assert main(["federation", "rounds", "liver-fed", "--home", str(federation.root / "hub")]) == 0
     out = capsys.readouterr().out
     assert "federated rounds of liver-fed" in out and out.count("aggregated") == 9
+
+
+def test_a_superseded_round_is_not_recomputed(federation: Federation, three_rounds) -> None:  # type: ignore[no-untyped-def]
+    """Round 3 was trained from round 2's model: recomputing round 2 would orphan it."""
+    _, _, _, resources = three_rounds
+    before = federation.exchange.global_path("liver-fed", 2).read_bytes()
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("federated_experiments", ["liver-fed"])
+        result = _materialize([federated_plan, federated_rounds], round_key("liver-fed", 2), instance, resources,
+                              raise_on_error=False)
+    assert not result.success
+    assert "start a new experiment" in result.get_step_failure_events()[0].step_failure_data.error.message
+    assert federation.exchange.global_path("liver-fed", 2).read_bytes() == before

@@ -17,6 +17,7 @@ import polars as pl
 from kaapana_assets.federated.hub import (
     ExperimentSpec,
     RoundFailed,
+    RoundSuperseded,
     collect_fingerprints,
     plan_experiment,
     publish_experiment,
@@ -198,7 +199,7 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     try:
         outcome = run_round(store, spec, round_, participants, keys, federation.min_sites, run_sites,
                             context.log.info, context.log.warning)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, RoundSuperseded) as exc:
         raise dg.Failure(description=str(exc)) from None
     except RoundFailed as exc:
         if exc.rows:
@@ -323,7 +324,11 @@ federated_model_job = dg.define_asset_job("register_federated_model", selection=
            minimum_interval_seconds=15,
            description="Round r done → request round r+1; last round done → register the model.")
 def federated_round_chain(context: dg.SensorEvaluationContext, federation: FederationResource) -> dg.SensorResult:
-    after = int(context.cursor or 0)
+    if context.cursor is None:
+        # First tick: start from now. Replaying history would re-run rounds that are done.
+        latest = context.instance.fetch_materializations(dg.AssetKey("federated_rounds"), limit=1).records
+        return dg.SensorResult(cursor=str(latest[0].storage_id if latest else 0))
+    after = int(context.cursor)
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("federated_rounds"), after_storage_id=after),
         limit=100, ascending=True).records

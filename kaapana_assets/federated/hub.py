@@ -187,6 +187,10 @@ class SiteRunLike(Protocol):
 RunSites = Callable[[str, list[str]], Mapping[str, SiteRunLike]]  # (site asset, sites) -> outcome per site
 
 
+class RoundSuperseded(RuntimeError):
+    """A later round was built on this one: recomputing it would orphan that lineage."""
+
+
 class RoundFailed(RuntimeError):
     """Below quorum: nothing aggregated. `rows` record what happened, for the table."""
 
@@ -231,6 +235,9 @@ def run_round(store: ExchangeStore, spec: ExperimentSpec, round_: int, participa
     if not store.has_global(spec.experiment, round_ - 1):
         raise FileNotFoundError(f"round {round_} needs the global model of round {round_ - 1}: "
                                 f"materialize {spec.experiment}|{round_ - 1} first")
+    if store.has_global(spec.experiment, round_ + 1):
+        raise RoundSuperseded(f"round {round_ + 1} of {spec.experiment} was trained from this round's model; "
+                              f"recomputing round {round_} would break that lineage — start a new experiment")
     plan_sha = hashlib.sha256(json.dumps(store.read_json(spec.experiment, "plans"), sort_keys=True).encode()).hexdigest()
     runs = run_sites("site_update", participants)
     ran = [site for site in participants if runs[site].ok]
