@@ -172,11 +172,12 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
 
 
 def combined_metrics(evaluations: list[SiteUpdate]) -> dict[str, float]:
-    """Cross-site metrics weighted by each site's validation case count."""
-    total = sum(e.cases for e in evaluations)
-    names = sorted({k for e in evaluations for k in e.metrics})
-    return {name: sum(e.metrics[name] * e.cases for e in evaluations if name in e.metrics)
-            / max(1, sum(e.cases for e in evaluations if name in e.metrics)) for name in names} if total else {}
+    """Cross-site metrics: each one weighted by the validation cases of the sites reporting it."""
+    combined = {}
+    for name in sorted({k for e in evaluations for k in e.metrics}):
+        reporting = [e for e in evaluations if name in e.metrics]
+        combined[name] = sum(e.metrics[name] * e.cases for e in reporting) / sum(e.cases for e in reporting)
+    return combined
 
 
 class SiteRunLike(Protocol):
