@@ -65,6 +65,36 @@ def spool_copy(tmp_path: Path, corpus_root: Path) -> Path:
     return target
 
 
+@dataclass
+class EncodedCorpus:
+    """One annotated study (site-a: unsigned pixels, which every encoder takes) and its CT
+    series re-encoded by dcmtk, GDCM and OpenJPH in every transfer syntax they write."""
+
+    study: GeneratedStudy
+    root: Path
+    series: dict[str, list[Path]]  # encoding name -> the CT series' files in that encoding
+    segs: dict[str, Path]  # encoding name -> the reference SEG in that encoding (native syntaxes)
+    missing_tools: list[str]
+
+
+@pytest.fixture(scope="session")
+def encoded_corpus(tmp_path_factory: pytest.TempPathFactory) -> EncodedCorpus:
+    from kaapana_assets.synthetic.transcode import ENCODINGS, transcode
+
+    root = tmp_path_factory.mktemp("encoded")
+    study = generate_site("site-a", 1, seed=5, out=root / "original", with_annotations=True, slices=6, matrix=40)[0]
+    series: dict[str, list[Path]] = {}
+    segs: dict[str, Path] = {}
+    missing = sorted({e.tool for e in ENCODINGS if not e.available})
+    for encoding in ENCODINGS:
+        if not encoding.available:
+            continue
+        series[encoding.name] = [transcode(f, root / encoding.name / "ct" / f.name, encoding) for f in study.ct_files]
+        if not encoding.transfer_syntax.startswith("1.2.840.10008.1.2.4") and encoding.name != "rle":
+            segs[encoding.name] = transcode(study.seg_file, root / encoding.name / "seg" / study.seg_file.name, encoding)
+    return EncodedCorpus(study, root, series, segs, missing)
+
+
 def dicom_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 

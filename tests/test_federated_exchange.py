@@ -125,3 +125,15 @@ def test_nothing_identifying_leaves_a_site(trained_site) -> None:  # type: ignor
     some_uid = sorted(identifiers)[0]
     assert leaked_identifiers(payload + some_uid.encode(), identifiers) == [some_uid]
     assert len(unpack_update("site-a", payload).weights) == len(weights)
+
+
+def test_median_of_an_even_number_of_sites_averages_the_middle_pair() -> None:
+    """With two sites (the default quorum) torch.median would be an element-wise minimum."""
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    for count in (2, 4):
+        updates = [SiteUpdate(f"site-{i}", 1, {"conv.weight": torch.from_numpy(rng.normal(size=(2, 3)).astype(np.float32))})
+                   for i in range(count)]
+        expected = np.median(np.stack([u.weights["conv.weight"].numpy() for u in updates]), axis=0)
+        assert np.allclose(coordinate_median(updates)["conv.weight"].numpy(), expected, atol=1e-6)

@@ -193,3 +193,30 @@ def test_model_promotion_requests_resegmentation(trained_site) -> None:  # type:
         assert all(r.run_key.startswith(f"nnunet-liver-train:{newest}:") for r in moved.run_requests)
     finally:
         tracking.promote("nnunet-liver-train", 1)
+
+
+def test_compressed_study_is_segmented(trained_site) -> None:  # type: ignore[no-untyped-def]
+    """A study a PACS sends as JPEG Lossless and another as JPEG 2000 (re-encoded by dcmtk and
+    GDCM) go through ingest, volume assembly and prediction into a valid DICOM SEG."""
+    from kaapana_assets.synthetic.transcode import transcode
+
+    for index, encoding in ((10, "jpeg_lossless_sv1"), (11, "jpeg2000_lossless")):
+        study = generate_site("site-a", 1, seed=SEED, out=trained_site.root / f"new{index}", first_index=index,
+                              **TRAIN_GRID)[0]
+        spool = trained_site.home.incoming / f"new{index}"
+        for f in study.ct_files:
+            transcode(f, spool / f.name, encoding)
+        result = _segment(trained_site, study)
+        assert result.success, (encoding, result.all_events)
+        lake = Lake(trained_site.home.lake)
+        syntaxes = lake.read("instances", pl.col("series_uid") == study.series_uid)["transfer_syntax_uid"].unique()
+        assert syntaxes.to_list() == [{"jpeg_lossless_sv1": "1.2.840.10008.1.2.4.70",
+                                       "jpeg2000_lossless": "1.2.840.10008.1.2.4.90"}[encoding]]
+        md = result.asset_materializations_for_node("segmentations")[0].metadata
+        path = lake.read("instances", pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)["archive_path"][0]
+        liver = lake.read("segmentations", (pl.col("study_uid") == study.study_uid) & (pl.col("label") == "liver"))
+        assert liver["voxel_count"][0] > 0
+        if shutil.which("dciodvfy"):
+            out = subprocess.run(["dciodvfy", str(trained_site.home.archive / path)], capture_output=True, text=True,
+                                 timeout=60)
+            assert [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")] == []

@@ -61,7 +61,14 @@ def coordinate_median(updates: Sequence[SiteUpdate]) -> dict[str, torch.Tensor]:
     out = {}
     for k in keys:
         stacked = torch.stack([u.weights[k] for u in updates])
-        out[k] = stacked.median(dim=0).values if stacked.is_floating_point() else updates[0].weights[k].clone()
+        # torch.median returns the lower middle value: with two sites, an element-wise minimum.
+        # Average the two middle values, as np.median does (torch.quantile caps tensor size).
+        if stacked.is_floating_point():
+            ordered = stacked.double().sort(dim=0).values
+            n = ordered.shape[0]
+            out[k] = ((ordered[(n - 1) // 2] + ordered[n // 2]) / 2).to(stacked.dtype)
+        else:
+            out[k] = updates[0].weights[k].clone()
     return out
 
 

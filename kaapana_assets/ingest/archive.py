@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import uuid
 from pathlib import Path
 
@@ -89,17 +90,19 @@ def write_once(root: Path, relpath: str, data: bytes, sha256: str) -> bool:
             os.unlink(tmp)
 
 
-def link_once(root: Path, relpath: str, source: str, sha256: str) -> bool:
-    """Like write_once, but hard-links `source` (a spool file about to be deleted) into the
-    archive: atomic, never clobbers, no data copy. Falls back to copying when the spool and
-    the archive are on different filesystems."""
+def link_once(root: Path, relpath: str, source: str, sha256: str, data: bytes, inode: tuple[int, int]) -> bool:
+    """Like write_once, but hard-links `source` (a spool file about to be deleted, whose
+    bytes `data` were read from a regular file) into the archive: atomic, never clobbers,
+    no data copy. The link is made to the spool entry itself (never following a symbolic
+    link) and kept only if it is the regular file that was read (`inode`: its st_dev and
+    st_ino); otherwise, or across
+    filesystems, `data` is written as a copy."""
     if relpath.startswith("/") or ".." in relpath.split("/"):
         raise ValueError(f"{relpath!r} leaves the archive")
     final = os.path.join(root, relpath)
     _ensure_dir(os.path.dirname(final))
     try:
-        os.link(source, final)
-        return True
+        os.link(source, final, follow_symlinks=False)
     except FileExistsError:
         if sha256_of(Path(final)) != sha256:
             raise ArchiveConflict(f"{relpath} exists with different content") from None
@@ -110,8 +113,14 @@ def link_once(root: Path, relpath: str, source: str, sha256: str) -> bool:
         _made_dirs.discard(os.path.dirname(final))
     except OSError:  # EXDEV, or no hard links on this filesystem
         pass
-    with open(source, "rb") as fh:
-        return write_once(root, relpath, fh.read(), sha256)
+    else:
+        # The spool entry may have been swapped since it was read: keep the link only if
+        # it is a regular file with the content that was parsed.
+        linked = os.lstat(final)
+        if stat.S_ISREG(linked.st_mode) and (linked.st_dev, linked.st_ino) == inode:
+            return True
+        os.unlink(final)
+    return write_once(root, relpath, data, sha256)
 
 
 def durable() -> None:

@@ -4,8 +4,12 @@ the reason it goes to quarantine. Never raises anything but `Rejected` on bad in
 from __future__ import annotations
 
 import io
+import math
 import warnings
+import zlib
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from functools import cache
 from struct import unpack_from
 
 import pydicom
@@ -19,27 +23,37 @@ from pydicom.uid import (
 )
 
 from kaapana_assets.ingest import elements
-
-ALL_TRANSFER_SYNTAXES = frozenset(AllTransferSyntaxes)
+from kaapana_assets.ingest.elements import PixelDataInfo
 from kaapana_assets.ingest.uids import is_valid_uid
 
+ALL_TRANSFER_SYNTAXES = frozenset(AllTransferSyntaxes)
 
-class Reason:
-    """Machine-readable quarantine reasons."""
+
+class Reason(StrEnum):
+    """Machine-readable quarantine reasons (the `reason` column of `quarantine`)."""
 
     NOT_DICOM = "not_dicom"
     NO_FILE_META = "no_file_meta"
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"
+    NO_CODEC = "no_codec"  # a known transfer syntax whose pixels no installed decoder reads
     MISSING_TAG = "missing_tag"
     INVALID_UID = "invalid_uid"
-    TRUNCATED = "truncated"
-    MALFORMED = "malformed"
+    TRUNCATED = "truncated"  # the file really ends early: an element runs past its end
+    MALFORMED = "malformed"  # complete, but not well-formed DICOM, or a value of the wrong type
+    EXCEEDS_LIMITS = "exceeds_limits"  # more work than one file may cost (items, nesting, inflation)
     SOP_CONFLICT = "sop_conflict"
+    SERIES_CONFLICT = "series_conflict"  # a known series UID under another study
+    NOT_REGULAR_FILE = "not_regular_file"  # a link, socket, device... in the spool: never followed
     IO_ERROR = "io_error"
 
 
+# Deflated data sets are inflated at most to this size (a 524 kB bomb inflates to 512 MiB).
+# Deflate is used for small non-image objects in practice; 256 MiB is a 512-slice CT volume.
+MAX_INFLATED_BYTES = 256 * 2**20
+
+
 class Rejected(Exception):
-    def __init__(self, reason: str, message: str, study_uid: str | None = None, sop_uid: str | None = None):
+    def __init__(self, reason: Reason, message: str, study_uid: str | None = None, sop_uid: str | None = None):
         super().__init__(message)
         self.reason = reason
         self.message = message
@@ -82,9 +96,12 @@ FIELDS: dict[str, str] = {
     "Columns": "int",
     "PixelSpacing": "floats",
     "BitsAllocated": "int",
+    "BitsStored": "int",
     "RescaleIntercept": "float",
     "RescaleSlope": "float",
-    "PixelData": "bytes",
+    "PixelData": "pixels",
+    "FloatPixelData": "pixels",
+    "DoubleFloatPixelData": "pixels",
 }
 TAGS = {keyword: int(tag_for_keyword(keyword)) for keyword in FIELDS}  # type: ignore[arg-type]
 KEYWORD_OF = {tag: keyword for keyword, tag in TAGS.items()}
@@ -99,11 +116,14 @@ NESTED = {
 }
 TRANSFER_SYNTAX_TAG = 0x00020010
 # Set by the DICOM receiver in the file meta: who sent the instance, and to which AE title.
+# (0002,0017) Sending and (0002,0018) Receiving AE Title; files archived before the
+# receiver wrote (0002,0017) carry the calling AE title in (0002,0016) Source AE Title.
 SOURCE_AE_TAG = 0x00020016
+SENDING_AE_TAG = 0x00020017
 RECEIVING_AE_TAG = 0x00020018
 # Data sets in these transfer syntaxes are explicit VR little endian (encapsulated pixel
 # data included); the others go through pydicom.
-NOT_EXPLICIT_LE = {ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
+NOT_EXPLICIT_LE = {ImplicitVRLittleEndian, ExplicitVRBigEndian}
 NATIVE = {ImplicitVRLittleEndian, "1.2.840.10008.1.2.1", ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 # Single-byte or UTF-8 character sets decodable without pydicom's ISO 2022 machinery.
 SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
@@ -163,14 +183,25 @@ def _text(raw: bytes, encoding: str) -> str:
     return raw.decode(encoding, errors="replace").strip(" \x00")
 
 
-def _convert(kind: str, vr: bytes, raw: bytes, encoding: str) -> object:
-    if kind == "bytes":
+_BINARY = {b"US": "H", b"SS": "h", b"UL": "I", b"SL": "i", b"FL": "f", b"FD": "d", b"SV": "q", b"UV": "Q"}
+
+
+def _convert(kind: str, vr: bytes, raw: object, encoding: str) -> object:
+    """One raw value as the walker found it, decoded as its kind. A value of the wrong VR
+    decodes to the wrong Python type, which `validate` then rejects as malformed."""
+    if kind == "pixels":
         return raw
-    if vr in (b"US", b"SS", b"UL", b"SL"):
-        fmt = {b"US": "<H", b"SS": "<h", b"UL": "<I", b"SL": "<i"}[vr]
-        if len(raw) < {b"US": 2, b"SS": 2, b"UL": 4, b"SL": 4}[vr]:
+    assert isinstance(raw, bytes)
+    code = _BINARY.get(vr)
+    if code is not None:
+        width = {"H": 2, "h": 2, "I": 4, "i": 4, "f": 4, "d": 8, "q": 8, "Q": 8}[code]
+        count = min(len(raw) // width, 16)  # at most 16 values: no attribute we index has more
+        numbers = list(unpack_from(f"<{count}{code}", raw)) if count else []
+        if not numbers:
             return None
-        return int(unpack_from(fmt, raw)[0])
+        if kind == "floats":
+            return [float(n) for n in numbers]
+        return numbers[0] if kind in ("int", "float") else numbers[0]
     text = _text(raw, encoding)
     if kind in ("str", "uid"):
         return text or None
@@ -188,19 +219,39 @@ def _convert(kind: str, vr: bytes, raw: bytes, encoding: str) -> object:
     return [float(p) for p in parts]  # floats
 
 
+def _inflate(data: bytes, start: int) -> bytes:
+    """The deflated data set after the file meta, inflated (raw deflate, PS3.5 A.5), capped."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(data[start:], MAX_INFLATED_BYTES)
+    except zlib.error as exc:
+        raise Rejected(Reason.MALFORMED, f"deflated data set does not inflate: {exc}") from None
+    if inflater.unconsumed_tail:
+        raise Rejected(
+            Reason.EXCEEDS_LIMITS, f"deflated data set inflates beyond {MAX_INFLATED_BYTES // 2**20} MiB"
+        )
+    return out
+
+
 def _fast_values(data: bytes) -> tuple[dict[str, object], str]:
     """Header values via the element walker (explicit VR little endian only)."""
     meta, pos = elements.read_file_meta(data)
     ts_raw = meta.get(TRANSFER_SYNTAX_TAG)
-    if ts_raw is None:
-        raise Rejected(Reason.MISSING_TAG, "file meta has no TransferSyntaxUID (0002,0010)")
+    if ts_raw is None:  # pydicom's reading decides what such a file is
+        raise elements.Unsupported("file meta has no TransferSyntaxUID (0002,0010)")
     transfer_syntax = _text(ts_raw[1], "ascii")  # type: ignore[index]
     if transfer_syntax in NOT_EXPLICIT_LE or transfer_syntax not in ALL_TRANSFER_SYNTAXES:
         raise elements.Unsupported(transfer_syntax)
-    found, _ = elements.walk(data, pos, WANTED, NESTED)
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+        # Inflated here, capped, so that pydicom never inflates an unbounded stream.
+        found, _ = elements.walk(_inflate(data, pos), 0, WANTED, NESTED)
+    else:
+        found, _ = elements.walk(data, pos, WANTED, NESTED)
     ae_titles = {
         keyword: _text(meta[tag][1], "latin-1") or None  # type: ignore[index]
-        for keyword, tag in (("CallingAETitle", SOURCE_AE_TAG), ("CalledAETitle", RECEIVING_AE_TAG))
+        for keyword, tag in (
+            ("CallingAETitle", SOURCE_AE_TAG), ("CallingAETitle", SENDING_AE_TAG), ("CalledAETitle", RECEIVING_AE_TAG)
+        )
         if tag in meta
     }
     charset_raw = found.get(TAGS["SpecificCharacterSet"])
@@ -229,12 +280,31 @@ def _fast_values(data: bytes) -> tuple[dict[str, object], str]:
     return values, transfer_syntax
 
 
+def _pydicom_pixels(ds: pydicom.Dataset, keyword: str) -> PixelDataInfo | None:
+    tag = TAGS[keyword]
+    if tag not in ds:
+        return None
+    raw = ds.get_item(tag)  # the raw element keeps its declared length
+    value = bytes(raw.value or b"")
+    declared = getattr(raw, "length", None)
+    undefined = declared == elements.UNDEFINED_LENGTH or getattr(raw, "is_undefined_length", False)
+    if undefined:  # encapsulated: fragments after the Basic Offset Table
+        fragments = list(pydicom.encaps.generate_fragments(value))
+        return PixelDataInfo(sum(len(f) for f in fragments[1:]), len(fragments) - 1)
+    if isinstance(declared, int) and declared > len(value):
+        # pydicom hands over what the file had: the file ended inside the element.
+        raise Rejected(Reason.TRUNCATED, f"{keyword} needs {declared} bytes, the file has {len(value)} left")
+    return PixelDataInfo(len(value))
+
+
 def _pydicom_value(ds: pydicom.Dataset, keyword: str, kind: str) -> object:
+    if kind == "pixels":
+        return _pydicom_pixels(ds, keyword)
     value = ds.get(keyword)
     if value is None or value == "":
         return None
-    if kind == "bytes":
-        return bytes(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and kind in ("str", "uid", "pn", "strs"):
+        return value  # a text attribute written with a binary VR: rejected by validate
     if kind in ("str", "uid"):
         return str(value).strip(" \x00") or None
     if kind == "pn":
@@ -255,7 +325,11 @@ def _pydicom_values(data: bytes) -> tuple[dict[str, object], str]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
-            values = {kw: _pydicom_value(ds, kw, kind) for kw, kind in FIELDS.items()}
+            # Pixel Data elements are read raw by tag: ds.get(keyword) would wrap them.
+            values = {kw: _pydicom_value(ds, kw, kind) for kw, kind in FIELDS.items() if kind != "pixels"}
+            for kw, kind in FIELDS.items():
+                if kind == "pixels":
+                    values[kw] = _pydicom_pixels(ds, kw)
             values["ReferencedSeriesUIDs"] = [
                 str(item.SeriesInstanceUID)
                 for item in ds.get("ReferencedSeriesSequence", [])
@@ -284,6 +358,7 @@ def _pydicom_values(data: bytes) -> tuple[dict[str, object], str]:
     transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", "") or "")
     for keyword, meta_keyword in (
         ("CallingAETitle", "SourceApplicationEntityTitle"),
+        ("CallingAETitle", "SendingApplicationEntityTitle"),
         ("CalledAETitle", "ReceivingApplicationEntityTitle"),
     ):
         value = str(ds.file_meta.get(meta_keyword, "") or "").strip()
@@ -294,12 +369,36 @@ def _pydicom_values(data: bytes) -> tuple[dict[str, object], str]:
 
 def _expected_pixel_bytes(values: dict[str, object]) -> int | None:
     rows, columns, bits = values.get("Rows"), values.get("Columns"), values.get("BitsAllocated")
-    if not (isinstance(rows, int) and isinstance(columns, int) and isinstance(bits, int)):
+    samples, frames = values.get("SamplesPerPixel") or 1, values.get("NumberOfFrames") or 1
+    if not all(isinstance(v, int) and v > 0 for v in (rows, columns, bits, samples, frames)):
         return None
-    samples = values.get("SamplesPerPixel") or 1
-    frames = values.get("NumberOfFrames") or 1
-    total_bits = rows * columns * int(samples) * int(frames) * bits  # type: ignore[call-overload]
+    total_bits = rows * columns * samples * frames * bits  # type: ignore[operator]
     return (total_bits + 7) // 8
+
+
+JPEG_EXTENDED = "1.2.840.10008.1.2.4.51"
+
+
+@cache
+def decoder_missing(transfer_syntax: str, bits_stored: int | None = None) -> str | None:
+    """Why pixels in this (encapsulated) transfer syntax cannot be decoded here, or None."""
+    import importlib.util
+
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax)
+    try:
+        decoder = get_decoder(uid)
+    except NotImplementedError:
+        return f"pydicom has no decoder for {uid.name} ({uid})"
+    if not decoder.is_available:
+        return f"no installed codec decodes {uid.name} ({uid})"
+    if uid == JPEG_EXTENDED and (bits_stored or 8) > 8 and importlib.util.find_spec("libjpeg") is None:
+        # GDCM and Pillow decode 8-bit JPEG Extended only; pylibjpeg-libjpeg is GPL-3.
+        return (f"no installed codec decodes {uid.name} ({uid}) at {bits_stored} bits "
+                "(GDCM and Pillow read 8 bits; pylibjpeg-libjpeg would, but it is GPL-3 and not installed)")
+    return None
 
 
 def parse_header(data: bytes) -> InstanceHeader:
@@ -308,19 +407,86 @@ def parse_header(data: bytes) -> InstanceHeader:
         values, transfer_syntax = _fast_values(data)
     except elements.Truncated as exc:
         raise Rejected(Reason.TRUNCATED, str(exc)) from None
+    except elements.TooLarge as exc:
+        raise Rejected(Reason.EXCEEDS_LIMITS, str(exc)) from None
     except (elements.Unsupported, elements.Malformed, UnicodeDecodeError, ValueError, OverflowError):
+        _bound_for_pydicom(data)
         values, transfer_syntax = _pydicom_values(data)
     return validate(values, transfer_syntax)
+
+
+# pydicom builds a Dataset per sequence item (~1.3 kB each, measured): a file that claims
+# more items than this is refused before pydicom reads it (the walker bounds its own walk).
+MAX_PYDICOM_ITEMS = 50_000
+_ITEM_TAGS = (b"\xfe\xff\x00\xe0", b"\xff\xfe\xe0\x00")  # (FFFE,E000) little and big endian
+
+
+def _bound_for_pydicom(data: bytes) -> None:
+    """Refuse what pydicom would read without bound: too many items, or a deflated data set
+    that inflates beyond the cap (pydicom inflates the whole stream at once)."""
+    if DeflatedExplicitVRLittleEndian.encode() in data[:4096]:
+        try:
+            _, pos = elements.read_file_meta(data)
+        except elements.Malformed as exc:
+            raise Rejected(Reason.MALFORMED, f"deflated data set with unreadable file meta: {exc}") from None
+        except elements.Unsupported:
+            pos = None  # no Part 10 file meta: pydicom cannot know it is deflated
+        if pos is not None:
+            data = _inflate(data, pos)
+    items = max(data.count(tag) for tag in _ITEM_TAGS)
+    if items > MAX_PYDICOM_ITEMS:
+        raise Rejected(Reason.EXCEEDS_LIMITS, f"about {items:,} sequence items; at most {MAX_PYDICOM_ITEMS:,} are read")
+
+
+# What each kind must be once decoded: anything else is a value of the wrong VR or
+# multiplicity (PatientSex as SS, a position as one integer) and would not fit the schema.
+INT64 = 2**63
+
+
+def _well_typed(kind: str, value: object) -> bool:
+    if value is None:
+        return True
+    if kind in ("str", "uid", "pn"):
+        return isinstance(value, str)
+    if kind == "strs":
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and -INT64 <= value < INT64
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "floats":
+        return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    return kind == "pixels" and isinstance(value, PixelDataInfo)
+
+
+def _check_types(values: dict[str, object], hint: dict[str, str | None]) -> None:
+    for keyword, kind in FIELDS.items():
+        value = values.get(keyword)
+        if not _well_typed(kind, value):
+            raise Rejected(
+                Reason.MALFORMED, f"{keyword} has a value of the wrong type or multiplicity: {str(value)[:80]!r}", **hint
+            )
+    for keyword in ("ReferencedSeriesUIDs", "SegmentLabels"):
+        if not _well_typed("strs", values.get(keyword) or []):
+            raise Rejected(Reason.MALFORMED, f"{keyword} is not a list of strings", **hint)
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        value = values.get(keyword)
+        expected = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}[keyword]
+        if value is not None and (len(value) != expected or not all(math.isfinite(v) for v in value)):  # type: ignore[arg-type]
+            raise Rejected(Reason.MALFORMED, f"{keyword} needs {expected} finite numbers, has {value!r:.80}", **hint)
 
 
 def validate(values: dict[str, object], transfer_syntax: str) -> InstanceHeader:
     study = values.get("StudyInstanceUID")
     sop = values.get("SOPInstanceUID")
     hint = {"study_uid": study if isinstance(study, str) else None, "sop_uid": sop if isinstance(sop, str) else None}
-    if not transfer_syntax or transfer_syntax not in ALL_TRANSFER_SYNTAXES:
+    if not transfer_syntax:
+        raise Rejected(Reason.MISSING_TAG, "file meta has no TransferSyntaxUID (0002,0010)", **hint)
+    if transfer_syntax not in ALL_TRANSFER_SYNTAXES:
         raise Rejected(
             Reason.UNSUPPORTED_TRANSFER_SYNTAX, f"transfer syntax {transfer_syntax!r} is not readable", **hint
         )
+    _check_types(values, hint)
     missing = [kw for kw in REQUIRED if not values.get(kw)]
     if missing:
         raise Rejected(Reason.MISSING_TAG, f"missing required attribute(s): {', '.join(missing)}", **hint)
@@ -332,13 +498,23 @@ def validate(values: dict[str, object], transfer_syntax: str) -> InstanceHeader:
         if not is_valid_uid(uid):
             raise Rejected(Reason.INVALID_UID, f"referenced SeriesInstanceUID {str(uid)[:80]!r} is invalid", **hint)
     pixels = values.get("PixelData")
-    if values.get("Rows") and pixels is None:
-        raise Rejected(Reason.TRUNCATED, "image without Pixel Data (7FE0,0010)", **hint)
-    expected = _expected_pixel_bytes(values)
-    if isinstance(pixels, bytes) and expected and transfer_syntax in NATIVE and len(pixels) < expected:
-        raise Rejected(
-            Reason.TRUNCATED, f"Pixel Data has {len(pixels)} bytes, the image needs {expected}", **hint
-        )
+    if values.get("Rows") and not any(values.get(kw) for kw in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise Rejected(Reason.MISSING_TAG, "image attributes (Rows) without Pixel Data (7FE0,0010/0008/0009)", **hint)
+    if isinstance(pixels, PixelDataInfo):
+        if pixels.fragments is None:
+            expected = _expected_pixel_bytes(values)
+            if expected and pixels.length < expected:
+                # The walker raises Truncated when a file ends inside the element; a shorter
+                # value in a complete file is malformed (pydicom may also hand over a short value).
+                raise Rejected(
+                    Reason.MALFORMED, f"Pixel Data has {pixels.length} bytes, the image needs {expected}", **hint
+                )
+        else:
+            if pixels.fragments == 0 or pixels.length == 0:
+                raise Rejected(Reason.MALFORMED, "encapsulated Pixel Data without any fragment", **hint)
+            missing_codec = decoder_missing(transfer_syntax, values.get("BitsStored"))  # type: ignore[arg-type]
+            if missing_codec:
+                raise Rejected(Reason.NO_CODEC, missing_codec, **hint)
     return InstanceHeader(
         sop_instance_uid=str(values["SOPInstanceUID"]),
         sop_class_uid=str(values["SOPClassUID"]),

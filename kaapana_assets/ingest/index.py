@@ -38,11 +38,46 @@ def is_axial(orientation: list[float] | None) -> bool | None:
     return bool(norm > 0 and abs(normal[2]) / norm >= AXIAL_TOLERANCE)
 
 
+MAX_LISTED_GAPS = 1000  # the row lists at most this many missing numbers
+
+
 def missing_instance_numbers(numbers: list[int]) -> list[int]:
-    if not numbers:
-        return []
-    present = set(numbers)
-    return [n for n in range(min(present), max(present) + 1) if n not in present]
+    """Instance numbers missing between the lowest and the highest present, at most
+    MAX_LISTED_GAPS of them. Walks the gaps, never the range: an InstanceNumber of
+    2147483647 must not allocate two billion integers."""
+    present = sorted(set(numbers))
+    missing: list[int] = []
+    for low, high in zip(present, present[1:]):
+        for n in range(low + 1, min(high, low + 1 + MAX_LISTED_GAPS - len(missing))):
+            missing.append(n)
+        if len(missing) >= MAX_LISTED_GAPS:
+            break
+    return missing
+
+
+# Enhanced and legacy-converted multi-frame image objects: one file, many frames, geometry
+# in per-frame functional groups. Volume assembly reads single-frame slices only.
+MULTIFRAME_IMAGE_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.2.1": "Enhanced CT",
+    "1.2.840.10008.5.1.4.1.1.2.2": "Legacy Converted Enhanced CT",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR",
+    "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET",
+    "1.2.840.10008.5.1.4.1.1.130": "Enhanced PET",
+}
+
+
+def multiframe_issue(sop_class_uid: str | None, frames: int | None, modality: str | None) -> str | None:
+    """Why an image object with these attributes is not assembled into a volume, or None."""
+    if modality == "SEG":
+        return None
+    name = MULTIFRAME_IMAGE_CLASSES.get(sop_class_uid or "")
+    if name is None and (frames or 1) <= 1:
+        return None
+    return (
+        f"{name or 'multi-frame'} image ({frames or 1} frames in one file): volume assembly supports "
+        "single-frame slices only; convert it to single frames (e.g. dcmtk's or highdicom's legacy converters)"
+    )
 
 
 def series_rows(instances: list[dict[str, Any]], now: dt.datetime) -> list[dict[str, Any]]:
@@ -91,6 +126,9 @@ def series_rows(instances: list[dict[str, Any]], now: dt.datetime) -> list[dict[
             "referenced_series_uids": sorted({u for r in rows for u in r.get("referenced_series_uids") or []}),
             "reference_seg_series_uids": sorted(segs_of.get(series_uid, ())),
             "segment_labels": sorted({lab for r in rows for lab in r.get("segment_labels") or []}),
+            "volume_issue": next(
+                (issue for r in rows if (issue := multiframe_issue(r.get("sop_class_uid"), r.get("number_of_frames"),
+                                                                   r.get("modality")))), None),
         }
         row["row_digest"] = _digest(row)
         row["updated_at"] = now

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
+import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
-import logging
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -28,18 +30,18 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest import index
 from kaapana_assets.ingest.archive import durable, quarantine_relpath
 from kaapana_assets.ingest.headers import Reason
-from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE
-
 from kaapana_assets.ingest.worker import (
     ALREADY_INDEXED,
     FAILED,
     INDEXED,
     QUARANTINED,
     FileResult,
+    display_path,
     process_chunk,
     quarantine_copy,
 )
+from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE
 
 log = logging.getLogger(__name__)
 
@@ -87,42 +89,89 @@ class IngestReport:
         return {s: self.count(s) for s in (INDEXED, ALREADY_INDEXED, QUARANTINED, FAILED)}
 
 
-def _resolve_conflicts(lake: Lake, results: list[FileResult], quarantine_root: Path) -> None:
+def _quarantine_indexed(r: FileResult, quarantine_root: Path, reason: Reason, error: str) -> None:
+    with open(r.source, "rb") as fh:
+        quarantine_copy(quarantine_root, fh.read(), r.sha256)  # type: ignore[arg-type]
+    r.status, r.row, r.reason, r.error = QUARANTINED, None, reason, error
+
+
+def _resolve_conflicts(lake: Lake, results: list[FileResult], quarantine_root: Path) -> list[str]:
     """Same SOP Instance UID already indexed: identical bytes are a no-op, different bytes
-    are a conflict, quarantined (never overwriting what the index points at)."""
+    are a conflict, quarantined (never overwriting what the index points at). A series UID
+    already indexed under another study is a conflict too (a series belongs to one study).
+    Returns the archive paths written for files that ended in quarantine: no row will
+    reference them, and they are removed once the quarantine copies are durable."""
     candidates = [r for r in results if r.status == INDEXED]
     if not candidates:
-        return
+        return []
     sops = sorted({r.sop_uid for r in candidates if r.sop_uid})
-    known = lake.read("instances", pl.col("sop_instance_uid").is_in(sops)).select("sop_instance_uid", "sha256")
+    known = lake.read("instances", pl.col("sop_instance_uid").is_in(sops)).select(
+        "sop_instance_uid", "sha256", "archive_path")
     indexed: dict[str, str] = dict(zip(known["sop_instance_uid"].to_list(), known["sha256"].to_list()))
+    referenced = set(known["archive_path"].to_list())
+    series = sorted({r.series_uid for r in candidates if r.series_uid})
+    known_series = lake.read("series", pl.col("series_uid").is_in(series)).select("series_uid", "study_uid")
+    study_of: dict[str, str] = dict(zip(known_series["series_uid"].to_list(), known_series["study_uid"].to_list()))
+    orphans: list[str] = []
     for r in candidates:
         previous = indexed.get(r.sop_uid)  # type: ignore[arg-type]
-        if previous is None:
-            indexed[r.sop_uid] = r.sha256  # type: ignore[index]
-        elif previous == r.sha256:
+        owner = study_of.setdefault(r.series_uid, r.study_uid)  # type: ignore[arg-type]
+        if previous == r.sha256:
             r.status, r.row = ALREADY_INDEXED, None
+            continue
+        if previous is not None:
+            _quarantine_indexed(r, quarantine_root, Reason.SOP_CONFLICT,
+                                f"SOP Instance {r.sop_uid} is already indexed with different content")
+        elif owner != r.study_uid:
+            _quarantine_indexed(r, quarantine_root, Reason.SERIES_CONFLICT,
+                                f"series {r.series_uid} is indexed under study {owner}, this file names study {r.study_uid}")
         else:
-            with open(r.source, "rb") as fh:
-                quarantine_copy(quarantine_root, fh.read(), r.sha256)  # type: ignore[arg-type]
-            r.status, r.row = QUARANTINED, None
-            r.reason = Reason.SOP_CONFLICT
-            r.error = f"SOP Instance {r.sop_uid} is already indexed with different content"
+            indexed[r.sop_uid] = r.sha256  # type: ignore[index]
+            continue
+        if r.archive_path and r.archive_path not in referenced:
+            orphans.append(r.archive_path)
+    return orphans
+
+
+def _rows_that_fit(results: list[FileResult], now: dt.datetime, quarantine_root: Path) -> pa.Table | None:
+    """The batch's new instance rows as one Arrow table. A row that does not fit the schema
+    (validation should have caught it) is quarantined alone; the rest of the batch commits."""
+    fresh = [r for r in results if r.status == INDEXED and r.row]
+    if not fresh:
+        return None
+    try:
+        return pa.Table.from_pylist([dict(r.row, ingested_at=now) for r in fresh], schema=INSTANCES.schema)  # type: ignore[arg-type]
+    except (pa.ArrowException, TypeError, ValueError, OverflowError):
+        pass
+    fitting = []
+    for r in fresh:
+        try:
+            pa.Table.from_pylist([dict(r.row, ingested_at=now)], schema=INSTANCES.schema)  # type: ignore[arg-type]
+        except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
+            _quarantine_indexed(r, quarantine_root, Reason.MALFORMED, f"row does not fit the index: {exc}"[:500])
+        else:
+            fitting.append(dict(r.row, ingested_at=now))  # type: ignore[arg-type]
+    return pa.Table.from_pylist(fitting, schema=INSTANCES.schema) if fitting else None
 
 
 def _commit(lake: Lake, results: list[FileResult], quarantine_root: Path, report: IngestReport) -> None:
     now = dt.datetime.now(dt.timezone.utc)
-    new_rows = [dict(r.row, ingested_at=now) for r in results if r.status == INDEXED and r.row]
     writes = []
-    if new_rows:
-        writes.append(lake.merge("instances", pa.Table.from_pylist(new_rows, schema=INSTANCES.schema)))
+    new_rows = _rows_that_fit(results, now, quarantine_root)
+    if new_rows is not None:
+        writes.append(lake.merge("instances", new_rows))
+    alternates = [dict(r.alternate, seen_at=now) for r in results if r.status == ALREADY_INDEXED and r.alternate]
+    if alternates:
+        writes.append(lake.merge("instance_encodings", pa.Table.from_pylist(alternates, schema=INSTANCE_ENCODINGS.schema)))
     quarantined = [
         {
             "sha256": r.sha256,
-            "reason": r.reason,
+            "reason": str(r.reason),
             "error": r.error,
-            "source_path": r.source,
-            "quarantine_path": str(quarantine_root / quarantine_relpath(r.sha256)),  # type: ignore[arg-type]
+            "source_path": display_path(r.source),
+            # Links and other non-files are recorded, never copied (nothing of theirs was read).
+            "quarantine_path": None if r.reason == Reason.NOT_REGULAR_FILE
+            else str(quarantine_root / quarantine_relpath(r.sha256)),  # type: ignore[arg-type]
             "size_bytes": r.size,
             "study_uid": r.study_uid,
             "sop_instance_uid": r.sop_uid,
@@ -158,9 +207,22 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     if _POOL is None or _POOL[0] != workers:
         _drop_pool()
         # spawn, not fork: the caller may be a threaded Dagster or deltalake process.
-        _POOL = (workers, ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+        _POOL = (workers, ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_die_with_parent, initargs=(os.getpid(),)))
         atexit.register(_drop_pool)
     return _POOL[1]
+
+
+def _die_with_parent(parent: int) -> None:
+    """Pool workers end when the ingest process does, even when it is killed (-9): a
+    watcher thread sees the worker re-parented and exits, so no orphan holds files open."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _drop_pool() -> None:
@@ -176,10 +238,12 @@ def _chunks(items: Sequence[str], size: int) -> Iterable[list[str]]:
 
 
 def _finish_batch(targets: IngestTargets, results: list[FileResult], remove_sources: bool, report: IngestReport) -> None:
-    _resolve_conflicts(targets.lake, results, targets.quarantine)
+    orphans = _resolve_conflicts(targets.lake, results, targets.quarantine)
     if any(r.written or r.status == QUARANTINED for r in results):
         durable()  # copies on stable storage before any row points at them
     _commit(targets.lake, results, targets.quarantine, report)
+    for relpath in orphans:  # their quarantine copies are durable and recorded
+        (targets.archive / relpath).unlink(missing_ok=True)
     if remove_sources:
         for r in results:
             if r.status != FAILED:

@@ -11,6 +11,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
+from kaapana_assets.ingest.index import multiframe_issue
+
 ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE = 0.01  # relative spread of slice gaps that still counts as uniform
 
@@ -49,6 +51,10 @@ def assemble_volume(paths: Sequence[Path | str]) -> Volume:
     if not paths:
         raise VolumeError("no files")
     datasets = [pydicom.dcmread(p) for p in paths]
+    for ds in datasets:  # never mis-assembled: frames of one file are not slices of a series
+        issue = multiframe_issue(str(ds.get("SOPClassUID", "")), int(ds.get("NumberOfFrames") or 1), ds.get("Modality"))
+        if issue:
+            raise VolumeError(issue)
     series = {str(ds.SeriesInstanceUID) for ds in datasets}
     if len(series) != 1:
         raise VolumeError(f"files of {len(series)} series given; a volume is one series")

@@ -4,18 +4,26 @@ start fast."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from kaapana_assets.ingest.archive import ArchiveConflict, archive_relpath, link_once, quarantine_relpath, write_once
-from kaapana_assets.ingest.headers import Reason, Rejected, parse_header
+from kaapana_assets.ingest.headers import InstanceHeader, Reason, Rejected, parse_header
 
-INDEXED = "indexed"
-ALREADY_INDEXED = "already_indexed"
-QUARANTINED = "quarantined"
-FAILED = "failed"  # could not even be read or copied: left in the spool for the next run
+class Status(StrEnum):
+    INDEXED = "indexed"
+    ALREADY_INDEXED = "already_indexed"
+    QUARANTINED = "quarantined"
+    FAILED = "failed"  # could not even be read or copied: left in the spool for the next run
+
+
+INDEXED, ALREADY_INDEXED, QUARANTINED, FAILED = Status
 
 
 @dataclass
@@ -32,6 +40,37 @@ class FileResult:
     modality: str | None = None
     row: dict[str, Any] | None = None
     written: bool = False
+    archive_path: str | None = None  # where this file's archive copy is (relative to the root)
+    alternate: dict[str, Any] | None = None  # this file is an indexed instance in another encoding
+
+
+def display_path(path: str) -> str:
+    """A spool path as text that any table can store: file names that are not UTF-8 keep
+    their undecodable bytes as \\x escapes (os.fsdecode's surrogates do not encode)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def read_regular(source: str) -> tuple[bytes, tuple[int, int]]:
+    """The bytes of a regular file, never following a link (the spool is writable by others:
+    a link there may point anywhere). Raises NotRegular for anything else."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRegular(f"a symbolic link (to {os.readlink(source)!r:.200}); links are never followed") from None
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegular(f"not a regular file (mode {stat.filemode(info.st_mode)})")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(), (info.st_dev, info.st_ino)
+    finally:
+        os.close(fd)
+
+
+class NotRegular(Exception):
+    pass
 
 
 def quarantine_copy(quarantine_root: Path, data: bytes, sha: str) -> str:
@@ -48,25 +87,35 @@ def process_file(source: str, archive_root: str, quarantine_root: str, link: boo
     the source is a spool file that will be deleted). Runs in pool workers; never raises:
     every outcome is a FileResult."""
     try:
-        with open(source, "rb") as fh:
-            data = fh.read()
+        data, inode = read_regular(source)
+    except NotRegular as exc:
+        marker = hashlib.sha256(b"not-a-regular-file:" + os.fsencode(source)).hexdigest()
+        return FileResult(source, QUARANTINED, sha256=marker, reason=Reason.NOT_REGULAR_FILE, error=str(exc))
     except OSError as exc:
         return FileResult(source, FAILED, reason=Reason.IO_ERROR, error=f"{type(exc).__name__}: {exc}")
     sha = hashlib.sha256(data).hexdigest()
     result = FileResult(source, QUARANTINED, sha256=sha, size=len(data))
+    header: InstanceHeader | None = None
     try:
         header = parse_header(data)
         rel = archive_relpath(header.study_uid, header.series_uid, header.sop_instance_uid)
         if link:
-            result.written = link_once(Path(archive_root), rel, source, sha)
+            result.written = link_once(Path(archive_root), rel, source, sha, data, inode)
         else:
             result.written = write_once(Path(archive_root), rel, data, sha)
+        result.archive_path = rel
     except Rejected as exc:
         result.reason, result.error = exc.reason, exc.message
         result.study_uid, result.sop_uid = exc.study_uid, exc.sop_uid
     except ArchiveConflict as exc:
-        result.reason, result.error = Reason.SOP_CONFLICT, str(exc)
+        assert header is not None
         result.study_uid, result.sop_uid = header.study_uid, header.sop_instance_uid
+        alternate = _alternate_encoding(Path(archive_root) / rel, data, header)
+        if alternate is not None:
+            result.status, result.alternate = ALREADY_INDEXED, dict(alternate, source_path=display_path(source))
+            result.series_uid, result.modality = header.series_uid, header.modality
+            return result
+        result.reason, result.error = Reason.SOP_CONFLICT, str(exc)
     except Exception as exc:  # defensive: a parser bug must not lose the file
         result.reason, result.error = Reason.MALFORMED, f"{type(exc).__name__}: {exc}"[:500]
     else:
@@ -82,6 +131,27 @@ def process_file(source: str, archive_root: str, quarantine_root: str, link: boo
     except OSError as exc:
         result.status, result.error = FAILED, f"{result.error}; quarantine copy failed: {exc}"
     return result
+
+
+def _alternate_encoding(archived_path: Path, data: bytes, header: InstanceHeader) -> dict[str, Any] | None:
+    """The record of `data` as another encoding of the archived instance, or None."""
+    from kaapana_assets.ingest.archive import sha256_of
+    from kaapana_assets.ingest.encodings import same_instance
+
+    try:
+        archived = archived_path.read_bytes()
+    except OSError:
+        return None
+    if not same_instance(archived, data):
+        return None
+    return {
+        "sop_instance_uid": header.sop_instance_uid,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "transfer_syntax_uid": header.transfer_syntax_uid,
+        "size_bytes": len(data),
+        "archived_sha256": sha256_of(archived_path),
+        "archived_transfer_syntax_uid": parse_header(archived).transfer_syntax_uid,
+    }
 
 
 def process_chunk(args: tuple[list[str], str, str, bool]) -> list[FileResult]:

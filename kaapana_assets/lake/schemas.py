@@ -109,6 +109,9 @@ SERIES = TableSpec(
             ("referenced_series_uids", STRINGS),
             ("reference_seg_series_uids", STRINGS),
             ("segment_labels", STRINGS),
+            # Why this series cannot be assembled into a volume as the index sees it (enhanced
+            # multi-frame objects, for now); null when nothing is known against it.
+            ("volume_issue", pa.string()),
             ("row_digest", pa.string()),
             ("updated_at", TIMESTAMP),
         ]
@@ -159,6 +162,25 @@ QUARANTINE = TableSpec(
         ]
     ),
     keys=("sha256",),
+)
+
+# The same SOP Instance seen again in another transfer syntax (a lossless re-encoding):
+# DICOM keeps the SOP Instance UID across it. The archive keeps the first encoding.
+INSTANCE_ENCODINGS = TableSpec(
+    "instance_encodings",
+    pa.schema(
+        [
+            ("sop_instance_uid", pa.string()),
+            ("sha256", pa.string()),
+            ("transfer_syntax_uid", pa.string()),
+            ("size_bytes", pa.int64()),
+            ("archived_sha256", pa.string()),
+            ("archived_transfer_syntax_uid", pa.string()),
+            ("source_path", pa.string()),
+            ("seen_at", TIMESTAMP),
+        ]
+    ),
+    keys=("sop_instance_uid", "sha256"),
 )
 
 COHORT_MEMBERS = TableSpec(
@@ -279,6 +301,6 @@ FEDERATED_ROUNDS = TableSpec(
 
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SENT,
+    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, INSTANCE_ENCODINGS, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SENT,
                  FEDERATED_ROUNDS)
 }

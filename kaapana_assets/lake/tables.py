@@ -92,7 +92,9 @@ class Lake:
         on = " AND ".join(f"t.{key} = s.{key}" for key in spec.keys)
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             dt = self.delta(table)
-            merger = dt.merge(rows, on, source_alias="s", target_alias="t")
+            # merge_schema: a column added in a later release (series.volume_issue) evolves
+            # tables that older homes already hold.
+            merger = dt.merge(rows, on, source_alias="s", target_alias="t", merge_schema=True)
             if spec.mutable:
                 merger = merger.when_matched_update_all(predicate="t.row_digest <> s.row_digest")
             try:

@@ -41,8 +41,12 @@ class SegmentationResult:
 def source_series(lake: Any, study_uid: str) -> dict[str, Any]:
     """The study's CT series to segment: the largest complete axial one."""
     series = lake.read("series", pl.col("study_uid") == study_uid)
-    candidates = series.filter((pl.col("modality") == "CT") & pl.col("is_axial").fill_null(False))
+    ct = series.filter(pl.col("modality") == "CT")
+    candidates = ct.filter(pl.col("is_axial").fill_null(False) & pl.col("volume_issue").is_null())
     if candidates.height == 0:
+        issues = [i for i in ct["volume_issue"].to_list() if i]
+        if issues:
+            raise NothingToSegment(f"study {study_uid} has no CT series that forms a volume: {issues[0]}")
         found = ", ".join(sorted(set(series["modality"].to_list()))) or "nothing indexed"
         raise NothingToSegment(f"study {study_uid} has no axial CT series to segment ({found})")
     return candidates.sort(["complete", "instance_count"], descending=True).row(0, named=True)
