@@ -11,7 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
-from resources.storage import ArchiveResource
+from resources.storage import ArchiveResource, LakeResource
 from dagster._core.definitions.sensor_definition import SensorExecutionData  # noqa: F401  (evaluate_tick result type)
 from sensors.incoming import incoming_studies
 
@@ -106,3 +106,53 @@ def test_sensor_routes_unreadable_files_to_quarantine(tmp_path: Path) -> None:
         assert request.run_config["ops"]["quarantine"]["config"]["files"] == [str(spool / "broken.dcm")]
         assert not _tick(instance, home, result.cursor).run_requests
         assert json.loads(result.cursor)["requested"]  # type: ignore[arg-type]
+
+
+def test_sensor_handles_odd_names_and_links(tmp_path: Path, corpus: dict) -> None:
+    """A file name that is not UTF-8 and a symbolic link to a DICOM file outside the home:
+    the sensor plans both without reading through the link, the runs ingest the first and
+    record the link as not_regular_file, and the link's target is never touched."""
+    import polars as pl
+
+    from kaapana_assets.lake import Lake
+
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    spool.mkdir(parents=True)
+    study = corpus["site-a"][0]
+    odd = spool / os.fsdecode(b"IM-\xff\xfe.dcm")
+    shutil.copy(study.ct_files[0], odd)
+    outside = tmp_path / "outside.dcm"
+    shutil.copy(study.ct_files[1], outside)
+    (spool / "link.dcm").symlink_to(outside)
+    import definitions
+
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, home)
+        time.sleep(QUIET_S + 0.1)
+        result = _tick(instance, home, first.cursor)
+        jobs = {r.job_name: r for r in result.run_requests}
+        assert set(jobs) == {"ingest_study", "quarantine_unreadable"}
+        assert jobs["quarantine_unreadable"].run_config["ops"]["quarantine"]["config"]["files"] == [
+            str(spool / "link.dcm")]
+        for req in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
+        for request in result.run_requests:
+            job = definitions.defs.resolve_job_def(request.job_name)
+            run = job.execute_in_process(run_config=request.run_config, instance=instance,
+                                         partition_key=request.partition_key,
+                                         resources={"archive": ArchiveResource(home=str(home), quiet_period_s=QUIET_S),
+                                                    "lake": LakeResource(uri=str(home / "lake"))})
+            assert run.success
+    lake = Lake(home / "lake")
+    assert lake.read("instances")["sop_instance_uid"].to_list() == [pydicom_uid(study.ct_files[0])]
+    q = lake.read("quarantine").filter(pl.col("reason") == "not_regular_file")
+    assert q.height == 1
+    assert outside.read_bytes() == study.ct_files[1].read_bytes()
+    assert list(spool.iterdir()) == []
+
+
+def pydicom_uid(path: Path) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,9 @@ class SpoolFile:
 
 
 def scan_spool(root: Path) -> list[SpoolFile]:
-    """Regular files under root, skipping hidden names and in-flight temp files (the
-    receiver writes `.name.part` and renames when durable)."""
+    """Entries under root, skipping hidden names and in-flight temp files (the receiver
+    writes `.name.part` and renames when durable). Links are listed, never followed (lstat):
+    the ingest records them as not_regular_file and removes them."""
     found: list[SpoolFile] = []
     if not root.exists():
         return found
@@ -39,7 +41,7 @@ def scan_spool(root: Path) -> list[SpoolFile]:
                 continue
             path = os.path.join(dirpath, name)
             try:
-                st = os.stat(path)
+                st = os.lstat(path)
             except FileNotFoundError:  # ingested or moved meanwhile
                 continue
             found.append(SpoolFile(path, st.st_size, st.st_mtime_ns))
@@ -50,11 +52,19 @@ def study_of_file(path: str) -> str:
     """StudyInstanceUID of a spool file, or UNREADABLE (the full validation decides:
     a file the run would quarantine anyway is routed to quarantine directly)."""
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a link is never followed
+    except OSError:
+        return UNREADABLE
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return UNREADABLE
+        with os.fdopen(fd, "rb", closefd=False) as fh:
             data = fh.read(MAX_HEADER_BYTES)
         return parse_header(data).study_uid
     except (Rejected, OSError):
         return UNREADABLE
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -70,7 +80,8 @@ class SpoolPlan:
 def digest(files: Iterable[SpoolFile]) -> str:
     h = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.path):
-        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode())
+        # surrogateescape: a file name that is not UTF-8 keeps its bytes (no UnicodeEncodeError)
+        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:16]
 
 
