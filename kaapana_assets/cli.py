@@ -212,23 +212,26 @@ def cmd_receive(args: argparse.Namespace) -> int:
     import threading
 
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.network.receiver import start_receiver
+    from kaapana_assets.network.receiver import start_receiver, stop_receiver
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     home = KaapanaHome(Path(args.home)) if args.home else KaapanaHome.from_env()
     spool = Path(args.spool) if args.spool else home.ensure().incoming
-    server = start_receiver(spool, args.host, args.port, args.ae_title, args.allow or None, block=False)
+    server = start_receiver(
+        spool, args.host, args.port, args.ae_title, args.allow or None, block=False,
+        acse_timeout=args.acse_timeout, dimse_timeout=args.dimse_timeout, idle_timeout=args.idle_timeout,
+        max_associations=args.max_associations, max_per_caller=args.max_per_caller,
+    )
+    assert server is not None
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     console.print(f"receiving as {args.ae_title} on {args.host}:{args.port} → {spool} (Ctrl-C stops)")
     while not stop.wait(0.5):  # a timed wait lets the signal handler run
         pass
-    for assoc in list(server.active_associations):  # a stalled peer must not hold up shutdown
-        assoc.abort()
-    server.shutdown()
+    stop_receiver(server)  # aborts running associations: a stalled peer must not hold up shutdown
     return 0
 
 
@@ -385,13 +388,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--home", default=None)
     q.set_defaults(func=cmd_model_promote)
 
-    p = sub.add_parser("receive", help="run the DICOM C-STORE receiver feeding the spool")
+    p = sub.add_parser(
+        "receive", help="run the DICOM C-STORE receiver feeding the spool",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A DICOM Storage SCP (every storage SOP class and transfer syntax, and C-ECHO) that writes\n"
+        "each instance byte for byte into the spool and acknowledges it once it is on disk.\n\n"
+        "Refused with a failure status, nothing stored, a 'refused ...' log line:\n"
+        "  0xC210 Cannot Understand: empty, garbage, malformed or truncated data sets, and\n"
+        "         deflated ones inflating beyond 256 MiB (inflation bombs);\n"
+        "  0xA900 Data Set Does Not Match SOP Class: missing required attributes, invalid UIDs,\n"
+        "         no codec for the transfer syntax, or a SOP Instance/Class UID other than the\n"
+        "         C-STORE request's Affected SOP Instance/Class UID.\n\n"
+        "Abuse limits: a connection must send its A-ASSOCIATE-RQ within --acse-timeout; an\n"
+        "association silent for --idle-timeout is aborted; at most --max-associations run at once,\n"
+        "and at most --max-per-caller from one IP address (checked on accept: an excess connection\n"
+        "gets A-ASSOCIATE-RJ 'local limit exceeded' and the refusal is logged).",
+    )
     p.add_argument("--ae-title", default="KAAPANA")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=11112)
     p.add_argument("--allow", nargs="*", help="calling AE titles allowed (default: any)")
     p.add_argument("--spool", default=None, help="default: $KAAPANA_HOME/incoming")
     p.add_argument("--home", default=None)
+    p.add_argument("--max-per-caller", type=int, default=16, metavar="N",
+                   help="concurrent associations allowed from one IP address (default: %(default)s)")
+    p.add_argument("--max-associations", type=int, default=256, metavar="N",
+                   help="concurrent associations in all (default: %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
+                   help="abort an association that sends nothing for S seconds (default: %(default)s)")
+    p.add_argument("--acse-timeout", type=float, default=30.0, metavar="S",
+                   help="wait at most S seconds for an association request or release (default: %(default)s)")
+    p.add_argument("--dimse-timeout", type=float, default=30.0, metavar="S",
+                   help="wait at most S seconds for a DIMSE message (default: %(default)s)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_receive)
 

@@ -57,6 +57,22 @@ class Orthanc:
         with urllib.request.urlopen(self.url + path, timeout=10) as response:
             return json.loads(response.read())
 
+    def send(self, method: str, path: str, body: object, timeout: float = 120):  # type: ignore[no-untyped-def]
+        """A JSON request to the REST API (PUT /modalities/..., POST /modalities/.../store...)."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read()
+        return json.loads(text) if text.strip() else None
+
+    def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
+        """Register a DICOM node that Orthanc's own C-STORE SCU can push to."""
+        self.send("PUT", f"/modalities/{name}", {"AET": aet, "Host": host, "Port": port})
+
+    def push(self, modality: str, resources: list[str]) -> dict:
+        """C-STORE `resources` (patient/study/series/instance IDs) to `modality`; waits for the job."""
+        return self.send("POST", f"/modalities/{modality}/store", {"Resources": resources, "Synchronous": True})
+
     def upload(self, path: Path) -> dict:
         request = urllib.request.Request(self.url + "/instances", data=path.read_bytes(), method="POST",
                                          headers={"Content-Type": "application/dicom"})

@@ -37,11 +37,11 @@ def free_port() -> int:
 class Receiver:
     """`kaapana receive` as a real process, with its log."""
 
-    def __init__(self, home: Path, allow: list[str] | None = None):
+    def __init__(self, home: Path, allow: list[str] | None = None, options: list[str] | None = None):
         self.home, self.port = home, free_port()
         self.log_path = home.parent / f"receiver-{self.port}.log"
         cmd = [sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(home), "--port", str(self.port),
-               "--ae-title", "KAAPANA"] + (["--allow", *allow] if allow else [])
+               "--ae-title", "KAAPANA", *(options or [])] + (["--allow", *allow] if allow else [])
         self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -82,10 +82,13 @@ def receiver(tmp_path: Path):  # type: ignore[no-untyped-def]
     r.stop()
 
 
-def storescu(port: int, files: list[Path], calling: str = "STORESCU") -> subprocess.CompletedProcess:
+def storescu(port: int, files: list[Path], calling: str = "STORESCU", propose: str | None = None) -> subprocess.CompletedProcess:
+    """dcmtk's storescu proposing only the files' SOP classes (-R), in `propose` (an -x... option,
+    e.g. -xs for JPEG Lossless SV1) with the uncompressed syntaxes as fallback; dcmtk converts
+    to the accepted syntax when it must, so the caller checks what arrived."""
     env = {**os.environ, "TCP_NODELAY": "1"}
-    return subprocess.run(["storescu", "-R", "-aet", calling, "-aec", "KAAPANA", "127.0.0.1", str(port), *map(str, files)],
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(["storescu", "-R", *([propose] if propose else []), "-aet", calling, "-aec", "KAAPANA",
+                           "127.0.0.1", str(port), *map(str, files)], env=env, capture_output=True, text=True, timeout=120)
 
 
 def _dataset_bytes(path: Path) -> bytes:
@@ -104,6 +107,9 @@ def test_storescu_into_receiver_then_ingest(receiver: Receiver, corpus: dict, tm
     received = receiver.spool_files()
     assert len(received) == len(study.files)
     assert all(p.parent.name == "STORESCU" for p in received)
+    meta = pydicom.dcmread(received[0], stop_before_pixels=True).file_meta
+    assert (meta.SendingApplicationEntityTitle, meta.ReceivingApplicationEntityTitle) == ("STORESCU", "KAAPANA")
+    assert "SourceApplicationEntityTitle" not in meta  # (0002,0016) names who wrote the file, not the sender
     by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in received}
     for original in study.files:
         ds = pydicom.dcmread(original, stop_before_pixels=True)
@@ -124,6 +130,48 @@ def test_disallowed_ae_is_refused(receiver: Receiver, corpus: dict) -> None:
     assert storescu(receiver.port, corpus["site-a"][0].ct_files[:1]).returncode == 0  # still serving
 
 
+# dcmtk's storescu proposes one preferred transfer syntax per run (-x...), and the file's own
+# syntax only through it: each encoding goes in its own run, as a PACS would send it.
+STORESCU_PROPOSE = {"jpeg_lossless_sv1": "-xs", "jpeg2000_lossless": "-xv", "rle": "-xr", "jpeg_ls_lossless": "-xt"}
+
+
+@needs_dcmtk
+@pytest.mark.skipif(shutil.which("gdcmconv") is None or shutil.which("dcmcjpls") is None, reason="gdcm/dcmtk codecs missing")
+def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: dict, tmp_path: Path) -> None:
+    """A study whose slices are JPEG Lossless SV1, JPEG 2000 lossless, RLE and JPEG-LS lossless
+    (unsigned pixels: site-a), plus its uncompressed SEG: stored byte for byte, in the syntax it
+    was sent in, and indexed."""
+    from kaapana_assets.synthetic.transcode import BY_NAME, transcode
+
+    study = corpus["site-a"][0]
+    encodings = list(STORESCU_PROPOSE)
+    by_encoding: dict[str, list[Path]] = {e: [] for e in encodings}
+    for i, f in enumerate(study.ct_files):
+        e = encodings[i % len(encodings)]
+        by_encoding[e].append(transcode(f, tmp_path / "sent" / e / f.name, e))
+    for e, files in by_encoding.items():
+        sent = storescu(receiver.port, files, propose=STORESCU_PROPOSE[e])
+        assert sent.returncode == 0 and "Converting" not in sent.stdout + sent.stderr, sent.stdout + sent.stderr
+    assert storescu(receiver.port, [study.seg_file]).returncode == 0
+    sent_files = [f for files in by_encoding.values() for f in files] + [study.seg_file]
+
+    received = receiver.spool_files()
+    assert len(received) == len(sent_files) == len(study.ct_files) + 1
+    by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in received}
+    syntaxes = set()
+    for original in sent_files:
+        ds = pydicom.dcmread(original, stop_before_pixels=True)
+        stored = by_sop[ds.SOPInstanceUID]
+        syntax = pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        assert syntax == ds.file_meta.TransferSyntaxUID
+        assert _dataset_bytes(stored) == _dataset_bytes(original)  # byte for byte
+        syntaxes.add(str(syntax))
+    assert syntaxes == {BY_NAME[e].transfer_syntax for e in encodings} | {ExplicitVRLittleEndian}
+    report = ingest_files(received, IngestTargets.for_home(KaapanaHome(receiver.home)))
+    assert report.summary()["indexed"] == len(sent_files), report.summary()
+    assert "refused" not in receiver.log()
+
+
 def test_malformed_dataset_is_refused(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     import pynetdicom.association
 
@@ -142,7 +190,7 @@ def test_malformed_dataset_is_refused(receiver: Receiver, monkeypatch: pytest.Mo
     assoc.release()
     assert status.Status == 0xC210
     assert receiver.spool_files() == []
-    assert "refused a malformed data set 1.2.826.0.1.3680043.10.1 from KAAPANA_TEST" in receiver.log()
+    assert "refused 1.2.826.0.1.3680043.10.1 from KAAPANA_TEST at 127.0.0.1: " in receiver.log()
     assert receiver.echo()
 
 

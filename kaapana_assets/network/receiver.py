@@ -1,34 +1,131 @@
 """`kaapana receive`: a pynetdicom Storage SCP writing every received instance durably
 into the spool that the incoming_studies sensor watches.
 
-- All storage SOP classes (SEG included) and Verification are accepted.
+What is stored
+- All storage SOP classes (SEG included) in every transfer syntax (compressed ones too),
+  and Verification, are accepted. The data set is stored byte for byte as it arrived, after
+  a DICOM Part 10 preamble and file meta.
 - A C-STORE is acknowledged only after its file is durable (fsync, then rename).
-- The calling and called AE titles go into the file meta (0002,0016)/(0002,0018), and
-  from there into the `instances` table.
+- The calling and called AE titles go into the file meta as (0002,0017) Sending and
+  (0002,0018) Receiving Application Entity Title, and from there into the `instances`
+  table. (Files written before this carry the calling AE title in (0002,0016), which the
+  ingest still reads as a fallback.)
 - An optional allow-list of calling AE titles; anyone else is refused.
+
+What is refused (nothing reaches the spool; the peer gets a failure status; a
+`refused ...` line names the SOP Instance UID, calling AE title, address and reason)
+- Data sets that the ingest's own parser (`parse_header`) cannot read: empty, garbage
+  (nothing identifying an instance can be read), malformed, truncated, or more work than a
+  file may cost (a deflated data set inflating beyond `headers.MAX_INFLATED_BYTES`: an
+  inflation bomb is measured streaming, in 1 MiB steps, never held in memory)
+  → 0xC210 "Cannot Understand".
+- Readable data sets that we could not index: missing required attributes, invalid UIDs,
+  an unsupported transfer syntax or no installed codec for the pixels, or a
+  SOPInstanceUID/SOPClassUID that differs from the C-STORE request's
+  AffectedSOPInstanceUID/AffectedSOPClassUID → 0xA900 "Data Set Does Not Match SOP Class".
+- A file that cannot be written (disk full...) → 0xA700 "Out of Resources".
+
+Abuse resistance (pynetdicom settings, chosen deliberately; `kaapana receive --help`)
+- ACSE timeout 30 s: a connection that sends no A-ASSOCIATE-RQ is dropped after 30 s.
+- DIMSE timeout 30 s: the longest wait for a DIMSE message within an operation.
+- Network (idle) timeout 60 s, configurable: an association silent that long is aborted.
+- At most 256 concurrent associations in all (`maximum_associations`; beyond it pynetdicom
+  answers A-ASSOCIATE-RJ "local limit exceeded").
+- At most 16 concurrent associations per peer IP address, configurable; connections still
+  negotiating count. This is enforced when the TCP connection is accepted, before any
+  thread serves it (`ReceiverServer.verify_request`, counting the server's running
+  associations from that address plus those accepted but not yet started): an excess
+  connection gets an A-ASSOCIATE-RJ (transient, local limit exceeded), is closed, and the
+  refusal is logged. One caller hoarding idle associations cannot starve the others.
+- Deflated data sets are inflated by one association at a time (a legitimate one may
+  inflate to 256 MiB; sixteen at once would not fit in memory).
 - TCP_NODELAY on every connection (Nagle + delayed ACK cap storescu at ~20 instances/s).
+Not bounded: the size of one (non-deflated) data set, which pynetdicom assembles in memory.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
+import zlib
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
+from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
+from kaapana_assets.ingest import headers
 from kaapana_assets.ingest.headers import Reason, Rejected, parse_header
 from kaapana_assets.network.spool_writer import part10_bytes, safe_ae_title, spool_name, write_durably
 
 log = logging.getLogger("kaapana.receiver")
 
-UNREADABLE = {Reason.MALFORMED, Reason.TRUNCATED, Reason.NOT_DICOM}
+# C-STORE response statuses (PS3.4 B.2.3; pynetdicom lists them in
+# pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS but names none of them).
 SUCCESS = 0x0000
-CANNOT_UNDERSTAND = 0xC210
-OUT_OF_RESOURCES = 0xA700
+OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources
+DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set Does Not Match SOP Class
+CANNOT_UNDERSTAND = 0xC210  # Error: Cannot Understand (0xC000-0xCFFF)
+
+# Data sets we cannot read at all; any other rejection is a readable data set that does
+# not carry what its SOP class requires of it (for us: what the ingest needs).
+UNREADABLE = {Reason.MALFORMED, Reason.TRUNCATED, Reason.NOT_DICOM, Reason.EXCEEDS_LIMITS, Reason.NO_FILE_META}
+
+# Defaults of `kaapana receive` (see the module docstring).
+ACSE_TIMEOUT_S = 30.0
+DIMSE_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_S = 60.0
+MAX_ASSOCIATIONS = 256
+MAX_PER_CALLER = 16
+
+# A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 2 rejected-transient,
+# source 3 service-provider (presentation), reason 2 local-limit-exceeded.
+ASSOCIATE_RJ_LOCAL_LIMIT = bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x03, 0x02])
+
+_INFLATE_LOCK = threading.Lock()
+
+
+def describe_status(code: int) -> str:
+    """`0xC210 Failure: Cannot Understand` — for log lines."""
+    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))[1]
+    return f"0x{code:04X} {code_to_category(code)}" + (f": {meaning}" if meaning else "")
+
+
+# A data set whose SOP Instance/Class UID is not the one the C-STORE request announced.
+UID_MISMATCH = "uid_mismatch"
+
+
+def status_for(reason: str) -> int:
+    return CANNOT_UNDERSTAND if reason in UNREADABLE else DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+
+
+def inflates_beyond(deflated: bytes | memoryview, cap: int, step: int = 2**20) -> bool:
+    """Whether a raw deflate stream inflates to more than `cap` bytes, found streaming:
+    at most `step` inflated bytes exist at any time. Streams that do not inflate at all
+    are left to the parser (False)."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    view, total = memoryview(deflated), 0
+    try:
+        # Input in 64 KiB pieces: the unconsumed tail (a copy) stays small as well.
+        for start in range(0, len(view), 2**16):
+            pending: bytes | memoryview = view[start:start + 2**16]
+            while pending:
+                total += len(inflater.decompress(pending, step))
+                if total > cap:
+                    return True
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                break
+        total += len(inflater.flush())
+    except zlib.error:
+        return False
+    return total > cap
 
 
 def _nodelay(event: evt.Event) -> None:
@@ -37,28 +134,63 @@ def _nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _check(data: bytes, encoded: memoryview, transfer_syntax: str, request: Any) -> tuple[str, str, int] | None:
+    """Why this data set is refused (reason, message, status), or None when it can be stored."""
+    if len(encoded) == 0:
+        return Reason.NOT_DICOM, "empty data set (0 bytes)", CANNOT_UNDERSTAND
+    if transfer_syntax == DeflatedExplicitVRLittleEndian and inflates_beyond(encoded, headers.MAX_INFLATED_BYTES):
+        limit = headers.MAX_INFLATED_BYTES // 2**20
+        return Reason.EXCEEDS_LIMITS, f"deflated data set inflates beyond {limit} MiB", CANNOT_UNDERSTAND
+    try:
+        if transfer_syntax == DeflatedExplicitVRLittleEndian:
+            with _INFLATE_LOCK:  # one inflated copy (≤ MAX_INFLATED_BYTES) at a time
+                header = parse_header(data)
+        else:
+            header = parse_header(data)
+    except Rejected as exc:
+        if exc.reason == Reason.MISSING_TAG and exc.sop_uid is None and exc.study_uid is None:
+            # Nothing that identifies an instance could be read: the parser's lenient path
+            # takes random bytes for one huge element; we do not understand such a data set.
+            return exc.reason, f"{exc.message} (no SOP Instance UID, no Study Instance UID: not understood)", \
+                CANNOT_UNDERSTAND
+        return exc.reason, exc.message, status_for(exc.reason)
+    mismatches = [
+        f"{keyword} in the data set {ours} differs from the C-STORE request's {affected} {theirs}"
+        for keyword, ours, affected, theirs in (
+            ("SOPInstanceUID", header.sop_instance_uid, "AffectedSOPInstanceUID", request.AffectedSOPInstanceUID),
+            ("SOPClassUID", header.sop_class_uid, "AffectedSOPClassUID", request.AffectedSOPClassUID),
+        )
+        if ours != str(theirs or "").strip()
+    ]
+    if mismatches:
+        return UID_MISMATCH, "; ".join(mismatches), DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    return None
+
+
 def _store(event: evt.Event, spool: Path) -> int:
     calling = event.assoc.requestor.ae_title.strip()
     called = event.assoc.acceptor.ae_title.strip()
+    address = event.assoc.requestor.address
+    request = event.request
+    sop_uid = request.AffectedSOPInstanceUID
     meta = event.file_meta
-    meta.SourceApplicationEntityTitle = calling
+    meta.SendingApplicationEntityTitle = calling
     meta.ReceivingApplicationEntityTitle = called
-    raw = event.request.DataSet.getvalue()  # the data set exactly as it arrived
-    data = part10_bytes(meta, raw)
-    # The ingest's own parser decides: undecodable or truncated data sets are refused here;
-    # valid DICOM with other problems (missing tags, bad UIDs) is stored and quarantined later.
-    sop_uid = event.request.AffectedSOPInstanceUID
-    try:
-        parse_header(data)
-    except Rejected as exc:
-        if exc.reason in UNREADABLE:
-            log.warning("refused a malformed data set %s from %s (%s): %s: %s; nothing stored", sop_uid, calling,
-                        event.assoc.requestor.address, exc.reason, exc.message)
-            return CANNOT_UNDERSTAND
+    transfer_syntax = str(meta.TransferSyntaxUID)
+    stream = request.DataSet  # None when the request declared no data set at all
+    with (stream.getbuffer() if stream is not None else memoryview(b"")) as encoded:
+        data = part10_bytes(meta, encoded)  # the data set exactly as it arrived
+        refusal = _check(data, encoded, transfer_syntax, request)
+    if refusal is not None:
+        reason, message, status = refusal
+        log.warning("refused %s from %s at %s: %s: %s; answered %s, nothing stored", sop_uid, calling, address,
+                    reason, message[:500], describe_status(status))
+        return status
     try:
         path = write_durably(spool / safe_ae_title(calling), spool_name(sop_uid, data), data)
     except OSError as exc:
-        log.error("could not store %s from %s: %s", sop_uid, calling, exc)
+        log.error("could not store %s from %s at %s: %s; answered %s", sop_uid, calling, address, exc,
+                  describe_status(OUT_OF_RESOURCES))
         return OUT_OF_RESOURCES
     log.debug("stored %s from %s as %s", sop_uid, calling, path.name)
     return SUCCESS
@@ -77,17 +209,115 @@ def _acse_received(event: evt.Event, allowed: set[str] | None) -> None:
 
 
 def _aborted(event: evt.Event) -> None:
-    log.warning("association from %s aborted; instances not completely received were not stored",
-                event.assoc.requestor.ae_title.strip())
+    log.warning("association from %s at %s aborted; instances not completely received were not stored",
+                event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address)
 
 
-def build_receiver(ae_title: str = "KAAPANA", allowed_calling: Sequence[str] | None = None) -> AE:
+class _CountingRequestHandler(RequestHandler):
+    """pynetdicom's handler (create the association, EVT_CONN_OPEN, start it), except that the
+    connection stops counting as 'starting' in the same instant its association starts
+    counting as running: the per-address count is exact, never counts one twice."""
+
+    server: ReceiverServer
+
+    def handle(self) -> None:
+        counted = False
+        try:
+            assoc = self._create_association()
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            with self.server.count_lock:
+                try:
+                    assoc.start()
+                finally:
+                    self.server.started(self.client_address)
+                    counted = True
+        finally:
+            if not counted:
+                self.server.started(self.client_address)
+
+
+class ReceiverServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server with a limit on concurrent associations per peer IP
+    address, enforced on accept (in the serving thread, before any thread is started)."""
+
+    request_queue_size = 128  # listen backlog (socketserver's default is 5)
+    daemon_threads = True
+    max_per_caller = MAX_PER_CALLER
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.starting: Counter[str] = Counter()  # accepted, association not yet started
+        self.count_lock = threading.RLock()
+        kwargs.setdefault("request_handler", _CountingRequestHandler)
+        super().__init__(*args, **kwargs)
+
+    def associations_from(self, host: str) -> int:
+        with self.count_lock:
+            running = 0
+            for assoc in self.active_associations:
+                try:
+                    running += assoc.requestor.address == host
+                except ValueError:  # no address information
+                    continue
+            return running + self.starting[host]
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        host = str(client_address[0])
+        with self.count_lock:
+            busy = self.associations_from(host)
+            if busy < self.max_per_caller:
+                self.starting[host] += 1
+                return True
+        log.warning("refused association from %s: it holds %d concurrent associations (limit %d per address)",
+                    host, busy, self.max_per_caller)
+        _reject_connection(request)
+        return False  # socketserver closes the connection
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)  # a thread runs the request handler
+        except RuntimeError:  # no thread could be started
+            self.started(client_address)
+            self.shutdown_request(request)
+            raise
+
+    def started(self, client_address: Any) -> None:
+        host = str(client_address[0])
+        with self.count_lock:
+            self.starting[host] -= 1
+            if self.starting[host] <= 0:
+                del self.starting[host]
+
+
+def _reject_connection(sock: socket.socket) -> None:
+    """Best effort, never blocking: answer A-ASSOCIATE-RJ (transient, local limit
+    exceeded) and drain what the peer sent, so that closing does not reset the answer."""
+    try:
+        sock.setblocking(False)
+        sock.send(ASSOCIATE_RJ_LOCAL_LIMIT)
+        while sock.recv(65536):
+            pass
+    except OSError:  # BlockingIOError included: nothing (more) to read
+        pass
+
+
+def build_receiver(
+    ae_title: str = "KAAPANA",
+    allowed_calling: Sequence[str] | None = None,
+    *,
+    acse_timeout: float = ACSE_TIMEOUT_S,
+    dimse_timeout: float = DIMSE_TIMEOUT_S,
+    idle_timeout: float = IDLE_TIMEOUT_S,
+    max_associations: int = MAX_ASSOCIATIONS,
+) -> AE:
     ae = AE(ae_title=ae_title)
     transfer_syntaxes = list(AllTransferSyntaxes)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
     ae.add_supported_context(Verification)
-    ae.maximum_associations = 16
+    ae.acse_timeout = acse_timeout
+    ae.dimse_timeout = dimse_timeout
+    ae.network_timeout = idle_timeout
+    ae.maximum_associations = max_associations
     if allowed_calling:
         ae.require_calling_aet = list(allowed_calling)
     return ae
@@ -100,9 +330,19 @@ def start_receiver(
     ae_title: str = "KAAPANA",
     allowed_calling: Sequence[str] | None = None,
     block: bool = False,
-):  # type: ignore[no-untyped-def]
-    """Start the SCP; non-blocking returns the server (call .shutdown() to stop)."""
-    ae = build_receiver(ae_title, allowed_calling)
+    *,
+    acse_timeout: float = ACSE_TIMEOUT_S,
+    dimse_timeout: float = DIMSE_TIMEOUT_S,
+    idle_timeout: float = IDLE_TIMEOUT_S,
+    max_associations: int = MAX_ASSOCIATIONS,
+    max_per_caller: int = MAX_PER_CALLER,
+) -> ReceiverServer | None:
+    """Start the SCP. Non-blocking returns the server (stop it with `stop_receiver`);
+    blocking serves until KeyboardInterrupt."""
+    if max_per_caller < 1:
+        raise ValueError("max_per_caller must be at least 1")
+    ae = build_receiver(ae_title, allowed_calling, acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
+                        idle_timeout=idle_timeout, max_associations=max_associations)
     allowed = set(allowed_calling) if allowed_calling else None
     handlers = [
         (evt.EVT_CONN_OPEN, _nodelay),
@@ -112,4 +352,29 @@ def start_receiver(
     ]
     log.info("receiving as %s on %s:%d into %s%s", ae_title, host, port, spool,
              f" (allowed: {', '.join(sorted(allowed))})" if allowed else "")
-    return ae.start_server((host, port), block=block, evt_handlers=handlers)
+    log.info("limits: %d associations, %d per address; timeouts: ACSE %gs, DIMSE %gs, idle %gs",
+             max_associations, max_per_caller, acse_timeout, dimse_timeout, idle_timeout)
+    # As AE.start_server(block=False) does, but with our server class, so that the
+    # per-address limit holds from the first connection on.
+    server = ae.make_server((host, port), evt_handlers=handlers, server_class=ReceiverServer)
+    server.max_per_caller = max_per_caller
+    thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{host}:{port}", daemon=True)
+    thread.start()
+    ae._servers.append(server)  # AssociationServer.shutdown() removes itself from there
+    if not block:
+        return server
+    try:
+        while thread.is_alive():
+            thread.join(0.5)  # a timed wait lets KeyboardInterrupt through
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_receiver(server)
+    return None
+
+
+def stop_receiver(server: ReceiverServer) -> None:
+    """Abort running associations (a stalled peer must not hold up shutdown), then stop."""
+    for assoc in list(server.active_associations):
+        assoc.abort()
+    server.shutdown()

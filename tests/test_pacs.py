@@ -1,0 +1,107 @@
+"""A real PACS pushes to `kaapana receive`: Orthanc (its own DCMTK-based C-STORE SCU) sends an
+uncompressed study, a JPEG Lossless SV1 study and a JPEG 2000 lossless study; every instance
+arrives in the spool in the transfer syntax Orthanc holds it in, and the ingest indexes all.
+
+Orthanc listens on every interface, so the exchange runs inside a private network namespace
+(`unshare -n`, as root): this file, run as a script, is what runs in there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ("uncompressed", "jpeg_lossless_sv1", "jpeg2000_lossless")
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
+@pytest.mark.skipif(shutil.which("gdcmconv") is None or shutil.which("dcmcjpeg") is None, reason="needs gdcm and dcmtk")
+def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus: dict) -> None:
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.synthetic.transcode import transcode
+    from tests import orthanc
+    from tests.test_network import _dataset_bytes
+
+    if not orthanc.available():
+        pytest.skip("Debian's orthanc + orthanc-dicomweb not installed (.ci/run installs them)")
+    site_a = corpus["site-a"]  # unsigned pixels: every lossless codec takes them
+    studies: dict[str, list[Path]] = {"uncompressed": site_a[0].files}  # CT slices and their SEG
+    for name, study in zip(STUDIES[1:], site_a[1:3], strict=True):
+        studies[name] = [transcode(f, tmp_path / "pacs" / name / f.name, name) for f in study.ct_files]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({name: [str(f) for f in files] for name, files in studies.items()}))
+
+    out = subprocess.run(["unshare", "-n", sys.executable, "-m", "tests.test_pacs", str(tmp_path), str(manifest)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+
+    for name, files in studies.items():
+        pushed = result["pushed"][name]
+        assert pushed["FailedInstancesCount"] == 0 and pushed["InstancesCount"] == len(files), pushed
+    assert "refused" not in result["receiver_log"], result["receiver_log"][-3000:]
+    spooled = sorted(p for p in (tmp_path / "home" / "incoming").rglob("*") if p.is_file())
+    sent = [f for files in studies.values() for f in files]
+    assert len(spooled) == len(sent)
+    assert {p.parent.name for p in spooled} == {"ORTHANC"}  # the calling AE title
+    by_sop = {}
+    for p in spooled:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        assert ds.file_meta.SendingApplicationEntityTitle == "ORTHANC"
+        by_sop[ds.SOPInstanceUID] = (ds.file_meta.TransferSyntaxUID, p)
+    for f in sent:
+        original = pydicom.dcmread(f, stop_before_pixels=True)
+        syntax, stored = by_sop[original.SOPInstanceUID]
+        assert syntax == original.file_meta.TransferSyntaxUID  # not transcoded on the way
+        # Orthanc sends a stored file's data set as it is when the receiver accepts its syntax.
+        assert _dataset_bytes(stored) == _dataset_bytes(f)
+    by_sop = {uid: syntax for uid, (syntax, _) in by_sop.items()}
+    assert {str(ts) for ts in by_sop.values()} == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70",
+                                                  "1.2.840.10008.1.2.4.90"}
+    report = ingest_files(spooled, IngestTargets.for_home(KaapanaHome(tmp_path / "home")))
+    assert report.summary()["indexed"] == len(sent), report.summary()
+
+
+def _in_namespace(workdir: Path, manifest: Path) -> None:
+    """Inside `unshare -n`: Orthanc and `kaapana receive` on the namespace's own loopback;
+    upload each study over REST, then let Orthanc push it. Prints the outcome as JSON."""
+    sys.path.insert(0, str(ROOT))
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    from tests.orthanc import Orthanc
+    from tests.test_network import Receiver
+
+    studies = {name: [Path(f) for f in files] for name, files in json.loads(manifest.read_text()).items()}
+    receiver = Receiver(workdir / "home")
+    pacs = None
+    try:
+        pacs = Orthanc(workdir / "orthanc")
+        pacs.add_modality("kaapana", "KAAPANA", "127.0.0.1", receiver.port)
+        pushed = {}
+        for name, files in studies.items():
+            study_ids = {pacs.upload(f)["ParentStudy"] for f in files}
+            assert len(study_ids) == 1, study_ids
+            pushed[name] = pacs.push("kaapana", sorted(study_ids))
+        print(json.dumps({"pushed": pushed, "receiver_log": receiver.log()}))
+    finally:
+        if pacs is not None:
+            pacs.stop()
+        receiver.stop()
+
+
+if __name__ == "__main__":
+    _in_namespace(Path(sys.argv[1]), Path(sys.argv[2]))
