@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install test test-all demo dev bench-ingest bench-segment bench-receive bench-federated clean
+.PHONY: install test test-all check-runtime-install demo dev bench-ingest bench-segment bench-receive bench-federated clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -26,6 +26,17 @@ test: install
 
 test-all: install
 	$(BIN)/python -m pytest -q
+
+# What deploy/ builds: `pip install .` without extras, in a clean venv, must import the code
+# location (a runtime import that only a dev extra brought once broke production).
+RUNTIME_VENV ?= $(CURDIR)/build/runtime-venv
+check-runtime-install:
+	rm -rf $(RUNTIME_VENV) && $(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(RUNTIME_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(RUNTIME_VENV)/bin/python -m pip install --quiet .
+	cd $(RUNTIME_VENV) && DAGSTER_HOME= $(RUNTIME_VENV)/bin/python -c "import definitions; print('definitions imports without dev extras:', len(list(definitions.defs.resolve_all_asset_keys())), 'assets')"
+	rm -rf $(RUNTIME_VENV)
 
 demo: install
 	$(BIN)/kaapana demo

@@ -19,6 +19,7 @@ import dagster as dg
 import yaml
 from pydantic import Field
 
+from kaapana_assets.federated.exchange import InvalidSiteKey, validate_site_key
 from kaapana_assets.federated.site import SiteContext
 from kaapana_assets.federated.store import ExchangeStore, checked_name
 from kaapana_assets.home import KaapanaHome
@@ -48,6 +49,10 @@ class FederatedSiteResource(dg.ConfigurableResource):
         if not name or not key:
             raise dg.Failure(description="this site has no federation identity: set KAAPANA_SITE and KAAPANA_SITE_KEY "
                              "(or configure the federated_site resource)")
+        try:
+            key = validate_site_key(key, name)
+        except InvalidSiteKey as exc:
+            raise dg.Failure(description=str(exc)) from None
         return SiteContext(
             site=checked_name("site", name), key=key, store=ExchangeStore(self.exchange or default_exchange()),
             lake=lake, archive_root=archive_root, work_root=nnunet_settings.work_root(),
@@ -70,7 +75,10 @@ class FederatedSite(dg.Config):
         key = self.key or (os.environ.get(self.key_env, "") if self.key_env else "")
         if not key:
             raise dg.Failure(description=f"no key for site {self.name}: set its key or key_env")
-        return key
+        try:  # validated when loaded: a malformed key is a configuration error, not tampering
+            return validate_site_key(key, self.name)
+        except InvalidSiteKey as exc:
+            raise dg.Failure(description=str(exc)) from None
 
 
 @dataclass

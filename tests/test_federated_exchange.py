@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
+import dagster as dg
 import pytest
 import torch
 
@@ -137,3 +139,20 @@ def test_median_of_an_even_number_of_sites_averages_the_middle_pair() -> None:
                    for i in range(count)]
         expected = np.median(np.stack([u.weights["conv.weight"].numpy() for u in updates]), axis=0)
         assert np.allclose(coordinate_median(updates)["conv.weight"].numpy(), expected, atol=1e-6)
+
+
+def test_a_malformed_site_key_is_a_configuration_error_not_tampering() -> None:
+    """A bad key names the site when it is loaded; "unauthentic" stays for failed authentication."""
+    from kaapana_assets.federated.exchange import InvalidSiteKey, generate_site_key, open_sealed, seal
+    from resources.federation import FederatedSite
+
+    key = generate_site_key()
+    envelope = seal(b"payload", key, "exp", 1, "site-a", 3)
+    for bad in ("not base64!!", base64.b64encode(b"short").decode()):
+        with pytest.raises(InvalidSiteKey, match="site 'site-a'"):
+            open_sealed(envelope, bad, "exp", 1, "site-a")
+        with pytest.raises(dg.Failure, match="site 'site-b'"):
+            FederatedSite(name="site-b", key=bad).secret()
+    with pytest.raises(UpdateRejected) as exc:
+        open_sealed(envelope, generate_site_key(), "exp", 1, "site-a")
+    assert exc.value.reason == "unauthentic"

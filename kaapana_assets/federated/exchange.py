@@ -50,11 +50,26 @@ def generate_site_key() -> str:
     return base64.b64encode(AESGCM.generate_key(bit_length=256)).decode()
 
 
-def _key(key: str) -> AESGCM:
-    raw = base64.b64decode(key)
+class InvalidSiteKey(ValueError):
+    """A configured site key that is not 32 bytes of base64: a configuration error, never
+    to be confused with a tampered update."""
+
+
+def validate_site_key(key: str, site: str) -> str:
+    """`key` if it is a usable AES-256 key; else InvalidSiteKey naming the site."""
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise InvalidSiteKey(f"the key of site {site!r} is not base64 ({exc}); "
+                             "make one with `kaapana federation key`") from None
     if len(raw) != 32:
-        raise ValueError("a site key is 32 bytes, base64-encoded")
-    return AESGCM(raw)
+        raise InvalidSiteKey(f"the key of site {site!r} is {len(raw)} bytes; an AES-256 site key is 32 bytes, "
+                             "base64-encoded (`kaapana federation key`)")
+    return key
+
+
+def _key(key: str) -> AESGCM:
+    return AESGCM(base64.b64decode(validate_site_key(key, "?")))
 
 
 def seal(payload: bytes, key: str, experiment: str, round_: int, site: str, cases: int) -> bytes:
@@ -85,8 +100,10 @@ def open_sealed(envelope: bytes, key: str, experiment: str, round_: int, site: s
         raise UpdateRejected(
             "replayed", f"update is for {manifest.experiment} round {manifest.round}, expected {experiment} round {round_}"
         )
+    cipher = AESGCM(base64.b64decode(validate_site_key(key, site)))  # a bad key raises InvalidSiteKey
     try:
-        payload = _key(key).decrypt(base64.b64decode(manifest.nonce), ciphertext, manifest.associated_data())
+        nonce = base64.b64decode(manifest.nonce, validate=True)
+        payload = cipher.decrypt(nonce, ciphertext, manifest.associated_data())
     except (InvalidTag, ValueError):
         raise UpdateRejected(
             "unauthentic", f"update of {site} failed authentication: tampered, or not sealed with {site}'s key"

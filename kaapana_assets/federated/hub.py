@@ -20,6 +20,7 @@ from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fing
 from kaapana_assets.federated.payload import PayloadError, SiteUpdate, unpack_update
 from kaapana_assets.federated.site import metric_name
 from kaapana_assets.federated.store import ExchangeStore, checked_name
+from kaapana_assets.lake.digest import row_digest
 from kaapana_assets.training import nnunet
 
 HUB_DATASET_ID = 900
@@ -222,9 +223,7 @@ def _row(spec: ExperimentSpec, round_: int, site: str, status: str, plan_sha: st
 
 def with_digests(rows: list[dict]) -> list[dict]:
     """row_digest over the content (not the time), so an unchanged re-run commits nothing."""
-    return [{**row, "row_digest": hashlib.sha256(repr(sorted(
-        (k, str(v)) for k, v in row.items() if k not in ("committed_at", "row_digest"))).encode()).hexdigest()}
-        for row in rows]
+    return [{**row, "row_digest": row_digest(row)} for row in rows]
 
 
 def run_round(store: ExchangeStore, spec: ExperimentSpec, round_: int, participants: list[str],

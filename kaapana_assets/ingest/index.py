@@ -7,8 +7,6 @@ when a study arrives in several parts, when a SEG arrives after its CT, and afte
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import json
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
@@ -16,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from kaapana_assets.lake.digest import row_digest
 from kaapana_assets.lake.schemas import SERIES, STUDIES
 
 AXIAL_TOLERANCE = 0.95  # |slice normal · z| above this counts as axial
@@ -23,11 +22,6 @@ AXIAL_TOLERANCE = 0.95  # |slice normal · z| above this counts as axial
 
 def _first(rows: Iterable[dict[str, Any]], key: str) -> Any:
     return next((r[key] for r in rows if r.get(key) not in (None, "", [])), None)
-
-
-def _digest(row: dict[str, Any]) -> str:
-    content = {k: v for k, v in row.items() if k not in ("row_digest", "updated_at")}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def is_axial(orientation: list[float] | None) -> bool | None:
@@ -130,7 +124,7 @@ def series_rows(instances: list[dict[str, Any]], now: dt.datetime) -> list[dict[
                 (issue for r in rows if (issue := multiframe_issue(r.get("sop_class_uid"), r.get("number_of_frames"),
                                                                    r.get("modality")))), None),
         }
-        row["row_digest"] = _digest(row)
+        row["row_digest"] = row_digest(row)
         row["updated_at"] = now
         out.append(row)
     return out
@@ -161,7 +155,7 @@ def study_rows(instances: list[dict[str, Any]], series: list[dict[str, Any]], no
             "series_count": series_count[study_uid],
             "instance_count": len(rows),
         }
-        row["row_digest"] = _digest(row)
+        row["row_digest"] = row_digest(row)
         row["updated_at"] = now
         out.append(row)
     return out

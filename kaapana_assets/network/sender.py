@@ -4,7 +4,6 @@ and a record of what was sent in the `sent` Delta table."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import socket
 import time
@@ -18,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.digest import row_digest
 from kaapana_assets.lake.schemas import SENT
 
 log = logging.getLogger("kaapana.sender")
@@ -123,6 +123,6 @@ def record_sent(lake: Lake, outcomes: list[SendOutcome], node: DicomNode) -> int
         row = {"sop_instance_uid": o.sop_instance_uid, "destination": str(node), "study_uid": o.study_uid,
                "series_uid": o.series_uid, "sop_class_uid": o.sop_class_uid, "status": o.status,
                "dimse_status": o.dimse_status, "attempts": o.attempts, "error": o.error, "sent_at": now}
-        row["row_digest"] = hashlib.sha256(repr(sorted((k, str(v)) for k, v in row.items())).encode()).hexdigest()
+        row["row_digest"] = row_digest(row)  # not sent_at: an unchanged re-send rewrites nothing
         rows.append(row)
     return lake.merge("sent", pa.Table.from_pylist(rows, schema=SENT.schema)).version
