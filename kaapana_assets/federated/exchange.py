@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -25,8 +26,21 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 NONCE_BYTES = 12
 
 
+class RejectionReason(StrEnum):
+    """Why a site's update, fingerprint or evaluation was not used (the rounds table's `reason`)."""
+
+    MISSING = "missing"
+    MALFORMED = "malformed"
+    WRONG_SITE = "wrong_site"
+    REPLAYED = "replayed"
+    UNAUTHENTIC = "unauthentic"  # authentication failed: tampered, or another site's key
+    DIGEST_MISMATCH = "digest_mismatch"
+    BAD_PAYLOAD = "bad_payload"
+    SITE_FAILED = "site_failed"
+
+
 class UpdateRejected(ValueError):
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: RejectionReason, message: str):
         super().__init__(message)
         self.reason, self.message = reason, message
 
@@ -83,11 +97,11 @@ def seal(payload: bytes, key: str, experiment: str, round_: int, site: str, case
 def read_manifest(envelope: bytes) -> Manifest:
     head, sep, _ = envelope.partition(b"\n")
     if not sep:
-        raise UpdateRejected("malformed", "no manifest line")
+        raise UpdateRejected(RejectionReason.MALFORMED, "no manifest line")
     try:
         return Manifest(**json.loads(head))
     except (ValueError, TypeError) as exc:
-        raise UpdateRejected("malformed", f"unreadable manifest: {exc}") from None
+        raise UpdateRejected(RejectionReason.MALFORMED, f"unreadable manifest: {exc}") from None
 
 
 def open_sealed(envelope: bytes, key: str, experiment: str, round_: int, site: str) -> tuple[Manifest, bytes]:
@@ -95,10 +109,10 @@ def open_sealed(envelope: bytes, key: str, experiment: str, round_: int, site: s
     manifest = read_manifest(envelope)
     _, _, ciphertext = envelope.partition(b"\n")
     if manifest.site != site:
-        raise UpdateRejected("wrong_site", f"update claims site {manifest.site!r}, expected {site!r}")
+        raise UpdateRejected(RejectionReason.WRONG_SITE, f"update claims site {manifest.site!r}, expected {site!r}")
     if manifest.experiment != experiment or manifest.round != int(round_):
         raise UpdateRejected(
-            "replayed", f"update is for {manifest.experiment} round {manifest.round}, expected {experiment} round {round_}"
+            RejectionReason.REPLAYED, f"update is for {manifest.experiment} round {manifest.round}, expected {experiment} round {round_}"
         )
     cipher = AESGCM(base64.b64decode(validate_site_key(key, site)))  # a bad key raises InvalidSiteKey
     try:
@@ -106,8 +120,8 @@ def open_sealed(envelope: bytes, key: str, experiment: str, round_: int, site: s
         payload = cipher.decrypt(nonce, ciphertext, manifest.associated_data())
     except (InvalidTag, ValueError):
         raise UpdateRejected(
-            "unauthentic", f"update of {site} failed authentication: tampered, or not sealed with {site}'s key"
+            RejectionReason.UNAUTHENTIC, f"update of {site} failed authentication: tampered, or not sealed with {site}'s key"
         ) from None
     if hashlib.sha256(payload).hexdigest() != manifest.sha256:
-        raise UpdateRejected("digest_mismatch", "payload digest does not match its manifest")
+        raise UpdateRejected(RejectionReason.DIGEST_MISMATCH, "payload digest does not match its manifest")
     return manifest, payload

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, require_quorum
-from kaapana_assets.federated.exchange import Manifest, UpdateRejected, open_sealed
+from kaapana_assets.federated.exchange import Manifest, RejectionReason, UpdateRejected, open_sealed
 from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fingerprints, plan_at_hub
 from kaapana_assets.federated.payload import PayloadError, SiteUpdate, unpack_update
 from kaapana_assets.federated.site import metric_name
@@ -50,7 +50,7 @@ class ExperimentSpec:
 @dataclass
 class Rejection:
     site: str
-    reason: str  # missing, unauthentic, replayed, wrong_site, malformed, digest_mismatch, bad_payload, site_failed
+    reason: RejectionReason
     message: str
 
 
@@ -72,7 +72,7 @@ def open_envelopes(store: ExchangeStore, experiment: str, round_: int, kind: str
     for site in sites:
         envelope = store.read_envelope(experiment, round_, kind, site)
         if envelope is None:
-            opened.rejected.append(Rejection(site, "missing", f"no {kind} from {site} for round {round_}"))
+            opened.rejected.append(Rejection(site, RejectionReason.MISSING, f"no {kind} from {site} for round {round_}"))
             continue
         try:
             opened.accepted[site] = open_sealed(envelope, keys[site], experiment, round_, site)
@@ -89,10 +89,10 @@ def collect_fingerprints(store: ExchangeStore, experiment: str, keys: Mapping[st
         try:
             fingerprint = SiteFingerprint.from_json(payload.decode())
         except (ValueError, TypeError) as exc:
-            rejected.append(Rejection(site, "bad_payload", f"unreadable fingerprint: {exc}"))
+            rejected.append(Rejection(site, RejectionReason.BAD_PAYLOAD, f"unreadable fingerprint: {exc}"))
             continue
         if fingerprint.site != site or fingerprint.cases != manifest.cases:
-            rejected.append(Rejection(site, "bad_payload", "fingerprint disagrees with its manifest"))
+            rejected.append(Rejection(site, RejectionReason.BAD_PAYLOAD, "fingerprint disagrees with its manifest"))
             continue
         fingerprints.append(fingerprint)
     return fingerprints, rejected
@@ -106,10 +106,10 @@ def collect_updates(store: ExchangeStore, experiment: str, round_: int, kind: st
         try:
             update = unpack_update(site, payload)
         except PayloadError as exc:
-            rejected.append(Rejection(site, "bad_payload", str(exc)))
+            rejected.append(Rejection(site, RejectionReason.BAD_PAYLOAD, str(exc)))
             continue
         if update.cases != manifest.cases:
-            rejected.append(Rejection(site, "bad_payload", "case count disagrees with the manifest"))
+            rejected.append(Rejection(site, RejectionReason.BAD_PAYLOAD, "case count disagrees with the manifest"))
             continue
         updates.append(update)
     return updates, rejected
@@ -244,10 +244,10 @@ def run_round(store: ExchangeStore, spec: ExperimentSpec, round_: int, participa
     updates, rejected = collect_updates(store, spec.experiment, round_, "update", keys, ran)
     for site in participants:
         if not runs[site].ok:
-            rejected.append(Rejection(site, "site_failed", runs[site].message))
+            rejected.append(Rejection(site, RejectionReason.SITE_FAILED, runs[site].message))
     for rejection in rejected:
         warn(f"{rejection.site}: update not aggregated ({rejection.reason}): {rejection.message}")
-    rows = [_row(spec, round_, r.site, "failed" if r.reason == "site_failed" else "rejected", plan_sha,
+    rows = [_row(spec, round_, r.site, "failed" if r.reason == RejectionReason.SITE_FAILED else "rejected", plan_sha,
                  reason=r.reason, message=r.message[:500]) for r in rejected]
     for update in updates:
         payload = store.read_envelope(spec.experiment, round_, "update", update.site) or b""

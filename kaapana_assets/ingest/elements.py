@@ -66,14 +66,14 @@ def _overrun(data: bytes, needed_end: int, message: str) -> Malformed:
 Values = dict[int, object]  # tag -> (vr, bytes | PixelDataInfo), or list[Values] for sequences
 
 
-def _header(data: bytes, pos: int, limit: int | None = None) -> tuple[int, bytes, int, int]:
-    """(tag, vr, value length, header size) of the element at pos."""
+def _header(data: bytes, pos: int, limit: int | None = None, implicit: bool = False) -> tuple[int, bytes, int, int]:
+    """(tag, vr, value length, header size) of the element at pos (vr b"" when implicit)."""
     limit = len(data) if limit is None else limit
     if pos + 8 > limit:
         raise _overrun(data, pos + 8, f"element header at byte {pos} runs past the end of the file")
     group, element = unpack_from("<HH", data, pos)
     tag = group << 16 | element
-    if group == 0xFFFE:  # item and delimiters carry no VR
+    if group == 0xFFFE or implicit:  # items, delimiters and implicit VR elements carry no VR
         return tag, b"", unpack_from("<I", data, pos + 4)[0], 8
     vr = data[pos + 4 : pos + 6]
     if vr in LONG_VRS:
@@ -94,16 +94,21 @@ def walk(
     end: int | None = None,
     until_item_end: bool = False,
     depth: int = 0,
+    implicit: bool = False,
 ) -> tuple[Values, int]:
     """Walk elements from `pos` to `end` (the end of the data, or of the enclosing item),
     collecting the raw values of `wanted` tags and, for sequences in `nested`, the wanted
-    tags of each item. Returns the values and the position after the walk."""
+    tags of each item. Returns the values and the position after the walk.
+
+    `implicit`: Implicit VR Little Endian. Values come back with VR b"" (the caller knows
+    the VR of what it asked for); an element of undefined length is a sequence there (as
+    pydicom reads it), and a sequence of defined length is walked only when in `nested`."""
     if depth > MAX_DEPTH:
         raise TooLarge(f"sequences nested more than {MAX_DEPTH} deep")
     values: Values = {}
     size = len(data) if end is None else end
     while pos < size:
-        tag, vr, length, header = _header(data, pos, size)
+        tag, vr, length, header = _header(data, pos, size, implicit)
         start = pos + header
         if tag == ITEM_END and until_item_end:
             return values, start
@@ -116,9 +121,9 @@ def walk(
             if tag in wanted:
                 values[tag] = (vr, PixelDataInfo(sum(fragments[1:]), len(fragments) - 1))
             continue
-        if vr == b"SQ":
+        if vr == b"SQ" or (implicit and (length == UNDEFINED_LENGTH or tag in (nested or {}))):
             item_tags = (nested or {}).get(tag)
-            items, pos = _walk_items(data, start, length, size, item_tags, depth + 1)
+            items, pos = _walk_items(data, start, length, size, item_tags, depth + 1, implicit)
             if item_tags is not None:
                 values[tag] = items
             continue
@@ -142,7 +147,8 @@ def walk(
 
 
 def _walk_items(
-    data: bytes, pos: int, length: int, limit: int, item_tags: frozenset[int] | None, depth: int
+    data: bytes, pos: int, length: int, limit: int, item_tags: frozenset[int] | None, depth: int,
+    implicit: bool = False,
 ) -> tuple[list[Values], int]:
     """Items of a sequence starting at pos (the walk never reads past `limit`)."""
     items: list[Values] = []
@@ -163,14 +169,15 @@ def _walk_items(
             raise TooLarge(f"a sequence holds more than {MAX_ITEMS:,} items")
         start = pos + header
         if item_length == UNDEFINED_LENGTH:
-            values, pos = walk(data, start, wanted, None, end=bound, until_item_end=True, depth=depth)
+            values, pos = walk(data, start, wanted, None, end=bound, until_item_end=True, depth=depth,
+                               implicit=implicit)
         else:
             if start + item_length > bound:
                 raise _overrun(data, start + item_length, f"item needs {item_length} bytes, {bound - start} are left")
             values = {}
             if item_tags is not None:
                 # `end`, not a slice: slicing copies the rest of the file once per item.
-                values, _ = walk(data, start, wanted, None, end=start + item_length, depth=depth)
+                values, _ = walk(data, start, wanted, None, end=start + item_length, depth=depth, implicit=implicit)
             pos = start + item_length
         if item_tags is not None:
             items.append(values)

@@ -13,7 +13,7 @@ from functools import cache
 from struct import unpack_from
 
 import pydicom
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.uid import (
     AllTransferSyntaxes,
     DeflatedExplicitVRLittleEndian,
@@ -121,9 +121,8 @@ TRANSFER_SYNTAX_TAG = 0x00020010
 SOURCE_AE_TAG = 0x00020016
 SENDING_AE_TAG = 0x00020017
 RECEIVING_AE_TAG = 0x00020018
-# Data sets in these transfer syntaxes are explicit VR little endian (encapsulated pixel
-# data included); the others go through pydicom.
-NOT_EXPLICIT_LE = {ImplicitVRLittleEndian, ExplicitVRBigEndian}
+# The VR of each wanted attribute, for Implicit VR data sets (all unambiguous ones).
+DICTIONARY_VR = {tag: dictionary_VR(tag).encode() for tag in WANTED}
 NATIVE = {ImplicitVRLittleEndian, "1.2.840.10008.1.2.1", ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 # Single-byte or UTF-8 character sets decodable without pydicom's ISO 2022 machinery.
 SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
@@ -240,13 +239,14 @@ def _fast_values(data: bytes) -> tuple[dict[str, object], str]:
     if ts_raw is None:  # pydicom's reading decides what such a file is
         raise elements.Unsupported("file meta has no TransferSyntaxUID (0002,0010)")
     transfer_syntax = _text(ts_raw[1], "ascii")  # type: ignore[index]
-    if transfer_syntax in NOT_EXPLICIT_LE or transfer_syntax not in ALL_TRANSFER_SYNTAXES:
+    if transfer_syntax == ExplicitVRBigEndian or transfer_syntax not in ALL_TRANSFER_SYNTAXES:
         raise elements.Unsupported(transfer_syntax)
+    implicit = transfer_syntax == ImplicitVRLittleEndian
     if transfer_syntax == DeflatedExplicitVRLittleEndian:
         # Inflated here, capped, so that pydicom never inflates an unbounded stream.
         found, _ = elements.walk(_inflate(data, pos), 0, WANTED, NESTED)
     else:
-        found, _ = elements.walk(data, pos, WANTED, NESTED)
+        found, _ = elements.walk(data, pos, WANTED, NESTED, implicit=implicit)
     ae_titles = {
         keyword: _text(meta[tag][1], "latin-1") or None  # type: ignore[index]
         for keyword, tag in (
@@ -265,6 +265,8 @@ def _fast_values(data: bytes) -> tuple[dict[str, object], str]:
             continue
         keyword = KEYWORD_OF[tag]
         vr, raw = item  # type: ignore[misc]
+        if implicit:
+            vr = DICTIONARY_VR[tag]
         values[keyword] = _convert(FIELDS[keyword], vr, raw, encoding)
     values["ReferencedSeriesUIDs"] = [
         _text(item[SERIES_UID_TAG][1], "ascii")  # type: ignore[index]
