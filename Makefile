@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install test test-all check-runtime-install demo dev bench-ingest bench-segment bench-receive bench-federated clean
+.PHONY: install lint test test-all check-runtime-install demo dev bench-ingest bench-segment bench-receive bench-federated clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -21,10 +21,17 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-test: install
+# pyflakes, isort and bugbear (ruff), and types (mypy): configured in pyproject.toml.
+lint: install
+	$(BIN)/ruff check kaapana_assets resources sensors definitions.py tests bench
+	$(BIN)/mypy
+
+# The fast tier: everything but the tests marked slow (training, demo, servers, browser).
+test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
-test-all: install
+# Both tiers: what CI runs.
+test-all: lint
 	$(BIN)/python -m pytest -q
 
 # What deploy/ builds: `pip install .` without extras, in a clean venv, must import the code

@@ -50,7 +50,8 @@ def main() -> int:
     from kaapana_assets.segmentation.models import production_model
     from kaapana_assets.synthetic import generate_site
     from kaapana_assets.training import nnunet
-    from kaapana_assets.training.assets import nnunet_dataset, production_model as promote, trained_model
+    from kaapana_assets.training.assets import nnunet_dataset, trained_model
+    from kaapana_assets.training.assets import production_model as promote
     from resources import site_resources
 
     with tempfile.TemporaryDirectory() as tmp:

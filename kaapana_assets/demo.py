@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from typing import Any, TypedDict
 
 import dagster as dg
 import polars as pl
@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kaapana_assets.cohorts.membership import snapshot_cohort
+from kaapana_assets.demo_driver import RunOutcome, log_level_config, run_requests, tick
 from kaapana_assets.federated.exchange import generate_site_key
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
@@ -34,7 +35,7 @@ from kaapana_assets.lake import Lake
 from kaapana_assets.synthetic import generate_site, get_profile
 from resources.federation import FederatedSite, FederationResource
 from resources.nnunet import NnunetResource
-from resources.storage import ArchiveResource
+from resources.storage import ArchiveResource, build_resources
 
 
 def _truncated_copy(source: Path, target: Path) -> None:
@@ -43,9 +44,16 @@ def _truncated_copy(source: Path, target: Path) -> None:
     target.write_bytes(data[: len(data) // 2])
 
 
+class Grid(TypedDict):
+    """The synthetic CT's grid (generate_site's keywords); None keeps the scanner's."""
+
+    slices: int | None
+    matrix: int | None
+
+
 # The scanners' slices (their slice thickness is what cohorts filter on), a smaller in-plane
 # matrix: the whole story takes minutes on a laptop CPU.
-DEMO_GRID: dict[str, int | None] = {"slices": None, "matrix": 48}
+DEMO_GRID: Grid = {"slices": None, "matrix": 48}
 EXPERIMENT = "liver-fed"
 
 
@@ -60,38 +68,26 @@ def _dagster_home(home: KaapanaHome) -> Path:
     return dagster_home
 
 
-def _spool_and_ingest(console: Console, defs: dg.Definitions, instance: dg.DagsterInstance, resources: dict,
-                      cursor: str | None = None) -> tuple[int, str | None]:
+def _print_outcome(console: Console, outcome: RunOutcome, name: str | None = None) -> None:
+    console.print(f"  {'[green]✓' if outcome.success else '[red]✗'}[/] {name or outcome.job_name} {outcome.label}")
+
+
+def _spool_and_ingest(console: Console, defs: dg.Definitions, instance: dg.DagsterInstance,
+                      resources: dict[str, Any], cursor: str | None = None) -> tuple[int, str | None]:
     """One tick of the incoming_studies sensor, then every run it requested, in-process."""
-    sensor = defs.get_sensor_def("incoming_studies")
     # The files were just copied: no need to wait the receiver's quiet period.
     archive = ArchiveResource(quiet_period_s=0.0)
-    with dg.partition_loading_context(dynamic_partitions_store=instance):
-        context = dg.build_sensor_context(
-            instance=instance, instance_ref=instance.get_ref(), definitions=defs, cursor=cursor,
-            resources={**resources, "archive": archive},
-        )
-        result = sensor.evaluate_tick(context)
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys or []))
-    console.print(f"sensor incoming_studies: {len(result.run_requests or [])} run request(s)")
+    ticked = tick(defs, instance, "incoming_studies", resources={**resources, "archive": archive}, cursor=cursor)
+    console.print(f"sensor incoming_studies: {len(ticked.run_requests)} run request(s)")
     failed = 0
-    for request in result.run_requests or []:
-        job = defs.resolve_job_def(request.job_name)  # type: ignore[arg-type]
-        label = request.partition_key or request.job_name
-        with console.status(f"running {request.job_name} {label}"):
-            outcome = job.execute_in_process(
-                run_config={**request.run_config, "loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-                partition_key=request.partition_key, instance=instance,
-                tags=request.tags, raise_on_error=False,
-            )
+    for outcome in run_requests(defs, instance, ticked.run_requests, status=console.status):
         failed += not outcome.success
-        console.print(f"  {'[green]✓' if outcome.success else '[red]✗'}[/] {request.job_name} {label}")
-    return failed, result.cursor
+        _print_outcome(console, outcome)
+    return failed, ticked.cursor
 
 
 def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds: int = 3,
-             new_studies: int = 2, grid: dict[str, int | None] | None = None, schedule: str = "short",
+             new_studies: int = 2, grid: Grid | None = None, schedule: str = "short",
              promotion_dice: float = 0.7) -> int:
     import definitions  # the real code location
 
@@ -107,7 +103,9 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
                   f"DAGSTER_HOME = {os.environ['DAGSTER_HOME']}")
     defs = definitions.defs
     instance = dg.DagsterInstance.get()
-    resources = dict(defs.resources or {})
+    # Built from the environment as it is now (the demo may have set KAAPANA_HOME after the
+    # code location was imported), not taken from the definitions' load-time resources.
+    resources: dict[str, Any] = dict(build_resources())
     failed = 0
     grid = grid or DEMO_GRID
 
@@ -157,15 +155,13 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
     ingest_failed, cursor = _spool_and_ingest(console, defs, instance, resources, cursor)
     failed += ingest_failed
     evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
-    requested = sorted(evaluation.get_requested_partitions(dg.AssetKey("segmentations")))
+    requested = sorted(k for k in evaluation.get_requested_partitions(dg.AssetKey("segmentations")) if k)
     console.print(f"automation (segmentation_automation sensor): {len(requested)} study(ies) to segment")
-    job = defs.resolve_job_def("segment_studies")
-    for study_uid in requested:
-        with console.status(f"segmenting {study_uid}"):
-            outcome = job.execute_in_process(partition_key=study_uid, instance=instance, raise_on_error=False,
-                                             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+    # What the automation sensor would launch: the segment_studies job, one run per study.
+    segment = [dg.RunRequest(job_name="segment_studies", partition_key=study_uid) for study_uid in requested]
+    for outcome in run_requests(defs, instance, segment, status=console.status):
         failed += not outcome.success
-        console.print(f"  {'[green]✓' if outcome.success else '[red]✗'}[/] segmentations {study_uid}")
+        _print_outcome(console, outcome, "segmentations")
 
     console.rule("summary")
     _final_summary(console, home)
@@ -198,21 +194,25 @@ def _federation(home: KaapanaHome, site_homes: dict[str, KaapanaHome], rounds: i
 
     path = home.root / "federation.yaml"
     known = {s["name"]: s for s in (yaml.safe_load(path.read_text()) or {}).get("sites", [])} if path.exists() else {}
-    sites = [{"name": name, "transport": "local", "home": str(site_home.root),
-              "key": known.get(name, {}).get("key") or generate_site_key()} for name, site_home in site_homes.items()]
+    # A rerun keeps the sites' keys: what the sites already sealed stays readable.
+    sites = [FederatedSite(name=name, transport="local", home=str(site_home.root),
+                           key=known.get(name, {}).get("key") or generate_site_key())
+             for name, site_home in site_homes.items()]
     # Demo only: keys inline. In production each key lives in a secret (key_env).
-    path.write_text(yaml.safe_dump({"sites": sites}, sort_keys=False))
+    path.write_text(yaml.safe_dump({"sites": [{"name": s.name, "transport": s.transport, "home": s.home, "key": s.key}
+                                              for s in sites]}, sort_keys=False))
     os.environ.setdefault("KAAPANA_FEDERATION", str(path))
-    return FederationResource(sites=[FederatedSite(**s) for s in sites], exchange=str(home.root / "exchange"),
+    return FederationResource(sites=sites, exchange=str(home.root / "exchange"),
                               rounds=rounds, min_sites=2, schedule=schedule, local_epochs=2)
 
 
-def _federate(console: Console, instance: dg.DagsterInstance, resources: dict, federation: FederationResource) -> int:
+def _federate(console: Console, instance: dg.DagsterInstance, resources: dict[str, Any],
+              federation: FederationResource) -> int:
     from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
     from kaapana_assets.federated.partitions import round_key
 
     resources = {**resources, "federation": federation}
-    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    quiet = log_level_config("ERROR")
     if not instance.has_dynamic_partition("federated_experiments", EXPERIMENT):
         instance.add_dynamic_partitions("federated_experiments", [EXPERIMENT])
 
@@ -220,19 +220,18 @@ def _federate(console: Console, instance: dg.DagsterInstance, resources: dict, f
     log_path.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"nnU-Net's own output goes to {log_path}")
 
-    def run(assets: list, partition: str, label: str, config: dict | None = None) -> dg.ExecuteInProcessResult | None:
+    def run(assets: list[dg.AssetsDefinition], partition: str, label: str) -> dg.ExecuteInProcessResult | None:
         # nnU-Net prints every epoch to stdout: keep it in a log file, the console shows progress.
-        console.file = sys.stdout  # pinned: the spinner stays on the terminal
-        try:
-            with console.status(label), log_path.open("a") as log, redirect_stdout(log), redirect_stderr(log):
-                result = dg.materialize(assets, partition_key=partition, instance=instance, resources=resources,
-                                        selection=[assets[-1]], raise_on_error=False,
-                                        run_config={**quiet, **(config or {})})
-        finally:
-            console.file = None  # type: ignore[assignment]
+        # The spinner gets its own console, pinned to today's stdout, or it would follow stdout
+        # into the log file.
+        spinner = Console(file=console.file)
+        with spinner.status(label), log_path.open("a") as log, redirect_stdout(log), redirect_stderr(log):
+            result = dg.materialize(assets, partition_key=partition, instance=instance, resources=resources,
+                                    selection=[assets[-1]], raise_on_error=False, run_config=quiet)
         if not result.success:
-            failure = result.get_step_failure_events()
-            console.print(f"  [red]✗[/] {label}: {failure[0].step_failure_data.error.message if failure else ''}")
+            failures = result.get_step_failure_events()
+            error = failures[0].step_failure_data.error if failures else None
+            console.print(f"  [red]✗[/] {label}: {error.message if error else ''}")
             return None
         return result
 
@@ -248,7 +247,9 @@ def _federate(console: Console, instance: dg.DagsterInstance, resources: dict, f
         if result is None:
             return 1
         md = result.get_asset_materialization_events()[0].materialization.metadata
-        console.print(f"  [green]✓[/] round {r}: {', '.join(md['aggregated_sites'].value)} aggregated; "
+        aggregated = md["aggregated_sites"].value
+        sites = ", ".join(map(str, aggregated)) if isinstance(aggregated, list) else str(aggregated)
+        console.print(f"  [green]✓[/] round {r}: {sites} aggregated; "
                       f"global liver Dice on the sites' own validation patients "
                       f"{md['global_dice_liver'].value:.3f}")
     model = run([federated_rounds, federated_model], EXPERIMENT, "federated_model: register and promote")
@@ -295,28 +296,26 @@ def _curate(console: Console, home: KaapanaHome) -> None:
     console.print(f"tagged {len(chosen)} series 'reviewed' (kaapana tag add reviewed --series ...)")
 
 
-def _cohorts(console: Console, defs: dg.Definitions, instance: dg.DagsterInstance, resources: dict) -> int:
+def _cohorts(console: Console, defs: dg.Definitions, instance: dg.DagsterInstance, resources: dict[str, Any]) -> int:
     """Register the cohort definitions, snapshot each cohort with its checks, then the
     site statistics. A failed harmonization check is a finding, not a demo failure."""
-    sensor = defs.get_sensor_def("cohort_definitions")
-    result = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, resources=resources, definitions=defs))
-    for request in result.dynamic_partitions_requests or []:
-        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys or []))
-    quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}  # outcomes are tabled below
-    job = defs.resolve_job_def("materialize_cohort")
+    tick(defs, instance, "cohort_definitions", resources=resources)  # registers the cohorts partitions
+    # Every cohort, as a user would launch materialize_cohort for each from the UI.
+    cohorts = [dg.RunRequest(job_name="materialize_cohort", partition_key=name)
+               for name in sorted(instance.get_dynamic_partitions("cohorts"))]
+    quiet = "CRITICAL"  # outcomes are tabled below
     table = Table(title="Cohorts and their harmonization checks")
     for column in ("cohort", "version", "series", "checks", "failed checks"):
         table.add_column(column)
     errors = 0
-    for name in sorted(instance.get_dynamic_partitions("cohorts")):
-        with console.status(f"materializing cohort {name}"):
-            outcome = job.execute_in_process(partition_key=name, instance=instance, raise_on_error=False, run_config=quiet)
-        materializations = outcome.asset_materializations_for_node("cohorts")
+    for outcome in run_requests(defs, instance, cohorts, log_level=quiet, status=console.status):
+        name = outcome.label
+        materializations = outcome.result.asset_materializations_for_node("cohorts")
         if not materializations:
             console.print(f"  [yellow]cohort {name} not materialized (no matching series?)")
             continue
         md = materializations[0].metadata
-        checks = outcome.get_asset_check_evaluations()
+        checks = outcome.result.get_asset_check_evaluations()
         bad = [f"{e.check_name}: {e.description}" for e in checks if not e.passed]
         table.add_row(name, str(md["cohort_version"].value), str(md["series"].value),
                       f"{len(checks) - len(bad)}/{len(checks)} passed", "\n".join(bad) or "—")
@@ -324,7 +323,8 @@ def _cohorts(console: Console, defs: dg.Definitions, instance: dg.DagsterInstanc
     console.print("A failed check blocks training on its cohort: mixing scanners with different slice "
                   "thickness is what the pre-learning checks exist to catch.")
     stats = defs.resolve_implicit_global_asset_job_def().execute_in_process(
-        asset_selection=[dg.AssetKey("site_statistics")], instance=instance, raise_on_error=False, run_config=quiet)
+        asset_selection=[dg.AssetKey("site_statistics")], instance=instance, raise_on_error=False,
+        run_config=log_level_config(quiet))
     errors += not stats.success
     if stats.success:
         path = stats.asset_materializations_for_node("site_statistics")[0].metadata["openmetrics_file"].value

@@ -6,11 +6,8 @@ embedded default used by the demo, tests and a single-node install.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-
-DEFAULT_HOME = ".kaapana"
 
 
 @dataclass(frozen=True)
@@ -19,7 +16,9 @@ class KaapanaHome:
 
     @classmethod
     def from_env(cls) -> "KaapanaHome":
-        return cls(Path(os.environ.get("KAAPANA_HOME", DEFAULT_HOME)).resolve())
+        from kaapana_assets.environment import Environment
+
+        return cls(Environment.read().home)
 
     @property
     def lake(self) -> Path:

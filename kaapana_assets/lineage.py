@@ -113,7 +113,7 @@ def _federated(model: Node, home: KaapanaHome, lake: Lake, tags: dict[str, str])
             others = these.filter(pl.col("status").is_in(["failed", "rejected"]))
             node.add(f"round {round_}: " + ", ".join(f"{r['site']} ({r['cases']} cases)"
                                                      for r in aggregated.iter_rows(named=True))
-                     + (f"; not aggregated: {', '.join(f'{s} ({why})' for s, why in zip(others['site'], others['reason']))}"
+                     + (f"; not aggregated: {', '.join(f'{s} ({why})' for s, why in zip(others['site'], others['reason'], strict=True))}"
                         if others.height else "")
                      + (f"; global Dice {dice:.3f}" if dice is not None else ""))
     cases = json.loads(tags.get("kaapana.cases", "{}"))

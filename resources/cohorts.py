@@ -1,6 +1,5 @@
 """Where cohort definitions live."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -20,11 +19,11 @@ class CohortDefinitionsResource(dg.ConfigurableResource):
 
     folder: str = Field(
         default="",
-        description="Folder of cohort definitions; empty: $KAAPANA_COHORTS, else the shipped examples",
+        description="Folder of cohort definitions; empty: the shipped examples",
     )
 
     def path(self) -> Path:
-        return Path(self.folder or os.environ.get("KAAPANA_COHORTS") or EXAMPLES)
+        return Path(self.folder or EXAMPLES)
 
     def all(self) -> tuple[dict[str, CohortDefinition], list[CohortDefinitionError]]:
         return load_definitions(self.path())

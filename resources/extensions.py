@@ -1,6 +1,5 @@
 """How extensions run: a subprocess locally, a pod from an image on Kubernetes."""
 
-import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +16,7 @@ class ExtensionRunner(dg.ConfigurableResource):
     image: str = Field(default="", description="k8s: the image that holds the programs (e.g. this code location's)")
     namespace: str = Field(default="", description="k8s: namespace of the pods; empty: the run's")
     home_claim: str = Field(default="kaapana-home", description="k8s: PVC holding KAAPANA_HOME, mounted read-only")
+    mount_path: str = Field(default="/kaapana", description="k8s: where KAAPANA_HOME is mounted in the pod")
 
     def run(self, context: dg.AssetExecutionContext, program: str, extras: Mapping[str, Any]) -> Any:
         script = PROGRAMS / f"{program}.py"
@@ -26,7 +26,7 @@ class ExtensionRunner(dg.ConfigurableResource):
             ).get_materialize_result()
         from dagster_k8s import PipesK8sClient
 
-        home = os.environ.get("KAAPANA_HOME", "/kaapana")
+        home = self.mount_path
         return PipesK8sClient().run(
             context=context, image=self.image, namespace=self.namespace or None,
             command=["python", "-m", f"kaapana_assets.extensions.programs.{program}"], extras=dict(extras),

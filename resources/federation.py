@@ -19,10 +19,10 @@ import dagster as dg
 import yaml
 from pydantic import Field
 
+from kaapana_assets.environment import Environment
 from kaapana_assets.federated.exchange import InvalidSiteKey, validate_site_key
 from kaapana_assets.federated.site import SiteContext
 from kaapana_assets.federated.store import ExchangeStore, checked_name
-from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
 from kaapana_assets.training.nnunet import Schedule
 from resources.nnunet import NnunetResource
@@ -32,20 +32,19 @@ ASSET_JOB = "__ASSET_JOB"
 
 
 def default_exchange() -> Path:
-    return Path(os.environ.get("KAAPANA_EXCHANGE") or KaapanaHome.from_env().root / "exchange")
+    return Environment.read().exchange
 
 
 class FederatedSiteResource(dg.ConfigurableResource):
     """This site's identity in a federation (site side): its name, its own key, the exchange."""
 
-    name: str = Field(default="", description="Site name; empty: $KAAPANA_SITE")
-    key: str = Field(default="", description="This site's AES-256 key (base64); empty: $KAAPANA_SITE_KEY")
+    name: str = Field(default="", description="Site name ($KAAPANA_SITE in build_resources)")
+    key: str = Field(default="", description="This site's AES-256 key, base64 (dg.EnvVar('KAAPANA_SITE_KEY'))")
     exchange: str = Field(default="", description="Exchange store; empty: $KAAPANA_EXCHANGE or $KAAPANA_HOME/exchange")
 
     def context(self, lake: Lake, archive_root: Path, nnunet_settings: NnunetResource,
                 log: Callable[[str], None]) -> SiteContext:
-        name = self.name or os.environ.get("KAAPANA_SITE", "")
-        key = self.key or os.environ.get("KAAPANA_SITE_KEY", "")
+        name, key = self.name, self.key
         if not name or not key:
             raise dg.Failure(description="this site has no federation identity: set KAAPANA_SITE and KAAPANA_SITE_KEY "
                              "(or configure the federated_site resource)")
@@ -150,12 +149,12 @@ class GraphqlTransport:
         host, _, port = address.partition(":")
         self.host, self.port, self.https = host, int(port) if port else None, site.url.startswith("https://")
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self):
         from dagster_graphql import DagsterGraphQLClient
 
         return DagsterGraphQLClient(self.host, port_number=self.port, use_https=self.https, timeout=60)
 
-    def _repository(self, client) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    def _repository(self, client) -> tuple[str, str]:
         # DagsterGraphQLClient has no call for these two; _execute runs a documented GraphQL query.
         data = client._execute(REPOSITORIES)["repositoriesOrError"]
         nodes = data.get("nodes") or []
@@ -208,14 +207,16 @@ class FederationResource(dg.ConfigurableResource):
     """The hub's view of a federation: sites, exchange, and how experiments train."""
 
     sites: list[FederatedSite] = Field(default_factory=list,
-                                       description="The sites; empty: read from $KAAPANA_FEDERATION (a YAML file)")
+                                       description="The sites; empty: read from federation_file")
+    federation_file: str = Field(default="", description="YAML file listing the sites under `sites:` "
+                                 "($KAAPANA_FEDERATION in build_resources)")
     exchange: str = Field(default="", description="Exchange store; empty: $KAAPANA_EXCHANGE or $KAAPANA_HOME/exchange")
     cohort: str = Field(default="liver-train", description="The cohort every site trains on (each its own)")
     labels: list[str] = Field(default_factory=lambda: ["liver"], description="Labels every site must provide")
     rounds: int = Field(default=3, description="Rounds of an experiment")
     min_sites: int = Field(default=2, description="Quorum: updates a round needs to aggregate")
     strategy: str = Field(default="fedavg", description="fedavg or median")
-    schedule: str = Field(default="", description="Local training preset; empty: $KAAPANA_TRAINING_SCHEDULE or short")
+    schedule: str = Field(default="", description="Local training preset (full, short, tiny); empty: short")
     local_epochs: int | None = Field(default=None, description="Local epochs per round (overrides the preset)")
     iterations_per_epoch: int | None = None
     base_features: int | None = Field(default=None, description="Network width of the first stage")
@@ -226,10 +227,10 @@ class FederationResource(dg.ConfigurableResource):
     def site_list(self) -> list[FederatedSite]:
         if self.sites:
             return list(self.sites)
-        path = os.environ.get("KAAPANA_FEDERATION")
+        path = self.federation_file
         if not path:
             raise dg.Failure(description="no federation sites configured: set FederationResource.sites or "
-                             "KAAPANA_FEDERATION=path/to/federation.yaml (a list under `sites:`)")
+                             "federation_file (KAAPANA_FEDERATION=path/to/federation.yaml, a list under `sites:`)")
         data = yaml.safe_load(Path(path).read_text()) or {}
         return [FederatedSite(**entry) for entry in data.get("sites", [])]
 
@@ -240,7 +241,7 @@ class FederationResource(dg.ConfigurableResource):
         return {site.name: site.secret() for site in self.site_list()}
 
     def training_schedule(self) -> Schedule:
-        name = self.schedule or os.environ.get("KAAPANA_TRAINING_SCHEDULE", "short")
+        name = self.schedule or "short"
         return Schedule.preset(name, epochs=self.local_epochs, iterations_per_epoch=self.iterations_per_epoch,
                                base_features=self.base_features)
 

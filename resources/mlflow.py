@@ -3,7 +3,6 @@
 import dagster as dg
 from pydantic import Field
 
-from kaapana_assets.home import KaapanaHome
 from kaapana_assets.training.tracking import Tracking, default_tracking
 
 
@@ -13,6 +12,6 @@ class MlflowResource(dg.ConfigurableResource):
     experiment: str = Field(default="kaapana")
 
     def tracking(self) -> Tracking:
-        default = default_tracking(KaapanaHome.from_env().root)
+        default = default_tracking()
         return Tracking(self.tracking_uri or default.tracking_uri, self.artifact_root or default.artifact_root,
                         self.experiment)

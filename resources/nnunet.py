@@ -1,12 +1,11 @@
 """nnU-Net settings of a site: where it works, on which device, and how long it trains."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
-from kaapana_assets.home import KaapanaHome
+from kaapana_assets.environment import Environment
 from kaapana_assets.training.nnunet import NnunetPaths, Schedule
 
 
@@ -15,27 +14,27 @@ class NnunetResource(dg.ConfigurableResource):
     device: str = Field(default="auto", description="cpu, cuda or auto")
     threads: int = Field(default=2, description="CPU threads for torch and nnU-Net's worker pools")
     schedule: str = Field(default="", description="full (nnU-Net's own), short (demo) or tiny (tests); "
-                          "empty: $KAAPANA_TRAINING_SCHEDULE or short")
+                          "empty: short")
     epochs: int | None = Field(default=None, description="override the schedule's epochs")
     iterations_per_epoch: int | None = None
     base_features: int | None = Field(default=None, description="network width of the first stage")
     promotion_dice: float = Field(default=0.8, description="validation Dice a model needs to become production")
     segmentation_model: str = Field(default="", description="registered model whose `production` version segments "
-                                    "new studies; empty: $KAAPANA_SEGMENTATION_MODEL or nnunet-liver-train")
+                                    "new studies; empty: nnunet-liver-train")
 
     def segmentation_model_name(self) -> str:
-        return self.segmentation_model or os.environ.get("KAAPANA_SEGMENTATION_MODEL", "nnunet-liver-train")
+        return self.segmentation_model or "nnunet-liver-train"
 
     def model_cache(self) -> Path:
         return self.work_root().parent / "models"
 
     def work_root(self) -> Path:
-        return Path(self.workdir) if self.workdir else KaapanaHome.from_env().root / "nnunet"
+        return Path(self.workdir) if self.workdir else Environment.read().home / "nnunet"
 
     def paths(self, cohort: str, cohort_version: int) -> NnunetPaths:
         return NnunetPaths(self.work_root() / cohort / f"v{cohort_version}")
 
     def training_schedule(self) -> Schedule:
-        name = self.schedule or os.environ.get("KAAPANA_TRAINING_SCHEDULE", "short")
+        name = self.schedule or "short"
         return Schedule.preset(name, epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
                                base_features=self.base_features)

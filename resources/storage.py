@@ -1,12 +1,12 @@
 """Storage resources. Local defaults live under KAAPANA_HOME; production swaps URIs only."""
 
 
-import os
 from pathlib import Path
 
 import dagster as dg
 from pydantic import Field
 
+from kaapana_assets.environment import Environment
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
@@ -31,7 +31,7 @@ class LakeResource(dg.ConfigurableResource):
     )
 
     def lake(self) -> Lake:
-        return Lake(self.uri or KaapanaHome.from_env().lake, self.storage_options or None)
+        return Lake(self.uri or Environment.read().lake_uri, self.storage_options or None)
 
 
 class ArchiveResource(dg.ConfigurableResource):
@@ -46,10 +46,10 @@ class ArchiveResource(dg.ConfigurableResource):
         default=10.0, description="A study counts as complete once its spool files are unchanged this long"
     )
     ingest_workers: int = Field(default=2, description="Processes that parse headers in parallel")
-    site: str = Field(default="", description="This site's name in statistics; empty: $KAAPANA_SITE or 'local'")
+    site: str = Field(default="", description="This site's name in statistics; empty: 'local'")
 
     def site_name(self) -> str:
-        return self.site or os.environ.get("KAAPANA_SITE", "local")
+        return self.site or "local"
 
     def kaapana_home(self) -> KaapanaHome:
         return KaapanaHome(Path(self.home)) if self.home else KaapanaHome.from_env()
@@ -63,53 +63,32 @@ class ArchiveResource(dg.ConfigurableResource):
         return IngestTargets(lake=lake, archive=home.archive, quarantine=home.quarantine)
 
 
-def build_resources(env: str | None = None) -> dict[str, dg.ConfigurableResource]:
-    """Resources for KAAPANA_ENV: `local` (embedded defaults) or `k8s` (URIs from the
-    environment of the user-code deployment)."""
-    env = env or os.environ.get("KAAPANA_ENV", "local")
-    if env == "local":
-        # Paths resolve from KAAPANA_HOME when a run starts, not when this module loads.
-        return {
-            "lake": LakeResource(),
-            "archive": ArchiveResource(),
-            "cohort_definitions": CohortDefinitionsResource(),
-            "nnunet_settings": NnunetResource(),
-            "mlflow": MlflowResource(),
-            "federation": FederationResource(),
-            "federated_site": FederatedSiteResource(),
-            "extensions": ExtensionRunner(),
-            "dicom_node": DicomNodeResource(
-                ae_title=os.environ.get("KAAPANA_DICOM_NODE_AET", ""),
-                host=os.environ.get("KAAPANA_DICOM_NODE_HOST", "127.0.0.1"),
-                port=int(os.environ.get("KAAPANA_DICOM_NODE_PORT", "104")),
-            ),
-        }
-    if env == "k8s":
-        return {
-            "lake": LakeResource(
-                uri=dg.EnvVar("KAAPANA_LAKE_URI"),
-                storage_options={
-                    "AWS_ENDPOINT_URL": os.environ.get("AWS_ENDPOINT_URL", ""),
-                    "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
-                    "AWS_ALLOW_HTTP": os.environ.get("AWS_ALLOW_HTTP", "false"),
-                },
-            ),
-            "archive": ArchiveResource(home=dg.EnvVar("KAAPANA_HOME")),
-            "cohort_definitions": CohortDefinitionsResource(folder=dg.EnvVar("KAAPANA_COHORTS")),
-            "nnunet_settings": NnunetResource(device="cuda", schedule="full", threads=8),
-            "mlflow": MlflowResource(tracking_uri=dg.EnvVar("MLFLOW_TRACKING_URI"),
-                                     artifact_root=dg.EnvVar("KAAPANA_MLFLOW_ARTIFACTS")),
-            # Sites from $KAAPANA_FEDERATION (YAML); this site's identity from KAAPANA_SITE/_KEY.
-            "federation": FederationResource(schedule="full"),
-            "federated_site": FederatedSiteResource(),
-            "extensions": ExtensionRunner(mode="k8s", image=dg.EnvVar("KAAPANA_EXTENSION_IMAGE"),
-                                          home_claim=os.environ.get("KAAPANA_HOME_PVC", "kaapana-home")),
-            "dicom_node": DicomNodeResource(
-                ae_title=dg.EnvVar("KAAPANA_DICOM_NODE_AET"), host=dg.EnvVar("KAAPANA_DICOM_NODE_HOST"),
-                port=int(os.environ.get("KAAPANA_DICOM_NODE_PORT", "104")),
-            ),
-        }
-    raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")
+def build_resources(environment: Environment | None = None) -> dict[str, dg.ConfigurableResource]:
+    """Resources for the environment (read once, when the definitions load): `local`
+    (embedded defaults under KAAPANA_HOME) or `k8s` (URIs from the user-code deployment's
+    environment). Every value is explicit, so the UI shows what is in use; secrets stay
+    `dg.EnvVar`s."""
+    e = environment or Environment.read()
+    k8s = e.env == "k8s"
+    return {
+        "lake": LakeResource(uri=dg.EnvVar("KAAPANA_LAKE_URI") if k8s else e.lake_uri,
+                             storage_options=e.s3_options if k8s else {}),
+        "archive": ArchiveResource(home=str(e.home), site=e.site),
+        "cohort_definitions": CohortDefinitionsResource(folder=e.cohorts),
+        "nnunet_settings": NnunetResource(device="cuda", schedule=e.training_schedule, threads=8,
+                                          workdir=str(e.home / "nnunet"), segmentation_model=e.segmentation_model)
+        if k8s else NnunetResource(schedule=e.training_schedule, workdir=str(e.home / "nnunet"),
+                                   segmentation_model=e.segmentation_model),
+        "mlflow": MlflowResource(tracking_uri=e.mlflow_tracking_uri, artifact_root=e.mlflow_artifacts),
+        # Sites from $KAAPANA_FEDERATION (YAML); this site's identity from KAAPANA_SITE/_KEY.
+        "federation": FederationResource(exchange=str(e.exchange), federation_file=e.federation_file,
+                                         schedule=e.training_schedule),
+        "federated_site": FederatedSiteResource(
+            name=e.site, exchange=str(e.exchange), key=dg.EnvVar("KAAPANA_SITE_KEY") if e.site_key_set else ""),
+        "extensions": ExtensionRunner(mode="k8s", image=e.extension_image, home_claim=e.home_claim,
+                                      mount_path=e.pod_home) if k8s else ExtensionRunner(),
+        "dicom_node": DicomNodeResource(ae_title=e.dicom_node_aet, host=e.dicom_node_host, port=e.dicom_node_port),
+    }
 
 
 def site_resources(home: Path, cohorts: Path | None = None, site: str = "",

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from kaapana_assets.cohorts.partitions import cohorts_partitions
+from kaapana_assets.cohorts.partitions import COHORTS, cohorts_partitions
 from resources.cohorts import CohortDefinitionsResource
 
 
@@ -15,7 +15,7 @@ def cohort_definitions(context: dg.SensorEvaluationContext, cohort_definitions: 
     found, errors = cohort_definitions.all()
     for error in errors:
         context.log.error(f"invalid cohort definition: {error}")
-    existing = set(context.instance.get_dynamic_partitions(cohorts_partitions.name))
+    existing = set(context.instance.get_dynamic_partitions(COHORTS))
     new = sorted(set(found) - existing)
     skip = None
     if not new:

@@ -7,7 +7,7 @@ import time
 import dagster as dg
 
 from kaapana_assets.ingest.assets import ingest_study_job, quarantine_job
-from kaapana_assets.ingest.partitions import studies_partitions
+from kaapana_assets.ingest.partitions import STUDIES, studies_partitions
 from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
 from resources.storage import ArchiveResource
 
@@ -23,10 +23,10 @@ def incoming_studies(context: dg.SensorEvaluationContext, archive: ArchiveResour
     known = {path: tuple(v) for path, v in cursor.get("files", {}).items()}
     requested: dict[str, str] = cursor.get("requested", {})
 
-    plan = plan_spool(scan_spool(archive.spool), known, time.time_ns(), archive.quiet_period_s)  # type: ignore[arg-type]
+    plan = plan_spool(scan_spool(archive.spool), known, time.time_ns(), archive.quiet_period_s)
 
     run_requests: list[dg.RunRequest] = []
-    new_partitions = [s for s in plan.ready if not context.instance.has_dynamic_partition(studies_partitions.name, s)]
+    new_partitions = [s for s in plan.ready if not context.instance.has_dynamic_partition(STUDIES, s)]
     for study_uid, files in sorted(plan.ready.items()):
         digest = plan.digests[study_uid]
         if requested.get(study_uid) == digest:

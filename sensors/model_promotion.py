@@ -1,12 +1,12 @@
 """`model_promotion`: when the `production` alias of the segmentation model moves, request
 re-segmentation — of every study, or only of a cohort's studies."""
 
-import os
 
 import dagster as dg
 import polars as pl
 
 from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
+from kaapana_assets.environment import Environment
 from kaapana_assets.segmentation.assets import segment_job
 from kaapana_assets.training.tracking import PRODUCTION
 from resources.mlflow import MlflowResource
@@ -33,7 +33,7 @@ def model_promotion(
     if context.cursor is None:
         # First sight of a model: the automation already segments new studies with it.
         return dg.SensorResult(cursor=current, skip_reason=f"now watching {current}")
-    cohort = os.environ.get("KAAPANA_RESEGMENT_COHORT", "")
+    cohort = Environment.read().resegment_cohort
     if cohort:
         try:
             studies = sorted(set(read_cohort(lake.lake(), cohort).members["study_uid"].to_list()))

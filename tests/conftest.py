@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,16 +12,22 @@ import pytest
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from kaapana_assets.cohorts.definitions import CohortDefinition  # noqa: E402
 from kaapana_assets.cohorts.membership import snapshot_cohort  # noqa: E402
 from kaapana_assets.federated.exchange import generate_site_key  # noqa: E402
-from kaapana_assets.federated.store import ExchangeStore  # noqa: E402
 from kaapana_assets.home import KaapanaHome  # noqa: E402
-from kaapana_assets.lake import Lake  # noqa: E402
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files  # noqa: E402
+from kaapana_assets.lake import Lake  # noqa: E402
 from kaapana_assets.synthetic import GeneratedStudy, generate_site  # noqa: E402
-
-SMALL = {"slices": 12, "matrix": 40}  # small grids: same scanners, fewer voxels
+from tests.helpers import (  # noqa: E402
+    COHORT,
+    SITES,
+    SMALL,
+    TRAIN_COHORT,
+    TRAIN_GRID,
+    EncodedCorpus,
+    Federation,
+    TrainedSite,
+)
 
 
 @pytest.fixture(scope="session")
@@ -65,18 +70,6 @@ def spool_copy(tmp_path: Path, corpus_root: Path) -> Path:
     return target
 
 
-@dataclass
-class EncodedCorpus:
-    """One annotated study (site-a: unsigned pixels, which every encoder takes) and its CT
-    series re-encoded by dcmtk, GDCM and OpenJPH in every transfer syntax they write."""
-
-    study: GeneratedStudy
-    root: Path
-    series: dict[str, list[Path]]  # encoding name -> the CT series' files in that encoding
-    segs: dict[str, Path]  # encoding name -> the reference SEG in that encoding (native syntaxes)
-    missing_tools: list[str]
-
-
 @pytest.fixture(scope="session")
 def encoded_corpus(tmp_path_factory: pytest.TempPathFactory) -> EncodedCorpus:
     from kaapana_assets.synthetic.transcode import ENCODINGS, transcode
@@ -93,36 +86,6 @@ def encoded_corpus(tmp_path_factory: pytest.TempPathFactory) -> EncodedCorpus:
         if not encoding.transfer_syntax.startswith("1.2.840.10008.1.2.4") and encoding.name != "rle":
             segs[encoding.name] = transcode(study.seg_file, root / encoding.name / "seg" / study.seg_file.name, encoding)
     return EncodedCorpus(study, root, series, segs, missing)
-
-
-def dicom_files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-TRAIN_GRID = {"slices": 16, "matrix": 48}
-TRAIN_COHORT = """name: liver-train
-purpose: train
-required_labels: [liver]
-filter:
-  modality: CT
-  has_reference_segmentation: true
-harmonization:
-  min_size: 4
-"""
-
-
-class TrainedSite:
-    """One site after the whole training flow ran through Dagster (tiny schedule)."""
-
-    def __init__(self, root: Path, studies: list, instance, resources: dict, result) -> None:  # type: ignore[no-untyped-def]
-        self.root, self.studies, self.instance, self.resources, self.result = root, studies, instance, resources, result
-
-    @property
-    def home(self) -> KaapanaHome:
-        return KaapanaHome(self.root / "home")
-
-    def tracking(self):  # type: ignore[no-untyped-def]
-        return self.resources["mlflow"].tracking()
 
 
 @pytest.fixture(scope="session")
@@ -151,39 +114,6 @@ def trained_site(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
             partition_key="liver-train", instance=instance, resources=resources,
         )
         yield TrainedSite(root, studies, instance, resources, result)
-
-
-SITES = ("site-a", "site-b", "site-c")  # three scanner profiles: non-IID by construction
-COHORT = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
-                                          "filter": {"modality": "CT", "has_reference_segmentation": True}})
-
-
-@dataclass
-class Federation:
-    root: Path
-    homes: dict[str, KaapanaHome]
-    keys: dict[str, str]
-
-    @property
-    def exchange(self) -> ExchangeStore:
-        return ExchangeStore(self.root / "exchange")
-
-    def resource(self, sites: tuple[str, ...] = SITES, min_sites: int = 2, rounds: int = 3,
-                 devices: dict[str, str] | None = None, keys: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-        from resources.federation import FederatedSite, FederationResource
-
-        keys = keys or self.keys
-        return FederationResource(
-            sites=[FederatedSite(name=s, transport="local", home=str(self.homes[s].root), key=keys[s],
-                                 device=(devices or {}).get(s, "cpu")) for s in sites],
-            exchange=str(self.root / "exchange"), rounds=rounds, min_sites=min_sites, schedule="tiny",
-            local_epochs=2, iterations_per_epoch=6,
-        )
-
-    def hub(self, federation) -> dict:  # type: ignore[no-untyped-def]
-        from resources import site_resources
-
-        return {**site_resources(self.root / "hub", device="cpu", promotion_dice=0.05), "federation": federation}
 
 
 @pytest.fixture(scope="session")

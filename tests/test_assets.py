@@ -44,6 +44,11 @@ def test_dicom_studies_materializes_with_versions_and_preview(tmp_path: Path, co
         versions = md["delta_versions"].value
         lake = Lake(home / "lake")
         assert versions["instances"] == lake.version("instances") is not None
+        series = md["series"]
+        assert isinstance(series, dg.TableMetadataValue)
+        by_modality = {r.data["modality"]: r.data for r in series.records}
+        assert by_modality["CT"]["instances"] == len(study.ct_files) and by_modality["CT"]["complete"] is True
+        assert by_modality["CT"]["reference_segs"] == 1 and by_modality["SEG"]["instances"] == 1
         assert md["preview"].value.startswith("![middle slice")
         assert "data:image/png;base64," in md["preview"].value
         first_version = m.tags["dagster/data_version"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from kaapana_assets.cli import main
-from kaapana_assets.lake import Lake
 from kaapana_assets.cohorts.definitions import EXAMPLES
-from tests.conftest import TRAIN_COHORT, dicom_files
+from kaapana_assets.lake import Lake
+from tests.helpers import TRAIN_COHORT, dicom_files
 
 
 def test_ingest_command_copies_by_default(tmp_path: Path, spool_copy: Path, capsys: pytest.CaptureFixture) -> None:
@@ -46,6 +46,7 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow  # the whole demo
 @pytest.mark.timeout(1500)
 def test_demo_end_to_end(demo_home: Path, capsys: pytest.CaptureFixture) -> None:
     assert (demo_home / "exit_code").read_text() == "0"
@@ -65,6 +66,7 @@ def test_demo_end_to_end(demo_home: Path, capsys: pytest.CaptureFixture) -> None
     assert os.listdir(demo_home / "dagster" / "storage")  # runs recorded on the persistent instance
 
 
+@pytest.mark.slow  # the whole demo
 @pytest.mark.timeout(1500)
 def test_lineage_of_a_demo_segmentation(demo_home: Path, capsys: pytest.CaptureFixture) -> None:
     lake = Lake(demo_home / "kaapana" / "lake")

@@ -12,7 +12,13 @@ import pydicom
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from kaapana_assets.cohorts.definitions import CohortDefinition, CohortDefinitionError, EXAMPLES, load_definitions, parse_definition
+from kaapana_assets.cohorts.definitions import (
+    EXAMPLES,
+    CohortDefinition,
+    CohortDefinitionError,
+    load_definitions,
+    parse_definition,
+)
 from kaapana_assets.cohorts.harmonization import CHECKS
 from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
 from kaapana_assets.cohorts.statistics import compute_statistics, openmetrics_text
@@ -20,7 +26,7 @@ from kaapana_assets.cohorts.tags import add_tag, remove_tag, tags_of
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.lake import Lake
-from tests.conftest import dicom_files
+from tests.helpers import dicom_files
 
 
 def define(**fields: Any) -> CohortDefinition:
@@ -293,7 +299,14 @@ def test_failed_check_blocks_downstream(tmp_path: Path, corpus_root: Path) -> No
                              instance=instance, resources=resources, raise_on_error=False)
         failed = {e.check_name: e for e in bad.get_asset_check_evaluations() if not e.passed}
         assert set(failed) == {"slice_thickness_spread"}
-        assert "offending_series" in failed["slice_thickness_spread"].metadata
+        offending = failed["slice_thickness_spread"].metadata["offending_series"]
+        assert isinstance(offending, dg.TableMetadataValue)
+        assert [c.name for c in offending.schema.columns] == ["series_uid", "study_uid", "site", "problem"]
+        assert offending.records and all(r.data["series_uid"] and r.data["problem"] for r in offending.records)
+        cohort_md = bad.asset_materializations_for_node("cohorts")[0].metadata
+        sites = cohort_md["sites"]
+        assert isinstance(sites, dg.TableMetadataValue) and len(sites.records) >= 2  # mixed: several scanners
+        assert sum(int(r.data["series"] or 0) for r in sites.records) == cohort_md["series"].value
         assert not bad.asset_materializations_for_node("downstream_training")  # blocked
 
 
@@ -343,7 +356,12 @@ def test_site_statistics_asset(tmp_path: Path, corpus_root: Path) -> None:
         result = dg.materialize([site_statistics], instance=instance, resources={
             "lake": LakeResource(uri=str(home / "lake")), "archive": ArchiveResource(home=str(home), site="site-z")})
         md = result.asset_materializations_for_node("site_statistics")[0].metadata
-        assert md["studies"].value == 6 and "kaapana_dicom_series_total" in md["statistics"].value
+        assert md["studies"].value == 6
+        statistics = md["statistics"]
+        assert isinstance(statistics, dg.TableMetadataValue)
+        rows = {(r.data["metric"], r.data["labels"]): r.data["value"] for r in statistics.records}
+        assert rows[("kaapana_dicom_studies_total", "")] == 6
+        assert rows[("kaapana_dicom_series_total", "modality=CT")] == 6
         text = (home / "metrics" / "kaapana.prom").read_text()
         assert 'kaapana_dicom_studies_total{site="site-z"} 6.0' in text and text.rstrip().endswith("# EOF")
         assert Lake(home / "lake").read("site_statistics").height > 0

@@ -15,7 +15,7 @@ import polars as pl
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.lake import Lake
-from tests.conftest import dicom_files
+from tests.helpers import dicom_files
 
 VOLATILE = {"ingested_at", "updated_at", "source_path"}
 

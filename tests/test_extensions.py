@@ -8,7 +8,7 @@ from kaapana_assets.extensions.assets import study_metrics
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from resources import site_resources
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 
 
 def test_study_metrics_through_pipes_subprocess(home: KaapanaHome, targets: IngestTargets, corpus: dict) -> None:

@@ -108,6 +108,7 @@ def test_quorum() -> None:
         require_quorum(updates[:1], ["site-a", "site-b", "site-c"], min_sites=2)
 
 
+@pytest.mark.slow  # trains nnU-Net
 def test_nothing_identifying_leaves_a_site(trained_site) -> None:  # type: ignore[no-untyped-def]
     """A real nnU-Net update of a site with ingested studies: neither the plaintext payload
     nor the sealed envelope contains a patient name or ID or any UID of the site's data."""

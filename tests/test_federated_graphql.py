@@ -21,7 +21,10 @@ from kaapana_assets.lake import Lake
 from resources import site_resources
 from resources.federation import FederatedSite, FederationResource
 from tests.dagster_site import SiteWebserver
-from tests.conftest import Federation
+from tests.helpers import Federation
+
+# slow tier (`make test-all`): two site webservers, real training rounds over GraphQL
+pytestmark = pytest.mark.slow
 
 PAIR = ("site-a", "site-b")
 
@@ -107,7 +110,7 @@ def test_round_through_two_site_webservers(federation: Federation, site_servers)
         killer.join()
         assert result.success
         rows = Lake(hub_root / "lake").read("federated_rounds", pl.col("round") == 2)
-        status = dict(zip(rows["site"], rows["status"]))
+        status = dict(zip(rows["site"], rows["status"], strict=True))
         assert status == {"site-a": "aggregated", "site-b": "failed", "global": "global"}
         reason = rows.filter(pl.col("site") == "site-b")["message"][0]
         assert "unreachable" in reason or "ended" in reason

@@ -90,6 +90,7 @@ def test_sites_must_agree_on_labels(site_datasets: dict[str, Path]) -> None:
         aggregate_fingerprints([a, b])
 
 
+@pytest.mark.slow  # trains nnU-Net
 def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) -> None:
     """Hub plan → shared initial network → each site trains from it on its own data →
     sealed updates → FedAvg → a global model that loads and predicts."""

@@ -21,7 +21,7 @@ import pytest
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
-from tests.conftest import EncodedCorpus
+from tests.helpers import EncodedCorpus
 
 PEAK_BOUND = 256 * 2**20  # Python allocations of one ingest of the whole mutated corpus
 VRS = [b"SS", b"SL", b"US", b"UL", b"FD", b"FL", b"UN", b"SQ", b"OB", b"OW", b"UI", b"CS", b"IS", b"DS", b"XX", b"\x00\x00"]

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
-from tests.conftest import dicom_files
+from tests.helpers import dicom_files
 from tests.test_headers import pydicom_files
 
 

@@ -25,6 +25,9 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.lake import Lake
 
+# slow tier (`make test-all`): receiver, storescp and Orthanc processes
+pytestmark = pytest.mark.slow
+
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
 
 

@@ -18,6 +18,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
+# slow tier (`make test-all`): a real Orthanc and the receiver
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ("uncompressed", "jpeg_lossless_sv1", "jpeg2000_lossless")
 

@@ -11,7 +11,6 @@ import time
 import tracemalloc
 from pathlib import Path
 
-import polars as pl
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
@@ -21,7 +20,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest import elements
 from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
-from tests.conftest import EncodedCorpus
+from tests.helpers import EncodedCorpus
 
 
 def _variant(src: Path, out: Path, **changes: object) -> Path:

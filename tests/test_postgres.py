@@ -17,6 +17,9 @@ import sqlalchemy as sa
 from kaapana_assets.ingest.assets import dicom_studies
 from resources import ArchiveResource, LakeResource
 
+# slow tier (`make test-all`): a Postgres server
+pytestmark = pytest.mark.slow
+
 URL = os.environ.get("KAAPANA_TEST_POSTGRES_URL")
 
 

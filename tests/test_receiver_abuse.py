@@ -27,6 +27,9 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from tests.test_network import Receiver, _dataset_bytes, needs_dcmtk, storescu
 
+# slow tier (`make test-all`): receiver processes under abuse
+pytestmark = pytest.mark.slow
+
 CANNOT_UNDERSTAND, DOES_NOT_MATCH = 0xC210, 0xA900
 ATTACKER = "127.0.0.2"  # all of 127/8 is loopback on Linux: a second caller address
 

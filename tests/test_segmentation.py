@@ -11,6 +11,7 @@ import dagster as dg
 import highdicom as hd
 import numpy as np
 import polars as pl
+import pytest
 import torch
 
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
@@ -21,7 +22,10 @@ from kaapana_assets.synthetic.generator import phantom_for
 from kaapana_assets.training import nnunet
 from resources import MlflowResource
 from sensors.incoming import incoming_studies
-from tests.conftest import TRAIN_GRID
+from tests.helpers import TRAIN_GRID
+
+# slow tier (`make test-all`): a trained nnU-Net predicts (the session trained_site)
+pytestmark = pytest.mark.slow
 
 SEED = 77  # studies the model never saw
 

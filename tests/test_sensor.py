@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.definitions.sensor_definition import SensorExecutionData  # noqa: F401  (evaluate_tick result type)
 
 from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
 from resources.storage import ArchiveResource, LakeResource
-from dagster._core.definitions.sensor_definition import SensorExecutionData  # noqa: F401  (evaluate_tick result type)
 from sensors.incoming import incoming_studies
 
 

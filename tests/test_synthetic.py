@@ -14,7 +14,7 @@ import pytest
 
 from kaapana_assets.synthetic import LABELS, SITE_PROFILES, generate_site, get_profile
 from kaapana_assets.synthetic.generator import phantom_for
-from tests.conftest import SMALL
+from tests.helpers import SMALL
 
 
 def _digest(paths: list[Path]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 import numpy as np
+import pytest
 import torch
 
 from kaapana_assets.ingest.volume import assemble_volume
@@ -12,7 +13,10 @@ from kaapana_assets.synthetic.generator import phantom_for
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.nnunet import Schedule, patient_split, with_width
 from kaapana_assets.training.tracking import PRODUCTION
-from tests.conftest import TRAIN_GRID
+from tests.helpers import TRAIN_GRID
+
+# slow tier (`make test-all`): trains nnU-Net (the session trained_site)
+pytestmark = pytest.mark.slow
 
 
 def test_schedules_and_split() -> None:

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pydicom
 import pytest
 
@@ -20,7 +19,7 @@ from kaapana_assets.ingest.headers import Reason, Rejected, _pydicom_values, par
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.ingest.volume import VolumeError, assemble_volume
 from kaapana_assets.synthetic.transcode import BY_NAME, ENCODINGS
-from tests.conftest import EncodedCorpus
+from tests.helpers import EncodedCorpus
 
 PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 LOSSLESS = [e.name for e in ENCODINGS if e.lossless]
@@ -83,7 +82,7 @@ def test_walker_equals_pydicom_on_pydicom_files() -> None:
 @pytest.mark.parametrize("encoding", LOSSLESS)
 def test_lossless_pixels_and_uids_survive(encoded_corpus: EncodedCorpus, encoding: str) -> None:
     """Decoded pixels equal the uncompressed original, and the SOP Instance UID is kept."""
-    for original, encoded in zip(encoded_corpus.study.ct_files, encoded_corpus.series[encoding]):
+    for original, encoded in zip(encoded_corpus.study.ct_files, encoded_corpus.series[encoding], strict=True):
         a, b = pydicom.dcmread(original), pydicom.dcmread(encoded)
         assert str(b.file_meta.TransferSyntaxUID) == BY_NAME[encoding].transfer_syntax
         assert b.SOPInstanceUID == a.SOPInstanceUID

@@ -31,7 +31,8 @@ CHROMIUM_ARGS = [
 ]
 GROUPS = ("ingest", "cohorts", "training", "segmentation", "federated", "federated_site", "extensions")
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is missing (.ci/run installs it)")
+pytestmark = [pytest.mark.slow,  # slow tier: a webserver and a browser
+              pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is missing (.ci/run installs it)")]
 
 
 @pytest.fixture
@@ -106,5 +107,8 @@ def test_asset_graph_and_materialize_from_the_ui(ui_server: SiteWebserver) -> No
         page.reload()
         expect(page.get_by_text("Never materialized")).to_have_count(0, timeout=30_000)
         expect(page.get_by_text("openmetrics_file").first).to_be_visible(timeout=30_000)  # its metadata renders
+        # The statistics metadata is a table: its records render as cells, one metric per row.
+        expect(page.get_by_role("cell", name="kaapana_dicom_studies_total", exact=True).first).to_be_visible(
+            timeout=30_000)
         page.screenshot(path=str(ARTIFACTS / "site-statistics.png"), full_page=True)
         browser.close()

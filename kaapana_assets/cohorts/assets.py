@@ -7,24 +7,31 @@ import uuid
 import dagster as dg
 import pyarrow as pa
 
-from kaapana_assets.cohorts.definitions import CohortDefinitionError
-from kaapana_assets.cohorts.harmonization import CHECKS, offending_markdown
+from kaapana_assets.cohorts.definitions import CohortDefinition, CohortDefinitionError
+from kaapana_assets.cohorts.harmonization import CHECKS, offending_rows
 from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
 from kaapana_assets.cohorts.partitions import cohorts_partitions
 from kaapana_assets.cohorts.statistics import (
     compute_statistics,
     openmetrics_text,
-    statistics_markdown,
     statistics_rows,
+    statistics_table,
     write_textfile,
 )
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake.schemas import SITE_STATISTICS
+from kaapana_assets.metadata_table import columns, table
 from resources.cohorts import CohortDefinitionsResource
 from resources.storage import ArchiveResource, LakeResource
 
+SITES_SCHEMA = columns(("site", "string", "institution"), ("series", "int"))
+OFFENDING_SCHEMA = columns(
+    ("series_uid", "string"), ("study_uid", "string"), ("site", "string", "institution"), ("problem", "string")
+)
+STATISTICS_SCHEMA = columns(("metric", "string"), ("labels", "string"), ("value", "float"))
 
-def _definition(cohort_definitions: CohortDefinitionsResource, name: str):  # type: ignore[no-untyped-def]
+
+def _definition(cohort_definitions: CohortDefinitionsResource, name: str) -> CohortDefinition:
     try:
         return cohort_definitions.get(name)
     except CohortDefinitionError as exc:
@@ -47,7 +54,6 @@ def cohorts(
     except EmptyCohort as exc:
         raise dg.Failure(description=str(exc)) from None
     per_site = snapshot.members.group_by("institution").len().sort("institution")
-    site_lines = ["| site | series |", "|---|---|"] + [f"| {s or '?'} | {n} |" for s, n in per_site.iter_rows()]
     context.log.info(
         f"cohort {snapshot.cohort} v{snapshot.version}: {snapshot.size} series"
         + (" (new version)" if snapshot.created else " (membership unchanged)")
@@ -59,7 +65,7 @@ def cohorts(
             "purpose": dg.MetadataValue.text(definition.purpose),
             "series": dg.MetadataValue.int(snapshot.size),
             "patients": dg.MetadataValue.int(snapshot.members["patient_id"].n_unique()),
-            "sites": dg.MetadataValue.md("\n".join(site_lines)),
+            "sites": table(({"site": s, "series": n} for s, n in per_site.iter_rows()), SITES_SCHEMA),
             "membership_hash": dg.MetadataValue.text(snapshot.membership_hash),
             "definition_hash": dg.MetadataValue.text(definition.digest()),
             "delta_versions_read": dg.MetadataValue.json(
@@ -94,7 +100,7 @@ def _harmonization_check(name: str) -> dg.AssetChecksDefinition:
                for k, v in outcome.values.items()},
         }
         if outcome.offending:
-            metadata["offending_series"] = dg.MetadataValue.md(offending_markdown(outcome.offending))
+            metadata["offending_series"] = table(offending_rows(outcome.offending), OFFENDING_SCHEMA)
         return dg.AssetCheckResult(
             passed=outcome.passed, description=outcome.description, metadata=metadata,
             severity=dg.AssetCheckSeverity.ERROR,
@@ -130,7 +136,7 @@ def site_statistics(lake: LakeResource, archive: ArchiveResource) -> dg.Material
             "site": dg.MetadataValue.text(site),
             "patients": dg.MetadataValue.int(int(value.get("kaapana_dicom_patients_total", 0))),
             "studies": dg.MetadataValue.int(int(value.get("kaapana_dicom_studies_total", 0))),
-            "statistics": dg.MetadataValue.md(statistics_markdown(samples)),
+            "statistics": table(statistics_table(samples), STATISTICS_SCHEMA),
             "openmetrics_file": dg.MetadataValue.path(str(path)),
             "delta_version": dg.MetadataValue.int(written.version or 0),
         },

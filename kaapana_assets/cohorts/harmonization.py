@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from kaapana_assets.cohorts.definitions import CohortDefinition
@@ -48,8 +49,8 @@ def _spread(snapshot: CohortSnapshot, column: str, tolerance: float, label: str)
     present = values.filter(pl.col(column).is_not_null())
     if present.height == 0:
         return CheckOutcome(False, f"no series has a {label}", _offenders(missing, f"no {label}"))
-    median = float(present[column].median())  # type: ignore[arg-type]
-    spread = float(present[column].max() - present[column].min())  # type: ignore[operator]
+    numbers = present[column].cast(pl.Float64).to_numpy()
+    median, spread = float(np.median(numbers)), float(numbers.max() - numbers.min())
     far = present.filter((pl.col(column) - median).abs() > tolerance / 2)
     offending = _offenders(missing, f"no {label}") + _offenders(
         far, pl.format(f"{label} {{}} mm, cohort median {median:g} mm", pl.col(column))
@@ -135,10 +136,10 @@ CHECKS: dict[str, Callable[[CohortSnapshot, CohortDefinition], CheckOutcome]] = 
 }
 
 
-def offending_markdown(offending: list[dict[str, Any]], limit: int = 50) -> str:
-    lines = ["| series | study | site | problem |", "|---|---|---|---|"]
-    for o in offending[:limit]:
-        lines.append(f"| {o['series_uid']} | {o.get('study_uid') or ''} | {o.get('institution') or ''} | {o['problem']} |")
-    if len(offending) > limit:
-        lines.append(f"| … {len(offending) - limit} more | | | |")
-    return "\n".join(lines)
+def offending_rows(offending: list[dict[str, Any]], limit: int = 50) -> list[dict[str, str | None]]:
+    """The first `limit` offending series, one row each (the check's metadata counts them all)."""
+    return [
+        {"series_uid": o["series_uid"], "study_uid": o.get("study_uid"), "site": o.get("institution"),
+         "problem": o["problem"]}
+        for o in offending[:limit]
+    ]

@@ -84,10 +84,10 @@ def select_series(series: pl.DataFrame, tags: pl.DataFrame, definition: CohortDe
 def _reference_labels(series: pl.DataFrame, members: pl.DataFrame) -> dict[str, list[str]]:
     """Union of the segment labels of each member's reference SEG series."""
     seg_labels = dict(
-        zip(*series.filter(pl.col("modality") == "SEG").select("series_uid", "segment_labels").to_dict(as_series=False).values())
+        zip(*series.filter(pl.col("modality") == "SEG").select("series_uid", "segment_labels").to_dict(as_series=False).values(), strict=True)
     )
     out = {}
-    for uid, segs in zip(members["series_uid"].to_list(), members["reference_seg_series_uids"].to_list()):
+    for uid, segs in zip(members["series_uid"].to_list(), members["reference_seg_series_uids"].to_list(), strict=True):
         out[uid] = sorted({lab for seg in segs or [] for lab in seg_labels.get(seg) or []})
     return out
 
@@ -95,7 +95,7 @@ def _reference_labels(series: pl.DataFrame, members: pl.DataFrame) -> dict[str, 
 def membership_hash(members: pl.DataFrame) -> str:
     """Hash of who is in and of what their rows say: unchanged data, unchanged hash."""
     h = hashlib.sha256()
-    for uid, digest in sorted(zip(members["series_uid"].to_list(), members["row_digest"].to_list())):
+    for uid, digest in sorted(zip(members["series_uid"].to_list(), members["row_digest"].to_list(), strict=True)):
         h.update(f"{uid}:{digest}\n".encode())
     return h.hexdigest()[:24]
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import polars as pl
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.openmetrics.exposition import generate_latest
 
+from kaapana_assets.files import write_atomically
 from kaapana_assets.lake import Lake
 
 # name -> help text; label names per metric below.
@@ -77,11 +76,7 @@ def openmetrics_text(samples: list[Sample], site: str) -> str:
 
 def write_textfile(path: Path, text: str) -> None:
     """Atomic replace: the textfile collector must never read a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".prom.tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    write_atomically(path, text.encode())
 
 
 def statistics_rows(samples: list[Sample], site: str, snapshot_id: str, now: dt.datetime) -> list[dict]:
@@ -92,9 +87,9 @@ def statistics_rows(samples: list[Sample], site: str, snapshot_id: str, now: dt.
     ]
 
 
-def statistics_markdown(samples: list[Sample]) -> str:
-    lines = ["| metric | labels | value |", "|---|---|---|"]
-    for s in samples:
-        labels = ", ".join(f"{k}={v}" for k, v in s.labels.items())
-        lines.append(f"| {s.metric} | {labels} | {s.value:g} |")
-    return "\n".join(lines)
+def statistics_table(samples: list[Sample]) -> list[dict[str, str | float]]:
+    """One row per sample, its labels as `name=value, ...`: what the asset's metadata shows."""
+    return [
+        {"metric": s.metric, "labels": ", ".join(f"{k}={v}" for k, v in s.labels.items()), "value": s.value}
+        for s in samples
+    ]

@@ -9,10 +9,12 @@ round checks it and the federated_round_chain sensor requests r+1 after r succee
 
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
+import pyarrow as pa
 
 from kaapana_assets.federated.hub import (
     ExperimentSpec,
@@ -25,28 +27,60 @@ from kaapana_assets.federated.hub import (
     weights_digest,
 )
 from kaapana_assets.federated.partitions import experiments_partitions, round_key, rounds_partitions
-from kaapana_assets.federated.site import compute_fingerprint, evaluate_global, metric_name, train_update
+from kaapana_assets.federated.site import (
+    SiteContext,
+    compute_fingerprint,
+    evaluate_global,
+    metric_name,
+    train_update,
+)
 from kaapana_assets.lake.schemas import TABLES
+from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
 from kaapana_assets.training.tracking import model_name_for
-from resources.federation import FederatedSiteResource, FederationResource
+from resources.federation import FederatedSiteResource, FederationResource, SiteRun
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
 
 SITE_GROUP = "federated_site"
 HUB_GROUP = "federated"
+ROUND_SCHEMA = columns(
+    ("site", "string"), ("status", "string"), ("cases", "int"), ("train_loss", "float"),
+    ("dice", "float", "Dice on the site's own validation patients"), ("reason", "string"),
+)
+DICE_BY_ROUND_SCHEMA = columns(("round", "int"), ("dice", "float", "global Dice across the sites"))
 
 
 def _site_context(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
-                  nnunet_settings: NnunetResource, federated_site: FederatedSiteResource):  # type: ignore[no-untyped-def]
+                  nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> SiteContext:
     return federated_site.context(lake.lake(), archive.kaapana_home().archive, nnunet_settings, context.log.info)
 
 
+def _metadata(values: Mapping[str, object]) -> dict[str, dg.MetadataValue]:
+    """The site modules' plain values as metadata, typed the way Dagster would infer them."""
+    def value(v: object) -> dg.MetadataValue:
+        if isinstance(v, bool):
+            return dg.MetadataValue.bool(v)
+        if isinstance(v, int):
+            return dg.MetadataValue.int(v)
+        if isinstance(v, float):
+            return dg.MetadataValue.float(v)
+        if isinstance(v, list | dict):
+            return dg.MetadataValue.json(v)
+        return dg.MetadataValue.text(str(v))
+
+    return {k: value(v) for k, v in values.items()}
+
+
 def _round(context: dg.AssetExecutionContext) -> tuple[str, int]:
-    key = context.partition_key.keys_by_dimension  # type: ignore[attr-defined]
-    return key["experiment"], int(key["round"])
+    # Rounds are multi-partitioned (experiment × round); the key carries both dimensions.
+    key = context.partition_key
+    if not isinstance(key, dg.MultiPartitionKey):
+        raise dg.Failure(description=f"{key!r} is not an experiment|round partition")
+    dims = key.keys_by_dimension
+    return dims["experiment"], int(dims["round"])
 
 
 # -- site side -------------------------------------------------------------------------------
@@ -58,8 +92,7 @@ def site_fingerprint(context: dg.AssetExecutionContext, lake: LakeResource, arch
                      nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
     summary = compute_fingerprint(_site_context(context, lake, archive, nnunet_settings, federated_site),
                                   context.partition_key)
-    return dg.MaterializeResult(metadata={k: v for k, v in summary.items()},
-                                data_version=dg.DataVersion(str(summary["sha256"])[:16]))
+    return dg.MaterializeResult(metadata=_metadata(summary), data_version=dg.DataVersion(str(summary["sha256"])[:16]))
 
 
 @dg.asset(partitions_def=rounds_partitions, group_name=SITE_GROUP, kinds={"nnunet", "pytorch"},
@@ -70,7 +103,7 @@ def site_update(context: dg.AssetExecutionContext, lake: LakeResource, archive: 
                 nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
     experiment, round_ = _round(context)
     summary = train_update(_site_context(context, lake, archive, nnunet_settings, federated_site), experiment, round_)
-    return dg.MaterializeResult(metadata=summary, data_version=dg.DataVersion(str(summary["sha256"])[:16]))
+    return dg.MaterializeResult(metadata=_metadata(summary), data_version=dg.DataVersion(str(summary["sha256"])[:16]))
 
 
 @dg.asset(partitions_def=rounds_partitions, group_name=SITE_GROUP, kinds={"nnunet"},
@@ -159,14 +192,8 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
     )
 
 
-def _round_table(rows: list[dict]) -> dg.MetadataValue:
-    def fmt(value: object, pattern: str = "{}") -> str:
-        return "—" if value is None else pattern.format(value)
-
-    return dg.MetadataValue.md("| site | status | cases | train loss | Dice (own validation) | reason |\n"
-                               "|---|---|---|---|---|---|\n" + "\n".join(
-        f"| {r['site']} | {r['status']} | {fmt(r['cases'])} | {fmt(r['train_loss'], '{:.4f}')} | "
-        f"{fmt(r['dice'], '{:.3f}')} | {r['reason'] or ''} |" for r in rows))
+def _round_table(rows: list[dict]) -> dg.TableMetadataValue:
+    return table(rows, ROUND_SCHEMA)
 
 
 @dg.asset(partitions_def=rounds_partitions, group_name=HUB_GROUP, kinds={"pytorch", "delta", "mlflow"},
@@ -192,7 +219,7 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     if missing:
         raise dg.Failure(description=f"sites {missing} of {experiment} are no longer configured")
 
-    def run_sites(asset: str, sites: list[str]):  # type: ignore[no-untyped-def]
+    def run_sites(asset: str, sites: list[str]) -> dict[str, SiteRun]:
         return federation.run_on_sites(asset, experiment, round_, sites, context.log.info)
 
     table = lake.lake()
@@ -225,7 +252,7 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
         metadata={
             "round": round_,
             "aggregated_sites": dg.MetadataValue.json(outcome.aggregated),
-            "rejected_sites": dg.MetadataValue.json({r.site: r.reason for r in outcome.rejected}),
+            "rejected_sites": dg.MetadataValue.json({r.site: str(r.reason) for r in outcome.rejected}),
             f"global_{main}": dg.MetadataValue.float(float(outcome.metrics.get(main, float("nan")))),
             "sites": _round_table(outcome.rows),
             "global_sha256": outcome.global_sha256,
@@ -235,9 +262,7 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     )
 
 
-def _arrow(rows: list[dict]):  # type: ignore[no-untyped-def]
-    import pyarrow as pa
-
+def _arrow(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=TABLES["federated_rounds"].schema)
 
 
@@ -305,8 +330,7 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
         metadata={
             "model_name": name, "model_version": dg.MetadataValue.int(int(version.version)),
             "promoted": promoted, "rounds": round_, "cross_site_dice": dg.MetadataValue.float(float(dice or 0.0)),
-            "dice_by_round": dg.MetadataValue.md("| round | global Dice |\n|---|---|\n" + "\n".join(
-                f"| {c['round']} | {c['dice']:.3f} |" for c in curve if c["dice"] is not None)),
+            "dice_by_round": table((c for c in curve if c["dice"] is not None), DICE_BY_ROUND_SCHEMA),
             "lineage": dg.MetadataValue.json(lineage),
             "mlflow_run_id": run.info.run_id,
         },

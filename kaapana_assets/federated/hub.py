@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -218,7 +219,9 @@ def _row(spec: ExperimentSpec, round_: int, site: str, status: str, plan_sha: st
            "update_sha256": None, "global_sha256": None, "plan_sha256": plan_sha, "strategy": spec.strategy,
            "committed_at": dt.datetime.now(dt.timezone.utc)}
     row.update(values)
-    return row
+    # Rows go to Delta and to Dagster metadata: plain str, not the StrEnum (Dagster's serdes
+    # refuses enums it does not know).
+    return {k: str(v) if isinstance(v, StrEnum) else v for k, v in row.items()}
 
 
 def with_digests(rows: list[dict]) -> list[dict]:

@@ -119,7 +119,7 @@ def local_update(site: str, paths: nnunet.NnunetPaths, raw_dataset: Path, datase
         result = nnunet.train(dataset_id, schedule, split, device, threads, initial_weights=global_weights)
     checkpoint = torch.load(result.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     last = result.epochs[-1] if result.epochs else {}
-    metrics = {k: float(last[k]) for k in ("train_loss", "val_loss", "pseudo_dice") if k in last and last[k] == last[k]}
+    metrics: dict[str, float] = {k: float(last[k]) for k in ("train_loss", "val_loss", "pseudo_dice") if k in last and last[k] == last[k]}
     return SiteUpdate(site, len(split["train"]), checkpoint["network_weights"], metrics)
 
 

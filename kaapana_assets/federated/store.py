@@ -9,12 +9,12 @@ shared volume. Writes are atomic (temp file + rename), so a reader never sees ha
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+from kaapana_assets.files import write_atomically
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
@@ -24,20 +24,6 @@ def checked_name(kind: str, value: str) -> str:
     if not NAME.fullmatch(value) or ".." in value:
         raise ValueError(f"{kind} name {value[:80]!r} is not allowed: letters, digits, '.', '_', '-' (max 64)")
     return value
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ExchangeStore:
@@ -50,7 +36,7 @@ class ExchangeStore:
     # -- published by the hub ------------------------------------------------------------
     def write_json(self, experiment: str, name: str, data: dict) -> Path:
         path = self.experiment_dir(experiment) / f"{name}.json"
-        write_atomic(path, json.dumps(data, indent=2, sort_keys=True).encode())
+        write_atomically(path, json.dumps(data, indent=2, sort_keys=True).encode())
         return path
 
     def read_json(self, experiment: str, name: str) -> dict:
@@ -67,7 +53,7 @@ class ExchangeStore:
 
         path = self.global_path(experiment, round_)
         # state dicts alias tensors (decoder.encoder.* is encoder.*): clone so each key is saved
-        write_atomic(path, save({k: v.detach().cpu().clone().contiguous() for k, v in weights.items()}))
+        write_atomically(path, save({k: v.detach().cpu().clone().contiguous() for k, v in weights.items()}))
         return path
 
     def read_global(self, experiment: str, round_: int) -> dict[str, torch.Tensor]:
@@ -93,7 +79,7 @@ class ExchangeStore:
 
     def write_envelope(self, experiment: str, round_: int, kind: str, site: str, envelope: bytes) -> Path:
         path = self.envelope_path(experiment, round_, kind, site)
-        write_atomic(path, envelope)
+        write_atomically(path, envelope)
         return path
 
     def read_envelope(self, experiment: str, round_: int, kind: str, site: str) -> bytes | None:

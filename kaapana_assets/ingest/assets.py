@@ -15,7 +15,18 @@ from kaapana_assets.ingest.study import (
     preview_series_paths,
     summarize_study,
 )
+from kaapana_assets.metadata_table import columns, table
+from kaapana_assets.progress import Progress, throttled
 from resources.storage import ArchiveResource, LakeResource
+
+SERIES_SCHEMA = columns(
+    ("series", "string", "series description, else the tail of its SeriesInstanceUID"),
+    ("modality", "string"),
+    ("instances", "int"),
+    ("slice_thickness_mm", "float"),
+    ("complete", "bool"),
+    ("reference_segs", "int", "reference DICOM SEG series pointing at this series"),
+)
 
 
 class IngestConfig(dg.Config):
@@ -25,15 +36,9 @@ class IngestConfig(dg.Config):
     )
 
 
-def _progress(context: dg.AssetExecutionContext, label: str):  # type: ignore[no-untyped-def]
-    step = {"next": 0.25}
-
-    def report(done: int, total: int) -> None:
-        if total and done / total >= step["next"]:
-            context.log.info(f"{label}: {done}/{total} files parsed")
-            step["next"] += 0.25
-
-    return report
+def _progress(context: dg.AssetExecutionContext, label: str) -> Progress:
+    # A line per quarter: enough to see a large study move, not a line per chunk.
+    return throttled(lambda done, total: context.log.info(f"{label}: {done}/{total} files parsed"), step=0.25)
 
 
 def _report_metadata(report: IngestReport) -> dict[str, dg.MetadataValue]:
@@ -78,7 +83,7 @@ def dicom_studies(
         "instances": dg.MetadataValue.int(summary.instance_count),
         "series_count": dg.MetadataValue.int(len(summary.series)),
         "modalities": dg.MetadataValue.text(", ".join(summary.modalities)),
-        "series": dg.MetadataValue.md(summary.series_markdown()),
+        "series": table(summary.series_rows(), SERIES_SCHEMA),
         **_report_metadata(report),
     }
     png = middle_slice_png(preview_series_paths(the_lake, archive.kaapana_home().archive, summary))

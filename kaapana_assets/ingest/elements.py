@@ -63,7 +63,8 @@ def _overrun(data: bytes, needed_end: int, message: str) -> Malformed:
     return Truncated(message) if needed_end > len(data) else Malformed(message)
 
 
-Values = dict[int, object]  # tag -> (vr, bytes | PixelDataInfo), or list[Values] for sequences
+Raw = tuple[bytes, "bytes | PixelDataInfo"]  # (VR, value bytes), or where Pixel Data is
+Values = dict[int, "Raw | list[Values]"]  # tag -> raw value, or the items of a nested sequence
 
 
 def _header(data: bytes, pos: int, limit: int | None = None, implicit: bool = False) -> tuple[int, bytes, int, int]:

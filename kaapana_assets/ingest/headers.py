@@ -7,10 +7,11 @@ import io
 import math
 import warnings
 import zlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import cache
 from struct import unpack_from
+from typing import Any, cast
 
 import pydicom
 from pydicom.datadict import dictionary_VR, tag_for_keyword
@@ -23,6 +24,7 @@ from pydicom.uid import (
 )
 
 from kaapana_assets.ingest import elements
+from kaapana_assets.ingest.columns import DERIVED_SOURCES, HEADER_COLUMNS, PARSED_FIELDS
 from kaapana_assets.ingest.elements import PixelDataInfo
 from kaapana_assets.ingest.uids import is_valid_uid
 
@@ -61,55 +63,27 @@ class Rejected(Exception):
         self.sop_uid = sop_uid
 
 
-REQUIRED = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality")
-UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+REQUIRED = tuple(c.source for c in HEADER_COLUMNS if c.required and c.source not in DERIVED_SOURCES)
+UID_KEYWORDS = tuple(c.source for c in HEADER_COLUMNS if c.kind == "uid" and c.source not in DERIVED_SOURCES)
 
-# keyword -> how its value is decoded
-FIELDS: dict[str, str] = {
-    "SpecificCharacterSet": "strs",
-    "SOPClassUID": "uid",
-    "SOPInstanceUID": "uid",
-    "StudyDate": "str",
-    "AccessionNumber": "str",
-    "Modality": "str",
-    "Manufacturer": "str",
-    "InstitutionName": "str",
-    "StudyDescription": "str",
-    "SeriesDescription": "str",
-    "ManufacturerModelName": "str",
-    "PatientName": "pn",
-    "PatientID": "str",
-    "PatientBirthDate": "str",
-    "PatientSex": "str",
-    "BodyPartExamined": "str",
-    "SliceThickness": "float",
-    "StudyInstanceUID": "uid",
-    "SeriesInstanceUID": "uid",
-    "SeriesNumber": "int",
-    "InstanceNumber": "int",
-    "ImagePositionPatient": "floats",
-    "ImageOrientationPatient": "floats",
-    "FrameOfReferenceUID": "uid",
-    "SamplesPerPixel": "int",
-    "NumberOfFrames": "int",
-    "Rows": "int",
-    "Columns": "int",
-    "PixelSpacing": "floats",
-    "BitsAllocated": "int",
-    "BitsStored": "int",
-    "RescaleIntercept": "float",
-    "RescaleSlope": "float",
-    "PixelData": "pixels",
-    "FloatPixelData": "pixels",
-    "DoubleFloatPixelData": "pixels",
-}
-TAGS = {keyword: int(tag_for_keyword(keyword)) for keyword in FIELDS}  # type: ignore[arg-type]
+# keyword -> how its value is decoded (from the one column table, plus validation-only fields)
+FIELDS: dict[str, str] = PARSED_FIELDS
+
+
+def _tag(keyword: str) -> int:
+    tag = tag_for_keyword(keyword)
+    if tag is None:
+        raise KeyError(f"{keyword} is not a DICOM keyword")
+    return int(tag)
+
+
+TAGS = {keyword: _tag(keyword) for keyword in FIELDS}
 KEYWORD_OF = {tag: keyword for keyword, tag in TAGS.items()}
 WANTED = frozenset(TAGS.values())
-REFERENCED_SERIES = int(tag_for_keyword("ReferencedSeriesSequence"))  # type: ignore[arg-type]
-SEGMENT_SEQUENCE = int(tag_for_keyword("SegmentSequence"))  # type: ignore[arg-type]
+REFERENCED_SERIES = _tag("ReferencedSeriesSequence")
+SEGMENT_SEQUENCE = _tag("SegmentSequence")
 SERIES_UID_TAG = TAGS["SeriesInstanceUID"]
-SEGMENT_LABEL_TAG = int(tag_for_keyword("SegmentLabel"))  # type: ignore[arg-type]
+SEGMENT_LABEL_TAG = _tag("SegmentLabel")
 NESTED = {
     REFERENCED_SERIES: frozenset({SERIES_UID_TAG}),
     SEGMENT_SEQUENCE: frozenset({SEGMENT_LABEL_TAG}),
@@ -128,49 +102,26 @@ NATIVE = {ImplicitVRLittleEndian, "1.2.840.10008.1.2.1", ExplicitVRBigEndian, De
 SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class InstanceHeader:
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_uid: str
-    study_uid: str
-    modality: str
-    transfer_syntax_uid: str
-    patient_id: str | None = None
-    patient_name: str | None = None
-    patient_sex: str | None = None
-    patient_birth_date: str | None = None
-    study_date: str | None = None
-    study_description: str | None = None
-    accession_number: str | None = None
-    institution: str | None = None
-    manufacturer: str | None = None
-    manufacturer_model: str | None = None
-    series_number: int | None = None
-    series_description: str | None = None
-    body_part: str | None = None
-    instance_number: int | None = None
-    image_position: list[float] | None = None
-    image_orientation: list[float] | None = None
-    pixel_spacing: list[float] | None = None
-    slice_thickness: float | None = None
-    rows: int | None = None
-    columns: int | None = None
-    number_of_frames: int | None = None
-    rescale_slope: float | None = None
-    rescale_intercept: float | None = None
-    frame_of_reference_uid: str | None = None
-    referenced_series_uids: list[str] = field(default_factory=list)
-    segment_labels: list[str] = field(default_factory=list)
-    calling_ae_title: str | None = None
-    called_ae_title: str | None = None
+    """One header as validated: a value per `instances` header column (HEADER_COLUMNS), read
+    as attributes (`header.study_uid`). Not spelled out field by field: the column table is
+    the one definition."""
 
-    def as_dict(self) -> dict[str, object]:
-        # Shallow on purpose: dataclasses.asdict deep-copies and cost ~0.4 ms per file.
-        return {name: getattr(self, name) for name in _HEADER_FIELDS}
+    values: dict[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "values":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(name)
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(f"InstanceHeader has no column {name!r}") from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.values)
 
 
-_HEADER_FIELDS = tuple(f.name for f in fields(InstanceHeader))
 
 
 def _person_name(text: str) -> str | None:
@@ -232,13 +183,29 @@ def _inflate(data: bytes, start: int) -> bytes:
     return out
 
 
+def _raw_text(value: elements.Raw | list[elements.Values] | None, encoding: str) -> str:
+    """A raw element's value as text ('' when absent or not a plain value)."""
+    return _text(value[1], encoding) if isinstance(value, tuple) and isinstance(value[1], bytes) else ""
+
+
+def _item_texts(found: elements.Values, sequence: int, tag: int, encoding: str) -> list[str]:
+    """The text of `tag` in each item of a nested sequence the walker collected."""
+    items = found.get(sequence)
+    texts = []
+    for item in items if isinstance(items, list) else []:
+        value = item.get(tag)
+        if isinstance(value, tuple) and isinstance(value[1], bytes):
+            texts.append(_raw_text(value, encoding))
+    return texts
+
+
 def _fast_values(data: bytes) -> tuple[dict[str, object], str]:
     """Header values via the element walker (explicit VR little endian only)."""
     meta, pos = elements.read_file_meta(data)
     ts_raw = meta.get(TRANSFER_SYNTAX_TAG)
     if ts_raw is None:  # pydicom's reading decides what such a file is
         raise elements.Unsupported("file meta has no TransferSyntaxUID (0002,0010)")
-    transfer_syntax = _text(ts_raw[1], "ascii")  # type: ignore[index]
+    transfer_syntax = _raw_text(ts_raw, "ascii")
     if transfer_syntax == ExplicitVRBigEndian or transfer_syntax not in ALL_TRANSFER_SYNTAXES:
         raise elements.Unsupported(transfer_syntax)
     implicit = transfer_syntax == ImplicitVRLittleEndian
@@ -248,36 +215,28 @@ def _fast_values(data: bytes) -> tuple[dict[str, object], str]:
     else:
         found, _ = elements.walk(data, pos, WANTED, NESTED, implicit=implicit)
     ae_titles = {
-        keyword: _text(meta[tag][1], "latin-1") or None  # type: ignore[index]
+        keyword: _raw_text(meta[tag], "latin-1") or None
         for keyword, tag in (
             ("CallingAETitle", SOURCE_AE_TAG), ("CallingAETitle", SENDING_AE_TAG), ("CalledAETitle", RECEIVING_AE_TAG)
         )
         if tag in meta
     }
     charset_raw = found.get(TAGS["SpecificCharacterSet"])
-    charset = _text(charset_raw[1], "ascii") if charset_raw else ""  # type: ignore[index]
+    charset = _raw_text(charset_raw, "ascii")
     encoding = SIMPLE_CHARSETS.get(charset)
     if encoding is None:
         raise elements.Unsupported(f"character set {charset}")
     values: dict[str, object] = {}
     for tag, item in found.items():
-        if tag in NESTED:
+        if isinstance(item, list):  # a nested sequence's items, read below
             continue
         keyword = KEYWORD_OF[tag]
-        vr, raw = item  # type: ignore[misc]
+        vr, raw = item
         if implicit:
             vr = DICTIONARY_VR[tag]
         values[keyword] = _convert(FIELDS[keyword], vr, raw, encoding)
-    values["ReferencedSeriesUIDs"] = [
-        _text(item[SERIES_UID_TAG][1], "ascii")  # type: ignore[index]
-        for item in found.get(REFERENCED_SERIES, [])  # type: ignore[union-attr]
-        if SERIES_UID_TAG in item
-    ]
-    values["SegmentLabels"] = [
-        _text(item[SEGMENT_LABEL_TAG][1], encoding)  # type: ignore[index]
-        for item in found.get(SEGMENT_SEQUENCE, [])  # type: ignore[union-attr]
-        if SEGMENT_LABEL_TAG in item
-    ]
+    values["ReferencedSeriesUIDs"] = _item_texts(found, REFERENCED_SERIES, SERIES_UID_TAG, "ascii")
+    values["SegmentLabels"] = _item_texts(found, SEGMENT_SEQUENCE, SEGMENT_LABEL_TAG, encoding)
     values.update(ae_titles)
     return values, transfer_syntax
 
@@ -471,11 +430,12 @@ def _check_types(values: dict[str, object], hint: dict[str, str | None]) -> None
     for keyword in ("ReferencedSeriesUIDs", "SegmentLabels"):
         if not _well_typed("strs", values.get(keyword) or []):
             raise Rejected(Reason.MALFORMED, f"{keyword} is not a list of strings", **hint)
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-        value = values.get(keyword)
-        expected = {"ImagePositionPatient": 3, "ImageOrientationPatient": 6, "PixelSpacing": 2}[keyword]
-        if value is not None and (len(value) != expected or not all(math.isfinite(v) for v in value)):  # type: ignore[arg-type]
-            raise Rejected(Reason.MALFORMED, f"{keyword} needs {expected} finite numbers, has {value!r:.80}", **hint)
+    for column in HEADER_COLUMNS:
+        value = values.get(column.source)
+        if column.count is not None and isinstance(value, list) and (
+                len(value) != column.count or not all(math.isfinite(v) for v in value)):
+            raise Rejected(Reason.MALFORMED, f"{column.source} needs {column.count} finite numbers, has {value!r:.80}",
+                           **hint)
 
 
 def validate(values: dict[str, object], transfer_syntax: str) -> InstanceHeader:
@@ -492,11 +452,11 @@ def validate(values: dict[str, object], transfer_syntax: str) -> InstanceHeader:
     missing = [kw for kw in REQUIRED if not values.get(kw)]
     if missing:
         raise Rejected(Reason.MISSING_TAG, f"missing required attribute(s): {', '.join(missing)}", **hint)
-    for kw in (*UID_KEYWORDS, "FrameOfReferenceUID"):
+    for kw in UID_KEYWORDS:
         value = values.get(kw)
         if value is not None and not is_valid_uid(value):
             raise Rejected(Reason.INVALID_UID, f"{kw} {str(value)[:80]!r} is not a valid DICOM UID", **hint)
-    for uid in values.get("ReferencedSeriesUIDs") or []:  # type: ignore[union-attr]
+    for uid in cast(list[str], values.get("ReferencedSeriesUIDs") or []):  # checked by _check_types
         if not is_valid_uid(uid):
             raise Rejected(Reason.INVALID_UID, f"referenced SeriesInstanceUID {str(uid)[:80]!r} is invalid", **hint)
     pixels = values.get("PixelData")
@@ -514,45 +474,16 @@ def validate(values: dict[str, object], transfer_syntax: str) -> InstanceHeader:
         else:
             if pixels.fragments == 0 or pixels.length == 0:
                 raise Rejected(Reason.MALFORMED, "encapsulated Pixel Data without any fragment", **hint)
-            missing_codec = decoder_missing(transfer_syntax, values.get("BitsStored"))  # type: ignore[arg-type]
+            missing_codec = decoder_missing(transfer_syntax, values.get("BitsStored"))
             if missing_codec:
                 raise Rejected(Reason.NO_CODEC, missing_codec, **hint)
-    return InstanceHeader(
-        sop_instance_uid=str(values["SOPInstanceUID"]),
-        sop_class_uid=str(values["SOPClassUID"]),
-        series_uid=str(values["SeriesInstanceUID"]),
-        study_uid=str(values["StudyInstanceUID"]),
-        modality=str(values["Modality"]).upper(),
-        transfer_syntax_uid=transfer_syntax,
-        patient_id=values.get("PatientID"),  # type: ignore[arg-type]
-        patient_name=values.get("PatientName"),  # type: ignore[arg-type]
-        patient_sex=values.get("PatientSex"),  # type: ignore[arg-type]
-        patient_birth_date=values.get("PatientBirthDate"),  # type: ignore[arg-type]
-        study_date=values.get("StudyDate"),  # type: ignore[arg-type]
-        study_description=values.get("StudyDescription"),  # type: ignore[arg-type]
-        accession_number=values.get("AccessionNumber"),  # type: ignore[arg-type]
-        institution=values.get("InstitutionName"),  # type: ignore[arg-type]
-        manufacturer=values.get("Manufacturer"),  # type: ignore[arg-type]
-        manufacturer_model=values.get("ManufacturerModelName"),  # type: ignore[arg-type]
-        series_number=values.get("SeriesNumber"),  # type: ignore[arg-type]
-        series_description=values.get("SeriesDescription"),  # type: ignore[arg-type]
-        body_part=values.get("BodyPartExamined"),  # type: ignore[arg-type]
-        instance_number=values.get("InstanceNumber"),  # type: ignore[arg-type]
-        image_position=values.get("ImagePositionPatient"),  # type: ignore[arg-type]
-        image_orientation=values.get("ImageOrientationPatient"),  # type: ignore[arg-type]
-        pixel_spacing=values.get("PixelSpacing"),  # type: ignore[arg-type]
-        slice_thickness=values.get("SliceThickness"),  # type: ignore[arg-type]
-        rows=values.get("Rows"),  # type: ignore[arg-type]
-        columns=values.get("Columns"),  # type: ignore[arg-type]
-        number_of_frames=values.get("NumberOfFrames"),  # type: ignore[arg-type]
-        rescale_slope=values.get("RescaleSlope"),  # type: ignore[arg-type]
-        rescale_intercept=values.get("RescaleIntercept"),  # type: ignore[arg-type]
-        frame_of_reference_uid=values.get("FrameOfReferenceUID"),  # type: ignore[arg-type]
-        referenced_series_uids=list(values.get("ReferencedSeriesUIDs") or []),  # type: ignore[call-overload]
-        segment_labels=list(values.get("SegmentLabels") or []),  # type: ignore[call-overload]
-        calling_ae_title=values.get("CallingAETitle"),  # type: ignore[arg-type]
-        called_ae_title=values.get("CalledAETitle"),  # type: ignore[arg-type]
-    )
+    row = {c.column: values.get(c.source) for c in HEADER_COLUMNS}
+    row["transfer_syntax_uid"] = transfer_syntax
+    row["modality"] = str(row["modality"]).upper()
+    for column in HEADER_COLUMNS:
+        if column.kind == "strs":
+            row[column.column] = list(row[column.column] or [])  # type: ignore[call-overload]
+    return InstanceHeader(row)
 
 
 def is_segmentation(header: InstanceHeader) -> bool:

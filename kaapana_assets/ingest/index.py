@@ -41,7 +41,7 @@ def missing_instance_numbers(numbers: list[int]) -> list[int]:
     2147483647 must not allocate two billion integers."""
     present = sorted(set(numbers))
     missing: list[int] = []
-    for low, high in zip(present, present[1:]):
+    for low, high in zip(present, present[1:], strict=False):
         for n in range(low + 1, min(high, low + 1 + MAX_LISTED_GAPS - len(missing))):
             missing.append(n)
         if len(missing) >= MAX_LISTED_GAPS:

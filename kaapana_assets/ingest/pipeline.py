@@ -91,7 +91,7 @@ class IngestReport:
 
 def _quarantine_indexed(r: FileResult, quarantine_root: Path, reason: Reason, error: str) -> None:
     with open(r.source, "rb") as fh:
-        quarantine_copy(quarantine_root, fh.read(), r.sha256)  # type: ignore[arg-type]
+        quarantine_copy(quarantine_root, fh.read(), r.sha256 or "")
     r.status, r.row, r.reason, r.error = QUARANTINED, None, reason, error
 
 
@@ -107,15 +107,17 @@ def _resolve_conflicts(lake: Lake, results: list[FileResult], quarantine_root: P
     sops = sorted({r.sop_uid for r in candidates if r.sop_uid})
     known = lake.read("instances", pl.col("sop_instance_uid").is_in(sops)).select(
         "sop_instance_uid", "sha256", "archive_path")
-    indexed: dict[str, str] = dict(zip(known["sop_instance_uid"].to_list(), known["sha256"].to_list()))
+    indexed: dict[str, str] = dict(zip(known["sop_instance_uid"].to_list(), known["sha256"].to_list(), strict=True))
     referenced = set(known["archive_path"].to_list())
     series = sorted({r.series_uid for r in candidates if r.series_uid})
     known_series = lake.read("series", pl.col("series_uid").is_in(series)).select("series_uid", "study_uid")
-    study_of: dict[str, str] = dict(zip(known_series["series_uid"].to_list(), known_series["study_uid"].to_list()))
+    study_of: dict[str, str] = dict(zip(known_series["series_uid"].to_list(), known_series["study_uid"].to_list(), strict=True))
     orphans: list[str] = []
     for r in candidates:
-        previous = indexed.get(r.sop_uid)  # type: ignore[arg-type]
-        owner = study_of.setdefault(r.series_uid, r.study_uid)  # type: ignore[arg-type]
+        # An indexed file always has its UIDs and digest.
+        assert r.sop_uid is not None and r.series_uid is not None and r.study_uid is not None and r.sha256
+        previous = indexed.get(r.sop_uid)
+        owner = study_of.setdefault(r.series_uid, r.study_uid)
         if previous == r.sha256:
             r.status, r.row = ALREADY_INDEXED, None
             continue
@@ -126,7 +128,7 @@ def _resolve_conflicts(lake: Lake, results: list[FileResult], quarantine_root: P
             _quarantine_indexed(r, quarantine_root, Reason.SERIES_CONFLICT,
                                 f"series {r.series_uid} is indexed under study {owner}, this file names study {r.study_uid}")
         else:
-            indexed[r.sop_uid] = r.sha256  # type: ignore[index]
+            indexed[r.sop_uid] = r.sha256
             continue
         if r.archive_path and r.archive_path not in referenced:
             orphans.append(r.archive_path)
@@ -140,17 +142,17 @@ def _rows_that_fit(results: list[FileResult], now: dt.datetime, quarantine_root:
     if not fresh:
         return None
     try:
-        return pa.Table.from_pylist([dict(r.row, ingested_at=now) for r in fresh], schema=INSTANCES.schema)  # type: ignore[arg-type]
+        return pa.Table.from_pylist([dict(r.row or {}, ingested_at=now) for r in fresh], schema=INSTANCES.schema)
     except (pa.ArrowException, TypeError, ValueError, OverflowError):
         pass
     fitting = []
     for r in fresh:
         try:
-            pa.Table.from_pylist([dict(r.row, ingested_at=now)], schema=INSTANCES.schema)  # type: ignore[arg-type]
+            pa.Table.from_pylist([dict(r.row or {}, ingested_at=now)], schema=INSTANCES.schema)
         except (pa.ArrowException, TypeError, ValueError, OverflowError) as exc:
             _quarantine_indexed(r, quarantine_root, Reason.MALFORMED, f"row does not fit the index: {exc}"[:500])
         else:
-            fitting.append(dict(r.row, ingested_at=now))  # type: ignore[arg-type]
+            fitting.append(dict(r.row or {}, ingested_at=now))
     return pa.Table.from_pylist(fitting, schema=INSTANCES.schema) if fitting else None
 
 
@@ -171,7 +173,7 @@ def _commit(lake: Lake, results: list[FileResult], quarantine_root: Path, report
             "source_path": display_path(r.source),
             # Links and other non-files are recorded, never copied (nothing of theirs was read).
             "quarantine_path": None if r.reason == Reason.NOT_REGULAR_FILE
-            else str(quarantine_root / quarantine_relpath(r.sha256)),  # type: ignore[arg-type]
+            else str(quarantine_root / quarantine_relpath(r.sha256)),
             "size_bytes": r.size,
             "study_uid": r.study_uid,
             "sop_instance_uid": r.sop_uid,

@@ -30,18 +30,20 @@ class StudySummary:
     data_version: str
     instances_version: int | None
 
-    def series_markdown(self) -> str:
-        lines = [
-            "| series | modality | instances | thickness (mm) | complete | reference SEG |",
-            "|---|---|---|---|---|---|",
+    def series_rows(self) -> list[dict[str, Any]]:
+        """One row per series, for the asset's metadata: the description (else the UID's tail),
+        counts, slice thickness, completeness and how many reference SEGs point at it."""
+        return [
+            {
+                "series": s.get("series_description") or s["series_uid"][-12:],
+                "modality": s["modality"],
+                "instances": s["instance_count"],
+                "slice_thickness_mm": s.get("slice_thickness"),
+                "complete": bool(s["complete"]),
+                "reference_segs": len(s.get("reference_seg_series_uids") or []),
+            }
+            for s in self.series
         ]
-        for s in self.series:
-            lines.append(
-                f"| {s.get('series_description') or s['series_uid'][-12:]} | {s['modality']} "
-                f"| {s['instance_count']} | {s.get('slice_thickness') or ''} | "
-                f"{'yes' if s['complete'] else 'no'} | {len(s.get('reference_seg_series_uids') or [])} |"
-            )
-        return "\n".join(lines)
 
 
 def summarize_study(lake: Lake, study_uid: str) -> StudySummary | None:
@@ -52,7 +54,7 @@ def summarize_study(lake: Lake, study_uid: str) -> StudySummary | None:
     # The data version is the set of instances and their bytes: re-ingesting the same
     # files gives the same version; one new instance changes it.
     h = hashlib.sha256()
-    for sop, sha in sorted(zip(instances["sop_instance_uid"].to_list(), instances["sha256"].to_list())):
+    for sop, sha in sorted(zip(instances["sop_instance_uid"].to_list(), instances["sha256"].to_list(), strict=True)):
         h.update(f"{sop}:{sha}\n".encode())
     series = lake.read("series", pl.col("study_uid") == study_uid).sort("series_number", nulls_last=True).to_dicts()
     return StudySummary(

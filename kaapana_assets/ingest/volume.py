@@ -30,9 +30,9 @@ class Volume:
     sop_uids: list[str]  # in volume (slice) order
     series_uid: str
     study_uid: str
-    datasets: list[pydicom.Dataset]  # in volume order, pixel data loaded
+    datasets: Sequence[pydicom.Dataset]  # in volume order, pixel data loaded
 
-    def sitk_image(self, array: np.ndarray | None = None):  # type: ignore[no-untyped-def]
+    def sitk_image(self, array: np.ndarray | None = None):
         """This geometry as a SimpleITK image (for NIfTI): spacing x,y,z; direction as columns."""
         import SimpleITK as sitk
 
@@ -85,18 +85,27 @@ def assemble_volume(paths: Sequence[Path | str]) -> Volume:
             raise VolumeError(f"missing slices: about {missing} gap(s) along the normal")
         if (gaps.max() - gaps.min()) > SPACING_TOLERANCE * median + 1e-3:
             raise VolumeError(f"varying slice spacing ({gaps.min():.3f}–{gaps.max():.3f} mm)")
-        dz = median
-    else:
+        # Our checks above give the reasons; highdicom builds the array and its geometry.
+        try:
+            volume = hd.get_volume_from_series(datasets, dtype=np.float32, apply_modality_transform=True,
+                                               rtol=SPACING_TOLERANCE)
+        except (ValueError, RuntimeError) as exc:
+            raise VolumeError(f"highdicom cannot form a volume: {exc}") from exc
+        if float(np.dot(volume.direction[:, 0], normal)) < 0:  # slices along the normal, as everywhere here
+            volume = volume.flip_spatial((0,))
+        hu = volume.array
+        dz, dy, dx = (float(v) for v in volume.spacing)
+        x, y, z = (float(v) for v in volume.position)
+    else:  # one slice is no series for highdicom: its own thickness is the third spacing
+        hu = first.pixel_array.astype(np.float32)[None] * float(first.get("RescaleSlope", 1) or 1) + float(
+            first.get("RescaleIntercept", 0) or 0)
+        dy, dx = (float(v) for v in first.PixelSpacing)
         dz = float(first.get("SliceThickness") or 1.0)
-    hu = np.stack(
-        [ds.pixel_array.astype(np.float32) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
-         for ds in datasets]
-    )
-    dy, dx = (float(v) for v in first.PixelSpacing)
+        x, y, z = (float(v) for v in first.ImagePositionPatient)
     return Volume(
         hu=hu,
         spacing_zyx=(dz, dy, dx),
-        origin=tuple(float(v) for v in datasets[0].ImagePositionPatient),  # type: ignore[arg-type]
+        origin=(x, y, z),
         direction=np.stack([row, col, normal]),
         sop_uids=[str(ds.SOPInstanceUID) for ds in datasets],
         series_uid=str(first.SeriesInstanceUID),

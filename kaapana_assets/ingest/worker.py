@@ -16,6 +16,7 @@ from typing import Any
 from kaapana_assets.ingest.archive import ArchiveConflict, archive_relpath, link_once, quarantine_relpath, write_once
 from kaapana_assets.ingest.headers import InstanceHeader, Reason, Rejected, parse_header
 
+
 class Status(StrEnum):
     INDEXED = "indexed"
     ALREADY_INDEXED = "already_indexed"

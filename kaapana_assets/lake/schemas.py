@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from kaapana_assets.ingest.columns import instances_fields
+
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 FLOATS = pa.list_(pa.float64())
 STRINGS = pa.list_(pa.string())
@@ -31,43 +33,10 @@ class TableSpec:
 INSTANCES = TableSpec(
     "instances",
     pa.schema(
-        [
-            ("sop_instance_uid", pa.string()),
-            ("sop_class_uid", pa.string()),
-            ("series_uid", pa.string()),
-            ("study_uid", pa.string()),
-            ("patient_id", pa.string()),
-            # Study/series attributes as each instance carries them: `series` and `studies`
-            # are recomputed from these, so they can always be rebuilt from `instances`.
-            ("patient_name", pa.string()),
-            ("patient_sex", pa.string()),
-            ("patient_birth_date", pa.string()),
-            ("study_date", pa.string()),
-            ("study_description", pa.string()),
-            ("accession_number", pa.string()),
-            ("institution", pa.string()),
-            ("manufacturer", pa.string()),
-            ("manufacturer_model", pa.string()),
-            ("series_number", pa.int64()),
-            ("series_description", pa.string()),
-            ("body_part", pa.string()),
-            ("modality", pa.string()),
-            ("instance_number", pa.int64()),
-            ("image_position", FLOATS),
-            ("image_orientation", FLOATS),
-            ("pixel_spacing", FLOATS),
-            ("slice_thickness", pa.float64()),
-            ("rows", pa.int64()),
-            ("columns", pa.int64()),
-            ("number_of_frames", pa.int64()),
-            ("rescale_slope", pa.float64()),
-            ("rescale_intercept", pa.float64()),
-            ("frame_of_reference_uid", pa.string()),
-            ("transfer_syntax_uid", pa.string()),
-            ("referenced_series_uids", STRINGS),
-            ("segment_labels", STRINGS),
-            ("calling_ae_title", pa.string()),
-            ("called_ae_title", pa.string()),
+        # Study/series attributes as each instance carries them (HEADER_COLUMNS): `series` and
+        # `studies` are recomputed from these, so they can always be rebuilt from `instances`.
+        instances_fields()
+        + [
             ("archive_path", pa.string()),
             ("sha256", pa.string()),
             ("size_bytes", pa.int64()),

@@ -52,10 +52,11 @@ import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -171,7 +172,7 @@ def _store(event: evt.Event, spool: Path) -> int:
     calling = event.assoc.requestor.ae_title.strip()
     called = event.assoc.acceptor.ae_title.strip()
     address = event.assoc.requestor.address
-    request = event.request
+    request = cast(C_STORE, event.request)  # the EVT_C_STORE handler: always a C-STORE request
     sop_uid = request.AffectedSOPInstanceUID
     meta = event.file_meta
     meta.SendingApplicationEntityTitle = calling
@@ -312,6 +313,7 @@ def build_receiver(
     ae = AE(ae_title=ae_title)
     transfer_syntaxes = list(AllTransferSyntaxes)
     for context in AllStoragePresentationContexts:
+        assert context.abstract_syntax is not None
         ae.add_supported_context(context.abstract_syntax, transfer_syntaxes)
     ae.add_supported_context(Verification)
     ae.acse_timeout = acse_timeout
@@ -344,7 +346,7 @@ def start_receiver(
     ae = build_receiver(ae_title, allowed_calling, acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
                         idle_timeout=idle_timeout, max_associations=max_associations)
     allowed = set(allowed_calling) if allowed_calling else None
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, _nodelay),
         (evt.EVT_ACSE_RECV, _acse_received, [allowed]),
         (evt.EVT_C_STORE, _store, [spool]),
@@ -356,7 +358,7 @@ def start_receiver(
              max_associations, max_per_caller, acse_timeout, dimse_timeout, idle_timeout)
     # As AE.start_server(block=False) does, but with our server class, so that the
     # per-address limit holds from the first connection on.
-    server = ae.make_server((host, port), evt_handlers=handlers, server_class=ReceiverServer)
+    server = cast(ReceiverServer, ae.make_server((host, port), evt_handlers=handlers, server_class=ReceiverServer))
     server.max_per_caller = max_per_caller
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{host}:{port}", daemon=True)
     thread.start()

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import uuid
 from pathlib import Path
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 
+from kaapana_assets.files import write_atomically
 from kaapana_assets.ingest.uids import is_valid_uid
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
@@ -24,7 +23,7 @@ def safe_ae_title(ae_title: str) -> str:
     return cleaned or "UNKNOWN"
 
 
-def part10_bytes(file_meta: FileMetaDataset, encoded_dataset: bytes) -> bytes:
+def part10_bytes(file_meta: FileMetaDataset, encoded_dataset: bytes | memoryview) -> bytes:
     """A DICOM Part 10 file: preamble, file meta, and the data set bytes exactly as given."""
     buf = io.BytesIO()
     buf.write(PREAMBLE)
@@ -34,27 +33,13 @@ def part10_bytes(file_meta: FileMetaDataset, encoded_dataset: bytes) -> bytes:
 
 
 def write_durably(folder: Path, name: str, data: bytes) -> Path:
-    """Write `data` as folder/name: temp file, fsync, rename, fsync the folder. Readers (the
-    sensor skips dot-files and *.part) never see a partial file."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{name}.{uuid.uuid4().hex}.part"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        target = folder / name
-        if target.exists() and target.read_bytes() != data:
-            target = folder / f"{Path(name).stem}.{hashlib.sha256(data).hexdigest()[:12]}.dcm"
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return target
+    """Write `data` as folder/name, atomically and durably. Readers (the sensor skips
+    dot-files and *.part) never see a partial file. A different file already under that
+    name is kept: the new one gets a name with its content digest."""
+    target = folder / name
+    if target.exists() and target.read_bytes() != data:
+        target = folder / f"{Path(name).stem}.{hashlib.sha256(data).hexdigest()[:12]}.dcm"
+    return write_atomically(target, data)
 
 
 def spool_name(sop_instance_uid: object, data: bytes) -> str:

@@ -6,13 +6,19 @@ import dagster as dg
 from kaapana_assets.ingest.assets import dicom_studies
 from kaapana_assets.ingest.partitions import studies_partitions
 from kaapana_assets.ingest.study import png_markdown
+from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.segmentation.models import NoProductionModel, production_model
 from kaapana_assets.segmentation.segment import NothingToSegment, segment_study
-from kaapana_assets.segmentation.statistics import statistics_markdown
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
+
+# The label_statistics rows, less the bounding box (in the Delta table).
+STATISTICS_SCHEMA = columns(
+    ("label", "string"), ("voxel_count", "int"), ("volume_ml", "float"),
+    ("mean_hu", "float"), ("min_hu", "float"), ("max_hu", "float"),
+)
 
 
 @dg.asset(
@@ -48,7 +54,7 @@ def segmentations(
         "source_series_uid": dg.MetadataValue.text(result.series_uid),
         "seg_series_uid": dg.MetadataValue.text(result.seg_series_uid),
         "seg_sop_instance_uid": dg.MetadataValue.text(result.seg_sop_uid),
-        "statistics": dg.MetadataValue.md(statistics_markdown(result.statistics)),
+        "statistics": table(result.statistics, STATISTICS_SCHEMA),
         "volumes_ml": dg.MetadataValue.json({s["label"]: s["volume_ml"] for s in result.statistics}),
         "reused_existing": dg.MetadataValue.bool(result.reused),
         "delta_versions": dg.MetadataValue.json(result.versions),

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from kaapana_assets import __version__
+from kaapana_assets.ingest.uids import deterministic_uid
 from kaapana_assets.ingest.volume import Volume
 
 # Coded segment descriptions for label names we know; anything else is a generic tissue.
@@ -24,14 +26,70 @@ KNOWN_LABELS = {
 GENERIC = (codes.SCT.Tissue, codes.SCT.Tissue)
 
 
+@dataclass(frozen=True)
+class SegAuthor:
+    """Who made the segmentation, as the SEG's equipment and content attributes say."""
+
+    model_name: str  # ManufacturerModelName
+    software_versions: list[str]  # a list: pydicom refuses tuples for LO
+    content_label: str
+    content_description: str
+    content_creator_name: str
+    series_number: int
+    series_description: str
+    algorithm: hd.AlgorithmIdentificationSequence | None = None  # None: a manual (reference) annotation
+
+
 def seg_uids(source_series_uid: str, model_name: str, model_version: str) -> tuple[str, str]:
     """(series UID, SOP instance UID) of the SEG a model version makes from a series:
     deterministic, so segmenting again with the same model is recognised, not duplicated."""
-    def uid(kind: str) -> str:
-        digest = hashlib.sha256(f"{kind}\x1f{source_series_uid}\x1f{model_name}\x1f{model_version}".encode()).digest()
-        return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+    return (deterministic_uid("seg-series", source_series_uid, model_name, model_version),
+            deterministic_uid("seg-sop", source_series_uid, model_name, model_version))
 
-    return uid("seg-series"), uid("seg-sop")
+
+def build_seg(
+    source_images: Sequence[Dataset],
+    labels: np.ndarray,
+    label_names: Mapping[int, str],
+    author: SegAuthor,
+    series_uid: str,
+    sop_uid: str,
+) -> tuple[hd.seg.Segmentation, list[str]]:
+    """The one DICOM SEG builder (highdicom): a binary segment per label value present in
+    `labels` (z, y, x, aligned with `source_images`), coded where the label name is known.
+    Returns the SEG and the label names it contains (empty labels are left out)."""
+    present = [(value, name) for value, name in sorted(label_names.items()) if value and (labels == value).any()]
+    if not present:
+        raise ValueError("the label volume contains no foreground label: nothing to write")
+    kind = hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC if author.algorithm else hd.seg.SegmentAlgorithmTypeValues.MANUAL
+    descriptions = []
+    label_map = np.zeros(labels.shape, dtype=np.uint8)
+    for number, (value, name) in enumerate(present, start=1):
+        category, property_type = KNOWN_LABELS.get(name.lower(), GENERIC)
+        descriptions.append(hd.seg.SegmentDescription(
+            segment_number=number, segment_label=name, segmented_property_category=category,
+            segmented_property_type=property_type, algorithm_type=kind, algorithm_identification=author.algorithm,
+        ))
+        label_map[labels == value] = number
+    seg = hd.seg.Segmentation(
+        source_images=list(source_images),
+        pixel_array=label_map,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=series_uid,
+        series_number=author.series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=1,
+        manufacturer="kaapana_assets",
+        manufacturer_model_name=author.model_name,
+        software_versions=author.software_versions,  # type: ignore[arg-type]  # highdicom types it str | tuple
+        device_serial_number="0",
+        content_label=author.content_label,
+        content_description=author.content_description,
+        content_creator_name=author.content_creator_name,
+    )
+    seg.SeriesDescription = author.series_description[:64]
+    return seg, [name for _, name in present]
 
 
 def write_seg(
@@ -42,43 +100,18 @@ def write_seg(
     model_version: str,
     out: Path,
 ) -> tuple[Path, list[str]]:
-    """Write the SEG; returns its path and the labels it contains (empty ones are left out)."""
-    present = [(value, name) for value, name in sorted(label_names.items()) if value and (labels == value).any()]
-    if not present:
-        raise ValueError("the prediction contains no foreground label: nothing to write")
+    """Write a model's prediction as a SEG; returns its path and the labels it contains."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model_name, version=str(model_version), family=codes.cid7162.ArtificialIntelligence,
         source="kaapana_assets nnU-Net v2",
     )
-    descriptions = []
-    label_map = np.zeros(labels.shape, dtype=np.uint8)
-    for number, (value, name) in enumerate(present, start=1):
-        category, kind = KNOWN_LABELS.get(name.lower(), GENERIC)
-        descriptions.append(hd.seg.SegmentDescription(
-            segment_number=number, segment_label=name, segmented_property_category=category,
-            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        ))
-        label_map[labels == value] = number
-    series_uid, sop_uid = seg_uids(volume.series_uid, model_name, model_version)
-    seg = hd.seg.Segmentation(
-        source_images=volume.datasets,
-        pixel_array=label_map,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=series_uid,
-        series_number=900,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer="kaapana_assets",
-        manufacturer_model_name=model_name,
-        software_versions=[__version__, str(model_version)],  # a list: pydicom refuses tuples for LO
-        device_serial_number="0",
-        content_label="NNUNET",
-        content_description=f"{model_name} v{model_version}",
-        content_creator_name="kaapana^nnunet",
+    author = SegAuthor(
+        model_name=model_name, software_versions=[__version__, str(model_version)], content_label="NNUNET",
+        content_description=f"{model_name} v{model_version}", content_creator_name="kaapana^nnunet",
+        series_number=900, series_description=f"nnU-Net {model_name} v{model_version}", algorithm=algorithm,
     )
-    seg.SeriesDescription = f"nnU-Net {model_name} v{model_version}"[:64]
+    seg, present = build_seg(volume.datasets, labels, label_names, author,
+                             *seg_uids(volume.series_uid, model_name, model_version))
     out.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(out)
-    return out, [name for _, name in present]
+    return out, present

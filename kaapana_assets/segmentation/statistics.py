@@ -36,13 +36,6 @@ def label_statistics(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[floa
     return rows
 
 
-def statistics_markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| label | voxels | volume (ml) | mean HU | min HU | max HU |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['label']} | {r['voxel_count']} | {r['volume_ml']} | {r['mean_hu']} | {r['min_hu']} | {r['max_hu']} |")
-    return "\n".join(lines)
-
-
 def overlay_png(hu: np.ndarray, labels: np.ndarray, size: int = 256, window: tuple[float, float] = (40.0, 400.0)) -> bytes:
     """The axial slice through the centre of the largest label, soft-tissue window, labels
     blended in colour."""
@@ -59,7 +52,7 @@ def overlay_png(hu: np.ndarray, labels: np.ndarray, size: int = 256, window: tup
         mask = labels[z] == value
         rgb[mask] = 0.45 * rgb[mask] + 0.55 * np.array(COLOURS[i % len(COLOURS)])
     image = Image.fromarray(rgb.astype(np.uint8))
-    image = image.resize((size, int(size * image.height / image.width)), Image.NEAREST)
+    image = image.resize((size, int(size * image.height / image.width)), Image.Resampling.NEAREST)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()

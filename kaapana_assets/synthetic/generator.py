@@ -5,7 +5,6 @@ the same (site, seed, index) gives the same UIDs and pixels."""
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +12,11 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from kaapana_assets import __version__
+from kaapana_assets.ingest.uids import deterministic_uid
+from kaapana_assets.segmentation.dicom_seg import SegAuthor, build_seg
 from kaapana_assets.synthetic.phantom import LABELS, Phantom, make_phantom
 from kaapana_assets.synthetic.profiles import SiteProfile, get_profile
 
@@ -25,10 +25,6 @@ from kaapana_assets.synthetic.profiles import SiteProfile, get_profile
 FOLLOW_UP_EVERY = 4
 BASE_DATE = dt.date(2024, 1, 8)
 
-SEGMENT_CODES = {
-    "liver": (codes.SCT.AnatomicalStructure, codes.SCT.Liver),
-    "lesion": (codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion),
-}
 
 
 @dataclass
@@ -49,11 +45,8 @@ class GeneratedStudy:
         return self.ct_files + ([self.seg_file] if self.seg_file else [])
 
 
-def _uid(*parts: object) -> str:
-    """Deterministic UUID-derived UID (PS3.5 B.2: '2.25.' + a 128-bit integer) from the parts.
-    pydicom's generate_uid ignores its entropy sources when prefix is None."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+# Deterministic UIDs (pydicom's generate_uid ignores its entropy sources when prefix is None).
+_uid = deterministic_uid
 
 
 def study_rng(site: str, seed: int, index: int) -> np.random.Generator:
@@ -99,7 +92,7 @@ def _ct_datasets(profile: SiteProfile, seed: int, index: int, phantom: Phantom) 
         sop_uid = _uid("sop", site, seed, index, k)
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(sop_uid)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()
@@ -157,45 +150,22 @@ def _ct_datasets(profile: SiteProfile, seed: int, index: int, phantom: Phantom) 
     return datasets
 
 
+REFERENCE_AUTHOR = SegAuthor(
+    model_name="synthetic phantom annotator", software_versions=[__version__], content_label="REFERENCE",
+    content_description="Reference annotation (synthetic ground truth)", content_creator_name="Phantom^Annotator",
+    series_number=300, series_description="Reference segmentation",
+)
+
+
 def _seg_dataset(
     profile: SiteProfile, seed: int, index: int, ct: list[Dataset], labels: np.ndarray
 ) -> tuple[hd.seg.Segmentation, list[str]]:
-    present = [name for name, value in LABELS.items() if value and (labels == value).any()]
-    descriptions = []
-    label_map = np.zeros_like(labels)
-    for number, name in enumerate(present, start=1):
-        category, kind = SEGMENT_CODES[name]
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=name,
-                segmented_property_category=category,
-                segmented_property_type=kind,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL,
-            )
-        )
-        label_map[labels == LABELS[name]] = number
-    seg = hd.seg.Segmentation(
-        source_images=ct,
-        pixel_array=label_map,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=descriptions,
-        series_instance_uid=_uid("seg-series", profile.name, seed, index),
-        series_number=300,
-        sop_instance_uid=_uid("seg-sop", profile.name, seed, index),
-        instance_number=1,
-        manufacturer="kaapana_assets",
-        manufacturer_model_name="synthetic phantom annotator",
-        software_versions=__version__,
-        device_serial_number="0",
-        content_label="REFERENCE",
-        content_description="Reference annotation (synthetic ground truth)",
-        content_creator_name="Phantom^Annotator",
-    )
-    seg.SeriesDescription = "Reference segmentation"
+    names = {value: name for name, value in LABELS.items() if value}
+    seg, present = build_seg(ct, labels, names, REFERENCE_AUTHOR, _uid("seg-series", profile.name, seed, index),
+                             _uid("seg-sop", profile.name, seed, index))
     # Deterministic output: the content timestamps follow the study, not the wall clock.
     seg.SeriesDate = seg.ContentDate = ct[0].StudyDate
-    seg.SeriesTime = seg.ContentTime = "100000"
+    seg.SeriesTime = seg.ContentTime = pydicom.valuerep.TM("100000")
     return seg, present
 
 

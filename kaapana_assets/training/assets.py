@@ -3,12 +3,14 @@
 
 import hashlib
 import json
+from collections.abc import Iterator
 
 import dagster as dg
 
 from kaapana_assets.cohorts.assets import cohorts
 from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
 from kaapana_assets.cohorts.partitions import cohorts_partitions
+from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.export import ExportError, export_cohort
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
@@ -19,6 +21,9 @@ from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
 
 VALIDATION_CHECK = "validation_dice"
+EPOCHS_SCHEMA = columns(
+    ("epoch", "int", "1-based"), ("train_loss", "float"), ("val_loss", "float"), ("pseudo_dice", "float"),
+)
 
 
 def _latest_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
@@ -27,7 +32,7 @@ def _latest_metadata(context: dg.AssetExecutionContext, asset: str) -> dict:
     ).records
     if not records:
         raise dg.Failure(description=f"{asset} has no materialization for {context.partition_key}; materialize it first")
-    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}  # type: ignore[union-attr]
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
 
 
 @dg.asset(
@@ -108,7 +113,7 @@ def trained_model(
     cohort_definitions: CohortDefinitionsResource,
     nnunet_settings: NnunetResource,
     mlflow: MlflowResource,
-):  # type: ignore[no-untyped-def]
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     name = context.partition_key
     dataset = DatasetRef.from_metadata(name, _latest_metadata(context, "nnunet_dataset"))
     outcome = train_and_register(
@@ -124,10 +129,7 @@ def trained_model(
             "mlflow_run_id": dg.MetadataValue.text(outcome.run_id),
             "validation_dice": dice,
             "cohort_version": dg.MetadataValue.int(dataset.cohort_version),
-            "epochs": dg.MetadataValue.md(
-                "| epoch | train loss | val loss | pseudo Dice |\n|---|---|---|---|\n" + "\n".join(
-                    f"| {e['epoch'] + 1} | {e['train_loss']:.4f} | {e['val_loss']:.4f} | {e['pseudo_dice']:.3f} |"
-                    for e in outcome.epochs)),
+            "epochs": table(({**e, "epoch": int(e["epoch"]) + 1} for e in outcome.epochs), EPOCHS_SCHEMA),
         },
         data_version=dg.DataVersion(f"{outcome.model_name}:{outcome.model_version}"),
     )

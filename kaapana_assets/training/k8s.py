@@ -10,27 +10,14 @@ location, so a cluster is configured without code changes:
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
-DEFAULT_NODE_SELECTOR = {"nvidia.com/gpu.present": "true"}
-DEFAULT_TOLERATIONS = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-
-
-def _json_env(name: str, default: Any) -> Any:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{name} must be JSON: {exc}") from None
+from kaapana_assets.environment import Environment
 
 
 def gpu_op_tags(gpus: int = 1, memory: str = "24Gi", cpu: str = "4") -> dict[str, Any]:
-    home = os.environ.get("KAAPANA_HOME", "/kaapana") if os.environ.get("KAAPANA_ENV") == "k8s" else "/kaapana"
-    claim = os.environ.get("KAAPANA_HOME_PVC", "kaapana-home")
+    environment = Environment.read()  # the one place the environment is read
+    home, claim = environment.pod_home, environment.home_claim
     return {
         "dagster-k8s/config": {
             "container_config": {
@@ -41,8 +28,8 @@ def gpu_op_tags(gpus: int = 1, memory: str = "24Gi", cpu: str = "4") -> dict[str
                 "volume_mounts": [{"name": "kaapana-home", "mount_path": home}],
             },
             "pod_spec_config": {
-                "node_selector": _json_env("KAAPANA_GPU_NODE_SELECTOR", DEFAULT_NODE_SELECTOR),
-                "tolerations": _json_env("KAAPANA_GPU_TOLERATIONS", DEFAULT_TOLERATIONS),
+                "node_selector": environment.gpu_node_selector,
+                "tolerations": environment.gpu_tolerations,
                 "volumes": [{"name": "kaapana-home", "persistent_volume_claim": {"claim_name": claim}}],
             },
         }

@@ -189,7 +189,7 @@ def with_width(plans: dict, base_features: int | None) -> dict:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def _trainer_class():  # type: ignore[no-untyped-def]
+def _trainer_class():
     import torch
     from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -217,7 +217,7 @@ def _trainer_class():  # type: ignore[no-untyped-def]
                 network = self.network.module if self.is_ddp else self.network
                 getattr(network, "_orig_mod", network).load_state_dict(self.initial_weights)
 
-        def configure_optimizers(self):  # type: ignore[no-untyped-def]
+        def configure_optimizers(self):
             if getattr(self, "kaapana_optimizer", "sgd") != "adamw":
                 return super().configure_optimizers()
             optimizer = torch.optim.AdamW(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
@@ -241,7 +241,7 @@ def _trainer_class():  # type: ignore[no-untyped-def]
     return KaapanaTrainer
 
 
-def device_for(name: str):  # type: ignore[no-untyped-def]
+def device_for(name: str):
     import torch
 
     if name == "auto":
@@ -310,7 +310,7 @@ def package_model(result: TrainingResult, target: Path) -> Path:
     return target
 
 
-def load_predictor(model_folder: Path, device: str = "auto", mirroring: bool = False):  # type: ignore[no-untyped-def]
+def load_predictor(model_folder: Path, device: str = "auto", mirroring: bool = False):
     """An nnUNetPredictor for a packaged model folder (any fold_* present)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -328,7 +328,7 @@ def load_predictor(model_folder: Path, device: str = "auto", mirroring: bool = F
     return predictor
 
 
-def predict(predictor, hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:  # type: ignore[no-untyped-def]
+def predict(predictor, hu: np.ndarray, spacing_zyx: tuple[float, float, float]) -> np.ndarray:
     """Label volume (z, y, x) for a HU volume, in-process."""
     labels = predictor.predict_single_npy_array(
         hu[None].astype(np.float32), {"spacing": list(spacing_zyx)}, None, None, False
@@ -342,7 +342,7 @@ def dice(prediction: np.ndarray, truth: np.ndarray, label: int) -> float:
     return float("nan") if total == 0 else 2.0 * float(np.logical_and(p, t).sum()) / total
 
 
-def evaluate(predictor, raw_folder: Path, cases: list[str], labels: Mapping[str, int]) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def evaluate(predictor, raw_folder: Path, cases: list[str], labels: Mapping[str, int]) -> dict[str, float]:
     """Mean Dice per label of the predictor on raw cases (imagesTr vs labelsTr)."""
     import SimpleITK as sitk
 
@@ -351,7 +351,7 @@ def evaluate(predictor, raw_folder: Path, cases: list[str], labels: Mapping[str,
         image = sitk.ReadImage(str(raw_folder / "imagesTr" / f"{case}_0000.nii.gz"))
         truth = sitk.GetArrayFromImage(sitk.ReadImage(str(raw_folder / "labelsTr" / f"{case}.nii.gz")))
         spacing = tuple(reversed(image.GetSpacing()))
-        prediction = predict(predictor, sitk.GetArrayFromImage(image), spacing)  # type: ignore[arg-type]
+        prediction = predict(predictor, sitk.GetArrayFromImage(image), spacing)
         for name, value in labels.items():
             score = dice(prediction, truth, value)
             if not np.isnan(score):

@@ -3,7 +3,6 @@ too); the Dagster resource in resources/mlflow.py only configures it."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -50,7 +49,7 @@ class Tracking:
         Path(self.artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
         return client.create_experiment(self.experiment, artifact_location=self.artifact_root)
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self):
         import mlflow
 
         self._activate()
@@ -116,8 +115,9 @@ class Tracking:
         return Path(path)
 
 
-def default_tracking(home: Path) -> Tracking:
-    return Tracking(
-        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
-        artifact_root=os.environ.get("KAAPANA_MLFLOW_ARTIFACTS") or (home / "mlartifacts").as_uri(),
-    )
+def default_tracking(home: Path | None = None) -> Tracking:
+    """The environment's tracking server, or the home's own sqlite store and artifacts."""
+    from kaapana_assets.environment import Environment
+
+    environment = Environment.read(home=home)
+    return Tracking(tracking_uri=environment.mlflow_tracking_uri, artifact_root=environment.mlflow_artifacts)

@@ -1,0 +1,89 @@
+"""Every environment variable the platform reads, read in one place (as dagster-open-platform's
+`environment_helpers` do). `build_resources` turns an `Environment` into resources with
+explicit values, so the Dagster UI shows the value in use instead of an empty field, and no
+variable is read in two places. Plain module: no dagster here."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_HOME = ".kaapana"
+
+
+def _json(environ: Mapping[str, str], name: str, default: Any) -> Any:
+    raw = environ.get(name)
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} must be JSON: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Environment:
+    env: str  # KAAPANA_ENV: local | k8s
+    home: Path  # KAAPANA_HOME
+    site: str  # KAAPANA_SITE
+    site_key_set: bool  # KAAPANA_SITE_KEY is a secret: only whether it is set is read here
+    exchange: Path  # KAAPANA_EXCHANGE
+    federation_file: str  # KAAPANA_FEDERATION
+    cohorts: str  # KAAPANA_COHORTS
+    training_schedule: str  # KAAPANA_TRAINING_SCHEDULE
+    segmentation_model: str  # KAAPANA_SEGMENTATION_MODEL
+    resegment_cohort: str  # KAAPANA_RESEGMENT_COHORT
+    mlflow_tracking_uri: str  # MLFLOW_TRACKING_URI
+    mlflow_artifacts: str  # KAAPANA_MLFLOW_ARTIFACTS
+    lake_uri: str  # KAAPANA_LAKE_URI
+    s3_options: dict[str, str]  # AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP
+    dicom_node_aet: str  # KAAPANA_DICOM_NODE_AET
+    dicom_node_host: str  # KAAPANA_DICOM_NODE_HOST
+    dicom_node_port: int  # KAAPANA_DICOM_NODE_PORT
+    extension_image: str  # KAAPANA_EXTENSION_IMAGE
+    home_claim: str  # KAAPANA_HOME_PVC
+    gpu_node_selector: dict[str, str]  # KAAPANA_GPU_NODE_SELECTOR (JSON)
+    gpu_tolerations: list[dict[str, str]]  # KAAPANA_GPU_TOLERATIONS (JSON)
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Environment:
+        """The environment (os.environ unless given); `home` overrides KAAPANA_HOME (a CLI --home)."""
+        e = os.environ if environ is None else environ
+        env = e.get("KAAPANA_ENV", "local")
+        if env not in ("local", "k8s"):
+            raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")
+        home = (home or Path(e.get("KAAPANA_HOME", DEFAULT_HOME))).resolve()
+        return cls(
+            env=env,
+            home=home,
+            site=e.get("KAAPANA_SITE", ""),
+            site_key_set=bool(e.get("KAAPANA_SITE_KEY")),
+            exchange=Path(e.get("KAAPANA_EXCHANGE") or home / "exchange"),
+            federation_file=e.get("KAAPANA_FEDERATION", ""),
+            cohorts=e.get("KAAPANA_COHORTS", ""),
+            training_schedule=e.get("KAAPANA_TRAINING_SCHEDULE", "full" if env == "k8s" else "short"),
+            segmentation_model=e.get("KAAPANA_SEGMENTATION_MODEL", "nnunet-liver-train"),
+            resegment_cohort=e.get("KAAPANA_RESEGMENT_COHORT", ""),
+            mlflow_tracking_uri=e.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
+            mlflow_artifacts=e.get("KAAPANA_MLFLOW_ARTIFACTS") or (home / "mlartifacts").as_uri(),
+            lake_uri=e.get("KAAPANA_LAKE_URI") or str(home / "lake"),
+            s3_options={"AWS_ENDPOINT_URL": e.get("AWS_ENDPOINT_URL", ""), "AWS_REGION": e.get("AWS_REGION", "us-east-1"),
+                        "AWS_ALLOW_HTTP": e.get("AWS_ALLOW_HTTP", "false")},
+            dicom_node_aet=e.get("KAAPANA_DICOM_NODE_AET", ""),
+            dicom_node_host=e.get("KAAPANA_DICOM_NODE_HOST", "127.0.0.1"),
+            dicom_node_port=int(e.get("KAAPANA_DICOM_NODE_PORT", "104")),
+            extension_image=e.get("KAAPANA_EXTENSION_IMAGE", ""),
+            home_claim=e.get("KAAPANA_HOME_PVC", "kaapana-home"),
+            gpu_node_selector=_json(e, "KAAPANA_GPU_NODE_SELECTOR", {"nvidia.com/gpu.present": "true"}),
+            gpu_tolerations=_json(e, "KAAPANA_GPU_TOLERATIONS",
+                                  [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
+        )
+
+    @property
+    def pod_home(self) -> str:
+        """Where KAAPANA_HOME is mounted in step and extension pods."""
+        return str(self.home) if self.env == "k8s" else "/kaapana"

@@ -1,0 +1,51 @@
+"""The environment is read in one place; resources get explicit values (what the UI shows)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from kaapana_assets.environment import Environment
+from resources import build_resources
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_local_resources_carry_the_values_in_use(tmp_path: Path) -> None:
+    env = Environment.read({"KAAPANA_HOME": str(tmp_path), "KAAPANA_SITE": "site-x", "KAAPANA_SITE_KEY": "secret",
+                            "KAAPANA_FEDERATION": "/etc/federation.yaml", "KAAPANA_TRAINING_SCHEDULE": "tiny"})
+    resources = build_resources(env)
+    assert resources["archive"].home == str(tmp_path) and resources["archive"].site == "site-x"
+    assert resources["lake"].uri == str(tmp_path / "lake")
+    assert resources["mlflow"].tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resources["nnunet_settings"].workdir == str(tmp_path / "nnunet")
+    assert resources["nnunet_settings"].schedule == "tiny"
+    assert resources["federation"].federation_file == "/etc/federation.yaml"
+    assert resources["federation"].exchange == str(tmp_path / "exchange")
+    assert isinstance(resources["federated_site"].key, dg.EnvVar)  # a secret stays a reference
+
+
+def test_k8s_resources() -> None:
+    env = Environment.read({"KAAPANA_ENV": "k8s", "KAAPANA_HOME": "/data/kaapana", "KAAPANA_EXTENSION_IMAGE": "img:1"})
+    resources = build_resources(env)
+    assert isinstance(resources["lake"].uri, dg.EnvVar)
+    assert resources["nnunet_settings"].device == "cuda" and resources["nnunet_settings"].schedule == "full"
+    assert resources["extensions"].mode == "k8s" and resources["extensions"].mount_path == "/data/kaapana"
+    with pytest.raises(ValueError, match="KAAPANA_ENV"):
+        Environment.read({"KAAPANA_ENV": "cloud"})
+
+
+def test_no_resource_reads_the_environment_itself() -> None:
+    """Only kaapana_assets/environment.py reads os.environ (and FederatedSite its named secret)."""
+    readers = []
+    for path in [*ROOT.glob("resources/*.py"), *ROOT.glob("sensors/*.py"), *ROOT.glob("kaapana_assets/**/*.py")]:
+        text = path.read_text()
+        for line in text.splitlines():
+            if re.search(r"os\.environ\.get|os\.getenv|os\.environ\[", line) and "key_env" not in line:
+                readers.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+    allowed = ("kaapana_assets/environment.py", "kaapana_assets/training/nnunet.py", "kaapana_assets/cli",
+               "kaapana_assets/demo")  # nnunet.py sets nnU-Net's own variables around a call
+    assert [r for r in readers if not r.startswith(allowed)] == []
