@@ -1,6 +1,7 @@
 """A real PACS pushes to `kaapana receive`: Orthanc (its own DCMTK-based C-STORE SCU) sends an
 uncompressed study, a JPEG Lossless SV1 study and a JPEG 2000 lossless study; every instance
-arrives in the spool in the transfer syntax Orthanc holds it in, and the ingest indexes all.
+arrives in the spool in the transfer syntax Orthanc holds it in, byte for byte; the ingest
+runs index all, and the automation segments each study into a SEG that dciodvfy accepts.
 
 Orthanc listens on every interface, so the exchange runs inside a private network namespace
 (`unshare -n`, as root): this file, run as a script, is what runs in there.
@@ -15,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pydicom
 import pytest
 
@@ -33,9 +35,12 @@ def _can_unshare() -> bool:
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
 @pytest.mark.skipif(shutil.which("gdcmconv") is None or shutil.which("dcmcjpeg") is None, reason="needs gdcm and dcmtk")
-def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus: dict) -> None:
-    from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus: dict, trained_site) -> None:  # type: ignore[no-untyped-def]
+    import dagster as dg
+
+    from kaapana_assets.ingest.assets import dicom_studies
+    from kaapana_assets.lake import Lake
+    from kaapana_assets.segmentation.assets import segmentations
     from kaapana_assets.synthetic.transcode import transcode
     from tests import orthanc
     from tests.test_network import _dataset_bytes
@@ -76,8 +81,38 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     by_sop = {uid: syntax for uid, (syntax, _) in by_sop.items()}
     assert {str(ts) for ts in by_sop.values()} == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70",
                                                   "1.2.840.10008.1.2.4.90"}
-    report = ingest_files(spooled, IngestTargets.for_home(KaapanaHome(tmp_path / "home")))
-    assert report.summary()["indexed"] == len(sent), report.summary()
+
+    # The site's own path from here: the spool files go through the ingest runs (one per
+    # study, as the sensor requests them), and the automation segments each study with the
+    # production model into a SEG that dciodvfy accepts.
+    spool = trained_site.home.incoming / "ORTHANC"
+    spool.mkdir(parents=True, exist_ok=True)
+    for p in spooled:
+        shutil.copy(p, spool / p.name)
+    study_uids = sorted({str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in sent})
+    instance = trained_site.instance
+    instance.add_dynamic_partitions("studies", study_uids)
+    defs = dg.Definitions(assets=[dicom_studies, segmentations], resources=trained_site.resources)
+    before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    for study_uid in study_uids:
+        assert dg.materialize([dicom_studies], partition_key=study_uid, instance=instance,
+                              resources=trained_site.resources).success
+    lake = Lake(trained_site.home.lake)
+    indexed = lake.read("instances").filter(pl.col("study_uid").is_in(study_uids))
+    assert indexed.height == len(sent)
+    evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
+    requested = evaluation.get_requested_partitions(dg.AssetKey("segmentations"))
+    assert set(study_uids) <= requested
+    for study_uid in study_uids:
+        run = dg.materialize([segmentations], partition_key=study_uid, instance=instance,
+                             resources=trained_site.resources)
+        assert run.success
+        md = run.asset_materializations_for_node("segmentations")[0].metadata
+        seg = lake.read("instances", pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)
+        check = subprocess.run(["dciodvfy", str(trained_site.home.archive / seg["archive_path"][0])],
+                               capture_output=True, text=True, timeout=60)
+        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+        assert errors == [], (study_uid, errors)
 
 
 def _in_namespace(workdir: Path, manifest: Path) -> None:

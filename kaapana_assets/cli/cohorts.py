@@ -8,16 +8,16 @@ from pathlib import Path
 from rich.table import Table
 
 from kaapana_assets.cli.common import SubParsers, console, lake_of
+from kaapana_assets.environment import Environment
 
 
 def cmd_cohort_list(args: argparse.Namespace) -> int:
-    import os
-
+    
     import polars as pl
 
     from kaapana_assets.cohorts.definitions import EXAMPLES, load_definitions
 
-    folder = Path(args.folder or os.environ.get("KAAPANA_COHORTS") or EXAMPLES)
+    folder = Path(args.folder or Environment.read().cohorts or EXAMPLES)
     found, errors = load_definitions(folder)
     members = lake_of(args).read("cohort_members")
     table = Table(title=f"cohorts in {folder}")
