@@ -231,3 +231,21 @@ def test_pool_workers_die_with_the_ingest_process(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+# 32 bytes the fuzzer wrote at offset 1903 of pydicom's rtdose_rle.dcm (inside an RLE
+# segment): pylibjpeg-rle panics on them (a Rust PanicException, a BaseException).
+RLE_PANIC = bytes.fromhex("32e1b224b181de34a3f2d3a1cfb725bd73b265bd5ee64b293d16e6834d2facf1")
+
+
+def test_a_codec_panic_is_a_conflict_not_a_crash(tmp_path: Path, targets: IngestTargets) -> None:
+    """The same SOP Instance again with corrupted RLE pixels: comparing the encodings decodes
+    them, the codec panics, and the file is a sop_conflict — the ingest goes on."""
+    original = Path(pydicom.__file__).parent / "data" / "test_files" / "rtdose_rle.dcm"
+    data = bytearray(original.read_bytes())
+    data[1903:1935] = RLE_PANIC
+    corrupted = tmp_path / "rtdose_rle_corrupted.dcm"
+    corrupted.write_bytes(bytes(data))
+    ingest_files([original], targets, remove_sources=False)
+    report = ingest_files([corrupted], targets, remove_sources=False)
+    assert report.reasons == {Reason.SOP_CONFLICT: 1}

@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pydicom
 
-from kaapana_assets.ingest.headers import InstanceHeader, Rejected, parse_header
+from kaapana_assets.ingest.headers import InstanceHeader, Rejected, is_native_failure, parse_header
 
 # Where two encodings of one instance may differ: the encoding itself and who sent it.
 ENCODING_FIELDS = frozenset({"transfer_syntax_uid", "calling_ae_title", "called_ae_title"})
@@ -41,7 +41,9 @@ def same_instance(archived: bytes, arrived: bytes) -> bool:
         return False
     try:
         a, b = _pixels(archived), _pixels(arrived)
-    except Exception:  # a decoder failing on either side: not provably the same
+    except BaseException as exc:  # a decoder failing on either side: not provably the same
+        if not is_native_failure(exc):
+            raise
         return False
     if a is None or b is None:
         return a is None and b is None

@@ -54,6 +54,13 @@ class Reason(StrEnum):
 MAX_INFLATED_BYTES = 256 * 2**20
 
 
+def is_native_failure(exc: BaseException) -> bool:
+    """Whether `exc` is a failure on hostile bytes rather than a request to stop: any
+    Exception, and the panics of Rust codecs (pyo3's PanicException derives from
+    BaseException; the fuzzer found pylibjpeg-rle panicking on a mutated RLE file)."""
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
+
+
 class Rejected(Exception):
     def __init__(self, reason: Reason, message: str, study_uid: str | None = None, sop_uid: str | None = None):
         super().__init__(message)
@@ -303,7 +310,9 @@ def _pydicom_values(data: bytes) -> tuple[dict[str, object], str]:
         raise
     except EOFError as exc:
         raise Rejected(Reason.TRUNCATED, f"unexpected end of file: {exc}") from None
-    except Exception as exc:  # pydicom raises many types on hostile bytes
+    except BaseException as exc:  # pydicom raises many types on hostile bytes
+        if not is_native_failure(exc):
+            raise
         reason = Reason.NOT_DICOM if not has_preamble else Reason.MALFORMED
         raise Rejected(reason, f"{type(exc).__name__}: {exc}"[:500]) from None
     if not has_preamble:

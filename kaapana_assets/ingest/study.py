@@ -14,6 +14,7 @@ import polars as pl
 import pydicom
 from PIL import Image
 
+from kaapana_assets.ingest.headers import is_native_failure
 from kaapana_assets.lake import Lake
 
 PREVIEW_SIZE = 160
@@ -93,7 +94,9 @@ def middle_slice_png(paths: list[Path], size: int = PREVIEW_SIZE) -> bytes | Non
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         return buf.getvalue()
-    except Exception:  # a preview is a courtesy: never fail an ingest over it
+    except BaseException as exc:  # a preview is a courtesy: never fail an ingest over it (nor a codec's panic)
+        if not is_native_failure(exc):
+            raise
         return None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kaapana_assets.ingest.archive import ArchiveConflict, archive_relpath, link_once, quarantine_relpath, write_once
-from kaapana_assets.ingest.headers import InstanceHeader, Reason, Rejected, parse_header
+from kaapana_assets.ingest.headers import InstanceHeader, Reason, Rejected, is_native_failure, parse_header
 
 
 class Status(StrEnum):
@@ -117,7 +117,9 @@ def process_file(source: str, archive_root: str, quarantine_root: str, link: boo
             result.series_uid, result.modality = header.series_uid, header.modality
             return result
         result.reason, result.error = Reason.SOP_CONFLICT, str(exc)
-    except Exception as exc:  # defensive: a parser bug must not lose the file
+    except BaseException as exc:  # defensive: a parser bug (or a codec's panic) must not lose the file
+        if not is_native_failure(exc):
+            raise
         result.reason, result.error = Reason.MALFORMED, f"{type(exc).__name__}: {exc}"[:500]
     else:
         result.status = INDEXED
@@ -141,9 +143,10 @@ def _alternate_encoding(archived_path: Path, data: bytes, header: InstanceHeader
 
     try:
         archived = archived_path.read_bytes()
-    except OSError:
-        return None
-    if not same_instance(archived, data):
+        if not same_instance(archived, data):  # never raises on hostile bytes
+            return None
+        archived_syntax = parse_header(archived).transfer_syntax_uid
+    except (OSError, Rejected):
         return None
     return {
         "sop_instance_uid": header.sop_instance_uid,
@@ -151,7 +154,7 @@ def _alternate_encoding(archived_path: Path, data: bytes, header: InstanceHeader
         "transfer_syntax_uid": header.transfer_syntax_uid,
         "size_bytes": len(data),
         "archived_sha256": sha256_of(archived_path),
-        "archived_transfer_syntax_uid": parse_header(archived).transfer_syntax_uid,
+        "archived_transfer_syntax_uid": archived_syntax,
     }
 
 
