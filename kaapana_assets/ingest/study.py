@@ -15,6 +15,7 @@ import pydicom
 from PIL import Image
 
 from kaapana_assets.ingest.headers import is_native_failure
+from kaapana_assets.ingest.isolation import IsolatedFailure, run_isolated
 from kaapana_assets.lake import Lake
 
 PREVIEW_SIZE = 160
@@ -71,9 +72,24 @@ def summarize_study(lake: Lake, study_uid: str) -> StudySummary | None:
 
 def middle_slice_png(paths: list[Path], size: int = PREVIEW_SIZE) -> bytes | None:
     """PNG of the middle slice of an image series (by position along the slice normal),
-    in a soft-tissue window. None when the pixels cannot be decoded."""
+    in a soft-tissue window. None when the pixels cannot be decoded. Compressed pixels are
+    decoded in the isolated decoder process (a hostile stream can abort a codec)."""
     if not paths:
         return None
+    try:
+        syntax = pydicom.dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID
+        if syntax.is_encapsulated:
+            return run_isolated(_middle_slice_png, paths, size)
+    except IsolatedFailure:
+        return None
+    except BaseException as exc:
+        if not is_native_failure(exc):
+            raise
+        return None
+    return _middle_slice_png(paths, size)
+
+
+def _middle_slice_png(paths: list[Path], size: int) -> bytes | None:
     try:
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
         def z(ds: pydicom.Dataset) -> float:
