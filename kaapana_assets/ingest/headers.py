@@ -104,7 +104,6 @@ SENDING_AE_TAG = 0x00020017
 RECEIVING_AE_TAG = 0x00020018
 # The VR of each wanted attribute, for Implicit VR data sets (all unambiguous ones).
 DICTIONARY_VR = {tag: dictionary_VR(tag).encode() for tag in WANTED}
-NATIVE = {ImplicitVRLittleEndian, "1.2.840.10008.1.2.1", ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 # Single-byte or UTF-8 character sets decodable without pydicom's ISO 2022 machinery.
 SIMPLE_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
 
