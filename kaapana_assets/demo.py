@@ -4,8 +4,9 @@
    receiver would put them) and are ingested through the incoming_studies sensor; the
    other two ingest at their own homes (their own lakes; their data never comes here).
 2. Cohorts are materialized with their blocking checks.
-3. Federated nnU-Net (short schedule): plan from fingerprints, rounds, model registered
-   and promoted — through the real assets, local transport.
+3. Federated nnU-Net (short schedule) over Flower: a SuperLink and one SuperNode per site
+   start as local processes (TLS, SuperNode authentication); plan from fingerprints,
+   rounds, model registered and promoted — through the real assets.
 4. New unannotated studies arrive in the spool, are ingested as the sensor would, and are
    segmented by the automation with the promoted model; the SEGs land in the archive.
 Every run executes in-process on the persistent Dagster instance, so `make dev` shows them.
@@ -28,12 +29,14 @@ from rich.table import Table
 
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.demo_driver import RunOutcome, log_level_config, run_requests, tick
-from kaapana_assets.federated.exchange import generate_site_key
+from kaapana_assets.federated.channel import generate_site_key
+from kaapana_assets.federated.sites import SiteEntry, read_sites, write_sites
+from kaapana_assets.federated.superlink import LocalFederation, LocalSite
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.lake import Lake
 from kaapana_assets.synthetic import generate_site, get_profile
-from resources.federation import FederatedSite, FederationResource
+from resources.federation import FederationResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, build_resources
 
@@ -140,11 +143,22 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
         console.print(f"{site}: cohort liver-train v{snapshot.version} ({snapshot.size} series) at its own site")
 
     console.rule(f"3 · federated nnU-Net across {len(sites)} sites, {rounds} rounds")
-    federation = _federation(home, site_homes, rounds, schedule)
-    console.print(f"schedule {schedule}, {federation.local_epochs} local epoch(s) per round; the model is promoted "
-                  f"when its cross-site liver Dice reaches {promotion_dice}")
-    failed += _federate(console, instance, {**resources, "nnunet_settings": NnunetResource(
-        promotion_dice=promotion_dice)}, federation)
+    federation_file, local_sites = _federation_file(home, site_homes)
+    with console.status("starting a Flower SuperLink and one SuperNode per site"):
+        network = LocalFederation(home.root / "flower", local_sites).start()
+    try:
+        console.print(f"SuperLink on {network.connection.address} (TLS, SuperNode authentication); "
+                      f"{len(local_sites)} SuperNodes dialled out to it; logs in {network.folder / 'logs'}")
+        federation = FederationResource(
+            superlink=network.connection.address, root_certificate=str(network.connection.root_certificate),
+            federation_file=str(federation_file), folder=str(home.hub_federation),
+            rounds=rounds, min_sites=2, schedule=schedule, local_epochs=2, timeout_s=1800.0)
+        console.print(f"schedule {schedule}, {federation.local_epochs} local epoch(s) per round; the model is "
+                      f"promoted when its cross-site liver Dice reaches {promotion_dice}")
+        failed += _federate(console, instance, {**resources, "nnunet_settings": NnunetResource(
+            promotion_dice=promotion_dice)}, federation)
+    finally:
+        network.close()  # the demo's own processes, by process group
 
     console.rule("4 · new, unannotated studies arrive and are segmented automatically")
     before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
@@ -186,24 +200,17 @@ def _a_seg_uid(home: KaapanaHome) -> str:
     return str(lake.read("segmentations")["seg_sop_instance_uid"][0])
 
 
-def _federation(home: KaapanaHome, site_homes: dict[str, KaapanaHome], rounds: int,
-                schedule: str) -> FederationResource:
-    """Sites reached in-process (local transport), each with its own key; written to
-    federation.yaml too so `make dev` shows the same federation in the UI."""
-    import yaml
-
+def _federation_file(home: KaapanaHome, site_homes: dict[str, KaapanaHome]) -> tuple[Path, list[LocalSite]]:
+    """federation.yaml (so `make dev` shows the same federation) and the sites' local
+    processes; a rerun keeps each site's signing key."""
     path = home.root / "federation.yaml"
-    known = {s["name"]: s for s in (yaml.safe_load(path.read_text()) or {}).get("sites", [])} if path.exists() else {}
-    # A rerun keeps the sites' keys: what the sites already sealed stays readable.
-    sites = [FederatedSite(name=name, transport="local", home=str(site_home.root),
-                           key=known.get(name, {}).get("key") or generate_site_key())
+    known = {s.name: s.key for s in read_sites(path)} if path.exists() else {}
+    sites = [LocalSite(name, site_home.root, known.get(name) or generate_site_key(), "auto")
              for name, site_home in site_homes.items()]
-    # Demo only: keys inline. In production each key lives in a secret (key_env).
-    path.write_text(yaml.safe_dump({"sites": [{"name": s.name, "transport": s.transport, "home": s.home, "key": s.key}
-                                              for s in sites]}, sort_keys=False))
+    # Demo only: keys inline. In production each key lives in a secret (key_env or key_file).
+    write_sites(path, [SiteEntry(s.name, key=s.key) for s in sites])
     os.environ.setdefault("KAAPANA_FEDERATION", str(path))
-    return FederationResource(sites=sites, exchange=str(home.root / "exchange"),
-                              rounds=rounds, min_sites=2, schedule=schedule, local_epochs=2)
+    return path, sites
 
 
 def _federate(console: Console, instance: dg.DagsterInstance, resources: dict[str, Any],

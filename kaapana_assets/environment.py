@@ -31,7 +31,8 @@ class Environment:
     home: Path  # KAAPANA_HOME
     site: str  # KAAPANA_SITE
     site_key_set: bool  # KAAPANA_SITE_KEY is a secret: only whether it is set is read here
-    exchange: Path  # KAAPANA_EXCHANGE
+    superlink: str  # KAAPANA_SUPERLINK: host:port of the hub's Flower SuperLink
+    superlink_ca: str  # KAAPANA_SUPERLINK_CA: CA certificate of the SuperLink
     federation_file: str  # KAAPANA_FEDERATION
     cohorts: str  # KAAPANA_COHORTS
     training_schedule: str  # KAAPANA_TRAINING_SCHEDULE
@@ -62,7 +63,8 @@ class Environment:
             home=home,
             site=e.get("KAAPANA_SITE", ""),
             site_key_set=bool(e.get("KAAPANA_SITE_KEY")),
-            exchange=Path(e.get("KAAPANA_EXCHANGE") or home / "exchange"),
+            superlink=e.get("KAAPANA_SUPERLINK", "127.0.0.1:9092"),
+            superlink_ca=e.get("KAAPANA_SUPERLINK_CA", ""),
             federation_file=e.get("KAAPANA_FEDERATION", ""),
             cohorts=e.get("KAAPANA_COHORTS", ""),
             training_schedule=e.get("KAAPANA_TRAINING_SCHEDULE", "full" if env == "k8s" else "short"),

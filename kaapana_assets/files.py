@@ -1,7 +1,7 @@
 """One way to write a file that readers may see at any moment: a temp file beside it,
 fsync, rename over the target, fsync of the folder. A reader sees the old file or the new
 one, never half of one; after a crash, nothing or the whole file; the temp file never
-outlives a failed write. Spool files, exchange files and metrics textfiles all use it."""
+outlives a failed write. Spool files, federation files and metrics textfiles all use it."""
 
 from __future__ import annotations
 

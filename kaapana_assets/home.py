@@ -41,6 +41,17 @@ class KaapanaHome:
     def previews(self) -> Path:
         return self.root / "previews"
 
+    @property
+    def hub_federation(self) -> Path:
+        """The hub's federation folder (what it published, received, and its runs' results)."""
+        return self.root / "federation" / "hub"
+
+    @property
+    def site_federation(self) -> Path:
+        """This site's federation folder (what the hub sent it, what it sends back): apart
+        from the hub's, since one home may be both (the demo's first site)."""
+        return self.root / "federation" / "site"
+
     def ensure(self) -> "KaapanaHome":
         for path in (self.lake, self.archive, self.incoming, self.quarantine, self.previews):
             path.mkdir(parents=True, exist_ok=True)

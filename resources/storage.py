@@ -81,10 +81,10 @@ def build_resources(environment: Environment | None = None) -> dict[str, dg.Conf
                                    segmentation_model=e.segmentation_model),
         "mlflow": MlflowResource(tracking_uri=e.mlflow_tracking_uri, artifact_root=e.mlflow_artifacts),
         # Sites from $KAAPANA_FEDERATION (YAML); this site's identity from KAAPANA_SITE/_KEY.
-        "federation": FederationResource(exchange=str(e.exchange), federation_file=e.federation_file,
+        "federation": FederationResource(superlink=e.superlink, root_certificate=e.superlink_ca,
+                                         federation_file=e.federation_file, folder=str(KaapanaHome(e.home).hub_federation),
                                          schedule=e.training_schedule),
-        "federated_site": FederatedSiteResource(
-            name=e.site, exchange=str(e.exchange), key=dg.EnvVar("KAAPANA_SITE_KEY") if e.site_key_set else ""),
+        "federated_site": FederatedSiteResource(name=e.site, folder=str(KaapanaHome(e.home).site_federation)),
         "extensions": ExtensionRunner(mode="k8s", image=e.extension_image, home_claim=e.home_claim,
                                       mount_path=e.pod_home) if k8s else ExtensionRunner(),
         "dicom_node": DicomNodeResource(ae_title=e.dicom_node_aet, host=e.dicom_node_host, port=e.dicom_node_port),
@@ -102,7 +102,7 @@ def site_resources(home: Path, cohorts: Path | None = None, site: str = "",
         "nnunet_settings": NnunetResource(workdir=str(home / "nnunet"), **nnunet),  # type: ignore[arg-type]
         "mlflow": MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=(home / "mlartifacts").as_uri()),
         "dicom_node": DicomNodeResource(),
-        "federation": FederationResource(exchange=str(home / "exchange")),
-        "federated_site": FederatedSiteResource(name=site),
+        "federation": FederationResource(folder=str(KaapanaHome(home).hub_federation)),
+        "federated_site": FederatedSiteResource(name=site, folder=str(KaapanaHome(home).site_federation)),
         "extensions": ExtensionRunner(),
     }

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaapana_assets.cohorts.definitions import CohortDefinition
-from kaapana_assets.federated.store import ExchangeStore
+from kaapana_assets.federated.store import FederationStore
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.synthetic import GeneratedStudy
 
@@ -62,28 +62,42 @@ COHORT = CohortDefinition.model_validate({"name": "liver-train", "purpose": "tra
 
 @dataclass
 class Federation:
+    """Three sites, each with its own KAAPANA_HOME, and the hub's folder beside them. Nothing
+    is shared: the hub reaches the sites only through a SuperLink their SuperNodes dial."""
+
     root: Path
     homes: dict[str, KaapanaHome]
     keys: dict[str, str]
 
     @property
-    def exchange(self) -> ExchangeStore:
-        return ExchangeStore(self.root / "exchange")
+    def hub_store(self) -> FederationStore:
+        return FederationStore(KaapanaHome(self.root / "hub").hub_federation)
 
-    def resource(self, sites: tuple[str, ...] = SITES, min_sites: int = 2, rounds: int = 3,
-                 devices: dict[str, str] | None = None, keys: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
-        from resources.federation import FederatedSite, FederationResource
+    def local_sites(self, sites: tuple[str, ...] = SITES, devices: dict[str, str] | None = None) -> list:
+        from kaapana_assets.federated.superlink import LocalSite
+
+        # One torch thread each: three sites share two cores.
+        return [LocalSite(s, self.homes[s].root, self.keys[s], (devices or {}).get(s, "cpu"), threads=1) for s in sites]
+
+    def federation_file(self, sites: tuple[str, ...] = SITES, keys: dict[str, str] | None = None) -> Path:
+        from kaapana_assets.federated.sites import SiteEntry, write_sites
 
         keys = keys or self.keys
+        name = "federation-" + "-".join(s.removeprefix("site-") for s in sites) + ".yaml"
+        return write_sites(self.root / "hub" / name, [SiteEntry(s, key=keys[s]) for s in sites])
+
+    def resource(self, flower, sites: tuple[str, ...] = SITES, min_sites: int = 2, rounds: int = 3,  # type: ignore[no-untyped-def]
+                 keys: dict[str, str] | None = None, **options):  # type: ignore[no-untyped-def]
+        from resources.federation import FederationResource
+
         return FederationResource(
-            sites=[FederatedSite(name=s, transport="local", home=str(self.homes[s].root), key=keys[s],
-                                 device=(devices or {}).get(s, "cpu")) for s in sites],
-            exchange=str(self.root / "exchange"), rounds=rounds, min_sites=min_sites, schedule="tiny",
-            local_epochs=2, iterations_per_epoch=6,
+            superlink=flower.connection.address, root_certificate=str(flower.connection.root_certificate),
+            federation_file=str(self.federation_file(sites, keys)), folder=str(self.hub_store.root),
+            rounds=rounds, min_sites=min_sites, schedule="tiny", local_epochs=2, iterations_per_epoch=6,
+            timeout_s=600.0, **options,
         )
 
     def hub(self, federation) -> dict:  # type: ignore[no-untyped-def]
         from resources import site_resources
 
         return {**site_resources(self.root / "hub", device="cpu", promotion_dice=0.05), "federation": federation}
-

@@ -24,8 +24,13 @@ def test_local_resources_carry_the_values_in_use(tmp_path: Path) -> None:
     assert resources["nnunet_settings"].workdir == str(tmp_path / "nnunet")
     assert resources["nnunet_settings"].schedule == "tiny"
     assert resources["federation"].federation_file == "/etc/federation.yaml"
-    assert resources["federation"].exchange == str(tmp_path / "exchange")
-    assert isinstance(resources["federated_site"].key, dg.EnvVar)  # a secret stays a reference
+    assert resources["federation"].folder == str(tmp_path / "federation" / "hub")
+    assert resources["federated_site"].folder == str(tmp_path / "federation" / "site")
+    assert resources["federation"].superlink == "127.0.0.1:9092" and resources["federation"].root_certificate == ""
+    env = Environment.read({"KAAPANA_HOME": str(tmp_path), "KAAPANA_SUPERLINK": "hub.example.org:9092",
+                            "KAAPANA_SUPERLINK_CA": "/etc/kaapana/ca.pem"})
+    federation = build_resources(env)["federation"]
+    assert (federation.superlink, federation.root_certificate) == ("hub.example.org:9092", "/etc/kaapana/ca.pem")
 
 
 def test_k8s_resources() -> None:
@@ -39,7 +44,8 @@ def test_k8s_resources() -> None:
 
 
 def test_no_resource_reads_the_environment_itself() -> None:
-    """Only kaapana_assets/environment.py reads os.environ (and FederatedSite its named secret)."""
+    """Only kaapana_assets/environment.py reads os.environ (and a federation file's named
+    secret; and the site's ClientApp, which Flower starts in its own process, its key)."""
     readers = []
     for path in [*ROOT.glob("resources/*.py"), *ROOT.glob("sensors/*.py"), *ROOT.glob("kaapana_assets/**/*.py")]:
         text = path.read_text()
@@ -47,5 +53,6 @@ def test_no_resource_reads_the_environment_itself() -> None:
             if re.search(r"os\.environ\.get|os\.getenv|os\.environ\[", line) and "key_env" not in line:
                 readers.append(f"{path.relative_to(ROOT)}: {line.strip()}")
     allowed = ("kaapana_assets/environment.py", "kaapana_assets/training/nnunet.py", "kaapana_assets/cli",
-               "kaapana_assets/demo")  # nnunet.py sets nnU-Net's own variables around a call
+               "kaapana_assets/demo", "kaapana_assets/federated/clientapp.py")
+    # nnunet.py sets nnU-Net's own variables around a call
     assert [r for r in readers if not r.startswith(allowed)] == []

@@ -93,13 +93,26 @@ def test_sites_must_agree_on_labels(site_datasets: dict[str, Path]) -> None:
 @pytest.mark.slow  # trains nnU-Net
 def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) -> None:
     """Hub plan → shared initial network → each site trains from it on its own data →
-    sealed updates → FedAvg → a global model that loads and predicts."""
+    signed Flower messages → Flower's FedAvg → a global model that loads and predicts."""
     import torch
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
-    from kaapana_assets.federated.aggregation import fedavg, require_quorum
-    from kaapana_assets.federated.exchange import generate_site_key, open_sealed, seal
-    from kaapana_assets.federated.payload import pack_update, unpack_update
+    from kaapana_assets.federated.aggregation import aggregate, require_quorum
+    from kaapana_assets.federated.channel import (
+        ARRAYS,
+        METRICS,
+        Kind,
+        from_arrays,
+        generate_site_key,
+        metrics_record,
+        seal,
+        to_arrays,
+        verify,
+    )
     from kaapana_assets.federated.site import local_update, prepare_site
+
+    TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # type: ignore[misc]  # a Message needs a run
 
     fingerprints = [site_fingerprint(folder, site) for site, folder in site_datasets.items()]
     hub = nnunet.NnunetPaths(tmp_path / "hub")
@@ -117,16 +130,17 @@ def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) 
         paths = nnunet.NnunetPaths(raw.parents[2] / "nnunet")  # the site's own nnU-Net folders
         prepare_site(paths, raw, 1, plans, fingerprint)
         update = local_update(site, paths, raw, 1, start, schedule, "cpu", 2)
-        envelope = seal(pack_update(update.weights, update.cases, update.metrics), keys[site], "exp", 1, site, update.cases)
-        _, payload = open_sealed(envelope, keys[site], "exp", 1, site)
-        updates.append(unpack_update(site, payload))
-    require_quorum(updates, list(site_datasets), min_sites=2)
-    merged = fedavg(updates)
+        content = seal(RecordDict({ARRAYS: to_arrays(update.weights), METRICS: metrics_record(update.cases, {})}),
+                       Kind.UPDATE, "exp", 1, site, update.cases, keys[site])
+        verify(content, keys[site], Kind.UPDATE, "exp", 1, site)
+        updates.append((update.cases, from_arrays(content[ARRAYS]), Message(content, 1, "train")))
+    require_quorum(list(site_datasets), list(site_datasets), min_sites=2)
+    merged = aggregate([m for _, _, m in updates], 1, "fedavg", reference=start)
     key = next(k for k, v in start.items() if v.is_floating_point() and v.numel() > 10)
-    assert not torch.equal(updates[0].weights[key], start[key])  # the sites trained
-    total = sum(u.cases for u in updates)
-    expected = sum(u.weights[key].double() * u.cases / total for u in updates)
-    assert torch.allclose(merged[key].double(), expected, atol=1e-6)
+    assert not torch.equal(updates[0][1][key], start[key])  # the sites trained
+    total = sum(cases for cases, _, _ in updates)
+    expected = torch.stack([weights[key].double() * cases / total for cases, weights, _ in updates]).sum(0)
+    assert torch.allclose(merged[key].double(), expected, atol=1e-5)  # Flower accumulates in float32
     folder = nnunet.model_folder_from_weights(tmp_path / "global", plans, dataset_json, merged)
     predictor = nnunet.load_predictor(folder, "cpu")
     image = next((next(iter(site_datasets.values())) / "imagesTr").glob("*_0000.nii.gz"))

@@ -1,32 +1,30 @@
 """Federated training as assets. Hub side: federated_plan[experiment] →
-federated_rounds[experiment|round] → federated_model[experiment]. Site side (runs at each
-site, on the site's own Dagster): site_fingerprint, site_update, site_evaluation.
+federated_rounds[experiment|round] → federated_model[experiment]; each plan and each round
+materialization starts exactly one Flower run on the hub's SuperLink (serverapp.py), whose
+result it records. Site side (materialized at each site into the site's own Dagster
+instance by the site's ClientApp): site_fingerprint, site_update, site_evaluation.
 
-Round r reads global r-1 from the exchange; Dagster cannot express a round depending on
-the previous round of the same asset (self-dependencies need time partitions), so the
-round checks it and the federated_round_chain sensor requests r+1 after r succeeds.
+Round r reads global r-1 from the hub's federation folder; Dagster cannot express a round
+depending on the previous round of the same asset (self-dependencies need time
+partitions), so the round checks it and the federated_round_chain sensor requests r+1
+after r succeeds.
 """
 
+import datetime as dt
 import json
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 import pyarrow as pa
 
-from kaapana_assets.federated.hub import (
-    ExperimentSpec,
-    RoundFailed,
-    RoundSuperseded,
-    collect_fingerprints,
-    plan_experiment,
-    publish_experiment,
-    run_round,
-    weights_digest,
-)
+from kaapana_assets.federated.fingerprint import SiteFingerprint
+from kaapana_assets.federated.hub import ExperimentSpec, plan_experiment, publish_experiment, weights_digest
 from kaapana_assets.federated.partitions import experiments_partitions, round_key, rounds_partitions
+from kaapana_assets.federated.runs import FlowerRunFailed
 from kaapana_assets.federated.site import (
     SiteContext,
     compute_fingerprint,
@@ -39,7 +37,7 @@ from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
 from kaapana_assets.training.tracking import model_name_for
-from resources.federation import FederatedSiteResource, FederationResource, SiteRun
+from resources.federation import FederatedSiteResource, FederationResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
@@ -86,8 +84,8 @@ def _round(context: dg.AssetExecutionContext) -> tuple[str, int]:
 # -- site side -------------------------------------------------------------------------------
 
 @dg.asset(partitions_def=experiments_partitions, group_name=SITE_GROUP, kinds={"nnunet"},
-          description="At a site: export its own cohort locally and send its nnU-Net fingerprint "
-                      "(aggregates only), sealed with the site's key.")
+          description="At a site (materialized by the site's Flower ClientApp): export its own cohort locally "
+                      "and leave its nnU-Net fingerprint (aggregates only) for the reply to the hub.")
 def site_fingerprint(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
                      nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
     summary = compute_fingerprint(_site_context(context, lake, archive, nnunet_settings, federated_site),
@@ -97,8 +95,9 @@ def site_fingerprint(context: dg.AssetExecutionContext, lake: LakeResource, arch
 
 @dg.asset(partitions_def=rounds_partitions, group_name=SITE_GROUP, kinds={"nnunet", "pytorch"},
           op_tags=gpu_op_tags(), pool=GPU_POOL,
-          description="At a site: train N local epochs from the global weights of the previous round on the "
-                      "site's own cohort; send weights, case count and metrics, sealed.")
+          description="At a site (materialized by the site's Flower ClientApp): train N local epochs from the "
+                      "hub's signed global weights on the site's own cohort; weights, case count and metrics "
+                      "go back in the signed reply.")
 def site_update(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
                 nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
     experiment, round_ = _round(context)
@@ -125,7 +124,16 @@ SITE_ASSETS = {"site_fingerprint": site_fingerprint, "site_update": site_update,
 def _spec(experiment: str, federation: FederationResource) -> ExperimentSpec:
     return ExperimentSpec(experiment=experiment, cohort=federation.cohort, labels=list(federation.labels),
                           rounds=federation.rounds, min_sites=federation.min_sites, strategy=federation.strategy,
-                          schedule=dict(federation.training_schedule().__dict__), seed=federation.seed)
+                          schedule=dict(federation.training_schedule().__dict__), seed=federation.seed,
+                          privacy=federation.privacy())
+
+
+def _flower_step(federation: FederationResource, step: str, experiment: str, round_: int,
+                 context: dg.AssetExecutionContext) -> dict:
+    try:
+        return federation.run_step(step, experiment, round_, context.log.info)
+    except FlowerRunFailed as exc:
+        raise dg.Failure(description=str(exc)) from None
 
 
 def _parent_run(mlflow: MlflowResource, experiment: str) -> str | None:
@@ -144,12 +152,13 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
     spec = _spec(experiment, federation)
     store = federation.store()
     publish_experiment(store, spec)
-    sites = [site.name for site in federation.site_list()]
-    runs = federation.run_on_sites("site_fingerprint", experiment, None, sites, context.log.info)
-    keys = federation.site_keys()
-    fingerprints, rejected = collect_fingerprints(store, experiment, keys, [s for s in sites if runs[s].ok])
-    failed = {s: runs[s].message for s in sites if not runs[s].ok} | {r.site: f"{r.reason}: {r.message}"
-                                                                       for r in rejected}
+    sites = [site.name for site in federation.sites()]
+    result = _flower_step(federation, "plan", experiment, 0, context)
+    if not result["ok"]:
+        raise dg.Failure(description=f"the plan's Flower run failed: {result['error']}")
+    fingerprints = [SiteFingerprint.from_json(v) for _, v in sorted(result["fingerprints"].items())]
+    failed = {r["site"]: f"{r['reason']}: {r['message']}" for r in result["rejected"]}
+    failed |= {s: "did not answer" for s in sites if s not in result["fingerprints"] and s not in failed}
     for site, message in failed.items():
         context.log.warning(f"{site} is not part of {experiment}: {message}")
     if len(fingerprints) < federation.min_sites:
@@ -166,6 +175,8 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
                                                      "dagster.run_id": context.run.run_id}) as run:
         mlflow_api.log_params({"cohort": spec.cohort, "sites": ",".join(participants), "rounds": spec.rounds,
                                "min_sites": spec.min_sites, "strategy": spec.strategy, "plan_sha256": plan.digest,
+                               "transport": "flower", "superlink": federation.superlink,
+                               **{f"dp.{k}": v for k, v in spec.privacy.items()},
                                "cases": sum(plan.cases.values()), "patch_size": plan.patch_size,
                                "features_per_stage": plan.features,
                                **{f"schedule.{k}": v for k, v in spec.schedule.items()}})
@@ -186,7 +197,8 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
             "plan_sha256": plan.digest,
             "initial_weights_sha256": initial,
             "mlflow_run_id": run.info.run_id,
-            "exchange": dg.MetadataValue.path(str(store.experiment_dir(experiment))),
+            "federation_folder": dg.MetadataValue.path(str(store.experiment_dir(experiment))),
+            "differential_privacy": dg.MetadataValue.json(spec.privacy or {"enabled": False}),
         },
         data_version=dg.DataVersion(f"{plan.digest[:12]}-{initial[:12]}"),
     )
@@ -199,41 +211,30 @@ def _round_table(rows: list[dict]) -> dg.TableMetadataValue:
 @dg.asset(partitions_def=rounds_partitions, group_name=HUB_GROUP, kinds={"pytorch", "delta", "mlflow"},
           ins={"federated_plan": dg.AssetIn(partition_mapping=dg.MultiToSingleDimensionPartitionMapping("experiment"),
                                             dagster_type=dg.Nothing)},
-          description="One FedAvg round: global weights of round r-1 to every site, their sealed updates "
-                      "verified (tampered, foreign and replayed ones rejected), quorum, aggregation, global "
-                      "model r scored by every site on its own validation patients. Writes federated_rounds "
-                      "rows and a nested MLflow run.")
+          description="One round, one Flower run: global weights of round r-1 to every site over the "
+                      "SuperLink, their signed updates verified (tampered, foreign and replayed ones rejected), "
+                      "quorum, aggregation with a Flower strategy, global model r scored by every site on its own "
+                      "validation patients. Writes federated_rounds rows and a nested MLflow run.")
 def federated_rounds(context: dg.AssetExecutionContext, federation: FederationResource, mlflow: MlflowResource,
                      lake: LakeResource) -> dg.MaterializeResult:
     import mlflow as mlflow_api
 
     experiment, round_ = _round(context)
     store = federation.store()
-    published = store.read_json(experiment, "experiment")
-    spec = ExperimentSpec(**published)
+    spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
     if round_ > spec.rounds:
         raise dg.Failure(description=f"{experiment} has {spec.rounds} rounds; {round_} is beyond it")
-    participants = store.read_json(experiment, "participants")["sites"]
-    keys = federation.site_keys()
-    missing = sorted(set(participants) - set(keys))
-    if missing:
-        raise dg.Failure(description=f"sites {missing} of {experiment} are no longer configured")
-
-    def run_sites(asset: str, sites: list[str]) -> dict[str, SiteRun]:
-        return federation.run_on_sites(asset, experiment, round_, sites, context.log.info)
-
+    result = _flower_step(federation, "round", experiment, round_, context)
     table = lake.lake()
-    try:
-        outcome = run_round(store, spec, round_, participants, keys, federation.min_sites, run_sites,
-                            context.log.info, context.log.warning)
-    except (FileNotFoundError, RoundSuperseded) as exc:
-        raise dg.Failure(description=str(exc)) from None
-    except RoundFailed as exc:
-        if exc.rows:
-            table.merge("federated_rounds", _arrow(exc.rows))
-        raise dg.Failure(description=str(exc), metadata={"sites": _round_table(exc.rows)}) from None
-    written = table.merge("federated_rounds", _arrow(outcome.rows))
-
+    rows = _rows(result.get("rows", []))
+    if not result["ok"]:
+        if rows:
+            table.merge("federated_rounds", _arrow(rows))
+        raise dg.Failure(description=str(result["error"]), metadata={"sites": _round_table(rows)} if rows else {})
+    written = table.merge("federated_rounds", _arrow(rows))
+    outcome = RoundResult(round_, str(result["global_sha256"]), list(result["aggregated"]),
+                          {r["site"]: r["reason"] for r in result["rejected"]}, result["evaluations"],
+                          result["metrics"], rows)
     tracking = mlflow.tracking()
     parent = _parent_run(mlflow, experiment)
     main = metric_name(spec.labels[0])
@@ -241,7 +242,8 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
                       tags={"kaapana.federated_experiment": experiment, "kaapana.role": "round",
                             "kaapana.round": str(round_), "dagster.run_id": context.run.run_id}):
         mlflow_api.log_params({"round": round_, "aggregated": ",".join(outcome.aggregated),
-                               "rejected": ",".join(f"{r.site}:{r.reason}" for r in outcome.rejected) or "none",
+                               "rejected": ",".join(f"{s}:{r}" for s, r in outcome.rejected.items()) or "none",
+                               **{f"dp.{k}": v for k, v in spec.privacy.items()},
                                "global_sha256": outcome.global_sha256})
         mlflow_api.log_metrics({f"global_{k}": v for k, v in outcome.metrics.items()}, step=round_)
         for site, metrics in outcome.evaluations.items():
@@ -252,7 +254,8 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
         metadata={
             "round": round_,
             "aggregated_sites": dg.MetadataValue.json(outcome.aggregated),
-            "rejected_sites": dg.MetadataValue.json({r.site: str(r.reason) for r in outcome.rejected}),
+            "rejected_sites": dg.MetadataValue.json(outcome.rejected),
+            "differential_privacy": dg.MetadataValue.json(spec.privacy or {"enabled": False}),
             f"global_{main}": dg.MetadataValue.float(float(outcome.metrics.get(main, float("nan")))),
             "sites": _round_table(outcome.rows),
             "global_sha256": outcome.global_sha256,
@@ -260,6 +263,22 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
         },
         data_version=dg.DataVersion(outcome.global_sha256[:16]),
     )
+
+
+@dataclass
+class RoundResult:
+    round: int
+    global_sha256: str
+    aggregated: list[str]
+    rejected: dict[str, str]  # site → reason
+    evaluations: dict[str, dict[str, float]]
+    metrics: dict[str, float]
+    rows: list[dict]
+
+
+def _rows(rows: list[dict]) -> list[dict]:
+    """The ServerApp's rows (JSON) as table rows."""
+    return [{**row, "committed_at": dt.datetime.fromisoformat(row["committed_at"])} for row in rows]
 
 
 def _arrow(rows: list[dict]) -> pa.Table:
@@ -295,7 +314,7 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
     aggregated = rows.filter((pl.col("status") == "aggregated") & (pl.col("round") == round_))["site"].to_list()
     weights = store.read_global(experiment, round_)
     if weights_digest(weights) != last["global_sha256"]:
-        raise dg.Failure(description=f"global model of round {round_} in the exchange does not match the recorded digest")
+        raise dg.Failure(description=f"global model of round {round_} in the hub's federation folder does not match the recorded digest")
     dice = last["dice"]
     threshold = nnunet_settings.promotion_dice
     passed = dice is not None and dice == dice and dice >= threshold

@@ -1,26 +1,27 @@
-"""The hub side of a federated experiment: publish the experiment, plan from the sites'
-fingerprints, verify and aggregate sealed updates, combine cross-site metrics. Plain
-Python; the assets decide when, the transports decide how sites are reached."""
+"""The hub side of a federated experiment: plan from the sites' fingerprints, run a round
+over a channel to the sites (Flower's, see serverapp.py), quorum, aggregation with a
+Flower strategy, cross-site metrics. Plain Python; the assets decide when, the ServerApp
+carries the messages."""
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from flwr.app import Message
 
-from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, require_quorum
-from kaapana_assets.federated.exchange import Manifest, RejectionReason, UpdateRejected, open_sealed
+from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, aggregate, require_quorum
+from kaapana_assets.federated.channel import RejectionReason
 from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fingerprints, plan_at_hub
-from kaapana_assets.federated.payload import PayloadError, SiteUpdate, unpack_update
 from kaapana_assets.federated.site import metric_name
-from kaapana_assets.federated.store import ExchangeStore, checked_name
+from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.lake.digest import row_digest
 from kaapana_assets.training import nnunet
 
@@ -28,8 +29,23 @@ HUB_DATASET_ID = 900
 
 
 @dataclass(frozen=True)
+class Privacy:
+    """Client-side differential privacy (Flower's local DP: clip the update to
+    `clipping_norm`, add Gaussian noise for (epsilon, delta)); off when clipping_norm is 0."""
+
+    clipping_norm: float = 0.0
+    sensitivity: float = 1.0
+    epsilon: float = 1.0
+    delta: float = 1e-5
+
+    @property
+    def enabled(self) -> bool:
+        return self.clipping_norm > 0
+
+
+@dataclass(frozen=True)
 class ExperimentSpec:
-    """What every site is told (published as experiment.json; no site data in it)."""
+    """What every site is told (no site data in it)."""
 
     experiment: str
     cohort: str
@@ -39,13 +55,19 @@ class ExperimentSpec:
     strategy: str
     schedule: dict
     seed: int = 0
+    privacy: dict = field(default_factory=dict)  # Privacy's fields; empty: off
 
     def __post_init__(self) -> None:
         checked_name("experiment", self.experiment)
         if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; one of {sorted(STRATEGIES)}")
+            raise ValueError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
         if self.rounds < 1 or self.min_sites < 1:
             raise ValueError("rounds and min_sites must be at least 1")
+        Privacy(**self.privacy)  # unknown fields fail here, not at the sites
+
+    @property
+    def dp(self) -> Privacy:
+        return Privacy(**self.privacy)
 
 
 @dataclass
@@ -55,65 +77,8 @@ class Rejection:
     message: str
 
 
-@dataclass
-class Opened:
-    accepted: dict[str, tuple[Manifest, bytes]] = field(default_factory=dict)
-    rejected: list[Rejection] = field(default_factory=list)
-
-
-def publish_experiment(store: ExchangeStore, spec: ExperimentSpec) -> None:
+def publish_experiment(store: FederationStore, spec: ExperimentSpec) -> None:
     store.write_json(spec.experiment, "experiment", asdict(spec))
-
-
-def open_envelopes(store: ExchangeStore, experiment: str, round_: int, kind: str, keys: Mapping[str, str],
-                   sites: Sequence[str]) -> Opened:
-    """Verify each expected site's envelope with that site's key. Anything tampered, foreign,
-    replayed or missing is rejected with its reason, never used."""
-    opened = Opened()
-    for site in sites:
-        envelope = store.read_envelope(experiment, round_, kind, site)
-        if envelope is None:
-            opened.rejected.append(Rejection(site, RejectionReason.MISSING, f"no {kind} from {site} for round {round_}"))
-            continue
-        try:
-            opened.accepted[site] = open_sealed(envelope, keys[site], experiment, round_, site)
-        except UpdateRejected as exc:
-            opened.rejected.append(Rejection(site, exc.reason, exc.message))
-    return opened
-
-
-def collect_fingerprints(store: ExchangeStore, experiment: str, keys: Mapping[str, str],
-                         sites: Sequence[str]) -> tuple[list[SiteFingerprint], list[Rejection]]:
-    opened = open_envelopes(store, experiment, 0, "fingerprint", keys, sites)
-    fingerprints, rejected = [], list(opened.rejected)
-    for site, (manifest, payload) in opened.accepted.items():
-        try:
-            fingerprint = SiteFingerprint.from_json(payload.decode())
-        except (ValueError, TypeError) as exc:
-            rejected.append(Rejection(site, RejectionReason.BAD_PAYLOAD, f"unreadable fingerprint: {exc}"))
-            continue
-        if fingerprint.site != site or fingerprint.cases != manifest.cases:
-            rejected.append(Rejection(site, RejectionReason.BAD_PAYLOAD, "fingerprint disagrees with its manifest"))
-            continue
-        fingerprints.append(fingerprint)
-    return fingerprints, rejected
-
-
-def collect_updates(store: ExchangeStore, experiment: str, round_: int, kind: str, keys: Mapping[str, str],
-                    sites: Sequence[str]) -> tuple[list[SiteUpdate], list[Rejection]]:
-    opened = open_envelopes(store, experiment, round_, kind, keys, sites)
-    updates, rejected = [], list(opened.rejected)
-    for site, (manifest, payload) in opened.accepted.items():
-        try:
-            update = unpack_update(site, payload)
-        except PayloadError as exc:
-            rejected.append(Rejection(site, RejectionReason.BAD_PAYLOAD, str(exc)))
-            continue
-        if update.cases != manifest.cases:
-            rejected.append(Rejection(site, RejectionReason.BAD_PAYLOAD, "case count disagrees with the manifest"))
-            continue
-        updates.append(update)
-    return updates, rejected
 
 
 @dataclass
@@ -136,7 +101,7 @@ class Plan:
         return self.plans["configurations"][nnunet.CONFIGURATION]["architecture"]["arch_kwargs"]["features_per_stage"]
 
 
-def plan_experiment(store: ExchangeStore, spec: ExperimentSpec, fingerprints: list[SiteFingerprint],
+def plan_experiment(store: FederationStore, spec: ExperimentSpec, fingerprints: list[SiteFingerprint],
                     work: Path) -> Plan:
     """One global fingerprint, one plan, one initial network — published for every site.
     Raises FederationError when sites disagree on labels or channels."""
@@ -158,13 +123,6 @@ def plan_experiment(store: ExchangeStore, spec: ExperimentSpec, fingerprints: li
     return Plan(plans, dataset_json, fingerprint, {f.site: f.cases for f in fingerprints})
 
 
-def aggregate(updates: list[SiteUpdate], expected: Sequence[str], min_sites: int,
-              strategy: str) -> dict[str, torch.Tensor]:
-    """Quorum first (QuorumNotMet: nothing aggregated), then the strategy."""
-    require_quorum(updates, expected, min_sites)
-    return STRATEGIES[strategy](updates)
-
-
 def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(weights):
@@ -173,21 +131,34 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def combined_metrics(evaluations: list[SiteUpdate]) -> dict[str, float]:
+@dataclass
+class Verified:
+    """A site's message that passed verification."""
+
+    site: str
+    cases: int
+    metrics: dict[str, float]
+    sha256: str  # the content digest the site signed
+    message: Message | None = None  # the Flower message (updates: what the strategy aggregates)
+
+
+class SiteChannel(Protocol):
+    """How a round reaches its sites: send, wait, verify. Failures come back as rejections."""
+
+    def train(self, sites: list[str], round_: int,
+              weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]: ...
+
+    def evaluate(self, sites: list[str], round_: int,
+                 weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]: ...
+
+
+def combined_metrics(evaluations: list[Verified]) -> dict[str, float]:
     """Cross-site metrics: each one weighted by the validation cases of the sites reporting it."""
     combined = {}
     for name in sorted({k for e in evaluations for k in e.metrics}):
         reporting = [e for e in evaluations if name in e.metrics]
         combined[name] = sum(e.metrics[name] * e.cases for e in reporting) / sum(e.cases for e in reporting)
     return combined
-
-
-class SiteRunLike(Protocol):
-    ok: bool
-    message: str
-
-
-RunSites = Callable[[str, list[str]], Mapping[str, SiteRunLike]]  # (site asset, sites) -> outcome per site
 
 
 class RoundSuperseded(RuntimeError):
@@ -229,9 +200,8 @@ def with_digests(rows: list[dict]) -> list[dict]:
     return [{**row, "row_digest": row_digest(row)} for row in rows]
 
 
-def run_round(store: ExchangeStore, spec: ExperimentSpec, round_: int, participants: list[str],
-              keys: Mapping[str, str], min_sites: int, run_sites: RunSites, log: Callable[[str], None],
-              warn: Callable[[str], None]) -> RoundOutcome:
+def run_round(store: FederationStore, spec: ExperimentSpec, round_: int, participants: list[str], min_sites: int,
+              channel: SiteChannel, log: Callable[[str], None], warn: Callable[[str], None]) -> RoundOutcome:
     """One round: sites train from global r-1 → verify → quorum → aggregate → publish global
     r → every site scores it on its own validation patients. Raises RoundFailed below quorum
     (global r is then not written, so re-materializing the round resumes the experiment)."""
@@ -242,38 +212,29 @@ def run_round(store: ExchangeStore, spec: ExperimentSpec, round_: int, participa
         raise RoundSuperseded(f"round {round_ + 1} of {spec.experiment} was trained from this round's model; "
                               f"recomputing round {round_} would break that lineage — start a new experiment")
     plan_sha = hashlib.sha256(json.dumps(store.read_json(spec.experiment, "plans"), sort_keys=True).encode()).hexdigest()
-    runs = run_sites("site_update", participants)
-    ran = [site for site in participants if runs[site].ok]
-    updates, rejected = collect_updates(store, spec.experiment, round_, "update", keys, ran)
-    for site in participants:
-        if not runs[site].ok:
-            rejected.append(Rejection(site, RejectionReason.SITE_FAILED, runs[site].message))
+    start = store.read_global(spec.experiment, round_ - 1)
+    updates, rejected = channel.train(participants, round_, start)
     for rejection in rejected:
         warn(f"{rejection.site}: update not aggregated ({rejection.reason}): {rejection.message}")
     rows = [_row(spec, round_, r.site, "failed" if r.reason == RejectionReason.SITE_FAILED else "rejected", plan_sha,
                  reason=r.reason, message=r.message[:500]) for r in rejected]
     for update in updates:
-        payload = store.read_envelope(spec.experiment, round_, "update", update.site) or b""
         rows.append(_row(spec, round_, update.site, "aggregated", plan_sha, cases=update.cases,
-                         train_loss=update.metrics.get("train_loss"),
-                         update_sha256=json.loads(payload.partition(b"\n")[0])["sha256"]))
+                         train_loss=update.metrics.get("train_loss"), update_sha256=update.sha256))
     try:
-        weights = aggregate(updates, participants, min_sites, spec.strategy)
+        require_quorum([u.site for u in updates], participants, min_sites)
     except QuorumNotMet as exc:
         raise RoundFailed(str(exc), with_digests(rows)) from None
+    mu = float(spec.schedule.get("proximal_mu") or 0.0)
+    weights = aggregate([u.message for u in updates if u.message is not None], round_, spec.strategy, mu, start)
     global_sha = weights_digest(weights)
     store.write_global(spec.experiment, round_, weights)
     log(f"round {round_}: {spec.strategy} over {', '.join(u.site for u in updates)} "
         f"({sum(u.cases for u in updates)} cases) → global {global_sha[:12]}")
 
-    evaluated = run_sites("site_evaluation", participants)
-    ok = [site for site in participants if evaluated[site].ok]
-    evaluations, eval_rejected = collect_updates(store, spec.experiment, round_, "evaluation", keys, ok)
+    evaluations, eval_rejected = channel.evaluate(participants, round_, weights)
     for r in eval_rejected:
         warn(f"{r.site}: evaluation not used ({r.reason}): {r.message}")
-    for site in participants:
-        if not evaluated[site].ok:
-            warn(f"{site}: could not evaluate the global model: {evaluated[site].message}")
     by_site = {e.site: e for e in evaluations}
     main = metric_name(spec.labels[0])
     for row in rows:

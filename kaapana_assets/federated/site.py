@@ -1,11 +1,13 @@
 """The site side of a federated experiment: everything here runs at the site, against the
-site's own lake and archive, and sends only sealed aggregates, tensors and metrics.
+site's own lake and archive, reads what the hub sent from the site's own federation folder
+(the ClientApp verified it and put it there) and leaves what it will send in the outbox.
 
-  compute_fingerprint  export the cohort locally, summarise it (round 0 envelope)
-  train_update         preprocess with the hub's plans, train from global r-1 (round r envelope)
+  compute_fingerprint  export the cohort locally, summarise it (aggregates only)
+  train_update         preprocess with the hub's plans, train from global r-1 (tensors, counts, metrics)
   evaluate_global      score global r on the site's own validation patients (metrics only)
 
-Every payload passes the identifier guard before it is sealed with the site's own key.
+Every payload passes the identifier guard before it reaches the outbox; the ClientApp
+signs it and the guard runs once more on the Flower message that leaves.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from pathlib import Path
 import torch
 
 from kaapana_assets.cohorts.membership import read_cohort
-from kaapana_assets.federated.exchange import seal
 from kaapana_assets.federated.fingerprint import site_fingerprint
 from kaapana_assets.federated.guard import assert_nothing_identifying
 from kaapana_assets.federated.payload import SiteUpdate, pack_update
-from kaapana_assets.federated.store import ExchangeStore, checked_name
+from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.lake import Lake
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.export import export_cohort
@@ -38,11 +39,10 @@ DATASET = nnunet.dataset_name(DATASET_ID, "Federated")
 
 @dataclass(frozen=True)
 class SiteContext:
-    """What a site step needs: who it is, its key, and its own data."""
+    """What a site step needs: who it is and its own data."""
 
     site: str
-    key: str
-    store: ExchangeStore
+    store: FederationStore
     lake: Lake
     archive_root: Path
     work_root: Path  # the site's nnU-Net work folder
@@ -57,10 +57,9 @@ class SiteContext:
         return self.paths(experiment).raw / DATASET
 
     def send(self, experiment: str, round_: int, kind: str, payload: bytes, cases: int) -> str:
-        """Guard, seal with this site's key, write to the exchange; returns the payload's sha256."""
+        """Guard, then leave the payload in the outbox for the ClientApp; returns its sha256."""
         assert_nothing_identifying(payload, self.lake)
-        self.store.write_envelope(experiment, round_, kind, self.site,
-                                  seal(payload, self.key, experiment, round_, self.site, cases))
+        self.store.write_message(experiment, round_, kind, self.site, payload)
         return hashlib.sha256(payload).hexdigest()
 
 

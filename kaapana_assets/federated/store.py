@@ -1,9 +1,9 @@
-"""The exchange store: the only place hub and sites share. The hub publishes what every
-site needs (experiment, plans, global weights); each site drops sealed envelopes (its
-fingerprint, updates, evaluations). No image, label or identifier is ever written here.
+"""The federation folder of one side, never shared: at the hub it holds what the hub
+published (experiment, plans, global weights per round), the messages it received and the
+result of each Flower run; at a site, what the hub sent it (verified) and what the site
+will send back (its outbox). Only Flower's channel connects the two.
 
-A folder locally (tests, demo, sites on one machine); in production the same layout on a
-shared volume. Writes are atomic (temp file + rename), so a reader never sees half a file.
+Writes are atomic (temp file + rename), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def checked_name(kind: str, value: str) -> str:
     return value
 
 
-class ExchangeStore:
+class FederationStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
@@ -70,21 +70,28 @@ class ExchangeStore:
     def has_global(self, experiment: str, round_: int) -> bool:
         return self.global_path(experiment, round_).exists()
 
-    # -- sealed envelopes written by sites -------------------------------------------------
-    def envelope_path(self, experiment: str, round_: int, kind: str, site: str) -> Path:
-        if kind not in {"fingerprint", "update", "evaluation"}:
-            raise ValueError(f"unknown envelope kind {kind!r}")
-        return (self.experiment_dir(experiment) / f"round-{round_:04d}" / kind
-                / f"{checked_name('site', site)}.sealed")
+    # -- what a site will send (site side) and what the hub received (hub side) ---------------
+    def message_path(self, experiment: str, round_: int, kind: str, site: str, box: str = "outbox") -> Path:
+        if box not in {"outbox", "received"}:
+            raise ValueError(f"unknown box {box!r}")
+        return (self.experiment_dir(experiment) / box / f"round-{round_:04d}" / checked_name("kind", kind)
+                / f"{checked_name('site', site)}.bin")
 
-    def write_envelope(self, experiment: str, round_: int, kind: str, site: str, envelope: bytes) -> Path:
-        path = self.envelope_path(experiment, round_, kind, site)
-        write_atomically(path, envelope)
+    def write_message(self, experiment: str, round_: int, kind: str, site: str, data: bytes,
+                      box: str = "outbox") -> Path:
+        path = self.message_path(experiment, round_, kind, site, box)
+        write_atomically(path, data)
         return path
 
-    def read_envelope(self, experiment: str, round_: int, kind: str, site: str) -> bytes | None:
-        path = self.envelope_path(experiment, round_, kind, site)
-        return path.read_bytes() if path.exists() else None
+    def read_message(self, experiment: str, round_: int, kind: str, site: str, box: str = "outbox") -> bytes:
+        path = self.message_path(experiment, round_, kind, site, box)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: the site step wrote nothing to send")
+        return path.read_bytes()
+
+    # -- results of Flower runs (hub side) ------------------------------------------------------
+    def result_path(self, experiment: str, step: str) -> Path:
+        return self.experiment_dir(experiment) / "results" / f"{checked_name('step', step)}.json"
 
     def files(self, experiment: str | None = None) -> list[Path]:
         root = self.experiment_dir(experiment) if experiment else self.root

@@ -37,6 +37,9 @@ class Schedule:
     base_features: int | None = None  # None: nnU-Net's width (32 doubling to 320)
     optimizer: str = "sgd"  # "sgd" (nnU-Net's) or "adamw" (converges within tiny budgets)
     learning_rate: float = 1e-2
+    # FedProx (Li et al. 2020): mu/2 · ||w - w_global||² added to the training loss, so that
+    # sites with very different data do not drift far from the global model. 0: plain FedAvg.
+    proximal_mu: float = 0.0
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "Schedule":
@@ -208,6 +211,7 @@ def _trainer_class():
             self.kaapana_optimizer = schedule.optimizer
             self.on_epoch = on_epoch
             self.save_every = max(self.num_epochs, 1)  # only the final checkpoint matters here
+            self.proximal_mu = schedule.proximal_mu
 
         def on_train_start(self) -> None:
             super().on_train_start()  # builds the network
@@ -216,6 +220,8 @@ def _trainer_class():
                 # segmentation layers included (load_pretrained_weights would skip them).
                 network = self.network.module if self.is_ddp else self.network
                 getattr(network, "_orig_mod", network).load_state_dict(self.initial_weights)
+                if getattr(self, "proximal_mu", 0.0) > 0:
+                    self.loss = _Proximal(self.loss, network, self.proximal_mu)  # type: ignore[has-type]
 
         def configure_optimizers(self):
             if getattr(self, "kaapana_optimizer", "sgd") != "adamw":
@@ -239,6 +245,33 @@ def _trainer_class():
                 self.on_epoch(epoch, metrics)
 
     return KaapanaTrainer
+
+
+def _proximal_class():
+    import torch
+
+    class Proximal(torch.nn.Module):
+        """The training loss plus FedProx's proximal term towards the weights training
+        started from; validation (network in eval mode) sees the plain loss."""
+
+        def __init__(self, loss, network, mu: float) -> None:
+            super().__init__()
+            self.inner, self.network, self.mu = loss, [network], mu  # a list: not a submodule
+            self.anchor = [p.detach().clone() for p in network.parameters()]
+
+        def forward(self, output, target):
+            loss = self.inner(output, target)
+            network = self.network[0]
+            if not network.training:
+                return loss
+            drift = sum(((p - a) ** 2).sum() for p, a in zip(network.parameters(), self.anchor, strict=True))
+            return loss + self.mu / 2 * drift
+
+    return Proximal
+
+
+def _Proximal(loss, network, mu: float):  # noqa: N802 - reads as the class
+    return _proximal_class()(loss, network, mu)
 
 
 def device_for(name: str):

@@ -1,0 +1,194 @@
+"""What travels over Flower's channel between the hub and a site, and how each message is
+authenticated end to end.
+
+Every message (both directions) is a Flower `RecordDict` with the content records and one
+ConfigRecord `manifest`: kind, experiment, round, site, case count, a sha256 over the
+content (arrays: name, dtype, shape and bytes; metric and config records: canonical JSON),
+a nonce, and an HMAC-SHA256 of the manifest with the site's own 256-bit key.
+
+Why an HMAC on top of TLS and SuperNode authentication: TLS ends at the SuperLink, which
+relays and stores messages; node authentication proves which SuperNode polled, not that
+the bytes the ServerApp aggregates are the ones the site's training produced, nor which
+round they were made for. The manifest binds content to site, experiment, round and kind,
+so the hub rejects tampered, foreign and replayed updates, and a site verifies the global
+weights it trains from. Confidentiality is TLS's job: the arrays stay readable so that
+Flower's strategies and DP functions operate on them (the former AES-GCM envelopes hid
+them, and the hub decrypts everything it aggregates anyway).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import cast
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+MANIFEST = "manifest"
+ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+WEIGHT_KEY = "num-examples"  # the MetricRecord key Flower's strategies weight by
+IDENTITY_EXPERIMENT = "federation"  # identity messages belong to no experiment
+
+
+class Kind(StrEnum):
+    """Message kinds; the first four go hub → site, the rest come back."""
+
+    IDENTIFY = "identify"
+    FINGERPRINT_REQUEST = "fingerprint_request"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    IDENTITY = "identity"
+    FINGERPRINT = "fingerprint"
+    UPDATE = "update"
+    EVALUATION = "evaluation"
+
+
+class RejectionReason(StrEnum):
+    """Why a site's message was not used (the rounds table's `reason`)."""
+
+    MISSING = "missing"
+    MALFORMED = "malformed"
+    WRONG_SITE = "wrong_site"
+    REPLAYED = "replayed"
+    UNAUTHENTIC = "unauthentic"  # the HMAC fails: tampered, or another site's key
+    DIGEST_MISMATCH = "digest_mismatch"
+    BAD_PAYLOAD = "bad_payload"
+    SITE_FAILED = "site_failed"
+
+
+class UpdateRejected(ValueError):
+    def __init__(self, reason: RejectionReason, message: str):
+        super().__init__(message)
+        self.reason, self.message = reason, message
+
+
+class InvalidSiteKey(ValueError):
+    """A configured site key that is not 32 bytes of base64: a configuration error, never
+    to be confused with a tampered update."""
+
+
+def generate_site_key() -> str:
+    """A new 256-bit site key, base64 (give each site its own; store it as a secret)."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def validate_site_key(key: str, site: str) -> str:
+    """`key` if it is a usable 256-bit key; else InvalidSiteKey naming the site."""
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (ValueError, TypeError) as exc:
+        raise InvalidSiteKey(f"the key of site {site!r} is not base64 ({exc}); "
+                             "make one with `kaapana federation key`") from None
+    if len(raw) != 32:
+        raise InvalidSiteKey(f"the key of site {site!r} is {len(raw)} bytes; a site key is 32 bytes, "
+                             "base64-encoded (`kaapana federation key`)")
+    return key
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str
+    experiment: str
+    round: int
+    site: str
+    cases: int
+    sha256: str
+    nonce: str
+    created_at: str
+
+    def canonical(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+
+def _mac(manifest: Manifest, key: str) -> str:
+    return hmac.new(base64.b64decode(key), manifest.canonical(), hashlib.sha256).hexdigest()
+
+
+def content_bytes(content: RecordDict) -> bytes:
+    """Canonical bytes of everything but the manifest: what the digest covers, what the
+    identifier guard scans and what the hub keeps of each message it received."""
+    parts: list[bytes] = []
+    for name in sorted(content.keys()):
+        if name == MANIFEST:
+            continue
+        record = content[name]
+        parts.append(name.encode() + b"\0")
+        if isinstance(record, ArrayRecord):
+            for key in record.keys():  # insertion order: the network's own order
+                array = record[key]
+                parts.append(json.dumps([key, array.dtype, list(array.shape)]).encode() + b"\0")
+                parts.append(array.data)
+        else:
+            parts.append(json.dumps(dict(record), sort_keys=True, default=str).encode())
+    return b"\0".join(parts)
+
+
+def seal(content: RecordDict, kind: Kind, experiment: str, round_: int, site: str, cases: int, key: str,
+         nonce: str | None = None) -> RecordDict:
+    """Add the signed manifest to `content` (in place) and return it."""
+    manifest = Manifest(str(kind), experiment, int(round_), site, int(cases),
+                        hashlib.sha256(content_bytes(content)).hexdigest(),
+                        nonce or base64.b64encode(os.urandom(12)).decode(), dt.datetime.now(dt.timezone.utc).isoformat())
+    content[MANIFEST] = ConfigRecord({**asdict(manifest), "hmac": _mac(manifest, validate_site_key(key, site))})
+    return content
+
+
+def read_manifest(content: RecordDict) -> tuple[Manifest, str]:
+    try:
+        record = dict(content[MANIFEST])
+        mac = str(record.pop("hmac"))
+        return Manifest(**record), mac  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UpdateRejected(RejectionReason.MALFORMED, f"no readable manifest: {exc}") from None
+
+
+def verify(content: RecordDict, key: str, kind: Kind, experiment: str, round_: int, site: str) -> Manifest:
+    """The manifest of a message from (or for) `site`, or UpdateRejected with the reason."""
+    manifest, mac = read_manifest(content)
+    if manifest.site != site:
+        raise UpdateRejected(RejectionReason.WRONG_SITE, f"message claims site {manifest.site!r}, expected {site!r}")
+    if not hmac.compare_digest(_mac(manifest, validate_site_key(key, site)), mac):
+        raise UpdateRejected(RejectionReason.UNAUTHENTIC,
+                             f"message of {site} failed authentication: tampered, or not signed with {site}'s key")
+    if (manifest.kind, manifest.experiment, manifest.round) != (str(kind), experiment, int(round_)):
+        raise UpdateRejected(RejectionReason.REPLAYED, f"message is a {manifest.kind} of {manifest.experiment} round "
+                             f"{manifest.round}, expected a {kind} of {experiment} round {round_}")
+    if hashlib.sha256(content_bytes(content)).hexdigest() != manifest.sha256:
+        raise UpdateRejected(RejectionReason.DIGEST_MISMATCH,
+                             f"content of {site}'s {kind} does not match its signed digest: altered after signing")
+    return manifest
+
+
+# -- conversions -------------------------------------------------------------------------------
+
+def to_arrays(weights: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    # nnU-Net state dicts alias tensors (decoder.encoder.* is encoder.*): each key gets its own copy.
+    return ArrayRecord({name: Array(t.detach().cpu().contiguous().numpy().copy()) for name, t in weights.items()})
+
+
+def from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return {name: torch.from_numpy(np.array(record[name].numpy(), copy=True)) for name in record.keys()}
+
+
+def metrics_record(cases: int, metrics: Mapping[str, float]) -> MetricRecord:
+    return MetricRecord({WEIGHT_KEY: int(cases), **{k: float(v) for k, v in metrics.items()}})
+
+
+def metrics_of(content: RecordDict) -> tuple[int, dict[str, float]]:
+    record = dict(content.metric_records[METRICS])
+    cases = int(cast(float, record.pop(WEIGHT_KEY)))
+    return cases, {k: float(cast(float, v)) for k, v in record.items()}
+
+
+def config_json(content: RecordDict, name: str) -> dict:
+    return json.loads(str(content[CONFIG][name]))

@@ -1,0 +1,34 @@
+"""Client-side differential privacy with Flower's own functions (those its LocalDpMod
+uses): clip the site's update (trained − global) to an L2 norm, then add Gaussian noise
+with σ = sensitivity · √(2 ln(1.25/δ)) / ε to the weights that leave the site.
+
+Flower's LocalDpMod itself expects the legacy Fit record layout (`fitins.*`), not the
+message layout the strategies aggregate, so the same steps are applied here, inside the
+site's reply, before it is signed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update
+
+from kaapana_assets.federated.hub import Privacy
+
+
+def noise_stdv(privacy: Privacy) -> float:
+    return float(privacy.sensitivity * np.sqrt(2 * np.log(1.25 / privacy.delta)) / privacy.epsilon)
+
+
+def privatize(trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
+              privacy: Privacy) -> dict[str, torch.Tensor]:
+    names = [k for k in trained if trained[k].is_floating_point()]
+    client = [trained[k].detach().cpu().double().numpy().copy() for k in names]
+    server = [start[k].detach().cpu().double().numpy() for k in names]
+    compute_clip_model_update(client, server, privacy.clipping_norm)  # in place: server + clipped update
+    add_gaussian_noise_inplace(client, noise_stdv(privacy))
+    out = dict(trained)
+    for name, array in zip(names, client, strict=True):
+        out[name] = torch.from_numpy(array).to(trained[name].dtype)
+    return out
