@@ -6,6 +6,7 @@ from kaapana_assets.cohorts import assets as cohorts
 from kaapana_assets.extensions import assets as extensions
 from kaapana_assets.federated import assets as federated
 from kaapana_assets.ingest import assets as ingest
+from kaapana_assets.lake import assets as lake
 from kaapana_assets.network import assets as network
 from kaapana_assets.segmentation import assets as segmentation
 from kaapana_assets.training import assets as training
@@ -22,5 +23,6 @@ defs = dg.Definitions.merge(
     network.defs,
     federated.defs,
     extensions.defs,
+    lake.defs,
     dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion], resources=build_resources()),
 )

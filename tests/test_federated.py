@@ -203,10 +203,12 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
                                                three_rounds) -> None:  # type: ignore[no-untyped-def]
     """Quorum 2 of 3. site-c goes away while it trains: round 1 completes with site-a and
     site-b. With site-b gone as well, round 2 fails cleanly (nothing aggregated, no global
-    model). Both come back: the retry of round 2 aggregates all three."""
+    model). Both come back: the retry of round 2 aggregates all three. This experiment
+    also runs with local differential privacy on (clipping, and noise too small to matter)."""
     import threading
 
-    resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2))
+    resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, dp_clipping_norm=50.0,
+                                                   dp_epsilon=1e6))
     store = federation.hub_store
     sites = {s.name: s for s in federation.local_sites()}
     with dg.instance_for_test() as instance:
@@ -215,8 +217,10 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         lost = threading.Thread(target=lambda: (_wait_for_clientapp(flower.supernodes["site-c"]),
                                                 flower.stop_site("site-c")))
         lost.start()
-        _materialize([federated_plan, federated_rounds], "faults|1", instance, resources)
+        first_round = _materialize([federated_plan, federated_rounds], "faults|1", instance, resources)
         lost.join()
+        privacy = _metadata(first_round)["differential_privacy"]
+        assert privacy["clipping_norm"] == 50.0 and privacy["epsilon"] == 1e6
         rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
         first = dict(zip(rows.filter(pl.col("round") == 1)["site"], rows.filter(pl.col("round") == 1)["status"],
                          strict=True))

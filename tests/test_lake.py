@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import QUARANTINE, STUDIES
 
@@ -41,3 +42,50 @@ def test_mutable_rows_update_only_when_changed(tmp_path: Path) -> None:
     # Time travel: the old version still reads as it was.
     assert lake.read("studies", version=v1)["series_count"].to_list() == [1]
     assert lake.read("studies")["series_count"].to_list() == [2]
+
+
+def test_maintenance_compacts_and_keeps_cohort_time_travel(tmp_path: Path, corpus) -> None:  # type: ignore[no-untyped-def]
+    """Per-study commits leave small files; maintenance compacts and vacuums them, and a
+    cohort version cut before later ingests still reads back exactly (the vacuum's
+    retention reaches back to the series version the cohort read), even with no minimum."""
+    from kaapana_assets.cohorts.membership import read_cohort, snapshot_cohort
+    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.lake.maintenance import maintain_lake, protected_versions
+    from tests.helpers import COHORT
+
+    home = KaapanaHome(tmp_path / "home").ensure()
+    studies = corpus["site-a"] + corpus["site-b"]
+    for study in studies[:3]:  # one commit per study, as the sensor's runs do
+        ingest_files(study.files, IngestTargets.for_home(home), remove_sources=False)
+    lake = Lake(home.lake)
+    cohort = snapshot_cohort(lake, COHORT)
+    for study in studies[3:]:  # the index moves on after the cohort was cut
+        ingest_files(study.files, IngestTargets.for_home(home), remove_sources=False)
+    assert lake.version("series") > cohort.series_table_version
+    before = read_cohort(lake, COHORT.name, cohort.version).members
+
+    reports = {r.table: r for r in maintain_lake(lake, ["instances", "series", "studies"], minimum_retention_hours=0)}
+    assert protected_versions(lake)["series"] == cohort.series_table_version
+    instances = reports["instances"]
+    assert instances.files_before > 1 and instances.files_after == 1  # compacted to one file
+    assert instances.files_on_disk_after < instances.files_on_disk_before and instances.vacuumed > 0
+    assert reports["series"].protected_version == cohort.series_table_version
+    after = read_cohort(lake, COHORT.name, cohort.version).members
+    assert after.drop("created_at").equals(before.drop("created_at"))
+    assert lake.read("instances").height == sum(len(s.files) for s in studies)
+
+
+def test_maintenance_asset_reports_file_counts(tmp_path: Path) -> None:
+    import dagster as dg
+
+    from kaapana_assets.lake.assets import lake_maintenance
+    from resources.storage import LakeResource
+
+    lake = Lake(tmp_path / "lake")
+    for i in range(5):  # five commits, five small files
+        lake.merge("quarantine", _quarantine_rows(f"{i:064x}"))
+    result = dg.materialize([lake_maintenance], resources={"lake": LakeResource(uri=str(tmp_path / "lake"))},
+                            run_config={"ops": {"lake_maintenance": {"config": {"minimum_retention_hours": 0}}}})
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    assert metadata["files_before"].value == 5 and metadata["files_after"].value == 1
+    assert lake.read("quarantine").height == 5

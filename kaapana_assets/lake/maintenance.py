@@ -1,0 +1,87 @@
+"""Delta maintenance: per-study runs leave many small files and a long log. Compact them,
+checkpoint the log, and vacuum what no version still needs — with a retention that never
+breaks the time travel cohort versions rely on.
+
+Vacuum only knows time: it deletes files that were removed from the table longer ago than
+the retention. A file a protected version reads was removed by a *later* commit, so a
+retention reaching back to the protected version's own commit keeps every file it needs.
+The protected versions are the oldest `series` and `tags` versions any cohort snapshot
+read (cohort_members.series_table_version / tags_table_version)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from kaapana_assets.lake.tables import Lake
+
+HOUR_MS = 3_600_000
+
+
+@dataclass(frozen=True)
+class MaintenanceReport:
+    table: str
+    files_before: int
+    files_after: int  # data files of the latest version after compaction
+    files_on_disk_before: int
+    files_on_disk_after: int
+    version_before: int
+    version_after: int
+    retention_hours: float
+    protected_version: int | None
+    vacuumed: int
+
+
+def protected_versions(lake: Lake) -> dict[str, int]:
+    """table → the oldest version a cohort snapshot reads (time travel must keep working)."""
+    if not lake.exists("cohort_members"):
+        return {}
+    members = lake.read("cohort_members")
+    protected = {}
+    for table, column in (("series", "series_table_version"), ("tags", "tags_table_version")):
+        versions = members[column].drop_nulls()
+        if len(versions):
+            protected[table] = int(versions.min())  # type: ignore[arg-type]
+    return protected
+
+
+def retention_hours(lake: Lake, table: str, minimum_hours: float, protected: int | None,
+                    now_ms: int | None = None) -> float:
+    """At least `minimum_hours`, and far enough back to reach the protected version's commit."""
+    if protected is None:
+        return minimum_hours
+    history = {int(h["version"]): int(h["timestamp"]) for h in lake.delta(table).history()}
+    committed = history.get(protected)
+    if committed is None:  # its log entry is gone already: keep everything rather than guess
+        committed = min(history.values()) if history else 0
+    age = ((now_ms or int(time.time() * 1000)) - committed) / HOUR_MS
+    return max(minimum_hours, age + 1.0)  # an hour's margin against clock skew
+
+
+def _files_on_disk(lake: Lake, table: str) -> int:
+    from pathlib import Path
+
+    if not lake.is_local:
+        return -1
+    return sum(1 for p in Path(lake.uri(table)).rglob("*.parquet"))
+
+
+def maintain(lake: Lake, table: str, minimum_retention_hours: float = 168.0,
+             protected: int | None = None) -> MaintenanceReport:
+    """Compact small files, checkpoint, vacuum (files only; the log stays for time travel)."""
+    delta = lake.delta(table)
+    before, version_before, disk_before = len(delta.file_uris()), delta.version(), _files_on_disk(lake, table)
+    if before > 1:
+        delta.optimize.compact()
+    delta = lake.delta(table)
+    delta.create_checkpoint()
+    retention = retention_hours(lake, table, minimum_retention_hours, protected)
+    vacuumed = delta.vacuum(retention_hours=int(retention + 0.999), dry_run=False, enforce_retention_duration=False)
+    delta = lake.delta(table)
+    return MaintenanceReport(table, before, len(delta.file_uris()), disk_before, _files_on_disk(lake, table),
+                             version_before, delta.version(), retention, protected, len(vacuumed))
+
+
+def maintain_lake(lake: Lake, tables: list[str], minimum_retention_hours: float = 168.0) -> list[MaintenanceReport]:
+    protected = protected_versions(lake)
+    return [maintain(lake, t, minimum_retention_hours, protected.get(t)) for t in tables if lake.exists(t)]
