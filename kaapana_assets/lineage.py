@@ -3,6 +3,9 @@
   SEG (or series) → model version → federated rounds or training run → cohort name and
   version → Delta versions it read → source series and SOP Instance UIDs.
 
+A model version also shows the cohort versions it was evaluated on (the `evaluations`
+table); an evaluation id traces to its cohort version, its model and its cases.
+
 Federated lineage stops at the site boundary on purpose: the hub knows which sites took
 part and how many cases each contributed; a site's cohort version and members are read
 here only for the site whose lake this is.
@@ -11,6 +14,7 @@ here only for the site whose lake this is.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,12 +75,44 @@ def _segmentation(lake: Lake, uid: str) -> dict:
     return rows.sort("created_at").row(-1, named=True)
 
 
+MODEL_REF = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*):(?:v(?P<version>\d+)|(?P<alias>[A-Za-z][A-Za-z0-9_-]*))")
+
+
 def trace(home: KaapanaHome, tracking: Tracking, uid: str) -> Node:
+    """The lineage of a SEG (SOP Instance UID, SEG series UID or segmented series UID), of a
+    model version (`name:vN`, or `name:production` for an alias) or of an evaluation (its id)."""
     lake = Lake(home.lake)
+    evaluation = _evaluation(lake, uid)
+    if evaluation is not None:
+        return _evaluation_trace(home, lake, tracking, evaluation)
+    ref = MODEL_REF.fullmatch(uid)
+    if ref:
+        name, version = ref["name"], ref["version"]
+        if version is None:
+            found = tracking.version_by_alias(name, ref["alias"])
+            if found is None:
+                raise LineageNotFound(f"no version of model {name} holds the alias {ref['alias']!r}")
+            version = str(found.version)
+        try:
+            tracking.client().get_model_version(name, version)
+        except Exception as exc:  # noqa: BLE001 - MlflowException, or a store that cannot be read
+            raise LineageNotFound(f"model {name} v{version} is not in this site's registry: {exc}") from None
+        root = Node(f"model {name} v{version}")
+        _model_lineage(root, home, lake, tracking, name, version)
+        return root
     seg = _segmentation(lake, uid)
     root = Node(f"SEG {seg['seg_sop_instance_uid']} (series {seg['seg_series_uid']}, study {seg['study_uid']})")
     name, version = seg["model_name"], str(seg["model_version"])
-    model = root.add(f"model {name} v{version}")
+    _model_lineage(root.add(f"model {name} v{version}"), home, lake, tracking, name, version)
+    _series_node(root, lake, seg["series_uid"], "segmented series")
+    return root
+
+
+def _model_lineage(model: Node, home: KaapanaHome, lake: Lake, tracking: Tracking, name: str, version: str,
+                   evaluations: bool = True) -> None:
+    """Under a model version's node: how it was made (federated rounds or a training run, down
+    to cohort versions and source UIDs) and the cohort versions it was evaluated on."""
+    mv = None
     try:
         mv = tracking.client().get_model_version(name, version)
         tags = dict(mv.tags or {})
@@ -85,7 +121,7 @@ def trace(home: KaapanaHome, tracking: Tracking, uid: str) -> Node:
         tags = {}
     if tags.get("kaapana.source") == "federated":
         _federated(model, home, lake, tags)
-    elif tags.get("kaapana.cohort"):
+    elif tags.get("kaapana.cohort") and mv is not None:
         run = model.add(f"training run {mv.run_id} (MLflow)")
         params = tracking.client().get_run(mv.run_id).data.params if mv.run_id else {}
         deltas = {k.removeprefix("delta_version."): v for k, v in params.items() if k.startswith("delta_version.")}
@@ -94,8 +130,49 @@ def trace(home: KaapanaHome, tracking: Tracking, uid: str) -> Node:
         _cohort_node(run, lake, tags["kaapana.cohort"], int(tags.get("kaapana.cohort_version", 0)), "trained on")
     elif tags:
         model.add(f"registered without training lineage (imported): {tags.get('kaapana.source', 'unknown source')}")
-    _series_node(root, lake, seg["series_uid"], "segmented series")
+    if evaluations and lake.exists("evaluations"):
+        rows = lake.read("evaluations", (pl.col("model_name") == name) & (pl.col("model_version") == version))
+        for ident in rows.sort("cohort", "cohort_version")["evaluation_id"].unique(maintain_order=True).to_list():
+            these = rows.filter(pl.col("evaluation_id") == ident)
+            first = these.row(0, named=True)
+            model.add(f"evaluated on cohort {first['cohort']} v{first['cohort_version']} (evaluation {ident}): "
+                      f"{these['series_uid'].n_unique()} case(s), {_dice_text(these)}")
+
+
+def _dice_text(rows: pl.DataFrame) -> str:
+    means = rows.group_by("label", "label_value").agg(pl.col("dice").drop_nans().mean()).sort("label_value")
+    return "mean Dice " + ", ".join(f"{label} {dice:.3f}" if dice is not None else f"{label} —"
+                                    for label, dice in zip(means["label"], means["dice"], strict=True))
+
+
+def _evaluation(lake: Lake, uid: str) -> pl.DataFrame | None:
+    if not re.fullmatch(r"[0-9a-f]{16}", uid) or not lake.exists("evaluations"):
+        return None
+    rows = lake.read("evaluations", pl.col("evaluation_id") == uid)
+    return rows.sort("series_uid", "label_value") if rows.height else None
+
+
+def _evaluation_trace(home: KaapanaHome, lake: Lake, tracking: Tracking, rows: pl.DataFrame) -> Node:
+    first = rows.row(0, named=True)
+    name, version = first["model_name"], str(first["model_version"])
+    root = Node(f"evaluation {first['evaluation_id']}: model {name} v{version} on cohort {first['cohort']} "
+                f"v{first['cohort_version']}, {rows['series_uid'].n_unique()} case(s), {_dice_text(rows)}")
+    _cohort_node(root, lake, first["cohort"], int(first["cohort_version"]), "measured on")
+    _model_lineage(root.add(f"model {name} v{version}"), home, lake, tracking, name, version, evaluations=False)
+    cases = root.add("cases")
+    for series_uid in rows["series_uid"].unique(maintain_order=True).to_list():
+        these = rows.filter(pl.col("series_uid") == series_uid)
+        case = these.row(0, named=True)
+        scores = "; ".join(f"{r['label']} Dice {_fmt(r['dice'], 3)}, HD95 {_fmt(r['hd95_mm'], 1, ' mm')}"
+                           for r in these.iter_rows(named=True))
+        node = cases.add(f"series {series_uid}: {scores}")
+        node.add(f"reference SEG series {case['reference_seg_series_uid']}")
+        node.add(f"predicted SEG {case['predicted_seg_sop_instance_uid']} (series {case['predicted_seg_series_uid']})")
     return root
+
+
+def _fmt(value: float | None, digits: int, unit: str = "") -> str:
+    return "—" if value is None or value != value else f"{value:.{digits}f}{unit}"
 
 
 def _federated(model: Node, home: KaapanaHome, lake: Lake, tags: dict[str, str]) -> None:

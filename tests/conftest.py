@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,108 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
     return Federation(root, homes, keys)
 
 
+# A held-out test cohort at the demo's hub: annotated studies of all three scanners that no
+# model trained on, tagged by a curator.
+HELD_OUT_TAG = "held-out"
+HELD_OUT = {"seed": 91, "first_index": 800, "per_site": 2}
+TEST_COHORT = f"""name: liver-test
+description: Held-out annotated studies of three scanners, for evaluation.
+purpose: test
+required_labels: [liver]
+filter:
+  modality: CT
+  tags: [{HELD_OUT_TAG}]
+  has_reference_segmentation: true
+harmonization:
+  slice_thickness_tolerance_mm: 5.0
+  pixel_spacing_tolerance_mm: 2.0
+  min_size: 6
+"""
+
+
+@dataclass
+class EvaluatedDemo:
+    """A copy of the demo's hub with six held-out annotated studies, the liver-test cohort
+    and segmentation_evaluation[liver-test] of the demo's federated model, run through Dagster."""
+
+    root: Path  # the copy: kaapana/ (KAAPANA_HOME), cohorts/
+    studies: list[GeneratedStudy]
+    instance: object  # the Dagster instance the runs are recorded in
+    resources: dict
+    result: object  # ExecuteInProcessResult of segmentation_evaluation + evaluation_gate
+    seconds: float  # the evaluation run's wall time
+
+    @property
+    def home(self) -> KaapanaHome:
+        return KaapanaHome(self.root / "kaapana")
+
+    @property
+    def cohorts(self) -> Path:
+        return self.root / "cohorts"
+
+
+DEMO_GRID = {"slices": 16, "matrix": 40}  # what demo_home passes to `kaapana demo`
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`kaapana demo` once on small grids with the tiny schedule: the whole story."""
+    from kaapana_assets.cli import main
+    from kaapana_assets.cohorts.definitions import EXAMPLES
+
+    root = tmp_path_factory.mktemp("demo")
+    # The examples, with liver-train relaxed for 16-slice test grids (thicker slices than 5 mm).
+    shutil.copytree(EXAMPLES, root / "cohorts")
+    (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT.replace("min_size: 4", "min_size: 2"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KAAPANA_COHORTS", str(root / "cohorts"))
+        mp.setenv("KAAPANA_HOME", str(root / "kaapana"))
+        mp.setenv("DAGSTER_HOME", str(root / "dagster"))
+        mp.delenv("KAAPANA_FEDERATION", raising=False)
+        code = main(["demo", "--studies", "3", "--rounds", "2", "--new-studies", "1",
+                     "--slices", str(DEMO_GRID["slices"]), "--matrix", str(DEMO_GRID["matrix"]),
+                     "--schedule", "tiny", "--promotion-dice", "0.2"])
+    (root / "exit_code").write_text(str(code))
+    return root
+
+
+@pytest.fixture(scope="session")
+def evaluated_demo(demo_home: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The demo's hub copied (demo_home stays as the demo left it), six held-out annotated
+    studies (two per scanner) ingested and tagged, the liver-test cohort materialized with
+    its checks, and segmentation_evaluation[liver-test] of the demo's production (federated)
+    model with its gate, through Dagster. The copy's MLflow store still names demo_home's
+    artifact folder (MLflow records absolute artifact URIs), where the evaluation's MLflow
+    run puts its plot and rows."""
+    import time
+
+    import dagster as dg
+
+    from kaapana_assets.cohorts.assets import cohorts, harmonization_checks
+    from kaapana_assets.cohorts.tags import add_tag
+    from kaapana_assets.evaluation.assets import evaluation_gate, segmentation_evaluation
+    from resources import site_resources
+
+    assert (demo_home / "exit_code").read_text() == "0", "the demo failed"
+    root = tmp_path_factory.mktemp("evaluated")
+    # What the hub's lineage and evaluation read; not the other sites, the Flower state or caches.
+    shutil.copytree(demo_home / "kaapana", root / "kaapana",
+                    ignore=shutil.ignore_patterns("sites", "federation", "flower", "flwr", "models", "dagster"))
+    shutil.copytree(demo_home / "cohorts", root / "cohorts")
+    (root / "cohorts" / "liver-test.yaml").write_text(TEST_COHORT)
+    home = KaapanaHome(root / "kaapana")
+    studies = [study for site in SITES for study in generate_site(
+        site, HELD_OUT["per_site"], seed=HELD_OUT["seed"], out=root / "held-out", with_annotations=True,
+        first_index=HELD_OUT["first_index"], **DEMO_GRID)]
+    ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+    add_tag(Lake(home.lake), HELD_OUT_TAG, [s.series_uid for s in studies])
+    resources = site_resources(home.root, root / "cohorts", device="cpu", threads=2)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("cohorts", ["liver-test"])
+        cohort_run = dg.materialize([cohorts, *harmonization_checks], partition_key="liver-test", instance=instance,
+                                    resources=resources)
+        assert cohort_run.success and all(e.passed for e in cohort_run.get_asset_check_evaluations())
+        started = time.perf_counter()
+        result = dg.materialize([segmentation_evaluation, evaluation_gate], partition_key="liver-test",
+                                instance=instance, resources=resources)
+        yield EvaluatedDemo(root, studies, instance, resources, result, time.perf_counter() - started)

@@ -1,17 +1,15 @@
-"""`kaapana ingest` and `kaapana demo` as a user runs them."""
+"""`kaapana ingest` and `kaapana demo` as a user runs them (the demo: the session fixture demo_home)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from kaapana_assets.cli import main
-from kaapana_assets.cohorts.definitions import EXAMPLES
 from kaapana_assets.lake import Lake
-from tests.helpers import TRAIN_COHORT, dicom_files
+from tests.helpers import dicom_files
 
 
 def test_ingest_command_copies_by_default(tmp_path: Path, spool_copy: Path, capsys: pytest.CaptureFixture) -> None:
@@ -26,24 +24,6 @@ def test_ingest_command_copies_by_default(tmp_path: Path, spool_copy: Path, caps
 
 def test_ingest_command_missing_folder(tmp_path: Path) -> None:
     assert main(["ingest", str(tmp_path / "nope"), "--home", str(tmp_path / "home")]) == 2
-
-
-@pytest.fixture(scope="module")
-def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`kaapana demo` once on small grids with the tiny schedule: the whole story."""
-    root = tmp_path_factory.mktemp("demo")
-    # The examples, with liver-train relaxed for 16-slice test grids (thicker slices than 5 mm).
-    shutil.copytree(EXAMPLES, root / "cohorts")
-    (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT.replace("min_size: 4", "min_size: 2"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KAAPANA_COHORTS", str(root / "cohorts"))
-        mp.setenv("KAAPANA_HOME", str(root / "kaapana"))
-        mp.setenv("DAGSTER_HOME", str(root / "dagster"))
-        mp.delenv("KAAPANA_FEDERATION", raising=False)
-        code = main(["demo", "--studies", "3", "--rounds", "2", "--new-studies", "1", "--slices", "16", "--matrix", "40",
-                     "--schedule", "tiny", "--promotion-dice", "0.2"])
-    (root / "exit_code").write_text(str(code))
-    return root
 
 
 @pytest.mark.slow  # the whole demo

@@ -29,7 +29,9 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: SubParsers) -> None:
-    p = sub.add_parser("lineage", help="a SEG's chain: model → rounds or training run → cohort → Delta → source UIDs")
-    p.add_argument("uid", help="SEG SOPInstanceUID, SEG series UID, or the segmented series UID")
+    p = sub.add_parser("lineage", help="a SEG's, a model's or an evaluation's chain: model → rounds or training run → "
+                       "cohort → Delta → source UIDs")
+    p.add_argument("uid", help="SEG SOPInstanceUID, SEG series UID, the segmented series UID, a model "
+                   "(name:vN or name:production) or an evaluation id")
     p.add_argument("--home", default=None)
     p.set_defaults(func=cmd_lineage)

@@ -41,16 +41,18 @@ IDENTITY_EXPERIMENT = "federation"  # identity messages belong to no experiment
 
 
 class Kind(StrEnum):
-    """Message kinds; the first four go hub → site, the rest come back."""
+    """Message kinds; the first five go hub → site, the rest come back."""
 
     IDENTIFY = "identify"
     FINGERPRINT_REQUEST = "fingerprint_request"
     TRAIN = "train"
     EVALUATE = "evaluate"
+    STATISTICS_REQUEST = "statistics_request"  # the network monitor asks for a site's aggregates
     IDENTITY = "identity"
     FINGERPRINT = "fingerprint"
     UPDATE = "update"
     EVALUATION = "evaluation"
+    STATISTICS = "statistics"  # a site's aggregates, small cells suppressed
 
 
 class RejectionReason(StrEnum):

@@ -6,8 +6,14 @@ the site's own Dagster instance* (site_fingerprint, site_update, site_evaluation
 site's UI and lineage show every round it took part in. The reply carries only tensors,
 counts and metrics, is signed with the site's key, and passes the identifier guard.
 
+The network monitor's statistics request is answered without Dagster: the site's
+aggregates are computed from its own lake (kaapana_assets/monitoring/figures.py) and small
+cells are suppressed before the reply is signed, with the hub's threshold but never below
+the site's own floor (node config `min-cell-size`, default 5).
+
 SuperNode node config: `kaapana-home` (the site's home), `site` (its name), optionally
-`device` and `threads`. The site key comes from $KAAPANA_SITE_KEY or node config `key-file`.
+`device`, `threads` and `min-cell-size`. The site key comes from $KAAPANA_SITE_KEY or node
+config `key-file`.
 """
 
 from __future__ import annotations
@@ -38,13 +44,11 @@ from kaapana_assets.federated.channel import (
     verify,
 )
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
-from kaapana_assets.federated.hub import ExperimentSpec
-from kaapana_assets.federated.partitions import round_key
-from kaapana_assets.federated.payload import unpack_update
-from kaapana_assets.federated.privacy import privatize
 from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
+from kaapana_assets.monitoring.figures import DEFAULT_THRESHOLD, MAX_THRESHOLD, site_answer
+from kaapana_assets.monitoring.figures import EXPERIMENT as STATISTICS_EXPERIMENT
 
 EXPERIMENTS = "federated_experiments"
 
@@ -56,6 +60,7 @@ class SiteSettings:
     key: str
     device: str = "auto"
     threads: int = 2
+    min_cell_size: int = DEFAULT_THRESHOLD  # the site's own floor for small-cell suppression
 
     @classmethod
     def from_context(cls, context: Context) -> SiteSettings:
@@ -69,8 +74,11 @@ class SiteSettings:
             key = Path(str(config["key-file"])).read_text().strip()
         if not key:
             raise RuntimeError(f"site {site} has no key: set KAAPANA_SITE_KEY or node config key-file")
+        floor = int(str(config.get("min-cell-size", DEFAULT_THRESHOLD)))
+        if not 1 <= floor <= MAX_THRESHOLD:
+            raise RuntimeError(f"min-cell-size {floor} of site {site} is outside 1..{MAX_THRESHOLD}")
         return cls(site, Path(str(config["kaapana-home"])), validate_site_key(key, site),
-                   str(config.get("device", "auto")), int(str(config.get("threads", 2))))
+                   str(config.get("device", "auto")), int(str(config.get("threads", 2))), floor)
 
     @property
     def store(self) -> FederationStore:
@@ -144,7 +152,15 @@ def fingerprint(settings: SiteSettings, msg: Message) -> Message:
     return msg.create_reply(seal(reply, Kind.FINGERPRINT, experiment, 0, settings.site, cases, settings.key))
 
 
+# The training steps import Dagster, nnU-Net's helpers and the hub's modules when they run:
+# a ClientApp process starts per message, and a statistics request needs none of them.
+
 def train(settings: SiteSettings, msg: Message) -> Message:
+    from kaapana_assets.federated.hub import ExperimentSpec
+    from kaapana_assets.federated.partitions import round_key
+    from kaapana_assets.federated.payload import unpack_update
+    from kaapana_assets.federated.privacy import privatize
+
     experiment, round_ = _receive(settings, msg, Kind.TRAIN)
     materialize_at_site(settings, "site_update", experiment, round_key(experiment, round_))
     update = unpack_update(settings.site, settings.store.read_message(experiment, round_, "update", settings.site))
@@ -157,12 +173,35 @@ def train(settings: SiteSettings, msg: Message) -> Message:
 
 
 def evaluate(settings: SiteSettings, msg: Message) -> Message:
+    from kaapana_assets.federated.partitions import round_key
+    from kaapana_assets.federated.payload import unpack_update
+
     experiment, round_ = _receive(settings, msg, Kind.EVALUATE)
     materialize_at_site(settings, "site_evaluation", experiment, round_key(experiment, round_))
     evaluation = unpack_update(settings.site, settings.store.read_message(experiment, round_, "evaluation",
                                                                            settings.site))
     reply = RecordDict({METRICS: metrics_record(evaluation.cases, evaluation.metrics)})
     return msg.create_reply(seal(reply, Kind.EVALUATION, experiment, round_, settings.site, evaluation.cases,
+                                 settings.key))
+
+
+def statistics(settings: SiteSettings, msg: Message) -> Message:
+    """The site's aggregates for the hub's network monitor: computed from the site's own
+    lake, small cells suppressed here, before the reply is signed (no Dagster run)."""
+    manifest, _ = read_manifest(msg.content)
+    try:
+        verify(msg.content, settings.key, Kind.STATISTICS_REQUEST, STATISTICS_EXPERIMENT, manifest.round,
+               settings.site)
+    except UpdateRejected as exc:
+        raise RuntimeError(f"{settings.site} refuses the hub's statistics request: {exc.reason}: {exc.message}") from None
+    request = json.loads(str(msg.content[CONFIG]["request"]))
+    requested = request.get("threshold", DEFAULT_THRESHOLD)
+    if not isinstance(requested, int) or isinstance(requested, bool) or not 1 <= requested <= MAX_THRESHOLD:
+        raise RuntimeError(f"{settings.site} refuses a statistics request with threshold {requested!r}")
+    answer = site_answer(Lake(settings.home / "lake"), settings.site, max(requested, settings.min_cell_size))
+    reply = RecordDict({CONFIG: ConfigRecord({"statistics": answer.dumps()})})
+    # The manifest's case count is 0: a count there would bypass the suppression.
+    return msg.create_reply(seal(reply, Kind.STATISTICS, STATISTICS_EXPERIMENT, manifest.round, settings.site, 0,
                                  settings.key))
 
 
@@ -187,6 +226,8 @@ def query(msg: Message, context: Context) -> Message:
     settings = SiteSettings.from_context(context)
     if "challenge" in msg.content.get(CONFIG, {}):
         return identify(settings, msg)
+    if read_manifest(msg.content)[0].kind == Kind.STATISTICS_REQUEST:
+        return statistics(settings, msg)
     return fingerprint(settings, msg)
 
 

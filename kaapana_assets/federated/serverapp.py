@@ -1,8 +1,10 @@
 """The hub's Flower ServerApp: one Flower run performs exactly one step of an experiment,
-the step its asset materializes — `plan` (collect the sites' fingerprints) or `round`
-(from global r-1 to global r). The SuperLink starts it; it talks to the sites only through
-the Grid (the SuperNodes dial out and poll), and writes its result into the hub's own
-federation folder, where the asset that started the run reads it.
+the step its asset materializes — `plan` (collect the sites' fingerprints), `round`
+(from global r-1 to global r) or `statistics` (the network monitor: every site's
+aggregates, small cells suppressed at the site; `round` is then the collection's number).
+The SuperLink starts it; it talks to the sites only through the Grid (the SuperNodes dial
+out and poll), and writes its result into the hub's own federation folder, where the asset
+that started the run reads it.
 
 Run config (set by runs.py): step, experiment, round, federation-dir, federation-file,
 token (names the result file), timeout (seconds a phase waits for replies), ttl.
@@ -51,6 +53,8 @@ from kaapana_assets.federated.hub import (
 from kaapana_assets.federated.sites import load_site_keys
 from kaapana_assets.federated.store import FederationStore
 from kaapana_assets.files import write_atomically
+from kaapana_assets.monitoring.figures import AnswerRefused, parse_answer
+from kaapana_assets.monitoring.network import read_request
 
 POLL_S = 0.5  # how often replies are pulled (Flower's own send_and_receive sleeps 3 s)
 
@@ -238,6 +242,33 @@ def _rows(rows: list[dict]) -> list[dict]:
     return [{k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()} for row in rows]
 
 
+def statistics_step(settings: StepSettings, grid: Grid, store: FederationStore, keys: Mapping[str, str],
+                    log: Callable[[str], None]) -> dict:
+    """Every site's aggregates (the site suppresses small cells; the hub refuses an answer
+    with a small count in the clear). A short wait and TTL: a site that does not answer is
+    reported stale by the asset, and a request must not wait 24 h for a site to return."""
+    request = read_request(store, settings.round)
+    threshold = int(request["threshold"])
+    timeout_s = min(settings.timeout_s, float(request["timeout_s"]))
+    grid_channel = GridChannel(grid, store, settings.experiment, keys, timeout_s, min(settings.ttl_s, timeout_s), log)
+    body = json.dumps({"threshold": threshold}, sort_keys=True)
+    verified, rejected = grid_channel.exchange(
+        Kind.STATISTICS_REQUEST, Kind.STATISTICS, sorted(keys), settings.round,
+        lambda site: RecordDict({CONFIG: ConfigRecord({"request": body})}))
+    answers = {}
+    for reply in verified:
+        assert reply.message is not None
+        try:
+            answer = parse_answer(str(reply.message.content[CONFIG]["statistics"]), reply.site, threshold)
+        except (KeyError, AnswerRefused) as exc:
+            rejected.append(Rejection(reply.site, RejectionReason.BAD_PAYLOAD, f"statistics refused: {exc}"))
+            continue
+        answers[reply.site] = answer.to_json()
+    for rejection in rejected:
+        log(f"statistics of {rejection.site}: {rejection.reason}: {rejection.message}")
+    return {"answers": answers, "rejected": [_rejection(r) for r in rejected]}
+
+
 def round_step(settings: StepSettings, grid_channel: GridChannel, store: FederationStore,
                log: Callable[[str], None]) -> dict:
     experiment = settings.experiment
@@ -275,6 +306,8 @@ def main(grid: Grid, context: Context) -> None:
             result = {"ok": True, **plan_step(settings, grid_channel, store, sorted(keys))}
         elif settings.step == "round":
             result = round_step(settings, grid_channel, store, log)
+        elif settings.step == "statistics":
+            result = {"ok": True, **statistics_step(settings, grid, store, keys, log)}
         else:
             result = {"ok": False, "error": f"unknown step {settings.step!r}", "kind": "refused"}
     except Exception as exc:  # noqa: BLE001 - reported to the asset, which fails with it

@@ -268,8 +268,93 @@ FEDERATED_ROUNDS = TableSpec(
     mutable=True,  # a retried round replaces its failed attempt (Delta history keeps both)
 )
 
+# A model version measured on a cohort version against its reference SEGs: one row per case
+# (series) and label. Recomputing an evaluation updates its rows (Delta history keeps both).
+EVALUATIONS = TableSpec(
+    "evaluations",
+    pa.schema(
+        [
+            ("evaluation_id", pa.string()),  # sha256(cohort, cohort_version, model_name, model_version)[:16]
+            ("cohort", pa.string()),
+            ("cohort_version", pa.int64()),
+            ("model_name", pa.string()),
+            ("model_version", pa.string()),
+            ("series_uid", pa.string()),  # the case: the cohort member (CT series)
+            ("study_uid", pa.string()),
+            ("patient_id", pa.string()),
+            ("label", pa.string()),
+            ("label_value", pa.int64()),
+            ("reference_seg_series_uid", pa.string()),
+            ("predicted_seg_series_uid", pa.string()),
+            ("predicted_seg_sop_instance_uid", pa.string()),
+            ("dice", pa.float64()),  # null when reference and prediction are both empty
+            ("hd95_mm", pa.float64()),  # null when either is empty (no surface to measure from)
+            ("hausdorff_mm", pa.float64()),
+            ("assd_mm", pa.float64()),
+            ("reference_voxels", pa.int64()),
+            ("predicted_voxels", pa.int64()),
+            ("reference_ml", pa.float64()),
+            ("predicted_ml", pa.float64()),
+            ("volume_difference_ml", pa.float64()),  # predicted − reference
+            ("spacing_zyx", FLOATS),  # mm
+            ("series_table_version", pa.int64()),  # the series rows the cohort version read
+            ("evaluated_at", TIMESTAMP),
+            ("row_digest", pa.string()),
+        ]
+    ),
+    keys=("cohort", "cohort_version", "model_name", "model_version", "series_uid", "label"),
+    mutable=True,
+)
+
+# The hub's network monitor: every site's aggregates as each collection received them
+# (small cells suppressed at the site), a stale site's last known figures, and the network
+# total (site "network"). One row per collection, site and cell; insert-only.
+NETWORK_STATISTICS = TableSpec(
+    "network_statistics",
+    pa.schema(
+        [
+            ("snapshot_id", pa.string()),  # the collection (its request number)
+            ("collected_at", TIMESTAMP),
+            ("site", pa.string()),  # a site name, or "network" for the total
+            ("status", pa.string()),  # fresh | stale | total
+            ("figures_at", TIMESTAMP),  # when the site computed these figures
+            ("metric", pa.string()),  # patients | studies | series | instances | quarantined | cohort_*
+            ("dimension", pa.string()),  # all | modality | manufacturer | body_part | sex | age | ...
+            ("category", pa.string()),
+            ("count", pa.int64()),  # null when suppressed; network: the exact total, null when a site withheld it
+            ("suppressed", pa.bool_()),
+            ("reported", pa.string()),  # as sent: "12", "<5", ">=5"; network: "36", or ">=38" (a lower bound)
+            ("suppressed_sites", pa.int64()),  # network: sites whose cell was suppressed
+            ("threshold", pa.int64()),  # small-cell threshold the site applied
+        ]
+    ),
+    keys=("snapshot_id", "site", "metric", "dimension", "category"),
+)
+
+# One row per collection and site: answered (fresh), not answered (stale: last known figures
+# reported, or unavailable: none known), and why.
+NETWORK_SITES = TableSpec(
+    "network_sites",
+    pa.schema(
+        [
+            ("snapshot_id", pa.string()),
+            ("collected_at", TIMESTAMP),
+            ("site", pa.string()),
+            ("status", pa.string()),  # fresh | stale | unavailable
+            ("reason", pa.string()),  # why a site's answer is missing or was refused
+            ("message", pa.string()),
+            ("figures_at", TIMESTAMP),
+            ("last_ingest_at", TIMESTAMP),
+            ("threshold", pa.int64()),
+            ("cells", pa.int64()),
+            ("suppressed_cells", pa.int64()),
+        ]
+    ),
+    keys=("snapshot_id", "site"),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, INSTANCE_ENCODINGS, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SENT,
-                 FEDERATED_ROUNDS)
+                 FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES)
 }
