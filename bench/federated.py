@@ -1,12 +1,14 @@
 """Federated vs centralized vs site-alone nnU-Net, Dice on every site's held-out data.
 
-    python bench/federated.py [--train 6] [--test 3] [--rounds 4] [--local-epochs 2] [--iterations 10]
+    python bench/federated.py [--train 6] [--test 3] [--rounds 4] [--local-epochs 2] [--iterations 10] [--threads N]
 
 Three synthetic non-IID sites (three scanner profiles). Each site has `--train` annotated
 studies in its own KAAPANA_HOME and `--test` held-out studies no model ever trains on.
   - federated: the production path — federated_plan, `--rounds` federated_rounds and
-    federated_model through Dagster with the local transport; every site trains
-    `--local-epochs` × `--iterations` per round from the global weights.
+    federated_model through Dagster; a LocalFederation (a Flower SuperLink and one SuperNode
+    per site, on loopback) carries every plan and round as one Flower run, and each site's
+    ClientApp materializes site_update/site_evaluation into the site's own Dagster instance.
+    Every site trains `--local-epochs` × `--iterations` per round from the global weights.
   - centralized: the sites' training patients pooled in one lake, one nnU-Net trained for
     rounds × local epochs (the same number of epochs each federated site trained).
   - centralized ×3: the same, with as many gradient steps as the three sites made together.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -43,6 +46,8 @@ def main() -> int:
     parser.add_argument("--matrix", type=int, default=48)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // len(SITES)),
+                        help="torch threads per site's SuperNode (the sites train in parallel)")
     args = parser.parse_args()
 
     import dagster as dg
@@ -51,9 +56,11 @@ def main() -> int:
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
     from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
-    from kaapana_assets.federated.exchange import generate_site_key
+    from kaapana_assets.federated.channel import generate_site_key
     from kaapana_assets.federated.partitions import round_key
-    from kaapana_assets.federated.store import ExchangeStore
+    from kaapana_assets.federated.sites import SiteEntry, write_sites
+    from kaapana_assets.federated.store import FederationStore
+    from kaapana_assets.federated.superlink import LocalFederation, LocalSite
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
     from kaapana_assets.ingest.volume import assemble_volume, seg_labels
@@ -62,7 +69,7 @@ def main() -> int:
     from kaapana_assets.training import nnunet
     from kaapana_assets.training.export import export_cohort
     from resources import site_resources
-    from resources.federation import FederatedSite, FederationResource
+    from resources.federation import FederationResource
 
     cohort = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
                                               "filter": {"modality": "CT", "has_reference_segmentation": True}})
@@ -104,26 +111,36 @@ def main() -> int:
 
         results: dict[str, dict[str, float]] = {}
 
-        # Federated, through the assets.
+        # Federated, through the assets: a SuperLink for the hub, one SuperNode per site.
         t0 = time.perf_counter()
-        federation = FederationResource(
-            sites=[FederatedSite(name=s, transport="local", home=str(homes[s].root), key=keys[s], device=args.device)
-                   for s in SITES],
-            exchange=str(root / "exchange"), rounds=args.rounds, min_sites=len(SITES), schedule="tiny",
-            local_epochs=args.local_epochs, iterations_per_epoch=args.iterations, base_features=args.width)
-        resources = {**site_resources(root / "hub", device=args.device, promotion_dice=0.0), "federation": federation}
-        with dg.instance_for_test() as instance:
-            instance.add_dynamic_partitions("federated_experiments", ["bench"])
-            dg.materialize([federated_plan], partition_key="bench", instance=instance, resources=resources,
-                           run_config=quiet)
-            for r in range(1, args.rounds + 1):
-                dg.materialize([federated_plan, federated_rounds], partition_key=round_key("bench", r),
-                               instance=instance, resources=resources, selection=[federated_rounds], run_config=quiet)
-                print(f"federated round {r}/{args.rounds} done ({time.perf_counter() - t0:.0f}s)", flush=True)
-            dg.materialize([federated_rounds, federated_model], partition_key="bench", instance=instance,
-                           resources=resources, selection=[federated_model], run_config=quiet)
+        hub = root / "hub"
+        flower = LocalFederation(hub / "flower", [LocalSite(s, homes[s].root, keys[s], args.device, args.threads)
+                                                   for s in SITES])
+        try:
+            flower.start()
+            print(f"federation up: SuperLink {flower.connection.address}, {len(SITES)} SuperNodes "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            federation = FederationResource(
+                superlink=flower.connection.address, root_certificate=str(flower.connection.root_certificate),
+                federation_file=str(write_sites(hub / "federation.yaml", [SiteEntry(s, key=keys[s]) for s in SITES])),
+                folder=str(KaapanaHome(hub).hub_federation), rounds=args.rounds, min_sites=len(SITES), schedule="tiny",
+                local_epochs=args.local_epochs, iterations_per_epoch=args.iterations, base_features=args.width)
+            resources = {**site_resources(hub, device=args.device, promotion_dice=0.0), "federation": federation}
+            with dg.instance_for_test() as instance:
+                instance.add_dynamic_partitions("federated_experiments", ["bench"])
+                dg.materialize([federated_plan], partition_key="bench", instance=instance, resources=resources,
+                               run_config=quiet)
+                for r in range(1, args.rounds + 1):
+                    dg.materialize([federated_plan, federated_rounds], partition_key=round_key("bench", r),
+                                   instance=instance, resources=resources, selection=[federated_rounds],
+                                   run_config=quiet)
+                    print(f"federated round {r}/{args.rounds} done ({time.perf_counter() - t0:.0f}s)", flush=True)
+                dg.materialize([federated_rounds, federated_model], partition_key="bench", instance=instance,
+                               resources=resources, selection=[federated_model], run_config=quiet)
+        finally:
+            flower.close()
         timings["federated"] = time.perf_counter() - t0
-        store = ExchangeStore(root / "exchange")
+        store = FederationStore(KaapanaHome(hub).hub_federation)
         folder = nnunet.model_folder_from_weights(root / "models" / "federated", store.read_json("bench", "plans"),
                                                   store.read_json("bench", "dataset"),
                                                   store.read_global("bench", args.rounds))
