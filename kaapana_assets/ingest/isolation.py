@@ -44,7 +44,10 @@ def _discard() -> None:
         return
     for process in list(getattr(pool, "_processes", {}).values()):  # no public handle on the worker
         if process.is_alive() and process.pid:
-            os.kill(process.pid, signal.SIGKILL)
+            try:
+                os.kill(process.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it died between the check and the kill
+                pass
     pool.shutdown(wait=False, cancel_futures=True)
 
 
