@@ -190,7 +190,3 @@ def metrics_of(content: RecordDict) -> tuple[int, dict[str, float]]:
     record = dict(content.metric_records[METRICS])
     cases = int(cast(float, record.pop(WEIGHT_KEY)))
     return cases, {k: float(cast(float, v)) for k, v in record.items()}
-
-
-def config_json(content: RecordDict, name: str) -> dict:
-    return json.loads(str(content[CONFIG][name]))

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -258,8 +258,6 @@ class LocalFederation:
 
     def wait_connected(self, count: int, timeout_s: float = 60.0) -> None:
         """Until `count` SuperNodes are online (`flwr supernode ls`)."""
-        import json as _json
-
         deadline = time.monotonic() + timeout_s
         online = 0
         while time.monotonic() < deadline:
@@ -267,7 +265,7 @@ class LocalFederation:
                                  capture_output=True, text=True, timeout=60,
                                  env={**os.environ, "FLWR_HOME": str(self.connection.flwr_home)})
             try:
-                nodes = _json.loads(out.stdout).get("nodes", [])
+                nodes = json.loads(out.stdout).get("nodes", [])
                 online = sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
             except ValueError:
                 online = 0
@@ -295,12 +293,3 @@ class LocalFederation:
         if self.superlink is not None:
             stop(self.superlink)
             self.superlink = None
-
-
-@contextmanager
-def local_federation(folder: Path, sites: list[LocalSite]) -> Iterator[LocalFederation]:
-    federation = LocalFederation(folder, sites)
-    try:
-        yield federation.start()
-    finally:
-        federation.close()
