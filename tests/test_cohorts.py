@@ -199,6 +199,34 @@ def test_versions_and_time_travel(tmp_path: Path, corpus: dict) -> None:
     assert tags_of(targets.lake, study.series_uid) == ["gold"]
 
 
+def test_a_model_written_seg_is_no_reference(tmp_path: Path, corpus: dict) -> None:
+    """A study the automation segmented is not thereby annotated: a training cohort must not
+    pick it up, nor train on the model's own prediction."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from kaapana_assets.lake.schemas import SEGMENTATIONS
+
+    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home"))
+    study = corpus["site-a"][0]
+    ingest_files(study.ct_files + [study.seg_file], targets, remove_sources=False)
+    annotated = define(name="annotated", filter={"modality": "CT", "has_reference_segmentation": True})
+    first = snapshot_cohort(targets.lake, annotated)
+    seg_series = first.members["reference_seg_series_uids"][0].to_list()
+    assert len(seg_series) == 1 and first.version == 1
+    # The same SEG series, now listed as a model output (as the segmentations asset records it).
+    row = {"seg_sop_instance_uid": "1.2.3", "label": "liver", "label_value": 1, "study_uid": study.study_uid,
+           "series_uid": study.series_uid, "seg_series_uid": seg_series[0], "model_name": "m", "model_version": "1",
+           "created_at": dt.datetime.now(dt.timezone.utc)}
+    targets.lake.merge("segmentations", pa.Table.from_pylist([row], schema=SEGMENTATIONS.schema))
+    with pytest.raises(EmptyCohort):
+        snapshot_cohort(targets.lake, annotated)
+    everything = snapshot_cohort(targets.lake, define(name="all", filter={"modality": "CT"}))
+    assert everything.members["reference_seg_series_uids"].to_list() == [[]]
+    assert everything.members["reference_labels"].to_list() == [[]]
+
+
 # -- harmonization checks ----------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from kaapana_assets.federated.aggregation import QuorumNotMet, aggregate, require_quorum
 from kaapana_assets.federated.channel import (
+    ALIASES,
     ARRAYS,
     MANIFEST,
     METRICS,
@@ -23,12 +24,15 @@ from kaapana_assets.federated.channel import (
     UpdateRejected,
     content_bytes,
     from_arrays,
+    full_arrays,
     generate_site_key,
     metrics_of,
     metrics_record,
     seal,
     to_arrays,
     verify,
+    weight_records,
+    weights_of,
 )
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
 from kaapana_assets.federated.hub import ExperimentSpec, Privacy, publish_experiment
@@ -71,6 +75,45 @@ def test_signed_update_round_trip() -> None:
     assert (manifest.round, manifest.cases, manifest.kind) == (2, 3, "update")
     assert metrics_of(content) == (3, {"train_loss": 0.5})
     assert torch.equal(from_arrays(content[ARRAYS])["conv.weight"], torch.full((2, 3), 1.0))
+
+
+def _aliased_state_dict() -> dict[str, torch.Tensor]:
+    """nnU-Net's naming: the encoder appears twice, conv/norm again as all_modules.0/1."""
+    conv, norm = torch.randn(4, 2, 3), torch.randn(4)
+    return {"encoder.conv.weight": conv, "encoder.all_modules.0.weight": conv,
+            "decoder.encoder.conv.weight": conv.clone(), "encoder.norm.bias": norm,
+            "encoder.all_modules.1.bias": norm, "zeros.a": torch.zeros(3), "zeros.b": torch.zeros(3),
+            "zeros.int": torch.zeros(3, dtype=torch.int64), "head.bias": torch.randn(2)}
+
+
+def test_weights_travel_once_per_distinct_array_and_come_back_whole() -> None:
+    weights = _aliased_state_dict()
+    records = weight_records(weights)
+    sent = records[ARRAYS]
+    assert isinstance(sent, ArrayRecord)
+    # conv once (three names), norm once, zeros once per dtype, head: 5 arrays for 9 names
+    assert len(sent.keys()) == 5 and len(records[ALIASES]) == 4
+    content = seal(RecordDict({**records, METRICS: metrics_record(2, {})}), Kind.UPDATE, "exp1", 1, "site-a", 2,
+                   KEYS["site-a"])
+    verify(content, KEYS["site-a"], Kind.UPDATE, "exp1", 1, "site-a")
+    back = weights_of(content)
+    assert list(back) and set(back) == set(weights)
+    for name, tensor in weights.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    # every name its own tensor again (safetensors refuses shared storage)
+    assert len({t.data_ptr() for t in back.values()}) == len(back)
+    # the alias map is content: rewiring a name to another array breaks the digest
+    content[ALIASES] = ConfigRecord({**dict(content[ALIASES]), "zeros.b": "head.bias"})
+    with pytest.raises(UpdateRejected) as exc:
+        verify(content, KEYS["site-a"], Kind.UPDATE, "exp1", 1, "site-a")
+    assert exc.value.reason == "digest_mismatch"
+
+
+def test_an_alias_map_that_does_not_fit_the_arrays_is_refused() -> None:
+    records = weight_records(_aliased_state_dict())
+    for aliases in ({"x": "no-such-array"}, {"head.bias": "encoder.norm.bias"}):
+        with pytest.raises(ValueError, match="alias map"):
+            full_arrays(RecordDict({ARRAYS: records[ARRAYS], ALIASES: ConfigRecord(aliases)}))
 
 
 def test_an_update_altered_in_transit_is_rejected() -> None:

@@ -24,8 +24,8 @@ import numpy as np
 import polars as pl
 
 from kaapana_assets.cohorts.definitions import EXAMPLES
-from kaapana_assets.cohorts.membership import CohortSnapshot, cohort_versions, read_cohort
-from kaapana_assets.evaluation.evaluate import archive_paths, model_outputs, reference_seg
+from kaapana_assets.cohorts.membership import CohortSnapshot, cohort_versions, model_outputs, read_cohort
+from kaapana_assets.evaluation.evaluate import archive_paths, reference_seg
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.volume import Volume, assemble_volume, seg_labels
 from kaapana_assets.lake import Lake

@@ -41,6 +41,24 @@ class CohortSnapshot:
         return self.members.height
 
 
+def model_outputs(lake: Lake) -> set[str]:
+    """SEG series this platform's models wrote (the `segmentations` table): never references."""
+    if not lake.exists("segmentations"):
+        return set()
+    return set(lake.read("segmentations")["seg_series_uid"].unique().to_list())
+
+
+def without_model_segs(series: pl.DataFrame, outputs: set[str]) -> pl.DataFrame:
+    """The series rows with only human reference SEGs listed: a study the automation segmented
+    is not thereby annotated, and a model must never train on its own predictions."""
+    if not outputs:
+        return series
+    return series.with_columns(
+        pl.col("reference_seg_series_uids").list.set_difference(pl.lit(sorted(outputs), dtype=pl.List(pl.String)))
+        .list.sort()
+    )
+
+
 def select_series(series: pl.DataFrame, tags: pl.DataFrame, definition: CohortDefinition) -> pl.DataFrame:
     """Image series (not SEG) matching the definition's filter."""
     f = definition.filter
@@ -111,7 +129,7 @@ def latest_version(lake: Lake, cohort: str) -> tuple[int, str] | None:
 def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
     """Select members now; record a new version only if the membership changed."""
     series_version, tags_version = lake.version("series"), lake.version("tags")
-    series = lake.read("series", version=series_version)
+    series = without_model_segs(lake.read("series", version=series_version), model_outputs(lake))
     tags = lake.read("tags", version=tags_version)
     members = select_series(series, tags, definition)
     if members.height == 0:

@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from kaapana_assets.cohorts.membership import CohortSnapshot
+from kaapana_assets.cohorts.membership import CohortSnapshot, model_outputs
 from kaapana_assets.evaluation.metrics import LabelMetrics, case_metrics
 from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.ingest.volume import VolumeError, assemble_volume, seg_labels
@@ -69,13 +69,6 @@ class Evaluation:
 def archive_paths(lake: Lake, archive_root: Path, series_uid: str) -> list[Path]:
     rows = lake.read("instances", pl.col("series_uid") == series_uid).sort("instance_number")
     return [archive_root / p for p in rows["archive_path"].to_list()]
-
-
-def model_outputs(lake: Lake) -> set[str]:
-    """SEG series this platform's models wrote (never references)."""
-    if not lake.exists("segmentations"):
-        return set()
-    return set(lake.read("segmentations")["seg_series_uid"].unique().to_list())
 
 
 def reference_seg(member: dict[str, Any], outputs: set[str]) -> str | None:

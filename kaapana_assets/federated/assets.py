@@ -21,6 +21,7 @@ import dagster as dg
 import polars as pl
 import pyarrow as pa
 
+from kaapana_assets.federated.channel import metric_name
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.hub import ExperimentSpec, plan_experiment, publish_experiment, weights_digest
 from kaapana_assets.federated.partitions import experiments_partitions, round_key, rounds_partitions
@@ -29,7 +30,6 @@ from kaapana_assets.federated.site import (
     SiteContext,
     compute_fingerprint,
     evaluate_global,
-    metric_name,
     train_update,
 )
 from kaapana_assets.lake.schemas import TABLES

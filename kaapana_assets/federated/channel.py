@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -33,9 +34,11 @@ from typing import cast
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app.typing import ConfigRecordValues
 
 MANIFEST = "manifest"
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
+ALIASES = "aliases"  # ConfigRecord of a weights message: tensor name -> the name whose array it repeats
 WEIGHT_KEY = "num-examples"  # the MetricRecord key Flower's strategies weight by
 IDENTITY_EXPERIMENT = "federation"  # identity messages belong to no experiment
 
@@ -180,6 +183,54 @@ def to_arrays(weights: Mapping[str, torch.Tensor]) -> ArrayRecord:
 
 def from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return {name: torch.from_numpy(np.array(record[name].numpy(), copy=True)) for name in record.keys()}
+
+
+def weight_records(weights: Mapping[str, torch.Tensor]) -> dict[str, ArrayRecord | ConfigRecord]:
+    """The weights as the records of a message, each distinct array sent once.
+
+    nnU-Net's state dict names most tensors four times (decoder.encoder.* is encoder.*, and
+    conv/norm are all_modules.0/1): 240 names but 88 arrays, 71 MB → 22 MB per message for the
+    demo's network. Repeats are found by value — a site's update comes back from safetensors,
+    where the sharing is gone — and restored as copies by `full_arrays`, so the receiver sees
+    exactly the state dict that was sent. The alias map is content: the digest covers it."""
+    arrays: dict[str, Array] = {}
+    aliases: dict[str, ConfigRecordValues] = {}
+    first: dict[tuple[str, tuple[int, ...], bytes], str] = {}
+    for name, tensor in weights.items():
+        data = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        raw = data.reshape(-1).view(np.uint8)
+        fingerprint = (data.dtype.str, data.shape, hashlib.blake2b(raw.data, digest_size=16).digest())
+        earlier = first.get(fingerprint)
+        if earlier is not None and np.array_equal(raw, arrays[earlier].numpy().reshape(-1).view(np.uint8)):
+            aliases[name] = earlier
+            continue
+        first[fingerprint] = name
+        arrays[name] = Array(data.copy())
+    return {ARRAYS: ArrayRecord(arrays), ALIASES: ConfigRecord(aliases)}
+
+
+def full_arrays(content: RecordDict) -> ArrayRecord:
+    """The message's arrays under every name of the state dict (repeats share one Array).
+    ValueError for an alias map that does not fit the arrays."""
+    record = content.array_records[ARRAYS]
+    aliases = {str(k): str(v) for k, v in content.config_records[ALIASES].items()} if ALIASES in content else {}
+    if not aliases:
+        return record
+    clash = sorted(set(aliases) & set(record.keys()))
+    dangling = sorted(v for v in aliases.values() if v not in record)
+    if clash or dangling:
+        raise ValueError(f"alias map does not fit the arrays: {(clash or dangling)[0]!r}")
+    return ArrayRecord({**{k: record[k] for k in record.keys()}, **{k: record[v] for k, v in aliases.items()}})
+
+
+def weights_of(content: RecordDict) -> dict[str, torch.Tensor]:
+    """The state dict a weights message carries; every name its own tensor."""
+    return from_arrays(full_arrays(content))
+
+
+def metric_name(label: str) -> str:
+    """The metric a site reports for a label's Dice (an MLflow-safe name)."""
+    return "dice_" + (re.sub(r"[^a-z0-9_]+", "_", label.lower()).strip("_") or "label")
 
 
 def metrics_record(cases: int, metrics: Mapping[str, float]) -> MetricRecord:

@@ -35,13 +35,13 @@ from kaapana_assets.federated.channel import (
     Kind,
     UpdateRejected,
     content_bytes,
-    from_arrays,
     metrics_record,
     read_manifest,
     seal,
-    to_arrays,
     validate_site_key,
     verify,
+    weight_records,
+    weights_of,
 )
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
 from kaapana_assets.federated.store import FederationStore, checked_name
@@ -132,14 +132,18 @@ def _receive(settings: SiteSettings, msg: Message, kind: Kind) -> tuple[str, int
             store.write_json(experiment, name, json.loads(str(config[name])))
     if ARRAYS in msg.content:
         # The weights this site trains from (or scores) are the ones the hub signed.
-        store.write_global(experiment, round_ - 1 if kind == Kind.TRAIN else round_, from_arrays(msg.content.array_records[ARRAYS]))
+        store.write_global(experiment, round_ - 1 if kind == Kind.TRAIN else round_, weights_of(msg.content))
     return experiment, round_
+
+
+def _reply(msg: Message, content: RecordDict) -> Message:
+    return Message(content, reply_to=msg)  # the reply inherits what is left of the hub's TTL
 
 
 def identify(settings: SiteSettings, msg: Message) -> Message:
     challenge = str(msg.content[CONFIG]["challenge"])
     reply = RecordDict({CONFIG: ConfigRecord({"site": settings.site})})
-    return msg.create_reply(seal(reply, Kind.IDENTITY, IDENTITY_EXPERIMENT, 0, settings.site, 0, settings.key,
+    return _reply(msg, seal(reply, Kind.IDENTITY, IDENTITY_EXPERIMENT, 0, settings.site, 0, settings.key,
                                  nonce=challenge))
 
 
@@ -149,7 +153,7 @@ def fingerprint(settings: SiteSettings, msg: Message) -> Message:
     payload = settings.store.read_message(experiment, 0, "fingerprint", settings.site).decode()
     cases = int(json.loads(payload)["cases"])
     reply = RecordDict({CONFIG: ConfigRecord({"fingerprint": payload})})
-    return msg.create_reply(seal(reply, Kind.FINGERPRINT, experiment, 0, settings.site, cases, settings.key))
+    return _reply(msg, seal(reply, Kind.FINGERPRINT, experiment, 0, settings.site, cases, settings.key))
 
 
 # The training steps import Dagster, nnU-Net's helpers and the hub's modules when they run:
@@ -168,8 +172,8 @@ def train(settings: SiteSettings, msg: Message) -> Message:
     weights = update.weights
     if spec.dp.enabled:  # Flower's local DP: clip the update, add Gaussian noise, before anything leaves
         weights = privatize(weights, settings.store.read_global(experiment, round_ - 1), spec.dp)
-    reply = RecordDict({ARRAYS: to_arrays(weights), METRICS: metrics_record(update.cases, update.metrics)})
-    return msg.create_reply(seal(reply, Kind.UPDATE, experiment, round_, settings.site, update.cases, settings.key))
+    reply = RecordDict({**weight_records(weights), METRICS: metrics_record(update.cases, update.metrics)})
+    return _reply(msg, seal(reply, Kind.UPDATE, experiment, round_, settings.site, update.cases, settings.key))
 
 
 def evaluate(settings: SiteSettings, msg: Message) -> Message:
@@ -181,7 +185,7 @@ def evaluate(settings: SiteSettings, msg: Message) -> Message:
     evaluation = unpack_update(settings.site, settings.store.read_message(experiment, round_, "evaluation",
                                                                            settings.site))
     reply = RecordDict({METRICS: metrics_record(evaluation.cases, evaluation.metrics)})
-    return msg.create_reply(seal(reply, Kind.EVALUATION, experiment, round_, settings.site, evaluation.cases,
+    return _reply(msg, seal(reply, Kind.EVALUATION, experiment, round_, settings.site, evaluation.cases,
                                  settings.key))
 
 
@@ -201,7 +205,7 @@ def statistics(settings: SiteSettings, msg: Message) -> Message:
     answer = site_answer(Lake(settings.home / "lake"), settings.site, max(requested, settings.min_cell_size))
     reply = RecordDict({CONFIG: ConfigRecord({"statistics": answer.dumps()})})
     # The manifest's case count is 0: a count there would bypass the suppression.
-    return msg.create_reply(seal(reply, Kind.STATISTICS, STATISTICS_EXPERIMENT, manifest.round, settings.site, 0,
+    return _reply(msg, seal(reply, Kind.STATISTICS, STATISTICS_EXPERIMENT, manifest.round, settings.site, 0,
                                  settings.key))
 
 

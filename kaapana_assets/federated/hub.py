@@ -18,9 +18,8 @@ import torch
 from flwr.app import Message
 
 from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, aggregate, require_quorum
-from kaapana_assets.federated.channel import RejectionReason
+from kaapana_assets.federated.channel import RejectionReason, metric_name
 from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fingerprints, plan_at_hub
-from kaapana_assets.federated.site import metric_name
 from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.lake.digest import row_digest
 from kaapana_assets.training import nnunet

@@ -36,10 +36,11 @@ from kaapana_assets.federated.channel import (
     RejectionReason,
     UpdateRejected,
     content_bytes,
+    full_arrays,
     metrics_of,
     seal,
-    to_arrays,
     verify,
+    weight_records,
 )
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.hub import (
@@ -185,8 +186,8 @@ class RoundChannel:
         self.config = {name: json.dumps(value, sort_keys=True) for name, value in published.items()}
 
     def _content(self, weights: Mapping[str, torch.Tensor]) -> Callable[[str], RecordDict]:
-        arrays = to_arrays(weights)
-        return lambda site: RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord(dict(self.config))})
+        records = weight_records(weights)
+        return lambda site: RecordDict({**records, CONFIG: ConfigRecord(dict(self.config))})
 
     def train(self, sites: list[str], round_: int,
               weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
@@ -194,7 +195,11 @@ class RoundChannel:
         accepted = []
         for update in verified:
             assert update.message is not None
-            arrays = update.message.content.array_records.get(ARRAYS)
+            try:
+                arrays = full_arrays(update.message.content) if ARRAYS in update.message.content else None
+            except ValueError as exc:
+                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, str(exc)))
+                continue
             if arrays is None or set(arrays.keys()) != set(weights):
                 rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD,
                                           "the update is not a state dict of the experiment's network"))
@@ -204,6 +209,8 @@ class RoundChannel:
                 rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, f"tensor {bad[0]} has shape "
                                           f"{tuple(arrays[bad[0]].shape)}, expected {tuple(weights[bad[0]].shape)}"))
                 continue
+            # Verified already: the strategies now see every name of the state dict.
+            update.message.content[ARRAYS] = arrays
             accepted.append(update)
         return accepted, rejected
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from kaapana_assets.cohorts.membership import read_cohort
+from kaapana_assets.federated.channel import metric_name
 from kaapana_assets.federated.fingerprint import site_fingerprint
 from kaapana_assets.federated.guard import assert_nothing_identifying
 from kaapana_assets.federated.payload import SiteUpdate, pack_update
@@ -145,10 +145,6 @@ def train_update(ctx: SiteContext, experiment: str, round_: int) -> dict[str, ob
     update = local_update(ctx.site, paths, raw, DATASET_ID, start, schedule, ctx.device, ctx.threads)
     sha = ctx.send(experiment, round_, "update", pack_update(update.weights, update.cases, update.metrics), update.cases)
     return {"cases": update.cases, **update.metrics, "sha256": sha}
-
-
-def metric_name(label: str) -> str:
-    return "dice_" + (re.sub(r"[^a-z0-9_]+", "_", label.lower()).strip("_") or "label")
 
 
 def evaluate_global(ctx: SiteContext, experiment: str, round_: int) -> dict[str, float]:
