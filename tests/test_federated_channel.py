@@ -109,6 +109,18 @@ def test_weights_travel_once_per_distinct_array_and_come_back_whole() -> None:
     assert exc.value.reason == "digest_mismatch"
 
 
+def test_local_dp_clips_and_noises_each_parameter_once() -> None:
+    start = _aliased_state_dict()
+    trained = {k: v + 1.0 if v.is_floating_point() else v for k, v in start.items()}
+    conv = trained["encoder.conv.weight"]
+    trained["encoder.all_modules.0.weight"] = conv  # still one parameter under two names
+    privacy = Privacy(epsilon=2.0, delta=1e-5, clipping_norm=0.5, sensitivity=0.5)
+    private = privatize(trained, start, privacy)
+    assert torch.equal(private["encoder.conv.weight"], private["encoder.all_modules.0.weight"])
+    assert len(weight_records(private)[ARRAYS].keys()) < len(private)  # still sent once
+    assert torch.equal(private["zeros.int"], trained["zeros.int"])  # integers untouched
+
+
 def test_an_alias_map_that_does_not_fit_the_arrays_is_refused() -> None:
     records = weight_records(_aliased_state_dict())
     for aliases in ({"x": "no-such-array"}, {"head.bias": "encoder.norm.bias"}):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update
 
+from kaapana_assets.federated.channel import repeats
 from kaapana_assets.federated.hub import Privacy
 
 
@@ -23,7 +24,10 @@ def noise_stdv(privacy: Privacy) -> float:
 
 def privatize(trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],
               privacy: Privacy) -> dict[str, torch.Tensor]:
-    names = [k for k in trained if trained[k].is_floating_point()]
+    # Each parameter once: nnU-Net names most of them several times, and counting copies would
+    # spend the clipping norm on duplicates (and noise each copy differently).
+    aliases = {k: v for k, v in repeats(trained).items() if torch.equal(start[k], start[v])}
+    names = [k for k in trained if trained[k].is_floating_point() and k not in aliases]
     client = [trained[k].detach().cpu().double().numpy().copy() for k in names]
     server = [start[k].detach().cpu().double().numpy() for k in names]
     compute_clip_model_update(client, server, privacy.clipping_norm)  # in place: server + clipped update
@@ -31,4 +35,6 @@ def privatize(trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Ten
     out = dict(trained)
     for name, array in zip(names, client, strict=True):
         out[name] = torch.from_numpy(array).to(trained[name].dtype)
+    for alias, name in aliases.items():
+        out[alias] = out[name].clone()
     return out
