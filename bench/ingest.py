@@ -1,7 +1,7 @@
 """Ingest throughput against the reference tools, on the same generated files, same run,
 on a corpus that mixes uncompressed and compressed transfer syntaxes.
 
-    python bench/ingest.py [--instances 2000] [--workers 2] [--compressed-fraction 0.5]
+    python bench/ingest.py [--instances 2000] [--workers 2] [--compressed-fraction 0.5] [--scale 20000]
 
 Two corpora of synthetic studies (kaapana_assets.synthetic.generate_site, three site
 profiles) are generated, and in each a `--compressed-fraction` of the CT instances is
@@ -11,9 +11,18 @@ Deflated Explicit VR Little Endian; site-a's (unsigned) CT also gets HTJ2K lossl
 of this happens before any timing starts. Prints the composition per transfer syntax,
 then instances/s for:
 - our ingest end to end (header parse + validation, archive link/copy, Delta MERGE of
-  instances/series/studies, sync, spool cleanup): *cold* in this fresh process (imports
-  and worker-pool start-up counted) and *warm* (a second, different corpus of the same
-  size and mix in the same process: what a running site sees);
+  instances/series/studies, sync, spool cleanup): *cold* is the first ingest_files call
+  of this fresh process into an empty home: everything it does for the first time
+  (lazy imports, parser start-up, creating the Delta tables, first use of deltalake and
+  Arrow) is counted; importing the pipeline module itself is not, and is printed apart,
+  measured in a fresh interpreter, with the cold rate that includes it. *warm* is a
+  second, different corpus of the same size and mix in the same process and home (what
+  a running site sees). Both also print the process CPU time they used (all threads and
+  child processes), which the other load on a shared machine disturbs less than wall
+  time;
+- with `--scale N` (e.g. 20000): two more corpora, 1,000 and N instances, each ingested
+  warm into its own fresh home; the per-instance cost of both and their ratio (how the
+  cost grows with the batch count and the size of the tables);
 - our header parse + validation alone (one process, no writes);
 - a naive per-file pydicom `dcmread(stop_before_pixels=True)` (parse only, no writes);
 - dcmtk's `dcm2json` once per file on the same files (how Kaapana extracts metadata);
@@ -33,11 +42,14 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Heavy imports live inside functions: spawned ingest workers re-import this module as
 # their __main__, exactly as they re-import the light `kaapana` CLI entry point.
+if TYPE_CHECKING:
+    from kaapana_assets.ingest.pipeline import IngestReport, IngestTargets
 
 # What the selected CT instances are re-encoded as, in turn (per site). Lossless only: a
 # lossy re-encoding gets a new SOP Instance UID and is another instance.
@@ -158,6 +170,72 @@ def rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 else float("inf")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads), its waited-for children and its live
+    children (a worker pool's processes: os.times does not see them until they end)."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    ticks = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # ended meanwhile, or not Linux
+        if int(fields[1]) == os.getpid():  # fields[1]: ppid; [11], [12]: utime, stime
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def pipeline_import_seconds() -> float:
+    """Wall time to import the ingest pipeline in a fresh interpreter (median of 3)."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); t = time.perf_counter(); "
+            "import kaapana_assets.ingest.pipeline; print(time.perf_counter() - t)")
+    root = str(Path(__file__).resolve().parents[1])
+    runs = sorted(float(subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True,
+                                       check=True).stdout) for _ in range(3))
+    return runs[1]
+
+
+def timed_ingest(spool_files: list[Path], targets: IngestTargets, workers: int) -> tuple[IngestReport, float, float]:
+    """(report, wall seconds, CPU seconds) of one ingest_files call."""
+    from kaapana_assets.ingest.pipeline import ingest_files
+
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    report = ingest_files(spool_files, targets, workers=workers)
+    return report, time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def scale_run(tmp_path: Path, sizes: tuple[int, ...], fraction: float, threads: int, workers: int) -> list[str]:
+    """Per-instance cost at each corpus size, each ingested warm into its own fresh home.
+    Prints the table; returns problems."""
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.ingest.pipeline import IngestTargets
+
+    problems = []
+    rows = []
+    for k, size in enumerate(sizes):
+        root = tmp_path / f"scale-{size}"
+        t0 = time.perf_counter()
+        files, ct = make_corpus(root / "corpus", size, seed=3000 + k)
+        errors = transcode_all(plan_transcodes(ct, fraction), threads)
+        problems += [f"scale {size}: transcode failed: {e}" for e in errors]
+        print(f"scale corpus: {len(files)} instances generated and transcoded in {time.perf_counter() - t0:.1f}s (untimed)")
+        report, wall, cpu = timed_ingest(files, IngestTargets.for_home(KaapanaHome(root / "home")), workers)
+        indexed = report.count("indexed")
+        if indexed != len(files):
+            problems.append(f"scale {size}: not all files indexed: {report.summary()}")
+        rows.append((len(files), wall, cpu))
+    print()
+    print("per-instance cost against corpus size (warm, each into a fresh home):")
+    print(f"{'instances':>9s} {'seconds':>8s} {'inst/s':>8s} {'µs/inst':>8s} {'CPU µs/inst':>11s}")
+    for n, wall, cpu in rows:
+        print(f"{n:9d} {wall:8.2f} {rate(n, wall):8.0f} {1e6 * wall / n:8.0f} {1e6 * cpu / n:11.0f}")
+    (n0, w0, c0), (n1, w1, c1) = rows[0], rows[-1]
+    print(f"growth {n1:,} vs {n0:,}: wall per instance ×{(w1 / n1) / (w0 / n0):.2f}, "
+          f"CPU per instance ×{(c1 / n1) / (c0 / n0):.2f} (goal ≤ 1.2)")
+    return problems
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=2000)
@@ -167,11 +245,15 @@ def main() -> int:
                         help="share of the CT instances re-encoded in another transfer syntax (0..1)")
     parser.add_argument("--transcode-threads", type=int, default=(os.cpu_count() or 1) + 1,
                         help="tool processes run at a time while building the corpus (untimed)")
+    parser.add_argument("--scale", type=int, default=0,
+                        help="also ingest 1,000 and this many instances (warm, fresh homes) and compare "
+                             "the per-instance cost (0: skip)")
     args = parser.parse_args()
     if not 0.0 <= args.compressed_fraction <= 1.0:
         parser.error("--compressed-fraction must be within 0..1")
+    import_s = pipeline_import_seconds()  # in a fresh interpreter, before this one imports it
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import IngestTargets
 
     problems: list[str] = []
     notes: list[str] = []
@@ -200,13 +282,14 @@ def main() -> int:
         load_before = os.getloadavg()
         targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home"))
         timings = []
+        cpu_used: dict[str, float] = {}
         for label, corpus, corpus_syntax in (("cold", "corpus", syntax), ("warm", "corpus2", syntax2)):
             spool = tmp_path / f"spool-{label}"
             shutil.copytree(tmp_path / corpus, spool)  # the spool: ingest removes what it commits
             spool_files = list(spool.rglob("*.dcm"))
-            t0 = time.perf_counter()
-            report = ingest_files(spool_files, targets, workers=args.workers)
-            timings.append((label, len(spool_files), time.perf_counter() - t0))
+            report, wall, cpu = timed_ingest(spool_files, targets, args.workers)
+            timings.append((label, len(spool_files), wall))
+            cpu_used[label] = cpu
             summary = report.summary()
             print(f"{label}: {len(spool_files)} files -> " + ", ".join(f"{k} {v}" for k, v in summary.items()))
             if report.count("indexed") != len(spool_files):
@@ -290,9 +373,14 @@ def main() -> int:
           f"load avg then {load_before[0]:.2f} (includes this run's transcoding), now {os.getloadavg()[0]:.2f}")
     print(f"{'method':58s} {'files':>6s} {'seconds':>8s} {'inst/s':>8s} {'cold ×':>7s} {'warm ×':>7s}")
     for name, count, seconds in results:
-        r = rate(count, seconds)
-        print(f"{name:58s} {count:6d} {seconds:8.2f} {r:8.0f} {cold / r:7.2f} {warm / r:7.2f}")
+        row_rate = rate(count, seconds)
+        print(f"{name:58s} {count:6d} {seconds:8.2f} {row_rate:8.0f} {cold / row_rate:7.2f} {warm / row_rate:7.2f}")
     print("(cold × / warm ×: our end-to-end ingest rate over that row's rate, e.g. ours/pydicom, ours/dcm2json)")
+    n_cold, s_cold = timings[0][1], timings[0][2]
+    print(f"cold, CPU: {cpu_used['cold']:.2f} s ({rate(n_cold, cpu_used['cold']):.0f} inst per CPU second); "
+          f"warm, CPU: {cpu_used['warm']:.2f} s ({rate(timings[1][1], cpu_used['warm']):.0f} inst per CPU second)")
+    print(f"importing the pipeline in a fresh interpreter: {import_s:.2f} s (not in cold); cold with it: "
+          f"{rate(n_cold, s_cold + import_s):.0f} inst/s")
 
     print()
     print("parse only, per transfer syntax, cold corpus (inst/s, 1 process):")
@@ -302,6 +390,12 @@ def main() -> int:
         pyd = rate(counts[name], per_ts["pydicom"][name])
         d2j = rate(dcm2json_counts[name], per_ts["dcm2json"][name]) if dcm2json_counts[name] else float("nan")
         print(f"{name:22s} {counts[name]:6d} {ours:8.0f} {pyd:8.0f} {d2j:8.0f} {ours / pyd:8.2f} {ours / d2j:8.2f}")
+
+    if args.scale:
+        print()
+        with tempfile.TemporaryDirectory() as tmp:
+            problems += scale_run(Path(tmp), (1000, args.scale), args.compressed_fraction, args.transcode_threads,
+                                  args.workers)
 
     if notes:
         print()

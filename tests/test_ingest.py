@@ -173,3 +173,109 @@ def test_fuzzed_files_are_indexed_or_quarantined(fuzz_seed: bytes, tmp_path_fact
     s = report.summary()
     assert s["failed"] == 0 and len(paths) == s["indexed"] + s["already_indexed"] + s["quarantined"]
     assert not any(p.exists() for p in paths)
+
+
+def _without_times(frame: pl.DataFrame, key: str) -> pl.DataFrame:
+    return frame.drop([c for c in ("ingested_at", "updated_at") if c in frame.columns]).sort(key)
+
+
+def test_small_batches_and_reconciles_equal_one_batch(tmp_path: Path, spool_copy: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instances commit per batch, series/studies every RECONCILE_EVERY instances: the tables
+    end up as one big batch makes them, and each source leaves the spool only once its
+    study's series and study rows are committed."""
+    from kaapana_assets.ingest import pipeline
+
+    files = dicom_files(spool_copy)
+    whole = IngestTargets.for_home(KaapanaHome(tmp_path / "whole"))
+    ingest_files(files, whole, remove_sources=False, batch_size=10_000)
+
+    monkeypatch.setattr(pipeline, "RECONCILE_EVERY", 7)
+    batched = IngestTargets.for_home(KaapanaHome(tmp_path / "batched"))
+    reconciled: list[int] = []
+    real = pipeline._reconcile
+
+    def spy(lake, results, report):  # type: ignore[no-untyped-def]
+        # Nothing of these files has left the spool before their series are committed.
+        assert all(Path(r.source).exists() for r in results)
+        reconciled.append(len(results))
+        real(lake, results, report)
+
+    monkeypatch.setattr(pipeline, "_reconcile", spy)
+    report = ingest_files(files, batched, batch_size=3)
+    assert sum(reconciled) == len(files) and len(reconciled) > 2
+    assert report.count("indexed") == len(files) and not any(Path(f).exists() for f in files)
+    for name, key in (("instances", "sop_instance_uid"), ("series", "series_uid"), ("studies", "study_uid")):
+        assert _without_times(batched.lake.read(name), key).equals(_without_times(whole.lake.read(name), key)), name
+
+
+def test_series_conflict_across_batches_of_one_ingest(tmp_path: Path, targets: IngestTargets,
+                                                      spool_copy: Path) -> None:
+    """The second study's file comes in a later batch, before any series row exists."""
+    original = dicom_files(spool_copy)[0]
+    first, second = tmp_path / "a" / "1.dcm", tmp_path / "b" / "2.dcm"
+    for path, study in ((first, None), (second, "1.2.826.0.1.3680043.10.5.7")):
+        ds = pydicom.dcmread(original)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid(prefix="1.2.826.0.1.3680043.10.2.")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if study:
+            ds.StudyInstanceUID = study
+        path.parent.mkdir(parents=True)
+        ds.save_as(path, enforce_file_format=True)
+    report = ingest_files([first, second], targets, remove_sources=False, batch_size=1, workers=1)
+    assert report.reasons == {Reason.SERIES_CONFLICT: 1}
+    series = targets.lake.read("series")
+    assert series.height == 1 and series["instance_count"][0] == 1
+
+
+def test_rows_to_arrow_fast_path_equals_from_pylist(spool_copy: Path) -> None:
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from kaapana_assets.ingest import index
+    from kaapana_assets.ingest.headers import parse_header
+    from kaapana_assets.lake.schemas import INSTANCES, SERIES, STUDIES
+
+    now = dt.datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=dt.timezone.utc)
+    rows = []
+    for f in dicom_files(spool_copy):
+        data = f.read_bytes()
+        rows.append(dict(parse_header(data).as_dict(), archive_path="x/y.dcm", sha256="0" * 64,
+                         size_bytes=len(data), ingested_at=now))
+    series = index.series_rows(rows, now)
+    studies = index.study_rows(rows, series, now)
+    odd = dict(rows[0], patient_name='quote " newline \n nul \x00 ü', slice_thickness=2, rows=2**62,
+               image_position=[1, -0.0, 1e-300])
+    for table, schema in ((rows + [odd], INSTANCES.schema), (series, SERIES.schema), (studies, STUDIES.schema)):
+        got = index.to_table(table, schema)
+        assert got.schema == schema
+        assert got.equals(pa.Table.from_pylist(table, schema=schema))
+    # What the fast path does not take falls back to from_pylist, errors included.
+    for bad in (dict(rows[0], rows="40"), dict(rows[0], patient_name="\udcff"), dict(rows[0], unknown=1)):
+        try:
+            want: object = pa.Table.from_pylist([bad], schema=INSTANCES.schema)
+        except Exception as exc:  # noqa: BLE001 - the same error type is the point
+            with pytest.raises(type(exc)):
+                index.to_table([bad], INSTANCES.schema)
+        else:
+            assert index.to_table([bad], INSTANCES.schema).equals(want)
+    assert index.to_table([], INSTANCES.schema).equals(INSTANCES.schema.empty_table())
+
+
+def test_large_ingests_parse_in_a_process_pool(tmp_path: Path, spool_copy: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool path (very large ingests on machines with cores to spare) indexes the same."""
+    from kaapana_assets.ingest import pipeline
+
+    monkeypatch.setattr(pipeline, "POOL_THRESHOLD", 1)
+    monkeypatch.setattr(pipeline, "POOL_MIN_WORKERS", 2)
+    files = dicom_files(spool_copy)
+    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "pooled"))
+    try:
+        report = ingest_files(files, targets, workers=2, batch_size=7)
+        assert pipeline._POOL is not None  # it did run in the pool
+    finally:
+        pipeline._drop_pool()
+    assert report.count("indexed") == len(files)
+    assert targets.lake.read("instances").height == len(files)

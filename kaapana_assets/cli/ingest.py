@@ -28,7 +28,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import DEFAULT_BATCH, IngestTargets, ingest_files
     from kaapana_assets.progress import throttled
 
     root = Path(args.directory)
@@ -40,7 +40,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     with progress_bar() as progress:
         task = progress.add_task("ingesting", total=len(files))
         report = ingest_files(
-            files, targets, workers=args.workers, batch_size=args.batch_size,
+            files, targets, workers=args.workers, batch_size=args.batch_size or DEFAULT_BATCH,
             remove_sources=args.move,
             # The bar redraws ten times a second: more frequent updates would never be seen.
             progress=throttled(lambda done, total: progress.update(task, completed=done), interval_s=0.1),
@@ -71,7 +71,10 @@ def add_parsers(sub: SubParsers) -> None:
     p = sub.add_parser("ingest", help="ingest a folder of DICOM files once, without the daemon")
     p.add_argument("directory")
     p.add_argument("--home", default=None, help="KAAPANA_HOME (default: $KAAPANA_HOME or ./.kaapana)")
-    p.add_argument("--workers", type=int, default=None, help="parser processes (default: all cores)")
-    p.add_argument("--batch-size", type=int, default=1000, help="files per committed batch")
+    p.add_argument("--workers", type=int, default=None,
+                   help="parser processes (default: all cores; a pool only for ≥ 20,000 files and ≥ 3 workers, "
+                   "else one parsing thread beside the commits)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="files per committed batch (default 2,000: each costs one Delta MERGE)")
     p.add_argument("--move", action="store_true", help="delete each source file once it is committed")
     p.set_defaults(func=cmd_ingest)

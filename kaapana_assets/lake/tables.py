@@ -118,6 +118,12 @@ class Lake:
         row per key so one batch cannot create two rows for one UID."""
         if rows.num_rows < 2:
             return rows
+        # The usual case, checked in polars: pyarrow's group_by and pa.array import pandas
+        # on first use (≈0.3 s of a cold ingest).
+        keys = pl.from_arrow(rows.select(list(spec.keys)))
+        assert isinstance(keys, pl.DataFrame)
+        if keys.is_unique().all():
+            return rows
         keyed = rows.append_column("__row", pa.array(range(rows.num_rows), pa.int64()))
         last = keyed.group_by(list(spec.keys), use_threads=False).aggregate([("__row", "max")])
         keep = pa.compute.sort_indices(last["__row_max"])
@@ -143,7 +149,10 @@ class Lake:
         if not self.exists(table):
             if version is not None:
                 raise TableNotFoundError(f"{self.uri(table)} does not exist")
-            return pl.from_arrow(self.spec(table).empty()).lazy()  # type: ignore[union-attr]
+            # from_batches, not Schema.empty_table(): the latter imports pandas (≈0.3 s, paid
+            # by every cold ingest whose first read finds no table yet).
+            empty = pa.Table.from_batches([], schema=self.spec(table).schema)
+            return pl.from_arrow(empty).lazy()  # type: ignore[union-attr]
         return pl.scan_delta(self.uri(table), version=version, storage_options=self.storage_options)
 
     def read(
