@@ -1,27 +1,34 @@
 """Per-study wall time of the `segmentations` asset against bare nnUNetPredictor, same run.
 
-    python bench/segment.py [--studies 3] [--schedule tiny]
+    python bench/segment.py [--studies 3] [--schedule tiny] [--sizes 48x128,100x256] [--model FOLDER]
 
-Trains a model once (the `tiny` schedule by default; speed, not quality, is measured),
-registers and promotes it in a throwaway MLflow store, ingests new studies at the
-scanner's full grid, then per study times
-  - the asset: `dg.materialize([segmentations])` — model resolution (cached after the
-    first), volume assembly from the archive, prediction, DICOM SEG writing, SEG
-    ingest into archive + Delta, statistics, preview, Dagster run overhead;
+Trains a model once (the `tiny` schedule by default; speed, not quality, is measured) — or
+imports an nnU-Net results folder given with --model — registers and promotes it in a
+throwaway MLflow store, then for each grid size (slices x matrix; the first is the grid the
+model was trained on, 48x128, the second a realistic 100 slices of 256²) ingests new studies
+and per study times
+  - the asset: `dg.materialize([segmentations])` — model resolution (the alias looked up,
+    the loaded predictor cached per process), volume assembly from the archive, prediction,
+    DICOM SEG building, archiving and indexing, statistics, preview, Dagster run overhead;
+    inside it, `segment_study` and its `nnunet.predict` are timed too, so the overhead
+    splits into "Dagster run + model resolution" and "our work around the prediction";
   - bare nnU-Net: `predictor.predict_single_npy_array` on the same volume and model.
 Prints both and their ratio (goal ≤ 1.15). The first asset run, which downloads and
-loads the model, is reported separately.
+loads the model, is reported separately and left out of the medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,13 +38,29 @@ required_labels: [liver]
 filter: {modality: CT, has_reference_segmentation: true}
 harmonization: {min_size: 4}
 """
+MODEL = "nnunet-liver-train"
+
+
+def timed(record: list[float], func: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return func(*args, **kwargs)
+        finally:
+            record.append(time.perf_counter() - t0)
+
+    return wrapper
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--studies", type=int, default=3)
+    parser.add_argument("--studies", type=int, default=3, help="studies per size (the first is the cold run)")
     parser.add_argument("--schedule", default="tiny")
+    parser.add_argument("--sizes", default="48x128,100x256", help="slices x matrix of the new studies, comma separated")
+    parser.add_argument("--model", type=Path, help="an nnU-Net v2 results folder to import instead of training")
     args = parser.parse_args()
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
 
     import dagster as dg
 
@@ -46,60 +69,85 @@ def main() -> int:
     from kaapana_assets.ingest.assets import dicom_studies
     from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
     from kaapana_assets.ingest.volume import assemble_volume
-    from kaapana_assets.segmentation.assets import segmentations
-    from kaapana_assets.segmentation.models import production_model
+    from kaapana_assets.segmentation import assets as segmentation_assets
+    from kaapana_assets.segmentation import segment
+    from kaapana_assets.segmentation.models import import_model, production_model
     from kaapana_assets.synthetic import generate_site
     from kaapana_assets.training import nnunet
     from kaapana_assets.training.assets import nnunet_dataset, trained_model
     from kaapana_assets.training.assets import production_model as promote
     from resources import site_resources
 
+    # Instrumentation only: the asset's own code paths, timed from outside.
+    inner: dict[str, list[float]] = {"segment_study": [], "predict": []}
+    segmentation_assets.segment_study = timed(inner["segment_study"], segment.segment_study)
+    segment.nnunet.predict = timed(inner["predict"], nnunet.predict)
+    bare_predict = nnunet.predict.__wrapped__  # type: ignore[attr-defined]
+
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         home = KaapanaHome(root / "home").ensure()
-        train = generate_site("site-a", 6, seed=5, out=root / "train", with_annotations=True)
-        ingest_files([f for s in train for f in s.files], IngestTargets.for_home(home), remove_sources=False)
         (root / "cohorts").mkdir()
         (root / "cohorts" / "liver-train.yaml").write_text(COHORT)
         resources = site_resources(home.root, root / "cohorts", device="cpu", schedule=args.schedule, promotion_dice=0.0)
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
         with dg.instance_for_test() as instance:
-            instance.add_dynamic_partitions("cohorts", ["liver-train"])
             t0 = time.perf_counter()
-            dg.materialize([cohorts, nnunet_dataset, trained_model, promote], partition_key="liver-train",
-                           instance=instance, resources=resources, run_config=quiet)
-            print(f"model trained ({args.schedule}) in {time.perf_counter() - t0:.0f}s")
+            if args.model:
+                import_model(resources["mlflow"].tracking(), args.model, MODEL, promote=True)  # type: ignore[attr-defined]
+                print(f"model imported from {args.model}")
+            else:
+                train = generate_site("site-a", 6, seed=5, out=root / "train", with_annotations=True)
+                ingest_files([f for s in train for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+                instance.add_dynamic_partitions("cohorts", ["liver-train"])
+                dg.materialize([cohorts, nnunet_dataset, trained_model, promote], partition_key="liver-train",
+                               instance=instance, resources=resources, run_config=quiet)
+                print(f"model trained ({args.schedule}) in {time.perf_counter() - t0:.0f}s")
 
-            new = generate_site("site-a", args.studies, seed=6, out=root / "new", first_index=100)
-            asset_times, bare_times = [], []
-            for i, study in enumerate(new):
-                spool = home.incoming / f"s{i}"
-                spool.mkdir(parents=True)
-                for f in study.ct_files:
-                    shutil.copy(f, spool / f.name)
-                instance.add_dynamic_partitions("studies", [study.study_uid])
-                dg.materialize([dicom_studies], partition_key=study.study_uid, instance=instance,
-                               resources=resources, run_config=quiet)
-                t0 = time.perf_counter()
-                result = dg.materialize([segmentations], partition_key=study.study_uid, instance=instance,
-                                        resources=resources, run_config=quiet)
-                asset_times.append(time.perf_counter() - t0)
-                assert result.success
+            index = 100
+            for slices, matrix in sizes:
+                new = generate_site("site-a", args.studies, seed=6, out=root / f"new{slices}x{matrix}",
+                                    first_index=index, slices=slices, matrix=matrix)
+                index += args.studies
+                asset_times, study_times, predict_times, bare_times = [], [], [], []
+                for i, study in enumerate(new):
+                    spool = home.incoming / f"s{slices}x{matrix}-{i}"
+                    spool.mkdir(parents=True)
+                    for f in study.ct_files:
+                        shutil.copy(f, spool / f.name)
+                    instance.add_dynamic_partitions("studies", [study.study_uid])
+                    dg.materialize([dicom_studies], partition_key=study.study_uid, instance=instance,
+                                   resources=resources, run_config=quiet)
+                    t0 = time.perf_counter()
+                    result = dg.materialize([segmentation_assets.segmentations], partition_key=study.study_uid,
+                                            instance=instance, resources=resources, run_config=quiet)
+                    asset_times.append(time.perf_counter() - t0)
+                    assert result.success
+                    study_times.append(inner["segment_study"][-1])
+                    predict_times.append(inner["predict"][-1])
 
-                model = production_model(resources["mlflow"].tracking(), "nnunet-liver-train",
-                                         resources["nnunet_settings"].model_cache(), "cpu")
-                volume = assemble_volume(study.ct_files)
-                t0 = time.perf_counter()
-                nnunet.predict(model.predictor, volume.hu, volume.spacing_zyx)
-                bare_times.append(time.perf_counter() - t0)
+                    model = production_model(resources["mlflow"].tracking(), MODEL,  # type: ignore[attr-defined]
+                                             resources["nnunet_settings"].model_cache(), "cpu")  # type: ignore[attr-defined]
+                    volume = assemble_volume(study.ct_files)
+                    t0 = time.perf_counter()
+                    bare_predict(model.predictor, volume.hu, volume.spacing_zyx)
+                    bare_times.append(time.perf_counter() - t0)
 
-    first, rest = asset_times[0], asset_times[1:] or asset_times
-    asset, bare = statistics.median(rest), statistics.median(bare_times)
-    print(f"\nvolume {volume.hu.shape} voxels, {args.studies} studies (median of the warm ones)")
-    print(f"{'segmentations asset (warm, per study)':45s} {asset:7.2f} s")
-    print(f"{'bare nnUNetPredictor (same volume, model)':45s} {bare:7.2f} s")
-    print(f"{'ratio asset / bare':45s} {asset / bare:7.2f}   (goal ≤ 1.15)")
-    print(f"{'first asset run (model download + load)':45s} {first:7.2f} s")
+                def warm(times: list[float]) -> float:
+                    return statistics.median(times[1:] if len(times) > 1 else times)
+
+                rows.append((f"{slices}x{matrix}x{matrix}", warm(asset_times), warm(study_times),
+                             warm(predict_times), warm(bare_times), asset_times[0]))
+
+    print(f"\n{args.studies} studies per size, median of the warm ones (the first run per size excluded)")
+    print(f"{'volume (z×y×x)':16s} {'asset':>7s} {'bare':>7s} {'ratio':>6s} | {'dagster+model':>13s} "
+          f"{'around predict':>14s} {'predict in asset':>16s} | {'first run':>9s}")
+    for size, asset, in_asset, predict, bare, first in rows:
+        print(f"{size:16s} {asset:6.2f}s {bare:6.2f}s {asset / bare:6.2f} | {asset - in_asset:12.2f}s "
+              f"{in_asset - predict:13.2f}s {predict:15.2f}s | {first:8.2f}s")
+    print("goal: ratio asset / bare ≤ 1.15. 'dagster+model': the run itself and the alias lookup; 'around predict':"
+          "\nvolume assembly, SEG build/encode/archive/index, statistics, preview, Delta MERGEs.")
     return 0
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import dagster as dg
 import highdicom as hd
@@ -23,9 +26,6 @@ from kaapana_assets.training import nnunet
 from resources import MlflowResource
 from sensors.incoming import incoming_studies
 from tests.helpers import TRAIN_GRID
-
-# slow tier (`make test-all`): a trained nnU-Net predicts (the session trained_site)
-pytestmark = pytest.mark.slow
 
 SEED = 77  # studies the model never saw
 
@@ -47,6 +47,7 @@ def _segment(trained_site, study, resources=None):  # type: ignore[no-untyped-de
                           raise_on_error=False)
 
 
+@pytest.mark.slow  # a trained nnU-Net predicts (the session trained_site)
 def test_new_study_is_segmented_as_valid_dicom_seg(trained_site) -> None:  # type: ignore[no-untyped-def]
     study = _new_study(trained_site, 0)
     result = _segment(trained_site, study)
@@ -100,6 +101,7 @@ def test_new_study_is_segmented_as_valid_dicom_seg(trained_site) -> None:  # typ
         result.asset_materializations_for_node("segmentations")[0].tags["dagster/data_version"]
 
 
+@pytest.mark.slow  # a trained nnU-Net predicts (the session trained_site)
 def test_no_production_model_fails_with_a_reason(trained_site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     study = _new_study(trained_site, 1)
     empty = MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'empty.db'}", artifact_root=(tmp_path / "art").as_uri())
@@ -108,6 +110,7 @@ def test_no_production_model_fails_with_a_reason(trained_site, tmp_path: Path) -
     assert "holds the alias 'production'" in failure.error.message and "kaapana model import" in failure.error.message  # type: ignore[union-attr]
 
 
+@pytest.mark.slow  # a trained nnU-Net predicts (the session trained_site)
 def test_model_import(trained_site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from kaapana_assets.cli import main
     from kaapana_assets.training.tracking import PRODUCTION
@@ -129,6 +132,7 @@ def test_model_import(trained_site, tmp_path: Path) -> None:  # type: ignore[no-
     assert main(["model", "import", str(tmp_path / "not-a-model"), "--name", "x", "--home", str(trained_site.home.root)]) == 2
 
 
+@pytest.mark.slow  # a trained nnU-Net predicts (the session trained_site)
 def test_sensor_ingest_and_automatic_segmentation(trained_site) -> None:  # type: ignore[no-untyped-def]
     """The chain runs on its own: spool → sensor → ingest run → automation → segmentation."""
     from resources import ArchiveResource
@@ -168,6 +172,7 @@ def test_sensor_ingest_and_automatic_segmentation(trained_site) -> None:  # type
     assert study.study_uid not in again.get_requested_partitions(dg.AssetKey("segmentations"))
 
 
+@pytest.mark.slow  # a trained nnU-Net predicts (the session trained_site)
 def test_model_promotion_requests_resegmentation(trained_site) -> None:  # type: ignore[no-untyped-def]
     from kaapana_assets.training.tracking import PRODUCTION
     from sensors.model_promotion import model_promotion
@@ -199,6 +204,7 @@ def test_model_promotion_requests_resegmentation(trained_site) -> None:  # type:
         tracking.promote("nnunet-liver-train", 1)
 
 
+@pytest.mark.slow  # a trained nnU-Net predicts (the session trained_site)
 def test_compressed_study_is_segmented(trained_site) -> None:  # type: ignore[no-untyped-def]
     """A study a PACS sends as JPEG Lossless and another as JPEG 2000 (re-encoded by dcmtk and
     GDCM) go through ingest, volume assembly and prediction into a valid DICOM SEG."""
@@ -224,3 +230,187 @@ def test_compressed_study_is_segmented(trained_site) -> None:  # type: ignore[no
             out = subprocess.run(["dciodvfy", str(trained_site.home.archive / path)], capture_output=True, text=True,
                                  timeout=60)
             assert [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")] == []
+
+
+# Fast tier: SEG writing, indexing and the model cache, with a stand-in predictor that returns
+# the phantom's own labels (the SEG and index code paths are the asset's, nnU-Net is not run).
+
+LABEL_NAMES = {0: "background", 1: "liver", 2: "lesion"}
+
+
+class PhantomPredictor:
+    """predict_single_npy_array as nnUNetPredictor has it: the phantom's labels, counted."""
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels, self.calls = labels, 0
+
+    def predict_single_npy_array(self, image: np.ndarray, properties: dict[str, Any], *args: Any) -> np.ndarray:
+        self.calls += 1
+        assert image.shape[1:] == self.labels.shape
+        return self.labels
+
+
+def _ingested_study(tmp_path: Path, site: str = "site-a", index: int = 0):  # type: ignore[no-untyped-def]
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from tests.helpers import SMALL
+
+    study = generate_site(site, 1, seed=SEED, out=tmp_path / "gen", first_index=index, with_annotations=True,
+                          **SMALL)[0]
+    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
+    ingest_files(study.ct_files, targets, remove_sources=False)
+    truth = phantom_for(get_profile(site).resized(**SMALL), SEED, index).labels
+    return study, targets, truth
+
+
+def _model(truth: np.ndarray, version: str = "3"):  # type: ignore[no-untyped-def]
+    from kaapana_assets.segmentation.models import LoadedModel
+
+    return LoadedModel("nnunet-liver-test", version, Path("unused"), PhantomPredictor(truth), LABEL_NAMES)
+
+
+def test_seg_index_row_is_what_the_parser_reads(tmp_path: Path) -> None:
+    """The instances row built from the SEG in memory equals parse_header on its bytes, for a
+    model's SEG and a reference SEG of every site profile (character sets, pixel conventions)."""
+    import pydicom
+
+    from kaapana_assets.ingest.headers import parse_header
+    from kaapana_assets.ingest.volume import assemble_volume
+    from kaapana_assets.segmentation.dicom_seg import encode_seg, model_seg, seg_instance_row
+    from tests.helpers import SMALL
+
+    for i, site in enumerate(("site-a", "site-b", "site-c")):
+        study = generate_site(site, 1, seed=SEED, out=tmp_path, first_index=i, with_annotations=True, **SMALL)[0]
+        truth = phantom_for(get_profile(site).resized(**SMALL), SEED, i).labels
+        seg, present = model_seg(assemble_volume(study.ct_files), truth, LABEL_NAMES, "nnunet-liver-test", "3")
+        assert set(present) == {LABEL_NAMES[v] for v in np.unique(truth) if v}
+        parsed = parse_header(encode_seg(seg)).as_dict()
+        assert seg_instance_row(seg, str(seg.file_meta.TransferSyntaxUID)) == parsed
+        assert parsed["modality"] == "SEG" and parsed["referenced_series_uids"] == [study.series_uid]
+        reference = pydicom.dcmread(study.seg_file)
+        assert seg_instance_row(reference, str(reference.file_meta.TransferSyntaxUID)) == \
+            parse_header(study.seg_file.read_bytes()).as_dict()
+
+
+def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
+    """segment_study archives and indexes its SEG without ingest's re-parse: the instances,
+    series and studies rows equal those of ingesting the same file."""
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.volume import seg_labels
+    from kaapana_assets.segmentation.segment import segment_study
+
+    study, targets, truth = _ingested_study(tmp_path)
+    model = _model(truth)
+    result = segment_study(targets.lake, targets, study.study_uid, model)
+    assert not result.reused and model.predictor.calls == 1
+    assert set(result.versions) == {"instances", "series", "studies", "segmentations"}
+    lake = targets.lake
+    seg_row = lake.read("instances", pl.col("sop_instance_uid") == result.seg_sop_uid).row(0, named=True)
+    seg_file = targets.archive / seg_row["archive_path"]
+
+    # The same study and the same SEG bytes through ingest, in another home.
+    other = IngestTargets.for_home(KaapanaHome(tmp_path / "other").ensure())
+    ingest_files(study.ct_files, other, remove_sources=False)
+    report = ingest_files([seg_file], other, remove_sources=False)
+    assert report.count("indexed") == 1
+
+    def rows(t: IngestTargets, table: str, key: str, stamp: str) -> list[dict[str, Any]]:
+        return t.lake.read(table, pl.col("study_uid") == study.study_uid).drop(stamp).sort(key).to_dicts()
+
+    for table, key, stamp in (("instances", "sop_instance_uid", "ingested_at"), ("series", "series_uid", "updated_at"),
+                              ("studies", "study_uid", "updated_at")):
+        assert rows(targets, table, key, stamp) == rows(other, table, key, stamp), table
+    assert (targets.archive / seg_row["archive_path"]).read_bytes() == (other.archive / seg_row["archive_path"]).read_bytes()
+
+    # The SEG reads back as the prediction; the statistics are the prediction's.
+    from kaapana_assets.ingest.volume import assemble_volume
+
+    volume = assemble_volume(study.ct_files)
+    assert np.array_equal(seg_labels(seg_file, volume, {"liver": 1, "lesion": 2}), truth)
+    liver = next(s for s in result.statistics if s["label"] == "liver")
+    assert liver["voxel_count"] == int((truth == 1).sum())
+    # Valid for dciodvfy, and dcmqi (3D Slicer's reader) reads the same labels as ours.
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(seg_file)], capture_output=True, text=True, timeout=60)
+        assert [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")] == []
+    from tests.test_dcmqi import dcmqi_labels, segimage2itkimage
+
+    try:
+        binary = segimage2itkimage()
+    except pytest.skip.Exception:
+        binary = None
+    if binary:
+        theirs, ours = dcmqi_labels(binary, seg_file, study.ct_files, tmp_path / "dcmqi")
+        assert ours.any() and np.array_equal(theirs, ours)
+
+    # Again with the same model version: reused, nothing predicted or written.
+    again = segment_study(lake, targets, study.study_uid, model)
+    assert again.reused and model.predictor.calls == 1
+    assert sorted((s["label"], s["voxel_count"], s["bbox"]) for s in again.statistics) == \
+        sorted((s["label"], s["voxel_count"], s["bbox"]) for s in result.statistics)
+
+
+def test_segment_study_recovers_from_a_stop_between_archive_index_and_statistics(tmp_path: Path) -> None:
+    """A run that stopped after archiving (not indexed) is replaced; one that stopped after
+    indexing (no statistics) finishes from the indexed SEG without predicting again."""
+    from kaapana_assets.ingest.archive import archive_relpath
+    from kaapana_assets.segmentation.dicom_seg import seg_uids
+    from kaapana_assets.segmentation.segment import segment_study
+
+    study, targets, truth = _ingested_study(tmp_path)
+    model = _model(truth)
+    seg_series_uid, seg_sop_uid = seg_uids(study.series_uid, model.name, model.version)
+    orphan = targets.archive / archive_relpath(study.study_uid, seg_series_uid, seg_sop_uid)
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"a SEG archived by a run that stopped before indexing it")
+    first = segment_study(targets.lake, targets, study.study_uid, model)
+    row = targets.lake.read("instances", pl.col("sop_instance_uid") == seg_sop_uid).row(0, named=True)
+    import hashlib
+
+    assert hashlib.sha256(orphan.read_bytes()).hexdigest() == row["sha256"]
+    assert hd.seg.segread(orphan).SOPInstanceUID == seg_sop_uid
+
+    targets.lake.delete("segmentations", f"seg_sop_instance_uid = '{seg_sop_uid}'")  # stopped before statistics
+    archived = orphan.read_bytes()
+    model.predictor.calls = 0
+    second = segment_study(targets.lake, targets, study.study_uid, model)
+    assert model.predictor.calls == 0 and not second.reused
+    assert second.statistics == first.statistics and orphan.read_bytes() == archived
+    assert targets.lake.read("segmentations", pl.col("seg_sop_instance_uid") == seg_sop_uid).height == len(first.statistics)
+
+
+def test_loaded_models_are_cached_per_name_version_and_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kaapana_assets.segmentation import models
+
+    loads: list[tuple[str, str]] = []
+
+    def load_predictor(folder: Path, device: str) -> object:
+        time.sleep(0.05)  # long enough for the threads below to overlap
+        loads.append((folder.name, device))
+        return object()
+
+    monkeypatch.setattr(models.nnunet, "load_predictor", load_predictor)
+    monkeypatch.setattr(models, "_LOADED", {})
+    promoted = {"liver": "1"}
+    tracking = SimpleNamespace(tracking_uri="sqlite:///fake.db",
+                               version_by_alias=lambda name, alias: SimpleNamespace(version=promoted[name]))
+    for version in ("1", "2"):
+        folder = tmp_path / "models" / "liver" / f"v{version}"
+        folder.mkdir(parents=True)
+        (folder / "dataset.json").write_text('{"labels": {"background": 0, "liver": 1}}')
+
+    threads = [threading.Thread(target=models.production_model, args=(tracking, "liver", tmp_path / "models", "cpu"))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = models.production_model(tracking, "liver", tmp_path / "models", "cpu")  # type: ignore[arg-type]
+    assert loads == [("v1", "cpu")] and first.label_names == {0: "background", 1: "liver"}
+    assert models.production_model(tracking, "liver", tmp_path / "models", "cuda") is not first  # type: ignore[arg-type]
+    promoted["liver"] = "2"  # the alias moved: the next study gets the new version
+    assert models.production_model(tracking, "liver", tmp_path / "models", "cpu").version == "2"  # type: ignore[arg-type]
+    promoted["liver"] = "1"
+    assert models.production_model(tracking, "liver", tmp_path / "models", "cpu") is first  # type: ignore[arg-type]
+    assert loads == [("v1", "cpu"), ("v1", "cuda"), ("v2", "cpu")]

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,19 @@ class LoadedModel:
     folder: Path
     predictor: Any
     label_names: dict[int, str]  # label value -> name, from the model's dataset.json
+    # nnUNetPredictor reloads its weights into one network per call: one prediction at a time.
+    predicting: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def ref(self) -> str:
         return f"{self.name}:v{self.version}"
 
 
-_LOADED: dict[tuple[str, str, str], LoadedModel] = {}
+# Loaded predictors, per process, keyed by (registry, model name, version, device): a run that
+# segments several studies, or a long-lived code server, loads a model version once. The
+# alias is still looked up every call, so a promotion takes effect at the next study.
+_LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}
+_LOADING = threading.Lock()  # threads of one run segmenting studies load a version once
 
 
 def production_model(tracking: Tracking, model_name: str, cache: Path, device: str = "auto") -> LoadedModel:
@@ -47,9 +54,18 @@ def production_model(tracking: Tracking, model_name: str, cache: Path, device: s
             f"train one (the train_cohort job) or import one (`kaapana model import PATH --name {model_name}`), "
             f"then promote it"
         )
-    key = (tracking.tracking_uri, model_name, str(version.version))
-    if key in _LOADED:
+    key = (tracking.tracking_uri, model_name, str(version.version), device)
+    loaded = _LOADED.get(key)
+    if loaded is not None:
+        return loaded
+    with _LOADING:
+        if key not in _LOADED:
+            _LOADED[key] = _load(tracking, version, model_name, cache, device)
         return _LOADED[key]
+
+
+def _load(tracking: Tracking, version: Any, model_name: str, cache: Path, device: str) -> LoadedModel:
+    """Download a version into the cache folder (once per site) and load its predictor."""
     folder = cache / model_name / f"v{version.version}"
     if not (folder / "dataset.json").exists():
         with tempfile.TemporaryDirectory(dir=cache.parent if cache.parent.exists() else None) as tmp:
@@ -58,12 +74,15 @@ def production_model(tracking: Tracking, model_name: str, cache: Path, device: s
             staging = folder.with_name(folder.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
             shutil.copytree(downloaded, staging)
-            staging.rename(folder)  # complete or absent, never half-copied
+            try:
+                staging.rename(folder)  # complete or absent, never half-copied
+            except OSError:
+                if not (folder / "dataset.json").exists():
+                    raise
+                shutil.rmtree(staging, ignore_errors=True)  # another process put the same version there first
     dataset = json.loads((folder / "dataset.json").read_text())
     label_names = {int(v): k for k, v in dataset["labels"].items()}
-    loaded = LoadedModel(model_name, str(version.version), folder, nnunet.load_predictor(folder, device), label_names)
-    _LOADED[key] = loaded
-    return loaded
+    return LoadedModel(model_name, str(version.version), folder, nnunet.load_predictor(folder, device), label_names)
 
 
 def validate_model_folder(folder: Path) -> list[Path]:

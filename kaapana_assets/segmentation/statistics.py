@@ -26,23 +26,38 @@ def label_statistics(hu: np.ndarray, labels: np.ndarray, spacing_zyx: tuple[floa
                          "mean_hu": None, "min_hu": None, "max_hu": None, "bbox": []})
             continue
         values = hu[mask]
-        where = np.argwhere(mask)
-        lo, hi = where.min(axis=0), where.max(axis=0)
         rows.append({
             "label": name, "label_value": value, "voxel_count": count, "volume_ml": round(count * voxel_ml, 3),
             "mean_hu": round(float(values.mean()), 2), "min_hu": float(values.min()), "max_hu": float(values.max()),
-            "bbox": [int(lo[0]), int(hi[0]), int(lo[1]), int(hi[1]), int(lo[2]), int(hi[2])],
+            "bbox": bounding_box(mask),
         })
     return rows
+
+
+def bounding_box(mask: np.ndarray) -> list[int]:
+    """z0, z1, y0, y1, x0, x1 (inclusive) of a non-empty 3D mask, from its projections on each
+    axis: no coordinate list of every voxel (np.argwhere) is built."""
+    box = []
+    for axis in range(3):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box += [int(present[0]), int(present[-1])]
+    return box
 
 
 def overlay_png(hu: np.ndarray, labels: np.ndarray, size: int = 256, window: tuple[float, float] = (40.0, 400.0)) -> bytes:
     """The axial slice through the centre of the largest label, soft-tissue window, labels
     blended in colour."""
-    values, counts = np.unique(labels[labels > 0], return_counts=True)
+    top = int(labels.max()) if labels.size else 0
+    if 0 < top <= 255:  # a few label values: one vectorised comparison each beats sorting every voxel
+        counted = [(value, int(np.count_nonzero(labels == value))) for value in range(1, top + 1)]
+        values = np.array([value for value, count in counted if count])
+        counts = np.array([count for _, count in counted if count])
+    else:
+        values, counts = np.unique(labels[labels > 0], return_counts=True)
     if len(values):
         largest = values[np.argmax(counts)]
-        z = int(np.round(np.argwhere(labels == largest)[:, 0].mean()))
+        per_slice = (labels == largest).sum(axis=(1, 2))  # the mean slice index of its voxels
+        z = int(np.round(float(np.dot(np.arange(len(per_slice)), per_slice)) / float(per_slice.sum())))
     else:
         z = hu.shape[0] // 2
     centre, width = window
