@@ -7,8 +7,9 @@
 3. Federated nnU-Net (short schedule) over Flower: a SuperLink and one SuperNode per site
    start as local processes (TLS, SuperNode authentication); plan from fingerprints,
    rounds, model registered and promoted — through the real assets.
-4. New unannotated studies arrive in the spool, are ingested as the sensor would, and are
-   segmented by the automation with the promoted model; the SEGs land in the archive.
+4. New unannotated studies arrive in the spool; the sensor's runs ingest and segment them
+   with the promoted model in one run each (the automation would segment any study ingested
+   otherwise); the SEGs land in the archive.
 Every run executes in-process on the persistent Dagster instance, so `make dev` shows them.
 """
 
@@ -166,11 +167,13 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
         generate_site(sites[0], new_studies, seed + 1, Path(tmp), first_index=500, **grid)
         shutil.copytree(Path(tmp) / sites[0], home.incoming / f"{sites[0]}-new", dirs_exist_ok=True)
     console.print(f"{new_studies} new CT studies (no annotations) → spool")
+    # A production model exists now: the sensor's runs are ingest_and_segment (both in one run).
     ingest_failed, cursor = _spool_and_ingest(console, defs, instance, resources, cursor)
     failed += ingest_failed
     evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
     requested = sorted(k for k in evaluation.get_requested_partitions(dg.AssetKey("segmentations")) if k)
-    console.print(f"automation (segmentation_automation sensor): {len(requested)} study(ies) to segment")
+    console.print(f"automation (segmentation_automation sensor, for studies ingested without their "
+                  f"segmentation): {len(requested)} study(ies) left to segment")
     # What the automation sensor would launch: the segment_studies job, one run per study.
     segment = [dg.RunRequest(job_name="segment_studies", partition_key=study_uid) for study_uid in requested]
     for outcome in run_requests(defs, instance, segment, status=console.status):

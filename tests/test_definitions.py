@@ -18,6 +18,10 @@ def test_definitions_load() -> None:
     assert {dg.AssetKey("dicom_studies"), dg.AssetKey("quarantine")} <= keys
     assert defs.resolve_job_def("ingest_study").partitions_def is not None
     assert defs.get_sensor_def("incoming_studies") is not None
+    # The automatic path: ingest and segmentation in one run, one process (its steps in-process).
+    arrival = defs.resolve_job_def("ingest_and_segment")
+    assert {n.name for n in arrival.graph.node_defs} == {"dicom_studies", "segmentations"}
+    assert arrival.executor_def.name == "in_process" and "dagster-k8s/config" in arrival.tags
     assert {"lake", "archive", "federation", "federated_site"} <= set(defs.resources or {})
     federated = {"federated_plan", "federated_rounds", "federated_model", "site_fingerprint", "site_update",
                  "site_evaluation"}

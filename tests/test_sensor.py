@@ -1,4 +1,5 @@
-"""incoming_studies: quiet period, one request per study, no duplicates, unreadable files routed."""
+"""incoming_studies: quiet period, one request per study, no duplicates, unreadable files routed,
+ingest and segmentation in one run while a production model exists."""
 
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
 from dagster._core.definitions.sensor_definition import SensorExecutionData  # noqa: F401  (evaluate_tick result type)
 
 from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
+from resources.mlflow import MlflowResource
+from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
-from sensors.incoming import incoming_studies
+from sensors import incoming
+from sensors.incoming import has_production_model, incoming_studies
 
 
 def _age(root: Path, seconds: float) -> None:
@@ -35,9 +40,14 @@ def _tick(instance: dg.DagsterInstance, home: Path, cursor: str | None = None) -
             instance_ref=instance.get_ref(),
             cursor=cursor,
             definitions=definitions.defs,
-            resources={"archive": ArchiveResource(home=str(home), quiet_period_s=QUIET_S)},
+            resources={"archive": ArchiveResource(home=str(home), quiet_period_s=QUIET_S), "mlflow": _mlflow(home),
+                       "nnunet_settings": NnunetResource(workdir=str(home / "nnunet"))},
         )
         return incoming_studies.evaluate_tick(context)  # type: ignore[return-value]
+
+
+def _mlflow(home: Path) -> MlflowResource:
+    return MlflowResource(tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=(home / "mlartifacts").as_uri())
 
 
 def test_plan_spool_groups_and_waits(tmp_path: Path, corpus_root: Path, corpus: dict) -> None:
@@ -156,3 +166,30 @@ def pydicom_uid(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_sensor_requests_ingest_and_segmentation_in_one_run_with_a_production_model(
+        tmp_path: Path, corpus: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a production model the sensor's run ingests and segments (one process, one model
+    load); without one it only ingests, and asking for the model creates no MLflow store."""
+    import definitions
+
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    study = corpus["site-a"][0]
+    spool.mkdir(parents=True)
+    for f in study.ct_files:
+        shutil.copy(f, spool / f.name)
+    assert not has_production_model(_mlflow(home), NnunetResource())
+    assert not (home / "mlflow.db").exists()
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, home)
+        time.sleep(QUIET_S + 0.1)
+        monkeypatch.setattr(incoming, "has_production_model", lambda mlflow, nnunet_settings: True)
+        ready = _tick(instance, home, first.cursor)
+    assert [(r.job_name, r.partition_key) for r in ready.run_requests] == [("ingest_and_segment", study.study_uid)]
+    job = definitions.defs.resolve_job_def("ingest_and_segment")
+    assert {node.name for node in job.graph.node_defs} >= {"dicom_studies", "segmentations"}
+    assert job.executor_def.name == "in_process"  # one process per run: imports and model load once
+    # The run config the sensor writes fits the combined job too.
+    assert ready.run_requests[0].run_config["ops"]["dicom_studies"]["config"]["files"]

@@ -118,7 +118,10 @@ def quarantine(
 
 ingest_study_job = dg.define_asset_job(
     "ingest_study", selection=[dicom_studies],
-    description="Ingest one study from the spool.",
+    # One step: in-process saves a second process start (and its imports) per study.
+    executor_def=dg.in_process_executor,
+    description="Ingest one study from the spool (the incoming_studies sensor requests it while no production "
+    "model exists; else ingest_and_segment).",
 )
 quarantine_job = dg.define_asset_job(
     "quarantine_unreadable", selection=[quarantine], description="Quarantine unreadable spool files."

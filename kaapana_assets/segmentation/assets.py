@@ -65,17 +65,40 @@ def segmentations(
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(f"{result.model}:{result.seg_sop_uid[-12:]}"))
 
 
+# The fallback for studies ingested otherwise (`kaapana ingest`, an ingest_study run while no
+# model was in production): the incoming sensor's own runs segment as they ingest, and eager
+# never requests a partition whose run is in progress or that was updated with its parent.
 segmentation_automation = dg.AutomationConditionSensorDefinition(
     "segmentation_automation",
     target=[segmentations],
     default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=30,
-    description="Segments every newly ingested study (segmentations are eager on dicom_studies).",
+    minimum_interval_seconds=10,
+    description="Segments every study ingested without its segmentation (segmentations are eager on dicom_studies).",
+)
+
+# The automatic path: the incoming_studies sensor requests this job once a production model
+# exists, so a study is ingested and segmented in one run — one process start, one model load
+# — instead of an ingest run, an automation tick and a segmentation run. In-process executor:
+# the steps share the run's process (the multiprocess executor would start and import one per
+# step); the `gpu` pool still holds the segmentations step to one at a time across runs. On
+# Kubernetes the run is one pod: the run-level `dagster-k8s/config` tag puts that pod on a GPU
+# node (the steps' own op tags only shape step pods of the k8s_job_executor).
+ingest_and_segment_job = dg.define_asset_job(
+    "ingest_and_segment", selection=[dicom_studies, segmentations],
+    executor_def=dg.in_process_executor,
+    tags=gpu_op_tags(),
+    description="Ingest a study from the spool and segment it with the production model, in one run "
+    "(the incoming_studies sensor requests it while a production model exists).",
 )
 
 segment_job = dg.define_asset_job(
     "segment_studies", selection=[segmentations],
+    # One step: in-process saves the step's own process start (imports of torch, nnU-Net and
+    # dagster again); on Kubernetes the run pod is then the one that needs the GPU.
+    executor_def=dg.in_process_executor,
+    tags=gpu_op_tags(),
     description="Segment studies with the production model (the model_promotion sensor requests it).",
 )
 
-defs = dg.Definitions(assets=[segmentations], sensors=[segmentation_automation], jobs=[segment_job])
+defs = dg.Definitions(assets=[segmentations], sensors=[segmentation_automation],
+                      jobs=[segment_job, ingest_and_segment_job])

@@ -1,0 +1,52 @@
+"""The automatic path under the real daemon: a study copied into the spool of a running
+`dagster dev` ends up as a SEG in the segmentations table with no manual step — one
+ingest_and_segment run, and the automation does not segment it a second time."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import dagster as dg
+import pytest
+from dagster._core.instance.ref import InstanceRef
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench() -> ModuleType:
+    """bench/arrival.py: the daemon, the spool drop and the wait are the benchmark's own."""
+    spec = importlib.util.spec_from_file_location("bench_arrival", REPO / "bench" / "arrival.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_a_study_dropped_into_the_spool_is_segmented_by_the_running_daemon(trained_site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    arrival = _bench()
+    home = tmp_path / "kaapana"
+    # The trained site (studies, lake, archive, MLflow with a production model), a fresh instance.
+    shutil.copytree(trained_site.home.root, home, ignore=shutil.ignore_patterns("incoming"))
+    [(study_uid, folder)] = arrival.new_studies(tmp_path / "new", 1, 900)
+    dagster_home = tmp_path / "dagster"
+    log = tmp_path / "dagster-dev.log"
+    with arrival.running_daemon(home, dagster_home, REPO, log):
+        since, _ = arrival.drop([(study_uid, folder)], home / "incoming", "arrival")
+        seen = arrival.wait_for_segs(home / "lake", [study_uid], since, timeout_s=600)
+        assert study_uid in seen, f"no SEG within 600 s; see {log}:\n{log.read_text()[-3000:]}"
+        # Two automation ticks (10 s apart) after the run: neither may segment the study again.
+        time.sleep(25)
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
+        runs = [(r.job_name, r.tags.get("dagster/partition"), r.status) for r in instance.get_runs()]
+        segmented = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("segmentations"), asset_partitions=[study_uid]), limit=10)
+    assert runs == [("ingest_and_segment", study_uid, dg.DagsterRunStatus.SUCCESS)]
+    assert len(segmented.records) == 1
+    assert list((home / "incoming").rglob("*.dcm")) == []  # the spool files were ingested and cleared
