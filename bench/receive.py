@@ -1,11 +1,14 @@
 """DICOM receive throughput: dcmtk's storescu (TCP_NODELAY=1) sends the same synthetic
-corpus to `kaapana receive` and to Orthanc, all on one private loopback.
+corpus to `kaapana receive` and to Orthanc, all on one private loopback, over 1, 2 and 4
+parallel associations (one storescu process each, the corpus split between them).
 
-    sudo python bench/receive.py [--instances 1000]
+    sudo python bench/receive.py [--instances 1000] [--parallel 1 2 4]
 
 Orthanc listens on every interface, so the benchmark re-executes itself inside
 `unshare -n` (root): a network namespace whose only interface is its own loopback.
-Prints instances/s for both and the ratio (goal ≥ 1.5× Orthanc).
+Prints total instances/s for both and the ratio (goal ≥ 1.5× Orthanc). Both run in the
+same process, one after the other, per parallelism: compare the ratios, not the absolute
+figures, on a loaded machine.
 """
 
 from __future__ import annotations
@@ -23,20 +26,32 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def storescu(port: int, aec: str, files: list[Path]) -> float:
+def storescu(port: int, aec: str, files: list[Path], parallel: int = 1) -> float:
+    """Seconds for `parallel` storescu processes (one association each) to send `files`."""
     env = {**os.environ, "TCP_NODELAY": "1"}
+    shares = [files[i::parallel] for i in range(parallel)]
     t0 = time.perf_counter()
-    # One association for the whole corpus, as a modality sending a batch would.
-    subprocess.run(["storescu", "-R", "-aet", "BENCH", "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
-                   env=env, check=True, capture_output=True, timeout=1800)
-    return time.perf_counter() - t0
+    # One association per process for its whole share, as modalities sending batches would.
+    procs = [subprocess.Popen(["storescu", "-R", "-aet", f"BENCH{i}", "-aec", aec, "127.0.0.1", str(port),
+                               *map(str, share)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for i, share in enumerate(shares)]
+    failed = [p.communicate(timeout=1800)[1] for p in procs if p.wait(timeout=1800) != 0]
+    elapsed = time.perf_counter() - t0
+    if failed:
+        raise RuntimeError(f"storescu failed: {failed[0][-2000:]!r}")
+    return elapsed
 
 
-def run(instances: int) -> None:
+def count(folder: Path) -> int:
+    return sum(1 for _ in folder.rglob("*.dcm"))
+
+
+def run(instances: int, parallelism: list[int]) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     from kaapana_assets.synthetic import generate_site
     from tests.orthanc import Orthanc
 
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         files: list[Path] = []
@@ -49,32 +64,40 @@ def run(instances: int) -> None:
         files = files[:instances]
         size_mb = sum(f.stat().st_size for f in files) / 1e6
 
-        receiver = subprocess.Popen([sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(root / "home"),
-                                     "--port", "11112"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
-        time.sleep(5)  # imports
-        try:
-            ours = storescu(11112, "KAAPANA", files)
-            received = len(list((root / "home" / "incoming").rglob("*.dcm")))
-        finally:
-            receiver.terminate()
-            receiver.wait(timeout=30)
-        orthanc = Orthanc(root / "orthanc", dicom_port=4242)
-        try:
-            theirs = storescu(4242, "ORTHANC", files)
-            stored = orthanc.get("/statistics")["CountInstances"]
-        finally:
-            orthanc.stop()
+        for parallel in parallelism:
+            home = root / f"home-{parallel}"
+            receiver = subprocess.Popen([sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(home),
+                                         "--port", "11112"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+            time.sleep(5)  # imports
+            try:
+                ours = storescu(11112, "KAAPANA", files, parallel)
+                received = count(home / "incoming")
+            finally:
+                receiver.terminate()
+                receiver.wait(timeout=30)
+            orthanc = Orthanc(root / f"orthanc-{parallel}", dicom_port=4242)
+            try:
+                theirs = storescu(4242, "ORTHANC", files, parallel)
+                stored = orthanc.get("/statistics")["CountInstances"]
+            finally:
+                orthanc.stop()
+            rows.append((parallel, ours, received, theirs, stored))
 
-    print(f"{len(files)} CT instances ({size_mb:.0f} MB), storescu with TCP_NODELAY=1, one association, loopback")
-    print(f"{'kaapana receive (fsync per instance)':40s} {ours:7.2f} s {len(files) / ours:8.0f} inst/s  ({received} stored)")
-    print(f"{'Orthanc 1.10 (Debian)':40s} {theirs:7.2f} s {len(files) / theirs:8.0f} inst/s  ({stored} stored)")
-    print(f"{'ratio kaapana / Orthanc':40s} {theirs / ours:7.2f}   (goal ≥ 1.5)")
+    print(f"{len(files)} CT instances ({size_mb:.0f} MB), storescu with TCP_NODELAY=1, loopback; "
+          f"kaapana receive: fsync before every acknowledgement; Orthanc 1.10 (Debian)")
+    print(f"{'associations':>12s} {'kaapana inst/s':>15s} {'Orthanc inst/s':>15s} {'ratio':>6s}  stored (ours/theirs)")
+    for parallel, ours, received, theirs, stored in rows:
+        print(f"{parallel:12d} {len(files) / ours:15.0f} {len(files) / theirs:15.0f} {theirs / ours:6.2f}"
+              f"  {received}/{stored}")
+    print("goal: ratio ≥ 1.5")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4],
+                        help="numbers of parallel associations (storescu processes) to measure")
     args = parser.parse_args()
     if os.environ.get("KAAPANA_BENCH_NETNS") != "1":
         if os.geteuid() != 0 or not shutil.which("unshare"):
@@ -82,7 +105,7 @@ def main() -> int:
             return 2
         env = {**os.environ, "KAAPANA_BENCH_NETNS": "1"}
         return subprocess.call(["unshare", "-n", sys.executable, __file__, *sys.argv[1:]], env=env)
-    run(args.instances)
+    run(args.instances, args.parallel)
     return 0
 
 

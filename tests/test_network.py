@@ -25,8 +25,9 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.lake import Lake
 
-# slow tier (`make test-all`): receiver, storescp and Orthanc processes
-pytestmark = pytest.mark.slow
+# slow tier (`make test-all`): receiver, storescp and Orthanc processes; the encoders and the
+# in-process receiver below run in the fast tier
+slow = pytest.mark.slow
 
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
 
@@ -102,6 +103,7 @@ def _dataset_bytes(path: Path) -> bytes:
     return data[meta_end:]
 
 
+@slow
 @needs_dcmtk
 def test_storescu_into_receiver_then_ingest(receiver: Receiver, corpus: dict, tmp_path: Path) -> None:
     study = corpus["site-b"][0]
@@ -123,6 +125,7 @@ def test_storescu_into_receiver_then_ingest(receiver: Receiver, corpus: dict, tm
     assert set(rows["calling_ae_title"].to_list()) == {"STORESCU"} and set(rows["called_ae_title"].to_list()) == {"KAAPANA"}
 
 
+@slow
 @needs_dcmtk
 def test_disallowed_ae_is_refused(receiver: Receiver, corpus: dict) -> None:
     refused = storescu(receiver.port, corpus["site-a"][0].ct_files[:2], calling="INTRUDER")
@@ -138,6 +141,7 @@ def test_disallowed_ae_is_refused(receiver: Receiver, corpus: dict) -> None:
 STORESCU_PROPOSE = {"jpeg_lossless_sv1": "-xs", "jpeg2000_lossless": "-xv", "rle": "-xr", "jpeg_ls_lossless": "-xt"}
 
 
+@slow
 @needs_dcmtk
 @pytest.mark.skipif(shutil.which("gdcmconv") is None or shutil.which("dcmcjpls") is None, reason="gdcm/dcmtk codecs missing")
 def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: dict, tmp_path: Path) -> None:
@@ -175,6 +179,7 @@ def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: d
     assert "refused" not in receiver.log()
 
 
+@slow
 def test_malformed_dataset_is_refused(receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     import pynetdicom.association
 
@@ -197,6 +202,7 @@ def test_malformed_dataset_is_refused(receiver: Receiver, monkeypatch: pytest.Mo
     assert receiver.echo()
 
 
+@slow
 def test_aborted_association_leaves_nothing(receiver: Receiver) -> None:
     ds = pydicom.Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, "1.2.826.0.1.3680043.10.2"
@@ -235,6 +241,7 @@ def test_aborted_association_leaves_nothing(receiver: Receiver) -> None:
     assert receiver.echo()
 
 
+@slow
 @needs_dcmtk
 def test_send_seg_to_storescp(tmp_path: Path, corpus: dict) -> None:
     from kaapana_assets.cli import main
@@ -261,6 +268,7 @@ def test_send_seg_to_storescp(tmp_path: Path, corpus: dict) -> None:
     assert sent.height == 1 and sent["status"][0] == "success" and sent["destination"][0].startswith("STORESCP@")
 
 
+@slow
 def test_send_retries_then_records_failure(tmp_path: Path, corpus: dict) -> None:
     from kaapana_assets.network.sender import DicomNode, record_sent, send_files
 
@@ -278,6 +286,7 @@ def _can_unshare() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
+@slow
 @pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
 def test_pull_from_orthanc_via_dicomweb(tmp_path: Path, corpus: dict) -> None:
     from tests import orthanc
@@ -296,3 +305,112 @@ def test_pull_from_orthanc_via_dicomweb(tmp_path: Path, corpus: dict) -> None:
     assert result["matches"][0]["patient_id"] == study.patient_id
     assert result["spooled"] == len(study.ct_files)
     assert result["ingest"]["indexed"] == len(study.ct_files) and result["studies"] == [study.study_uid]
+
+
+# --- fast tier: the receiver's own encoders and its event-driven reactors, in process ---
+
+@pytest.mark.parametrize(("sop_instance_uid", "calling"), [
+    ("1.2.3.4", "STORESCU"),  # even lengths
+    ("1.2.3.45", "MODALITY_X1"),  # odd lengths: UI padded with NUL, AE with a space
+    ("1.2.840.113619.2.55.3.604688119.969.1268071029.320", "A"),
+])
+def test_file_meta_is_byte_for_byte_what_pydicom_writes(sop_instance_uid: str, calling: str) -> None:
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+    from pynetdicom.dsutils import create_file_meta
+
+    from kaapana_assets.network.spool_writer import file_meta_bytes
+
+    for transfer_syntax in (ExplicitVRLittleEndian, "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2"):
+        meta = create_file_meta(sop_class_uid=CTImageStorage, sop_instance_uid=sop_instance_uid,
+                                transfer_syntax=transfer_syntax)
+        meta.SendingApplicationEntityTitle = calling
+        meta.ReceivingApplicationEntityTitle = "KAAPANA"
+        expected = io.BytesIO()
+        write_file_meta_info(expected, meta, enforce_standard=True)  # type: ignore[arg-type]
+        assert file_meta_bytes(CTImageStorage, sop_instance_uid, transfer_syntax, PYNETDICOM_IMPLEMENTATION_UID,
+                               PYNETDICOM_IMPLEMENTATION_VERSION, calling, "KAAPANA") == expected.getvalue()
+
+
+@pytest.mark.parametrize(("sop_instance_uid", "calling"), [
+    ("1.2.3.x", "A"), ("1.2." + "3" * 70, "A"), ("", "A"),  # not a plain UID
+    ("1.2.3", " A"), ("1.2.3", "A\\B"), ("1.2.3", "É"), ("1.2.3", ""), ("1.2.3", "A" * 17),  # not a plain AE title
+])
+def test_file_meta_leaves_unusual_values_to_pydicom(sop_instance_uid: str, calling: str) -> None:
+    from kaapana_assets.network.spool_writer import file_meta_bytes
+
+    assert file_meta_bytes(CTImageStorage, sop_instance_uid, ExplicitVRLittleEndian, "1.2.3", "V1", calling,
+                           "KAAPANA") is None
+
+
+def test_store_response_is_byte_for_byte_what_pynetdicom_encodes() -> None:
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from kaapana_assets.network.receiver import store_response_command
+
+    for sop_instance_uid, message_id, status in [("1.2.3.4", 1, 0x0000), ("1.2.3.45", 65535, 0xA900),
+                                                 ("1.2.840.1.2.3", 7, 0xC210)]:
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = message_id
+        response.AffectedSOPClassUID = CTImageStorage
+        response.AffectedSOPInstanceUID = sop_instance_uid
+        response.Status = status
+        message = C_STORE_RSP()
+        message.primitive_to_message(response)
+        assert store_response_command(response) == encode(message.command_set, True, True)
+    response.ErrorComment = "left to pynetdicom"
+    assert store_response_command(response) is None
+
+
+def test_event_driven_receiver_stores_parallel_associations(tmp_path: Path, corpus: dict) -> None:
+    """Four associations at once through the event-driven reactors: every instance stored
+    byte for byte with both AE titles; releases and an abort end the associations promptly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pynetdicom.dsutils import encode
+
+    from kaapana_assets.network import receiver as receiver_module
+
+    assert receiver_module.EVENT_DRIVEN, "the installed pynetdicom is not the one the reactor was taken from"
+    spool, port = tmp_path / "incoming", free_port()
+    server = receiver_module.start_receiver(spool, port=port)
+    assert server is not None
+    files = [f for study in corpus["site-a"] for f in study.ct_files][:24]
+
+    def send(share: list[Path]) -> list[int]:
+        ae = AE(ae_title="PARALLEL")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="KAAPANA")
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(pydicom.dcmread(f)).Status for f in share]
+        assoc.release()
+        return statuses
+
+    try:
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            statuses = [s for part in pool.map(send, [files[i::4] for i in range(4)]) for s in part]
+        assert statuses == [0] * len(files)
+        # an association aborted by its peer ends promptly on our side too
+        ae = AE(ae_title="PARALLEL")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="KAAPANA")
+        assert assoc.is_established and assoc.send_c_store(pydicom.dcmread(files[0])).Status == 0
+        assoc.abort()
+        deadline = time.monotonic() + 5
+        while server.active_associations and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not server.active_associations
+        assert time.monotonic() - t0 < 60
+    finally:
+        receiver_module.stop_receiver(server)
+    stored = sorted(spool.rglob("*.dcm"))
+    assert len(stored) == len(files)
+    for f in files:
+        ds = pydicom.dcmread(f)
+        copy = spool / "PARALLEL" / f"{ds.SOPInstanceUID}.dcm"
+        assert _dataset_bytes(copy) == encode(ds, False, True)  # what send_c_store sent
+        meta = pydicom.dcmread(copy, stop_before_pixels=True).file_meta
+        assert (meta.SendingApplicationEntityTitle, meta.ReceivingApplicationEntityTitle) == ("PARALLEL", "KAAPANA")
