@@ -4,14 +4,10 @@ automation uses (`<cache>/<model>/v<version>`), so a version is fetched once per
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from kaapana_assets.segmentation.models import LoadedModel
-from kaapana_assets.training import nnunet
+from kaapana_assets.segmentation.models import LoadedModel, loaded_version
 from kaapana_assets.training.tracking import PRODUCTION, Tracking
 
 
@@ -19,7 +15,6 @@ class UnknownModelVersion(LookupError):
     pass
 
 
-_LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}
 
 
 def resolve_version(tracking: Tracking, model_name: str, version: str | int | None = None) -> Any:
@@ -41,29 +36,6 @@ def resolve_version(tracking: Tracking, model_name: str, version: str | int | No
 
 def load_model(tracking: Tracking, model_name: str, version: str | int | None, cache: Path,
                device: str = "auto") -> LoadedModel:
-    """A registered model version, loaded for prediction (kept per process)."""
-    model_version = resolve_version(tracking, model_name, version)
-    number = str(model_version.version)
-    key = (tracking.tracking_uri, model_name, number, device)
-    if key in _LOADED:
-        return _LOADED[key]
-    folder = cache / model_name / f"v{number}"
-    if not (folder / "dataset.json").exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            downloaded = tracking.download(model_version, Path(tmp) / "download")
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            staging = folder.with_name(folder.name + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(downloaded, staging)
-            try:
-                staging.rename(folder)  # complete or absent, never half-copied
-            except OSError:
-                if not (folder / "dataset.json").exists():
-                    raise
-                shutil.rmtree(staging, ignore_errors=True)  # another run put the same version there first
-    dataset = json.loads((folder / "dataset.json").read_text())
-    label_names = {int(v): k for k, v in dataset["labels"].items()}
-    loaded = LoadedModel(model_name, number, folder, nnunet.load_predictor(folder, device), label_names)
-    _LOADED[key] = loaded
-    return loaded
+    """A registered model version, loaded for prediction (kept per process, shared with the
+    segmentation automation's cache)."""
+    return loaded_version(tracking, resolve_version(tracking, model_name, version), model_name, cache, device)

@@ -28,10 +28,6 @@ from pathlib import Path
 from kaapana_assets.federated.runs import CONNECTION, Connection
 
 # Message TTL and the wait for a phase's replies: a full nnU-Net round runs for hours.
-# How often the SuperExec beside a SuperLink/SuperNode looks for a ServerApp/ClientApp to
-# launch: Flower's 1 s default sits on every phase of every round; 0.2 s costs a local
-# request five times a second.
-SUPEREXEC_POLL_ENV, SUPEREXEC_POLL_S = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"
 DEFAULT_TTL_S = 24 * 3600.0
 DEFAULT_ROUND_TIMEOUT_S = 12 * 3600.0
 
@@ -228,7 +224,6 @@ class LocalFederation:
         base = dict(os.environ)  # passed on, not read: the children inherit this process's environment
         base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
         base["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        base[SUPEREXEC_POLL_ENV] = SUPEREXEC_POLL_S
         return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**base, **(env or {})},
                                 start_new_session=True)
 

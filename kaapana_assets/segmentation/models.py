@@ -54,6 +54,11 @@ def production_model(tracking: Tracking, model_name: str, cache: Path, device: s
             f"train one (the train_cohort job) or import one (`kaapana model import PATH --name {model_name}`), "
             f"then promote it"
         )
+    return loaded_version(tracking, version, model_name, cache, device)
+
+
+def loaded_version(tracking: Tracking, version: Any, model_name: str, cache: Path, device: str = "auto") -> LoadedModel:
+    """A registry ModelVersion loaded for prediction, once per process (see _LOADED)."""
     key = (tracking.tracking_uri, model_name, str(version.version), device)
     loaded = _LOADED.get(key)
     if loaded is not None:
