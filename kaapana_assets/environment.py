@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,21 @@ class Environment:
     def pod_home(self) -> str:
         """Where KAAPANA_HOME is mounted in step and extension pods."""
         return str(self.home) if self.env == "k8s" else "/kaapana"
+
+
+@contextmanager
+def unchanged_environment(*names: str) -> Iterator[None]:
+    """Undo what a library writes into this process's environment meanwhile.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI; in a process that serves more
+    than one home (the demo, a code server, the tests) the next `Environment` would then read
+    another home's MLflow store."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -56,3 +57,19 @@ def test_no_resource_reads_the_environment_itself() -> None:
                "kaapana_assets/demo", "kaapana_assets/federated/clientapp.py")
     # nnunet.py sets nnU-Net's own variables around a call
     assert [r for r in readers if not r.startswith(allowed)] == []
+
+
+def test_mlflow_activation_leaves_the_environment_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; a process serving several homes
+    (the demo after another site, a code server) would then read another home's store."""
+    import mlflow
+
+    from kaapana_assets.training.tracking import Tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    Tracking(uri, str(tmp_path / "artifacts")).client()
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_tracking_uri() == uri  # the fluent API still logs to this store
+    home = tmp_path / "other"
+    assert Environment.read(home=home).mlflow_tracking_uri == f"sqlite:///{home / 'mlflow.db'}"

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from kaapana_assets.environment import unchanged_environment
+
 PRODUCTION = "production"
 
 
@@ -41,7 +43,8 @@ class Tracking:
     def _activate(self) -> str:
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
+        with unchanged_environment("MLFLOW_TRACKING_URI"):
+            mlflow.set_tracking_uri(self.tracking_uri)  # the fluent API's store; not the environment's
         client = mlflow.MlflowClient(self.tracking_uri)
         existing = client.get_experiment_by_name(self.experiment)
         if existing is not None:
