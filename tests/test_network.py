@@ -258,7 +258,11 @@ def test_send_seg_to_storescp(tmp_path: Path, corpus: dict) -> None:
         assert main(["send", str(seg), "--ae-title", "STORESCP", "--port", str(port), "--home", str(home)]) == 0
     finally:
         os.killpg(scp.pid, signal.SIGTERM)
-        scp.wait(timeout=10)
+        try:
+            scp.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # storescp once ignored SIGTERM for 10 s in CI
+            os.killpg(scp.pid, signal.SIGKILL)
+            scp.wait(timeout=10)
     [received] = list(out.iterdir())
     assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(seg).SOPInstanceUID
     if shutil.which("dciodvfy"):
