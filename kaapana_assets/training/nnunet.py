@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from kaapana_assets.environment import unchanged_environment
+
 CONFIGURATION = "3d_fullres"
 PLANS = "nnUNetPlans"
 FOLD = 0
@@ -89,18 +91,11 @@ def nnunet_environment(paths: NnunetPaths, threads: int | None = None, training:
         # Augmentation in-process: on 2 cores, worker processes were slower. Planning must
         # not see it (torch.set_num_threads(0) crashes there).
         values["nnUNet_n_proc_DA"] = "0"
-    saved = {k: os.environ.get(k) for k in values}
     for folder in (paths.raw, paths.preprocessed, paths.results):
         folder.mkdir(parents=True, exist_ok=True)
-    os.environ.update(values)
-    try:
+    with unchanged_environment(*values):
+        os.environ.update(values)
         yield paths
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def dataset_id_for(name: str) -> int:
