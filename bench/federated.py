@@ -1,6 +1,6 @@
 """Federated vs centralized vs site-alone nnU-Net, Dice on every site's held-out data.
 
-    python bench/federated.py [--train 6] [--test 6] [--rounds 8] [--local-epochs 1] [--iterations 10] [--threads N]
+    python bench/federated.py [--train 6] [--test 10] [--rounds 8] [--local-epochs 1] [--iterations 10] [--threads N]
 
 Three synthetic non-IID sites (three scanner profiles). Each site has `--train` annotated
 studies in its own KAAPANA_HOME and `--test` held-out studies no model ever trains on.
@@ -38,7 +38,7 @@ LIVER = 1
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--train", type=int, default=6)
-    parser.add_argument("--test", type=int, default=6)
+    parser.add_argument("--test", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=10)
@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--matrix", type=int, default=48)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0, help="seeds every training (the federation's initial "
+                        "network and each site's rounds; the centralized and site-alone models)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // len(SITES)),
                         help="torch threads per site's SuperNode (the sites train in parallel)")
     args = parser.parse_args()
@@ -76,7 +78,7 @@ def main() -> int:
     grid = {"slices": args.slices, "matrix": args.matrix}
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
     schedule = nnunet.Schedule.preset("tiny", epochs=args.rounds * args.local_epochs,
-                                      iterations_per_epoch=args.iterations, base_features=args.width)
+                                      iterations_per_epoch=args.iterations, base_features=args.width, seed=args.seed)
     timings: dict[str, float] = {}
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -124,7 +126,8 @@ def main() -> int:
                 superlink=flower.connection.address, root_certificate=str(flower.connection.root_certificate),
                 federation_file=str(write_sites(hub / "federation.yaml", [SiteEntry(s, key=keys[s]) for s in SITES])),
                 folder=str(KaapanaHome(hub).hub_federation), rounds=args.rounds, min_sites=len(SITES), schedule="tiny",
-                local_epochs=args.local_epochs, iterations_per_epoch=args.iterations, base_features=args.width)
+                local_epochs=args.local_epochs, iterations_per_epoch=args.iterations, base_features=args.width,
+                seed=args.seed)
             resources = {**site_resources(hub, device=args.device, promotion_dice=0.0), "federation": federation}
             with dg.instance_for_test() as instance:
                 instance.add_dynamic_partitions("federated_experiments", ["bench"])

@@ -69,7 +69,7 @@ class FederationResource(dg.ConfigurableResource):
     dp_epsilon: float = Field(default=1.0, description="Local DP: privacy budget per round")
     dp_delta: float = Field(default=1e-5, description="Local DP: failure probability")
     dp_sensitivity: float = Field(default=1.0, description="Local DP: sensitivity")
-    seed: int = Field(default=0, description="Seed of the shared initial network")
+    seed: int = Field(default=0, description="Seed of the shared initial network and of each site's local training (derived per round and site)")
 
     def sites(self) -> list[SiteEntry]:
         if not self.federation_file:

@@ -147,3 +147,36 @@ def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) 
     array = sitk.GetArrayFromImage(sitk.ReadImage(str(image))).astype(np.float32)
     spacing = tuple(reversed(sitk.ReadImage(str(image)).GetSpacing()))
     assert nnunet.predict(predictor, array, spacing).shape == array.shape  # type: ignore[arg-type]
+
+
+def test_seeded_local_training_is_reproducible(site_datasets: dict[str, Path], tmp_path: Path) -> None:
+    """The same seed trains the same network (a rerun of a round, the quality benchmark's two
+    runs); another seed another one; every site and round gets its own seed."""
+    import dataclasses
+
+    import torch
+
+    from kaapana_assets.federated.site import local_update, prepare_site, training_seed
+
+    fingerprints = [site_fingerprint(folder, site) for site, folder in site_datasets.items()]
+    fingerprint = aggregate_fingerprints(fingerprints)
+    hub = nnunet.NnunetPaths(tmp_path / "hub")
+    with nnunet.nnunet_environment(hub):
+        plans = nnunet.with_width(plan_at_hub(fingerprint, fingerprints, hub.raw / "Dataset901_Federated",
+                                              hub.preprocessed / "Dataset901_Federated", 901), 8)
+    site, raw = next(iter(site_datasets.items()))
+    dataset_json = json.loads(raw.joinpath("dataset.json").read_text())
+    start = nnunet.initial_network_weights(plans, dataset_json, seed=3)
+    paths = nnunet.NnunetPaths(raw.parents[2] / "nnunet")  # the site's own nnU-Net folders
+    prepare_site(paths, raw, 1, plans, fingerprint)
+    schedule = nnunet.Schedule.preset("tiny", epochs=1, iterations_per_epoch=2)
+
+    def weights(seed: int) -> dict:
+        return local_update(site, paths, raw, 1, start, dataclasses.replace(schedule, seed=seed), "cpu", 1).weights
+
+    first, again, other = weights(11), weights(11), weights(12)
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first if first[k].is_floating_point())
+    seeds = {training_seed(0, r, s) for r in (1, 2) for s in ("site-a", "site-b")}
+    assert len(seeds) == 4 and training_seed(0, 1, "site-a") == training_seed(0, 1, "site-a")
+    assert training_seed(1, 1, "site-a") != training_seed(0, 1, "site-a")

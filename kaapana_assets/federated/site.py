@@ -126,6 +126,14 @@ def _plans_digest(plans: dict) -> str:
     return hashlib.sha256(json.dumps(plans, sort_keys=True).encode()).hexdigest()
 
 
+def training_seed(experiment_seed: int, round_: int, site: str) -> int:
+    """The seed of one site's local training in one round: fixed by the experiment's seed, so
+    that a rerun trains the same network, and different per round and site, so that sites and
+    rounds do not draw the same patches."""
+    digest = hashlib.sha256(f"{experiment_seed}/{round_}/{site}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
 def train_update(ctx: SiteContext, experiment: str, round_: int) -> dict[str, object]:
     """Round r at this site: train from global r-1, send the sealed update."""
     raw = ctx.raw(experiment)
@@ -140,11 +148,13 @@ def train_update(ctx: SiteContext, experiment: str, round_: int) -> dict[str, ob
         prepare_site(paths, raw, DATASET_ID, plans, ctx.store.read_json(experiment, "fingerprint"))
         marker.write_text(_plans_digest(plans))
     start = ctx.store.read_global(experiment, round_ - 1)
-    schedule = nnunet.Schedule(**spec["schedule"])
-    ctx.log(f"{ctx.site}: round {round_}, {schedule.epochs} local epochs × {schedule.iterations_per_epoch} iterations")
+    seed = training_seed(int(spec.get("seed", 0)), round_, ctx.site)
+    schedule = dataclasses.replace(nnunet.Schedule(**spec["schedule"]), seed=seed)
+    ctx.log(f"{ctx.site}: round {round_}, {schedule.epochs} local epochs × {schedule.iterations_per_epoch} "
+            f"iterations, seed {seed}")
     update = local_update(ctx.site, paths, raw, DATASET_ID, start, schedule, ctx.device, ctx.threads)
     sha = ctx.send(experiment, round_, "update", pack_update(update.weights, update.cases, update.metrics), update.cases)
-    return {"cases": update.cases, **update.metrics, "sha256": sha}
+    return {"cases": update.cases, **update.metrics, "seed": seed, "sha256": sha}
 
 
 def evaluate_global(ctx: SiteContext, experiment: str, round_: int) -> dict[str, float]:

@@ -42,6 +42,10 @@ class Schedule:
     # FedProx (Li et al. 2020): mu/2 · ||w - w_global||² added to the training loss, so that
     # sites with very different data do not drift far from the global model. 0: plain FedAvg.
     proximal_mu: float = 0.0
+    # Seeds Python's, NumPy's and torch's generators before the trainer is built: on the CPU,
+    # with fixed threads and in-process augmentation, the same seed gives the same network.
+    # None: nnU-Net's own behaviour (unseeded).
+    seed: int | None = None
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "Schedule":
@@ -286,6 +290,19 @@ class TrainingResult:
     epochs: list[dict[str, float]] = field(default_factory=list)
 
 
+def seed_generators(seed: int) -> None:
+    """Seed every generator nnU-Net's training draws from (weight init, patch sampling,
+    augmentation): Python's `random`, NumPy's global one and torch's."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def train(
     dataset_id: int,
     schedule: Schedule,
@@ -302,6 +319,8 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
+    if schedule.seed is not None:
+        seed_generators(schedule.seed)
     name = convert_id_to_dataset_name(dataset_id)
     folder = Path(os.environ["nnUNet_preprocessed"]) / name
     (folder / "splits_final.json").write_text(json.dumps([split]))
