@@ -1,14 +1,24 @@
-"""`incoming_studies`: turns quiet groups of spool files into one run per study — ingest and
-segmentation together while a production model exists, else ingest alone."""
+"""`incoming_studies`: turns quiet groups of spool files into runs — ingest and segmentation
+together while a production model exists, else ingest alone. A study that arrives alone gets
+its own run; new studies that settle in the same tick (a burst) share one run over their
+partition range, up to BURST_STUDIES per run: one process start and one model load for all of
+them. A burst run that fails for good is split: each of its studies gets a run of its own, so
+one bad study holds up no other."""
 
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    WILL_RETRY_TAG,
+)
 
-from kaapana_assets.ingest.assets import ingest_study_job, quarantine_job
+from kaapana_assets.ingest.assets import STUDIES_PER_RUN, ingest_study_job, quarantine_job
 from kaapana_assets.ingest.partitions import STUDIES, studies_partitions
 from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
 from kaapana_assets.segmentation.assets import ingest_and_segment_job
@@ -16,6 +26,32 @@ from kaapana_assets.training.tracking import PRODUCTION
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource
+
+BURST_STUDIES = STUDIES_PER_RUN  # studies per burst run: start-up shared, a failure's retry stays small
+# Studies copied one after the other settle a little apart: a ready study waits this long for
+# others that are about to settle, so that a burst becomes one run rather than several.
+BURST_WINDOW_S = 3.0
+BURST_TAG = "kaapana/burst"
+
+
+def _burst_id(digests: list[str]) -> str:
+    return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
+
+
+def _failed_for_good(instance: dg.DagsterInstance, burst: str) -> bool | None:
+    """None while the burst's run (or its retry) may still succeed; else whether it failed."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={BURST_TAG: burst}), limit=1)  # newest: a retry
+    if not runs:
+        return None
+    run = runs[0]
+    if run.status == dg.DagsterRunStatus.SUCCESS:
+        return False
+    if run.status == dg.DagsterRunStatus.CANCELED:
+        return True
+    if run.status == dg.DagsterRunStatus.FAILURE:
+        # With run retries on, the failure is final once the instance has decided not to retry.
+        return not instance.run_retries_enabled or run.tags.get(WILL_RETRY_TAG) == "false"
+    return None
 
 
 def has_production_model(mlflow: MlflowResource, nnunet_settings: NnunetResource) -> bool:
@@ -34,7 +70,7 @@ def has_production_model(mlflow: MlflowResource, nnunet_settings: NnunetResource
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Watches the spool; once a study's files are quiet, requests one run that ingests it and, "
-    "while a production model exists, segments it.",
+    "while a production model exists, segments it (studies that settle together: one run over their range).",
 )
 def incoming_studies(
     context: dg.SensorEvaluationContext, archive: ArchiveResource, mlflow: MlflowResource,
@@ -47,27 +83,68 @@ def incoming_studies(
     plan = plan_spool(scan_spool(archive.spool), known, time.time_ns(), archive.quiet_period_s)
 
     run_requests: list[dg.RunRequest] = []
-    new_partitions = [s for s in plan.ready if not context.instance.has_dynamic_partition(STUDIES, s)]
+    pending = [s for s in sorted(plan.ready) if requested.get(s) != plan.digests[s]]
+    about_to_settle = [s for s in plan.waiting if s != UNREADABLE and plan.settles_in_s[s] <= BURST_WINDOW_S]
+    if pending and about_to_settle and max(-plan.settles_in_s[s] for s in pending) < BURST_WINDOW_S:
+        pending = []  # next tick, together with them
+    new_partitions = [s for s in pending if not context.instance.has_dynamic_partition(STUDIES, s)]
+
+    # Bursts whose run failed for good: one run per study (what is indexed already is reused).
+    bursts: dict[str, list[str]] = cursor.get("bursts", {})
+    split: list[tuple[str, str]] = []  # (study, burst)
+    for burst, studies in list(bursts.items()):
+        failed = _failed_for_good(context.instance, burst)
+        if failed is not None:
+            del bursts[burst]
+            if failed:
+                context.log.warning(f"burst run {burst} failed: its {len(studies)} studies get a run each")
+                split += [(study_uid, burst) for study_uid in studies]
+
     job = ingest_study_job
-    if any(requested.get(s) != plan.digests[s] for s in plan.ready):
+    if pending or split:
         try:
             if has_production_model(mlflow, nnunet_settings):
                 job = ingest_and_segment_job
         except Exception as exc:  # noqa: BLE001  MLflow unreachable: ingest now, the automation segments later
             context.log.warning(f"production model unknown ({exc!r}): ingesting without segmenting")
-    for study_uid, files in sorted(plan.ready.items()):
-        digest = plan.digests[study_uid]
-        if requested.get(study_uid) == digest:
-            continue  # this exact file set was already requested; its run will clear it
+
+    def single(study_uid: str, files: list[str], run_key: str) -> dg.RunRequest:
+        return dg.RunRequest(
+            job_name=job.name,
+            partition_key=study_uid,
+            run_key=run_key,
+            run_config={"ops": {"dicom_studies": {"config": {"files": files}}}},
+            tags={"kaapana/files": str(len(files))},
+        )
+
+    for study_uid, burst in split:
+        run_requests.append(single(study_uid, plan.ready.get(study_uid, []), f"{study_uid}:after-burst:{burst}"))
+
+    # New partitions are added in this order, so consecutive new studies form a partition range.
+    fresh = new_partitions
+    for start in range(0, len(fresh), BURST_STUDIES):
+        chunk = fresh[start:start + BURST_STUDIES]
+        if len(chunk) < 2:
+            continue
+        burst = _burst_id([plan.digests[s] for s in chunk])
+        files = [f for s in chunk for f in plan.ready[s]]
         run_requests.append(
             dg.RunRequest(
                 job_name=job.name,
-                partition_key=study_uid,
-                run_key=f"{study_uid}:{digest}",
+                run_key=f"burst:{burst}",
                 run_config={"ops": {"dicom_studies": {"config": {"files": files}}}},
-                tags={"kaapana/files": str(len(files))},
+                tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
+                      BURST_TAG: burst, "kaapana/studies": str(len(chunk)), "kaapana/files": str(len(files))},
             )
         )
+        bursts[burst] = chunk
+        for study_uid in chunk:
+            requested[study_uid] = plan.digests[study_uid]
+    for study_uid in pending:
+        if requested.get(study_uid) == plan.digests[study_uid]:
+            continue  # in a burst above
+        digest = plan.digests[study_uid]
+        run_requests.append(single(study_uid, plan.ready[study_uid], f"{study_uid}:{digest}"))
         requested[study_uid] = digest
     if plan.unreadable and requested.get(UNREADABLE) != plan.digests[UNREADABLE]:
         run_requests.append(
@@ -84,6 +161,7 @@ def incoming_studies(
     cursor = {
         "files": {p: list(v) for p, v in plan.studies_of.items()},
         "requested": {k: v for k, v in requested.items() if k in present},
+        "bursts": bursts,
     }
     skip = None
     if not run_requests:

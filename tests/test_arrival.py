@@ -1,6 +1,7 @@
 """The automatic path under the real daemon: a study copied into the spool of a running
 `dagster dev` ends up as a SEG in the segmentations table with no manual step — one
-ingest_and_segment run, and the automation does not segment it a second time."""
+ingest_and_segment run, and the automation does not segment it a second time; studies that
+arrive together share one run over their partition range."""
 
 from __future__ import annotations
 
@@ -34,19 +35,27 @@ def test_a_study_dropped_into_the_spool_is_segmented_by_the_running_daemon(train
     home = tmp_path / "kaapana"
     # The trained site (studies, lake, archive, MLflow with a production model), a fresh instance.
     shutil.copytree(trained_site.home.root, home, ignore=shutil.ignore_patterns("incoming"))
-    [(study_uid, folder)] = arrival.new_studies(tmp_path / "new", 1, 900)
+    [(study_uid, folder), *burst] = arrival.new_studies(tmp_path / "new", 3, 900)
+    burst_uids = [uid for uid, _ in burst]
     dagster_home = tmp_path / "dagster"
     log = tmp_path / "dagster-dev.log"
     with arrival.running_daemon(home, dagster_home, REPO, log):
         since, _ = arrival.drop([(study_uid, folder)], home / "incoming", "arrival")
         seen = arrival.wait_for_segs(home / "lake", [study_uid], since, timeout_s=600)
         assert study_uid in seen, f"no SEG within 600 s; see {log}:\n{log.read_text()[-3000:]}"
+        since, _ = arrival.drop(burst, home / "incoming", "burst")
+        seen = arrival.wait_for_segs(home / "lake", burst_uids, since, timeout_s=600)
+        assert set(seen) == set(burst_uids), f"burst: SEGs for {sorted(seen)} only; see {log}"
         # Two automation ticks (10 s apart) after the run: neither may segment the study again.
         time.sleep(25)
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
-        runs = [(r.job_name, r.tags.get("dagster/partition"), r.status) for r in instance.get_runs()]
-        segmented = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=dg.AssetKey("segmentations"), asset_partitions=[study_uid]), limit=10)
-    assert runs == [("ingest_and_segment", study_uid, dg.DagsterRunStatus.SUCCESS)]
-    assert len(segmented.records) == 1
+        runs = [(r.job_name, r.tags.get("dagster/partition") or
+                 (r.tags.get("dagster/asset_partition_range_start"), r.tags.get("dagster/asset_partition_range_end")),
+                 r.status) for r in reversed(instance.get_runs())]
+        segmented = {uid: len(instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=dg.AssetKey("segmentations"), asset_partitions=[uid]), limit=10).records)
+            for uid in [study_uid, *burst_uids]}
+    assert runs == [("ingest_and_segment", study_uid, dg.DagsterRunStatus.SUCCESS),
+                    ("ingest_and_segment", tuple(sorted(burst_uids)), dg.DagsterRunStatus.SUCCESS)]
+    assert segmented == {uid: 1 for uid in [study_uid, *burst_uids]}
     assert list((home / "incoming").rglob("*.dcm")) == []  # the spool files were ingested and cleared

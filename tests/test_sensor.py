@@ -12,13 +12,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 from dagster._core.definitions.sensor_definition import SensorExecutionData  # noqa: F401  (evaluate_tick result type)
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
+from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool, study_of_file
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
 from sensors import incoming
-from sensors.incoming import has_production_model, incoming_studies
+from sensors.incoming import BURST_TAG, has_production_model, incoming_studies
 
 
 def _age(root: Path, seconds: float) -> None:
@@ -74,16 +75,19 @@ def test_sensor_quiet_period_one_request_per_study_no_duplicates(tmp_path: Path,
         # Files still arriving: nothing requested.
         first = _tick(instance, home)
         assert not first.run_requests and "waiting" in (first.skip_message or "")
-        # Quiet period over: one request per study, partitions added, keyed by content.
+        # Quiet period over: the studies settled together, so they are one burst: one run over
+        # their partition range (added in that order), keyed by content.
         time.sleep(QUIET_S + 0.1)
         second = _tick(instance, home, first.cursor)
-        assert sorted(r.partition_key for r in second.run_requests) == sorted(studies)  # type: ignore[type-var]
-        assert all(r.run_key.startswith(f"{r.partition_key}:") for r in second.run_requests)  # type: ignore[union-attr]
+        [request] = second.run_requests
         added = [k for req in second.dynamic_partitions_requests for k in req.partition_keys]  # type: ignore[union-attr]
-        assert sorted(added) == sorted(studies)
-        request = second.run_requests[0]
+        assert added == sorted(studies)
+        assert request.partition_key is None and request.run_key.startswith("burst:")  # type: ignore[union-attr]
+        assert (request.tags[ASSET_PARTITION_RANGE_START_TAG], request.tags[ASSET_PARTITION_RANGE_END_TAG]) == (
+            added[0], added[-1])
         files = request.run_config["ops"]["dicom_studies"]["config"]["files"]
         assert files and all(Path(f).exists() for f in files)
+        assert {study_of_file(f) for f in files} == studies
         # The next tick gives no duplicate.
         for key in added:
             instance.add_dynamic_partitions("studies", [key])
@@ -193,3 +197,76 @@ def test_sensor_requests_ingest_and_segmentation_in_one_run_with_a_production_mo
     assert job.executor_def.name == "in_process"  # one process per run: imports and model load once
     # The run config the sensor writes fits the combined job too.
     assert ready.run_requests[0].run_config["ops"]["dicom_studies"]["config"]["files"]
+
+
+def _run_request(instance: dg.DagsterInstance, home: Path, request: dg.RunRequest) -> dg.ExecuteInProcessResult:
+    import definitions
+
+    job = definitions.defs.resolve_job_def(request.job_name)  # type: ignore[arg-type]
+    return job.execute_in_process(run_config=request.run_config, instance=instance, partition_key=request.partition_key,
+                                  tags=request.tags, raise_on_error=False,
+                                  resources={"archive": ArchiveResource(home=str(home), quiet_period_s=QUIET_S),
+                                             "lake": LakeResource(uri=str(home / "lake"))})
+
+
+def test_a_burst_is_one_run_and_a_failed_burst_is_split(tmp_path: Path, corpus_root: Path, corpus: dict) -> None:
+    """Studies that settle together are ingested by one run over their partition range, each
+    partition materialized; a burst whose run failed for good becomes one run per study."""
+    from kaapana_assets.lake import Lake
+
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    shutil.copytree(corpus_root, spool)
+    studies = sorted({s.study_uid for site in corpus.values() for s in site})
+    with dg.instance_for_test() as instance:
+        first = _tick(instance, home)
+        time.sleep(QUIET_S + 0.1)
+        second = _tick(instance, home, first.cursor)
+        [burst] = second.run_requests
+        for req in second.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
+        # The daemon launched the burst and it failed for good (no retries on this instance).
+        failed = _run_request(instance, home, dg.RunRequest(job_name=burst.job_name, run_config={
+            "ops": {"dicom_studies": {"config": {"files": [str(tmp_path / "missing.dcm")]}}}}, tags=burst.tags))
+        assert not failed.success
+        split = _tick(instance, home, second.cursor)
+        assert sorted(r.partition_key for r in split.run_requests) == studies  # type: ignore[type-var]
+        assert all(":after-burst:" in (r.run_key or "") for r in split.run_requests)
+        assert not _tick(instance, home, split.cursor).run_requests  # split once
+        # The burst's own run, as the sensor asked for it: every study in one run.
+        result = _run_request(instance, home, burst)
+        assert result.success
+        materialized = instance.get_materialized_partitions(dg.AssetKey("dicom_studies"))
+        assert materialized == set(studies)
+        assert set(Lake(home / "lake").read("studies")["study_uid"].to_list()) == set(studies)
+        metadata = result.asset_materializations_for_node("dicom_studies")[0].metadata
+        assert metadata["study_count"].value == len(studies)
+        assert BURST_TAG in burst.tags
+
+
+def test_a_ready_study_waits_briefly_for_one_about_to_settle(tmp_path: Path, corpus: dict) -> None:
+    """Two studies copied a moment apart become one burst run, not two runs."""
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    a, b = corpus["site-a"][0], corpus["site-a"][1]
+    (spool / "a").mkdir(parents=True)
+    for f in a.ct_files:
+        shutil.copy(f, spool / "a" / f.name)
+    with dg.instance_for_test() as instance:
+        cursor = _tick(instance, home).cursor
+        time.sleep(QUIET_S * 0.6)
+        (spool / "b").mkdir()
+        for f in b.ct_files:
+            shutil.copy(f, spool / "b" / f.name)
+        requests: list[dg.RunRequest] = []
+        for _ in range(6):
+            time.sleep(QUIET_S * 0.5)
+            result = _tick(instance, home, cursor)
+            cursor = result.cursor
+            requests += result.run_requests
+            for req in result.dynamic_partitions_requests or []:
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
+    [request] = requests
+    assert request.tags[BURST_TAG] and {study_of_file(f) for f in
+                                         request.run_config["ops"]["dicom_studies"]["config"]["files"]} == {
+        a.study_uid, b.study_uid}

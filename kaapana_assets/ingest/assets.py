@@ -1,6 +1,7 @@
 """Dagster wiring of ingestion. The work happens in plain modules (pipeline, study)."""
 
 
+import hashlib
 import json
 
 import dagster as dg
@@ -51,8 +52,27 @@ def _report_metadata(report: IngestReport) -> dict[str, dg.MetadataValue]:
     }
 
 
+STUDIES_SCHEMA = columns(
+    ("study_uid", "string"),
+    ("patient_id", "string"),
+    ("instances", "int"),
+    ("series_count", "int"),
+    ("modalities", "string"),
+)
+
+# A run covers one study, or a burst of studies that arrived together (the incoming sensor's
+# partition ranges; a UI backfill in batches of the same size): one process start for all.
+STUDIES_PER_RUN = 10
+
+
+def combined_version(versions: list[str]) -> str:
+    """One data version for the studies of a multi-study run (Dagster records one per run)."""
+    return hashlib.sha256("\n".join(versions).encode()).hexdigest()[:24]
+
+
 @dg.asset(
     partitions_def=studies_partitions,
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=STUDIES_PER_RUN),
     group_name="ingest",
     kinds={"dicom", "deltalake"},
     description="A DICOM study: validated, archived and indexed in the instances/series/studies Delta tables.",
@@ -60,23 +80,43 @@ def _report_metadata(report: IngestReport) -> dict[str, dg.MetadataValue]:
 def dicom_studies(
     context: dg.AssetExecutionContext, config: IngestConfig, lake: LakeResource, archive: ArchiveResource
 ) -> dg.MaterializeResult:
-    study_uid = context.partition_key
+    study_uids = list(context.partition_keys)
     the_lake = lake.lake()
-    files = config.files or find_study_files(archive.spool, study_uid)
-    context.log.info(f"study {study_uid}: {len(files)} spool file(s)")
+    files = config.files or [f for study_uid in study_uids for f in find_study_files(archive.spool, study_uid)]
+    label = study_uids[0] if len(study_uids) == 1 else f"{len(study_uids)} studies"
+    context.log.info(f"{label}: {len(files)} spool file(s)")
+    # One ingest for the whole run: its commits are per batch of files, not per study.
     report = ingest_files(
         files,
         archive.targets(the_lake),
         workers=archive.ingest_workers,
-        progress=_progress(context, study_uid),
+        progress=_progress(context, label),
     )
-    summary = summarize_study(the_lake, study_uid)
-    if summary is None:
+    summaries = {study_uid: summarize_study(the_lake, study_uid) for study_uid in study_uids}
+    missing = [study_uid for study_uid, summary in summaries.items() if summary is None]
+    if missing:
+        # Every other study of the run is indexed already: a rerun (or the sensor's split of a
+        # failed burst) finds them and fails only for these.
         raise dg.Failure(
-            description=f"No instance of study {study_uid} is indexed: {report.count('quarantined')} "
+            description=f"No instance of study {', '.join(missing)} is indexed: {report.count('quarantined')} "
             f"file(s) quarantined ({json.dumps(report.reasons)}), {report.count('failed')} unreadable.",
             metadata=_report_metadata(report),
         )
+    indexed = [summary for summary in summaries.values() if summary is not None]
+    if len(indexed) > 1:
+        return dg.MaterializeResult(
+            metadata={
+                "studies": table([{"study_uid": s.study_uid, "patient_id": s.patient_id or "",
+                                   "instances": s.instance_count, "series_count": len(s.series),
+                                   "modalities": ", ".join(s.modalities)} for s in indexed], STUDIES_SCHEMA),
+                "study_count": dg.MetadataValue.int(len(indexed)),
+                "instances": dg.MetadataValue.int(sum(s.instance_count for s in indexed)),
+                **_report_metadata(report),
+            },
+            data_version=dg.DataVersion(combined_version([s.data_version for s in indexed])),
+        )
+    summary = indexed[0]
+    study_uid = summary.study_uid
     metadata: dict[str, dg.MetadataValue] = {
         "study_uid": dg.MetadataValue.text(study_uid),
         "patient_id": dg.MetadataValue.text(summary.patient_id or ""),
@@ -120,8 +160,8 @@ ingest_study_job = dg.define_asset_job(
     "ingest_study", selection=[dicom_studies],
     # One step: in-process saves a second process start (and its imports) per study.
     executor_def=dg.in_process_executor,
-    description="Ingest one study from the spool (the incoming_studies sensor requests it while no production "
-    "model exists; else ingest_and_segment).",
+    description="Ingest a study, or a burst of studies (a partition range), from the spool (the incoming_studies "
+    "sensor requests it while no production model exists; else ingest_and_segment).",
 )
 quarantine_job = dg.define_asset_job(
     "quarantine_unreadable", selection=[quarantine], description="Quarantine unreadable spool files."

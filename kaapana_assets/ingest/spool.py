@@ -73,6 +73,8 @@ class SpoolPlan:
     unreadable: list[str] = field(default_factory=list)
     waiting: dict[str, int] = field(default_factory=dict)  # study -> files still settling
     digests: dict[str, str] = field(default_factory=dict)  # study (or UNREADABLE) -> digest
+    # study -> seconds until it settles (negative: settled that long ago)
+    settles_in_s: dict[str, float] = field(default_factory=dict)
     # path -> (size, mtime, study, first seen): the cache for the next tick
     studies_of: dict[str, tuple[int, int, str, int]] = field(default_factory=dict)
 
@@ -109,6 +111,7 @@ def plan_spool(
         settled_at[study] = max(settled_at.get(study, 0), f.mtime_ns, first_seen)
     quiet_ns = int(quiet_period_s * 1e9)
     for study, group in groups.items():
+        plan.settles_in_s[study] = (settled_at[study] + quiet_ns - now_ns) / 1e9
         if now_ns - settled_at[study] < quiet_ns:
             plan.waiting[study] = len(group)
             continue

@@ -1,14 +1,16 @@
 """Dagster wiring of segmentation: one partition per study, materialized eagerly after
 dicom_studies. The work happens in plain modules (models, segment)."""
 
+import json
+
 import dagster as dg
 
-from kaapana_assets.ingest.assets import dicom_studies
+from kaapana_assets.ingest.assets import STUDIES_PER_RUN, combined_version, dicom_studies
 from kaapana_assets.ingest.partitions import studies_partitions
 from kaapana_assets.ingest.study import png_markdown
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.segmentation.models import NoProductionModel, production_model
-from kaapana_assets.segmentation.segment import NothingToSegment, segment_study
+from kaapana_assets.segmentation.segment import NothingToSegment, SegmentationResult, segment_study
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
@@ -21,8 +23,15 @@ STATISTICS_SCHEMA = columns(
 )
 
 
+BURST_SCHEMA = columns(
+    ("study_uid", "string"), ("source_series_uid", "string"), ("seg_series_uid", "string"),
+    ("volumes_ml", "string", "per label"), ("reused", "bool"),
+)
+
+
 @dg.asset(
     partitions_def=studies_partitions,
+    backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=STUDIES_PER_RUN),
     deps=[dicom_studies],
     group_name="segmentation",
     kinds={"nnunet", "dicom", "deltalake"},
@@ -39,16 +48,44 @@ def segmentations(
     nnunet_settings: NnunetResource,
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
-    study_uid = context.partition_key
     the_lake = lake.lake()
+    study_uids = list(context.partition_keys)
     try:
+        # Loaded once for every study of the run (and cached in the process).
         model = production_model(mlflow.tracking(), nnunet_settings.segmentation_model_name(),
                                  nnunet_settings.model_cache(), nnunet_settings.device)
-        result = segment_study(the_lake, archive.targets(the_lake), study_uid, model)
-    except (NoProductionModel, NothingToSegment) as exc:
-        # A reason, not a traceback; retrying would not change it.
+    except NoProductionModel as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
-    context.log.info(f"{study_uid}: {'reused' if result.reused else 'segmented'} with {result.model}")
+    results: list[SegmentationResult] = []
+    skipped: dict[str, str] = {}
+    for study_uid in study_uids:
+        try:
+            result = segment_study(the_lake, archive.targets(the_lake), study_uid, model)
+        except NothingToSegment as exc:
+            skipped[study_uid] = str(exc)
+            continue
+        context.log.info(f"{study_uid}: {'reused' if result.reused else 'segmented'} with {result.model}")
+        results.append(result)
+    if skipped:
+        # The others' SEGs are committed: a rerun reuses them and fails only for these.
+        # A reason, not a traceback; retrying would not change it.
+        raise dg.Failure(description="; ".join(skipped.values()), allow_retries=False,
+                         metadata={"segmented": dg.MetadataValue.json([r.study_uid for r in results])})
+    if len(results) > 1:
+        return dg.MaterializeResult(
+            metadata={
+                "model": dg.MetadataValue.text(results[0].model),
+                "studies": table([{"study_uid": r.study_uid, "source_series_uid": r.series_uid,
+                                   "seg_series_uid": r.seg_series_uid, "reused": r.reused,
+                                   "volumes_ml": json.dumps({s["label"]: s["volume_ml"] for s in r.statistics})}
+                                  for r in results], BURST_SCHEMA),
+                "study_count": dg.MetadataValue.int(len(results)),
+                "delta_versions": dg.MetadataValue.json(results[-1].versions),
+            },
+            data_version=dg.DataVersion(combined_version([f"{r.model}:{r.seg_sop_uid[-12:]}" for r in results])),
+        )
+    result = results[0]
+    study_uid = result.study_uid
     metadata: dict[str, dg.MetadataValue] = {
         "model": dg.MetadataValue.text(result.model),
         "source_series_uid": dg.MetadataValue.text(result.series_uid),
@@ -77,8 +114,9 @@ segmentation_automation = dg.AutomationConditionSensorDefinition(
 )
 
 # The automatic path: the incoming_studies sensor requests this job once a production model
-# exists, so a study is ingested and segmented in one run — one process start, one model load
-# — instead of an ingest run, an automation tick and a segmentation run. In-process executor:
+# exists, so a study (or a burst of them, as a partition range) is ingested and segmented in
+# one run — one process start, one model load — instead of an ingest run, an automation tick
+# and a segmentation run. In-process executor:
 # the steps share the run's process (the multiprocess executor would start and import one per
 # step); the `gpu` pool still holds the segmentations step to one at a time across runs. On
 # Kubernetes the run is one pod: the run-level `dagster-k8s/config` tag puts that pod on a GPU
@@ -87,8 +125,8 @@ ingest_and_segment_job = dg.define_asset_job(
     "ingest_and_segment", selection=[dicom_studies, segmentations],
     executor_def=dg.in_process_executor,
     tags=gpu_op_tags(),
-    description="Ingest a study from the spool and segment it with the production model, in one run "
-    "(the incoming_studies sensor requests it while a production model exists).",
+    description="Ingest a study, or a burst of studies (a partition range), from the spool and segment it with the "
+    "production model, in one run (the incoming_studies sensor requests it while a production model exists).",
 )
 
 segment_job = dg.define_asset_job(
