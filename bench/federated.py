@@ -1,6 +1,6 @@
 """Federated vs centralized vs site-alone nnU-Net, Dice on every site's held-out data.
 
-    python bench/federated.py [--train 6] [--test 10] [--rounds 8] [--local-epochs 1] [--iterations 10] [--threads N]
+    python bench/federated.py [--train 6] [--test 10] [--rounds 8] [--local-epochs 1] [--iterations 25] [--threads N]
 
 Three synthetic non-IID sites (three scanner profiles). Each site has `--train` annotated
 studies in its own KAAPANA_HOME and `--test` held-out studies no model ever trains on.
@@ -41,7 +41,7 @@ def main() -> int:
     parser.add_argument("--test", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--local-epochs", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--slices", type=int, default=16)
     parser.add_argument("--matrix", type=int, default=48)
     parser.add_argument("--width", type=int, default=16)
