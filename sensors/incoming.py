@@ -1,7 +1,7 @@
 """`incoming_studies`: turns quiet groups of spool files into runs — ingest and segmentation
 together while a production model exists, else ingest alone. A study that arrives alone gets
 its own run; new studies that settle in the same tick (a burst) share one run over their
-partition range, up to BURST_STUDIES per run: one process start and one model load for all of
+partition range, up to STUDIES_PER_RUN per run: one process start and one model load for all of
 them. A burst run that fails for good is split: each of its studies gets a run of its own, so
 one bad study holds up no other."""
 
@@ -27,7 +27,6 @@ from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource
 
-BURST_STUDIES = STUDIES_PER_RUN  # studies per burst run: start-up shared, a failure's retry stays small
 # Studies copied one after the other settle a little apart: a ready study waits this long for
 # others that are about to settle, so that a burst becomes one run rather than several.
 BURST_WINDOW_S = 3.0
@@ -121,9 +120,8 @@ def incoming_studies(
         run_requests.append(single(study_uid, plan.ready.get(study_uid, []), f"{study_uid}:after-burst:{burst}"))
 
     # New partitions are added in this order, so consecutive new studies form a partition range.
-    fresh = new_partitions
-    for start in range(0, len(fresh), BURST_STUDIES):
-        chunk = fresh[start:start + BURST_STUDIES]
+    for start in range(0, len(new_partitions), STUDIES_PER_RUN):
+        chunk = new_partitions[start:start + STUDIES_PER_RUN]
         if len(chunk) < 2:
             continue
         burst = _burst_id([plan.digests[s] for s in chunk])

@@ -37,6 +37,7 @@ def _can_unshare() -> bool:
 @pytest.mark.skipif(shutil.which("gdcmconv") is None or shutil.which("dcmcjpeg") is None, reason="needs gdcm and dcmtk")
 def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus: dict, trained_site) -> None:  # type: ignore[no-untyped-def]
     import dagster as dg
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from kaapana_assets.ingest.assets import dicom_studies
     from kaapana_assets.lake import Lake
@@ -82,9 +83,9 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     assert {str(ts) for ts in by_sop.values()} == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70",
                                                   "1.2.840.10008.1.2.4.90"}
 
-    # The site's own path from here: the spool files go through the ingest runs (one per
-    # study, as the sensor requests them), and the automation segments each study with the
-    # production model into a SEG that dciodvfy accepts.
+    # The site's own path from here: the spool files go through one ingest run over the
+    # studies' partition range (they arrived together: the sensor's burst), and the automation
+    # segments each study with the production model into a SEG that dciodvfy accepts.
     spool = trained_site.home.incoming / "ORTHANC"
     spool.mkdir(parents=True, exist_ok=True)
     for p in spooled:
@@ -94,9 +95,12 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     instance.add_dynamic_partitions("studies", study_uids)
     defs = dg.Definitions(assets=[dicom_studies, segmentations], resources=trained_site.resources)
     before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
-    for study_uid in study_uids:
-        assert dg.materialize([dicom_studies], partition_key=study_uid, instance=instance,
-                              resources=trained_site.resources).success
+    burst = dg.materialize([dicom_studies], instance=instance, resources=trained_site.resources,
+                           tags={ASSET_PARTITION_RANGE_START_TAG: study_uids[0],
+                                 ASSET_PARTITION_RANGE_END_TAG: study_uids[-1]})
+    assert burst.success
+    assert burst.asset_materializations_for_node("dicom_studies")[0].metadata["study_count"].value == len(study_uids)
+    assert set(study_uids) <= instance.get_materialized_partitions(dg.AssetKey("dicom_studies"))
     lake = Lake(trained_site.home.lake)
     indexed = lake.read("instances").filter(pl.col("study_uid").is_in(study_uids))
     assert indexed.height == len(sent)

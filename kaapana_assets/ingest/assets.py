@@ -1,7 +1,6 @@
 """Dagster wiring of ingestion. The work happens in plain modules (pipeline, study)."""
 
 
-import hashlib
 import json
 
 import dagster as dg
@@ -11,6 +10,7 @@ from kaapana_assets.ingest.partitions import studies_partitions
 from kaapana_assets.ingest.pipeline import IngestReport, ingest_files
 from kaapana_assets.ingest.spool import find_study_files
 from kaapana_assets.ingest.study import (
+    combined_version,
     middle_slice_png,
     png_markdown,
     preview_series_paths,
@@ -63,11 +63,6 @@ STUDIES_SCHEMA = columns(
 # A run covers one study, or a burst of studies that arrived together (the incoming sensor's
 # partition ranges; a UI backfill in batches of the same size): one process start for all.
 STUDIES_PER_RUN = 10
-
-
-def combined_version(versions: list[str]) -> str:
-    """One data version for the studies of a multi-study run (Dagster records one per run)."""
-    return hashlib.sha256("\n".join(versions).encode()).hexdigest()[:24]
 
 
 @dg.asset(

@@ -70,6 +70,11 @@ def summarize_study(lake: Lake, study_uid: str) -> StudySummary | None:
     )
 
 
+def combined_version(versions: list[str]) -> str:
+    """One data version for the studies of a multi-study run (Dagster records one per run)."""
+    return hashlib.sha256("\n".join(versions).encode()).hexdigest()[:24]
+
+
 def middle_slice_png(paths: list[Path], size: int = PREVIEW_SIZE) -> bytes | None:
     """PNG of the middle slice of an image series (by position along the slice normal),
     in a soft-tissue window. None when the pixels cannot be decoded. Compressed pixels are

@@ -5,9 +5,9 @@ import json
 
 import dagster as dg
 
-from kaapana_assets.ingest.assets import STUDIES_PER_RUN, combined_version, dicom_studies
+from kaapana_assets.ingest.assets import STUDIES_PER_RUN, dicom_studies
 from kaapana_assets.ingest.partitions import studies_partitions
-from kaapana_assets.ingest.study import png_markdown
+from kaapana_assets.ingest.study import combined_version, png_markdown
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.segmentation.models import NoProductionModel, production_model
 from kaapana_assets.segmentation.segment import NothingToSegment, SegmentationResult, segment_study
@@ -56,11 +56,12 @@ def segmentations(
                                  nnunet_settings.model_cache(), nnunet_settings.device)
     except NoProductionModel as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
+    targets = archive.targets(the_lake)
     results: list[SegmentationResult] = []
     skipped: dict[str, str] = {}
     for study_uid in study_uids:
         try:
-            result = segment_study(the_lake, archive.targets(the_lake), study_uid, model)
+            result = segment_study(the_lake, targets, study_uid, model)
         except NothingToSegment as exc:
             skipped[study_uid] = str(exc)
             continue
