@@ -58,7 +58,7 @@ def main() -> int:
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
     from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
-    from kaapana_assets.federated.channel import generate_site_key
+    from kaapana_assets.federated.keys import generate_site_key
     from kaapana_assets.federated.partitions import round_key
     from kaapana_assets.federated.sites import SiteEntry, write_sites
     from kaapana_assets.federated.store import FederationStore

@@ -4,13 +4,13 @@ channel and the site logic live in kaapana_assets/federated/."""
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
 from kaapana_assets.environment import Environment
 from kaapana_assets.federated.runs import Connection, run_step
-from kaapana_assets.federated.site import SiteContext
 from kaapana_assets.federated.sites import FederationConfigError, SiteEntry, read_sites
 from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.federated.superlink import DEFAULT_ROUND_TIMEOUT_S, DEFAULT_TTL_S
@@ -18,6 +18,9 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
 from kaapana_assets.training.nnunet import Schedule
 from resources.nnunet import NnunetResource
+
+if TYPE_CHECKING:  # the site's training stack (torch, Flower) loads in the runs that use it
+    from kaapana_assets.federated.site import SiteContext
 
 
 def default_folder() -> Path:
@@ -32,7 +35,9 @@ class FederatedSiteResource(dg.ConfigurableResource):
     folder: str = Field(default="", description="The site's federation folder; empty: $KAAPANA_HOME/federation")
 
     def context(self, lake: Lake, archive_root: Path, nnunet_settings: NnunetResource,
-                log: Callable[[str], None]) -> SiteContext:
+                log: Callable[[str], None]) -> "SiteContext":
+        from kaapana_assets.federated.site import SiteContext
+
         if not self.name:
             raise dg.Failure(description="this site has no federation identity: set KAAPANA_SITE "
                              "(or configure the federated_site resource)")

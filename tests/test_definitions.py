@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -28,6 +30,15 @@ def test_definitions_load() -> None:
     assert {dg.AssetKey(k) for k in federated} <= keys
     assert defs.get_sensor_def("federated_round_chain") is not None
     defs.resolve_implicit_global_asset_job_def()  # the asset graph resolves
+
+
+def test_loading_the_code_location_imports_neither_torch_nor_flower() -> None:
+    """Every run process imports the code location before its first step: torch and Flower
+    (≈1.5 s) load only in the steps that train, predict or federate."""
+    root = Path(__file__).resolve().parents[1]
+    probe = "import sys, definitions; print(sorted(m for m in ('torch', 'flwr', 'nnunetv2', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
 
 
 SNAPSHOT = Path(__file__).parent / "snapshots" / "definitions.json"

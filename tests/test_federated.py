@@ -17,8 +17,8 @@ import polars as pl
 import pytest
 
 from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
-from kaapana_assets.federated.channel import generate_site_key
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
+from kaapana_assets.federated.keys import generate_site_key
 from kaapana_assets.federated.partitions import round_key
 from kaapana_assets.federated.superlink import LocalFederation, create_node_keys, descendants
 from kaapana_assets.lake import Lake

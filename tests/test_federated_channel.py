@@ -19,13 +19,11 @@ from kaapana_assets.federated.channel import (
     ARRAYS,
     MANIFEST,
     METRICS,
-    InvalidSiteKey,
     Kind,
     UpdateRejected,
     content_bytes,
     from_arrays,
     full_arrays,
-    generate_site_key,
     metrics_of,
     metrics_record,
     seal,
@@ -36,6 +34,7 @@ from kaapana_assets.federated.channel import (
 )
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
 from kaapana_assets.federated.hub import ExperimentSpec, Privacy, publish_experiment
+from kaapana_assets.federated.keys import InvalidSiteKey, generate_site_key
 from kaapana_assets.federated.payload import PayloadError, pack_update, unpack_update
 from kaapana_assets.federated.privacy import noise_stdv, privatize
 from kaapana_assets.federated.sites import FederationConfigError, SiteEntry, load_site_keys, read_sites, write_sites

@@ -104,12 +104,12 @@ def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) 
         METRICS,
         Kind,
         from_arrays,
-        generate_site_key,
         metrics_record,
         seal,
         to_arrays,
         verify,
     )
+    from kaapana_assets.federated.keys import generate_site_key
     from kaapana_assets.federated.site import local_update, prepare_site
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # type: ignore[misc]  # a Message needs a run

@@ -19,8 +19,9 @@ import pyarrow as pa
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from kaapana_assets.federated.channel import CONFIG, Kind, generate_site_key, seal, verify
+from kaapana_assets.federated.channel import CONFIG, Kind, seal, verify
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
+from kaapana_assets.federated.keys import generate_site_key
 from kaapana_assets.federated.superlink import LocalFederation
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import TABLES

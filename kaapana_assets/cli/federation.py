@@ -47,7 +47,7 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> bool:
 
 
 def cmd_federation_key(args: argparse.Namespace) -> int:
-    from kaapana_assets.federated.channel import generate_site_key
+    from kaapana_assets.federated.keys import generate_site_key
 
     # Only the key on stdout, so it can be piped straight into a secret store.
     print(generate_site_key())

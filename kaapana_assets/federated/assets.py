@@ -16,22 +16,15 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
 import polars as pl
 import pyarrow as pa
 
-from kaapana_assets.federated.channel import metric_name
 from kaapana_assets.federated.fingerprint import SiteFingerprint
-from kaapana_assets.federated.hub import ExperimentSpec, plan_experiment, publish_experiment, weights_digest
 from kaapana_assets.federated.partitions import experiments_partitions, round_key, rounds_partitions
 from kaapana_assets.federated.runs import FlowerRunFailed
-from kaapana_assets.federated.site import (
-    SiteContext,
-    compute_fingerprint,
-    evaluate_global,
-    train_update,
-)
 from kaapana_assets.lake.schemas import TABLES
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training import nnunet
@@ -41,6 +34,12 @@ from resources.federation import FederatedSiteResource, FederationResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
+
+# The hub's and the sites' federation modules bring torch and Flower (≈1.5 s of imports):
+# they load inside the federated assets' bodies, not in every run of the code location.
+if TYPE_CHECKING:
+    from kaapana_assets.federated.hub import ExperimentSpec
+    from kaapana_assets.federated.site import SiteContext
 
 SITE_GROUP = "federated_site"
 HUB_GROUP = "federated"
@@ -52,7 +51,7 @@ DICE_BY_ROUND_SCHEMA = columns(("round", "int"), ("dice", "float", "global Dice 
 
 
 def _site_context(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
-                  nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> SiteContext:
+                  nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> "SiteContext":
     return federated_site.context(lake.lake(), archive.kaapana_home().archive, nnunet_settings, context.log.info)
 
 
@@ -88,6 +87,8 @@ def _round(context: dg.AssetExecutionContext) -> tuple[str, int]:
                       "and leave its nnU-Net fingerprint (aggregates only) for the reply to the hub.")
 def site_fingerprint(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
                      nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
+    from kaapana_assets.federated.site import compute_fingerprint
+
     summary = compute_fingerprint(_site_context(context, lake, archive, nnunet_settings, federated_site),
                                   context.partition_key)
     return dg.MaterializeResult(metadata=_metadata(summary), data_version=dg.DataVersion(str(summary["sha256"])[:16]))
@@ -100,6 +101,8 @@ def site_fingerprint(context: dg.AssetExecutionContext, lake: LakeResource, arch
                       "go back in the signed reply.")
 def site_update(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
                 nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
+    from kaapana_assets.federated.site import train_update
+
     experiment, round_ = _round(context)
     summary = train_update(_site_context(context, lake, archive, nnunet_settings, federated_site), experiment, round_)
     return dg.MaterializeResult(metadata=_metadata(summary), data_version=dg.DataVersion(str(summary["sha256"])[:16]))
@@ -110,6 +113,8 @@ def site_update(context: dg.AssetExecutionContext, lake: LakeResource, archive: 
                       "only the Dice values leave.")
 def site_evaluation(context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
                     nnunet_settings: NnunetResource, federated_site: FederatedSiteResource) -> dg.MaterializeResult:
+    from kaapana_assets.federated.site import evaluate_global
+
     experiment, round_ = _round(context)
     metrics = evaluate_global(_site_context(context, lake, archive, nnunet_settings, federated_site),
                               experiment, round_)
@@ -121,7 +126,9 @@ SITE_ASSETS = {"site_fingerprint": site_fingerprint, "site_update": site_update,
 
 # -- hub side --------------------------------------------------------------------------------
 
-def _spec(experiment: str, federation: FederationResource) -> ExperimentSpec:
+def _spec(experiment: str, federation: FederationResource) -> "ExperimentSpec":
+    from kaapana_assets.federated.hub import ExperimentSpec
+
     return ExperimentSpec(experiment=experiment, cohort=federation.cohort, labels=list(federation.labels),
                           rounds=federation.rounds, min_sites=federation.min_sites, strategy=federation.strategy,
                           schedule=dict(federation.training_schedule().__dict__), seed=federation.seed,
@@ -147,6 +154,8 @@ def _parent_run(mlflow: MlflowResource, experiment: str) -> str | None:
 def federated_plan(context: dg.AssetExecutionContext, federation: FederationResource, mlflow: MlflowResource,
                    nnunet_settings: NnunetResource) -> dg.MaterializeResult:
     import mlflow as mlflow_api
+
+    from kaapana_assets.federated.hub import plan_experiment, publish_experiment, weights_digest
 
     experiment = context.partition_key
     spec = _spec(experiment, federation)
@@ -218,6 +227,9 @@ def _round_table(rows: list[dict]) -> dg.TableMetadataValue:
 def federated_rounds(context: dg.AssetExecutionContext, federation: FederationResource, mlflow: MlflowResource,
                      lake: LakeResource) -> dg.MaterializeResult:
     import mlflow as mlflow_api
+
+    from kaapana_assets.federated.channel import metric_name
+    from kaapana_assets.federated.hub import ExperimentSpec
 
     experiment, round_ = _round(context)
     store = federation.store()
@@ -297,6 +309,8 @@ class FederatedModelConfig(dg.Config):
 def federated_model(context: dg.AssetExecutionContext, config: FederatedModelConfig, federation: FederationResource,
                     mlflow: MlflowResource, nnunet_settings: NnunetResource, lake: LakeResource) -> dg.MaterializeResult:
     import mlflow as mlflow_api
+
+    from kaapana_assets.federated.hub import ExperimentSpec, weights_digest
 
     experiment = context.partition_key
     store = federation.store()

@@ -25,7 +25,6 @@ import hmac
 import json
 import os
 import re
-import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from enum import StrEnum
@@ -35,6 +34,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
+
+from kaapana_assets.federated.keys import validate_site_key
 
 MANIFEST = "manifest"
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
@@ -75,29 +76,6 @@ class UpdateRejected(ValueError):
     def __init__(self, reason: RejectionReason, message: str):
         super().__init__(message)
         self.reason, self.message = reason, message
-
-
-class InvalidSiteKey(ValueError):
-    """A configured site key that is not 32 bytes of base64: a configuration error, never
-    to be confused with a tampered update."""
-
-
-def generate_site_key() -> str:
-    """A new 256-bit site key, base64 (give each site its own; store it as a secret)."""
-    return base64.b64encode(secrets.token_bytes(32)).decode()
-
-
-def validate_site_key(key: str, site: str) -> str:
-    """`key` if it is a usable 256-bit key; else InvalidSiteKey naming the site."""
-    try:
-        raw = base64.b64decode(key, validate=True)
-    except (ValueError, TypeError) as exc:
-        raise InvalidSiteKey(f"the key of site {site!r} is not base64 ({exc}); "
-                             "make one with `kaapana federation key`") from None
-    if len(raw) != 32:
-        raise InvalidSiteKey(f"the key of site {site!r} is {len(raw)} bytes; a site key is 32 bytes, "
-                             "base64-encoded (`kaapana federation key`)")
-    return key
 
 
 @dataclass(frozen=True)

@@ -38,12 +38,12 @@ from kaapana_assets.federated.channel import (
     metrics_record,
     read_manifest,
     seal,
-    validate_site_key,
     verify,
     weight_records,
     weights_of,
 )
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
+from kaapana_assets.federated.keys import validate_site_key
 from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from kaapana_assets.federated.channel import InvalidSiteKey, validate_site_key
+from kaapana_assets.federated.keys import InvalidSiteKey, validate_site_key
 from kaapana_assets.federated.store import checked_name
 
 

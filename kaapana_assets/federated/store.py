@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from kaapana_assets.files import write_atomically
+
+if TYPE_CHECKING:  # torch loads where weights are read or written, not in every run of the code location
+    import torch
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
