@@ -53,13 +53,14 @@ def _failed_for_good(instance: dg.DagsterInstance, burst: str) -> bool | None:
     return None
 
 
-def has_production_model(mlflow: MlflowResource, nnunet_settings: NnunetResource) -> bool:
-    """Whether the segmentation model has a `production` version. A site whose sqlite store
-    does not exist yet has none (and asking would create the store)."""
+def production_version(mlflow: MlflowResource, nnunet_settings: NnunetResource) -> str | None:
+    """The segmentation model's `production` version, if any. A site whose sqlite store does
+    not exist yet has none (and asking would create the store)."""
     tracking = mlflow.tracking()
     if tracking.tracking_uri.startswith("sqlite:///") and not Path(tracking.tracking_uri[len("sqlite:///"):]).exists():
-        return False
-    return tracking.version_by_alias(nnunet_settings.segmentation_model_name(), PRODUCTION) is not None
+        return None
+    version = tracking.version_by_alias(nnunet_settings.segmentation_model_name(), PRODUCTION)
+    return None if version is None else str(version.version)
 
 
 # The daemon evaluates sensors at most every 5 s (its loop); an interval below that makes every
@@ -99,20 +100,29 @@ def incoming_studies(
                 context.log.warning(f"burst run {burst} failed: its {len(studies)} studies get a run each")
                 split += [(study_uid, burst) for study_uid in studies]
 
-    job = ingest_study_job
+    job, model_version = ingest_study_job, None
     if pending or split:
         try:
-            if has_production_model(mlflow, nnunet_settings):
+            model_version = production_version(mlflow, nnunet_settings)
+            if model_version is not None:
                 job = ingest_and_segment_job
         except Exception as exc:  # noqa: BLE001  MLflow unreachable: ingest now, the automation segments later
             context.log.warning(f"production model unknown ({exc!r}): ingesting without segmenting")
+
+    def run_config(files: list[str]) -> dict:
+        ops: dict = {"dicom_studies": {"config": {"files": files}}}
+        if model_version is not None:
+            # The version seen now: the run loads it from the site's model cache without
+            # opening the registry again, and its config records which model segmented.
+            ops["segmentations"] = {"config": {"model_version": model_version}}
+        return {"ops": ops}
 
     def single(study_uid: str, files: list[str], run_key: str) -> dg.RunRequest:
         return dg.RunRequest(
             job_name=job.name,
             partition_key=study_uid,
             run_key=run_key,
-            run_config={"ops": {"dicom_studies": {"config": {"files": files}}}},
+            run_config=run_config(files),
             tags={"kaapana/files": str(len(files))},
         )
 
@@ -130,7 +140,7 @@ def incoming_studies(
             dg.RunRequest(
                 job_name=job.name,
                 run_key=f"burst:{burst}",
-                run_config={"ops": {"dicom_studies": {"config": {"files": files}}}},
+                run_config=run_config(files),
                 tags={ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
                       BURST_TAG: burst, "kaapana/studies": str(len(chunk)), "kaapana/files": str(len(files))},
             )

@@ -414,3 +414,25 @@ def test_loaded_models_are_cached_per_name_version_and_device(tmp_path: Path, mo
     promoted["liver"] = "1"
     assert models.production_model(tracking, "liver", tmp_path / "models", "cpu") is first  # type: ignore[arg-type]
     assert loads == [("v1", "cpu"), ("v1", "cuda"), ("v2", "cpu")]
+
+
+def test_a_pinned_version_in_the_cache_loads_without_the_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kaapana_assets.segmentation import models
+
+    monkeypatch.setattr(models.nnunet, "load_predictor", lambda folder, device: object())
+    monkeypatch.setattr(models, "_LOADED", {})
+
+    def registry_must_not_be_asked(name: str, version: str) -> object:
+        raise AssertionError("a cached version was looked up in the registry")
+
+    tracking = SimpleNamespace(tracking_uri="sqlite:///fake.db", model_version=registry_must_not_be_asked)
+    folder = tmp_path / "models" / "liver" / "v3"
+    folder.mkdir(parents=True)
+    (folder / "dataset.json").write_text('{"labels": {"background": 0, "liver": 1}}')
+    loaded = models.pinned_model(tracking, "liver", "3", tmp_path / "models", "cpu")  # type: ignore[arg-type]
+    assert (loaded.version, loaded.folder, loaded.ref) == ("3", folder, "liver:v3")
+    # Not in the cache and not in the registry: a clear error, nothing half-made in the cache.
+    tracking.model_version = lambda name, version: None
+    with pytest.raises(models.NoProductionModel, match="no version 4"):
+        models.pinned_model(tracking, "liver", "4", tmp_path / "models", "cpu")  # type: ignore[arg-type]
+    assert sorted(p.name for p in (tmp_path / "models" / "liver").iterdir()) == ["v3"]

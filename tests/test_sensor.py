@@ -19,7 +19,7 @@ from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
 from sensors import incoming
-from sensors.incoming import BURST_TAG, has_production_model, incoming_studies
+from sensors.incoming import BURST_TAG, incoming_studies, production_version
 
 
 def _age(root: Path, seconds: float) -> None:
@@ -184,19 +184,22 @@ def test_sensor_requests_ingest_and_segmentation_in_one_run_with_a_production_mo
     spool.mkdir(parents=True)
     for f in study.ct_files:
         shutil.copy(f, spool / f.name)
-    assert not has_production_model(_mlflow(home), NnunetResource())
+    assert production_version(_mlflow(home), NnunetResource()) is None
     assert not (home / "mlflow.db").exists()
     with dg.instance_for_test() as instance:
         first = _tick(instance, home)
         time.sleep(QUIET_S + 0.1)
-        monkeypatch.setattr(incoming, "has_production_model", lambda mlflow, nnunet_settings: True)
+        monkeypatch.setattr(incoming, "production_version", lambda mlflow, nnunet_settings: "3")
         ready = _tick(instance, home, first.cursor)
     assert [(r.job_name, r.partition_key) for r in ready.run_requests] == [("ingest_and_segment", study.study_uid)]
     job = definitions.defs.resolve_job_def("ingest_and_segment")
     assert {node.name for node in job.graph.node_defs} >= {"dicom_studies", "segmentations"}
     assert job.executor_def.name == "in_process"  # one process per run: imports and model load once
-    # The run config the sensor writes fits the combined job too.
+    # The run config the sensor writes fits the combined job too, with the production version
+    # it saw pinned for the segmentation step.
     assert ready.run_requests[0].run_config["ops"]["dicom_studies"]["config"]["files"]
+    assert ready.run_requests[0].run_config["ops"]["segmentations"]["config"] == {"model_version": "3"}
+    dg.validate_run_config(job, ready.run_requests[0].run_config)
 
 
 def _run_request(instance: dg.DagsterInstance, home: Path, request: dg.RunRequest) -> dg.ExecuteInProcessResult:

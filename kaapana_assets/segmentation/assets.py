@@ -4,12 +4,13 @@ dicom_studies. The work happens in plain modules (models, segment)."""
 import json
 
 import dagster as dg
+from pydantic import Field
 
 from kaapana_assets.ingest.assets import STUDIES_PER_RUN, dicom_studies
 from kaapana_assets.ingest.partitions import studies_partitions
 from kaapana_assets.ingest.study import combined_version, png_markdown
 from kaapana_assets.metadata_table import columns, table
-from kaapana_assets.segmentation.models import NoProductionModel, production_model
+from kaapana_assets.segmentation.models import NoProductionModel, pinned_model, production_model
 from kaapana_assets.segmentation.segment import NothingToSegment, SegmentationResult, segment_study
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
 from resources.mlflow import MlflowResource
@@ -21,6 +22,14 @@ STATISTICS_SCHEMA = columns(
     ("label", "string"), ("voxel_count", "int"), ("volume_ml", "float"),
     ("mean_hu", "float"), ("min_hu", "float"), ("max_hu", "float"),
 )
+
+
+class SegmentationConfig(dg.Config):
+    model_version: str = Field(
+        default="",
+        description="Registry version of the segmentation model to use; empty: the one holding `production` "
+        "when the run starts. The incoming sensor pins the production version it saw when it requested the run.",
+    )
 
 
 BURST_SCHEMA = columns(
@@ -43,6 +52,7 @@ BURST_SCHEMA = columns(
 )
 def segmentations(
     context: dg.AssetExecutionContext,
+    config: SegmentationConfig,
     lake: LakeResource,
     archive: ArchiveResource,
     nnunet_settings: NnunetResource,
@@ -52,8 +62,12 @@ def segmentations(
     study_uids = list(context.partition_keys)
     try:
         # Loaded once for every study of the run (and cached in the process).
-        model = production_model(mlflow.tracking(), nnunet_settings.segmentation_model_name(),
-                                 nnunet_settings.model_cache(), nnunet_settings.device)
+        tracking, name = mlflow.tracking(), nnunet_settings.segmentation_model_name()
+        cache, device = nnunet_settings.model_cache(), nnunet_settings.device
+        if config.model_version:
+            model = pinned_model(tracking, name, config.model_version, cache, device)
+        else:
+            model = production_model(tracking, name, cache, device)
     except NoProductionModel as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     targets = archive.targets(the_lake)

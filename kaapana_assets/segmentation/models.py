@@ -8,6 +8,7 @@ import json
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,22 +60,44 @@ def production_model(tracking: Tracking, model_name: str, cache: Path, device: s
 
 def loaded_version(tracking: Tracking, version: Any, model_name: str, cache: Path, device: str = "auto") -> LoadedModel:
     """A registry ModelVersion loaded for prediction, once per process (see _LOADED)."""
-    key = (tracking.tracking_uri, model_name, str(version.version), device)
+    return _loaded(tracking, model_name, str(version.version), cache, device, lambda: version)
+
+
+def pinned_model(tracking: Tracking, model_name: str, version: str, cache: Path, device: str = "auto") -> LoadedModel:
+    """A version resolved earlier (the incoming sensor pins the production version it saw into
+    the run it requests). Versions are immutable: when this site's cache holds it, it loads
+    without asking the registry (importing MLflow and opening its store cost a fresh run
+    process ≈1.5 s); otherwise it is looked up and downloaded as usual."""
+
+    def registry_version() -> Any:
+        found = tracking.model_version(model_name, version)
+        if found is None:
+            raise NoProductionModel(f"model {model_name!r} has no version {version} in {tracking.tracking_uri}")
+        return found
+
+    return _loaded(tracking, model_name, version, cache, device, registry_version)
+
+
+def _loaded(tracking: Tracking, model_name: str, version: str, cache: Path, device: str,
+            registry_version: Callable[[], Any]) -> LoadedModel:
+    key = (tracking.tracking_uri, model_name, version, device)
     loaded = _LOADED.get(key)
     if loaded is not None:
         return loaded
     with _LOADING:
         if key not in _LOADED:
-            _LOADED[key] = _load(tracking, version, model_name, cache, device)
+            _LOADED[key] = _load(tracking, registry_version, model_name, version, cache, device)
         return _LOADED[key]
 
 
-def _load(tracking: Tracking, version: Any, model_name: str, cache: Path, device: str) -> LoadedModel:
+def _load(tracking: Tracking, registry_version: Callable[[], Any], model_name: str, version: str, cache: Path,
+          device: str) -> LoadedModel:
     """Download a version into the cache folder (once per site) and load its predictor."""
-    folder = cache / model_name / f"v{version.version}"
+    folder = cache / model_name / f"v{version}"
     if not (folder / "dataset.json").exists():
+        found = registry_version()
         with tempfile.TemporaryDirectory(dir=cache.parent if cache.parent.exists() else None) as tmp:
-            downloaded = tracking.download(version, Path(tmp))
+            downloaded = tracking.download(found, Path(tmp))
             folder.parent.mkdir(parents=True, exist_ok=True)
             staging = folder.with_name(folder.name + ".partial")
             shutil.rmtree(staging, ignore_errors=True)
@@ -87,7 +110,7 @@ def _load(tracking: Tracking, version: Any, model_name: str, cache: Path, device
                 shutil.rmtree(staging, ignore_errors=True)  # another process put the same version there first
     dataset = json.loads((folder / "dataset.json").read_text())
     label_names = {int(v): k for k, v in dataset["labels"].items()}
-    return LoadedModel(model_name, str(version.version), folder, nnunet.load_predictor(folder, device), label_names)
+    return LoadedModel(model_name, version, folder, nnunet.load_predictor(folder, device), label_names)
 
 
 def validate_model_folder(folder: Path) -> list[Path]:

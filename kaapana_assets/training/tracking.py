@@ -107,6 +107,14 @@ class Tracking:
         except MlflowException:
             return None
 
+    def model_version(self, model_name: str, version: int | str) -> Any | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client().get_model_version(model_name, str(version))
+        except MlflowException:
+            return None
+
     def download(self, model_version: Any, target: Path | None = None) -> Path:
         """The model folder of a registered version, on local disk."""
         import mlflow
