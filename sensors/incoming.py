@@ -80,7 +80,8 @@ def incoming_studies(
     known = {path: tuple(v) for path, v in cursor.get("files", {}).items()}
     requested: dict[str, str] = cursor.get("requested", {})
 
-    plan = plan_spool(scan_spool(archive.spool), known, time.time_ns(), archive.quiet_period_s)
+    now_ns = time.time_ns()
+    plan = plan_spool(scan_spool(archive.spool), known, now_ns, archive.quiet_period_s, cursor.get("scanned_ns"))
 
     run_requests: list[dg.RunRequest] = []
     pending = [s for s in sorted(plan.ready) if requested.get(s) != plan.digests[s]]
@@ -170,6 +171,7 @@ def incoming_studies(
         "files": {p: list(v) for p, v in plan.studies_of.items()},
         "requested": {k: v for k, v in requested.items() if k in present},
         "bursts": bursts,
+        "scanned_ns": now_ns,
     }
     skip = None
     if not run_requests:

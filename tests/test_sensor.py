@@ -66,6 +66,29 @@ def test_plan_spool_groups_and_waits(tmp_path: Path, corpus_root: Path, corpus: 
     assert plan.studies_of[str(spool / "garbage.dcm")][2] == UNREADABLE
 
 
+def test_a_file_written_since_the_last_scan_counts_from_its_mtime(tmp_path: Path, corpus_root: Path) -> None:
+    spool = tmp_path / "incoming"
+    shutil.copytree(corpus_root, spool)
+    written = time.time_ns() - 2 * 10**9
+    for f in spool.rglob("*"):
+        os.utime(f, ns=(written, written))
+    files = scan_spool(spool)
+    # Written after the previous scan: settled one quiet period after the last write, not
+    # one quiet period after this scan first saw it.
+    plan = plan_spool(files, {}, written + 4 * 10**9, quiet_period_s=10, previous_scan_ns=written - 10**9)
+    assert plan.ready == {} and max(plan.settles_in_s.values()) == pytest.approx(6.0, abs=0.01)
+    ready = plan_spool(files, plan.studies_of, written + 10 * 10**9 + 1, quiet_period_s=10,
+                       previous_scan_ns=written + 4 * 10**9)
+    assert len(ready.ready) == 6 and not ready.waiting
+    # Old mtimes (`cp -p`), or no previous scan: the file may have appeared just now.
+    _age(spool, 3600)
+    old = scan_spool(spool)
+    now = time.time_ns()
+    for previous in (now - 5 * 10**9, None):
+        plan = plan_spool(old, {}, now, quiet_period_s=10, previous_scan_ns=previous)
+        assert plan.ready == {} and min(plan.settles_in_s.values()) == pytest.approx(10.0, abs=0.01)
+
+
 def test_sensor_quiet_period_one_request_per_study_no_duplicates(tmp_path: Path, corpus_root: Path, corpus: dict) -> None:
     home = tmp_path / "home"
     spool = home / "incoming"

@@ -92,11 +92,18 @@ def plan_spool(
     known: Mapping[str, tuple[int, int, str, int]],
     now_ns: int,
     quiet_period_s: float,
+    previous_scan_ns: int | None = None,
 ) -> SpoolPlan:
     """Group files by study; a group is ready when none of its files changed, and none
     appeared, within the quiet period. First-seen times matter because `cp -p` and
     `rsync -a` keep old mtimes: a half-copied study must not look settled. `known` caches
-    (size, mtime, study, first seen) per path, so each header is parsed once."""
+    (size, mtime, study, first seen) per path, so each header is parsed once.
+
+    A new file whose mtime is after the previous scan (`previous_scan_ns`) was written
+    since then, and mtime is when: it counts from its mtime rather than from this scan, so a
+    study settles one quiet period after its last write, not up to a scan interval later.
+    A new file with an older mtime (kept by `cp -p`) may have appeared at any moment since
+    the previous scan: it counts from this scan."""
     plan = SpoolPlan()
     groups: dict[str, list[SpoolFile]] = {}
     settled_at: dict[str, int] = {}
@@ -105,7 +112,8 @@ def plan_spool(
         if cached and cached[0] == f.size and cached[1] == f.mtime_ns:
             study, first_seen = cached[2], cached[3]
         else:
-            study, first_seen = study_of_file(f.path), now_ns
+            written_since_last_scan = previous_scan_ns is not None and previous_scan_ns < f.mtime_ns <= now_ns
+            study, first_seen = study_of_file(f.path), f.mtime_ns if written_since_last_scan else now_ns
         plan.studies_of[f.path] = (f.size, f.mtime_ns, study, first_seen)
         groups.setdefault(study, []).append(f)
         settled_at[study] = max(settled_at.get(study, 0), f.mtime_ns, first_seen)
