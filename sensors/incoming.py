@@ -27,8 +27,11 @@ from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource
 
-# Studies copied one after the other settle a little apart: a ready study waits this long for
-# others that are about to settle, so that a burst becomes one run rather than several.
+# Studies copied one after the other settle a little apart (their last writes): those settling
+# within BURST_JOIN_S of a ready one are ready with it (their quiet period is at most that much
+# shorter); a ready study waits up to BURST_WINDOW_S (the next tick) for others about to
+# settle. Either way a burst becomes one run rather than several.
+BURST_JOIN_S = 1.0
 BURST_WINDOW_S = 3.0
 BURST_TAG = "kaapana/burst"
 
@@ -80,11 +83,14 @@ def incoming_studies(
     known = {path: tuple(v) for path, v in cursor.get("files", {}).items()}
     requested: dict[str, str] = cursor.get("requested", {})
 
-    now_ns = time.time_ns()
-    plan = plan_spool(scan_spool(archive.spool), known, now_ns, archive.quiet_period_s, cursor.get("scanned_ns"))
+    now_ns, spool_files = time.time_ns(), scan_spool(archive.spool)
+    plan = plan_spool(spool_files, known, now_ns, archive.quiet_period_s, cursor.get("scanned_ns"))
+    pending = [s for s in sorted(plan.ready) if requested.get(s) != plan.digests[s]]
+    if pending and any(0 < plan.settles_in_s[s] <= BURST_JOIN_S for s in plan.waiting if s != UNREADABLE):
+        plan = plan_spool(spool_files, plan.studies_of, now_ns + int(BURST_JOIN_S * 1e9), archive.quiet_period_s)
+        pending = [s for s in sorted(plan.ready) if requested.get(s) != plan.digests[s]]
 
     run_requests: list[dg.RunRequest] = []
-    pending = [s for s in sorted(plan.ready) if requested.get(s) != plan.digests[s]]
     about_to_settle = [s for s in plan.waiting if s != UNREADABLE and plan.settles_in_s[s] <= BURST_WINDOW_S]
     if pending and about_to_settle and max(-plan.settles_in_s[s] for s in pending) < BURST_WINDOW_S:
         pending = []  # next tick, together with them

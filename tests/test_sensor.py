@@ -296,3 +296,27 @@ def test_a_ready_study_waits_briefly_for_one_about_to_settle(tmp_path: Path, cor
     assert request.tags[BURST_TAG] and {study_of_file(f) for f in
                                          request.run_config["ops"]["dicom_studies"]["config"]["files"]} == {
         a.study_uid, b.study_uid}
+
+
+def test_studies_settling_a_moment_apart_are_one_burst_in_the_same_tick(tmp_path: Path, corpus: dict) -> None:
+    """Copied after the sensor's last scan, a study settles one quiet period after its last
+    write; one settling within BURST_JOIN_S of a ready one joins it in the same tick."""
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    spool.mkdir(parents=True)
+    a, b = corpus["site-a"][0], corpus["site-a"][1]
+    with dg.instance_for_test() as instance:
+        cursor = _tick(instance, home).cursor  # an empty spool: the previous scan
+        scanned = json.loads(cursor or "{}")["scanned_ns"]
+        for name, study, offset_s in (("a", a, 0.1), ("b", b, 0.1 + incoming.BURST_JOIN_S / 2)):
+            (spool / name).mkdir()
+            for f in study.ct_files:
+                shutil.copy(f, spool / name / f.name)
+                written = scanned + int(offset_s * 1e9)
+                os.utime(spool / name / f.name, ns=(written, written))
+        time.sleep(max(0.0, (scanned + int((QUIET_S + 0.2) * 1e9) - time.time_ns()) / 1e9))
+        result = _tick(instance, home, cursor)
+    [request] = result.run_requests  # a settled 0.1 s ago, b settles within BURST_JOIN_S: together
+    assert request.tags[BURST_TAG] and {study_of_file(f) for f in
+                                         request.run_config["ops"]["dicom_studies"]["config"]["files"]} == {
+        a.study_uid, b.study_uid}
