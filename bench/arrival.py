@@ -1,12 +1,13 @@
 """Arrival → SEG under the real daemon, against the same work done in one process, same run.
 
-    python bench/arrival.py [--burst 10] [--code PATH]
+    python bench/arrival.py [--burst 10] [--code PATH] [--keep-mtimes]
 
 Prepares a site as the demo does (annotated studies ingested, a `tiny` nnU-Net trained,
 registered and promoted in the site's MLflow store), then starts `dagster dev` on it (webserver,
 daemon and code server as one process group, the instance made from the repository's
 dagster.yaml: queued runs, the default run launcher, the real sensors and automation). It
-copies N new CT studies into the spool — one study, then a burst of `--burst` — and times,
+writes N new CT studies into the spool as a receiver does (new files, new mtimes; `--keep-mtimes`:
+as `cp -p` does) — one study, then a burst of `--burst` — and times,
 from the end of the copy, the appearance of each study's row in the `segmentations` Delta
 table. Before the daemon starts, the same studies are ingested and segmented in one warm
 process with the same model (the work alone: ingest_files + production_model + segment_study,
@@ -151,13 +152,15 @@ def _stop_group(process: subprocess.Popen) -> None:
         pass
 
 
-def drop(studies: list[tuple[str, Path]], spool: Path, name: str) -> tuple[float, float]:
-    """Copy the studies' files into the spool (as a receiver or a user would); the clock
-    starts when the last file is written. Returns (that moment, the copy's seconds)."""
+def drop(studies: list[tuple[str, Path]], spool: Path, name: str, keep_mtimes: bool = False) -> tuple[float, float]:
+    """Write the studies' files into the spool as a receiver (or `cp`) does: new files, new
+    mtimes; `keep_mtimes`: as `cp -p` or `rsync -a` do (old mtimes: the sensor must count from
+    first sight). The clock starts when the last file is written. Returns (that moment, the
+    copy's seconds)."""
     target = spool / name
     started = time.monotonic()
     for study_uid, folder in studies:
-        shutil.copytree(folder, target / study_uid[-12:])
+        shutil.copytree(folder, target / study_uid[-12:], copy_function=shutil.copy2 if keep_mtimes else shutil.copy)
     return time.monotonic(), time.monotonic() - started
 
 
@@ -259,6 +262,8 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=10)
     parser.add_argument("--code", type=Path, default=REPO, help="repository checkout the daemon runs")
     parser.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
+    parser.add_argument("--keep-mtimes", action="store_true",
+                        help="copy as `cp -p` does (old mtimes) instead of writing new files as a receiver does")
     parser.add_argument("--site", type=Path, help="a prepared KAAPANA_HOME to copy instead of training one "
                         "(e.g. <kept folder>/work before the work ran: any home with the model promoted)")
     args = parser.parse_args()
@@ -291,7 +296,7 @@ def main() -> int:
         with running_daemon(home, dagster_home, args.code.resolve(), log):
             for n, studies in groups.items():
                 wall_start = time.time()
-                since, copy_s = drop(studies, home / "incoming", f"arrival-{n}")
+                since, copy_s = drop(studies, home / "incoming", f"arrival-{n}", args.keep_mtimes)
                 wall_zero = time.time()
                 seen = wait_for_segs(home / "lake", [uid for uid, _ in studies], since, timeout_s=900)
                 missing = len(studies) - len(seen)
