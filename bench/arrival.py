@@ -12,6 +12,8 @@ from the end of the copy, the appearance of each study's row in the `segmentatio
 table. Before the daemon starts, the same studies are ingested and segmented in one warm
 process with the same model (the work alone: ingest_files + production_model + segment_study,
 model load included once). Prints both, and the goal: last SEG ≤ quiet period + 1.3 × work.
+The site's model cache holds the production version, as on any site after its first
+segmentation (`--cold-model-cache`: empty, the first run downloads it from MLflow).
 
 `--code PATH` runs the daemon on another checkout of the repository (e.g. `git archive HEAD`
 unpacked somewhere) with this venv: the "before" of a change, measured the same way.
@@ -264,6 +266,8 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary homes and logs")
     parser.add_argument("--keep-mtimes", action="store_true",
                         help="copy as `cp -p` does (old mtimes) instead of writing new files as a receiver does")
+    parser.add_argument("--cold-model-cache", action="store_true",
+                        help="leave the site's model cache empty: the first run downloads the model from MLflow")
     parser.add_argument("--site", type=Path, help="a prepared KAAPANA_HOME to copy instead of training one "
                         "(e.g. <kept folder>/work before the work ran: any home with the model promoted)")
     args = parser.parse_args()
@@ -288,6 +292,10 @@ def main() -> int:
             work_home = root / f"work-{n}"
             shutil.copytree(home, work_home)
             work[n] = work_alone(work_home, [(uid, str(f)) for uid, f in studies])
+        if not args.cold_model_cache:
+            # As on any site after its first segmentation: the production version is in the
+            # site's model cache (the first run after a promotion downloads it once).
+            shutil.copytree(root / "work-1" / "models-work", home / "models")
 
         dagster_home = root / "dagster"
         log = root / "dagster-dev.log"
