@@ -73,6 +73,17 @@ def test_tiny_training_end_to_end(trained_site) -> None:  # type: ignore[no-unty
     baseline = nnunet.dice(body, organ, 1)
     assert prediction.shape == volume.hu.shape
     assert model_dice > baseline, (model_dice, baseline)
+    # Our loader (no trainer class lookup) and nnU-Net's own build the same predictor.
+    reference = nnunet.load_predictor(folder, "cpu", via_trainer=True)
+    assert type(predictor.network) is type(reference.network)
+    ours, theirs = predictor.network.state_dict(), reference.network.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    for attribute in ("trainer_name", "allowed_mirroring_axes", "dataset_json"):
+        assert getattr(predictor, attribute) == getattr(reference, attribute), attribute
+    assert predictor.configuration_manager.configuration == reference.configuration_manager.configuration
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(predictor.list_of_parameters, reference.list_of_parameters, strict=True)
+               for k in a)
+    assert np.array_equal(nnunet.predict(reference, volume.hu, volume.spacing_zyx), prediction)
 
 
 def test_failed_validation_blocks_promotion(trained_site) -> None:  # type: ignore[no-untyped-def]
