@@ -1,6 +1,6 @@
 """Per-study wall time of the `segmentations` asset against bare nnUNetPredictor, same run.
 
-    python bench/segment.py [--studies 3] [--schedule tiny] [--sizes 48x128,100x256] [--model FOLDER]
+    python bench/segment.py [--studies 3] [--burst 4] [--schedule tiny] [--sizes 48x128,100x256] [--model FOLDER]
 
 Trains a model once (the `tiny` schedule by default; speed, not quality, is measured) — or
 imports an nnU-Net results folder given with --model — registers and promotes it in a
@@ -14,7 +14,9 @@ and per study times
     splits into "Dagster run + model resolution" and "our work around the prediction";
   - bare nnU-Net: `predictor.predict_single_npy_array` on the same volume and model.
 Prints both and their ratio (goal ≤ 1.15). The first asset run, which downloads and
-loads the model, is reported separately and left out of the medians.
+loads the model, is reported separately and left out of the medians. Then, per size, a burst
+of `--burst` new studies segmented in ONE run over their partition range (what the incoming
+sensor requests for studies that arrive together) against bare nnU-Net on the same volumes.
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=3, help="studies per size (the first is the cold run)")
     parser.add_argument("--schedule", default="tiny")
     parser.add_argument("--sizes", default="48x128,100x256", help="slices x matrix of the new studies, comma separated")
+    parser.add_argument("--burst", type=int, default=4, help="studies per size segmented in one run")
     parser.add_argument("--model", type=Path, help="an nnU-Net v2 results folder to import instead of training")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
 
     import dagster as dg
+    from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from kaapana_assets.cohorts.assets import cohorts
     from kaapana_assets.home import KaapanaHome
@@ -85,6 +89,7 @@ def main() -> int:
     bare_predict = nnunet.predict.__wrapped__  # type: ignore[attr-defined]
 
     rows = []
+    bursts: list[tuple[str, int, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         home = KaapanaHome(root / "home").ensure()
@@ -140,6 +145,27 @@ def main() -> int:
                 rows.append((f"{slices}x{matrix}x{matrix}", warm(asset_times), warm(study_times),
                              warm(predict_times), warm(bare_times), asset_times[0]))
 
+                # A burst, as the automatic path runs one: the studies' partition range in one run.
+                burst = generate_site("site-a", args.burst, seed=7, out=root / f"burst{slices}x{matrix}",
+                                      first_index=index, slices=slices, matrix=matrix)
+                index += args.burst
+                uids = sorted(b.study_uid for b in burst)
+                ingest_files([f for b in burst for f in b.ct_files], IngestTargets.for_home(home), remove_sources=False)
+                instance.add_dynamic_partitions("studies", uids)
+                t0 = time.perf_counter()
+                result = dg.materialize([segmentation_assets.segmentations], instance=instance, resources=resources,
+                                        run_config=quiet, tags={ASSET_PARTITION_RANGE_START_TAG: uids[0],
+                                                                ASSET_PARTITION_RANGE_END_TAG: uids[-1]})
+                burst_s = time.perf_counter() - t0
+                assert result.success
+                bare_burst = 0.0
+                for b in burst:
+                    volume = assemble_volume(b.ct_files)
+                    t0 = time.perf_counter()
+                    bare_predict(model.predictor, volume.hu, volume.spacing_zyx)
+                    bare_burst += time.perf_counter() - t0
+                bursts.append((f"{slices}x{matrix}x{matrix}", len(uids), burst_s, bare_burst))
+
     print(f"\n{args.studies} studies per size, median of the warm ones (the first run per size excluded)")
     print(f"{'volume (z×y×x)':16s} {'asset':>7s} {'bare':>7s} {'ratio':>6s} | {'dagster+model':>13s} "
           f"{'around predict':>14s} {'predict in asset':>16s} | {'first run':>9s}")
@@ -148,6 +174,11 @@ def main() -> int:
               f"{in_asset - predict:13.2f}s {predict:15.2f}s | {first:8.2f}s")
     print("goal: ratio asset / bare ≤ 1.15. 'dagster+model': the run itself and the alias lookup; 'around predict':"
           "\nvolume assembly, SEG build/encode/archive/index, statistics, preview, Delta MERGEs.")
+    print("\na burst: one run over the studies' partition range (what the incoming sensor requests for studies"
+          "\nthat arrive together), against bare nnU-Net on the same volumes one after the other")
+    print(f"{'volume (z×y×x)':16s} {'studies':>7s} {'run':>7s} {'per study':>9s} {'bare':>7s} {'ratio':>6s}")
+    for size, count, run_s, bare_s in bursts:
+        print(f"{size:16s} {count:7d} {run_s:6.2f}s {run_s / count:8.2f}s {bare_s / count:6.2f}s {run_s / bare_s:6.2f}")
     return 0
 
 
