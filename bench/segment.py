@@ -10,7 +10,7 @@ and per study times
   - the asset: `dg.materialize([segmentations])` — model resolution (the alias looked up,
     the loaded predictor cached per process), volume assembly from the archive, prediction,
     DICOM SEG building, archiving and indexing, statistics, preview, Dagster run overhead;
-    inside it, `segment_study` and its `nnunet.predict` are timed too, so the overhead
+    inside it, `segment_studies` and its `nnunet.predict` are timed too, so the overhead
     splits into "Dagster run + model resolution" and "our work around the prediction";
   - bare nnU-Net: `predictor.predict_single_npy_array` on the same volume and model.
 Prints both and their ratio (goal ≤ 1.15). The first asset run, which downloads and
@@ -83,13 +83,13 @@ def main() -> int:
     from resources import site_resources
 
     # Instrumentation only: the asset's own code paths, timed from outside.
-    inner: dict[str, list[float]] = {"segment_study": [], "predict": []}
-    segmentation_assets.segment_study = timed(inner["segment_study"], segment.segment_study)
+    inner: dict[str, list[float]] = {"segment_studies": [], "predict": []}
+    segmentation_assets.segment_studies = timed(inner["segment_studies"], segment.segment_studies)
     segment.nnunet.predict = timed(inner["predict"], nnunet.predict)
     bare_predict = nnunet.predict.__wrapped__  # type: ignore[attr-defined]
 
     rows = []
-    bursts: list[tuple[str, int, float, float]] = []
+    bursts: list[tuple[str, int, float, float, float, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         home = KaapanaHome(root / "home").ensure()
@@ -129,7 +129,7 @@ def main() -> int:
                                             instance=instance, resources=resources, run_config=quiet)
                     asset_times.append(time.perf_counter() - t0)
                     assert result.success
-                    study_times.append(inner["segment_study"][-1])
+                    study_times.append(inner["segment_studies"][-1])
                     predict_times.append(inner["predict"][-1])
 
                     model = production_model(resources["mlflow"].tracking(), MODEL,  # type: ignore[attr-defined]
@@ -158,13 +158,14 @@ def main() -> int:
                                                                 ASSET_PARTITION_RANGE_END_TAG: uids[-1]})
                 burst_s = time.perf_counter() - t0
                 assert result.success
+                in_burst, burst_predicts = inner["segment_studies"][-1], sum(inner["predict"][-len(uids):])
                 bare_burst = 0.0
                 for b in burst:
                     volume = assemble_volume(b.ct_files)
                     t0 = time.perf_counter()
                     bare_predict(model.predictor, volume.hu, volume.spacing_zyx)
                     bare_burst += time.perf_counter() - t0
-                bursts.append((f"{slices}x{matrix}x{matrix}", len(uids), burst_s, bare_burst))
+                bursts.append((f"{slices}x{matrix}x{matrix}", len(uids), burst_s, bare_burst, in_burst, burst_predicts))
 
     print(f"\n{args.studies} studies per size, median of the warm ones (the first run per size excluded)")
     print(f"{'volume (z×y×x)':16s} {'asset':>7s} {'bare':>7s} {'ratio':>6s} | {'dagster+model':>13s} "
@@ -176,9 +177,11 @@ def main() -> int:
           "\nvolume assembly, SEG build/encode/archive/index, statistics, preview, Delta MERGEs.")
     print("\na burst: one run over the studies' partition range (what the incoming sensor requests for studies"
           "\nthat arrive together), against bare nnU-Net on the same volumes one after the other")
-    print(f"{'volume (z×y×x)':16s} {'studies':>7s} {'run':>7s} {'per study':>9s} {'bare':>7s} {'ratio':>6s}")
-    for size, count, run_s, bare_s in bursts:
-        print(f"{size:16s} {count:7d} {run_s:6.2f}s {run_s / count:8.2f}s {bare_s / count:6.2f}s {run_s / bare_s:6.2f}")
+    print(f"{'volume (z×y×x)':16s} {'studies':>7s} {'run':>7s} {'per study':>9s} {'bare':>7s} {'ratio':>6s} | "
+          f"{'per study: dagster+model':>24s} {'around predict':>14s} {'predict in asset':>16s}")
+    for size, count, run_s, bare_s, inside, predicts in bursts:
+        print(f"{size:16s} {count:7d} {run_s:6.2f}s {run_s / count:8.2f}s {bare_s / count:6.2f}s {run_s / bare_s:6.2f} | "
+              f"{(run_s - inside) / count:23.2f}s {(inside - predicts) / count:13.2f}s {predicts / count:15.2f}s")
     return 0
 
 

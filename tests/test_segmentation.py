@@ -436,3 +436,48 @@ def test_a_pinned_version_in_the_cache_loads_without_the_registry(tmp_path: Path
     with pytest.raises(models.NoProductionModel, match="no version 4"):
         models.pinned_model(tracking, "liver", "4", tmp_path / "models", "cpu")  # type: ignore[arg-type]
     assert sorted(p.name for p in (tmp_path / "models" / "liver").iterdir()) == ["v3"]
+
+
+def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_fails(tmp_path: Path) -> None:
+    """segment_studies archives each SEG as it is built and commits the index and the
+    statistics of all of them together (one commit per table); a study that raises leaves the
+    ones before it committed, and a study with nothing to segment is skipped with its reason."""
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.segmentation.segment import segment_studies
+    from tests.helpers import SMALL
+
+    studies = generate_site("site-a", 3, seed=SEED, out=tmp_path / "gen", **SMALL)
+    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
+    ingest_files([f for s in studies for f in s.ct_files], targets, remove_sources=False)
+    lake, uids = targets.lake, [s.study_uid for s in studies]
+    truth = phantom_for(get_profile("site-a").resized(**SMALL), SEED, 0).labels
+    tables = ("instances", "series", "studies", "segmentations")
+    before = lake.versions(tables)
+
+    seen: list[str] = []
+    results, skipped = segment_studies(lake, targets, [*uids[:2], "2.25.1"], _model(truth), lambda r: seen.append(r.study_uid))
+    assert [r.study_uid for r in results] == seen == uids[:2] and "2.25.1" in skipped
+    after = lake.versions(tables)
+    assert all(after[t] == (before[t] or 0) + 1 for t in tables if before[t] is not None), (before, after)
+    assert all(r.versions == after for r in results)
+    segs = lake.read("segmentations")
+    assert set(segs["study_uid"].to_list()) == set(uids[:2])
+    assert lake.read("instances", pl.col("sop_instance_uid").is_in([r.seg_sop_uid for r in results])).height == 2
+
+    class FailsSecond(PhantomPredictor):
+        def predict_single_npy_array(self, image: np.ndarray, properties: dict[str, Any], *args: Any) -> np.ndarray:
+            if self.calls == 1:
+                raise RuntimeError("CUDA out of memory")
+            return super().predict_single_npy_array(image, properties, *args)
+
+    from kaapana_assets.segmentation.models import LoadedModel
+
+    failing = LoadedModel("nnunet-liver-test", "4", Path("unused"), FailsSecond(truth), LABEL_NAMES)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        segment_studies(lake, targets, uids, failing)
+    committed = lake.read("segmentations", pl.col("model_version") == "4")
+    assert set(committed["study_uid"].to_list()) == {uids[0]}  # the one before the failure is kept
+    rerun = segment_studies(lake, targets, uids, LoadedModel("nnunet-liver-test", "4", Path("unused"),
+                                                             PhantomPredictor(truth), LABEL_NAMES))[0]
+    assert [r.reused for r in rerun] == [True, False, False]

@@ -11,7 +11,7 @@ from kaapana_assets.ingest.partitions import studies_partitions
 from kaapana_assets.ingest.study import combined_version, png_markdown
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.segmentation.models import NoProductionModel, pinned_model, production_model
-from kaapana_assets.segmentation.segment import NothingToSegment, SegmentationResult, segment_study
+from kaapana_assets.segmentation.segment import SegmentationResult, segment_studies
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
@@ -71,16 +71,16 @@ def segmentations(
     except NoProductionModel as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     targets = archive.targets(the_lake)
-    results: list[SegmentationResult] = []
-    skipped: dict[str, str] = {}
-    for study_uid in study_uids:
-        try:
-            result = segment_study(the_lake, targets, study_uid, model)
-        except NothingToSegment as exc:
-            skipped[study_uid] = str(exc)
-            continue
-        context.log.info(f"{study_uid}: {'reused' if result.reused else 'segmented'} with {result.model}")
-        results.append(result)
+    done = 0
+
+    def progress(result: SegmentationResult) -> None:
+        nonlocal done
+        done += 1
+        context.log.info(f"{result.study_uid}: {'reused' if result.reused else 'segmented'} with {result.model} "
+                         f"({done}/{len(study_uids)})")
+
+    # One commit of the index and the statistics for all of the run's studies.
+    results, skipped = segment_studies(the_lake, targets, study_uids, model, progress)
     if skipped:
         # The others' SEGs are committed: a rerun reuses them and fails only for these.
         # A reason, not a traceback; retrying would not change it.

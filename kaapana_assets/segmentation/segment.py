@@ -1,4 +1,4 @@
-"""Segment one study with a loaded model: CT volume → nnU-Net → DICOM SEG archived and
+"""Segment studies with a loaded model: CT volume → nnU-Net → DICOM SEG archived and
 indexed like any instance → per-label statistics in the `segmentations` table."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,12 +86,10 @@ def _replace_unindexed(root: Path, relpath: str, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def index_seg(lake: Any, archive: Path, seg: hd.seg.Segmentation, data: bytes) -> dict[str, int | None]:
-    """Archive a SEG we built (`data`: its encoded bytes) and index it as ingest would: its
-    `instances` row, then the study's `series` and `studies` rows recomputed from
-    `instances`. The row comes from the data set in memory (seg_instance_row), not from
-    parsing the file again. The caller has checked that the SOP instance is not indexed.
-    Returns the Delta versions written."""
+def archive_seg(archive: Path, seg: hd.seg.Segmentation, data: bytes) -> dict[str, Any]:
+    """Archive a SEG we built (`data`: its encoded bytes), durably, and return its `instances`
+    row — from the data set in memory (seg_instance_row), not from parsing the file again.
+    The caller has checked that the SOP instance is not indexed."""
     row = seg_instance_row(seg, str(seg.file_meta.TransferSyntaxUID))
     relpath = archive_relpath(row["study_uid"], row["series_uid"], row["sop_instance_uid"])
     sha256 = hashlib.sha256(data).hexdigest()
@@ -99,30 +98,49 @@ def index_seg(lake: Any, archive: Path, seg: hd.seg.Segmentation, data: bytes) -
     except ArchiveConflict:
         _replace_unindexed(archive, relpath, data)
     _fsync(archive / relpath)  # durable before any row points at it
-    now = dt.datetime.now(dt.timezone.utc)
-    row.update(archive_path=relpath, sha256=sha256, size_bytes=len(data), ingested_at=now)
-    writes = [lake.merge("instances", pa.Table.from_pylist([row], schema=INSTANCES.schema))]
-    # As ingest's commit does: series and studies recomputed from the study's instances.
-    instances = lake.read("instances", pl.col("study_uid") == row["study_uid"]).to_dicts()
-    series = index.series_rows(instances, now)
-    writes.append(lake.merge("series", index.series_table(series)))
-    writes.append(lake.merge("studies", index.studies_table(index.study_rows(instances, series, now))))
+    row.update(archive_path=relpath, sha256=sha256, size_bytes=len(data), ingested_at=dt.datetime.now(dt.timezone.utc))
+    return row
+
+
+def commit_segs(lake: Any, instance_rows: list[dict[str, Any]], statistics_rows: list[dict[str, Any]]) -> dict[str, int | None]:
+    """Index archived SEGs as ingest would — their `instances` rows, then their studies'
+    `series` and `studies` rows recomputed from `instances` — and only then their statistics
+    (a `segmentations` row never points at an unindexed SEG). Returns the Delta versions."""
+    writes = []
+    if instance_rows:
+        now = dt.datetime.now(dt.timezone.utc)
+        writes.append(lake.merge("instances", pa.Table.from_pylist(instance_rows, schema=INSTANCES.schema)))
+        studies = sorted({r["study_uid"] for r in instance_rows})
+        instances = lake.read("instances", pl.col("study_uid").is_in(studies)).to_dicts()
+        series = index.series_rows(instances, now)
+        writes.append(lake.merge("series", index.series_table(series)))
+        writes.append(lake.merge("studies", index.studies_table(index.study_rows(instances, series, now))))
+    if statistics_rows:
+        writes.append(lake.merge("segmentations", pa.Table.from_pylist(statistics_rows, schema=SEGMENTATIONS.schema)))
     return {w.table: w.version for w in writes}
 
 
-def segment_study(lake: Any, targets: IngestTargets, study_uid: str, model: LoadedModel) -> SegmentationResult:
+@dataclass
+class _Segmented:
+    result: SegmentationResult
+    instance_row: dict[str, Any] | None  # the archived SEG's row; None: indexed already
+    statistics_rows: list[dict[str, Any]]
+
+
+def _segment(lake: Any, targets: IngestTargets, study_uid: str, model: LoadedModel) -> _Segmented:
     series = source_series(lake, study_uid)
     series_uid = series["series_uid"]
     seg_series_uid, seg_sop_uid = seg_uids(series_uid, model.name, model.version)
     existing = lake.read("segmentations", pl.col("seg_sop_instance_uid") == seg_sop_uid)
     if existing.height:
-        return SegmentationResult(study_uid, series_uid, seg_series_uid, seg_sop_uid, model.ref,
-                                  existing.drop("created_at").to_dicts(), reused=True, versions=lake.versions(("segmentations",)))
+        return _Segmented(SegmentationResult(study_uid, series_uid, seg_series_uid, seg_sop_uid, model.ref,
+                                             existing.drop("created_at").to_dicts(), reused=True,
+                                             versions=lake.versions(("segmentations",))), None, [])
     # One read: the series' slices, and this model's SEG of it if a stopped run indexed one.
     rows = lake.read("instances", (pl.col("series_uid") == series_uid) | (pl.col("sop_instance_uid") == seg_sop_uid))
     indexed_seg = rows.filter(pl.col("sop_instance_uid") == seg_sop_uid)
     volume = assemble_volume([targets.archive / p for p in rows.filter(pl.col("series_uid") == series_uid)["archive_path"]])
-    versions: dict[str, int | None] = {}
+    instance_row = None
     if indexed_seg.height:
         # Indexed, but its statistics were never written: they are read from that SEG (the
         # archived one stays the one result of this model version; no second prediction).
@@ -132,18 +150,51 @@ def segment_study(lake: Any, targets: IngestTargets, study_uid: str, model: Load
         with model.predicting:
             labels = nnunet.predict(model.predictor, volume.hu, volume.spacing_zyx)
     with ThreadPoolExecutor(1) as pool:
-        # Statistics and preview (numpy, mostly outside the GIL) while the SEG is built and indexed.
+        # Statistics and preview (numpy, mostly outside the GIL) while the SEG is built and archived.
         summary = pool.submit(lambda: (label_statistics(volume.hu, labels, volume.spacing_zyx, model.label_names),
                                        overlay_png(volume.hu, labels)))
         if not indexed_seg.height:
             seg, _ = model_seg(volume, labels, model.label_names, model.name, model.version)
-            versions = index_seg(lake, targets.archive, seg, encode_seg(seg))
+            instance_row = archive_seg(targets.archive, seg, encode_seg(seg))
         stats, preview = summary.result()
     now = dt.datetime.now(dt.timezone.utc)
-    rows_out = [{**s, "seg_sop_instance_uid": seg_sop_uid, "study_uid": study_uid, "series_uid": series_uid,
-                 "seg_series_uid": seg_series_uid, "model_name": model.name, "model_version": model.version,
-                 "created_at": now} for s in stats]
-    written = lake.merge("segmentations", pa.Table.from_pylist(rows_out, schema=SEGMENTATIONS.schema))
-    return SegmentationResult(study_uid, series_uid, seg_series_uid, seg_sop_uid, model.ref, stats,
-                              reused=False, preview_png=preview,
-                              versions={**versions, "segmentations": written.version})
+    statistics_rows = [{**s, "seg_sop_instance_uid": seg_sop_uid, "study_uid": study_uid, "series_uid": series_uid,
+                        "seg_series_uid": seg_series_uid, "model_name": model.name, "model_version": model.version,
+                        "created_at": now} for s in stats]
+    return _Segmented(SegmentationResult(study_uid, series_uid, seg_series_uid, seg_sop_uid, model.ref, stats,
+                                         reused=False, preview_png=preview), instance_row, statistics_rows)
+
+
+def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], model: LoadedModel,
+                    progress: Callable[[SegmentationResult], None] | None = None,
+                    ) -> tuple[list[SegmentationResult], dict[str, str]]:
+    """Segment studies with one loaded model (a run's burst). Each SEG is archived as soon as
+    it is built; the index and the statistics of all of them are committed together at the
+    end — four Delta commits per run, not per study — and, should a study raise, what was
+    archived before it is committed before the error goes on. A study with nothing to
+    segment is skipped: (results, {study: reason}). `progress` hears of each study as it is done."""
+    done: list[_Segmented] = []
+    skipped: dict[str, str] = {}
+    try:
+        for study_uid in study_uids:
+            try:
+                done.append(_segment(lake, targets, study_uid, model))
+                if progress:
+                    progress(done[-1].result)
+            except NothingToSegment as exc:
+                skipped[study_uid] = str(exc)
+    finally:
+        versions = commit_segs(lake, [d.instance_row for d in done if d.instance_row is not None],
+                               [row for d in done for row in d.statistics_rows])
+    for d in done:
+        if not d.result.reused:
+            d.result.versions = versions
+    return [d.result for d in done], skipped
+
+
+def segment_study(lake: Any, targets: IngestTargets, study_uid: str, model: LoadedModel) -> SegmentationResult:
+    """One study (NothingToSegment if it has no CT volume to segment)."""
+    results, skipped = segment_studies(lake, targets, [study_uid], model)
+    if skipped:
+        raise NothingToSegment(skipped[study_uid])
+    return results[0]
