@@ -58,3 +58,29 @@ def test_errors_are_clear(study_c, tmp_path: Path) -> None:  # type: ignore[no-u
         assemble_volume(files[1:] + [other])
     with pytest.raises(VolumeError, match="no files"):
         assemble_volume([])
+
+
+def test_remembered_iod_lookups_answer_as_highdicom_does() -> None:
+    """volume.py remembers highdicom's IOD attribute lookups (a table scan per slice); for
+    every SOP class highdicom knows, the remembered answers are the library's own."""
+    from highdicom import _standard_utils as standard
+
+    import kaapana_assets.ingest.volume  # noqa: F401  (installs the cache)
+
+    cached = standard.is_attribute_in_iod
+    original = cached.__wrapped__
+    assert original is not cached and hasattr(cached, "cache_info")
+    def answer(lookup, *args):  # type: ignore[no-untyped-def]
+        try:
+            return lookup(*args)
+        except KeyError as exc:  # highdicom's tables lack some IODs: the same error, never remembered
+            return f"KeyError {exc}"
+
+    for sop_class_uid in [*standard.get_sop_class_iod_map(), "1.2.3.4"]:
+        for attribute in ("PixelData", "FloatPixelData", "DoubleFloatPixelData", "NumberOfFrames", "PatientID"):
+            for excluded in (None, ["IconImageSequence"]):
+                expected = answer(original, attribute, sop_class_uid, excluded)
+                assert answer(cached, attribute, sop_class_uid, excluded) == expected
+                assert answer(cached, attribute, sop_class_uid, excluded) == expected  # from the cache
+    assert standard.does_iod_have_pixel_data("1.2.840.10008.5.1.4.1.1.2")  # CT Image Storage
+    assert not standard.does_iod_have_pixel_data("1.2.840.10008.5.1.4.1.1.88.33")  # Comprehensive SR

@@ -3,6 +3,7 @@ label volume aligned to it. Shared by training (dataset export) and segmentation
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,32 @@ from kaapana_assets.ingest.index import multiframe_issue
 
 ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE = 0.01  # relative spread of slice gaps that still counts as uniform
+
+
+def _cache_iod_lookups() -> None:
+    """highdicom 0.28 asks, for every slice it reads and every SEG frame it writes, whether
+    the SOP class's IOD has a given attribute (pixel data, NumberOfFrames), by scanning the
+    standard's module tables: 30–40 % of assembling a CT volume, measured. The answer depends
+    only on (attribute, SOP class, excluded paths) and the standard's tables highdicom
+    ships, so it is remembered per process. Nothing changes where highdicom has no such
+    function (a later version)."""
+    from highdicom import _standard_utils as standard
+
+    lookup = getattr(standard, "is_attribute_in_iod", None)
+    if lookup is None or hasattr(lookup, "cache_info"):
+        return
+    remembered = functools.lru_cache(maxsize=4096)(
+        lambda attribute, sop_class_uid, excluded: lookup(attribute, sop_class_uid, list(excluded) if excluded else None))
+
+    @functools.wraps(lookup)
+    def is_attribute_in_iod(attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None) -> bool:
+        return remembered(attribute, str(sop_class_uid), tuple(exclude_path_elements) if exclude_path_elements else None)
+
+    is_attribute_in_iod.cache_info = remembered.cache_info  # type: ignore[attr-defined]
+    standard.is_attribute_in_iod = is_attribute_in_iod
+
+
+_cache_iod_lookups()
 
 
 class VolumeError(ValueError):
