@@ -159,8 +159,11 @@ def test_sensor_ingest_and_automatic_segmentation(trained_site) -> None:  # type
             break
         time.sleep(0.6)
     assert len(requests) == 1
+    # The fallback path (a study ingested alone, e.g. while MLflow was unreachable): the
+    # request's files through ingest_study, then the automation segments it.
+    files = {"dicom_studies": requests[0].run_config["ops"]["dicom_studies"]}
     ingest = defs.resolve_job_def("ingest_study").execute_in_process(
-        run_config=requests[0].run_config, partition_key=study.study_uid, instance=instance)
+        run_config={"ops": files}, partition_key=study.study_uid, instance=instance)
     assert ingest.success
 
     evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
