@@ -23,6 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.spool import plan_spool, scan_spool
 from kaapana_assets.lake import Lake
 
 # slow tier (`make test-all`): receiver, storescp and Orthanc processes; the encoders and the
@@ -107,10 +108,19 @@ def _dataset_bytes(path: Path) -> bytes:
 @needs_dcmtk
 def test_storescu_into_receiver_then_ingest(receiver: Receiver, corpus: dict, tmp_path: Path) -> None:
     study = corpus["site-b"][0]
+    scanned_ns = time.time_ns()  # the incoming sensor's previous scan
     sent = storescu(receiver.port, study.files)
     assert sent.returncode == 0, sent.stdout + sent.stderr
     received = receiver.spool_files()
     assert len(received) == len(study.files)
+    # What the receiver wrote carries its write time: the sensor counts the study's quiet
+    # period from the last write, and it is ready exactly one quiet period after it.
+    spool = scan_spool(receiver.home / "incoming")
+    last_write = max(f.mtime_ns for f in spool)
+    assert len(spool) == len(received) and scanned_ns < min(f.mtime_ns for f in spool) <= time.time_ns()
+    waiting = plan_spool(spool, {}, last_write + 9 * 10**9, 10, scanned_ns)
+    assert list(waiting.waiting.values()) == [len(received)] and not waiting.ready
+    assert list(plan_spool(spool, waiting.studies_of, last_write + 10 * 10**9, 10).ready) == [study.study_uid]
     assert all(p.parent.name == "STORESCU" for p in received)
     meta = pydicom.dcmread(received[0], stop_before_pixels=True).file_meta
     assert (meta.SendingApplicationEntityTitle, meta.ReceivingApplicationEntityTitle) == ("STORESCU", "KAAPANA")

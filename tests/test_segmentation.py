@@ -459,8 +459,10 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
     before = lake.versions(tables)
 
     seen: list[str] = []
-    results, skipped = segment_studies(lake, targets, [*uids[:2], "2.25.1"], _model(truth), lambda r: seen.append(r.study_uid))
-    assert [r.study_uid for r in results] == seen == uids[:2] and "2.25.1" in skipped
+    results, skipped = segment_studies(lake, targets, [*uids[:2], "2.25.1"], _model(truth),
+                                       lambda done, total, r: seen.append(f"{done}/{total} {r.study_uid}"))
+    assert [r.study_uid for r in results] == uids[:2] and "2.25.1" in skipped
+    assert seen == [f"1/3 {uids[0]}", f"2/3 {uids[1]}"]
     after = lake.versions(tables)
     assert all(after[t] == (before[t] or 0) + 1 for t in tables if before[t] is not None), (before, after)
     assert all(r.versions == after for r in results)

@@ -71,13 +71,9 @@ def segmentations(
     except NoProductionModel as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     targets = archive.targets(the_lake)
-    done = 0
-
-    def progress(result: SegmentationResult) -> None:
-        nonlocal done
-        done += 1
+    def progress(done: int, total: int, result: SegmentationResult) -> None:
         context.log.info(f"{result.study_uid}: {'reused' if result.reused else 'segmented'} with {result.model} "
-                         f"({done}/{len(study_uids)})")
+                         f"({done}/{total})")
 
     # One commit of the index and the statistics for all of the run's studies.
     results, skipped = segment_studies(the_lake, targets, study_uids, model, progress)

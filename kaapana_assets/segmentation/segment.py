@@ -166,13 +166,13 @@ def _segment(lake: Any, targets: IngestTargets, study_uid: str, model: LoadedMod
 
 
 def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], model: LoadedModel,
-                    progress: Callable[[SegmentationResult], None] | None = None,
+                    progress: Callable[[int, int, SegmentationResult], None] | None = None,
                     ) -> tuple[list[SegmentationResult], dict[str, str]]:
     """Segment studies with one loaded model (a run's burst). Each SEG is archived as soon as
     it is built; the index and the statistics of all of them are committed together at the
     end — four Delta commits per run, not per study — and, should a study raise, what was
     archived before it is committed before the error goes on. A study with nothing to
-    segment is skipped: (results, {study: reason}). `progress` hears of each study as it is done."""
+    segment is skipped: (results, {study: reason}). `progress(done, total, result)` hears of each study as it is done."""
     done: list[_Segmented] = []
     skipped: dict[str, str] = {}
     try:
@@ -180,7 +180,7 @@ def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], mo
             try:
                 done.append(_segment(lake, targets, study_uid, model))
                 if progress:
-                    progress(done[-1].result)
+                    progress(len(done) + len(skipped), len(study_uids), done[-1].result)
             except NothingToSegment as exc:
                 skipped[study_uid] = str(exc)
     finally:

@@ -383,13 +383,15 @@ def load_predictor(model_folder: Path, device: str = "auto", mirroring: bool = F
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=mirroring,
                                 perform_everything_on_device=False, device=device_for(device),
                                 verbose=False, verbose_preprocessing=False, allow_tqdm=False)
-    checkpoints = [torch.load(model_folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu",
-                              weights_only=False) for fold in folds]
-    first = checkpoints[0]
-    if via_trainer or first["trainer_name"] != "nnUNetTrainer":
+    def checkpoint(fold: int | str) -> dict:
+        return torch.load(model_folder / f"fold_{fold}" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+
+    first = None if via_trainer else checkpoint(folds[0])
+    if first is None or first["trainer_name"] != "nnUNetTrainer":
         predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=folds,
                                                        checkpoint_name="checkpoint_final.pth")
         return predictor
+    checkpoints = [first, *(checkpoint(fold) for fold in folds[1:])]
     dataset_json = load_json(str(model_folder / "dataset.json"))
     plans_manager = PlansManager(load_json(str(model_folder / "plans.json")))
     configuration = plans_manager.get_configuration(first["init_args"]["configuration"])
