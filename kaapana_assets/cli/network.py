@@ -24,6 +24,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
         spool, args.host, args.port, args.ae_title, args.allow or None, block=False,
         acse_timeout=args.acse_timeout, dimse_timeout=args.dimse_timeout, idle_timeout=args.idle_timeout,
         max_associations=args.max_associations, max_per_caller=args.max_per_caller,
+        checkpoint_s=args.checkpoint_interval,
     )
     assert server is not None
     stop = threading.Event()
@@ -69,7 +70,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 RECEIVE_DESCRIPTION = (
     "A DICOM Storage SCP (every storage SOP class and transfer syntax, and C-ECHO) that writes\n"
-    "each instance byte for byte into the spool and acknowledges it once it is on disk.\n\n"
+    "each instance byte for byte into the spool and acknowledges it once it is on disk\n"
+    "(appended to the receive journal, $SPOOL/.journal, and flushed; the journal's checkpoints\n"
+    "make the spool files durable, and a restart after a crash writes back what they lost).\n\n"
     "Refused with a failure status, nothing stored, a 'refused ...' log line:\n"
     "  0xC210 Cannot Understand: empty, garbage, malformed or truncated data sets, and\n"
     "         deflated ones inflating beyond 256 MiB (inflation bombs);\n"
@@ -104,6 +107,9 @@ def add_parsers(sub: SubParsers) -> None:
                    help="wait at most S seconds for an association request or release (default: %(default)s)")
     p.add_argument("--dimse-timeout", type=float, default=30.0, metavar="S",
                    help="wait at most S seconds for a DIMSE message (default: %(default)s)")
+    p.add_argument("--checkpoint-interval", type=float, default=1.0, metavar="S",
+                   help="make the spool files durable and reuse the journal every S seconds "
+                        "(keep it well below the spool's quiet period; default: %(default)s)")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=cmd_receive)
 

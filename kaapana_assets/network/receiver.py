@@ -5,7 +5,9 @@ What is stored
 - All storage SOP classes (SEG included) in every transfer syntax (compressed ones too),
   and Verification, are accepted. The data set is stored byte for byte as it arrived, after
   a DICOM Part 10 preamble and file meta.
-- A C-STORE is acknowledged only after its file is durable (fsync, then rename).
+- A C-STORE is acknowledged only after the instance is durable: appended to the receive
+  journal and flushed (`network/journal.py`; the spool file itself is made durable by the
+  journal's next checkpoint, within a second, and replayed from the journal after a crash).
 - The calling and called AE titles go into the file meta as (0002,0017) Sending and
   (0002,0018) Receiving Application Entity Title, and from there into the `instances`
   table. (Files written before this carry the calling AE title in (0002,0016), which the
@@ -50,10 +52,11 @@ Speed (bench/receive.py; pynetdicom's own path costs most of a C-STORE, durabili
 - The file meta and the C-STORE response are encoded directly (byte for byte what pydicom
   and pynetdicom produce, tested) instead of through pydicom Datasets; pynetdicom's
   per-PDU/per-message INFO/DEBUG handlers are not bound (its logger stays at WARNING).
-- Still two journal commits per instance before the acknowledgement (fsync of the file,
-  of the folder after the rename): on one association they are the larger part of the
-  time. Parallel associations overlap them (the filesystem journal commits concurrent
-  fsyncs together).
+- One flush of data blocks per instance before the acknowledgement (the receive journal's
+  `fdatasync` of blocks that already exist) instead of two filesystem commits (fsync of the
+  file, then of its folder after the rename), and the spool file written by the journal's
+  writer thread while the next C-STORE arrives: 1.4–1.9× the throughput on one
+  association. Parallel associations share their flushes.
 """
 
 from __future__ import annotations
@@ -92,13 +95,13 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from kaapana_assets.ingest import headers
 from kaapana_assets.ingest.headers import Reason, Rejected, parse_header
+from kaapana_assets.network.journal import CHECKPOINT_S, ReceiveJournal
 from kaapana_assets.network.spool_writer import (
     PREAMBLE,
     file_meta_bytes,
     part10_bytes,
     safe_ae_title,
     spool_name,
-    write_durably,
 )
 
 log = logging.getLogger("kaapana.receiver")
@@ -209,7 +212,7 @@ def _check(data: bytes, encoded: memoryview, transfer_syntax: str, request: Any)
     return None
 
 
-def _store(event: evt.Event, spool: Path) -> int:
+def _store(event: evt.Event, journal: ReceiveJournal) -> int:
     calling = event.assoc.requestor.ae_title.strip()
     called = event.assoc.acceptor.ae_title.strip()
     address = event.assoc.requestor.address
@@ -235,7 +238,7 @@ def _store(event: evt.Event, spool: Path) -> int:
                     reason, message[:500], describe_status(status))
         return status
     try:
-        path = write_durably(spool / safe_ae_title(calling), spool_name(sop_uid, data), data)
+        path = journal.store(journal.spool / safe_ae_title(calling), spool_name(sop_uid, data), data)
     except OSError as exc:
         log.error("could not store %s from %s at %s: %s; answered %s", sop_uid, calling, address, exc,
                   describe_status(OUT_OF_RESOURCES))
@@ -374,6 +377,7 @@ class _EventAssociation(Association):
     association pynetdicom's request handler creates (`_event_driven`), before it starts."""
 
     _wake: threading.Event
+    before_release: Callable[[], object] | None = None
 
     def kill(self) -> None:
         self._wake.set()
@@ -395,6 +399,8 @@ class _EventAssociation(Association):
                 self._serve_request(msg, cast(int, context_id))
 
             if self.is_established and self.acse.is_release_requested():
+                if self.before_release is not None:
+                    self.before_release()  # what the peer sent is in the spool when it sees the release
                 self.acse.send_release(is_response=True)
                 pynetdicom_log.info("Association Released")
                 self.is_released = True
@@ -512,7 +518,12 @@ class _CountingRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         assoc = super()._create_association()
-        return _event_driven(assoc) if EVENT_DRIVEN else assoc
+        if not EVENT_DRIVEN:
+            return assoc
+        event_driven = cast(_EventAssociation, _event_driven(assoc))
+        if self.server.journal is not None:
+            event_driven.before_release = self.server.journal.wait_written
+        return event_driven
 
     def handle(self) -> None:
         counted = False
@@ -537,6 +548,7 @@ class ReceiverServer(ThreadedAssociationServer):
     request_queue_size = 128  # listen backlog (socketserver's default is 5)
     daemon_threads = True
     max_per_caller = MAX_PER_CALLER
+    journal: ReceiveJournal | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.starting: Counter[str] = Counter()  # accepted, association not yet started
@@ -632,18 +644,24 @@ def start_receiver(
     idle_timeout: float = IDLE_TIMEOUT_S,
     max_associations: int = MAX_ASSOCIATIONS,
     max_per_caller: int = MAX_PER_CALLER,
+    checkpoint_s: float = CHECKPOINT_S,
 ) -> ReceiverServer | None:
     """Start the SCP. Non-blocking returns the server (stop it with `stop_receiver`);
-    blocking serves until KeyboardInterrupt."""
+    blocking serves until KeyboardInterrupt. Before serving, what a crashed receiver
+    acknowledged but the machine did not keep is written back from the receive journal."""
     if max_per_caller < 1:
         raise ValueError("max_per_caller must be at least 1")
+    # Spool files written after the acknowledgement only where our reactor can hold an
+    # association's release until they are there (pynetdicom 3.0.x).
+    journal = ReceiveJournal(spool, checkpoint_s=checkpoint_s, async_spool=EVENT_DRIVEN)
+    journal.open()
     ae = build_receiver(ae_title, allowed_calling, acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
                         idle_timeout=idle_timeout, max_associations=max_associations)
     allowed = set(allowed_calling) if allowed_calling else None
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, _nodelay),
         (evt.EVT_ACSE_RECV, _acse_received, [allowed]),
-        (evt.EVT_C_STORE, _store, [spool]),
+        (evt.EVT_C_STORE, _store, [journal]),
         (evt.EVT_ABORTED, _aborted),
     ]
     log.info("receiving as %s on %s:%d into %s%s", ae_title, host, port, spool,
@@ -652,8 +670,13 @@ def start_receiver(
              max_associations, max_per_caller, acse_timeout, dimse_timeout, idle_timeout)
     # As AE.start_server(block=False) does, but with our server class, so that the
     # per-address limit holds from the first connection on.
-    server = cast(ReceiverServer, ae.make_server((host, port), evt_handlers=handlers, server_class=ReceiverServer))
+    try:
+        server = cast(ReceiverServer, ae.make_server((host, port), evt_handlers=handlers, server_class=ReceiverServer))
+    except BaseException:
+        journal.close()
+        raise
     server.max_per_caller = max_per_caller
+    server.journal = journal
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{host}:{port}", daemon=True)
     thread.start()
     ae._servers.append(server)  # AssociationServer.shutdown() removes itself from there
@@ -674,3 +697,5 @@ def stop_receiver(server: ReceiverServer) -> None:
     for assoc in list(server.active_associations):
         assoc.abort()
     server.shutdown()
+    if server.journal is not None:
+        server.journal.close()  # a last checkpoint: every acknowledged instance durable in the spool

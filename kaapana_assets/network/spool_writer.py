@@ -70,14 +70,24 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
 
 
-def write_durably(folder: Path, name: str, data: bytes) -> Path:
-    """Write `data` as folder/name, atomically and durably. Readers (the sensor skips
-    dot-files and *.part) never see a partial file. A different file already under that
-    name is kept: the new one gets a name with its content digest."""
+def target_path(folder: Path, name: str, data: bytes) -> Path:
+    """Where `data` goes: folder/name, unless a different file is already there; that one
+    is kept and the new one gets a name with its content digest."""
     target = folder / name
     if target.exists() and target.read_bytes() != data:
-        target = folder / f"{Path(name).stem}.{hashlib.sha256(data).hexdigest()[:12]}.dcm"
-    return write_atomically(target, data)
+        target = folder / digest_name(name, data)
+    return target
+
+
+def digest_name(name: str, data: bytes) -> str:
+    """`<stem>.<first 12 hex digits of the content's SHA-256>.dcm`: a second file for a name."""
+    return f"{Path(name).stem}.{hashlib.sha256(data).hexdigest()[:12]}.dcm"
+
+
+def write_durably(folder: Path, name: str, data: bytes) -> Path:
+    """Write `data` as `target_path(folder, name, data)`, atomically and durably. Readers
+    (the sensor skips dot-files and *.part) never see a partial file."""
+    return write_atomically(target_path(folder, name, data), data)
 
 
 def spool_name(sop_instance_uid: object, data: bytes) -> str:
