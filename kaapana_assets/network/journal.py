@@ -281,7 +281,7 @@ class ReceiveJournal:
             _, target, data = item
             try:
                 self._write_spool_file(target, data)
-            except OSError as exc:  # acknowledged and durable in the journal: retried, never dropped
+            except Exception as exc:  # acknowledged and durable in the journal: retried, never dropped
                 log.error("could not write %s into the spool (%s); kept in the receive journal, retried", target, exc)
                 with self._spool_lock:
                     self._failed.append((target, data))
@@ -298,7 +298,7 @@ class ReceiveJournal:
         for target, data in failed:
             try:
                 self._write_spool_file(target, data)
-            except OSError:
+            except Exception:
                 still.append((target, data))
         with self._spool_lock:
             self._failed = still + self._failed

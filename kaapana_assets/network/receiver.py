@@ -521,8 +521,10 @@ class _CountingRequestHandler(RequestHandler):
         if not EVENT_DRIVEN:
             return assoc
         event_driven = cast(_EventAssociation, _event_driven(assoc))
-        if self.server.journal is not None:
-            event_driven.before_release = self.server.journal.wait_written
+        journal = self.server.journal
+        if journal is not None:
+            # Bounded: the instances are durable in the journal whatever happens to their files.
+            event_driven.before_release = lambda: journal.wait_written(DIMSE_TIMEOUT_S)
         return event_driven
 
     def handle(self) -> None:
