@@ -84,6 +84,12 @@ def sync_filesystem(path: Path) -> None:
         os.close(fd)
 
 
+def _random_generation() -> int:
+    """A fresh start for a segment's generations: below 2**56, so counting up never overflows
+    the 64-bit field, and random, so no stale record can pass for one of the new generation."""
+    return int.from_bytes(os.urandom(5), "little") << 16
+
+
 def _record_crc(generation: int, path: bytes, data: bytes | memoryview) -> int:
     crc = zlib.crc32(struct.pack("<QIQ", generation, len(path), len(data)))
     return zlib.crc32(data, zlib.crc32(path, crc))
@@ -380,7 +386,7 @@ class ReceiveJournal:
         except OSError:
             os.close(fd)
             raise
-        self._fd, self.segment, self._generation = fd, path, int.from_bytes(os.urandom(6), "little") << 16
+        self._fd, self.segment, self._generation = fd, path, _random_generation()
         self._new_generation()
 
     # --- replay -----------------------------------------------------------------------
@@ -394,7 +400,7 @@ class ReceiveJournal:
             # A header torn while it was rewritten: its records were all durable before that.
             # Go on from a random generation, so that no stale record can pass for a new one.
             log.warning("receive journal %s: no valid header; nothing to replay", path)
-            return int.from_bytes(os.urandom(6), "little") << 16, 0
+            return _random_generation(), 0
         offset, rewritten = HEADER_BYTES, 0
         while offset + _RECORD.size <= size:
             rmagic, rgeneration, path_len, data_len, rcrc = _RECORD.unpack(os.pread(fd, _RECORD.size, offset))
