@@ -68,6 +68,7 @@ def _libc_syncfs() -> object | None:
 
 
 _SYNCFS = _libc_syncfs()
+_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
 
 
 def sync_filesystem(path: Path) -> None:
@@ -243,7 +244,7 @@ class ReceiveJournal:
                     self._pending[target] = data
                     self._queued += 1
                     self._queue.put((self._queued, target, data))
-        os.fdatasync(self._fd)  # one flush of data blocks; concurrent associations share theirs
+        _fdatasync(self._fd)  # one flush of data blocks; concurrent associations share theirs
         return target
 
     def _choose(self, folder: Path, name: str, data: bytes, digest_name: Callable[[str, bytes], str]) -> Path:
@@ -359,7 +360,7 @@ class ReceiveJournal:
     def _write_header(fd: int, generation: int) -> None:
         header = _HEADER.pack(_HEADER_MAGIC, generation, zlib.crc32(_HEADER_MAGIC + struct.pack("<Q", generation)))
         os.pwrite(fd, header.ljust(HEADER_BYTES, b"\x00"), 0)
-        os.fdatasync(fd)
+        _fdatasync(fd)
 
     def _create(self, path: Path) -> None:
         """A segment full of zeros, durable with its folder entry, before it is used."""
