@@ -42,10 +42,10 @@ import queue
 import struct
 import threading
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 from kaapana_assets.files import write_atomically
+from kaapana_assets.network.spool_writer import digest_name, target_path, write_durably
 
 log = logging.getLogger("kaapana.receiver")
 
@@ -125,12 +125,11 @@ class ReceiveJournal:
         self._generation = 0
         self._offset = HEADER_BYTES
         self._appended = 0  # records in the current generation
-        self._folders: set[Path] = set()
         # Spool files acknowledged but not yet written (async_spool), by target; the writer's
         # progress; writes that failed (disk full...) and are retried at every checkpoint.
         self._spool_lock = threading.Condition(threading.Lock())
         self._pending: dict[Path, bytes] = {}
-        self._queue: queue.SimpleQueue[tuple[int, Path, bytes] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Path, bytes] | None] = queue.SimpleQueue()
         self._queued = 0
         self._written = 0
         self._failed: list[tuple[Path, bytes]] = []
@@ -211,22 +210,16 @@ class ReceiveJournal:
     def store(self, folder: Path, name: str, data: bytes) -> Path:
         """Write `data` as folder/name (a different existing file keeps its name: the new one
         gets its content digest in its name); durable when this returns."""
-        from kaapana_assets.network.spool_writer import digest_name, write_durably
-
         if self._fd < 0:
             raise JournalError(errno.EBADF, "the receive journal is not open")
         if len(data) > self.max_record:
             return write_durably(folder, name, data)  # one large file: its own flushes are cheap beside it
-        if folder not in self._folders:
-            folder.mkdir(parents=True, exist_ok=True)
-            self._folders.add(folder)
         if not self.async_spool:
-            target = self._choose(folder, name, data, digest_name)
+            target = self._choose(folder, name, data)
             self._write_spool_file(target, data)  # a checkpoint after the append flushes it; before, the record covers it
-        size = 0
         with self._lock:
             if self.async_spool:
-                target = self._choose(folder, name, data, digest_name)
+                target = self._choose(folder, name, data)
             relative = target.relative_to(self.spool).as_posix().encode()
             size = _RECORD.size + len(relative) + len(data)
             if self._offset + size > self.segment_bytes:
@@ -243,23 +236,17 @@ class ReceiveJournal:
                 with self._spool_lock:
                     self._pending[target] = data
                     self._queued += 1
-                    self._queue.put((self._queued, target, data))
+                    self._queue.put((target, data))
         _fdatasync(self._fd)  # one flush of data blocks; concurrent associations share theirs
         return target
 
-    def _choose(self, folder: Path, name: str, data: bytes, digest_name: Callable[[str, bytes], str]) -> Path:
-        """folder/name, or the digest name when a different file (written or pending) has it."""
-        target = folder / name
+    def _choose(self, folder: Path, name: str, data: bytes) -> Path:
+        """`spool_writer.target_path`, with the files still waiting for the writer counted as written."""
         with self._spool_lock:
-            pending = self._pending.get(target)
-        if pending is not None:
-            same = pending == data
-        else:
-            try:
-                same = target.stat().st_size == len(data) and target.read_bytes() == data
-            except FileNotFoundError:
-                return target
-        return target if same else folder / digest_name(name, data)
+            pending = self._pending.get(folder / name)
+        if pending is not None and pending == data:
+            return folder / name
+        return target_path(folder, name, data) if pending is None else folder / digest_name(name, data)
 
     def wait_written(self, timeout: float | None = None) -> bool:
         """Until every instance stored so far is in the spool (or failed to be written)."""
@@ -269,23 +256,11 @@ class ReceiveJournal:
 
     @staticmethod
     def _write_spool_file(target: Path, data: bytes) -> None:
-        temp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.part")
-        try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-        except BaseException:
-            temp.unlink(missing_ok=True)
-            raise
+        write_atomically(target, data, durable=False)  # the next checkpoint's syncfs makes it durable
 
     def _write_loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            _, target, data = item
+            target, data = item
             try:
                 self._write_spool_file(target, data)
             except Exception as exc:  # acknowledged and durable in the journal: retried, never dropped
@@ -430,5 +405,5 @@ class ReceiveJournal:
                 return 0  # survived (the process died, the machine did not)
         except FileNotFoundError:
             pass
-        write_atomically(target, bytes(data))
+        write_atomically(target, data, durable=False)  # the replay ends with one syncfs
         return 1
