@@ -119,14 +119,12 @@ def _site_context(site: str, home: Path, device: str, threads: int, log: Callabl
 
 def warm_imports() -> None:
     """What a long-running site process has loaded anyway: imported before the direct
-    timings. (A ClientApp process imports all of it again for every message: that cost is
-    the federation's, and shows in its breakdown, partly inside the site assets' bodies.)"""
-    import nnunetv2.experiment_planning.plan_and_preprocess_api  # noqa: F401
-    import nnunetv2.inference.predict_from_raw_data  # noqa: F401
-    import nnunetv2.training.nnUNetTrainer.nnUNetTrainer  # noqa: F401
+    timings. The site's SuperExec (kaapana-superexec) holds the same list imported and
+    forks each ClientApp from it."""
+    from kaapana_assets.federated.warm_superexec import SITE_STACK, preload
 
-    import kaapana_assets.federated.payload  # noqa: F401
-    import kaapana_assets.federated.site  # noqa: F401
+    failed = preload(SITE_STACK)
+    assert not failed, f"could not import {failed}"
 
 
 def direct_round(ctx: Any, experiment: str, default_threads: int) -> DirectTiming:
@@ -289,8 +287,8 @@ class SitePhase:
     def segments(self) -> dict[str, float]:
         return {
             "SuperNode → SuperExec launches the ClientApp": self.clientapp - self.received,
-            "ClientApp process: start, imports, verify + store message": self.stored - self.clientapp,
-            "ClientApp: import Dagster + site assets, open site instance": self.run.first - self.stored,
+            "ClientApp: pull the message from the SuperNode, verify + store": self.stored - self.clientapp,
+            "ClientApp: open the site's Dagster instance, create the run": self.run.first - self.stored,
             "Dagster run start at the site": self.run.step_start - self.run.first,
             "site work (asset body)": self.run.materialized - self.run.step_start,
             "Dagster run end at the site": self.run.end - self.run.materialized,
@@ -498,7 +496,8 @@ def run(args: argparse.Namespace, root: Path, sites: tuple[str, ...], threads: i
                            run_config=quiet)
             say(f"federated_plan[{EXPERIMENT}] ({time.perf_counter() - t:.0f}s, not timed)")
 
-            flower_pids = [p.pid for p in (flower.superlink, *flower.supernodes.values()) if p is not None]
+            flower_pids = [p.pid for p in (flower.superlink, *flower.supernodes.values(), *flower.superexecs.values())
+                           if p is not None]
             with LogTail(hub / "flower" / "logs") as tail:
                 cpu, machine = own_cpu() + tree_cpu(flower_pids), machine_cpu()
                 t0 = time.time()
@@ -620,8 +619,8 @@ def report(args: argparse.Namespace, sites: tuple[str, ...], schedule: Any, thre
     slowest = max(sites, key=lambda s: parallel[s].end - parallel[s].start)
     direct_work = parallel[slowest].train_s + parallel[slowest].evaluate_s
     say(f"  {'direct, parallel: the slowest site, train + evaluate':{label}s}{direct_work:8.1f}s;  site work in "
-        f"the federation {work - direct_work:+.1f}s (lazy nnU-Net imports and first-use costs in fresh "
-        f"ClientApp processes, contention)")
+        f"the federation {work - direct_work:+.1f}s (contention with Flower's processes, and the training's "
+        f"own run-to-run variance)")
     fixed = federated_s - work
     say(f"  the federation's cost beyond the site work is {fixed:.0f}s per round here: it adds ≤ 10 % once a "
         f"round's site work is ≥ {10 * fixed:.0f}s")

@@ -20,7 +20,7 @@ from kaapana_assets.federated.assets import federated_model, federated_plan, fed
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
 from kaapana_assets.federated.keys import generate_site_key
 from kaapana_assets.federated.partitions import round_key
-from kaapana_assets.federated.superlink import LocalFederation, create_node_keys, descendants
+from kaapana_assets.federated.superlink import LocalFederation, create_node_keys
 from kaapana_assets.lake import Lake
 from tests.helpers import SITES, Federation
 
@@ -121,7 +121,7 @@ def test_nothing_identifying_reached_the_hub(federation: Federation, three_round
 
 
 def _site_pids(flower: LocalFederation) -> set[int]:
-    return {pid for process in flower.supernodes.values() for pid in (process.pid, *descendants(process.pid))}
+    return {pid for name in flower.supernodes for pid in flower.site_pids(name)}
 
 
 def test_sites_only_dial_out(flower: LocalFederation, three_rounds) -> None:  # type: ignore[no-untyped-def]
@@ -185,13 +185,14 @@ def test_a_superseded_round_is_not_recomputed(federation: Federation, three_roun
     assert federation.hub_store.global_path("liver-fed", 2).read_bytes() == before
 
 
-def _wait_for_clientapp(process: subprocess.Popen, timeout_s: float = 120.0) -> None:
-    """Until the SuperNode runs a ClientApp (the site is working on the hub's message)."""
+def _wait_for_clientapp(flower: LocalFederation, site: str, timeout_s: float = 120.0) -> None:
+    """Until the site runs a ClientApp (it is working on the hub's message). Its SuperExec
+    forks them: they are named flwr-clientapp."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for pid in descendants(process.pid):
+        for pid in flower.site_pids(site):
             try:
-                if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "flwr-clientapp":
                     return
             except OSError:
                 continue
@@ -214,7 +215,7 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("federated_experiments", ["faults"])
         _materialize([federated_plan], "faults", instance, resources)
-        lost = threading.Thread(target=lambda: (_wait_for_clientapp(flower.supernodes["site-c"]),
+        lost = threading.Thread(target=lambda: (_wait_for_clientapp(flower, "site-c"),
                                                 flower.stop_site("site-c")))
         lost.start()
         first_round = _materialize([federated_plan, federated_rounds], "faults|1", instance, resources)

@@ -92,8 +92,11 @@ def test_supernode_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
                  "--superlink", "hub.example.org:9092", "--ca", "/secrets/ca.pem", "--node-key", "/secrets/site-a.key",
                  "--device", "cpu", "--threads", "4"]) == 0
     captured = capsys.readouterr()
-    command = shlex.split(captured.out)
+    command, superexec = (shlex.split(line) for line in captured.out.strip().splitlines())
     assert Path(command[0]).name == "flower-supernode"
+    assert command[command.index("--isolation") + 1] == "process"
+    assert Path(superexec[0]).name == "kaapana-superexec"
+    assert superexec[superexec.index("--runtime-api-address") + 1] == f"127.0.0.1:{command[command.index('--port') + 1]}"
     assert command[command.index("--superlink") + 1] == "hub.example.org:9092"
     assert command[command.index("--root-certificates") + 1] == "/secrets/ca.pem"
     assert command[command.index("--auth-supernode-private-key") + 1] == "/secrets/site-a.key"
@@ -139,8 +142,12 @@ def _documents(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((DEPLOY / name).read_text()) if d]
 
 
-def _container(deployment: dict) -> dict:
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+def _container(deployment: dict, name: str | None = None) -> dict:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    if name is None:
+        (container,) = containers
+        return container
+    (container,) = [c for c in containers if c["name"] == name]
     return container
 
 
@@ -172,17 +179,22 @@ def test_deploy_manifests() -> None:
     assert "Service" not in kinds  # the site opens no inbound port
     assert kinds.count("Deployment") == 1 and kinds.count("NetworkPolicy") == 1
     (deployment,) = [d for d in site if d["kind"] == "Deployment"]
-    supernode = _container(deployment)
-    assert supernode["image"] == image
-    assert "ports" not in supernode
+    supernode, superexec = _container(deployment, "supernode"), _container(deployment, "superexec")
+    assert supernode["image"] == image == superexec["image"]
+    assert "ports" not in supernode and "ports" not in superexec
     args = supernode["command"] + supernode.get("args", [])
     assert args[0] == "flower-supernode"
+    assert args[args.index("--isolation") + 1] == "process"
+    superexec_args = superexec["command"] + superexec["args"]
+    assert superexec_args[0] == "kaapana-superexec"
+    assert superexec_args[superexec_args.index("--runtime-api-address") + 1] == f"127.0.0.1:{args[args.index('--port') + 1]}"
+    assert superexec["resources"]["limits"]["nvidia.com/gpu"] == 1  # the ClientApps train in this container
     for flag in ("--superlink", "--root-certificates", "--auth-supernode-private-key", "--node-config"):
         assert flag in args
     node_config = args[args.index("--node-config") + 1]
     assert 'kaapana-home="/kaapana"' in node_config and "site=" in node_config
     assert args[args.index("--host") + 1] == "127.0.0.1"
-    env = {e["name"]: e for e in supernode["env"]}
+    env = {e["name"]: e for e in superexec["env"]}
     assert "secretKeyRef" in env["KAAPANA_SITE_KEY"]["valueFrom"]
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
     assert any("secret" in v for v in volumes) and any("persistentVolumeClaim" in v for v in volumes)

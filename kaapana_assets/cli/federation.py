@@ -133,18 +133,20 @@ def cmd_federation_superlink_command(args: argparse.Namespace) -> int:
 
 
 def cmd_federation_supernode_command(args: argparse.Namespace) -> int:
-    from kaapana_assets.federated.superlink import supernode_command
+    from kaapana_assets.federated.superlink import superexec_command, supernode_command
 
     site = _site_name(args.site)
     if site is None:
         return 2
-    command = supernode_command(args.superlink, Path(args.ca), Path(args.node_key), site, Path(args.home),
-                                device=args.device, threads=args.threads)
-    print(shlex.join(command))
-    _say(f"Run it with KAAPANA_SITE_KEY set to {escape(site)}'s signing key (`kaapana federation key`; "
+    print(shlex.join(supernode_command(args.superlink, Path(args.ca), Path(args.node_key), site, Path(args.home),
+                                       runtime_port=args.runtime_port, device=args.device, threads=args.threads)))
+    print(shlex.join(superexec_command(args.runtime_port)))
+    _say("Two services on the site's machine: the SuperNode (first line) and its SuperExec (second line), "
+         "which starts the ClientApp processes that train.", stderr=True)
+    _say(f"Run the SuperExec with KAAPANA_SITE_KEY set to {escape(site)}'s signing key (`kaapana federation key`; "
          "a secret, never in the command line).", stderr=True)
     _say(f"The SuperNode dials out to {escape(args.superlink)} and opens no inbound port: its runtime API "
-         "listens on 127.0.0.1 only.", stderr=True)
+         f"listens on 127.0.0.1:{args.runtime_port} only.", stderr=True)
     return 0
 
 
@@ -207,7 +209,8 @@ def add_parsers(sub: SubParsers) -> None:
                    help="SuperLink state (SQLite; default: superlink.db beside the certificates folder)")
     q.set_defaults(func=cmd_federation_superlink_command)
 
-    q = federation.add_parser("supernode-command", help="print a site's flower-supernode command line")
+    q = federation.add_parser("supernode-command",
+                              help="print a site's flower-supernode and kaapana-superexec command lines")
     q.add_argument("--site", required=True, metavar="NAME", help="the site's name in the federation file")
     q.add_argument("--home", required=True, metavar="PATH", help="the site's KAAPANA_HOME")
     q.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the hub's SuperLink")
@@ -215,6 +218,8 @@ def add_parsers(sub: SubParsers) -> None:
     q.add_argument("--node-key", required=True, metavar="SITE.key", help="the site's SuperNode private key")
     q.add_argument("--device", default="auto", help="training device: auto, cpu, cuda (default auto)")
     q.add_argument("--threads", type=int, default=2, help="CPU threads of local training (default 2)")
+    q.add_argument("--runtime-port", type=int, default=9094,
+                   help="loopback port of the SuperNode's runtime API, for its SuperExec (default 9094)")
     q.set_defaults(func=cmd_federation_supernode_command)
 
     q = federation.add_parser("rounds", help="the federated_rounds table of an experiment, at this hub")

@@ -3,11 +3,14 @@
 Hub: one SuperLink (Fleet, Control and runtime APIs on one HTTPS port; TLS with the hub's
 certificate; SuperNode authentication on; runtime dependency installation off).
 Site: one SuperNode that dials out to that port and polls; it authenticates with the
-site's own EC key pair, whose public key the hub registered. A site opens no port to the
-outside (its runtime API, for its own ClientApp processes, listens on 127.0.0.1 only).
+site's own EC key pair, whose public key the hub registered. Beside it, the site's
+SuperExec (`kaapana-superexec`, warm_superexec.py) starts a ClientApp process per
+message. A site opens no port to the outside (the SuperNode's runtime API, for its own
+SuperExec and ClientApps, listens on 127.0.0.1 only).
 
-`LocalFederation` starts a SuperLink and one SuperNode per site as subprocesses on
-loopback: the demo and the tests, the same processes and flags as in production.
+`LocalFederation` starts a SuperLink and, per site, a SuperNode and its SuperExec as
+subprocesses on loopback: the demo and the tests, the same processes and flags as in
+production.
 """
 
 from __future__ import annotations
@@ -104,10 +107,20 @@ def superlink_command(certificates: Mapping[str, Path], host: str, port: int, da
 
 def supernode_command(superlink: str, root_certificate: Path, private_key: Path, site: str, home: Path,
                       runtime_port: int = 9094, device: str = "auto", threads: int = 2) -> list[str]:
+    """The site's SuperNode. `--isolation process`: its ClientApps are started by the
+    site's `kaapana-superexec` (superexec_command), not by a SuperExec of Flower's own."""
     node_config = f'kaapana-home="{home}" site="{site}" device="{device}" threads={threads}'
     return [_bin("flower-supernode"), "--superlink", superlink, "--root-certificates", str(root_certificate),
             "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
-            "--host", "127.0.0.1", "--port", str(runtime_port)]
+            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
+
+
+def superexec_command(runtime_port: int = 9094, parent_pid: int | None = None) -> list[str]:
+    """The site's SuperExec beside its SuperNode: Flower's, with ClientApps forked from a
+    process that has the site's stack imported (federated/warm_superexec.py). It talks to
+    the SuperNode's runtime API on loopback only, as Flower's own would."""
+    return [_bin("kaapana-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+            *(["--parent-pid", str(parent_pid)] if parent_pid is not None else [])]
 
 
 def register_node(connection: Connection, public_key: Path) -> str:
@@ -206,6 +219,7 @@ class LocalFederation:
     connection: Connection = field(init=False)
     superlink: subprocess.Popen | None = None
     supernodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    superexecs: dict[str, subprocess.Popen] = field(default_factory=dict)  # each site's kaapana-superexec
 
     def __post_init__(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -243,18 +257,32 @@ class LocalFederation:
         register_node(self.connection, self.node_keys(site)[1])
 
     def start_site(self, site: LocalSite, private_key: Path | None = None) -> subprocess.Popen:
+        """The site's SuperNode, then its SuperExec once the SuperNode's runtime API listens."""
+        runtime_port = free_port()
         command = supernode_command(self.connection.address, self.certificates["ca"],
                                     private_key or self.node_keys(site.name)[0], site.name, site.home,
-                                    free_port(), site.device, site.threads)
-        process = self._spawn(command, f"supernode-{site.name}.log",
-                              {"KAAPANA_SITE_KEY": site.key, "FLWR_HOME": str(site.home / "flwr")})
+                                    runtime_port, site.device, site.threads)
+        env = {"KAAPANA_SITE_KEY": site.key, "FLWR_HOME": str(site.home / "flwr")}
+        process = self._spawn(command, f"supernode-{site.name}.log", env)
         self.supernodes[site.name] = process
+        try:
+            wait_for_port("127.0.0.1", runtime_port, process=process)
+        except (RuntimeError, TimeoutError):
+            return process  # e.g. a refused key: the SuperNode exited; the caller looks at it
+        self.superexecs[site.name] = self._spawn(superexec_command(runtime_port, process.pid),
+                                                 f"supernode-{site.name}.log", env)
         return process
 
+    def site_pids(self, name: str) -> list[int]:
+        """Every process of a site: SuperNode, SuperExec and their ClientApps."""
+        roots = [p.pid for p in (self.supernodes.get(name), self.superexecs.get(name)) if p is not None]
+        return [pid for root in roots for pid in (root, *descendants(root))]
+
     def stop_site(self, name: str) -> None:
-        process = self.supernodes.pop(name, None)
-        if process is not None:
-            stop(process)
+        for processes in (self.superexecs, self.supernodes):
+            process = processes.pop(name, None)
+            if process is not None:
+                stop(process)
 
     def wait_connected(self, count: int, timeout_s: float = 60.0) -> None:
         """Until `count` SuperNodes are online (`flwr supernode ls`)."""
