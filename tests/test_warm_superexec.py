@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec
 
@@ -92,13 +93,22 @@ def test_a_forked_clientapp_is_a_clean_process_of_its_own(tmp_path: Path) -> Non
     assert not list(tmp_path.glob("child.parent-*"))
 
 
-def test_the_arguments_are_flowers() -> None:
-    """The same command line Flower's SubprocessExecutor builds for a ClientApp."""
-    spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token="t",
-                         insecure=False, root_certificates_path="/ca.pem", runtime_dependency_install=False,
-                         parent_pid=7, suppress_output=True, task_id=1)
-    assert clientapp_arguments(spec) == ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:9094", "--token",
-                                         "t", "--root-certificates", "/ca.pem", "--parent-pid", "7"]
+def test_the_arguments_are_flowers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same command line Flower's SubprocessExecutor builds for a ClientApp, for every
+    combination of TLS, parent and dependency installation."""
+    from flwr.supercore.superexec.executor import SubprocessExecutor, subprocess_executor
+
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess_executor.subprocess, "Popen", lambda args, **_: started.append(list(args)))
+    for insecure, certificates, parent, install in [(True, None, 7, False), (False, "/ca.pem", None, True),
+                                                    (False, None, 9, False), (True, "/ignored.pem", None, True)]:
+        spec = ExecutionSpec(task_type=TaskType.CLIENT_APP, runtime_api_address="127.0.0.1:9094", token="t",
+                             insecure=insecure, root_certificates_path=certificates,
+                             runtime_dependency_install=install, parent_pid=parent, suppress_output=True, task_id=1)
+        SubprocessExecutor().launch(spec)
+        assert clientapp_arguments(spec) == started[-1]
+    assert started[1] == ["flwr-clientapp", "--runtime-api-address", "127.0.0.1:9094", "--token", "t",
+                          "--root-certificates", "/ca.pem", "--allow-runtime-dependency-installation"]
 
 
 def test_the_site_runs_its_supernode_with_our_superexec(tmp_path: Path) -> None:
@@ -130,3 +140,16 @@ def test_flowers_superexec_loop_gets_the_forking_executor() -> None:
     finally:
         run_superexec.get_executor = original  # type: ignore[assignment]
         del run_superexec._flower_get_executor  # type: ignore[attr-defined]
+
+
+def test_the_preload_leaves_cuda_alone() -> None:
+    """What kaapana-superexec imports must not initialise CUDA: a forked child could not
+    use the GPU (checked in a fresh interpreter, as the SuperExec starts)."""
+    code = ("import os; os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = '1'\n"
+            "from kaapana_assets.federated.warm_superexec import fork_unsafe_reason, preload\n"
+            "assert preload() == [], preload()\n"
+            "import torch; torch.cuda.is_available()\n"
+            "print(fork_unsafe_reason())")
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "None"

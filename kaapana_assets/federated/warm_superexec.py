@@ -183,15 +183,31 @@ def install_forking_executor() -> None:
     run_superexec.get_executor = get_executor  # type: ignore[assignment]
 
 
+def fork_unsafe_reason() -> str | None:
+    """Why forking from this process would be unsafe, if it would: a CUDA context cannot
+    be used in a forked child, so the preload must not have initialised CUDA."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "the preload initialised CUDA"
+    return None
+
+
 def main() -> None:
     """`kaapana-superexec`: `flower-superexec`'s command line, ClientApps forked warm."""
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
+    # torch.cuda.is_available() (if anything asks during the imports) then asks NVML and
+    # leaves CUDA uninitialised, so children can still use the GPU.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     failed = preload()
     if failed:
         print(f"kaapana-superexec: could not preload {', '.join(failed)}; ClientApps import them themselves",
               file=sys.stderr, flush=True)
-    install_forking_executor()
+    reason = fork_unsafe_reason()
+    if reason is None:
+        install_forking_executor()
+    else:  # Flower's own executor: a fresh interpreter per ClientApp, as flower-superexec
+        print(f"kaapana-superexec: {reason}; starting ClientApps as fresh processes", file=sys.stderr, flush=True)
     flower_superexec()
 
 
