@@ -262,15 +262,16 @@ class LocalFederation:
         command = supernode_command(self.connection.address, self.certificates["ca"],
                                     private_key or self.node_keys(site.name)[0], site.name, site.home,
                                     runtime_port, site.device, site.threads)
-        env = {"KAAPANA_SITE_KEY": site.key, "FLWR_HOME": str(site.home / "flwr")}
-        process = self._spawn(command, f"supernode-{site.name}.log", env)
+        flwr_home = {"FLWR_HOME": str(site.home / "flwr")}
+        process = self._spawn(command, f"supernode-{site.name}.log", flwr_home)
         self.supernodes[site.name] = process
         try:
             wait_for_port("127.0.0.1", runtime_port, process=process)
         except (RuntimeError, TimeoutError):
             return process  # e.g. a refused key: the SuperNode exited; the caller looks at it
+        # Only the SuperExec (its ClientApps sign replies) gets the site's signing key.
         self.superexecs[site.name] = self._spawn(superexec_command(runtime_port, process.pid),
-                                                 f"supernode-{site.name}.log", env)
+                                                 f"supernode-{site.name}.log", {**flwr_home, "KAAPANA_SITE_KEY": site.key})
         return process
 
     def site_pids(self, name: str) -> list[int]:
