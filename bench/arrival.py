@@ -130,12 +130,14 @@ def running_daemon(home: Path, dagster_home: Path, code: Path, log: Path) -> Ite
 
 
 def _ticked(instance: object, sensor_name: str) -> bool:
-    from dagster._core.scheduler.instigation import InstigatorType
+    """The sensor has finished a tick: it has scanned the spool once (a tick still in
+    progress may not have, and the first scan of all counts every file from that scan)."""
+    from dagster._core.scheduler.instigation import InstigatorType, TickStatus
 
     states = instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)  # type: ignore[attr-defined]
     for state in states:
-        if state.name == sensor_name and instance.get_ticks(  # type: ignore[attr-defined]
-                state.instigator_origin_id, state.selector_id, limit=1):
+        if state.name == sensor_name and any(tick.status != TickStatus.STARTED for tick in instance.get_ticks(  # type: ignore[attr-defined]
+                state.instigator_origin_id, state.selector_id, limit=2)):
             return True
     return False
 

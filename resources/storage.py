@@ -45,6 +45,12 @@ class ArchiveResource(dg.ConfigurableResource):
     quiet_period_s: float = Field(
         default=10.0, description="A study counts as complete once its spool files are unchanged this long"
     )
+    early_start: bool = Field(
+        default=True,
+        description="Start a new study's run when its first files arrive; the run waits for the quiet period "
+        "itself, so its start-up (and the predictor's imports) overlaps it. Off: the run is requested once the "
+        "study is quiet",
+    )
     ingest_workers: int = Field(default=2, description="Processes that parse headers in parallel")
     site: str = Field(default="", description="This site's name in statistics; empty: 'local'")
 

@@ -1,9 +1,16 @@
-"""`incoming_studies`: turns quiet groups of spool files into runs — ingest and segmentation
-together while a production model exists, else ingest alone. A study that arrives alone gets
-its own run; new studies that settle in the same tick (a burst) share one run over their
-partition range, up to STUDIES_PER_RUN per run: one process start and one model load for all of
-them. A burst run that fails for good is split: each of its studies gets a run of its own, so
-one bad study holds up no other."""
+"""`incoming_studies`: turns groups of spool files into runs — ingest and segmentation
+together while a production model exists, else ingest alone.
+
+A new study gets its run as soon as its first files are seen (`early_start`, the default):
+the run starts up (process, imports, and with a model the predictor's imports) while the study
+still arrives, waits in its ingest step until the files have been quiet for the quiet period,
+then ingests and segments. Start-up overlaps the quiet period instead of following it, on a
+laptop (seconds) as on Kubernetes (a pod). New studies first seen in the same tick share one
+run over their partition range. Anything else — files of a study that is already a partition
+(late instances), what a finished early run left, `early_start` off — gets a run once quiet,
+with its file list: one run per study, or one over the range of new studies that settle
+together (a burst), up to STUDIES_PER_RUN per run. A burst run that fails for good is split:
+each of its studies gets a run of its own, so one bad study holds up no other."""
 
 
 import hashlib
@@ -20,8 +27,9 @@ from dagster._core.storage.tags import (
 
 from kaapana_assets.ingest.assets import STUDIES_PER_RUN, ingest_study_job, quarantine_job
 from kaapana_assets.ingest.partitions import STUDIES, studies_partitions
-from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool
+from kaapana_assets.ingest.spool import UNREADABLE, SpoolPlan, plan_spool, scan_spool
 from kaapana_assets.segmentation.assets import ingest_and_segment_job
+from kaapana_assets.segmentation.models import PREDICTION_IMPORTS
 from kaapana_assets.training.tracking import PRODUCTION
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
@@ -34,15 +42,17 @@ from resources.storage import ArchiveResource
 BURST_JOIN_S = 1.0
 BURST_WINDOW_S = 3.0
 BURST_TAG = "kaapana/burst"
+EARLY_TAG = "kaapana/early"  # a run started as its studies began to arrive
 
 
 def _burst_id(digests: list[str]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-def _failed_for_good(instance: dg.DagsterInstance, burst: str) -> bool | None:
-    """None while the burst's run (or its retry) may still succeed; else whether it failed."""
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={BURST_TAG: burst}), limit=1)  # newest: a retry
+def _failed_for_good(instance: dg.DagsterInstance, burst: str, tag: str = BURST_TAG) -> bool | None:
+    """None while the run tagged `tag: burst` (or its retry) may still succeed; else whether it
+    failed."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={tag: burst}), limit=1)  # newest: a retry
     if not runs:
         return None
     run = runs[0]
@@ -83,15 +93,35 @@ def incoming_studies(
     known = {path: tuple(v) for path, v in cursor.get("files", {}).items()}
     requested: dict[str, str] = cursor.get("requested", {})
 
+    # Runs started early, checked before the scan: while one runs, its studies get no other
+    # run; once it ended, what of them is still in the spool goes the quiet-period way.
+    early: dict[str, list[str]] = cursor.get("early", {})
+    in_flight: set[str] = set()
+    for tag, studies in list(early.items()):
+        if _failed_for_good(context.instance, tag, EARLY_TAG) is None:
+            in_flight.update(studies)
+        else:
+            del early[tag]
+
+    previous_scan_ns = cursor.get("scanned_ns")
     now_ns, spool_files = time.time_ns(), scan_spool(archive.spool)
-    plan = plan_spool(spool_files, known, now_ns, archive.quiet_period_s, cursor.get("scanned_ns"))
-    pending = [s for s in sorted(plan.ready) if requested.get(s) != plan.digests[s]]
-    if pending and any(0 < plan.settles_in_s[s] <= BURST_JOIN_S for s in plan.waiting if s != UNREADABLE):
+    plan = plan_spool(spool_files, known, now_ns, archive.quiet_period_s, previous_scan_ns)
+    # New studies still arriving: their run starts now (ready ones take the path below, with
+    # their file list).
+    fresh = [s for s in sorted(plan.waiting) if s != UNREADABLE and s not in in_flight
+             and not context.instance.has_dynamic_partition(STUDIES, s)] if archive.early_start else []
+    waiting = [s for s in plan.waiting if s != UNREADABLE and s not in in_flight and s not in fresh]
+
+    def pending_of(plan: SpoolPlan) -> list[str]:
+        return [s for s in sorted(plan.ready) if requested.get(s) != plan.digests[s] and s not in in_flight]
+
+    pending = pending_of(plan)
+    if pending and any(0 < plan.settles_in_s[s] <= BURST_JOIN_S for s in waiting):
         plan = plan_spool(spool_files, plan.studies_of, now_ns + int(BURST_JOIN_S * 1e9), archive.quiet_period_s)
-        pending = [s for s in sorted(plan.ready) if requested.get(s) != plan.digests[s]]
+        pending = [s for s in pending_of(plan) if s not in fresh]
 
     run_requests: list[dg.RunRequest] = []
-    about_to_settle = [s for s in plan.waiting if s != UNREADABLE and plan.settles_in_s[s] <= BURST_WINDOW_S]
+    about_to_settle = [s for s in waiting if s in plan.waiting and plan.settles_in_s[s] <= BURST_WINDOW_S]
     if pending and about_to_settle and max(-plan.settles_in_s[s] for s in pending) < BURST_WINDOW_S:
         pending = []  # next tick, together with them
     new_partitions = [s for s in pending if not context.instance.has_dynamic_partition(STUDIES, s)]
@@ -108,7 +138,7 @@ def incoming_studies(
                 split += [(study_uid, burst) for study_uid in studies]
 
     job, model_version = ingest_study_job, None
-    if pending or split:
+    if pending or split or fresh:
         try:
             model_version = production_version(mlflow, nnunet_settings)
             if model_version is not None:
@@ -132,6 +162,22 @@ def incoming_studies(
             run_config=run_config(files),
             tags={"kaapana/files": str(len(files))},
         )
+
+    # Early runs: no file list (the files are still coming); the run waits for quiet itself
+    # and meanwhile imports what segmenting needs.
+    for start in range(0, len(fresh), STUDIES_PER_RUN):
+        chunk = fresh[start:start + STUDIES_PER_RUN]
+        tag = _burst_id([f"{s}@{now_ns}" for s in chunk])
+        ingest = {"await_quiet_s": archive.quiet_period_s, "arrived_after_ns": previous_scan_ns or 0,
+                  "warm_imports": list(PREDICTION_IMPORTS) if model_version is not None else []}
+        config = run_config([])
+        config["ops"]["dicom_studies"]["config"].update(ingest)
+        tags = {EARLY_TAG: tag, "kaapana/studies": str(len(chunk))}
+        if len(chunk) > 1:
+            tags |= {ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1]}
+        run_requests.append(dg.RunRequest(job_name=job.name, partition_key=chunk[0] if len(chunk) == 1 else None,
+                                          run_key=f"early:{tag}", run_config=config, tags=tags))
+        early[tag] = chunk
 
     for study_uid, burst in split:
         run_requests.append(single(study_uid, plan.ready.get(study_uid, []), f"{study_uid}:after-burst:{burst}"))
@@ -177,16 +223,21 @@ def incoming_studies(
         "files": {p: list(v) for p, v in plan.studies_of.items()},
         "requested": {k: v for k, v in requested.items() if k in present},
         "bursts": bursts,
+        "early": early,
         "scanned_ns": now_ns,
     }
     skip = None
     if not run_requests:
+        settling = [s for s in plan.waiting if s not in in_flight]
         skip = (
-            f"waiting for {len(plan.waiting)} stud(ies) to settle" if plan.waiting else "no new complete study in the spool"
+            f"waiting for {len(settling)} stud(ies) to settle" if settling
+            else f"{len(in_flight)} stud(ies) in runs started as they arrived" if in_flight
+            else "no new complete study in the spool"
         )
     return dg.SensorResult(
         run_requests=run_requests,
-        dynamic_partitions_requests=[studies_partitions.build_add_request(new_partitions)] if new_partitions else [],
+        dynamic_partitions_requests=[studies_partitions.build_add_request(fresh + new_partitions)]
+        if fresh or new_partitions else [],
         cursor=json.dumps(cursor),
         skip_reason=skip,
     )

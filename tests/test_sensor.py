@@ -14,12 +14,12 @@ import pytest
 from dagster._core.definitions.sensor_definition import SensorExecutionData  # noqa: F401  (evaluate_tick result type)
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool, study_of_file
+from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool, study_of_file, wait_until_quiet
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
 from sensors import incoming
-from sensors.incoming import BURST_TAG, incoming_studies, production_version
+from sensors.incoming import BURST_TAG, EARLY_TAG, incoming_studies, production_version
 
 
 def _age(root: Path, seconds: float) -> None:
@@ -32,7 +32,10 @@ def _age(root: Path, seconds: float) -> None:
 QUIET_S = 1.0
 
 
-def _tick(instance: dg.DagsterInstance, home: Path, cursor: str | None = None) -> "SensorExecutionData":
+def _tick(instance: dg.DagsterInstance, home: Path, cursor: str | None = None,
+          early_start: bool = False) -> "SensorExecutionData":
+    """One evaluation. early_start off by default: most tests here are about the quiet-period
+    path, which early starts leave to late files and to what a finished early run left."""
     import definitions
 
     with dg.partition_loading_context(dynamic_partitions_store=instance):
@@ -41,7 +44,8 @@ def _tick(instance: dg.DagsterInstance, home: Path, cursor: str | None = None) -
             instance_ref=instance.get_ref(),
             cursor=cursor,
             definitions=definitions.defs,
-            resources={"archive": ArchiveResource(home=str(home), quiet_period_s=QUIET_S), "mlflow": _mlflow(home),
+            resources={"archive": ArchiveResource(home=str(home), quiet_period_s=QUIET_S, early_start=early_start),
+                       "mlflow": _mlflow(home),
                        "nnunet_settings": NnunetResource(workdir=str(home / "nnunet"))},
         )
         return incoming_studies.evaluate_tick(context)  # type: ignore[return-value]
@@ -320,3 +324,140 @@ def test_studies_settling_a_moment_apart_are_one_burst_in_the_same_tick(tmp_path
     assert request.tags[BURST_TAG] and {study_of_file(f) for f in
                                          request.run_config["ops"]["dicom_studies"]["config"]["files"]} == {
         a.study_uid, b.study_uid}
+
+
+def _add_partitions(instance: dg.DagsterInstance, result: "SensorExecutionData") -> None:
+    for req in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys or []))
+
+
+def test_a_new_study_gets_its_run_as_it_arrives(tmp_path: Path, corpus: dict) -> None:
+    """early_start: the first sight of a new study requests its run, with no file list; the
+    run waits for the quiet period itself and ingests. While it runs the study gets no other
+    run; files that come after it ingested go the quiet-period way, as late instances."""
+    from kaapana_assets.lake import Lake
+
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    spool.mkdir(parents=True)
+    study, other = corpus["site-a"][0], corpus["site-b"][0]
+    with dg.instance_for_test() as instance:
+        empty = _tick(instance, home, early_start=True)  # the scan before the study arrives
+        scanned = json.loads(empty.cursor or "{}")["scanned_ns"]
+        for s in (study, other):
+            (spool / s.study_uid[-8:]).mkdir()
+            for f in s.ct_files:
+                shutil.copy(f, spool / s.study_uid[-8:] / f.name)
+        first = _tick(instance, home, empty.cursor, early_start=True)
+        [request] = first.run_requests  # both first seen in this tick: one run over their range
+        assert request.run_key.startswith("early:") and request.tags[EARLY_TAG]  # type: ignore[union-attr]
+        assert request.job_name == "ingest_study"  # no production model
+        config = request.run_config["ops"]["dicom_studies"]["config"]
+        assert config == {"files": [], "await_quiet_s": QUIET_S, "arrived_after_ns": scanned, "warm_imports": []}
+        added = [k for req in first.dynamic_partitions_requests for k in req.partition_keys]  # type: ignore[union-attr]
+        assert added == sorted([study.study_uid, other.study_uid])
+        assert (request.tags[ASSET_PARTITION_RANGE_START_TAG], request.tags[ASSET_PARTITION_RANGE_END_TAG]) == (
+            added[0], added[-1])
+        _add_partitions(instance, first)
+        # Settled, but its run is under way: nothing more.
+        time.sleep(QUIET_S + 0.1)
+        during = _tick(instance, home, first.cursor, early_start=True)
+        assert not during.run_requests and "started as they arrived" in (during.skip_message or "")
+        # The run, as the daemon launches it: it waits (quiet already), ingests both, empties the spool.
+        result = _run_request(instance, home, request)
+        assert result.success
+        assert instance.get_materialized_partitions(dg.AssetKey("dicom_studies")) == set(added)
+        assert set(Lake(home / "lake").read("studies")["study_uid"].to_list()) == set(added)
+        assert not [p for p in spool.rglob("*") if p.is_file()]
+        after = _tick(instance, home, during.cursor, early_start=True)
+        assert not after.run_requests and json.loads(after.cursor or "{}")["early"] == {}
+        # A late instance of a known study: the quiet-period path, with its file list.
+        late = spool / "late.dcm"
+        shutil.copy(study.ct_files[0], late)
+        settling = _tick(instance, home, after.cursor, early_start=True)
+        assert not settling.run_requests and not settling.dynamic_partitions_requests
+        time.sleep(QUIET_S + 0.1)
+        [again] = _tick(instance, home, settling.cursor, early_start=True).run_requests
+        assert again.partition_key == study.study_uid and not again.run_key.startswith("early:")  # type: ignore[union-attr]
+        assert again.run_config["ops"]["dicom_studies"]["config"]["files"] == [str(late)]
+
+
+def test_an_early_run_segments_with_the_predictor_imported_while_it_waits(
+        tmp_path: Path, corpus: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a production model the early run is ingest_and_segment, pins the version and
+    imports the predictor's modules while it waits; its config fits the job."""
+    import definitions
+    from kaapana_assets.segmentation.models import PREDICTION_IMPORTS
+
+    home = tmp_path / "home"
+    (home / "incoming").mkdir(parents=True)
+    study = corpus["site-a"][0]
+    for f in study.ct_files:
+        shutil.copy(f, home / "incoming" / f.name)
+    monkeypatch.setattr(incoming, "production_version", lambda mlflow, nnunet_settings: "3")
+    with dg.instance_for_test() as instance:
+        [request] = _tick(instance, home, early_start=True).run_requests
+    assert (request.job_name, request.partition_key) == ("ingest_and_segment", study.study_uid)
+    ops = request.run_config["ops"]
+    assert ops["dicom_studies"]["config"]["warm_imports"] == list(PREDICTION_IMPORTS)
+    assert ops["dicom_studies"]["config"]["arrived_after_ns"] == 0  # no scan before: counts from first sight
+    assert ops["segmentations"]["config"] == {"model_version": "3"}
+    dg.validate_run_config(definitions.defs.resolve_job_def("ingest_and_segment"), request.run_config)
+
+
+def test_an_early_run_leaves_a_study_still_arriving_to_the_sensor(tmp_path: Path, corpus: dict) -> None:
+    """A study still arriving after max_wait_s: the run succeeds without materializing and
+    leaves every file in the spool (the sensor's quiet-period run takes them)."""
+    home = tmp_path / "home"
+    spool = home / "incoming"
+    spool.mkdir(parents=True)
+    study = corpus["site-a"][0]
+    for f in study.ct_files:
+        shutil.copy(f, spool / f.name)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("studies", [study.study_uid])
+        result = _run_request(instance, home, dg.RunRequest(
+            job_name="ingest_study", partition_key=study.study_uid,
+            run_config={"ops": {"dicom_studies": {"config": {"await_quiet_s": 60.0, "max_wait_s": 0.3}}}}))
+        assert result.success
+        assert not result.asset_materializations_for_node("dicom_studies")
+        assert instance.get_materialized_partitions(dg.AssetKey("dicom_studies")) == set()
+    assert sorted(p.name for p in spool.iterdir()) == sorted(f.name for f in study.ct_files)
+
+
+def test_wait_until_quiet_follows_new_writes(tmp_path: Path, corpus: dict) -> None:
+    """The run's wait ends one quiet period after the study's last write — a file written
+    during the wait postpones it — and only the awaited studies count."""
+    import threading
+
+    spool = tmp_path / "incoming"
+    spool.mkdir()
+    a, b = corpus["site-a"][0], corpus["site-b"][0]
+    before = time.time_ns()
+    for f in a.ct_files[:-1]:
+        shutil.copy(f, spool / f.name)
+    late = threading.Timer(0.4, lambda: shutil.copy(a.ct_files[-1], spool / a.ct_files[-1].name))
+    late.start()
+    # b keeps changing throughout: not awaited, so it holds nothing up.
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        while not stop.wait(0.1):
+            shutil.copy(b.ct_files[0], spool / "b.dcm")
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        start = time.monotonic()
+        files = wait_until_quiet(spool, [a.study_uid], quiet_period_s=0.8, max_wait_s=30, arrived_after_ns=before)
+        waited = time.monotonic() - start
+    finally:
+        stop.set()
+        writer.join()
+        late.join()
+    assert files is not None and sorted(Path(f).name for f in files[a.study_uid]) == sorted(
+        f.name for f in a.ct_files)
+    assert waited >= 0.4 + 0.8 - 0.05  # the last write, then the quiet period
+    # Never quiet within max_wait_s: None.
+    shutil.copy(b.ct_files[0], spool / "b.dcm")
+    assert wait_until_quiet(spool, [b.study_uid], quiet_period_s=5, max_wait_s=0.2) is None

@@ -146,8 +146,8 @@ def test_the_preload_leaves_cuda_alone() -> None:
     """What kaapana-superexec imports must not initialise CUDA: a forked child could not
     use the GPU (checked in a fresh interpreter, as the SuperExec starts)."""
     code = ("import os; os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = '1'\n"
-            "from kaapana_assets.federated.warm_superexec import fork_unsafe_reason, preload\n"
-            "assert preload() == [], preload()\n"
+            "from kaapana_assets.federated.warm_superexec import SITE_STACK, fork_unsafe_reason, preload\n"
+            "assert preload(SITE_STACK) == [], preload(SITE_STACK)\n"
             "import torch; torch.cuda.is_available()\n"
             "print(fork_unsafe_reason())")
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)

@@ -27,16 +27,17 @@ Run it beside a SuperNode started with `--isolation process` (see superlink.py).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
 import sys
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND, ExecutorType, TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, SubprocessExecutor
+
+from kaapana_assets.preload import preload
 
 # What a site's ClientApp imports for a training or evaluation message (and the bench's
 # direct reference imports before its timer: kept the same list).
@@ -55,18 +56,6 @@ SITE_STACK: tuple[str, ...] = (
     "nnunetv2.inference.predict_from_raw_data",
     "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
 )
-
-
-def preload(modules: Iterable[str] = SITE_STACK) -> list[str]:
-    """Import what a ClientApp will need; returns the modules that failed (a ClientApp
-    that needs one of them fails with the real error when it imports it itself)."""
-    failed = []
-    for name in modules:
-        try:
-            importlib.import_module(name)
-        except Exception:  # noqa: BLE001 - reported, not fatal: the child imports it again
-            failed.append(name)
-    return failed
 
 
 def clientapp_arguments(spec: ExecutionSpec) -> list[str]:
@@ -200,7 +189,7 @@ def main() -> None:
     # torch.cuda.is_available() (if anything asks during the imports) then asks NVML and
     # leaves CUDA uninitialised, so children can still use the GPU.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    failed = preload()
+    failed = preload(SITE_STACK)
     if failed:
         print(f"kaapana-superexec: could not preload {', '.join(failed)}; ClientApps import them themselves",
               file=sys.stderr, flush=True)

@@ -2,13 +2,15 @@
 
 
 import json
+import time
+from collections.abc import Iterator
 
 import dagster as dg
 from pydantic import Field
 
 from kaapana_assets.ingest.partitions import studies_partitions
 from kaapana_assets.ingest.pipeline import IngestReport, ingest_files
-from kaapana_assets.ingest.spool import find_study_files
+from kaapana_assets.ingest.spool import find_study_files, wait_until_quiet
 from kaapana_assets.ingest.study import (
     combined_version,
     middle_slice_png,
@@ -17,6 +19,7 @@ from kaapana_assets.ingest.study import (
     summarize_study,
 )
 from kaapana_assets.metadata_table import columns, table
+from kaapana_assets.preload import warm_in_background
 from kaapana_assets.progress import Progress, throttled
 from resources.storage import ArchiveResource, LakeResource
 
@@ -34,6 +37,25 @@ class IngestConfig(dg.Config):
     files: list[str] = Field(
         default_factory=list,
         description="Spool files to ingest (the sensor passes them); empty: find the study's files in the spool",
+    )
+    await_quiet_s: float = Field(
+        default=0.0,
+        description="Wait, before ingesting, until the studies' spool files have been unchanged this long. The "
+        "incoming sensor sets it (the quiet period) when it starts a run as a study begins to arrive, so that the "
+        "run's start-up overlaps the quiet period. 0: ingest at once",
+    )
+    arrived_after_ns: int = Field(
+        default=0, description="The sensor's scan before the one that first saw the studies (ns since the epoch)",
+    )
+    max_wait_s: float = Field(
+        default=600.0,
+        description="A study still arriving after this long is left to the sensor's next run (this one materializes "
+        "nothing)",
+    )
+    warm_imports: list[str] = Field(
+        default_factory=list,
+        description="Modules the rest of the run needs (e.g. the predictor's), imported in the background while the "
+        "run waits; `module:function` also calls that function (a first-use cost, e.g. a table loaded once)",
     )
 
 
@@ -70,15 +92,36 @@ STUDIES_PER_RUN = 10
     backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=STUDIES_PER_RUN),
     group_name="ingest",
     kinds={"dicom", "deltalake"},
+    # A run started while its studies arrive materializes nothing if they are still arriving
+    # at max_wait_s: the sensor's quiet-period run takes them over (segmentations is skipped).
+    output_required=False,
     description="A DICOM study: validated, archived and indexed in the instances/series/studies Delta tables.",
 )
 def dicom_studies(
     context: dg.AssetExecutionContext, config: IngestConfig, lake: LakeResource, archive: ArchiveResource
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult]:
     study_uids = list(context.partition_keys)
-    the_lake = lake.lake()
-    files = config.files or [f for study_uid in study_uids for f in find_study_files(archive.spool, study_uid)]
     label = study_uids[0] if len(study_uids) == 1 else f"{len(study_uids)} studies"
+    if config.await_quiet_s > 0 and not config.files:
+        warm_in_background(config.warm_imports)
+        started = time.monotonic()
+        settled = wait_until_quiet(archive.spool, study_uids, config.await_quiet_s, config.max_wait_s,
+                                   config.arrived_after_ns or None)
+        if settled is None:
+            context.log.warning(f"{label}: still arriving after {config.max_wait_s:.0f} s; the incoming sensor "
+                                "requests a run once the files are quiet")
+            return
+        files = [f for study_files in settled.values() for f in study_files]
+        context.log.info(f"{label}: quiet for {config.await_quiet_s:g} s after {time.monotonic() - started:.1f} s "
+                         "of waiting")
+    else:
+        files = config.files or [f for study_uid in study_uids for f in find_study_files(archive.spool, study_uid)]
+    yield from _ingest(context, study_uids, label, files, lake, archive)
+
+
+def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str, files: list[str],
+            lake: LakeResource, archive: ArchiveResource) -> Iterator[dg.MaterializeResult]:
+    the_lake = lake.lake()
     context.log.info(f"{label}: {len(files)} spool file(s)")
     # One ingest for the whole run: its commits are per batch of files, not per study.
     report = ingest_files(
@@ -99,7 +142,7 @@ def dicom_studies(
         )
     indexed = [summary for summary in summaries.values() if summary is not None]
     if len(indexed) > 1:
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
             metadata={
                 "studies": table([{"study_uid": s.study_uid, "patient_id": s.patient_id or "",
                                    "instances": s.instance_count, "series_count": len(s.series),
@@ -110,6 +153,7 @@ def dicom_studies(
             },
             data_version=dg.DataVersion(combined_version([s.data_version for s in indexed])),
         )
+        return
     summary = indexed[0]
     study_uid = summary.study_uid
     metadata: dict[str, dg.MetadataValue] = {
@@ -124,7 +168,7 @@ def dicom_studies(
     png = middle_slice_png(preview_series_paths(the_lake, archive.kaapana_home().archive, summary))
     if png:
         metadata["preview"] = dg.MetadataValue.md(png_markdown(png, f"middle slice of {study_uid}"))
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(summary.data_version))
+    yield dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(summary.data_version))
 
 
 class QuarantineConfig(dg.Config):

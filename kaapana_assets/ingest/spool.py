@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,3 +136,36 @@ def plan_spool(
 def find_study_files(root: Path, study_uid: str) -> list[str]:
     """All spool files of one study (for a run started without a file list, e.g. from the UI)."""
     return [f.path for f in scan_spool(root) if study_of_file(f.path) == study_uid]
+
+
+def wait_until_quiet(
+    root: Path,
+    study_uids: Iterable[str],
+    quiet_period_s: float,
+    max_wait_s: float,
+    arrived_after_ns: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, list[str]] | None:
+    """Block until none of the studies' spool files has changed for the quiet period (the
+    same rule as the sensor's plan_spool); their files, per study, or None once `max_wait_s`
+    passes first. A run started while its studies still arrive calls this, so that its
+    start-up overlaps the quiet period instead of following it.
+
+    `arrived_after_ns`: the scan before the one that first saw the studies. A file written
+    since counts from its mtime; an older mtime (`cp -p`) counts from this function's first
+    scan, as plan_spool does. A study with no file left (ingested meanwhile) is quiet."""
+    wanted = list(dict.fromkeys(study_uids))
+    known: Mapping[str, tuple[int, int, str, int]] = {}
+    previous, deadline = arrived_after_ns, time.monotonic() + max_wait_s
+    while True:
+        now = time.time_ns()
+        plan = plan_spool(scan_spool(root), known, now, quiet_period_s, previous)
+        known, previous = plan.studies_of, now
+        settling = [plan.settles_in_s[s] for s in wanted if s in plan.waiting]
+        if not settling:
+            return {s: plan.ready.get(s, []) for s in wanted}
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        # Until the last of them settles, unless a new write postpones it: the next scan tells.
+        sleep(min(max(max(settling), 0.01), left) + 0.01)

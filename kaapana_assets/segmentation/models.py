@@ -16,6 +16,21 @@ from typing import Any
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.tracking import PRODUCTION, Tracking, code_version
 
+# What segmenting a study first imports and loads (preload.preload's names): a run that will
+# segment does this while it waits for its studies (the ingest step's warm_imports).
+PREDICTION_IMPORTS: tuple[str, ...] = (
+    "torch",  # with nnU-Net's predictor, ≈2.5 s on this machine's cores
+    "batchgenerators.utilities.file_and_folder_operations",
+    "nnunetv2.inference.predict_from_raw_data",
+    "nnunetv2.utilities.get_network_from_plans",
+    "nnunetv2.utilities.label_handling.label_handling",
+    "nnunetv2.utilities.plans_handling.plans_handler",
+    "SimpleITK",
+    # The standard's module tables, which highdicom loads (0.5 s of JSON) the first time it
+    # assembles a volume or writes a SEG in a process, then caches.
+    "highdicom._standard_utils:get_module_attribute_map",
+)
+
 
 class NoProductionModel(LookupError):
     pass
