@@ -105,6 +105,8 @@ def dicom_studies(
     if config.await_quiet_s > 0 and not config.files:
         warm_in_background(config.warm_imports)
         started = time.monotonic()
+        context.log.info(f"{label}: arriving; ingesting once the files have been unchanged for "
+                         f"{config.await_quiet_s:g} s (at most {config.max_wait_s:g} s of waiting)")
         settled = wait_until_quiet(archive.spool, study_uids, config.await_quiet_s, config.max_wait_s,
                                    config.arrived_after_ns or None)
         if settled is None:
