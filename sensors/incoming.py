@@ -82,8 +82,9 @@ def production_version(mlflow: MlflowResource, nnunet_settings: NnunetResource) 
     jobs=[ingest_and_segment_job, ingest_study_job, quarantine_job],
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Watches the spool; once a study's files are quiet, requests one run that ingests it and, "
-    "while a production model exists, segments it (studies that settle together: one run over their range).",
+    description="Watches the spool; requests a new study's run as it arrives — the run waits until the files are "
+    "quiet, then ingests the study and, while a production model exists, segments it (studies seen together: one "
+    "run over their range). Late files of a known study get a run once quiet.",
 )
 def incoming_studies(
     context: dg.SensorEvaluationContext, archive: ArchiveResource, mlflow: MlflowResource,
