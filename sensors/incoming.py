@@ -49,10 +49,10 @@ def _burst_id(digests: list[str]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()[:16]
 
 
-def _failed_for_good(instance: dg.DagsterInstance, burst: str, tag: str = BURST_TAG) -> bool | None:
-    """None while the run tagged `tag: burst` (or its retry) may still succeed; else whether it
-    failed."""
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={tag: burst}), limit=1)  # newest: a retry
+def _failed_for_good(instance: dg.DagsterInstance, run_id: str, tag: str = BURST_TAG) -> bool | None:
+    """None while the run tagged `tag: run_id` (or its retry) may still succeed; else whether
+    it failed."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={tag: run_id}), limit=1)  # newest: a retry
     if not runs:
         return None
     run = runs[0]
@@ -147,8 +147,8 @@ def incoming_studies(
         except Exception as exc:  # noqa: BLE001  MLflow unreachable: ingest now, the automation segments later
             context.log.warning(f"production model unknown ({exc!r}): ingesting without segmenting")
 
-    def run_config(files: list[str]) -> dict:
-        ops: dict = {"dicom_studies": {"config": {"files": files}}}
+    def run_config(files: list[str], **ingest: object) -> dict:
+        ops: dict = {"dicom_studies": {"config": {"files": files, **ingest}}}
         if model_version is not None:
             # The version seen now: the run loads it from the site's model cache without
             # opening the registry again, and its config records which model segmented.
@@ -169,10 +169,8 @@ def incoming_studies(
     for start in range(0, len(fresh), STUDIES_PER_RUN):
         chunk = fresh[start:start + STUDIES_PER_RUN]
         tag = _burst_id([f"{s}@{now_ns}" for s in chunk])
-        ingest = {"await_quiet_s": archive.quiet_period_s, "arrived_after_ns": previous_scan_ns or 0,
-                  "warm_imports": list(PREDICTION_IMPORTS) if model_version is not None else []}
-        config = run_config([])
-        config["ops"]["dicom_studies"]["config"].update(ingest)
+        config = run_config([], await_quiet_s=archive.quiet_period_s, arrived_after_ns=previous_scan_ns or 0,
+                            warm_imports=list(PREDICTION_IMPORTS) if model_version is not None else [])
         tags = {EARLY_TAG: tag, "kaapana/studies": str(len(chunk))}
         if len(chunk) > 1:
             tags |= {ASSET_PARTITION_RANGE_START_TAG: chunk[0], ASSET_PARTITION_RANGE_END_TAG: chunk[-1]}

@@ -23,7 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
-from kaapana_assets.ingest.spool import plan_spool, scan_spool
+from kaapana_assets.ingest.spool import plan_spool, scan_spool, wait_until_quiet
 from kaapana_assets.lake import Lake
 
 # slow tier (`make test-all`): receiver, storescp and Orthanc processes; the encoders and the
@@ -193,6 +193,7 @@ def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: d
     from kaapana_assets.synthetic.transcode import BY_NAME, transcode
 
     study = corpus["site-a"][0]
+    scanned_ns = time.time_ns()  # the incoming sensor's scan before the study arrived
     encodings = list(STORESCU_PROPOSE)
     by_encoding: dict[str, list[Path]] = {e: [] for e in encodings}
     for i, f in enumerate(study.ct_files):
@@ -216,6 +217,10 @@ def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: d
         assert _dataset_bytes(stored) == _dataset_bytes(original)  # byte for byte
         syntaxes.add(str(syntax))
     assert syntaxes == {BY_NAME[e].transfer_syntax for e in encodings} | {ExplicitVRLittleEndian}
+    # What a run started as the study arrived would ingest: every file the receiver wrote.
+    settled = wait_until_quiet(receiver.home / "incoming", [study.study_uid], quiet_period_s=0.5, max_wait_s=30,
+                               arrived_after_ns=scanned_ns)
+    assert settled is not None and sorted(settled[study.study_uid]) == sorted(map(str, received))
     report = ingest_files(received, IngestTargets.for_home(KaapanaHome(receiver.home)))
     assert report.summary()["indexed"] == len(sent_files), report.summary()
     assert "refused" not in receiver.log()

@@ -462,3 +462,52 @@ def test_wait_until_quiet_follows_new_writes(tmp_path: Path, corpus: dict) -> No
     # Never quiet within max_wait_s: None.
     shutil.copy(b.ct_files[0], spool / "b.dcm")
     assert wait_until_quiet(spool, [b.study_uid], quiet_period_s=5, max_wait_s=0.2) is None
+
+
+def test_an_early_run_finds_its_study_in_every_encoding_among_foreign_and_broken_files(
+        tmp_path: Path, encoded_corpus) -> None:  # type: ignore[no-untyped-def]
+    """The early run's wait groups the spool by study with the ingest's own header check: a
+    study sent in every transfer syntax (implicit VR, big endian, deflate, JPEG family, RLE,
+    JPEG 2000, HTJ2K) is found — except files no installed codec reads (12-bit JPEG
+    Extended) — and pydicom's shipped files (another writer) form their own studies. Those
+    undecodable files and mutated ones (header cut, pixel data cut, garbage) never join a
+    run's study: they are the sensor's unreadable group, quarantined with their reason."""
+    import pydicom.data
+
+    from kaapana_assets.ingest.headers import Rejected, parse_header
+
+    spool = tmp_path / "incoming"
+    sent: dict[str, list[str]] = {}
+    for name, files in encoded_corpus.series.items():
+        (spool / name).mkdir(parents=True)
+        sent[name] = [str(shutil.copy(f, spool / name / f.name)) for f in files]
+    pydicom_data = Path(pydicom.data.__file__).parent / "test_files"
+    foreign = {name: str(pydicom.dcmread(pydicom_data / name, stop_before_pixels=True).StudyInstanceUID)
+               for name in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm")}
+    for name in foreign:
+        shutil.copy(pydicom_data / name, spool / name)
+    sample = encoded_corpus.series["jpeg2000_lossless"][0].read_bytes()
+    mutated = {"pixels-cut.dcm": sample[: len(sample) - 200], "header-cut.dcm": sample[:200],
+               "garbage.dcm": os.urandom(4096)}
+    for name, data in mutated.items():
+        (spool / name).write_bytes(data)
+
+    def rejected(path: str) -> bool:
+        try:
+            parse_header(Path(path).read_bytes())
+            return False
+        except Rejected:
+            return True
+
+    undecodable = sorted(f for files in sent.values() for f in files if rejected(f))
+    assert {Path(f).parent.name for f in undecodable} <= {"jpeg_extended"}  # the codec we lack, nothing else
+    files = wait_until_quiet(spool, [encoded_corpus.study.study_uid, *foreign.values()], quiet_period_s=0.2,
+                             max_wait_s=30)
+    assert files is not None
+    study = files[encoded_corpus.study.study_uid]
+    assert sorted(study) == sorted(f for fs in sent.values() for f in fs if f not in undecodable)
+    assert {Path(f).parent.name for f in study} >= {"implicit_le", "explicit_be", "deflated", "jpeg_lossless",
+                                                    "jpeg_ls_lossless", "rle", "jpeg2000", "htj2k_lossless"}
+    assert all(files[uid] == [str(spool / name)] for name, uid in foreign.items())
+    plan = plan_spool(scan_spool(spool), {}, time.time_ns() + 10**9, 0.2, time.time_ns() - 60 * 10**9)
+    assert sorted(plan.unreadable) == sorted([*undecodable, *(str(spool / name) for name in mutated)])

@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +144,6 @@ def wait_until_quiet(
     quiet_period_s: float,
     max_wait_s: float,
     arrived_after_ns: int | None = None,
-    sleep: Callable[[float], None] = time.sleep,
 ) -> dict[str, list[str]] | None:
     """Block until none of the studies' spool files has changed for the quiet period (the
     same rule as the sensor's plan_spool); their files, per study, or None once `max_wait_s`
@@ -168,4 +167,4 @@ def wait_until_quiet(
         if left <= 0:
             return None
         # Until the last of them settles, unless a new write postpones it: the next scan tells.
-        sleep(min(max(max(settling), 0.01), left) + 0.01)
+        time.sleep(min(max(max(settling), 0.01), left) + 0.01)
