@@ -61,7 +61,9 @@ class FederationResource(dg.ConfigurableResource):
     labels: list[str] = Field(default_factory=lambda: ["liver"], description="Labels every site must provide")
     rounds: int = Field(default=3, description="Rounds of an experiment")
     min_sites: int = Field(default=2, description="Quorum: updates a round needs to aggregate")
-    strategy: str = Field(default="fedavg", description="Flower strategy: fedavg, fedprox, median or trimmed_mean")
+    strategy: str = Field(default="fedavg", description="Flower strategy: fedavg, fedavgm, fedprox, median or "
+                          "trimmed_mean")
+    server_momentum: float = Field(default=0.9, description="FedAvgM: the hub's momentum over rounds (0 < m < 1)")
     proximal_mu: float = Field(default=0.0, description="FedProx: weight of the proximal term in local training")
     schedule: str = Field(default="", description="Local training preset (full, short, tiny); empty: short")
     local_epochs: int | None = Field(default=None, description="Local epochs per round (overrides the preset)")

@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 import pytest
+import torch
 
 from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
@@ -205,11 +206,12 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
     """Quorum 2 of 3. site-c goes away while it trains: round 1 completes with site-a and
     site-b. With site-b gone as well, round 2 fails cleanly (nothing aggregated, no global
     model). Both come back: the retry of round 2 aggregates all three. This experiment
-    also runs with local differential privacy on (clipping, and noise too small to matter)."""
+    also runs with local differential privacy on (clipping, and noise too small to matter),
+    and with FedAvgM, whose server momentum the hub keeps from round 1 for the retried round 2."""
     import threading
 
     resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, dp_clipping_norm=50.0,
-                                                   dp_epsilon=1e6))
+                                                   dp_epsilon=1e6, strategy="fedavgm", server_momentum=0.5))
     store = federation.hub_store
     sites = {s.name: s for s in federation.local_sites()}
     with dg.instance_for_test() as instance:
@@ -226,18 +228,22 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         first = dict(zip(rows.filter(pl.col("round") == 1)["site"], rows.filter(pl.col("round") == 1)["status"],
                          strict=True))
         assert first == {"site-a": "aggregated", "site-b": "aggregated", "site-c": "failed", "global": "global"}
+        assert set(rows["strategy"]) == {"fedavgm"}
+        momentum = store.read_momentum("faults", 1)  # round 1's mean update, as FedAvgM starts it
+        start, global_1 = store.read_global("faults", 0), store.read_global("faults", 1)
+        assert all(torch.allclose(momentum[k], start[k] - global_1[k], atol=1e-6) for k in start)
 
         flower.stop_site("site-b")
         result = _materialize([federated_plan, federated_rounds], "faults|2", instance, resources, raise_on_error=False)
         assert not result.success
         assert "1 of 3 site updates arrived, 2 needed" in _failure(result) and "nothing aggregated" in _failure(result)
-        assert not store.has_global("faults", 2)
+        assert not store.has_global("faults", 2) and not store.momentum_path("faults", 2).exists()
 
         flower.start_site(sites["site-b"])
         flower.start_site(sites["site-c"])
         flower.wait_connected(3)
         _materialize([federated_plan, federated_rounds], "faults|2", instance, resources)
-        assert store.has_global("faults", 2)
+        assert store.has_global("faults", 2) and store.momentum_path("faults", 2).exists()
         rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
         assert set(rows.filter((pl.col("round") == 2) & (pl.col("status") == "aggregated"))["site"]) == set(SITES)
         beyond = _materialize([federated_plan, federated_rounds], "faults|3", instance, resources, raise_on_error=False)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
-from kaapana_assets.federated.aggregation import QuorumNotMet, aggregate, require_quorum
+from kaapana_assets.federated.aggregation import QuorumNotMet, aggregate, aggregate_round, require_quorum
 from kaapana_assets.federated.channel import (
     ALIASES,
     ARRAYS,
@@ -206,6 +206,37 @@ def test_flower_strategies_aggregate_as_their_definitions_say() -> None:
         aggregate([_reply(a)], 1, "krum")
     with pytest.raises(ValueError, match="lacks"):
         aggregate([_reply(a)], 1, "fedavg", reference={**start, "extra": torch.zeros(1)})
+
+
+def test_fedavgm_carries_the_server_momentum_from_round_to_round(tmp_path: Path) -> None:
+    """FedAvgM (Hsu et al. 2019, Flower's implementation): v_r = m·v_{r-1} + (w_{r-1} − mean_r),
+    w_r = w_{r-1} − v_r. The momentum lives one round in Flower's strategy; the hub hands it in."""
+    start = _weights(0.0)
+    first = aggregate_round([_reply(_update("site-a", value=2.0)), _reply(_update("site-b", value=4.0))], 1, "fedavgm",
+                            reference=start, server_momentum=0.5)
+    assert torch.allclose(first.weights["conv.weight"], torch.full((2, 3), 3.0))  # no momentum yet: FedAvg
+    assert first.momentum is not None and set(first.momentum) == set(start)
+    assert torch.allclose(first.momentum["conv.weight"], torch.full((2, 3), -3.0))
+    second = aggregate_round([_reply(_update("site-a", value=4.0, round_=2)), _reply(_update("site-b", value=4.0,
+                                                                                           round_=2))],
+                             2, "fedavgm", reference=first.weights, server_momentum=0.5, momentum=first.momentum)
+    # v = 0.5·(−3) + (3 − 4) = −2.5 → w = 3 + 2.5
+    assert torch.allclose(second.weights["conv.weight"], torch.full((2, 3), 5.5))
+    assert second.momentum is not None and torch.allclose(second.momentum["conv.bias"], torch.full((3,), -2.5))
+    store = FederationStore(tmp_path)  # the hub keeps it beside the round's global model
+    store.write_momentum("exp1", 2, second.momentum)
+    assert all(torch.equal(store.read_momentum("exp1", 2)[k], v) for k, v in second.momentum.items())
+    with pytest.raises(FileNotFoundError, match="not aggregated with fedavgm"):
+        store.read_momentum("exp1", 1)
+    assert aggregate_round([_reply(_update("site-a"))], 1, "fedavg", reference=start).momentum is None
+    with pytest.raises(ValueError, match="needs the global model"):
+        aggregate_round([_reply(_update("site-a"))], 1, "fedavgm", server_momentum=0.5)
+    with pytest.raises(ValueError, match="does not fit"):
+        aggregate_round([_reply(_update("site-a"))], 2, "fedavgm", reference=start, server_momentum=0.5,
+                        momentum={"conv.weight": torch.zeros(2, 3)})
+    with pytest.raises(ValueError, match=r"server momentum in \(0, 1\)"):
+        ExperimentSpec(experiment="e", cohort="c", labels=["liver"], rounds=1, min_sites=1, strategy="fedavgm",
+                       schedule={})
 
 
 def test_quorum() -> None:

@@ -132,7 +132,8 @@ def _spec(experiment: str, federation: FederationResource) -> "ExperimentSpec":
     return ExperimentSpec(experiment=experiment, cohort=federation.cohort, labels=list(federation.labels),
                           rounds=federation.rounds, min_sites=federation.min_sites, strategy=federation.strategy,
                           schedule=dict(federation.training_schedule().__dict__), seed=federation.seed,
-                          privacy=federation.privacy())
+                          privacy=federation.privacy(),
+                          server_momentum=federation.server_momentum if federation.strategy == "fedavgm" else 0.0)
 
 
 def _flower_step(federation: FederationResource, step: str, experiment: str, round_: int,
@@ -184,6 +185,7 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
                                                      "dagster.run_id": context.run.run_id}) as run:
         mlflow_api.log_params({"cohort": spec.cohort, "sites": ",".join(participants), "rounds": spec.rounds,
                                "min_sites": spec.min_sites, "strategy": spec.strategy, "plan_sha256": plan.digest,
+                               **({"server_momentum": spec.server_momentum} if spec.strategy == "fedavgm" else {}),
                                "transport": "flower", "superlink": federation.superlink,
                                **{f"dp.{k}": v for k, v in spec.privacy.items()},
                                "cases": sum(plan.cases.values()), "patch_size": plan.patch_size,

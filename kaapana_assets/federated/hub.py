@@ -17,7 +17,7 @@ from typing import Protocol
 import torch
 from flwr.app import Message
 
-from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, aggregate, require_quorum
+from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, aggregate_round, require_quorum
 from kaapana_assets.federated.channel import RejectionReason, metric_name
 from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fingerprints, plan_at_hub
 from kaapana_assets.federated.store import FederationStore, checked_name
@@ -55,11 +55,14 @@ class ExperimentSpec:
     schedule: dict
     seed: int = 0
     privacy: dict = field(default_factory=dict)  # Privacy's fields; empty: off
+    server_momentum: float = 0.0  # fedavgm: the hub's momentum over the rounds' mean updates
 
     def __post_init__(self) -> None:
         checked_name("experiment", self.experiment)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
+        if self.strategy == "fedavgm" and not 0 < self.server_momentum < 1:
+            raise ValueError(f"fedavgm needs a server momentum in (0, 1), not {self.server_momentum}")
         if self.rounds < 1 or self.min_sites < 1:
             raise ValueError("rounds and min_sites must be at least 1")
         Privacy(**self.privacy)  # unknown fields fail here, not at the sites
@@ -225,8 +228,15 @@ def run_round(store: FederationStore, spec: ExperimentSpec, round_: int, partici
     except QuorumNotMet as exc:
         raise RoundFailed(str(exc), with_digests(rows)) from None
     mu = float(spec.schedule.get("proximal_mu") or 0.0)
-    weights = aggregate([u.message for u in updates if u.message is not None], round_, spec.strategy, mu, start)
+    momentum = None
+    if spec.strategy == "fedavgm" and round_ > 1:
+        momentum = store.read_momentum(spec.experiment, round_ - 1)
+    result = aggregate_round([u.message for u in updates if u.message is not None], round_, spec.strategy, mu, start,
+                             spec.server_momentum, momentum)
+    weights = result.weights
     global_sha = weights_digest(weights)
+    if result.momentum is not None:  # before global r: a resumed round r + 1 finds it
+        store.write_momentum(spec.experiment, round_, result.momentum)
     store.write_global(spec.experiment, round_, weights)
     log(f"round {round_}: {spec.strategy} over {', '.join(u.site for u in updates)} "
         f"({sum(u.cases for u in updates)} cases) → global {global_sha[:12]}")

@@ -72,6 +72,26 @@ class FederationStore:
     def has_global(self, experiment: str, round_: int) -> bool:
         return self.global_path(experiment, round_).exists()
 
+    def momentum_path(self, experiment: str, round_: int) -> Path:
+        return self.experiment_dir(experiment) / "global" / f"momentum-{round_:04d}.safetensors"
+
+    def write_momentum(self, experiment: str, round_: int, momentum: dict[str, torch.Tensor]) -> Path:
+        """FedAvgM's server momentum after round r: hub state, never sent to a site."""
+        from safetensors.torch import save
+
+        path = self.momentum_path(experiment, round_)
+        write_atomically(path, save({k: v.detach().cpu().clone().contiguous() for k, v in momentum.items()}))
+        return path
+
+    def read_momentum(self, experiment: str, round_: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load
+
+        path = self.momentum_path(experiment, round_)
+        if not path.exists():
+            raise FileNotFoundError(f"no server momentum for {experiment} round {round_}: the round was not "
+                                    "aggregated with fedavgm")
+        return load(path.read_bytes())
+
     # -- what a site will send (site side) and what the hub received (hub side) ---------------
     def message_path(self, experiment: str, round_: int, kind: str, site: str, box: str = "outbox") -> Path:
         if box not in {"outbox", "received"}:
