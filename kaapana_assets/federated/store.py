@@ -18,6 +18,22 @@ from kaapana_assets.files import write_atomically
 if TYPE_CHECKING:  # torch loads where weights are read or written, not in every run of the code location
     import torch
 
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    from safetensors.torch import save
+
+    # state dicts alias tensors (decoder.encoder.* is encoder.*): clone so each key is saved
+    write_atomically(path, save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}))
+    return path
+
+
+def _read_tensors(path: Path, missing: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    if not path.exists():
+        raise FileNotFoundError(missing)
+    return load(path.read_bytes())
+
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -51,23 +67,12 @@ class FederationStore:
         return self.experiment_dir(experiment) / "global" / f"round-{round_:04d}.safetensors"
 
     def write_global(self, experiment: str, round_: int, weights: dict[str, torch.Tensor]) -> Path:
-        from safetensors.torch import save
-
-        path = self.global_path(experiment, round_)
-        # state dicts alias tensors (decoder.encoder.* is encoder.*): clone so each key is saved
-        write_atomically(path, save({k: v.detach().cpu().clone().contiguous() for k, v in weights.items()}))
-        return path
+        return _write_tensors(self.global_path(experiment, round_), weights)
 
     def read_global(self, experiment: str, round_: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load
-
-        path = self.global_path(experiment, round_)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"no global model for {experiment} round {round_}: "
-                + ("materialize federated_plan first" if round_ == 0 else f"round {round_} has not completed")
-            )
-        return load(path.read_bytes())
+        return _read_tensors(self.global_path(experiment, round_), f"no global model for {experiment} round {round_}: "
+                             + ("materialize federated_plan first" if round_ == 0
+                                else f"round {round_} has not completed"))
 
     def has_global(self, experiment: str, round_: int) -> bool:
         return self.global_path(experiment, round_).exists()
@@ -77,20 +82,11 @@ class FederationStore:
 
     def write_momentum(self, experiment: str, round_: int, momentum: dict[str, torch.Tensor]) -> Path:
         """FedAvgM's server momentum after round r: hub state, never sent to a site."""
-        from safetensors.torch import save
-
-        path = self.momentum_path(experiment, round_)
-        write_atomically(path, save({k: v.detach().cpu().clone().contiguous() for k, v in momentum.items()}))
-        return path
+        return _write_tensors(self.momentum_path(experiment, round_), momentum)
 
     def read_momentum(self, experiment: str, round_: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load
-
-        path = self.momentum_path(experiment, round_)
-        if not path.exists():
-            raise FileNotFoundError(f"no server momentum for {experiment} round {round_}: the round was not "
-                                    "aggregated with fedavgm")
-        return load(path.read_bytes())
+        return _read_tensors(self.momentum_path(experiment, round_), f"no server momentum for {experiment} round "
+                             f"{round_}: the round was not aggregated with fedavgm")
 
     # -- what a site will send (site side) and what the hub received (hub side) ---------------
     def message_path(self, experiment: str, round_: int, kind: str, site: str, box: str = "outbox") -> Path:
