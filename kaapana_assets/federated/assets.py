@@ -269,6 +269,8 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
             "round": round_,
             "aggregated_sites": dg.MetadataValue.json(outcome.aggregated),
             "rejected_sites": dg.MetadataValue.json(outcome.rejected),
+            "strategy": dg.MetadataValue.json({"name": spec.strategy, **(
+                {"server_momentum": spec.server_momentum} if spec.strategy == "fedavgm" else {})}),
             "differential_privacy": dg.MetadataValue.json(spec.privacy or {"enabled": False}),
             f"global_{main}": dg.MetadataValue.float(float(outcome.metrics.get(main, float("nan")))),
             "sites": _round_table(outcome.rows),
