@@ -224,7 +224,7 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         lost.join()
         privacy = _metadata(first_round)["differential_privacy"]
         assert privacy["clipping_norm"] == 50.0 and privacy["epsilon"] == 1e6
-        assert _metadata(first_round)["strategy"] == {"name": "fedavgm", "server_momentum": 0.5}
+        assert _metadata(first_round)["aggregation"] == {"strategy": "fedavgm", "server_momentum": 0.5}
         rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
         first = dict(zip(rows.filter(pl.col("round") == 1)["site"], rows.filter(pl.col("round") == 1)["status"],
                          strict=True))

@@ -237,6 +237,9 @@ def test_fedavgm_carries_the_server_momentum_from_round_to_round(tmp_path: Path)
     with pytest.raises(ValueError, match=r"server momentum in \(0, 1\)"):
         ExperimentSpec(experiment="e", cohort="c", labels=["liver"], rounds=1, min_sites=1, strategy="fedavgm",
                        schedule={})
+    with pytest.raises(ValueError, match="server momentum is fedavgm's"):
+        ExperimentSpec(experiment="e", cohort="c", labels=["liver"], rounds=1, min_sites=1, strategy="fedavg",
+                       schedule={}, server_momentum=0.5)
 
 
 def test_quorum() -> None:

@@ -75,8 +75,9 @@ def aggregate_round(replies: Sequence[Message], round_: int, strategy: str, prox
     if not replies:
         raise ValueError("no updates to aggregate")
     flower = flower_strategy(strategy, proximal_mu, server_momentum=server_momentum)
-    names = list(replies[0].content[ARRAYS].keys())  # FedAvgM pairs arrays by position
+    names: list[str] = []
     if isinstance(flower, FedAvgM):
+        names = list(replies[0].content[ARRAYS].keys())  # FedAvgM pairs arrays by position
         if reference is None:
             raise ValueError("fedavgm needs the global model the round started from")
         if server_momentum <= 0:

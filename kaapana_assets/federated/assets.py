@@ -184,8 +184,7 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
                                                      "kaapana.role": "experiment", "kaapana.cohort": spec.cohort,
                                                      "dagster.run_id": context.run.run_id}) as run:
         mlflow_api.log_params({"cohort": spec.cohort, "sites": ",".join(participants), "rounds": spec.rounds,
-                               "min_sites": spec.min_sites, "strategy": spec.strategy, "plan_sha256": plan.digest,
-                               **({"server_momentum": spec.server_momentum} if spec.strategy == "fedavgm" else {}),
+                               "min_sites": spec.min_sites, **spec.aggregation, "plan_sha256": plan.digest,
                                "transport": "flower", "superlink": federation.superlink,
                                **{f"dp.{k}": v for k, v in spec.privacy.items()},
                                "cases": sum(plan.cases.values()), "patch_size": plan.patch_size,
@@ -269,8 +268,7 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
             "round": round_,
             "aggregated_sites": dg.MetadataValue.json(outcome.aggregated),
             "rejected_sites": dg.MetadataValue.json(outcome.rejected),
-            "strategy": dg.MetadataValue.json({"name": spec.strategy, **(
-                {"server_momentum": spec.server_momentum} if spec.strategy == "fedavgm" else {})}),
+            "aggregation": dg.MetadataValue.json(spec.aggregation),
             "differential_privacy": dg.MetadataValue.json(spec.privacy or {"enabled": False}),
             f"global_{main}": dg.MetadataValue.float(float(outcome.metrics.get(main, float("nan")))),
             "sites": _round_table(outcome.rows),

@@ -63,6 +63,8 @@ class ExperimentSpec:
             raise ValueError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
         if self.strategy == "fedavgm" and not 0 < self.server_momentum < 1:
             raise ValueError(f"fedavgm needs a server momentum in (0, 1), not {self.server_momentum}")
+        if self.strategy != "fedavgm" and self.server_momentum:
+            raise ValueError(f"server momentum is fedavgm's; {self.strategy} has none")
         if self.rounds < 1 or self.min_sites < 1:
             raise ValueError("rounds and min_sites must be at least 1")
         Privacy(**self.privacy)  # unknown fields fail here, not at the sites
@@ -70,6 +72,11 @@ class ExperimentSpec:
     @property
     def dp(self) -> Privacy:
         return Privacy(**self.privacy)
+
+    @property
+    def aggregation(self) -> dict[str, str | float]:
+        """The strategy and its settings, as the metadata and MLflow show them."""
+        return {"strategy": self.strategy, **({"server_momentum": self.server_momentum} if self.server_momentum else {})}
 
 
 @dataclass

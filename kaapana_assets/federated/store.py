@@ -18,6 +18,7 @@ from kaapana_assets.files import write_atomically
 if TYPE_CHECKING:  # torch loads where weights are read or written, not in every run of the code location
     import torch
 
+
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
     from safetensors.torch import save
 
