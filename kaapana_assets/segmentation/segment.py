@@ -47,7 +47,12 @@ class SegmentationResult:
 
 def source_series(lake: Any, study_uid: str) -> dict[str, Any]:
     """The study's CT series to segment: the largest complete axial one."""
-    series = lake.read("series", pl.col("study_uid") == study_uid)
+    return pick_source_series(lake.read("series", pl.col("study_uid") == study_uid), study_uid)
+
+
+def pick_source_series(series: pl.DataFrame, study_uid: str) -> dict[str, Any]:
+    """`source_series` from `series` rows already read (a burst reads them once for all its studies)."""
+    series = series.filter(pl.col("study_uid") == study_uid)
     ct = series.filter(pl.col("modality") == "CT")
     candidates = ct.filter(pl.col("is_axial").fill_null(False) & pl.col("volume_issue").is_null())
     if candidates.height == 0:
@@ -127,17 +132,51 @@ class _Segmented:
     statistics_rows: list[dict[str, Any]]
 
 
-def _segment(lake: Any, targets: IngestTargets, study_uid: str, model: LoadedModel) -> _Segmented:
-    series = source_series(lake, study_uid)
+@dataclass
+class _RunIndex:
+    """What a run reads of the index once for all of its studies: three Delta reads per run,
+    not three per study."""
+
+    sources: dict[str, dict[str, Any] | NothingToSegment]  # study -> its source series row, or why none
+    statistics: pl.DataFrame  # `segmentations` rows of the SEGs this model would make of those series
+    instances: pl.DataFrame | None  # the source series' slices, and those SEGs if indexed; None: all reused
+    statistics_versions: dict[str, int | None]
+
+    @classmethod
+    def read(cls, lake: Any, study_uids: list[str], model: LoadedModel) -> _RunIndex:
+        series = lake.read("series", pl.col("study_uid").is_in(study_uids))
+        sources: dict[str, dict[str, Any] | NothingToSegment] = {}
+        for study_uid in study_uids:
+            try:
+                sources[study_uid] = pick_source_series(series, study_uid)
+            except NothingToSegment as exc:
+                sources[study_uid] = exc
+        seg_sops = {row["series_uid"]: seg_uids(row["series_uid"], model.name, model.version)[1]
+                    for row in sources.values() if isinstance(row, dict)}
+        statistics = lake.read("segmentations", pl.col("seg_sop_instance_uid").is_in(list(seg_sops.values())))
+        # Only series whose SEG has no statistics yet are read slice by slice.
+        to_segment = {series_uid: sop for series_uid, sop in seg_sops.items()
+                      if sop not in set(statistics["seg_sop_instance_uid"].to_list())}
+        instances = lake.read("instances", pl.col("series_uid").is_in(list(to_segment))
+                              | pl.col("sop_instance_uid").is_in(list(to_segment.values()))) if to_segment else None
+        versions = lake.versions(("segmentations",)) if statistics.height else {}
+        return cls(sources, statistics, instances, versions)
+
+
+def _segment(targets: IngestTargets, study_uid: str, model: LoadedModel, run_index: _RunIndex) -> _Segmented:
+    series = run_index.sources[study_uid]
+    if isinstance(series, NothingToSegment):
+        raise series
     series_uid = series["series_uid"]
     seg_series_uid, seg_sop_uid = seg_uids(series_uid, model.name, model.version)
-    existing = lake.read("segmentations", pl.col("seg_sop_instance_uid") == seg_sop_uid)
+    existing = run_index.statistics.filter(pl.col("seg_sop_instance_uid") == seg_sop_uid)
     if existing.height:
         return _Segmented(SegmentationResult(study_uid, series_uid, seg_series_uid, seg_sop_uid, model.ref,
                                              existing.drop("created_at").to_dicts(), reused=True,
-                                             versions=lake.versions(("segmentations",))), None, [])
-    # One read: the series' slices, and this model's SEG of it if a stopped run indexed one.
-    rows = lake.read("instances", (pl.col("series_uid") == series_uid) | (pl.col("sop_instance_uid") == seg_sop_uid))
+                                             versions=run_index.statistics_versions), None, [])
+    # The series' slices, and this model's SEG of it if a stopped run indexed one.
+    assert run_index.instances is not None  # read for every series whose SEG has no statistics
+    rows = run_index.instances.filter((pl.col("series_uid") == series_uid) | (pl.col("sop_instance_uid") == seg_sop_uid))
     indexed_seg = rows.filter(pl.col("sop_instance_uid") == seg_sop_uid)
     volume = assemble_volume([targets.archive / p for p in rows.filter(pl.col("series_uid") == series_uid)["archive_path"]])
     instance_row = None
@@ -176,9 +215,10 @@ def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], mo
     done: list[_Segmented] = []
     skipped: dict[str, str] = {}
     try:
+        run_index = _RunIndex.read(lake, study_uids, model)
         for study_uid in study_uids:
             try:
-                done.append(_segment(lake, targets, study_uid, model))
+                done.append(_segment(targets, study_uid, model, run_index))
                 if progress:
                     progress(len(done) + len(skipped), len(study_uids), done[-1].result)
             except NothingToSegment as exc:
