@@ -441,10 +441,12 @@ def test_a_pinned_version_in_the_cache_loads_without_the_registry(tmp_path: Path
     assert sorted(p.name for p in (tmp_path / "models" / "liver").iterdir()) == ["v3"]
 
 
-def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_fails(tmp_path: Path) -> None:
+def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_fails(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """segment_studies archives each SEG as it is built and commits the index and the
     statistics of all of them together (one commit per table); a study that raises leaves the
-    ones before it committed, and a study with nothing to segment is skipped with its reason."""
+    ones before it committed, and a study with nothing to segment is skipped with its reason.
+    The run reads the index once for all its studies, reused or not."""
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
     from kaapana_assets.segmentation.segment import segment_studies
@@ -483,6 +485,12 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
         segment_studies(lake, targets, uids, failing)
     committed = lake.read("segmentations", pl.col("model_version") == "4")
     assert set(committed["study_uid"].to_list()) == {uids[0]}  # the one before the failure is kept
+    reads: list[str] = []
+    read = lake.read
+    monkeypatch.setattr(lake, "read", lambda table, *args, **kwargs: reads.append(table) or read(table, *args, **kwargs))
     rerun = segment_studies(lake, targets, uids, LoadedModel("nnunet-liver-test", "4", Path("unused"),
                                                              PhantomPredictor(truth), LABEL_NAMES))[0]
     assert [r.reused for r in rerun] == [True, False, False]
+    # Three reads for the run's three studies (their series, the statistics already made, the
+    # source slices), and the one that recomputes series/studies for the commit.
+    assert reads == ["series", "segmentations", "instances", "instances"]

@@ -155,8 +155,8 @@ class _RunIndex:
                     for row in sources.values() if isinstance(row, dict)}
         statistics = lake.read("segmentations", pl.col("seg_sop_instance_uid").is_in(list(seg_sops.values())))
         # Only series whose SEG has no statistics yet are read slice by slice.
-        to_segment = {series_uid: sop for series_uid, sop in seg_sops.items()
-                      if sop not in set(statistics["seg_sop_instance_uid"].to_list())}
+        made = set(statistics["seg_sop_instance_uid"].to_list())
+        to_segment = {series_uid: sop for series_uid, sop in seg_sops.items() if sop not in made}
         instances = lake.read("instances", pl.col("series_uid").is_in(list(to_segment))
                               | pl.col("sop_instance_uid").is_in(list(to_segment.values()))) if to_segment else None
         versions = lake.versions(("segmentations",)) if statistics.height else {}
