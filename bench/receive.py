@@ -6,9 +6,13 @@ parallel associations (one storescu process each, the corpus split between them)
 
 Orthanc listens on every interface, so the benchmark re-executes itself inside
 `unshare -n` (root): a network namespace whose only interface is its own loopback.
-Prints total instances/s for both and the ratio (goal ≥ 1.5× Orthanc). Both run in the
-same process, one after the other, per parallelism: compare the ratios, not the absolute
-figures, on a loaded machine. `--code DIR` runs `kaapana receive` from another checkout
+A third server, the *floor*, is pynetdicom alone: the receiver's AE, settings and
+event-driven reactors, with a C-STORE handler that acknowledges every data set unread and
+stores nothing — the most any receiver built on pynetdicom can do on this machine.
+Prints total instances/s for all three and the ratios to Orthanc (goal ≥ 1.5× Orthanc), and
+the CPU time each server process spent per instance (user + system, all threads; steadier than the wall
+clock on a shared machine). Both run in the same process, one after the other, per
+parallelism: compare the ratios, not the absolute figures, on a loaded machine. `--code DIR` runs `kaapana receive` from another checkout
 (e.g. `git archive` of an earlier commit) for a before/after comparison on the same data.
 """
 
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,6 +47,46 @@ def storescu(port: int, aec: str, files: list[Path], parallel: int = 1) -> float
     if failed:
         raise RuntimeError(f"storescu failed: {failed[0][-2000:]!r}")
     return elapsed
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a running process (Linux /proc): less disturbed by other
+    load on a shared machine than the wall clock."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+class Sent(NamedTuple):
+    seconds: float  # wall clock, from the first storescu start to the last one's end
+    cpu: float  # the server process's CPU seconds meanwhile
+
+
+def serve_and_send(command: list[str], code: Path, port: int, aec: str, files: list[Path], parallel: int) -> Sent:
+    """Start a server process (its own session), send `files` to it, stop it."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
+    time.sleep(5)  # imports
+    try:
+        cpu = cpu_seconds(server.pid)
+        seconds = storescu(port, aec, files, parallel)
+        return Sent(seconds, cpu_seconds(server.pid) - cpu)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def serve_floor(port: int) -> None:
+    """pynetdicom's own cost per C-STORE, with the receiver's AE, settings and server (its
+    event-driven reactors included): every data set is acknowledged without being looked at,
+    checked or stored."""
+    from pynetdicom import evt
+
+    from kaapana_assets.network.receiver import SUCCESS, ReceiverServer, _nodelay, build_receiver
+
+    ae = build_receiver("FLOOR")
+    handlers: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_C_STORE, lambda event: SUCCESS)]
+    server = ae.make_server(("127.0.0.1", port), evt_handlers=handlers, server_class=ReceiverServer)
+    server.serve_forever()
 
 
 def count(folder: Path) -> int:
@@ -68,31 +113,34 @@ def run(instances: int, parallelism: list[int], code: Path) -> None:
 
         for parallel in parallelism:
             home = root / f"home-{parallel}"
-            receiver = subprocess.Popen([sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(home),
-                                         "--port", "11112"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                        start_new_session=True, cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
-            time.sleep(5)  # imports
-            try:
-                ours = storescu(11112, "KAAPANA", files, parallel)
-                received = count(home / "incoming")
-            finally:
-                receiver.terminate()
-                receiver.wait(timeout=30)
+            ours = serve_and_send([sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(home),
+                                   "--port", "11112"], code, 11112, "KAAPANA", files, parallel)
+            received = count(home / "incoming")
+            floor = serve_and_send([sys.executable, str(Path(__file__).resolve()), "--serve-floor", "11113"], code,
+                                   11113, "FLOOR", files, parallel)
             orthanc = Orthanc(root / f"orthanc-{parallel}", dicom_port=4242)
             try:
-                theirs = storescu(4242, "ORTHANC", files, parallel)
+                cpu = cpu_seconds(orthanc.proc.pid)
+                seconds = storescu(4242, "ORTHANC", files, parallel)
+                theirs = Sent(seconds, cpu_seconds(orthanc.proc.pid) - cpu)
                 stored = orthanc.get("/statistics")["CountInstances"]
             finally:
                 orthanc.stop()
-            rows.append((parallel, ours, received, theirs, stored))
+            rows.append((parallel, ours, received, floor, theirs, stored))
 
     print(f"{len(files)} CT instances ({size_mb:.0f} MB), storescu with TCP_NODELAY=1, loopback; "
           f"kaapana receive from {code}: durable before every acknowledgement; Orthanc 1.10 (Debian)")
-    print(f"{'associations':>12s} {'kaapana inst/s':>15s} {'Orthanc inst/s':>15s} {'ratio':>6s}  stored (ours/theirs)")
-    for parallel, ours, received, theirs, stored in rows:
-        print(f"{parallel:12d} {len(files) / ours:15.0f} {len(files) / theirs:15.0f} {theirs / ours:6.2f}"
-              f"  {received}/{stored}")
-    print("goal: ratio ≥ 1.5")
+    n = len(files)
+    print(f"{'':12s} {'instances/s':>32s} {'ratio to Orthanc':>18s} {'CPU ms per instance':>28s}")
+    print(f"{'associations':>12s} {'kaapana':>10s} {'floor':>10s} {'Orthanc':>10s} {'kaapana':>9s} {'floor':>8s}"
+          f" {'kaapana':>9s} {'floor':>8s} {'Orthanc':>9s}  stored (ours/Orthanc's)")
+    for parallel, ours, received, floor, theirs, stored in rows:
+        print(f"{parallel:12d} {n / ours.seconds:10.0f} {n / floor.seconds:10.0f} {n / theirs.seconds:10.0f}"
+              f" {theirs.seconds / ours.seconds:9.2f} {theirs.seconds / floor.seconds:8.2f}"
+              f" {1000 * ours.cpu / n:9.2f} {1000 * floor.cpu / n:8.2f} {1000 * theirs.cpu / n:9.2f}  {received}/{stored}")
+    print("goal: kaapana's ratio ≥ 1.5. floor: pynetdicom alone (the receiver's AE, settings and reactors; every\n"
+          "C-STORE acknowledged unread, nothing stored): what any receiver built on pynetdicom can reach at most.\n"
+          "CPU: the server process's user + system time while the corpus was sent (all its threads).")
 
 
 def main() -> int:
@@ -101,7 +149,11 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4],
                         help="numbers of parallel associations (storescu processes) to measure")
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose `kaapana receive` runs (default: this one)")
+    parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the floor's server process
     args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+        return 0
     if os.environ.get("KAAPANA_BENCH_NETNS") != "1":
         if os.geteuid() != 0 or not shutil.which("unshare"):
             print("needs root and unshare (Orthanc must not listen outside a private namespace)")

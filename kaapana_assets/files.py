@@ -5,9 +5,32 @@ outlives a failed write. Spool files, federation files and metrics textfiles all
 
 from __future__ import annotations
 
+import errno
 import os
-import tempfile
 from pathlib import Path
+
+# As tempfile.mkstemp opens its files (exclusive, owner-only, never through a link), without
+# its per-call name generator and path handling, and without a mkdir per file: the receiver
+# writes every instance through here (bench/receive.py).
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+_ATTEMPTS = 100  # names taken by others before we give up
+
+
+def _create_temp(folder: str, name: str) -> tuple[int, str]:
+    """An open, new, empty `.<name>.<random>.part` in `folder` (created when missing)."""
+    made_folder = False
+    for _ in range(_ATTEMPTS):
+        temp = os.path.join(folder, f".{name}.{os.urandom(6).hex()}.part")
+        try:
+            return os.open(temp, _CREATE, 0o600), temp
+        except FileExistsError:
+            continue
+        except FileNotFoundError:
+            if made_folder:
+                raise
+            os.makedirs(folder, exist_ok=True)
+            made_folder = True
+    raise FileExistsError(errno.EEXIST, f"no unused temporary name for {name} after {_ATTEMPTS} attempts", folder)
 
 
 def write_atomically(path: Path, data: bytes | memoryview, *, durable: bool = True) -> Path:
@@ -15,22 +38,28 @@ def write_atomically(path: Path, data: bytes | memoryview, *, durable: bool = Tr
     `.<name>.<random>.part` (the spool sensor and textfile collectors skip dot-files).
     `durable=False` skips both flushes, for a caller that makes the file durable some
     other way (the receive journal covers it until its next `syncfs`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    folder = os.fspath(path.parent)
+    fd, temp = _create_temp(folder, path.name)
     try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
             if durable:
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(tmp, path)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
         raise
     if durable:
-        folder = os.open(path.parent, os.O_RDONLY)
+        handle = os.open(folder, os.O_RDONLY)
         try:
-            os.fsync(folder)  # the rename itself on stable storage
+            os.fsync(handle)  # the rename itself on stable storage
         finally:
-            os.close(folder)
+            os.close(handle)
     return path
