@@ -61,15 +61,20 @@ class Sent(NamedTuple):
     cpu: float  # the server process's CPU seconds meanwhile
 
 
+def send(server_pid: int, port: int, aec: str, files: list[Path], parallel: int) -> Sent:
+    """`storescu` to a running server, with that server's CPU time meanwhile."""
+    cpu = cpu_seconds(server_pid)
+    seconds = storescu(port, aec, files, parallel)
+    return Sent(seconds, cpu_seconds(server_pid) - cpu)
+
+
 def serve_and_send(command: list[str], code: Path, port: int, aec: str, files: list[Path], parallel: int) -> Sent:
     """Start a server process (its own session), send `files` to it, stop it."""
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                               cwd=code, env={**os.environ, "PYTHONPATH": str(code)})
     time.sleep(5)  # imports
     try:
-        cpu = cpu_seconds(server.pid)
-        seconds = storescu(port, aec, files, parallel)
-        return Sent(seconds, cpu_seconds(server.pid) - cpu)
+        return send(server.pid, port, aec, files, parallel)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -120,9 +125,7 @@ def run(instances: int, parallelism: list[int], code: Path) -> None:
                                    11113, "FLOOR", files, parallel)
             orthanc = Orthanc(root / f"orthanc-{parallel}", dicom_port=4242)
             try:
-                cpu = cpu_seconds(orthanc.proc.pid)
-                seconds = storescu(4242, "ORTHANC", files, parallel)
-                theirs = Sent(seconds, cpu_seconds(orthanc.proc.pid) - cpu)
+                theirs = send(orthanc.proc.pid, 4242, "ORTHANC", files, parallel)
                 stored = orthanc.get("/statistics")["CountInstances"]
             finally:
                 orthanc.stop()

@@ -180,16 +180,17 @@ def test_disallowed_ae_is_refused(receiver: Receiver, corpus: dict) -> None:
 
 # dcmtk's storescu proposes one preferred transfer syntax per run (-x...), and the file's own
 # syntax only through it: each encoding goes in its own run, as a PACS would send it.
-STORESCU_PROPOSE = {"jpeg_lossless_sv1": "-xs", "jpeg2000_lossless": "-xv", "rle": "-xr", "jpeg_ls_lossless": "-xt"}
+STORESCU_PROPOSE = {"jpeg_lossless_sv1": "-xs", "jpeg2000_lossless": "-xv", "rle": "-xr", "jpeg_ls_lossless": "-xt",
+                    "implicit_le": "-xi", "deflated": "-xd"}
 
 
 @slow
 @needs_dcmtk
 @pytest.mark.skipif(shutil.which("gdcmconv") is None or shutil.which("dcmcjpls") is None, reason="gdcm/dcmtk codecs missing")
 def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: dict, tmp_path: Path) -> None:
-    """A study whose slices are JPEG Lossless SV1, JPEG 2000 lossless, RLE and JPEG-LS lossless
-    (unsigned pixels: site-a), plus its uncompressed SEG: stored byte for byte, in the syntax it
-    was sent in, and indexed."""
+    """A study whose slices are JPEG Lossless SV1, JPEG 2000 lossless, RLE, JPEG-LS lossless
+    (unsigned pixels: site-a), Implicit VR and Deflated Explicit VR Little Endian, plus its
+    uncompressed SEG: stored byte for byte, in the syntax it was sent in, and indexed."""
     from kaapana_assets.synthetic.transcode import BY_NAME, transcode
 
     study = corpus["site-a"][0]
