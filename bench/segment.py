@@ -1,9 +1,11 @@
 """Per-study wall time of the `segmentations` asset against bare nnUNetPredictor, same run.
 
-    python bench/segment.py [--studies 3] [--burst 4] [--schedule tiny] [--sizes 48x128,100x256] [--model FOLDER]
+    python bench/segment.py [--studies 3] [--burst 4] [--schedule tiny] [--sizes 48x128,100x256]
+                            [--model FOLDER | --save-model FOLDER]
 
 Trains a model once (the `tiny` schedule by default; speed, not quality, is measured) — or
-imports an nnU-Net results folder given with --model — registers and promotes it in a
+imports an nnU-Net results folder given with --model (--save-model keeps the trained one for
+that, so that two versions of the code can be timed with one model) — registers and promotes it in a
 throwaway MLflow store, then for each grid size (slices x matrix; the first is the grid the
 model was trained on, 48x128, the second a realistic 100 slices of 256²) ingests new studies
 and per study times
@@ -63,6 +65,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="48x128,100x256", help="slices x matrix of the new studies, comma separated")
     parser.add_argument("--burst", type=int, default=4, help="studies per size segmented in one run")
     parser.add_argument("--model", type=Path, help="an nnU-Net v2 results folder to import instead of training")
+    parser.add_argument("--save-model", type=Path, help="copy the trained model's folder here (for a later --model)")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
 
@@ -110,6 +113,11 @@ def main() -> int:
                 dg.materialize([cohorts, nnunet_dataset, trained_model, promote], partition_key="liver-train",
                                instance=instance, resources=resources, run_config=quiet)
                 print(f"model trained ({args.schedule}) in {time.perf_counter() - t0:.0f}s")
+                if args.save_model:
+                    trained = production_model(resources["mlflow"].tracking(), MODEL,  # type: ignore[attr-defined]
+                                               resources["nnunet_settings"].model_cache(), "cpu")  # type: ignore[attr-defined]
+                    shutil.copytree(trained.folder, args.save_model)
+                    print(f"model saved to {args.save_model}")
 
             index = 100
             for slices, matrix in sizes:

@@ -494,3 +494,44 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
     # Three reads for the run's three studies (their series, the statistics already made, the
     # source slices), and the one that recomputes series/studies for the commit.
     assert reads == ["series", "segmentations", "instances", "instances"]
+
+
+def test_a_burst_reports_in_study_order_and_a_seg_that_cannot_be_archived_stops_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress hears of a burst's studies in their order, a skipped one between them
+    counted; when a SEG cannot be archived (disk full) that error is raised, the studies
+    before it are committed and nothing after it is archived."""
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.segmentation import segment
+    from kaapana_assets.segmentation.segment import segment_studies
+    from tests.helpers import SMALL
+
+    studies = generate_site("site-a", 4, seed=SEED, out=tmp_path / "gen", **SMALL)
+    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
+    ingest_files([f for s in studies for f in s.ct_files], targets, remove_sources=False)
+    lake, uids = targets.lake, [s.study_uid for s in studies]
+    truth = phantom_for(get_profile("site-a").resized(**SMALL), SEED, 0).labels
+
+    seen: list[str] = []
+    results, skipped = segment_studies(lake, targets, [uids[0], "2.25.1", uids[1]], _model(truth),
+                                       lambda done, total, r: seen.append(f"{done}/{total} {r.study_uid}"))
+    assert [r.study_uid for r in results] == uids[:2] and list(skipped) == ["2.25.1"]
+    assert seen == [f"1/3 {uids[0]}", f"3/3 {uids[1]}"]
+
+    archived: list[str] = []
+    archive_seg = segment.archive_seg
+
+    def fails_second(archive: Path, seg: Any, data: bytes) -> dict[str, Any]:
+        if archived:
+            raise OSError(28, "No space left on device")
+        archived.append(str(seg.StudyInstanceUID))
+        return archive_seg(archive, seg, data)
+
+    monkeypatch.setattr(segment, "archive_seg", fails_second)
+    with pytest.raises(OSError, match="No space left"):
+        segment_studies(lake, targets, uids[2:], _model(truth, version="4"))
+    assert archived == [uids[2]]  # the last study was predicted, but never archived
+    committed = lake.read("segmentations", pl.col("model_version") == "4")
+    assert set(committed["study_uid"].to_list()) == {uids[2]}
+    assert lake.read("instances", pl.col("modality") == "SEG").height == 3
