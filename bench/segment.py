@@ -1,7 +1,7 @@
 """Per-study wall time of the `segmentations` asset against bare nnUNetPredictor, same run.
 
     python bench/segment.py [--studies 3] [--burst 4] [--schedule tiny] [--sizes 48x128,100x256]
-                            [--model FOLDER | --save-model FOLDER]
+                            [--model FOLDER | --save-model FOLDER] [--device cpu|cuda]
 
 Trains a model once (the `tiny` schedule by default; speed, not quality, is measured) — or
 imports an nnU-Net results folder given with --model (--save-model keeps the trained one for
@@ -20,6 +20,9 @@ the run ("same pred.": free of the bare call's own variation). The first asset r
 loads the model, is reported separately and left out of the medians. Then, per size, a burst
 of `--burst` new studies segmented in ONE run over their partition range (what the incoming
 sensor requests for studies that arrive together) against bare nnU-Net on the same volumes.
+
+On a GPU node (`--device cuda`, torch with CUDA) the same comparison shows what the work
+around the prediction costs where the prediction no longer fills the CPU cores.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=4, help="studies per size segmented in one run")
     parser.add_argument("--model", type=Path, help="an nnU-Net v2 results folder to import instead of training")
     parser.add_argument("--save-model", type=Path, help="copy the trained model's folder here (for a later --model)")
+    parser.add_argument("--device", default="cpu", help="where nnU-Net trains and predicts: cpu, or cuda on a GPU node")
     args = parser.parse_args()
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
 
@@ -99,7 +103,7 @@ def main() -> int:
         home = KaapanaHome(root / "home").ensure()
         (root / "cohorts").mkdir()
         (root / "cohorts" / "liver-train.yaml").write_text(COHORT)
-        resources = site_resources(home.root, root / "cohorts", device="cpu", schedule=args.schedule, promotion_dice=0.0)
+        resources = site_resources(home.root, root / "cohorts", device=args.device, schedule=args.schedule, promotion_dice=0.0)
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
         with dg.instance_for_test() as instance:
             t0 = time.perf_counter()
@@ -115,7 +119,7 @@ def main() -> int:
                 print(f"model trained ({args.schedule}) in {time.perf_counter() - t0:.0f}s")
                 if args.save_model:
                     trained = production_model(resources["mlflow"].tracking(), MODEL,  # type: ignore[attr-defined]
-                                               resources["nnunet_settings"].model_cache(), "cpu")  # type: ignore[attr-defined]
+                                               resources["nnunet_settings"].model_cache(), args.device)  # type: ignore[attr-defined]
                     shutil.copytree(trained.folder, args.save_model)
                     print(f"model saved to {args.save_model}")
 
@@ -142,7 +146,7 @@ def main() -> int:
                     predict_times.append(inner["predict"][-1])
 
                     model = production_model(resources["mlflow"].tracking(), MODEL,  # type: ignore[attr-defined]
-                                             resources["nnunet_settings"].model_cache(), "cpu")  # type: ignore[attr-defined]
+                                             resources["nnunet_settings"].model_cache(), args.device)  # type: ignore[attr-defined]
                     volume = assemble_volume(study.ct_files)
                     t0 = time.perf_counter()
                     bare_predict(model.predictor, volume.hu, volume.spacing_zyx)
