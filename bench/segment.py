@@ -67,10 +67,13 @@ def main() -> int:
     parser.add_argument("--schedule", default="tiny")
     parser.add_argument("--sizes", default="48x128,100x256", help="slices x matrix of the new studies, comma separated")
     parser.add_argument("--burst", type=int, default=4, help="studies per size segmented in one run")
-    parser.add_argument("--model", type=Path, help="an nnU-Net v2 results folder to import instead of training")
-    parser.add_argument("--save-model", type=Path, help="copy the trained model's folder here (for a later --model)")
+    model_source = parser.add_mutually_exclusive_group()
+    model_source.add_argument("--model", type=Path, help="an nnU-Net v2 results folder to import instead of training")
+    model_source.add_argument("--save-model", type=Path, help="copy the trained model's folder here (for a later --model)")
     parser.add_argument("--device", default="cpu", help="where nnU-Net trains and predicts: cpu, or cuda on a GPU node")
     args = parser.parse_args()
+    if args.save_model and args.save_model.exists():
+        parser.error(f"--save-model {args.save_model} exists already")  # said before training, not after
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
 
     import dagster as dg
