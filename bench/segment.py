@@ -108,6 +108,12 @@ def main() -> int:
         (root / "cohorts" / "liver-train.yaml").write_text(COHORT)
         resources = site_resources(home.root, root / "cohorts", device=args.device, schedule=args.schedule, promotion_dice=0.0)
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+
+        def loaded_model() -> Any:
+            """The production model as the asset loads it (cached per process)."""
+            return production_model(resources["mlflow"].tracking(), MODEL,  # type: ignore[attr-defined]
+                                    resources["nnunet_settings"].model_cache(), args.device)  # type: ignore[attr-defined]
+
         with dg.instance_for_test() as instance:
             t0 = time.perf_counter()
             if args.model:
@@ -121,9 +127,7 @@ def main() -> int:
                                instance=instance, resources=resources, run_config=quiet)
                 print(f"model trained ({args.schedule}) in {time.perf_counter() - t0:.0f}s")
                 if args.save_model:
-                    trained = production_model(resources["mlflow"].tracking(), MODEL,  # type: ignore[attr-defined]
-                                               resources["nnunet_settings"].model_cache(), args.device)  # type: ignore[attr-defined]
-                    shutil.copytree(trained.folder, args.save_model)
+                    shutil.copytree(loaded_model().folder, args.save_model)
                     print(f"model saved to {args.save_model}")
 
             index = 100
@@ -148,8 +152,7 @@ def main() -> int:
                     study_times.append(inner["segment_studies"][-1])
                     predict_times.append(inner["predict"][-1])
 
-                    model = production_model(resources["mlflow"].tracking(), MODEL,  # type: ignore[attr-defined]
-                                             resources["nnunet_settings"].model_cache(), args.device)  # type: ignore[attr-defined]
+                    model = loaded_model()
                     volume = assemble_volume(study.ct_files)
                     t0 = time.perf_counter()
                     bare_predict(model.predictor, volume.hu, volume.spacing_zyx)

@@ -441,22 +441,29 @@ def test_a_pinned_version_in_the_cache_loads_without_the_registry(tmp_path: Path
     assert sorted(p.name for p in (tmp_path / "models" / "liver").iterdir()) == ["v3"]
 
 
+def _ingested_burst(tmp_path: Path, count: int):  # type: ignore[no-untyped-def]
+    """`count` small studies of one site ingested: (targets, their study UIDs, the phantom's labels)."""
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from tests.helpers import SMALL
+
+    studies = generate_site("site-a", count, seed=SEED, out=tmp_path / "gen", **SMALL)
+    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
+    ingest_files([f for s in studies for f in s.ct_files], targets, remove_sources=False)
+    truth = phantom_for(get_profile("site-a").resized(**SMALL), SEED, 0).labels
+    return targets, [s.study_uid for s in studies], truth
+
+
 def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_fails(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """segment_studies archives each SEG as it is built and commits the index and the
     statistics of all of them together (one commit per table); a study that raises leaves the
     ones before it committed, and a study with nothing to segment is skipped with its reason.
     The run reads the index once for all its studies, reused or not."""
-    from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
     from kaapana_assets.segmentation.segment import segment_studies
-    from tests.helpers import SMALL
 
-    studies = generate_site("site-a", 3, seed=SEED, out=tmp_path / "gen", **SMALL)
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
-    ingest_files([f for s in studies for f in s.ct_files], targets, remove_sources=False)
-    lake, uids = targets.lake, [s.study_uid for s in studies]
-    truth = phantom_for(get_profile("site-a").resized(**SMALL), SEED, 0).labels
+    targets, uids, truth = _ingested_burst(tmp_path, 3)
+    lake = targets.lake
     tables = ("instances", "series", "studies", "segmentations")
     before = lake.versions(tables)
 
@@ -501,17 +508,11 @@ def test_a_burst_reports_in_study_order_and_a_seg_that_cannot_be_archived_stops_
     """Progress hears of a burst's studies in their order, a skipped one between them
     counted; when a SEG cannot be archived (disk full) that error is raised, the studies
     before it are committed and nothing after it is archived."""
-    from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
     from kaapana_assets.segmentation import segment
     from kaapana_assets.segmentation.segment import segment_studies
-    from tests.helpers import SMALL
 
-    studies = generate_site("site-a", 4, seed=SEED, out=tmp_path / "gen", **SMALL)
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
-    ingest_files([f for s in studies for f in s.ct_files], targets, remove_sources=False)
-    lake, uids = targets.lake, [s.study_uid for s in studies]
-    truth = phantom_for(get_profile("site-a").resized(**SMALL), SEED, 0).labels
+    targets, uids, truth = _ingested_burst(tmp_path, 4)
+    lake = targets.lake
 
     seen: list[str] = []
     results, skipped = segment_studies(lake, targets, [uids[0], "2.25.1", uids[1]], _model(truth),
