@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install lint test test-all check-runtime-install demo dev bench-ingest bench-segment bench-receive bench-federated bench-arrival clean
+.PHONY: install tools lint test test-all check-runtime-install demo dev bench-ingest bench-segment bench-receive bench-federated bench-arrival clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -21,18 +21,37 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# The Debian tools the tests use as peers and oracles (dcmtk, GDCM, OpenJPH, dcm2niix,
+# dicom3tools, Orthanc, Prometheus, Chromium, Postgres), listed once in .ci/debian-packages.
+# As root: installed with apt-get, no service started (tests start their own, confined).
+# Otherwise: the exact command to run is printed and make stops.
+DEBIAN_PACKAGES := $(shell sed -e 's/\#.*//' .ci/debian-packages)
+tools:
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done | tr '\n' ' '); \
+	if [ -z "$$missing" ]; then echo "Debian tools: all installed"; exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "Missing Debian packages: $$missing"; \
+	  echo "Install them (as root, or run 'make tools' as root), then run make again:"; \
+	  echo "  sudo apt-get update && sudo apt-get install -y --no-install-recommends $$missing"; \
+	  exit 1; fi; \
+	echo "Installing Debian packages: $$missing"; \
+	printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d; \
+	DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	status=$$?; rm -f /usr/sbin/policy-rc.d; exit $$status
+
 # pyflakes, isort and bugbear (ruff), and types (mypy): configured in pyproject.toml.
 lint: install
 	$(BIN)/ruff check kaapana_assets resources sensors definitions.py tests bench
 	$(BIN)/mypy
 
 # The fast tier: everything but the tests marked slow (training, demo, servers, browser).
-test: lint
+test: lint tools
 	$(BIN)/python -m pytest -m "not slow" -q
 
 # Both tiers: what CI runs. The slowest tests are listed at the end: CI must stay well
 # under 30 minutes, and this says where its time goes.
-test-all: lint
+test-all: lint tools
 	$(BIN)/python -m pytest -q --durations=20
 
 # What deploy/ builds: `pip install .` without extras, in a clean venv, must import the code

@@ -22,7 +22,6 @@ class EncodedCorpus:
     root: Path
     series: dict[str, list[Path]]  # encoding name -> the CT series' files in that encoding
     segs: dict[str, Path]  # encoding name -> the reference SEG in that encoding (native syntaxes)
-    missing_tools: list[str]
 
 
 def dicom_files(root: Path) -> list[Path]:

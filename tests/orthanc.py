@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -18,8 +17,8 @@ from pathlib import Path
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
-def available() -> bool:
-    return shutil.which("Orthanc") is not None and PLUGIN.exists()
+# What a test that starts Orthanc needs: `@pytest.mark.tools(*orthanc.TOOLS)`.
+TOOLS = ("Orthanc", str(PLUGIN))
 
 
 class Orthanc:

@@ -4,7 +4,6 @@ scrape config of our own, queried through its HTTP API, ended by its process gro
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -16,19 +15,13 @@ import requests
 import yaml
 
 from kaapana_assets.federated.superlink import free_port
-
-BINARY = shutil.which("prometheus")
-SKIP_REASON = "Debian's prometheus is not installed (.ci/run installs it)"
-
-
-def available() -> bool:
-    return BINARY is not None
+from tests.tools import require
 
 
 @contextmanager
 def running_prometheus(folder: Path, targets: Mapping[str, Sequence[str]], interval: str = "1s") -> Iterator[str]:
     """Prometheus scraping `targets` (job -> host:port list) every `interval`; yields its URL."""
-    assert BINARY is not None, SKIP_REASON
+    require("prometheus")
     folder.mkdir(parents=True, exist_ok=True)
     config = {"global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
               "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(hosts)}]}
@@ -37,7 +30,7 @@ def running_prometheus(folder: Path, targets: Mapping[str, Sequence[str]], inter
     port = free_port()
     with open(folder / "prometheus.log", "wb") as log:
         process = subprocess.Popen(
-            [BINARY, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
+            ["prometheus", f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

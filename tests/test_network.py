@@ -25,12 +25,14 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.ingest.spool import plan_spool, scan_spool, wait_until_quiet
 from kaapana_assets.lake import Lake
+from tests import orthanc
+from tests.tools import dciodvfy_errors
 
 # slow tier (`make test-all`): receiver, storescp and Orthanc processes; the encoders and the
 # in-process receiver below run in the fast tier
 slow = pytest.mark.slow
 
-needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk not installed (.ci/run installs it)")
+needs_dcmtk = pytest.mark.tools("storescu", "storescp")
 
 
 def free_port() -> int:
@@ -186,7 +188,7 @@ STORESCU_PROPOSE = {"jpeg_lossless_sv1": "-xs", "jpeg2000_lossless": "-xv", "rle
 
 @slow
 @needs_dcmtk
-@pytest.mark.skipif(shutil.which("gdcmconv") is None or shutil.which("dcmcjpls") is None, reason="gdcm/dcmtk codecs missing")
+@pytest.mark.tools("gdcmconv", "dcmcjpls")
 def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: dict, tmp_path: Path) -> None:
     """A study whose slices are JPEG Lossless SV1, JPEG 2000 lossless, RLE, JPEG-LS lossless
     (unsigned pixels: site-a), Implicit VR and Deflated Explicit VR Little Endian, plus its
@@ -313,9 +315,7 @@ def test_send_seg_to_storescp(tmp_path: Path, corpus: dict) -> None:
             scp.wait(timeout=10)
     [received] = list(out.iterdir())
     assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(seg).SOPInstanceUID
-    if shutil.which("dciodvfy"):
-        check = subprocess.run(["dciodvfy", str(received)], capture_output=True, text=True, timeout=60)
-        assert [l for l in (check.stdout + check.stderr).splitlines() if l.startswith("Error")] == []
+    assert dciodvfy_errors(received) == []
     sent = Lake(home / "lake").read("sent")
     assert sent.height == 1 and sent["status"][0] == "success" and sent["destination"][0].startswith("STORESCP@")
 
@@ -340,11 +340,9 @@ def _can_unshare() -> bool:
 
 @slow
 @pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
+@pytest.mark.tools(*orthanc.TOOLS)
 def test_pull_from_orthanc_via_dicomweb(tmp_path: Path, corpus: dict) -> None:
-    from tests import orthanc
 
-    if not orthanc.available():
-        pytest.skip("Debian's orthanc + orthanc-dicomweb not installed (.ci/run installs them)")
     study = corpus["site-a"][1]
     out = subprocess.run(
         ["unshare", "-n", sys.executable, "-m", "tests.scenarios.orthanc_pull", str(tmp_path), *map(str, study.ct_files)],

@@ -308,7 +308,7 @@ def test_no_identifier_in_any_answer(federation: Federation, first: dict) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not prometheus.available(), reason=prometheus.SKIP_REASON)
+@pytest.mark.tools("prometheus")
 def test_prometheus_reads_back_the_hub_table(hub: Hub, first: dict, tmp_path: Path) -> None:
     """The hub's endpoint, scraped by a real Prometheus: every figure in the latest
     collection reads back through Prometheus' query API as the Delta table holds it."""

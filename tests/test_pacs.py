@@ -20,6 +20,9 @@ import polars as pl
 import pydicom
 import pytest
 
+from tests import orthanc
+from tests.tools import dciodvfy_errors
+
 # slow tier (`make test-all`): a real Orthanc and the receiver
 pytestmark = pytest.mark.slow
 
@@ -34,7 +37,7 @@ def _can_unshare() -> bool:
 
 
 @pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
-@pytest.mark.skipif(shutil.which("gdcmconv") is None or shutil.which("dcmcjpeg") is None, reason="needs gdcm and dcmtk")
+@pytest.mark.tools("gdcmconv", "dcmcjpeg", *orthanc.TOOLS)
 def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus: dict, trained_site) -> None:  # type: ignore[no-untyped-def]
     import dagster as dg
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
@@ -44,11 +47,8 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     from kaapana_assets.lake import Lake
     from kaapana_assets.segmentation.assets import segmentations
     from kaapana_assets.synthetic.transcode import transcode
-    from tests import orthanc
     from tests.test_network import _dataset_bytes
 
-    if not orthanc.available():
-        pytest.skip("Debian's orthanc + orthanc-dicomweb not installed (.ci/run installs them)")
     site_a = corpus["site-a"]  # unsigned pixels: every lossless codec takes them
     studies: dict[str, list[Path]] = {"uncompressed": site_a[0].files}  # CT slices and their SEG
     for name, study in zip(STUDIES[1:], site_a[1:3], strict=True):
@@ -114,9 +114,7 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
         assert run.success
         md = run.asset_materializations_for_node("segmentations")[0].metadata
         seg = lake.read("instances", pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)
-        check = subprocess.run(["dciodvfy", str(trained_site.home.archive / seg["archive_path"][0])],
-                               capture_output=True, text=True, timeout=60)
-        errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+        errors = dciodvfy_errors(trained_site.home.archive / seg["archive_path"][0])
         assert errors == [], (study_uid, errors)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import shutil
 import subprocess
 import time
 import uuid
@@ -149,8 +148,7 @@ def test_every_metric_of_the_dashboard_is_exported() -> None:
         assert name in used, name
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="Debian's prometheus (promtool) is not installed "
-                                                            "(.ci/run installs it)")
+@pytest.mark.tools("promtool")
 def test_the_scrape_config_is_valid() -> None:
     out = subprocess.run(["promtool", "check", "config", str(SCRAPE_CONFIG)], capture_output=True, text=True,
                          timeout=60)
@@ -289,7 +287,7 @@ def test_endpoints_serve_the_tables(federation: Federation, health_instance: dg.
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not prometheus.available(), reason=prometheus.SKIP_REASON)
+@pytest.mark.tools("prometheus")
 def test_a_real_prometheus_reads_back_what_the_tables_hold(federation: Federation,
                                                            health_instance: dg.DagsterInstance,
                                                            tmp_path: Path) -> None:

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 import pydicom
-import pytest
 
 from kaapana_assets.synthetic import LABELS, SITE_PROFILES, generate_site, get_profile
 from kaapana_assets.synthetic.generator import phantom_for
 from tests.helpers import SMALL
+from tests.tools import dciodvfy_errors
 
 
 def _digest(paths: list[Path]) -> str:
@@ -86,13 +84,7 @@ def test_synth_cli(tmp_path: Path) -> None:
     assert len(files) == 2 * (8 + 1)
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
-    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
-
-
-@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian dicom3tools) not installed; .ci/run installs it")
 def test_ct_and_seg_pass_dciodvfy(full_size_study) -> None:
-    assert _dciodvfy_errors(full_size_study.ct_files[0]) == []
-    assert _dciodvfy_errors(full_size_study.ct_files[-1]) == []
-    assert _dciodvfy_errors(full_size_study.seg_file) == []
+    assert dciodvfy_errors(full_size_study.ct_files[0]) == []
+    assert dciodvfy_errors(full_size_study.ct_files[-1]) == []
+    assert dciodvfy_errors(full_size_study.seg_file) == []

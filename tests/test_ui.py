@@ -32,7 +32,7 @@ CHROMIUM_ARGS = [
 GROUPS = ("ingest", "cohorts", "training", "segmentation", "federated", "federated_site", "extensions")
 
 pytestmark = [pytest.mark.slow,  # slow tier: a webserver and a browser
-              pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is missing (.ci/run installs it)")]
+              pytest.mark.tools("chromium")]
 
 
 @pytest.fixture
