@@ -3,11 +3,15 @@
 1. Three sites' annotated studies: the first site's land in the spool (as the DICOM
    receiver would put them) and are ingested through the incoming_studies sensor; the
    other two ingest at their own homes (their own lakes; their data never comes here).
-2. Cohorts are materialized with their blocking checks.
+2. Cohorts are materialized with their blocking checks. One patient per site is reviewed
+   for testing: liver-train leaves the reviewed series out, reviewed-test leaves liver-train's
+   patients out, so the test patients are held out from training.
 3. Federated nnU-Net (short schedule) over Flower: a SuperLink and one SuperNode per site
    start as local processes (TLS, SuperNode authentication); plan from fingerprints,
    rounds, model registered and promoted — through the real assets.
-4. New unannotated studies arrive in the spool; the sensor's runs ingest and segment them
+4. The promoted model is evaluated on reviewed-test (segmentation_evaluation), which holds
+   it to the held-out rule: no test patient among the patients it trained on.
+5. New unannotated studies arrive in the spool; the sensor's runs ingest and segment them
    with the promoted model in one run each (the automation would segment any study ingested
    otherwise); the SEGs land in the archive.
 Every run executes in-process on the persistent Dagster instance, so `make dev` shows them.
@@ -156,12 +160,19 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
             rounds=rounds, min_sites=2, schedule=schedule, local_epochs=2, timeout_s=1800.0)
         console.print(f"schedule {schedule}, {federation.local_epochs} local epoch(s) per round; the model is "
                       f"promoted when its cross-site liver Dice reaches {promotion_dice}")
-        failed += _federate(console, instance, {**resources, "nnunet_settings": NnunetResource(
+        federated = _federate(console, instance, {**resources, "nnunet_settings": NnunetResource(
             promotion_dice=promotion_dice)}, federation)
+        failed += federated
     finally:
         network.close()  # the demo's own processes, by process group
 
-    console.rule("4 · new, unannotated studies arrive and are segmented automatically")
+    console.rule("4 · the promoted model on the held-out test cohort")
+    if federated:
+        console.print("  [yellow]no model was promoted: nothing to evaluate")
+    else:
+        failed += _evaluate(console, home, instance, resources)
+
+    console.rule("5 · new, unannotated studies arrive and are segmented automatically")
     before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     with tempfile.TemporaryDirectory() as tmp:
         generate_site(sites[0], new_studies, seed + 1, Path(tmp), first_index=500, **grid)
@@ -295,15 +306,59 @@ def _final_summary(console: Console, home: KaapanaHome) -> None:
 
 
 def _curate(console: Console, home: KaapanaHome) -> None:
-    """A radiologist reviews one CT series per site and tags it (the reviewed-test cohort)."""
+    """A radiologist reviews one patient per site for testing and tags their CT series (the
+    reviewed-test cohort). Every series of the patient: held out is per patient, and liver-train
+    leaves tagged series out."""
     from kaapana_assets.cohorts.tags import add_tag
     from kaapana_assets.lake import Lake
 
     lake = Lake(home.lake)
     series = lake.read("series").filter(pl.col("modality") == "CT").sort("series_uid")
-    chosen = series.group_by("institution").agg(pl.col("series_uid").first())["series_uid"].to_list()
+    patients = series.group_by("institution").agg(pl.col("patient_id").first())["patient_id"].to_list()
+    chosen = series.filter(pl.col("patient_id").is_in(patients))["series_uid"].to_list()
     add_tag(lake, "reviewed", chosen)
-    console.print(f"tagged {len(chosen)} series 'reviewed' (kaapana tag add reviewed --series ...)")
+    console.print(f"tagged {len(chosen)} series of {len(patients)} patient(s) 'reviewed' (kaapana tag add reviewed "
+                  "--series ...): liver-train leaves them out, reviewed-test holds them")
+
+
+def _evaluate(console: Console, home: KaapanaHome, instance: dg.DagsterInstance, resources: dict[str, Any]) -> int:
+    """segmentation_evaluation[reviewed-test] of the production model, with its gate; the
+    asset refuses a cohort version with patients the model trained on. Says what it is
+    disjoint from: every training cohort of this site, and the model's training data."""
+    from kaapana_assets.cohorts.exclusion import cohort_patients
+    from kaapana_assets.cohorts.membership import read_cohort
+    from kaapana_assets.evaluation.assets import evaluation_gate, segmentation_evaluation
+
+    cohort = "reviewed-test"
+    with console.status(f"segmentation_evaluation[{cohort}]: segment and measure against the reference SEGs"):
+        result = dg.materialize([segmentation_evaluation, evaluation_gate], partition_key=cohort, instance=instance,
+                                resources=resources, raise_on_error=False, run_config=log_level_config("ERROR"))
+    if not result.success:
+        failures = result.get_step_failure_events()
+        error = failures[0].step_failure_data.error if failures else None
+        console.print(f"  [red]✗[/] segmentation_evaluation[{cohort}]: {error.message if error else ''}")
+        return 1
+    md = result.asset_materializations_for_node("segmentation_evaluation")[0].metadata
+    version, dice = md["cohort_version"].value, md["dice_mean"].value
+    assert isinstance(version, int) and isinstance(dice, dict)
+    lake = Lake(home.lake)
+    tested = read_cohort(lake, cohort, version).patients
+    training = sorted({c for c in lake.read("cohort_members", pl.col("purpose") == "train")["cohort"].to_list()})
+    shared = {}
+    for name in training:
+        found = cohort_patients(lake, name)
+        if found is not None:
+            shared[f"{name} v{found.version}"] = sorted(tested & found.patients)
+    console.print(f"  [green]✓[/] {md['model_name'].value} v{md['model_version'].value} on {cohort} "
+                  f"v{md['cohort_version'].value}: {md['cases'].value} case(s) of {len(tested)} patient(s), mean Dice "
+                  + ", ".join(f"{label} {value:.3f}" for label, value in dice.items() if value is not None))
+    console.print(f"  {md['training_data'].value}")
+    overlapping = {name: patients for name, patients in shared.items() if patients}
+    if overlapping:
+        console.print(f"  [red]✗[/] {cohort} shares patients with training cohorts: {overlapping}")
+        return 1
+    console.print(f"  {cohort} shares no patient with any training cohort of this site ({', '.join(shared) or 'none'})")
+    return 0
 
 
 def _cohorts(console: Console, defs: dg.Definitions, instance: dg.DagsterInstance, resources: dict[str, Any]) -> int:

@@ -43,8 +43,12 @@ class Node:
         return ["  " * depth + self.label] + [line for c in self.children for line in c.lines(depth + 1)]
 
 
-def _series_node(parent: Node, lake: Lake, series_uid: str, label: str, show: int = 3) -> None:
-    sops = lake.read("instances", pl.col("series_uid") == series_uid).sort("instance_number")["sop_instance_uid"]
+def _series_node(parent: Node, lake: Lake, series_uid: str, label: str, show: int = 3,
+                 version: int | None = None) -> None:
+    """A series and its SOP instances, as `instances` lists them at `version` (a cohort version's
+    pinned slices), or now."""
+    sops = lake.read("instances", pl.col("series_uid") == series_uid, version=version).sort(
+        "instance_number")["sop_instance_uid"]
     node = parent.add(f"{label} {series_uid}: {len(sops)} SOP instance(s)")
     for sop in sops.head(show).to_list():
         node.add(f"SOP {sop}")
@@ -60,9 +64,11 @@ def _cohort_node(parent: Node, lake: Lake, cohort: str, version: int, label: str
     first = members.row(0, named=True)
     node = parent.add(f"{label}: cohort {cohort} v{version}, {members.height} series, membership "
                       f"{first['membership_hash'][:12]}")
-    node.add(f"Delta versions read: series v{first['series_table_version']}, tags v{first['tags_table_version']}")
+    pinned = first.get("instances_table_version")
+    node.add(f"Delta versions read: series v{first['series_table_version']}, tags v{first['tags_table_version']}"
+             + (f", instances v{pinned}" if pinned is not None else ""))
     for series_uid in members.sort("series_uid")["series_uid"].to_list():
-        _series_node(node, lake, series_uid, "source series")
+        _series_node(node, lake, series_uid, "source series", version=pinned)
 
 
 def _segmentation(lake: Lake, uid: str) -> dict:
@@ -166,7 +172,12 @@ def _evaluation_trace(home: KaapanaHome, lake: Lake, tracking: Tracking, rows: p
         scores = "; ".join(f"{r['label']} Dice {_fmt(r['dice'], 3)}, HD95 {_fmt(r['hd95_mm'], 1, ' mm')}"
                            for r in these.iter_rows(named=True))
         node = cases.add(f"series {series_uid}: {scores}")
-        node.add(f"reference SEG series {case['reference_seg_series_uid']}")
+        # Each label from the reference the cohort version recorded for it (cohorts/references.py).
+        sources: dict[str, list[str]] = {}
+        for r in these.iter_rows(named=True):
+            sources.setdefault(r["reference_seg_series_uid"] or "none (scored as absent)", []).append(r["label"])
+        for seg_series, labels in sources.items():
+            node.add(f"reference SEG series {seg_series}: {', '.join(labels)}")
         node.add(f"predicted SEG {case['predicted_seg_sop_instance_uid']} (series {case['predicted_seg_series_uid']})")
     return root
 
@@ -196,8 +207,14 @@ def _federated(model: Node, home: KaapanaHome, lake: Lake, tags: dict[str, str])
     cases = json.loads(tags.get("kaapana.cases", "{}"))
     cohort = node.add(f"cohort {tags.get('kaapana.cohort')} at each site: "
                       + ", ".join(f"{site} {n} cases" for site, n in cases.items()))
+    # This site's own record of the rounds it trained (federated_site_rounds), else its export's note.
+    trained = (lake.read("federated_site_rounds", pl.col("experiment") == experiment)
+               if lake.exists("federated_site_rounds") else pl.DataFrame())
     record = Path(home.root) / "nnunet" / "federated" / experiment / "cohort.json"
-    if record.exists():
+    if trained.height:
+        for name, version in sorted(set(trained.select("cohort", "cohort_version").iter_rows())):
+            _cohort_node(cohort, lake, name, int(version), "this site")
+    elif record.exists():
         mine = json.loads(record.read_text())
         _cohort_node(cohort, lake, mine["cohort"], int(mine["version"]), "this site")
     cohort.add("other sites: cohort versions and members stay at the sites (only counts left them)")

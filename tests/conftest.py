@@ -29,6 +29,25 @@ from tests.helpers import (  # noqa: E402
     Federation,
     TrainedSite,
 )
+from tests.tools import require  # noqa: E402
+
+# Session fixtures too costly to build twice (a trained model, the demo, a federation): under
+# pytest-xdist (`make test-all` runs two workers) every test that uses one runs in the same
+# worker, so each is built once per run (`--dist loadgroup`).
+SHARED_FIXTURE_GROUPS = (("demo_home", "demo"), ("trained_site", "trained_site"), ("federation", "federation"))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        group = next((g for fixture, g in SHARED_FIXTURE_GROUPS if fixture in getattr(item, "fixturenames", ())), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.tools("storescu", …)`: the test fails in one line when a tool is missing."""
+    for marker in item.iter_markers("tools"):
+        require(*marker.args)
 
 
 @pytest.fixture(scope="session")
@@ -79,14 +98,12 @@ def encoded_corpus(tmp_path_factory: pytest.TempPathFactory) -> EncodedCorpus:
     study = generate_site("site-a", 1, seed=5, out=root / "original", with_annotations=True, slices=6, matrix=40)[0]
     series: dict[str, list[Path]] = {}
     segs: dict[str, Path] = {}
-    missing = sorted({e.tool for e in ENCODINGS if not e.available})
+    require(*sorted({e.tool for e in ENCODINGS}))
     for encoding in ENCODINGS:
-        if not encoding.available:
-            continue
         series[encoding.name] = [transcode(f, root / encoding.name / "ct" / f.name, encoding) for f in study.ct_files]
         if not encoding.transfer_syntax.startswith("1.2.840.10008.1.2.4") and encoding.name != "rle":
             segs[encoding.name] = transcode(study.seg_file, root / encoding.name / "seg" / study.seg_file.name, encoding)
-    return EncodedCorpus(study, root, series, segs, missing)
+    return EncodedCorpus(study, root, series, segs)
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +201,9 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo")
     # The examples, with liver-train relaxed for 16-slice test grids (thicker slices than 5 mm).
     shutil.copytree(EXAMPLES, root / "cohorts")
-    (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT.replace("min_size: 4", "min_size: 2"))
+    # It leaves the reviewed patient out, as the shipped liver-train does (reviewed-test is held out).
+    (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT.replace("min_size: 4", "min_size: 2").replace(
+        "  has_reference_segmentation: true\n", "  has_reference_segmentation: true\n  exclude_tags: [reviewed]\n"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KAAPANA_COHORTS", str(root / "cohorts"))
         mp.setenv("KAAPANA_HOME", str(root / "kaapana"))

@@ -56,7 +56,8 @@ def test_a_cohort_version_reads_back_as_it_was_cut(moved_on) -> None:  # type: i
     k = Kaapana(home.root)
     old = k.cohort("ct-all", version=1)
     assert sorted(old.series_uids) == sorted(s.series_uid for s in corpus["site-a"])  # not site-b's
-    assert old.delta_versions == {"series": v1.series_table_version, "tags": v1.tags_table_version}
+    assert old.delta_versions == {"series": v1.series_table_version, "tags": v1.tags_table_version,
+                                  "instances": v1.instances_table_version}  # the slices it reads (pinned)
     late = corpus["site-a"][0]
     # The member's series row as of version 1: no reference SEG yet (it has one now).
     row = old.members.filter(pl.col("series_uid") == late.series_uid).row(0, named=True)

@@ -201,30 +201,31 @@ def test_versions_and_time_travel(tmp_path: Path, corpus: dict) -> None:
 
 def test_a_model_written_seg_is_no_reference(tmp_path: Path, corpus: dict) -> None:
     """A study the automation segmented is not thereby annotated: a training cohort must not
-    pick it up, nor train on the model's own prediction."""
-    import datetime as dt
-
-    import pyarrow as pa
-
-    from kaapana_assets.lake.schemas import SEGMENTATIONS
+    pick it up, nor train on the model's own prediction. Decided from the SEG's own attributes
+    (cohorts/references.py), with no `segmentations` row needed."""
+    from kaapana_assets.ingest.volume import assemble_volume, seg_labels
+    from kaapana_assets.segmentation.dicom_seg import encode_seg, model_seg
 
     targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home"))
-    study = corpus["site-a"][0]
-    ingest_files(study.ct_files + [study.seg_file], targets, remove_sources=False)
+    annotated_study, segmented_only = corpus["site-a"][0], corpus["site-a"][1]
+    files = [*annotated_study.files, *segmented_only.ct_files]
+    for i, study in enumerate((annotated_study, segmented_only)):
+        volume = assemble_volume(study.ct_files)
+        labels = seg_labels(study.seg_file, volume, {"liver": 1, "lesion": 2})
+        seg, _ = model_seg(volume, labels, {0: "background", 1: "liver", 2: "lesion"}, "m", "1")
+        files.append(tmp_path / f"model{i}.dcm")
+        files[-1].write_bytes(encode_seg(seg))
+    ingest_files(files, targets, remove_sources=False)
     annotated = define(name="annotated", filter={"modality": "CT", "has_reference_segmentation": True})
     first = snapshot_cohort(targets.lake, annotated)
-    seg_series = first.members["reference_seg_series_uids"][0].to_list()
-    assert len(seg_series) == 1 and first.version == 1
-    # The same SEG series, now listed as a model output (as the segmentations asset records it).
-    row = {"seg_sop_instance_uid": "1.2.3", "label": "liver", "label_value": 1, "study_uid": study.study_uid,
-           "series_uid": study.series_uid, "seg_series_uid": seg_series[0], "model_name": "m", "model_version": "1",
-           "created_at": dt.datetime.now(dt.timezone.utc)}
-    targets.lake.merge("segmentations", pa.Table.from_pylist([row], schema=SEGMENTATIONS.schema))
-    with pytest.raises(EmptyCohort):
-        snapshot_cohort(targets.lake, annotated)
+    assert first.members["series_uid"].to_list() == [annotated_study.series_uid]
+    assert first.members["reference_seg_series_uids"].to_list() == [[annotated_study.seg_series_uid]]
     everything = snapshot_cohort(targets.lake, define(name="all", filter={"modality": "CT"}))
-    assert everything.members["reference_seg_series_uids"].to_list() == [[]]
-    assert everything.members["reference_labels"].to_list() == [[]]
+    bare = everything.members.filter(pl.col("series_uid") == segmented_only.series_uid)
+    assert bare["reference_seg_series_uids"].to_list() == [[]] and bare["reference_labels"].to_list() == [[]]
+    # The series table keeps the raw fact: both SEGs point at the annotated series.
+    raw = targets.lake.read("series", pl.col("series_uid") == annotated_study.series_uid)
+    assert len(raw["reference_seg_series_uids"][0]) == 2
 
 
 # -- harmonization checks ----------------------------------------------------------
@@ -234,6 +235,10 @@ def outcome(lake: Lake, check: str, name: str, **fields: Any):  # type: ignore[n
     definition = define(name=name, **fields)
     snapshot_cohort(lake, definition)
     return CHECKS[check](read_cohort(lake, name), definition)
+
+
+def members_of(lake: Lake, name: str) -> set[str]:
+    return set(read_cohort(lake, name).members["series_uid"].to_list())
 
 
 def offenders(result) -> set[str]:  # type: ignore[no-untyped-def]
@@ -274,9 +279,15 @@ def test_series_complete(lake: Lake) -> None:
 def test_reference_segmentations(lake: Lake, corpus: dict) -> None:
     annotated = {"filter": {"modality": "CT", "has_reference_segmentation": True}}
     assert outcome(lake, "reference_segmentations", "r1", purpose="train", required_labels=["liver"], **annotated).passed
-    lesion = outcome(lake, "reference_segmentations", "r2", purpose="train", required_labels=["lesion"], **annotated)
+    # A required label no accepted reference holds: not annotated for this cohort. Membership
+    # leaves such series out; the check, on a cohort without that filter, names them.
     without = {s.series_uid for site in corpus.values() for s in site if "lesion" not in s.labels_present}
+    assert outcome(lake, "reference_segmentations", "r2", purpose="train", required_labels=["lesion"], **annotated).passed
+    assert members_of(lake, "r2") == (ct_of(corpus, "site-a") | ct_of(corpus, "site-b")) - without
+    lesion = outcome(lake, "reference_segmentations", "r2b", purpose="train", required_labels=["lesion"],
+                     filter={"modality": "CT", "exclude_series": [odd("sagittal"), odd("gappy")]})
     assert not lesion.passed and offenders(lesion) == without
+    assert {o["problem"] for o in lesion.offending} == {"reference SEG lacks ['lesion']"}
     unannotated = outcome(lake, "reference_segmentations", "r3", purpose="train", required_labels=["liver"], filter={"modality": "CT"})
     assert offenders(unannotated) == {odd("sagittal"), odd("gappy")}
     assert all(o["problem"] == "no reference SEG" for o in unannotated.offending)

@@ -68,7 +68,13 @@ def test_maintenance_compacts_and_keeps_cohort_time_travel(tmp_path: Path, corpu
     assert protected_versions(lake)["series"] == cohort.series_table_version
     instances = reports["instances"]
     assert instances.files_before > 1 and instances.files_after == 1  # compacted to one file
-    assert instances.files_on_disk_after < instances.files_on_disk_before and instances.vacuumed > 0
+    # The cohort version pins its slices: the instances files its version reads are kept ...
+    assert instances.protected_version == cohort.instances_table_version
+    pinned = lake.read("instances", version=cohort.instances_table_version)
+    assert pinned.height == sum(len(s.files) for s in studies[:3])
+    # ... while an unprotected table's removed files go.
+    assert reports["studies"].files_on_disk_after < reports["studies"].files_on_disk_before
+    assert reports["studies"].vacuumed > 0
     assert reports["series"].protected_version == cohort.series_table_version
     after = read_cohort(lake, COHORT.name, cohort.version).members
     assert after.drop("created_at").equals(before.drop("created_at"))

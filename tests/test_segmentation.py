@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from kaapana_assets.training import nnunet
 from resources import MlflowResource
 from sensors.incoming import incoming_studies
 from tests.helpers import TRAIN_GRID
+from tests.tools import dciodvfy_errors
 
 SEED = 77  # studies the model never saw
 
@@ -71,9 +71,7 @@ def test_new_study_is_segmented_as_valid_dicom_seg(trained_site) -> None:  # typ
     assert "liver" in labels
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
     assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("nnunet-liver-train", "1")
-    if shutil.which("dciodvfy"):
-        out = subprocess.run(["dciodvfy", str(seg_file)], capture_output=True, text=True, timeout=60)
-        assert [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("Error")] == []
+    assert dciodvfy_errors(seg_file) == []
 
     # Statistics per label, in the segmentations table.
     stats = lake.read("segmentations", pl.col("study_uid") == study.study_uid)
@@ -229,10 +227,7 @@ def test_compressed_study_is_segmented(trained_site) -> None:  # type: ignore[no
         path = lake.read("instances", pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)["archive_path"][0]
         liver = lake.read("segmentations", (pl.col("study_uid") == study.study_uid) & (pl.col("label") == "liver"))
         assert liver["voxel_count"][0] > 0
-        if shutil.which("dciodvfy"):
-            out = subprocess.run(["dciodvfy", str(trained_site.home.archive / path)], capture_output=True, text=True,
-                                 timeout=60)
-            assert [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")] == []
+        assert dciodvfy_errors(trained_site.home.archive / path) == []
 
 
 # Fast tier: SEG writing, indexing and the model cache, with a stand-in predictor that returns
@@ -307,7 +302,7 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     model = _model(truth)
     result = segment_study(targets.lake, targets, study.study_uid, model)
     assert not result.reused and model.predictor.calls == 1
-    assert set(result.versions) == {"instances", "series", "studies", "segmentations"}
+    assert set(result.versions) == {"instances", "seg_segments", "series", "studies", "segmentations"}
     lake = targets.lake
     seg_row = lake.read("instances", pl.col("sop_instance_uid") == result.seg_sop_uid).row(0, named=True)
     seg_file = targets.archive / seg_row["archive_path"]
@@ -322,7 +317,7 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
         return t.lake.read(table, pl.col("study_uid") == study.study_uid).drop(stamp).sort(key).to_dicts()
 
     for table, key, stamp in (("instances", "sop_instance_uid", "ingested_at"), ("series", "series_uid", "updated_at"),
-                              ("studies", "study_uid", "updated_at")):
+                              ("studies", "study_uid", "updated_at"), ("seg_segments", "segment_number", "indexed_at")):
         assert rows(targets, table, key, stamp) == rows(other, table, key, stamp), table
     assert (targets.archive / seg_row["archive_path"]).read_bytes() == (other.archive / seg_row["archive_path"]).read_bytes()
 
@@ -334,9 +329,7 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     liver = next(s for s in result.statistics if s["label"] == "liver")
     assert liver["voxel_count"] == int((truth == 1).sum())
     # Valid for dciodvfy, and dcmqi (3D Slicer's reader) reads the same labels as ours.
-    if shutil.which("dciodvfy"):
-        out = subprocess.run(["dciodvfy", str(seg_file)], capture_output=True, text=True, timeout=60)
-        assert [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")] == []
+    assert dciodvfy_errors(seg_file) == []
     from tests.test_dcmqi import dcmqi_labels, segimage2itkimage
 
     try:
@@ -464,7 +457,7 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
 
     targets, uids, truth = _ingested_burst(tmp_path, 3)
     lake = targets.lake
-    tables = ("instances", "series", "studies", "segmentations")
+    tables = ("instances", "seg_segments", "series", "studies", "segmentations")
     before = lake.versions(tables)
 
     seen: list[str] = []

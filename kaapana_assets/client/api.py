@@ -24,8 +24,10 @@ import numpy as np
 import polars as pl
 
 from kaapana_assets.cohorts.definitions import EXAMPLES
-from kaapana_assets.cohorts.membership import CohortSnapshot, cohort_versions, model_outputs, read_cohort
-from kaapana_assets.evaluation.evaluate import archive_paths, reference_seg
+from kaapana_assets.cohorts.labels import member_labels
+from kaapana_assets.cohorts.membership import CohortSnapshot, cohort_versions, read_cohort
+from kaapana_assets.cohorts.references import reference_sources
+from kaapana_assets.evaluation.evaluate import archive_paths
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.volume import Volume, assemble_volume, seg_labels
 from kaapana_assets.lake import Lake
@@ -76,7 +78,8 @@ class Case:
     label_ids: dict[str, int]
     geometry: Geometry
     series: dict[str, Any]
-    reference_seg_series_uid: str | None = None
+    reference_seg_series_uid: str | None = None  # when one SEG series gives every label; else see reference_sources
+    reference_sources: dict[str, str] = field(default_factory=dict)  # label → the SEG series it comes from
     volume: Volume | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[Any]:
@@ -106,7 +109,8 @@ class SegArrays:
 
 class Cohort:
     """A cohort version exactly as snapshotted (time travel: the series rows are those of the
-    `series` table version the snapshot read, whatever the table holds now)."""
+    `series` table version the snapshot read, and the slices those of its `instances` version,
+    whatever the tables hold now)."""
 
     def __init__(self, client: Kaapana, snapshot: CohortSnapshot, label_ids: Mapping[str, int]):
         self.client, self.snapshot = client, snapshot
@@ -138,7 +142,8 @@ class Cohort:
     @property
     def delta_versions(self) -> dict[str, int | None]:
         """The Delta versions this cohort version was cut from."""
-        return {"series": self.snapshot.series_table_version, "tags": self.snapshot.tags_table_version}
+        return {"series": self.snapshot.series_table_version, "tags": self.snapshot.tags_table_version,
+                "instances": self.snapshot.instances_table_version}
 
     def case(self, series_uid: str) -> Case:
         rows = self.members.filter(pl.col("series_uid") == series_uid)
@@ -153,13 +158,16 @@ class Cohort:
 
     def _case(self, member: dict[str, Any]) -> Case:
         lake, archive = self.client.lake, self.client.home.archive
-        volume = assemble_volume(archive_paths(lake, archive, member["series_uid"]))
-        reference = reference_seg(member, self.client._model_outputs())
+        volume = assemble_volume(archive_paths(lake, archive, member["series_uid"], self.snapshot.instances_table_version))
+        sources = {s.label: s.seg_series_uid for s in reference_sources(member)}
         labels = None
-        if reference is not None:
-            labels = seg_labels(archive_paths(lake, archive, reference)[0], volume, self.label_ids)
+        if sources:  # the references the cohort version recorded, read as the nnU-Net export reads them
+            labels = member_labels(lake, archive, member, volume, self.label_ids,
+                                   self.snapshot.instances_table_version).labels
+        single = next(iter(set(sources.values()))) if len(set(sources.values())) == 1 else None
         return Case(member["series_uid"], member["study_uid"], member["patient_id"] or "", volume.hu, labels,
-                    dict(self.label_ids), Geometry.of(volume), dict(member), reference, volume)
+                    dict(self.label_ids), Geometry.of(volume), dict(member), reference_seg_series_uid=single,
+                    reference_sources=sources, volume=volume)
 
     def export_nifti(self, folder: str | Path) -> Path:
         """images/<case>.nii.gz and, with a reference, labels/<case>.nii.gz, plus manifest.json
@@ -176,7 +184,7 @@ class Cohort:
             entry: dict[str, Any] = {
                 "case": name, "series_uid": case.series_uid, "study_uid": case.study_uid,
                 "patient_id": case.patient_id, "image": f"images/{name}.nii.gz", "label": None,
-                "reference_seg_series_uid": case.reference_seg_series_uid,
+                "reference_seg_series_uid": case.reference_seg_series_uid, "reference_sources": case.reference_sources,
                 "spacing_zyx": list(case.geometry.spacing_zyx), "shape_zyx": list(case.geometry.shape),
             }
             if case.labels is not None:
@@ -188,8 +196,11 @@ class Cohort:
         manifest = {
             "cohort": self.name, "cohort_version": self.version, "purpose": self.snapshot.purpose,
             "membership_hash": self.snapshot.membership_hash,
+            # The slices read: the version's pinned `instances`, or the table as it is for versions cut
+            # before it was recorded.
             "delta_versions": {**self.delta_versions, "cohort_members": lake.version("cohort_members"),
-                               "instances": lake.version("instances")},
+                               "instances": self.snapshot.instances_table_version
+                               if self.snapshot.instances_table_version is not None else lake.version("instances")},
             "lake": lake.root, "labels": {"background": 0, **self.label_ids},
             "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(), "cases": cases,
         }
@@ -202,10 +213,12 @@ class Cohort:
         return self.client.evaluations(self.name, self.version, model_name, model_version)
 
     def evaluate(self, model_name: str | None = None, model_version: str | int | None = None,
-                 device: str = "auto") -> pl.DataFrame:
+                 device: str = "auto", allow_overlap: bool = False) -> pl.DataFrame:
         """Measure a model version (default: the production version of the site's segmentation
         model) on this cohort version as the segmentation_evaluation asset does — the same code:
-        SEGs archived, rows in `evaluations`, a run in MLflow; returns the rows."""
+        the held-out check (NotHeldOut when patients of this version are in the model's training
+        data, unless `allow_overlap`), SEGs archived, rows in `evaluations`, a run in MLflow;
+        returns the rows."""
         from kaapana_assets.evaluation.models import load_model
         from kaapana_assets.evaluation.run import run_evaluation
         from kaapana_assets.ingest.pipeline import IngestTargets
@@ -214,7 +227,7 @@ class Cohort:
         model = load_model(tracking, model_name or self.client.segmentation_model, model_version,
                            self.client.home.root / "models", device)
         report = run_evaluation(self.client.lake, IngestTargets.for_home(self.client.home), tracking, self.snapshot,
-                                model)
+                                model, allow_overlap=allow_overlap)
         return report.evaluation.rows
 
 
@@ -241,9 +254,6 @@ class Kaapana:
         from kaapana_assets.training.tracking import default_tracking
 
         return default_tracking(self.home.root)
-
-    def _model_outputs(self) -> set[str]:
-        return model_outputs(self.lake)
 
     def cohorts(self) -> pl.DataFrame:
         """Every cohort and its versions (size, membership hash, series table version)."""

@@ -7,7 +7,9 @@ import uuid
 import dagster as dg
 import pyarrow as pa
 
+from kaapana_assets.cohorts.check_records import CheckRecord, record_check
 from kaapana_assets.cohorts.definitions import CohortDefinition, CohortDefinitionError
+from kaapana_assets.cohorts.exclusion import UnknownExcludedCohort
 from kaapana_assets.cohorts.harmonization import CHECKS, offending_rows
 from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
 from kaapana_assets.cohorts.partitions import cohorts_partitions
@@ -19,6 +21,7 @@ from kaapana_assets.cohorts.statistics import (
     write_textfile,
 )
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
+from kaapana_assets.ingest.seg_segments import index_missing_segments
 from kaapana_assets.lake.schemas import SITE_STATISTICS
 from kaapana_assets.metadata_table import columns, table
 from resources.cohorts import CohortDefinitionsResource
@@ -46,12 +49,18 @@ def _definition(cohort_definitions: CohortDefinitionsResource, name: str) -> Coh
     description="A curated cohort: its membership snapshotted as a numbered version in cohort_members.",
 )
 def cohorts(
-    context: dg.AssetExecutionContext, lake: LakeResource, cohort_definitions: CohortDefinitionsResource
+    context: dg.AssetExecutionContext, lake: LakeResource, archive: ArchiveResource,
+    cohort_definitions: CohortDefinitionsResource,
 ) -> dg.MaterializeResult:
     definition = _definition(cohort_definitions, context.partition_key)
+    # Which SEGs are references is read from their segments' provenance (cohorts/references.py):
+    # SEGs indexed before `seg_segments` existed get theirs recorded first.
+    recorded = index_missing_segments(lake.lake(), archive.kaapana_home().archive)
+    if recorded:
+        context.log.info(f"recorded {recorded} segment(s) of SEGs indexed without them")
     try:
         snapshot = snapshot_cohort(lake.lake(), definition)
-    except EmptyCohort as exc:
+    except (EmptyCohort, UnknownExcludedCohort) as exc:
         raise dg.Failure(description=str(exc)) from None
     per_site = snapshot.members.group_by("institution").len().sort("institution")
     context.log.info(
@@ -69,8 +78,11 @@ def cohorts(
             "membership_hash": dg.MetadataValue.text(snapshot.membership_hash),
             "definition_hash": dg.MetadataValue.text(definition.digest()),
             "delta_versions_read": dg.MetadataValue.json(
-                {"series": snapshot.series_table_version, "tags": snapshot.tags_table_version}
+                {"series": snapshot.series_table_version, "tags": snapshot.tags_table_version,
+                 "instances": snapshot.instances_table_version,
+                 "segmentations": snapshot.segmentations_table_version}
             ),
+            "excluded_cohorts": dg.MetadataValue.json(snapshot.excluded_cohorts),
             "delta_version": dg.MetadataValue.int(snapshot.cohort_members_version or 0),
         },
         data_version=dg.DataVersion(snapshot.membership_hash),
@@ -93,7 +105,12 @@ def _harmonization_check(name: str) -> dg.AssetChecksDefinition:
         definition = _definition(cohort_definitions, context.partition_key)
         snapshot = read_cohort(lake.lake(), context.partition_key)
         outcome = check(snapshot, definition)
+        # Recorded in the lake: export and training read the gate from there (check_records.py).
+        recorded = record_check(lake.lake(), CheckRecord(
+            snapshot.cohort, snapshot.version, name, outcome.passed, outcome.description, len(outcome.offending),
+            definition.digest()))
         metadata: dict[str, dg.MetadataValue] = {
+            "cohort_checks_version": dg.MetadataValue.int(recorded or 0),
             "cohort_version": dg.MetadataValue.int(snapshot.version),
             "offending_count": dg.MetadataValue.int(len(outcome.offending)),
             **{k: dg.MetadataValue.json(v) if isinstance(v, dict) else dg.MetadataValue.float(float(v))

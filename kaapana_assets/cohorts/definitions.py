@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kaapana_assets.ingest.seg_segments import AlgorithmType
 from kaapana_assets.ingest.uids import is_valid_uid
 
 EXAMPLES = Path(__file__).parent / "examples"
@@ -31,6 +32,11 @@ def _as_list(value: Any) -> Any:
 
 
 StrList = Annotated[list[str], BeforeValidator(_as_list)]
+
+
+def _upper_list(value: Any) -> Any:
+    value = _as_list(value)
+    return [v.upper() if isinstance(v, str) else v for v in value] if isinstance(value, list) else value
 
 
 class Range(BaseModel):
@@ -67,6 +73,10 @@ class CohortFilter(BaseModel):
     has_reference_segmentation: bool | None = None
     include_series: StrList = Field(default_factory=list, description="always members (if indexed)")
     exclude_series: StrList = Field(default_factory=list, description="never members")
+    # Held out per patient: a series is left out when its patient is in the latest version of
+    # any of these cohorts (when this cohort is snapshotted; the version read is recorded).
+    exclude_cohorts: StrList = Field(default_factory=list, description="never a patient of these cohorts")
+    exclude_tags: StrList = Field(default_factory=list, description="never a series carrying any of these tags")
 
     @field_validator("series_description")
     @classmethod
@@ -86,11 +96,19 @@ class CohortFilter(BaseModel):
             raise ValueError(f"not valid SeriesInstanceUIDs: {bad[:3]}")
         return values
 
-    @field_validator("tags")
+    @field_validator("tags", "exclude_tags")
     @classmethod
     def tag_names(cls, values: list[str] | None) -> list[str] | None:
         for v in values or []:
             validate_tag(v)
+        return values
+
+    @field_validator("exclude_cohorts")
+    @classmethod
+    def cohort_names(cls, values: list[str]) -> list[str]:
+        bad = [v for v in values if not NAME.fullmatch(v)]
+        if bad:
+            raise ValueError(f"not cohort names: {bad[:3]}")
         return values
 
 
@@ -113,6 +131,20 @@ class CohortDefinition(BaseModel):
     required_labels: StrList = Field(default_factory=list)
     filter: CohortFilter = Field(default_factory=CohortFilter)
     harmonization: Harmonization = Field(default_factory=Harmonization)
+    # Which SEGs are references (cohorts/references.py): every segment a SEG contributes must be
+    # of one of these Segment Algorithm Types; a SEG of this platform's models never is one.
+    reference_algorithm_types: Annotated[list[AlgorithmType], BeforeValidator(_upper_list)] = Field(
+        default_factory=lambda: [AlgorithmType.MANUAL, AlgorithmType.SEMIAUTOMATIC], min_length=1)
+    # Overlapping segments: a voxel takes the first of these labels it belongs to; labels not
+    # listed come after them, the smaller structure (fewer voxels) on top.
+    label_priority: StrList = Field(default_factory=list)
+
+    @field_validator("label_priority")
+    @classmethod
+    def distinct(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError(f"labels listed twice: {sorted({v for v in values if values.count(v) > 1})}")
+        return values
 
     @field_validator("name")
     @classmethod
@@ -120,6 +152,12 @@ class CohortDefinition(BaseModel):
         if not NAME.fullmatch(value):
             raise ValueError("use lowercase letters, digits, '.', '_' and '-' (at most 63)")
         return value
+
+    @model_validator(mode="after")
+    def not_excluding_itself(self) -> "CohortDefinition":
+        if self.name in self.filter.exclude_cohorts:
+            raise ValueError(f"filter.exclude_cohorts names the cohort itself ({self.name!r})")
+        return self
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

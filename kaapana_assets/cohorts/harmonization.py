@@ -13,6 +13,7 @@ import polars as pl
 
 from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.cohorts.membership import CohortSnapshot
+from kaapana_assets.cohorts.references import missing_labels
 
 
 @dataclass
@@ -94,6 +95,8 @@ def series_complete(snapshot: CohortSnapshot, definition: CohortDefinition) -> C
 
 
 def reference_segmentations(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    """Every member has an accepted reference SEG holding every required label: the same
+    references and the same rule (cohorts/references.py) as `has_reference_segmentation`."""
     if definition.purpose != "train":
         return CheckOutcome(True, f"not required for a {definition.purpose} cohort")
     required = set(definition.required_labels)
@@ -103,7 +106,7 @@ def reference_segmentations(snapshot: CohortSnapshot, definition: CohortDefiniti
     )
     offending: list[dict[str, Any]] = []
     for row in frame.iter_rows(named=True):
-        missing = sorted(required - set(row["labels"]))
+        missing = missing_labels(row["labels"], definition.required_labels)
         if row["no_seg"]:
             offending.append({"series_uid": row["series_uid"], "study_uid": row["study_uid"],
                               "institution": row.get("institution"), "problem": "no reference SEG"})
@@ -119,9 +122,13 @@ def reference_segmentations(snapshot: CohortSnapshot, definition: CohortDefiniti
 
 
 def minimum_size(snapshot: CohortSnapshot, definition: CohortDefinition) -> CheckOutcome:
+    """At least min_size patients: series of one patient are not independent cases (a member
+    without a PatientID counts as a patient of its own)."""
     need = definition.harmonization.min_size
+    patients = len(snapshot.patients)
     return CheckOutcome(
-        snapshot.size >= need, f"{snapshot.size} series (minimum {need})", values={"size": snapshot.size, "minimum": need}
+        patients >= need, f"{patients} patient(s) in {snapshot.size} series (minimum {need} patients)",
+        values={"patients": patients, "series": snapshot.size, "minimum": need},
     )
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 import pyarrow as pa
 
 from kaapana_assets.cohorts.definitions import CohortDefinition
+from kaapana_assets.cohorts.exclusion import excluded_cohorts, without_patients
+from kaapana_assets.cohorts.references import annotated, apply_reference_policy, references_digest
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import COHORT_MEMBERS
 
@@ -35,32 +37,40 @@ class CohortSnapshot:
     tags_table_version: int | None
     created: bool = False  # True when this materialization made a new version
     cohort_members_version: int | None = None
+    # The `instances` version the members' slices are read at (export, evaluation, client,
+    # lineage); None for versions cut before it was recorded (they read `instances` as it is).
+    instances_table_version: int | None = None
+    segmentations_table_version: int | None = None
+    excluded_cohorts: dict[str, int] = field(default_factory=dict)  # cohort → version whose patients were left out
 
     @property
     def size(self) -> int:
         return self.members.height
 
-
-def model_outputs(lake: Lake) -> set[str]:
-    """SEG series this platform's models wrote (the `segmentations` table): never references."""
-    if not lake.exists("segmentations"):
-        return set()
-    return set(lake.read("segmentations")["seg_series_uid"].unique().to_list())
+    @property
+    def patients(self) -> set[str]:
+        return set(self.members.select(patient_key()).to_series().to_list())
 
 
-def without_model_segs(series: pl.DataFrame, outputs: set[str]) -> pl.DataFrame:
-    """The series rows with only human reference SEGs listed: a study the automation segmented
-    is not thereby annotated, and a model must never train on its own predictions."""
-    if not outputs:
-        return series
-    return series.with_columns(
-        pl.col("reference_seg_series_uids").list.set_difference(pl.lit(sorted(outputs), dtype=pl.List(pl.String)))
-        .list.sort()
-    )
+def patient_key() -> pl.Expr:
+    """A member's patient for counting and splitting: its PatientID, or the series itself when
+    it has none (it cannot be matched with any other series)."""
+    pid = pl.col("patient_id")
+    return pl.when(pid.fill_null("") == "").then(pl.col("series_uid")).otherwise(pid).alias("patient")
+
+
+def with_references(lake: Lake, series: pl.DataFrame, definition: CohortDefinition) -> pl.DataFrame:
+    """The series rows with their references for this cohort (cohorts/references.py): only
+    accepted reference SEGs listed, each label's source chosen. A study the automation
+    segmented is not thereby annotated, and a model never trains on its own predictions."""
+    listed = sorted({uid for uids in series["reference_seg_series_uids"].to_list() for uid in uids or []})
+    segments = lake.read("seg_segments", pl.col("series_uid").is_in(listed))
+    return apply_reference_policy(series, segments, definition.reference_algorithm_types)
 
 
 def select_series(series: pl.DataFrame, tags: pl.DataFrame, definition: CohortDefinition) -> pl.DataFrame:
-    """Image series (not SEG) matching the definition's filter."""
+    """Image series (not SEG) matching the definition's filter; `has_reference_segmentation`
+    reads the references as `with_references` leaves them."""
     f = definition.filter
     frame = series.filter(pl.col("modality") != "SEG")
     if f.modality:
@@ -89,32 +99,28 @@ def select_series(series: pl.DataFrame, tags: pl.DataFrame, definition: CohortDe
         have_all = tagged.filter(pl.col("n") == len(set(f.tags)))["series_uid"]
         frame = frame.filter(pl.col("series_uid").is_in(have_all.implode()))
     if f.has_reference_segmentation is not None:
-        has = pl.col("reference_seg_series_uids").list.len() > 0
+        has = annotated(definition.required_labels)
         frame = frame.filter(has if f.has_reference_segmentation else ~has)
     if f.include_series:
         extra = series.filter(pl.col("series_uid").is_in(f.include_series) & (pl.col("modality") != "SEG"))
         frame = pl.concat([frame, extra]).unique("series_uid", keep="first")
     if f.exclude_series:
         frame = frame.filter(~pl.col("series_uid").is_in(f.exclude_series))
+    if f.exclude_tags:
+        tagged_out = tags.filter(pl.col("tag").is_in(f.exclude_tags))["series_uid"]
+        frame = frame.filter(~pl.col("series_uid").is_in(tagged_out.implode()))
     return frame.sort("series_uid")
 
 
-def _reference_labels(series: pl.DataFrame, members: pl.DataFrame) -> dict[str, list[str]]:
-    """Union of the segment labels of each member's reference SEG series."""
-    seg_labels = dict(
-        zip(*series.filter(pl.col("modality") == "SEG").select("series_uid", "segment_labels").to_dict(as_series=False).values(), strict=True)
-    )
-    out = {}
-    for uid, segs in zip(members["series_uid"].to_list(), members["reference_seg_series_uids"].to_list(), strict=True):
-        out[uid] = sorted({lab for seg in segs or [] for lab in seg_labels.get(seg) or []})
-    return out
-
-
-def membership_hash(members: pl.DataFrame) -> str:
-    """Hash of who is in and of what their rows say: unchanged data, unchanged hash."""
+def membership_hash(members: pl.DataFrame, label_priority: list[str] | None = None) -> str:
+    """Hash of who is in, of what their rows say, of the references chosen for them and of the
+    overlap rule: unchanged data, unchanged hash."""
     h = hashlib.sha256()
+    references = references_digest(members)
     for uid, digest in sorted(zip(members["series_uid"].to_list(), members["row_digest"].to_list(), strict=True)):
-        h.update(f"{uid}:{digest}\n".encode())
+        h.update(f"{uid}:{digest}:{references[uid]}\n".encode())
+    if label_priority:
+        h.update(f"label_priority:{','.join(label_priority)}\n".encode())
     return h.hexdigest()[:24]
 
 
@@ -129,20 +135,25 @@ def latest_version(lake: Lake, cohort: str) -> tuple[int, str] | None:
 def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
     """Select members now; record a new version only if the membership changed."""
     series_version, tags_version = lake.version("series"), lake.version("tags")
-    series = without_model_segs(lake.read("series", version=series_version), model_outputs(lake))
+    # Read after `series`: ingest commits slices before the series rows computed from them.
+    instances_version, segmentations_version = lake.version("instances"), lake.version("segmentations")
+    series = with_references(lake, lake.read("series", version=series_version), definition)
     tags = lake.read("tags", version=tags_version)
     members = select_series(series, tags, definition)
+    excluded = excluded_cohorts(lake, definition.name, definition.filter.exclude_cohorts)
+    members, left_out = without_patients(members, excluded)
     if members.height == 0:
+        held_out = (f" after leaving out {left_out} series of patients in "
+                    + ", ".join(f"{e.cohort} v{e.version}" for e in excluded)) if left_out else ""
         raise EmptyCohort(
             f"cohort {definition.name!r} matches no series in the index (series table version "
-            f"{series_version}); check its filter or ingest data first"
+            f"{series_version}){held_out}; check its filter or ingest data first"
         )
-    digest = membership_hash(members)
+    digest = membership_hash(members, definition.label_priority)
     previous = latest_version(lake, definition.name)
     if previous and previous[1] == digest:
         return read_cohort(lake, definition.name, previous[0])
     version = (previous[0] + 1) if previous else 1
-    labels = _reference_labels(series, members)
     now = dt.datetime.now(dt.timezone.utc)
     rows = [
         {
@@ -152,12 +163,17 @@ def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
             "study_uid": m["study_uid"],
             "patient_id": m["patient_id"],
             "reference_seg_series_uids": m["reference_seg_series_uids"] or [],
-            "reference_labels": labels[m["series_uid"]],
+            "reference_labels": m["reference_labels"],
+            "reference_sources": m["reference_sources"],
+            "label_priority": definition.label_priority,
             "membership_hash": digest,
             "definition_hash": definition.digest(),
             "purpose": definition.purpose,
             "series_table_version": series_version,
             "tags_table_version": tags_version,
+            "instances_table_version": instances_version,
+            "segmentations_table_version": segmentations_version,
+            "excluded_cohorts": [{"cohort": e.cohort, "cohort_version": e.version} for e in excluded],
             "created_at": now,
         }
         for m in members.iter_rows(named=True)
@@ -195,6 +211,9 @@ def read_cohort(lake: Lake, cohort: str, version: int | None = None) -> CohortSn
         series_table_version=series_version,
         tags_table_version=first["tags_table_version"],
         cohort_members_version=lake.version("cohort_members"),
+        instances_table_version=first.get("instances_table_version"),
+        segmentations_table_version=first.get("segmentations_table_version"),
+        excluded_cohorts={e["cohort"]: e["cohort_version"] for e in first.get("excluded_cohorts") or []},
     )
 
 

@@ -13,12 +13,14 @@ from kaapana_assets.cohorts.definitions import CohortDefinitionError
 from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
 from kaapana_assets.cohorts.partitions import cohorts_partitions
 from kaapana_assets.evaluation.evaluate import EvaluationError, read_evaluation
-from kaapana_assets.evaluation.models import UnknownModelVersion, load_model
+from kaapana_assets.evaluation.held_out import NotHeldOut, check_held_out
+from kaapana_assets.evaluation.models import UnknownModelVersion, resolve_version
 from kaapana_assets.evaluation.report import GateOutcome, gate, summarize
 from kaapana_assets.evaluation.run import run_evaluation
 from kaapana_assets.ingest.study import png_markdown
 from kaapana_assets.lake import Lake
 from kaapana_assets.metadata_table import columns, table
+from kaapana_assets.segmentation.models import loaded_version
 from kaapana_assets.segmentation.segment import NothingToSegment
 from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
 from kaapana_assets.training.tracking import PRODUCTION
@@ -48,6 +50,9 @@ class EvaluationConfig(dg.Config):
                             "Dice of each required label; 0 (the default) leaves the gate open")
     max_hd95_mm: float = Field(default=0.0, ge=0.0, description="evaluation_gate: the largest median HD95 (mm) of "
                                "each required label; 0 (the default): not gated")
+    allow_overlap: bool = Field(default=False, description="evaluate even when patients of the cohort version are in "
+                                "the model's training data (a deliberate in-sample report, titled so, never "
+                                "promoted); off: such an evaluation fails, naming them")
 
 
 def _latest(context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext, partition: str) -> dict[str, Any]:
@@ -91,18 +96,20 @@ def segmentation_evaluation(
     model_name = config.model_name or nnunet_settings.segmentation_model_name()
     try:
         snapshot = read_cohort(the_lake, name, config.cohort_version or None)
-        if snapshot.purpose == "train":
-            context.log.warning(f"{name} is a training cohort: its scores flatter a model trained on it")
-        model = load_model(tracking, model_name, config.model_version or None, nnunet_settings.model_cache(),
-                           nnunet_settings.device)
+        version = resolve_version(tracking, model_name, config.model_version or None)
+        # Before the model is fetched: patients it learned from are not a test of it.
+        held_out = check_held_out(the_lake, snapshot, f"{model_name}:v{version.version}", dict(version.tags or {}),
+                                  config.allow_overlap)
+        (context.log.info if held_out.held_out else context.log.warning)(held_out.summary)
+        model = loaded_version(tracking, version, model_name, nnunet_settings.model_cache(), nnunet_settings.device)
         report = run_evaluation(
             the_lake, archive.targets(the_lake), tracking, snapshot, model,
             progress=lambda done, total, uid: context.log.info(f"evaluated {done}/{total}: {uid}"),
-            tags={"dagster.run_id": context.run.run_id, "dagster.partition": name},
+            tags={"dagster.run_id": context.run.run_id, "dagster.partition": name}, held_out=held_out,
         )
     except (UnknownCohortVersion, UnknownModelVersion) as exc:
         raise dg.Failure(description=str(exc.args[0]), allow_retries=False) from None
-    except (EvaluationError, NothingToSegment) as exc:
+    except (EvaluationError, NothingToSegment, NotHeldOut) as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     e = report.evaluation
     for skipped in e.skipped:
@@ -115,7 +122,10 @@ def segmentation_evaluation(
         "cases": dg.MetadataValue.int(e.cases),
         "labels": dg.MetadataValue.json(e.labels),
         "summary": table(report.summary, SUMMARY_SCHEMA),
-        "boxplot": dg.MetadataValue.md(png_markdown(report.plot_png, f"{e.model} on {name} v{e.cohort_version}")),
+        "boxplot": dg.MetadataValue.md(png_markdown(report.plot_png, report.title)),
+        "held_out": dg.MetadataValue.bool(held_out.held_out),
+        "training_data": dg.MetadataValue.text(held_out.summary),
+        "in_sample_patients": dg.MetadataValue.json(list(held_out.overlap)),
         "dice_mean": dg.MetadataValue.json({r["label"]: r["dice_mean"] for r in report.summary}),
         "skipped": table(e.skipped, SKIPPED_SCHEMA),
         "delta_versions": dg.MetadataValue.json(e.versions),
@@ -175,6 +185,9 @@ def evaluated_promotion(
     # The blocking check stops this asset within a run; a run of this asset alone is held to the same gate.
     outcome = _gate_outcome(lake.lake(), evaluation, _required_labels(cohort_definitions, context.partition_key))
     name, version = str(evaluation["model_name"]), str(evaluation["model_version"])
+    if evaluation.get("held_out") is False:
+        raise dg.Failure(description=f"{name} v{version} was evaluated in-sample ({evaluation.get('training_data')}); "
+                         "an evaluation on patients it trained on never promotes it", allow_retries=False)
     if not outcome.passed:
         raise dg.Failure(description=f"{name} v{version} did not pass the evaluation gate: {outcome.description}",
                          allow_retries=False)

@@ -6,11 +6,13 @@ Rows go to the Delta table `evaluations`, keyed by cohort version, model version
 (series) and label.
 
 Which labels: those the model predicts and the cohort's reference SEGs carry. In a case whose
-reference SEG lacks one of them, that label counts as absent (an empty reference): the
+references lack one of them, that label counts as absent (an empty reference): the
 platform's SEGs leave empty segments out, so absence in a reference SEG means "not there".
 
-Which SEG is the reference: a SEG series referencing the member that is not a model output
-of this platform (not in the `segmentations` table); the first by UID when several.
+Which SEG is the reference: per label, the SEG instance the cohort version recorded
+(cohorts/references.py: accepted algorithm types, never this platform's output, the most
+recent where several hold the label), read and painted as the nnU-Net export reads it
+(cohorts/labels.py). Each row names the SEG series its label came from.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
-from kaapana_assets.cohorts.membership import CohortSnapshot, model_outputs
+from kaapana_assets.cohorts.labels import MissingReference, member_labels
+from kaapana_assets.cohorts.membership import CohortSnapshot
+from kaapana_assets.cohorts.references import reference_sources
 from kaapana_assets.evaluation.metrics import LabelMetrics, case_metrics
 from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.ingest.volume import VolumeError, assemble_volume, seg_labels
@@ -66,14 +70,11 @@ class Evaluation:
         return self.rows["series_uid"].n_unique() if self.rows.height else 0
 
 
-def archive_paths(lake: Lake, archive_root: Path, series_uid: str) -> list[Path]:
-    rows = lake.read("instances", pl.col("series_uid") == series_uid).sort("instance_number")
+def archive_paths(lake: Lake, archive_root: Path, series_uid: str, version: int | None = None) -> list[Path]:
+    """A series' files in the archive, as `instances` lists them at `version` (a cohort
+    version's pinned slices), or now."""
+    rows = lake.read("instances", pl.col("series_uid") == series_uid, version=version).sort("instance_number")
     return [archive_root / p for p in rows["archive_path"].to_list()]
-
-
-def reference_seg(member: dict[str, Any], outputs: set[str]) -> str | None:
-    candidates = sorted(uid for uid in member.get("reference_seg_series_uids") or [] if uid not in outputs)
-    return candidates[0] if candidates else None
 
 
 def evaluated_labels(snapshot: CohortSnapshot, model: LoadedModel) -> dict[str, int]:
@@ -109,7 +110,6 @@ def evaluate_cohort(
         raise EvaluationError(f"{model.ref} predicts {known}; cohort {snapshot.cohort} v{snapshot.version} has no "
                               f"reference SEG with any of these labels")
     ident = evaluation_id(snapshot.cohort, snapshot.version, model.name, model.version)
-    outputs = model_outputs(lake)
     read_versions = lake.versions(("instances", "segmentations"))
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -117,33 +117,34 @@ def evaluate_cohort(
     members = list(snapshot.members.sort("series_uid").iter_rows(named=True))
     for index, member in enumerate(members):
         series_uid = member["series_uid"]
-        reference = reference_seg(member, outputs)
-        if reference is None:
+        sources = {s.label: s.seg_series_uid for s in reference_sources(member)}
+        if not sources:
             skipped.append({"series_uid": series_uid, "reason": "no reference SEG"})
             continue
         try:
             result = segment_study(lake, targets, member["study_uid"], model)
             if result.series_uid != series_uid:
                 raise NothingToSegment(f"the study's segmentation reads series {result.series_uid}, not this member")
-            volume = assemble_volume(archive_paths(lake, targets.archive, series_uid))
-            reference_path = archive_paths(lake, targets.archive, reference)[0]
+            # The member and its reference as the cohort version pinned them; the prediction is new.
+            pinned = snapshot.instances_table_version
+            volume = assemble_volume(archive_paths(lake, targets.archive, series_uid, pinned))
             predicted_path = targets.archive / lake.read(
                 "instances", pl.col("sop_instance_uid") == result.seg_sop_uid)["archive_path"][0]
-            truth = seg_labels(reference_path, volume, labels)
+            truth = member_labels(lake, targets.archive, member, volume, labels, pinned).labels
             predicted = seg_labels(predicted_path, volume, labels)
-        except (VolumeError, NothingToSegment) as exc:
+        except (VolumeError, NothingToSegment, MissingReference) as exc:
             skipped.append({"series_uid": series_uid, "reason": str(exc)})
             continue
         case = {
             "evaluation_id": ident, "cohort": snapshot.cohort, "cohort_version": snapshot.version,
             "model_name": model.name, "model_version": model.version, "series_uid": series_uid,
             "study_uid": member["study_uid"], "patient_id": member["patient_id"],
-            "reference_seg_series_uid": reference, "predicted_seg_series_uid": result.seg_series_uid,
+            "predicted_seg_series_uid": result.seg_series_uid,
             "predicted_seg_sop_instance_uid": result.seg_sop_uid, "spacing_zyx": list(volume.spacing_zyx),
             "series_table_version": snapshot.series_table_version,
         }
         for name, metrics in case_metrics(truth, predicted, volume.spacing_zyx, labels).items():
-            row = {**case, **metric_row(name, labels[name], metrics)}
+            row = {**case, "reference_seg_series_uid": sources.get(name), **metric_row(name, labels[name], metrics)}
             row["row_digest"] = row_digest(row)
             rows.append({**row, "evaluated_at": now})
         if progress:
@@ -156,7 +157,7 @@ def evaluate_cohort(
         ident, snapshot.cohort, snapshot.version, model.name, model.version, labels,
         read_evaluation(lake, ident), skipped,
         versions={"series": snapshot.series_table_version, "tags": snapshot.tags_table_version, **read_versions,
-                  "evaluations": written.version},
+                  "cohort_instances": snapshot.instances_table_version, "evaluations": written.version},
     )
 
 

@@ -49,6 +49,16 @@ def summarize(rows: pl.DataFrame) -> list[dict[str, Any]]:
     return out
 
 
+def evaluation_title(model: str, cohort: str, cohort_version: int, cases: int | None = None,
+                     in_sample_patients: int = 0) -> str:
+    """The report's title. An in-sample evaluation (allow_overlap: patients of the cohort version
+    are in the model's training data) says so first: its scores flatter the model."""
+    title = f"{model} on {cohort} v{cohort_version}" + (f" ({cases} cases)" if cases is not None else "")
+    if in_sample_patients:
+        return f"IN-SAMPLE, {in_sample_patients} patient(s) in the training data: {title}"
+    return title
+
+
 def box_plot_png(rows: pl.DataFrame, title: str = "", metrics: Sequence[str] = tuple(METRICS)) -> bytes:
     """One panel per metric, one box per label (every case a dot on it)."""
     import matplotlib

@@ -1,7 +1,8 @@
-"""One evaluation end to end: segment and measure (evaluate.py), summarize and plot
-(report.py), and record it in MLflow — a run with the metrics, the plot and the rows, and a
-tag on the model version naming the cohort version it was measured on. Plain Python: the
-segmentation_evaluation asset and the Python client both call `run_evaluation`."""
+"""One evaluation end to end: the held-out check (held_out.py), segment and measure
+(evaluate.py), summarize and plot (report.py), and record it in MLflow — a run with the
+metrics, the plot and the rows, and a tag on the model version naming the cohort version it
+was measured on. Plain Python: the segmentation_evaluation asset and the Python client both
+call `run_evaluation`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 
 from kaapana_assets.cohorts.membership import CohortSnapshot
 from kaapana_assets.evaluation.evaluate import Evaluation, evaluate_cohort
-from kaapana_assets.evaluation.report import box_plot_png, summarize
+from kaapana_assets.evaluation.held_out import HeldOutCheck, check_held_out
+from kaapana_assets.evaluation.report import box_plot_png, evaluation_title, summarize
 from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
 from kaapana_assets.segmentation.models import LoadedModel
@@ -27,20 +29,29 @@ class EvaluationReport:
     evaluation: Evaluation
     summary: list[dict[str, Any]]
     plot_png: bytes
+    held_out: HeldOutCheck
     mlflow_run_id: str | None = None
+
+    @property
+    def title(self) -> str:
+        e = self.evaluation
+        return evaluation_title(e.model, e.cohort, e.cohort_version, e.cases, len(self.held_out.overlap))
 
 
 def record_in_mlflow(tracking: Tracking, evaluation: Evaluation, summary: list[dict[str, Any]], plot_png: bytes,
-                     tags: dict[str, str] | None = None) -> str:
+                     held_out: HeldOutCheck, tags: dict[str, str] | None = None) -> str:
     import mlflow
 
     e = evaluation
     run_tags = {"kaapana.role": "evaluation", "kaapana.evaluation_id": e.evaluation_id, "kaapana.cohort": e.cohort,
                 "kaapana.cohort_version": str(e.cohort_version), "kaapana.model_name": e.model_name,
-                "kaapana.model_version": e.model_version, **(tags or {})}
-    with tracking.run(f"evaluate {e.model} on {e.cohort} v{e.cohort_version}", tags=run_tags) as run:
+                "kaapana.model_version": e.model_version, "kaapana.held_out": str(held_out.held_out).lower(),
+                **(tags or {})}
+    title = evaluation_title(e.model, e.cohort, e.cohort_version, in_sample_patients=len(held_out.overlap))
+    with tracking.run(f"evaluate {title}", tags=run_tags) as run:
         mlflow.log_params({"cohort": e.cohort, "cohort_version": e.cohort_version, "model_name": e.model_name,
                            "model_version": e.model_version, "cases": e.cases, "skipped": len(e.skipped),
+                           "held_out": held_out.summary[:500], "in_sample_patients": len(held_out.overlap),
                            **{f"delta_version.{k}": v for k, v in e.versions.items()}, **code_version()})
         metrics: dict[str, float] = {}
         for row in summary:
@@ -53,9 +64,10 @@ def record_in_mlflow(tracking: Tracking, evaluation: Evaluation, summary: list[d
             e.rows.drop("spacing_zyx").write_csv(Path(tmp) / "evaluations.csv")
             mlflow.log_artifacts(tmp, "evaluation")
     dice = ", ".join(f"{r['label']} {r['dice_mean']:.3f}" for r in summary if r["dice_mean"] is not None)
+    in_sample = f" (IN-SAMPLE: {len(held_out.overlap)} patient(s) in its training data)" if held_out.overlap else ""
     tracking.client().set_model_version_tag(
         e.model_name, e.model_version, EVALUATION_TAG + e.cohort,
-        f"v{e.cohort_version}: evaluation {e.evaluation_id}, {e.cases} cases, mean Dice {dice}")
+        f"v{e.cohort_version}: evaluation {e.evaluation_id}, {e.cases} cases, mean Dice {dice}{in_sample}")
     return str(run.info.run_id)
 
 
@@ -67,10 +79,18 @@ def run_evaluation(
     model: LoadedModel,
     progress: Callable[[int, int, str], None] | None = None,
     tags: dict[str, str] | None = None,
+    allow_overlap: bool = False,
+    held_out: HeldOutCheck | None = None,
 ) -> EvaluationReport:
+    """`held_out`: the check already made (the asset makes it before loading the model); else
+    it is made here, from the model version's MLflow tags (NotHeldOut unless `allow_overlap`)."""
+    if held_out is None:
+        registered = tracking.model_version(model.name, model.version)
+        held_out = check_held_out(lake, snapshot, model.ref, dict(registered.tags or {}) if registered else {},
+                                  allow_overlap)
     evaluation = evaluate_cohort(lake, targets, snapshot, model, progress)
     summary = summarize(evaluation.rows)
-    plot = box_plot_png(evaluation.rows, f"{evaluation.model} on {evaluation.cohort} v{evaluation.cohort_version} "
-                                         f"({evaluation.cases} cases)")
-    run_id = record_in_mlflow(tracking, evaluation, summary, plot, tags)
-    return EvaluationReport(evaluation, summary, plot, run_id)
+    report = EvaluationReport(evaluation, summary, b"", held_out)
+    report.plot_png = box_plot_png(evaluation.rows, report.title)
+    report.mlflow_run_id = record_in_mlflow(tracking, evaluation, summary, report.plot_png, held_out, tags)
+    return report

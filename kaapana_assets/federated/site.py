@@ -13,6 +13,7 @@ signs it and the guard runs once more on the Flower message that leaves.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import shutil
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 
 from kaapana_assets.cohorts.membership import read_cohort
@@ -30,6 +32,8 @@ from kaapana_assets.federated.guard import assert_nothing_identifying
 from kaapana_assets.federated.payload import SiteUpdate, pack_update
 from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.digest import row_digest
+from kaapana_assets.lake.schemas import FEDERATED_SITE_ROUNDS
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.export import export_cohort
 
@@ -153,8 +157,19 @@ def train_update(ctx: SiteContext, experiment: str, round_: int) -> dict[str, ob
     ctx.log(f"{ctx.site}: round {round_}, {schedule.epochs} local epochs × {schedule.iterations_per_epoch} "
             f"iterations, seed {seed}")
     update = local_update(ctx.site, paths, raw, DATASET_ID, start, schedule, ctx.device, ctx.threads)
+    record_round(ctx, experiment, round_, update.cases)
     sha = ctx.send(experiment, round_, "update", pack_update(update.weights, update.cases, update.metrics), update.cases)
     return {"cases": update.cases, **update.metrics, "seed": seed, "sha256": sha}
+
+
+def record_round(ctx: SiteContext, experiment: str, round_: int, cases: int) -> None:
+    """The site's own record that it trained round r on its export's cohort version (in its
+    lake, never sent): an evaluation here holds the federated model's test cohort to it."""
+    exported = json.loads((ctx.paths(experiment).root / "cohort.json").read_text())
+    row = {"experiment": experiment, "round": round_, "site": ctx.site, "cohort": exported["cohort"],
+           "cohort_version": int(exported["version"]), "cases": cases}
+    row = {**row, "row_digest": row_digest(row), "trained_at": dt.datetime.now(dt.timezone.utc)}
+    ctx.lake.merge("federated_site_rounds", pa.Table.from_pylist([row], schema=FEDERATED_SITE_ROUNDS.schema))
 
 
 def evaluate_global(ctx: SiteContext, experiment: str, round_: int) -> dict[str, float]:

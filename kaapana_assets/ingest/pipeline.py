@@ -34,6 +34,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest import index
 from kaapana_assets.ingest.archive import durable, quarantine_relpath
 from kaapana_assets.ingest.headers import Reason
+from kaapana_assets.ingest.seg_segments import missing_segment_rows
 from kaapana_assets.ingest.worker import (
     ALREADY_INDEXED,
     FAILED,
@@ -45,7 +46,7 @@ from kaapana_assets.ingest.worker import (
     quarantine_copy,
 )
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE
+from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE, SEG_SEGMENTS
 from kaapana_assets.lake.tables import WriteResult
 
 log = logging.getLogger(__name__)
@@ -203,17 +204,22 @@ def _commit(lake: Lake, results: list[FileResult], quarantine_root: Path, report
     _count(writes, report)
 
 
-def _reconcile(lake: Lake, results: list[FileResult], report: IngestReport) -> None:
+def _reconcile(targets: IngestTargets, results: list[FileResult], report: IngestReport) -> None:
     """Recompute the series and studies rows of every study these files touched, from the
     committed instances, and MERGE them. Not only studies with new rows: a crash between
     the instances MERGE and this one is healed by the re-run, whose files are then
     already_indexed (unchanged rows are skipped by their digest, so this commits nothing
-    when all is in order)."""
+    when all is in order). The segments of SEGs that have none in `seg_segments` go first:
+    a SEG a series row lists has its provenance recorded."""
+    lake = targets.lake
     now = dt.datetime.now(dt.timezone.utc)
     studies = sorted({r.study_uid for r in results if r.status in (INDEXED, ALREADY_INDEXED) and r.study_uid})
     if not studies:
         return
     instances = lake.read("instances", pl.col("study_uid").is_in(studies)).to_dicts()
+    segments = missing_segment_rows(lake, targets.archive, instances, now)
+    if segments:
+        lake.merge("seg_segments", index.to_table(segments, SEG_SEGMENTS.schema))
     series = index.series_rows(instances, now)
     _count([lake.merge("series", index.series_table(series)),
             lake.merge("studies", index.studies_table(index.study_rows(instances, series, now)))], report)
@@ -297,7 +303,7 @@ class _Committer:
 
     def reconcile(self) -> None:
         results, self.unreconciled = self.unreconciled, []
-        _reconcile(self.targets.lake, results, self.report)
+        _reconcile(self.targets, results, self.report)
         if self.remove_sources:
             for r in results:
                 if r.status != FAILED:

@@ -4,7 +4,7 @@ label volume aligned to it. Shared by training (dataset export) and segmentation
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,21 +141,68 @@ def assemble_volume(paths: Sequence[Path | str]) -> Volume:
     )
 
 
-def seg_labels(seg_path: Path | str, volume: Volume, label_ids: Mapping[str, int]) -> np.ndarray:
-    """The SEG's segments as one label volume aligned to `volume` (uint8, 0 = background).
-    Segments are mapped by their SegmentLabel to `label_ids`; unknown labels are ignored."""
+@dataclass
+class LabelVolume:
+    """Labels painted into one volume, and what the overlap rule decided."""
+
+    labels: np.ndarray  # (z, y, x) uint8, 0 = background
+    overlap_voxels: int  # voxels that two or more labels claim
+    hidden_voxels: dict[str, int]  # per label: its voxels that a label on top took
+
+
+def seg_masks(seg_path: Path | str, volume: Volume, labels: Collection[str]) -> dict[str, np.ndarray]:
+    """The SEG's segments with these SegmentLabels as masks aligned to `volume`, one per label
+    (the union of its segments); labels the SEG lacks are left out."""
     seg = hd.seg.segread(seg_path)
     numbers = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
-    wanted = [n for n, label in numbers.items() if label in label_ids]
-    out = np.zeros(volume.hu.shape, dtype=np.uint8)
+    wanted = [n for n, label in numbers.items() if label in labels]
     if not wanted:
-        return out
+        return {}
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=volume.sop_uids,
         segment_numbers=wanted,
         combine_segments=False,
         assert_missing_frames_are_empty=True,
     )  # (slices, rows, cols, segments)
+    masks: dict[str, np.ndarray] = {}
     for index, number in enumerate(wanted):
-        out[pixels[..., index] > 0] = label_ids[numbers[number]]
-    return out
+        mask = pixels[..., index] > 0
+        label = numbers[number]
+        masks[label] = masks[label] | mask if label in masks else mask
+    return masks
+
+
+def paint_labels(masks: Mapping[str, np.ndarray], label_ids: Mapping[str, int],
+                 priority: Sequence[str] = ()) -> LabelVolume:
+    """One label volume from possibly overlapping masks. Where masks overlap, the voxel takes
+    the first label of `priority` it belongs to; labels not listed come after, the smaller
+    structure (fewer voxels) on top, so a tumour inside a liver survives whatever the segment
+    numbers. Masks of labels not in `label_ids` are ignored."""
+    names = [name for name in masks if name in label_ids]
+    shape = next(iter(masks.values())).shape if masks else (0, 0, 0)
+    sizes = {name: int(masks[name].sum()) for name in names}
+    rank = {name: i for i, name in enumerate(priority)}
+    on_top_first = sorted(names, key=lambda n: (0, rank[n], 0, n) if n in rank else (1, 0, sizes[n], n))
+    out = np.zeros(shape, dtype=np.uint8)
+    claimed = np.zeros(shape, dtype=bool)
+    overlap = np.zeros(shape, dtype=bool)
+    hidden: dict[str, int] = {}
+    for name in on_top_first:
+        mask = masks[name]
+        taken = mask & claimed
+        hidden[name] = int(taken.sum())
+        overlap |= taken
+        out[mask & ~claimed] = label_ids[name]
+        claimed |= mask
+    return LabelVolume(out, int(overlap.sum()), hidden)
+
+
+def seg_labels(seg_path: Path | str, volume: Volume, label_ids: Mapping[str, int],
+               priority: Sequence[str] = ()) -> np.ndarray:
+    """The SEG's segments as one label volume aligned to `volume` (uint8, 0 = background).
+    Segments are mapped by their SegmentLabel to `label_ids`; unknown labels are ignored;
+    overlaps follow `paint_labels`."""
+    masks = seg_masks(seg_path, volume, label_ids)
+    if not masks:
+        return np.zeros(volume.hu.shape, dtype=np.uint8)
+    return paint_labels(masks, label_ids, priority).labels

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 # Columns that record when a row was written, not what it says.
 TIME_COLUMNS = frozenset({"row_digest", "updated_at", "committed_at", "sent_at", "ingested_at", "quarantined_at",
-                          "seen_at"})
+                          "seen_at", "checked_at", "trained_at"})
 
 
 def row_digest(row: Mapping[str, object]) -> str:

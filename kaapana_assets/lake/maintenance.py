@@ -5,8 +5,9 @@ breaks the time travel cohort versions rely on.
 Vacuum only knows time: it deletes files that were removed from the table longer ago than
 the retention. A file a protected version reads was removed by a *later* commit, so a
 retention reaching back to the protected version's own commit keeps every file it needs.
-The protected versions are the oldest `series` and `tags` versions any cohort snapshot
-read (cohort_members.series_table_version / tags_table_version)."""
+The protected versions are the oldest `series`, `tags`, `instances` and `segmentations`
+versions any cohort snapshot recorded (cohort_members.*_table_version): exports, evaluations,
+the client and lineage read a version's slices at its pinned `instances` version."""
 
 from __future__ import annotations
 
@@ -38,7 +39,11 @@ def protected_versions(lake: Lake) -> dict[str, int]:
         return {}
     members = lake.read("cohort_members")
     protected = {}
-    for table, column in (("series", "series_table_version"), ("tags", "tags_table_version")):
+    for table, column in (("series", "series_table_version"), ("tags", "tags_table_version"),
+                          ("instances", "instances_table_version"),
+                          ("segmentations", "segmentations_table_version")):
+        if column not in members.columns:  # a lake whose snapshots predate the column
+            continue
         versions = members[column].drop_nulls()
         if len(versions):
             protected[table] = int(versions.min())  # type: ignore[arg-type]

@@ -16,6 +16,9 @@ from kaapana_assets.ingest.columns import instances_fields
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 FLOATS = pa.list_(pa.float64())
 STRINGS = pa.list_(pa.string())
+EXCLUDED_COHORTS = pa.list_(pa.struct([("cohort", pa.string()), ("cohort_version", pa.int64())]))
+REFERENCE_SOURCES = pa.list_(pa.struct([("label", pa.string()), ("seg_series_uid", pa.string()),
+                                        ("seg_sop_instance_uid", pa.string())]))
 
 
 @dataclass(frozen=True)
@@ -164,16 +167,50 @@ COHORT_MEMBERS = TableSpec(
             # The reference SEG(s) chosen for the series and their labels, as of the snapshot.
             ("reference_seg_series_uids", STRINGS),
             ("reference_labels", STRINGS),
+            # Which accepted reference SEG instance each label comes from (cohorts/references.py),
+            # and the overlap rule the label maps are painted with: the export and the evaluation
+            # read both from the version, never from the definition as it is now.
+            ("reference_sources", REFERENCE_SOURCES),
+            ("label_priority", STRINGS),
             # What this version is and what it was computed from (Delta time travel).
             ("membership_hash", pa.string()),
             ("definition_hash", pa.string()),
             ("purpose", pa.string()),
             ("series_table_version", pa.int64()),
             ("tags_table_version", pa.int64()),
+            # The slices a version exports and the SEGs it took for model outputs: readers
+            # time-travel `instances` to this version, so slices that arrive later never
+            # change an export of the same version. Null in versions cut before it was recorded.
+            ("instances_table_version", pa.int64()),
+            ("segmentations_table_version", pa.int64()),
+            # filter.exclude_cohorts: each excluded cohort and the version whose patients were left out.
+            ("excluded_cohorts", EXCLUDED_COHORTS),
             ("created_at", TIMESTAMP),
         ]
     ),
     keys=("cohort", "cohort_version", "series_uid"),
+)
+
+# The outcome of each blocking harmonization check on a cohort version, written by the check
+# itself: export and training (here, at a federated site, in the client) refuse a version
+# with a failed check without asking Dagster. A re-run check replaces its row.
+COHORT_CHECKS = TableSpec(
+    "cohort_checks",
+    pa.schema(
+        [
+            ("cohort", pa.string()),
+            ("cohort_version", pa.int64()),
+            ("check_name", pa.string()),
+            ("passed", pa.bool_()),
+            ("description", pa.string()),
+            ("offending_count", pa.int64()),
+            ("definition_hash", pa.string()),  # the definition (tolerances) it was checked against
+            ("checked_at", TIMESTAMP),
+            ("row_digest", pa.string()),
+        ]
+    ),
+    keys=("cohort", "cohort_version", "check_name"),
+    mutable=True,
 )
 
 TAGS = TableSpec(
@@ -221,6 +258,34 @@ SEGMENTATIONS = TableSpec(
     keys=("seg_sop_instance_uid", "label"),
 )
 
+# Every segment of every indexed SEG instance, with who made it: what the reference policy
+# (cohorts/references.py) decides from. Filled when ingest (and our own SEG write-back)
+# reconciles a study; SOP instances are immutable, so rows are insert-only.
+SEG_SEGMENTS = TableSpec(
+    "seg_segments",
+    pa.schema(
+        [
+            ("sop_instance_uid", pa.string()),  # the SEG instance
+            ("segment_number", pa.int64()),
+            ("series_uid", pa.string()),  # the SEG's series
+            ("study_uid", pa.string()),
+            ("segment_label", pa.string()),
+            ("algorithm_type", pa.string()),  # SegmentAlgorithmType: MANUAL | SEMIAUTOMATIC | AUTOMATIC
+            ("algorithm_name", pa.string()),  # SegmentationAlgorithmIdentificationSequence
+            ("algorithm_family", pa.string()),
+            ("algorithm_version", pa.string()),
+            ("algorithm_source", pa.string()),
+            ("manufacturer", pa.string()),
+            ("manufacturer_model", pa.string()),
+            ("content_creator_name", pa.string()),
+            ("content_date", pa.string()),  # DA, as written
+            ("content_time", pa.string()),  # TM, as written
+            ("indexed_at", TIMESTAMP),
+        ]
+    ),
+    keys=("sop_instance_uid", "segment_number"),
+)
+
 SENT = TableSpec(
     "sent",
     pa.schema(
@@ -266,6 +331,27 @@ FEDERATED_ROUNDS = TableSpec(
     ),
     keys=("experiment", "round", "site"),
     mutable=True,  # a retried round replaces its failed attempt (Delta history keeps both)
+)
+
+# A site's own record of the rounds it trained in (written at the site, in the site's lake;
+# never sent): which cohort version its local update was trained on. The held-out check of
+# an evaluation at this site reads it for a federated model.
+FEDERATED_SITE_ROUNDS = TableSpec(
+    "federated_site_rounds",
+    pa.schema(
+        [
+            ("experiment", pa.string()),
+            ("round", pa.int64()),
+            ("site", pa.string()),
+            ("cohort", pa.string()),
+            ("cohort_version", pa.int64()),
+            ("cases", pa.int64()),  # training cases of the local update
+            ("trained_at", TIMESTAMP),
+            ("row_digest", pa.string()),
+        ]
+    ),
+    keys=("experiment", "round", "site"),
+    mutable=True,  # a retried round replaces its row
 )
 
 # A model version measured on a cohort version against its reference SEGs: one row per case
@@ -355,6 +441,7 @@ NETWORK_SITES = TableSpec(
 
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
-    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, INSTANCE_ENCODINGS, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SENT,
-                 FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES)
+    for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, INSTANCE_ENCODINGS, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SEG_SEGMENTS, SENT,
+                 FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES, COHORT_CHECKS,
+                 FEDERATED_SITE_ROUNDS)
 }

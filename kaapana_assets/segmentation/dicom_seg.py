@@ -16,6 +16,7 @@ from pydicom.sr.codedict import codes
 
 from kaapana_assets import __version__
 from kaapana_assets.ingest.columns import HEADER_COLUMNS
+from kaapana_assets.ingest.seg_segments import PLATFORM_ALGORITHM_SOURCE, PLATFORM_MANUFACTURER
 from kaapana_assets.ingest.uids import deterministic_uid
 from kaapana_assets.ingest.volume import Volume
 
@@ -89,7 +90,7 @@ def build_seg(
         series_number=author.series_number,
         sop_instance_uid=sop_uid,
         instance_number=1,
-        manufacturer="kaapana_assets",
+        manufacturer=PLATFORM_MANUFACTURER,
         manufacturer_model_name=author.model_name,
         software_versions=author.software_versions,  # type: ignore[arg-type]  # highdicom types it str | tuple
         device_serial_number="0",
@@ -119,7 +120,7 @@ def model_seg(
     """A model's prediction as a SEG (not yet encoded) and the labels it contains."""
     algorithm = hd.AlgorithmIdentificationSequence(
         name=model_name, version=str(model_version), family=codes.cid7162.ArtificialIntelligence,
-        source="kaapana_assets nnU-Net v2",
+        source=PLATFORM_ALGORITHM_SOURCE,  # what makes it ours, never a reference (made_by_platform)
     )
     author = SegAuthor(
         model_name=model_name, software_versions=[__version__, str(model_version)], content_label="NNUNET",

@@ -20,8 +20,9 @@ import pyarrow as pa
 from kaapana_assets.ingest import index
 from kaapana_assets.ingest.archive import ArchiveConflict, archive_relpath, write_once
 from kaapana_assets.ingest.pipeline import IngestTargets
+from kaapana_assets.ingest.seg_segments import archived_segment_rows
 from kaapana_assets.ingest.volume import assemble_volume, seg_labels
-from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS
+from kaapana_assets.lake.schemas import INSTANCES, SEG_SEGMENTS, SEGMENTATIONS
 from kaapana_assets.segmentation.dicom_seg import encode_seg, model_seg, seg_instance_row, seg_uids
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.segmentation.statistics import label_statistics, overlay_png
@@ -46,12 +47,16 @@ class SegmentationResult:
 
 
 def source_series(lake: Any, study_uid: str) -> dict[str, Any]:
-    """The study's CT series to segment: the largest complete axial one."""
+    """The study's CT series to segment (pick_source_series's rule)."""
     return pick_source_series(lake.read("series", pl.col("study_uid") == study_uid), study_uid)
 
 
 def pick_source_series(series: pl.DataFrame, study_uid: str) -> dict[str, Any]:
-    """`source_series` from `series` rows already read (a burst reads them once for all its studies)."""
+    """The study's CT series to segment, from `series` rows already read (a burst reads them
+    once for all its studies). Candidates: axial CT series that form a volume. Among them, in
+    order: complete (no InstanceNumber gap) first, then the most slices, then the thinnest
+    slices, then the lowest SeriesNumber, then the lowest SeriesInstanceUID: a total order,
+    so the same study always gives the same series, whatever order its rows come in."""
     series = series.filter(pl.col("study_uid") == study_uid)
     ct = series.filter(pl.col("modality") == "CT")
     candidates = ct.filter(pl.col("is_axial").fill_null(False) & pl.col("volume_issue").is_null())
@@ -61,7 +66,12 @@ def pick_source_series(series: pl.DataFrame, study_uid: str) -> dict[str, Any]:
             raise NothingToSegment(f"study {study_uid} has no CT series that forms a volume: {issues[0]}")
         found = ", ".join(sorted(set(series["modality"].to_list()))) or "nothing indexed"
         raise NothingToSegment(f"study {study_uid} has no axial CT series to segment ({found})")
-    return candidates.sort(["complete", "instance_count"], descending=True).row(0, named=True)
+    ranked = candidates.with_columns(
+        pl.col("complete").fill_null(False).alias("_complete"), pl.col("instance_count").fill_null(0).alias("_slices"))
+    return ranked.sort(
+        ["_complete", "_slices", "slice_thickness", "series_number", "series_uid"],
+        descending=[True, True, False, False, False], nulls_last=True,
+    ).drop("_complete", "_slices").row(0, named=True)
 
 
 def _fsync(path: Path) -> None:
@@ -107,13 +117,19 @@ def archive_seg(archive: Path, seg: hd.seg.Segmentation, data: bytes) -> dict[st
     return row
 
 
-def commit_segs(lake: Any, instance_rows: list[dict[str, Any]], statistics_rows: list[dict[str, Any]]) -> dict[str, int | None]:
-    """Index archived SEGs as ingest would — their `instances` rows, then their studies'
-    `series` and `studies` rows recomputed from `instances` — and only then their statistics
-    (a `segmentations` row never points at an unindexed SEG). Returns the Delta versions."""
+def commit_segs(lake: Any, archive: Path, instance_rows: list[dict[str, Any]],
+                statistics_rows: list[dict[str, Any]]) -> dict[str, int | None]:
+    """Index archived SEGs as ingest would — their segments (`seg_segments`, read from the
+    archived files as ingest reads them: an indexed SEG of ours is always recognised as ours),
+    their `instances` rows, then their studies' `series` and `studies` rows recomputed from
+    `instances` — and only then their statistics (a `segmentations` row never points at an
+    unindexed SEG). Returns the Delta versions."""
     writes = []
     if instance_rows:
         now = dt.datetime.now(dt.timezone.utc)
+        segments = archived_segment_rows(archive, instance_rows, now)  # new SEGs: none recorded yet
+        if segments:
+            writes.append(lake.merge("seg_segments", index.to_table(segments, SEG_SEGMENTS.schema)))
         writes.append(lake.merge("instances", pa.Table.from_pylist(instance_rows, schema=INSTANCES.schema)))
         studies = sorted({r["study_uid"] for r in instance_rows})
         instances = lake.read("instances", pl.col("study_uid").is_in(studies)).to_dicts()
@@ -209,7 +225,7 @@ def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], mo
                     ) -> tuple[list[SegmentationResult], dict[str, str]]:
     """Segment studies with one loaded model (a run's burst). Each SEG is archived as soon as
     it is built; the index and the statistics of all of them are committed together at the
-    end — four Delta commits per run, not per study — and, should a study raise, what was
+    end — five Delta commits per run, not per study — and, should a study raise, what was
     archived before it is committed before the error goes on. A study with nothing to
     segment is skipped: (results, {study: reason}). `progress(done, total, result)` hears of each study as it is done."""
     done: list[_Segmented] = []
@@ -224,7 +240,7 @@ def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], mo
             except NothingToSegment as exc:
                 skipped[study_uid] = str(exc)
     finally:
-        versions = commit_segs(lake, [d.instance_row for d in done if d.instance_row is not None],
+        versions = commit_segs(lake, targets.archive, [d.instance_row for d in done if d.instance_row is not None],
                                [row for d in done for row in d.statistics_rows])
     for d in done:
         if not d.result.reused:

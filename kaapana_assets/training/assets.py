@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import dagster as dg
 
 from kaapana_assets.cohorts.assets import cohorts
+from kaapana_assets.cohorts.check_records import CohortChecksFailed, require_passed_checks
 from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
 from kaapana_assets.cohorts.partitions import cohorts_partitions
 from kaapana_assets.metadata_table import columns, table
@@ -65,8 +66,8 @@ def nnunet_dataset(
             lake.lake(), archive.kaapana_home().archive, snapshot, folder, definition.required_labels,
             progress=lambda done, total: context.log.info(f"exported {done}/{total} cases") if done % 10 == 0 or done == total else None,
         )
-    except ExportError as exc:
-        raise dg.Failure(description=str(exc)) from None
+    except (ExportError, CohortChecksFailed, nnunet.TooFewPatients) as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
     context.log.info("fingerprint, plan and preprocess with nnunetv2")
     with nnunet.nnunet_environment(paths, threads=nnunet_settings.threads):
         fingerprint, plans = nnunet.plan_and_preprocess(dataset_id, processes=nnunet_settings.threads)
@@ -77,13 +78,18 @@ def nnunet_dataset(
             "cohort_version": dg.MetadataValue.int(snapshot.version),
             "membership_hash": dg.MetadataValue.text(snapshot.membership_hash),
             "delta_versions_read": dg.MetadataValue.json(
-                {"series": snapshot.series_table_version, "cohort_members": snapshot.cohort_members_version}
+                {"series": snapshot.series_table_version, "cohort_members": snapshot.cohort_members_version,
+                 "instances": snapshot.instances_table_version}
             ),
             "dataset_id": dg.MetadataValue.int(dataset_id),
             "dataset_folder": dg.MetadataValue.path(str(folder)),
             "nnunet_root": dg.MetadataValue.path(str(paths.root)),
             "cases": dg.MetadataValue.int(len(exported.cases)),
             "labels": dg.MetadataValue.json(exported.labels),
+            # Voxels two or more reference labels claim, painted by the cohort's label priority
+            # (else the smaller structure on top), and per label the voxels it lost to another.
+            "overlap_voxels": dg.MetadataValue.int(exported.overlap_voxels),
+            "hidden_voxels": dg.MetadataValue.json(exported.hidden_voxels),
             "patch_size": dg.MetadataValue.text(str(configuration["patch_size"])),
             "target_spacing": dg.MetadataValue.text(str(configuration["spacing"])),
             "fingerprint": dg.MetadataValue.json({
@@ -110,17 +116,23 @@ def nnunet_dataset(
 )
 def trained_model(
     context: dg.AssetExecutionContext,
+    lake: LakeResource,
     cohort_definitions: CohortDefinitionsResource,
     nnunet_settings: NnunetResource,
     mlflow: MlflowResource,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     name = context.partition_key
     dataset = DatasetRef.from_metadata(name, _latest_metadata(context, "nnunet_dataset"))
-    outcome = train_and_register(
-        dataset, cohort_definitions.get(name).required_labels, nnunet_settings.training_schedule(),
-        mlflow.tracking(), nnunet_settings.promotion_dice, nnunet_settings.device, nnunet_settings.threads,
-        tags={"dagster.run_id": context.run.run_id, "dagster.partition": name}, log=context.log.info,
-    )
+    try:
+        # The checks may have run again (and failed) since the dataset was exported.
+        require_passed_checks(lake.lake(), name, dataset.cohort_version)
+        outcome = train_and_register(
+            dataset, cohort_definitions.get(name).required_labels, nnunet_settings.training_schedule(),
+            mlflow.tracking(), nnunet_settings.promotion_dice, nnunet_settings.device, nnunet_settings.threads,
+            tags={"dagster.run_id": context.run.run_id, "dagster.partition": name}, log=context.log.info,
+        )
+    except (CohortChecksFailed, nnunet.TooFewPatients) as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
     dice = dg.MetadataValue.json({k: round(v, 4) for k, v in outcome.scores.items()})
     yield dg.MaterializeResult(
         metadata={

@@ -1,19 +1,34 @@
 """A cohort version → an nnU-Net raw dataset: CT volumes from the archive and label maps
-from each member's reference SEG, labels named by the SEG segment descriptions."""
+from each member's reference SEGs, labels named by the SEG segment descriptions. Each label
+comes from the SEG instance the cohort version recorded for it (cohorts/references.py);
+overlapping segments are painted by the version's label priority, else the smaller on top,
+and the overlap is counted. nnU-Net's region-based training (overlapping regions such as
+liver ⊇ tumour as separate outputs) would start here: the masks of cohorts/labels.py written
+as regions in dataset.json instead of one painted label map.
+
+Refused before anything is written: a version that failed a blocking check (check_records.py)
+and one with fewer than two patients (no validation patient the model did not train on).
+Slices are read at the `instances` version the snapshot recorded: slices that arrived later
+never change an export of the same version."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
+from kaapana_assets.cohorts.check_records import require_passed_checks
+from kaapana_assets.cohorts.labels import MissingReference, member_labels
 from kaapana_assets.cohorts.membership import CohortSnapshot
-from kaapana_assets.ingest.volume import assemble_volume, seg_labels
+from kaapana_assets.cohorts.references import reference_sources
+from kaapana_assets.ingest.volume import assemble_volume
 from kaapana_assets.lake import Lake
-from kaapana_assets.training.nnunet import Case, write_raw_dataset
+from kaapana_assets.training.nnunet import Case, require_patients, write_raw_dataset
 
 
 class ExportError(ValueError):
@@ -25,7 +40,11 @@ class ExportedDataset:
     folder: Path
     dataset_json: dict
     labels: dict[str, int]
-    cases: list[dict[str, str]]  # case, patient_id, series_uid, seg_series_uid
+    # case, patient_id, series_uid, reference_sources (label → seg_series_uid, seg_sop_instance_uid),
+    # overlap_voxels, hidden_voxels (label → its voxels a label on top took)
+    cases: list[dict[str, Any]]
+    overlap_voxels: int = 0  # all cases: voxels two or more reference labels claim
+    hidden_voxels: dict[str, int] = field(default_factory=dict)  # all cases, per label
 
 
 def label_ids(snapshot: CohortSnapshot, required: list[str]) -> dict[str, int]:
@@ -36,8 +55,8 @@ def label_ids(snapshot: CohortSnapshot, required: list[str]) -> dict[str, int]:
     return {name: i + 1 for i, name in enumerate(ordered)}
 
 
-def _archive_paths(lake: Lake, archive_root: Path, series_uid: str) -> list[Path]:
-    rows = lake.read("instances", pl.col("series_uid") == series_uid).select("archive_path")
+def _archive_paths(lake: Lake, archive_root: Path, series_uid: str, version: int | None) -> list[Path]:
+    rows = lake.read("instances", pl.col("series_uid") == series_uid, version=version).select("archive_path")
     return [archive_root / p for p in rows["archive_path"].to_list()]
 
 
@@ -49,23 +68,37 @@ def export_cohort(
     required_labels: list[str],
     progress: Callable[[int, int], None] | None = None,
 ) -> ExportedDataset:
+    require_passed_checks(lake, snapshot.cohort, snapshot.version)
+    require_patients(snapshot.patients, f"cohort {snapshot.cohort} v{snapshot.version}")
     labels = label_ids(snapshot, required_labels)
     cases: list[Case] = []
-    manifest: list[dict[str, str]] = []
+    manifest: list[dict[str, Any]] = []
+    hidden: Counter[str] = Counter()
     members = snapshot.members.sort("series_uid").iter_rows(named=True)
     for index, member in enumerate(members):
-        segs = member["reference_seg_series_uids"] or []
-        if not segs:
-            raise ExportError(f"series {member['series_uid']} has no reference SEG; a training cohort needs one")
-        volume = assemble_volume(_archive_paths(lake, archive_root, member["series_uid"]))
-        seg_files = _archive_paths(lake, archive_root, segs[0])
-        label_volume = seg_labels(seg_files[0], volume, labels)
+        sources = reference_sources(member)
+        if not sources:
+            raise ExportError(f"series {member['series_uid']} has no accepted reference SEG (or cohort version "
+                              f"{snapshot.version} predates recorded reference sources: materialize the cohort "
+                              "again); a training cohort needs one")
+        volume = assemble_volume(_archive_paths(lake, archive_root, member["series_uid"], snapshot.instances_table_version))
+        try:
+            painted = member_labels(lake, archive_root, member, volume, labels, snapshot.instances_table_version)
+        except MissingReference as exc:
+            raise ExportError(str(exc)) from None
         name = f"case{index:04d}"
-        cases.append(Case(name, volume.sitk_image(), volume.sitk_image(label_volume), member["patient_id"] or name))
-        manifest.append({"case": name, "patient_id": member["patient_id"] or "", "series_uid": member["series_uid"],
-                         "seg_series_uid": segs[0]})
+        cases.append(Case(name, volume.sitk_image(), volume.sitk_image(painted.labels),
+                          member["patient_id"] or member["series_uid"]))
+        manifest.append({"case": name, "patient_id": member["patient_id"] or member["series_uid"], "series_uid": member["series_uid"],
+                         "reference_sources": {s.label: {"seg_series_uid": s.seg_series_uid,
+                                                         "seg_sop_instance_uid": s.seg_sop_instance_uid}
+                                               for s in sources},
+                         "overlap_voxels": painted.overlap_voxels,
+                         "hidden_voxels": {k: v for k, v in painted.hidden_voxels.items() if v}})
+        hidden.update(painted.hidden_voxels)
         if progress:
             progress(index + 1, snapshot.size)
     dataset_json = write_raw_dataset(folder, cases, labels, f"cohort {snapshot.cohort} v{snapshot.version}")
     (folder / "cases.json").write_text(json.dumps(manifest, indent=2))
-    return ExportedDataset(folder, dataset_json, labels, manifest)
+    return ExportedDataset(folder, dataset_json, labels, manifest, sum(c["overlap_voxels"] for c in manifest),
+                           {k: v for k, v in sorted(hidden.items()) if v})

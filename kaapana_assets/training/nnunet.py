@@ -166,15 +166,31 @@ def plan_and_preprocess(dataset_id: int, processes: int = 1) -> tuple[dict, dict
     return fingerprint, plans
 
 
+class TooFewPatients(ValueError):
+    """Fewer than two patients: no validation case that is not also a training case."""
+
+
+def require_patients(patients: set[str], what: str, minimum: int = 2) -> None:
+    """TooFewPatients unless `patients` holds at least `minimum` distinct ids."""
+    if len(patients) < minimum:
+        shown = ", ".join(sorted(patients)[:5]) or "none"
+        raise TooFewPatients(
+            f"{what} has {len(patients)} patient(s) ({shown}); training needs at least {minimum}: the validation "
+            f"Dice that gates promotion must come from patients the model did not train on")
+
+
 def patient_split(cases: list[tuple[str, str]], val_fraction: float = 0.2) -> dict[str, list[str]]:
-    """Train/validation split by patient (no patient on both sides), deterministic.
-    `cases` are (case name, patient id)."""
+    """Train/validation split by patient (no patient on both sides), deterministic: patients in
+    the order of their id's hash, the first round(fraction × patients) of them (at least one,
+    never all) for validation. `cases` are (case name, patient id); fewer than two patients is
+    TooFewPatients."""
     patients = sorted({p for _, p in cases}, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
-    n_val = max(1, round(len(patients) * val_fraction)) if len(patients) > 1 else 0
+    require_patients(set(patients), f"a dataset of {len(cases)} case(s)")
+    n_val = min(max(1, round(len(patients) * val_fraction)), len(patients) - 1)
     val_patients = set(patients[:n_val])
     return {
-        "train": sorted(c for c, p in cases if p not in val_patients) or sorted(c for c, _ in cases),
-        "val": sorted(c for c, p in cases if p in val_patients) or sorted(c for c, _ in cases)[:1],
+        "train": sorted(c for c, p in cases if p not in val_patients),
+        "val": sorted(c for c, p in cases if p in val_patients),
     }
 
 

@@ -1,0 +1,135 @@
+"""The segments of SEG instances and who made them, for the `seg_segments` table: per segment
+its number, label, algorithm type and identification; per SEG its Manufacturer, Content
+Creator and Content Date/Time. Read with pydicom from the archived file's header (SEGs are
+rare: no need for the hand-written walker in headers.py), when a study is reconciled.
+
+Also the one definition of a SEG this platform's models wrote (`made_by_platform`): the
+writer (segmentation/dicom_seg.py) sets these constants, the reference policy
+(cohorts/references.py) reads them back from the SEG itself, so a SEG of ours is never
+taken for a reference, whatever the `segmentations` table holds."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Iterable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+log = logging.getLogger(__name__)
+
+# What our SEG writer puts in every SEG (Manufacturer) and, for a model's prediction, in each
+# segment's algorithm identification (AlgorithmSource).
+PLATFORM_MANUFACTURER = "kaapana_assets"
+PLATFORM_ALGORITHM_SOURCE = "kaapana_assets nnU-Net v2"
+
+
+class AlgorithmType(StrEnum):
+    """Segment Algorithm Type (0062,0008)."""
+
+    MANUAL = "MANUAL"
+    SEMIAUTOMATIC = "SEMIAUTOMATIC"
+    AUTOMATIC = "AUTOMATIC"
+
+
+def made_by_platform(manufacturer: str | None, algorithm_sources: Iterable[str | None],
+                     algorithm_names: Iterable[str | None] = ()) -> bool:
+    """A SEG written by this platform's models (here or at another site running it): one of
+    its segments names our algorithm source, or our Manufacturer wrote it with an algorithm
+    named. Our writer also writes the synthetic reference annotations (Manufacturer ours,
+    MANUAL, no algorithm): those are references, as a human's would be."""
+    if any(source == PLATFORM_ALGORITHM_SOURCE for source in algorithm_sources):
+        return True
+    return manufacturer == PLATFORM_MANUFACTURER and any(bool(name) for name in algorithm_names)
+
+
+def _text(value: Any) -> str | None:
+    text = str(value).strip(" \x00") if value is not None else ""
+    return text or None
+
+
+def segment_rows(ds: Dataset) -> list[dict[str, Any]]:
+    """One row per segment of a SEG data set (pixel data not needed)."""
+    seg = {
+        "sop_instance_uid": _text(ds.get("SOPInstanceUID")),
+        "series_uid": _text(ds.get("SeriesInstanceUID")),
+        "study_uid": _text(ds.get("StudyInstanceUID")),
+        "manufacturer": _text(ds.get("Manufacturer")),
+        "manufacturer_model": _text(ds.get("ManufacturerModelName")),
+        "content_creator_name": _text(ds.get("ContentCreatorName")),
+        "content_date": _text(ds.get("ContentDate")),
+        "content_time": _text(ds.get("ContentTime")),
+    }
+    rows = []
+    for item in ds.get("SegmentSequence", []):
+        if "SegmentNumber" not in item:
+            continue
+        algorithm = next(iter(item.get("SegmentationAlgorithmIdentificationSequence", [])), None)
+        family = next(iter(algorithm.get("AlgorithmFamilyCodeSequence", []) if algorithm else []), None)
+        rows.append({
+            **seg,
+            "segment_number": int(item.SegmentNumber),
+            "segment_label": _text(item.get("SegmentLabel")),
+            "algorithm_type": (_text(item.get("SegmentAlgorithmType")) or "").upper() or None,
+            "algorithm_name": _text(algorithm.get("AlgorithmName")) if algorithm else None,
+            "algorithm_family": _text(family.get("CodeMeaning")) if family else None,
+            "algorithm_version": _text(algorithm.get("AlgorithmVersion")) if algorithm else None,
+            "algorithm_source": _text(algorithm.get("AlgorithmSource")) if algorithm else None,
+        })
+    return rows
+
+
+def read_segment_rows(path: Path | str) -> list[dict[str, Any]]:
+    return segment_rows(pydicom.dcmread(path, stop_before_pixels=True))
+
+
+def archived_segment_rows(archive: Path, instances: Iterable[dict[str, Any]], now: dt.datetime) -> list[dict[str, Any]]:
+    """`seg_segments` rows of the SEG instances among `instances` (rows of `instances`), read
+    from their archived files. A file that cannot be read is left for the next reconcile (its
+    SEG is no reference meanwhile)."""
+    rows: list[dict[str, Any]] = []
+    for r in sorted(instances, key=lambda r: r["sop_instance_uid"]):
+        if r.get("modality") != "SEG" or not r.get("archive_path"):
+            continue
+        sop = r["sop_instance_uid"]
+        try:
+            found = read_segment_rows(archive / r["archive_path"])
+        except (OSError, InvalidDicomError, ValueError) as exc:
+            log.warning("SEG %s: segments not read (%s)", sop, exc)
+            continue
+        rows.extend({**row, "sop_instance_uid": sop, "indexed_at": now} for row in found)
+    return rows
+
+
+def missing_segment_rows(lake: Any, archive: Path, instances: Iterable[dict[str, Any]],
+                         now: dt.datetime) -> list[dict[str, Any]]:
+    """As `archived_segment_rows`, for the SEG instances that have no `seg_segments` rows yet:
+    a re-run after a crash finds what an interrupted reconcile left out; a recorded SEG costs
+    one filtered read, not a file read."""
+    segs = [r for r in instances if r.get("modality") == "SEG"]
+    if not segs:
+        return []
+    sops = sorted(r["sop_instance_uid"] for r in segs)
+    known = set(lake.read("seg_segments", pl.col("sop_instance_uid").is_in(sops))["sop_instance_uid"].to_list())
+    return archived_segment_rows(archive, [r for r in segs if r["sop_instance_uid"] not in known], now)
+
+
+def index_missing_segments(lake: Any, archive: Path) -> int:
+    """Record the segments of every indexed SEG that has none in `seg_segments` (a home indexed
+    before the table existed, or a reconcile a crash cut short); the rows written. Until then
+    such a SEG is no reference: its provenance is unknown."""
+    # Here, not at the top: cohort definitions import this module (AlgorithmType) without the lake.
+    from kaapana_assets.ingest.index import to_table
+    from kaapana_assets.lake.schemas import SEG_SEGMENTS
+
+    segs = lake.read("instances", pl.col("modality") == "SEG").select("sop_instance_uid", "modality", "archive_path")
+    rows = missing_segment_rows(lake, archive, segs.to_dicts(), dt.datetime.now(dt.timezone.utc))
+    if rows:
+        lake.merge("seg_segments", to_table(rows, SEG_SEGMENTS.schema))
+    return len(rows)
