@@ -112,18 +112,24 @@ def running_daemon(home: Path, dagster_home: Path, code: Path, log: Path) -> Ite
     dagster_home.mkdir(parents=True, exist_ok=True)
     shutil.copy(code / "dagster.yaml", dagster_home / "dagster.yaml")
     env = daemon_environment(home, dagster_home, code)
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster"), "dev", "-m", "definitions", "-h", "127.0.0.1",
-             "-p", str(free_port())],
-            cwd=code, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
+    # The instance's SQLite storages are created (and their schema stamped) here, before
+    # `dagster dev` starts: two processes creating them at once can leave two alembic heads.
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [str(Path(sys.executable).parent / "dagster"), "dev", "-m", "definitions", "-h", "127.0.0.1",
+                 "-p", str(free_port())],
+                cwd=code, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
             while not _ticked(instance, "incoming_studies"):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"dagster dev did not come up; see {log}")
                 time.sleep(0.5)
+        except BaseException:
+            _stop_group(process)
+            raise
+    try:
         yield process
     finally:
         _stop_group(process)

@@ -37,6 +37,7 @@ from tests.tools import require  # noqa: E402
 SHARED_FIXTURE_GROUPS = (("demo_home", "demo"), ("trained_site", "trained_site"), ("federation", "federation"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         group = next((g for fixture, g in SHARED_FIXTURE_GROUPS if fixture in getattr(item, "fixturenames", ())), None)

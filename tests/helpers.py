@@ -86,13 +86,15 @@ class Federation:
         return write_sites(self.root / "hub" / name, [SiteEntry(s, key=keys[s]) for s in sites])
 
     def resource(self, flower, sites: tuple[str, ...] = SITES, min_sites: int = 2, rounds: int = 3,  # type: ignore[no-untyped-def]
-                 keys: dict[str, str] | None = None, **options):  # type: ignore[no-untyped-def]
+                 keys: dict[str, str] | None = None, local_epochs: int = 2, iterations_per_epoch: int = 6,
+                 **options):  # type: ignore[no-untyped-def]
         from resources.federation import FederationResource
 
         return FederationResource(
             superlink=flower.connection.address, root_certificate=str(flower.connection.root_certificate),
             federation_file=str(self.federation_file(sites, keys)), folder=str(self.hub_store.root),
-            rounds=rounds, min_sites=min_sites, schedule="tiny", local_epochs=2, iterations_per_epoch=6,
+            rounds=rounds, min_sites=min_sites, schedule="tiny", local_epochs=local_epochs,
+            iterations_per_epoch=iterations_per_epoch,
             timeout_s=600.0, **options,
         )
 

@@ -210,8 +210,10 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
     and with FedAvgM, whose server momentum the hub keeps from round 1 for the retried round 2."""
     import threading
 
+    # Faults, not learning, are under test: the shortest local training that is still a round.
     resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, dp_clipping_norm=50.0,
-                                                   dp_epsilon=1e6, strategy="fedavgm", server_momentum=0.5))
+                                                   dp_epsilon=1e6, strategy="fedavgm", server_momentum=0.5,
+                                                   local_epochs=1, iterations_per_epoch=2))
     store = federation.hub_store
     sites = {s.name: s for s in federation.local_sites()}
     with dg.instance_for_test() as instance:

@@ -1,10 +1,10 @@
 """A write-ahead journal that makes a received instance durable with one flush.
 
-Acknowledging a C-STORE only once the instance is on stable storage used to cost two
-journal commits of the filesystem per instance (fsync of the new file, fsync of its folder
+Acknowledging a C-STORE only once the instance is on stable storage costs, done directly,
+two journal commits of the filesystem per instance (fsync of the new file, fsync of its folder
 after the rename): the larger part of a CT slice's time on one association. Here:
 
-1. the spool file is written as before (temp name, rename) but not flushed;
+1. the spool file is written as usual (temp name, rename) but not flushed;
 2. the instance and its spool path are appended to a journal segment, a file written full
    of zeros when it was created, and `fdatasync`ed. Overwriting blocks that already exist
    changes no metadata, so this is one flush of data blocks, not a filesystem commit;
