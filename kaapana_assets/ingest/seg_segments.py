@@ -85,8 +85,15 @@ def segment_rows(ds: Dataset) -> list[dict[str, Any]]:
     return rows
 
 
+# Only these top-level elements are parsed; pydicom skips the others by their length, so a
+# hostile element elsewhere in an archived SEG (a huge or deeply nested sequence the header
+# walker let pass) costs no memory here.
+SEG_TAGS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Manufacturer", "ManufacturerModelName",
+            "ContentCreatorName", "ContentDate", "ContentTime", "SpecificCharacterSet", "SegmentSequence")
+
+
 def read_segment_rows(path: Path | str) -> list[dict[str, Any]]:
-    return segment_rows(pydicom.dcmread(path, stop_before_pixels=True))
+    return segment_rows(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SEG_TAGS)))
 
 
 def archived_segment_rows(archive: Path, instances: Iterable[dict[str, Any]], now: dt.datetime) -> list[dict[str, Any]]:
