@@ -31,16 +31,26 @@ from tests.helpers import (  # noqa: E402
 )
 from tests.tools import require  # noqa: E402
 
-# Session fixtures too costly to build twice (a trained model, the demo, a federation): under
-# pytest-xdist (`make test-all` runs two workers) every test that uses one runs in the same
-# worker, so each is built once per run (`--dist loadgroup`).
-SHARED_FIXTURE_GROUPS = (("demo_home", "demo"), ("trained_site", "trained_site"), ("federation", "federation"))
+
+# Session fixtures too costly to build twice (the demo, a trained model): under pytest-xdist
+# (`make test-all` runs two workers, --dist loadgroup) every test that uses one runs in the
+# same worker, so each is built once per run. The federation's tests group per module: each
+# module starts its own Flower federation, and building the three sites' homes once more costs
+# less than running those modules one after another.
+def _shared_fixture_group(item: pytest.Item) -> str | None:
+    names = getattr(item, "fixturenames", ())
+    for fixture, group in (("demo_home", "demo"), ("trained_site", "trained_site")):
+        if fixture in names:
+            return group
+    if "federation" in names:
+        return "federation-" + item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return None
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        group = next((g for fixture, g in SHARED_FIXTURE_GROUPS if fixture in getattr(item, "fixturenames", ())), None)
+        group = _shared_fixture_group(item)
         if group:
             item.add_marker(pytest.mark.xdist_group(group))
 
