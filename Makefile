@@ -24,10 +24,11 @@ install: $(BIN)/.installed
 # The Debian tools the tests use as peers and oracles (dcmtk, GDCM, OpenJPH, dcm2niix,
 # dicom3tools, Orthanc, Prometheus, Chromium, Postgres), listed once in .ci/debian-packages.
 # As root: installed with apt-get, no service started (tests start their own, confined).
-# Otherwise: the exact command to run is printed and make stops.
+# Otherwise: the exact command to run is printed and make stops. Installed means dpkg's
+# "install ok installed" (a removed package whose configuration is kept still has a status).
 DEBIAN_PACKAGES := $(shell sed -e 's/\#.*//' .ci/debian-packages)
 tools:
-	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done | tr '\n' ' '); \
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done | tr '\n' ' '); \
 	if [ -z "$$missing" ]; then echo "Debian tools: all installed"; exit 0; fi; \
 	if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then \
 	  echo "Missing Debian packages: $$missing"; \
