@@ -12,11 +12,14 @@ export HF_HUB_OFFLINE = 1
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
+# --no-compile: Python compiles what is imported, when it is first imported; compiling every
+# module of every package at install costs more than half of the install's time.
+PIP_INSTALL := -m pip install --quiet --no-compile
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python $(PIP_INSTALL) torch==2.13.0
+	$(BIN)/python $(PIP_INSTALL) -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -46,9 +49,10 @@ lint: install
 	$(BIN)/ruff check kaapana_assets resources sensors definitions.py tests bench
 	$(BIN)/mypy
 
-# The fast tier: everything but the tests marked slow (training, demo, servers, browser).
+# The fast tier: everything but the tests marked slow (training, demo, servers, browser), in
+# two workers as test-all.
 test: tools lint
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q -n 2 --dist loadgroup
 
 # Both tiers: what CI runs, in two workers (pytest-xdist): the tests that share a costly
 # session fixture (the demo, a trained model, a federation) run in one worker each, so each
@@ -62,8 +66,8 @@ RUNTIME_VENV ?= $(CURDIR)/build/runtime-venv
 check-runtime-install:
 	rm -rf $(RUNTIME_VENV) && $(PYTHON) -m venv $(RUNTIME_VENV)
 	$(RUNTIME_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(RUNTIME_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(RUNTIME_VENV)/bin/python -m pip install --quiet .
+	$(RUNTIME_VENV)/bin/python $(PIP_INSTALL) torch==2.13.0
+	$(RUNTIME_VENV)/bin/python $(PIP_INSTALL) .
 	cd $(RUNTIME_VENV) && DAGSTER_HOME= $(RUNTIME_VENV)/bin/python -c "import definitions; print('definitions imports without dev extras:', len(list(definitions.defs.resolve_all_asset_keys())), 'assets')"
 	rm -rf $(RUNTIME_VENV)
 

@@ -220,7 +220,7 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setenv("KAAPANA_HOME", str(root / "kaapana"))
         mp.setenv("DAGSTER_HOME", str(root / "dagster"))
         mp.delenv("KAAPANA_FEDERATION", raising=False)
-        code = main(["demo", "--studies", "3", "--rounds", "2", "--new-studies", "1",
+        code = main(["demo", "--studies", "3", "--rounds", "3", "--new-studies", "1",
                      "--slices", str(DEMO_GRID["slices"]), "--matrix", str(DEMO_GRID["matrix"]),
                      "--schedule", "tiny", "--promotion-dice", "0.2"])
     (root / "exit_code").write_text(str(code))

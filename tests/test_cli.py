@@ -38,7 +38,7 @@ def test_demo_end_to_end(demo_home: Path, capsys: pytest.CaptureFixture) -> None
     for site in ("site-b", "site-c"):
         assert Lake(demo_home / "kaapana" / "sites" / site / "lake").read("studies").height == 3
     rounds = lake.read("federated_rounds")
-    assert sorted(rounds.filter(rounds["site"] == "global")["round"].to_list()) == [1, 2]
+    assert sorted(rounds.filter(rounds["site"] == "global")["round"].to_list()) == [1, 2, 3]
     assert set(rounds.filter(rounds["status"] == "aggregated")["site"]) == {"site-a", "site-b", "site-c"}
     segs = lake.read("segmentations")
     assert segs.height and set(segs["model_name"]) == {"nnunet-liver-train"}
@@ -55,8 +55,8 @@ def test_lineage_of_a_demo_segmentation(demo_home: Path, capsys: pytest.CaptureF
     assert main(["lineage", seg["seg_sop_instance_uid"], "--home", str(demo_home / "kaapana")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"model nnunet-liver-train v{seg['model_version']}" in out
-    assert "federated experiment liver-fed: 2 round(s)" in out
-    assert "round 1: site-a" in out and "round 2: site-a" in out
+    assert "federated experiment liver-fed: 3 round(s)" in out
+    assert "round 1: site-a" in out and "round 3: site-a" in out
     assert "this site: cohort liver-train v" in out and "Delta versions read: series v" in out
     assert "other sites: cohort versions and members stay at the sites" in out
     sources = lake.read("cohort_members")["series_uid"].to_list()

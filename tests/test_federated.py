@@ -1,9 +1,10 @@
 """Federated nnU-Net over a real Flower network: a SuperLink (TLS, SuperNode
 authentication) and one SuperNode per site as separate processes on loopback. Each site
 has its own KAAPANA_HOME and its own Dagster instance and shares no folder with the hub;
-the hub's assets start one Flower run per plan and per round. Faults: a site that goes
-away mid-round (quorum, clean failure, retry), an unregistered SuperNode, a superseded
-round. Tampered and replayed messages: tests/test_federated_channel.py."""
+the hub's assets start one Flower run per plan and per round. Learning over three rounds is
+checked on the demo's federation (built once per test run); faults on this module's own: a
+site that goes away mid-round (quorum, clean failure, retry), an unregistered SuperNode, a
+superseded round. Tampered and replayed messages: tests/test_federated_channel.py."""
 
 from __future__ import annotations
 
@@ -16,13 +17,17 @@ import dagster as dg
 import polars as pl
 import pytest
 import torch
+from dagster._core.instance.ref import InstanceRef
 
-from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
+from kaapana_assets.federated.assets import federated_plan, federated_rounds
 from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
 from kaapana_assets.federated.keys import generate_site_key
 from kaapana_assets.federated.partitions import round_key
+from kaapana_assets.federated.store import FederationStore
 from kaapana_assets.federated.superlink import LocalFederation, create_node_keys
+from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
+from kaapana_assets.training.tracking import Tracking
 from tests.helpers import SITES, Federation
 
 # Session fixtures train real networks on 2 cores: allow more than the default 10 minutes
@@ -50,42 +55,49 @@ def _failure(result: dg.ExecuteInProcessResult) -> str:
     return result.get_step_failure_events()[0].step_failure_data.error.message
 
 
-@pytest.fixture(scope="module")
-def three_rounds(federation: Federation, flower: LocalFederation):  # type: ignore[no-untyped-def]
-    """Plan, three rounds and the registered model, once."""
-    resources = federation.hub(federation.resource(flower))
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("federated_experiments", ["liver-fed"])
-        plan = _materialize([federated_plan], "liver-fed", instance, resources)
-        rounds = [_materialize([federated_plan, federated_rounds], round_key("liver-fed", r), instance, resources)
-                  for r in (1, 2, 3)]
-        model = _materialize([federated_rounds, federated_model], "liver-fed", instance, resources)
-        yield plan, rounds, model, resources
-
-
 def _metadata(result: dg.ExecuteInProcessResult) -> dict:
     return {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
 
 
-def test_three_sites_three_rounds_improve(federation: Federation, three_rounds) -> None:  # type: ignore[no-untyped-def]
-    plan, rounds, model, resources = three_rounds
-    plan_meta = _metadata(plan)
-    assert plan_meta["cases"] == 12 and not plan_meta["excluded_sites"]
-    table = Lake(federation.root / "hub" / "lake").read("federated_rounds")
+def _demo_sites(demo_home: Path) -> dict[str, KaapanaHome]:
+    """The demo's sites: site-a is the hub's own platform, the others live beside it."""
+    hub = KaapanaHome(demo_home / "kaapana")
+    return {site: hub if site == SITES[0] else KaapanaHome(hub.root / "sites" / site) for site in SITES}
+
+
+def _latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -> dict:
+    [record] = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition]), limit=1).records
+    materialization = record.asset_materialization
+    assert materialization is not None
+    return {k: v.value for k, v in materialization.metadata.items()}
+
+
+# The three-round federation under test is the demo's (`kaapana demo --rounds 3`, built once
+# per test run and shared): its hub, its sites' own homes and the Dagster instance it ran on.
+def test_three_sites_three_rounds_improve(demo_home: Path) -> None:
+    sites = _demo_sites(demo_home)
+    hub = sites[SITES[0]]
+    table = Lake(hub.lake).read("federated_rounds").filter(pl.col("experiment") == "liver-fed")
     global_rows = table.filter(pl.col("site") == "global").sort("round")
     assert global_rows["round"].to_list() == [1, 2, 3]
     per_site = table.filter(pl.col("status") == "aggregated")
     assert per_site.height == 9 and set(per_site["site"]) == set(SITES)
-    assert per_site["cases"].to_list() == [3] * 9  # 4 patients per site, 1 held out for validation
+    # 3 patients per site, 1 held out for validation; site-a's reviewed patient is in no training cohort.
+    assert per_site.sort("site", "round")["cases"].to_list() == [1] * 3 + [2] * 6
     dice = global_rows["dice"].to_list()
     print("global Dice by round:", dice)
     assert dice[-1] > dice[0] and dice[-1] > 0.3  # the global model improves over the rounds
     assert all(later >= earlier - 0.05 for earlier, later in zip(dice, dice[1:], strict=False))
-    assert _metadata(rounds[0])["differential_privacy"] == {"enabled": False}
 
-    meta = _metadata(model)
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(demo_home / "dagster"))) as instance:
+        plan_meta = _latest_metadata(instance, "federated_plan", "liver-fed")
+        first_round = _latest_metadata(instance, "federated_rounds", round_key("liver-fed", 1))
+        meta = _latest_metadata(instance, "federated_model", "liver-fed")
+    assert plan_meta["cases"] == 2 + 3 + 3 and not plan_meta["excluded_sites"]
+    assert first_round["differential_privacy"] == {"enabled": False}
     assert meta["rounds"] == 3 and meta["promoted"]
-    tracking = resources["mlflow"].tracking()
+    tracking = Tracking(f"sqlite:///{hub.root / 'mlflow.db'}", str(hub.root / "mlartifacts"))
     version = tracking.version_by_alias("nnunet-liver-train")
     assert str(version.version) == str(meta["model_version"])
     assert version.tags["kaapana.source"] == "federated" and version.tags["kaapana.sites"] == ",".join(SITES)
@@ -98,55 +110,41 @@ def test_three_sites_three_rounds_improve(federation: Federation, three_rounds) 
     assert sorted(r.data.tags["kaapana.role"] for r in nested) == ["model", "round", "round", "round"]
 
     # Every site's own Dagster instance records its part: fingerprint, updates, evaluations.
-    for site in SITES:
-        instance = dg.DagsterInstance.local_temp(str(federation.homes[site].root / "dagster"))
+    for site, home in sites.items():
+        instance = dg.DagsterInstance.local_temp(str(home.root / "dagster"))
         try:
             rounds_done = {round_key("liver-fed", r) for r in (1, 2, 3)}
-            assert instance.get_materialized_partitions(dg.AssetKey("site_update")) == rounds_done
-            assert instance.get_materialized_partitions(dg.AssetKey("site_evaluation")) == rounds_done
-            assert instance.get_materialized_partitions(dg.AssetKey("site_fingerprint")) == {"liver-fed"}
+            assert instance.get_materialized_partitions(dg.AssetKey("site_update")) == rounds_done, site
+            assert instance.get_materialized_partitions(dg.AssetKey("site_evaluation")) == rounds_done, site
+            assert instance.get_materialized_partitions(dg.AssetKey("site_fingerprint")) == {"liver-fed"}, site
         finally:
             instance.dispose()
 
 
-def test_nothing_identifying_reached_the_hub(federation: Federation, three_rounds) -> None:  # type: ignore[no-untyped-def]
+def test_nothing_identifying_reached_the_hub(demo_home: Path) -> None:
     """The hub keeps every message it received from a site; scan each for every patient
     name/ID and study/series/SOP UID of every site."""
-    received = [p for p in federation.hub_store.files("liver-fed") if "received" in p.parts]
+    sites = _demo_sites(demo_home)
+    store = FederationStore(sites[SITES[0]].hub_federation)
+    received = [p for p in store.files("liver-fed") if "received" in p.parts]
     assert len(received) == 3 + 3 * 3 * 2  # fingerprints, then updates and evaluations per round
-    for site, home in federation.homes.items():
+    for site, home in sites.items():
         identifiers = site_identifiers(Lake(home.lake))
         assert len(identifiers) > 50
         for path in received:
             assert not leaked_identifiers(path.read_bytes(), identifiers), f"{path} leaks {site}'s identifiers"
 
 
+def test_cli_shows_rounds(demo_home: Path, capsys: pytest.CaptureFixture) -> None:
+    from kaapana_assets.cli import main
+
+    assert main(["federation", "rounds", "liver-fed", "--home", str(demo_home / "kaapana")]) == 0
+    out = capsys.readouterr().out
+    assert "federated rounds of liver-fed" in out and out.count("aggregated") == 9
+
+
 def _site_pids(flower: LocalFederation) -> set[int]:
     return {pid for name in flower.supernodes for pid in flower.site_pids(name)}
-
-
-def test_sites_only_dial_out(flower: LocalFederation, three_rounds) -> None:  # type: ignore[no-untyped-def]
-    """No site process listens beyond its own loopback (the SuperNode's runtime API for its
-    own ClientApps), and every connection a site holds outside that goes to the one
-    SuperLink port: the hub never needs a route into a site."""
-    pids = _site_pids(flower)
-    port = int(flower.connection.address.rsplit(":", 1)[1])
-    sockets = subprocess.run(["ss", "-Htanp"], capture_output=True, text=True, check=True).stdout.splitlines()
-    mine = [line for line in sockets if any(f"pid={pid}," in line for pid in pids)]
-    assert mine, "the site processes hold no TCP socket at all"
-    own_ports = set()
-    for line in mine:
-        state, local = line.split()[0], line.split()[3]
-        if state == "LISTEN":
-            assert local.startswith("127.0.0.1:"), f"a site process listens on {local}"
-            own_ports.add(int(local.rsplit(":", 1)[1]))
-    for line in mine:
-        fields = line.split()
-        if fields[0] != "ESTAB":
-            continue
-        peer = int(fields[4].rsplit(":", 1)[1])
-        local_port = int(fields[3].rsplit(":", 1)[1])
-        assert peer == port or peer in own_ports or local_port in own_ports, line
 
 
 def test_an_unregistered_supernode_is_refused(federation: Federation, flower: LocalFederation,
@@ -166,26 +164,6 @@ def test_an_unregistered_supernode_is_refused(federation: Federation, flower: Lo
     assert process.returncode != 0 and "Failed to activate SuperNode" in log
 
 
-def test_cli_shows_rounds(federation: Federation, three_rounds, capsys) -> None:  # type: ignore[no-untyped-def]
-    from kaapana_assets.cli import main
-
-    assert main(["federation", "rounds", "liver-fed", "--home", str(federation.root / "hub")]) == 0
-    out = capsys.readouterr().out
-    assert "federated rounds of liver-fed" in out and out.count("aggregated") == 9
-
-
-def test_a_superseded_round_is_not_recomputed(federation: Federation, three_rounds) -> None:  # type: ignore[no-untyped-def]
-    """Round 3 was trained from round 2's model: recomputing round 2 would orphan it."""
-    _, _, _, resources = three_rounds
-    before = federation.hub_store.global_path("liver-fed", 2).read_bytes()
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions("federated_experiments", ["liver-fed"])
-        result = _materialize([federated_plan, federated_rounds], round_key("liver-fed", 2), instance, resources,
-                              raise_on_error=False)
-    assert not result.success and "start a new experiment" in _failure(result)
-    assert federation.hub_store.global_path("liver-fed", 2).read_bytes() == before
-
-
 def _wait_for_clientapp(flower: LocalFederation, site: str, timeout_s: float = 120.0) -> None:
     """Until the site runs a ClientApp (it is working on the hub's message). Its SuperExec
     forks them: they are named flwr-clientapp."""
@@ -201,13 +179,13 @@ def _wait_for_clientapp(flower: LocalFederation, site: str, timeout_s: float = 1
     raise TimeoutError("the site never started its ClientApp")
 
 
-def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: LocalFederation,
-                                               three_rounds) -> None:  # type: ignore[no-untyped-def]
+def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: LocalFederation) -> None:
     """Quorum 2 of 3. site-c goes away while it trains: round 1 completes with site-a and
     site-b. With site-b gone as well, round 2 fails cleanly (nothing aggregated, no global
     model). Both come back: the retry of round 2 aggregates all three. This experiment
     also runs with local differential privacy on (clipping, and noise too small to matter),
-    and with FedAvgM, whose server momentum the hub keeps from round 1 for the retried round 2."""
+    and with FedAvgM, whose server momentum the hub keeps from round 1 for the retried round 2.
+    A superseded round (round 1, once round 2 exists) is refused, not recomputed."""
     import threading
 
     # Faults, not learning, are under test: the shortest local training that is still a round.
@@ -251,3 +229,33 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         assert set(rows.filter((pl.col("round") == 2) & (pl.col("status") == "aggregated"))["site"]) == set(SITES)
         beyond = _materialize([federated_plan, federated_rounds], "faults|3", instance, resources, raise_on_error=False)
         assert "faults has 2 rounds" in _failure(beyond)
+
+        # Round 2 was trained from round 1's model: recomputing round 1 would orphan it.
+        before = store.global_path("faults", 1).read_bytes()
+        again = _materialize([federated_plan, federated_rounds], "faults|1", instance, resources, raise_on_error=False)
+        assert not again.success and "start a new experiment" in _failure(again)
+        assert store.global_path("faults", 1).read_bytes() == before
+
+
+def test_sites_only_dial_out(flower: LocalFederation) -> None:
+    """No site process listens beyond its own loopback (the SuperNode's runtime API for its
+    own ClientApps), and every connection a site holds outside that goes to the one
+    SuperLink port: the hub never needs a route into a site."""
+    pids = _site_pids(flower)
+    port = int(flower.connection.address.rsplit(":", 1)[1])
+    sockets = subprocess.run(["ss", "-Htanp"], capture_output=True, text=True, check=True).stdout.splitlines()
+    mine = [line for line in sockets if any(f"pid={pid}," in line for pid in pids)]
+    assert mine, "the site processes hold no TCP socket at all"
+    own_ports = set()
+    for line in mine:
+        state, local = line.split()[0], line.split()[3]
+        if state == "LISTEN":
+            assert local.startswith("127.0.0.1:"), f"a site process listens on {local}"
+            own_ports.add(int(local.rsplit(":", 1)[1]))
+    for line in mine:
+        fields = line.split()
+        if fields[0] != "ESTAB":
+            continue
+        peer = int(fields[4].rsplit(":", 1)[1])
+        local_port = int(fields[3].rsplit(":", 1)[1])
+        assert peer == port or peer in own_ports or local_port in own_ports, line
