@@ -32,18 +32,14 @@ from tests.helpers import (  # noqa: E402
 from tests.tools import require  # noqa: E402
 
 
-# Session fixtures too costly to build twice (the demo, a trained model): under pytest-xdist
-# (`make test-all` runs two workers, --dist loadgroup) every test that uses one runs in the
-# same worker, so each is built once per run. The federation's tests group per module: each
-# module starts its own Flower federation, and building the three sites' homes once more costs
-# less than running those modules one after another.
+# Session fixtures too costly to build twice (the demo, a trained model, the three sites'
+# homes): under pytest-xdist (`make test-all` runs two workers, --dist loadgroup) every test
+# that uses one runs in the same worker, so each is built once per run.
 def _shared_fixture_group(item: pytest.Item) -> str | None:
     names = getattr(item, "fixturenames", ())
-    for fixture, group in (("demo_home", "demo"), ("trained_site", "trained_site")):
+    for fixture in ("demo_home", "trained_site", "federation"):
         if fixture in names:
-            return group
-    if "federation" in names:
-        return "federation-" + item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+            return "demo" if fixture == "demo_home" else fixture
     return None
 
 
