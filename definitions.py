@@ -1,4 +1,7 @@
-"""The code location: one Definitions, resources chosen by KAAPANA_ENV (local | k8s)."""
+"""The code location: one Definitions, resources chosen by KAAPANA_ENV (local | k8s).
+
+The environment is read once, in resources/location.py (the asset modules' GPU op tags need
+it when they import); the resources are built here from that same reading."""
 
 import dagster as dg
 
@@ -12,10 +15,13 @@ from kaapana_assets.monitoring import assets as monitoring
 from kaapana_assets.network import assets as network
 from kaapana_assets.segmentation import assets as segmentation
 from kaapana_assets.training import assets as training
-from resources import build_resources
+from resources.build import build_resources
+from resources.location import ENVIRONMENT
 from sensors.cohort_definitions import cohort_definitions
+from sensors.federated_rounds import federated_round_chain
 from sensors.incoming import incoming_studies
 from sensors.model_promotion import model_promotion
+from sensors.segmentation_automation import segmentation_automation
 
 defs = dg.Definitions.merge(
     ingest.defs,
@@ -28,5 +34,7 @@ defs = dg.Definitions.merge(
     evaluation.defs,
     lake.defs,
     monitoring.defs,
-    dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion], resources=build_resources()),
+    dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion, segmentation_automation,
+                            federated_round_chain],
+                   resources=build_resources(ENVIRONMENT)),
 )

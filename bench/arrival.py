@@ -231,6 +231,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 # Imports are not the work (a warm process has them): torch, nnU-Net's predictor, MLflow.
 import mlflow, torch, nnunetv2.inference.predict_from_raw_data  # noqa
+from kaapana_assets.environment import Environment
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.segmentation.models import production_model
@@ -238,7 +239,7 @@ from kaapana_assets.segmentation.segment import segment_study
 from kaapana_assets.training.tracking import default_tracking
 home = KaapanaHome(Path(sys.argv[2]))
 targets = IngestTargets.for_home(home)
-tracking = default_tracking(home.root)
+tracking = default_tracking(Environment.read(home=home.root))
 tracking.client()  # the store opened, as a running code location has it
 t0 = time.perf_counter()
 model = production_model(tracking, "nnunet-liver-train", home.root / "models-work", "cpu")

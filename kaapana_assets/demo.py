@@ -34,6 +34,7 @@ from rich.table import Table
 
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.demo_driver import RunOutcome, log_level_config, run_requests, tick
+from kaapana_assets.environment import Environment
 from kaapana_assets.federated.keys import generate_site_key
 from kaapana_assets.federated.sites import SiteEntry, read_sites, write_sites
 from kaapana_assets.federated.superlink import LocalFederation, LocalSite
@@ -41,9 +42,10 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.lake import Lake
 from kaapana_assets.synthetic import generate_site, get_profile
+from resources.build import build_resources
 from resources.federation import FederationResource
 from resources.nnunet import NnunetResource
-from resources.storage import ArchiveResource, build_resources
+from resources.storage import ArchiveResource
 
 
 def _truncated_copy(source: Path, target: Path) -> None:
@@ -84,7 +86,7 @@ def _spool_and_ingest(console: Console, defs: dg.Definitions, instance: dg.Dagst
                       resources: dict[str, Any], cursor: str | None = None) -> tuple[int, str | None]:
     """One tick of the incoming_studies sensor, then every run it requested, in-process."""
     # The files were just copied: no need to wait the receiver's quiet period.
-    archive = ArchiveResource(quiet_period_s=0.0)
+    archive = ArchiveResource(home=resources["archive"].home, quiet_period_s=0.0)
     ticked = tick(defs, instance, "incoming_studies", resources={**resources, "archive": archive}, cursor=cursor)
     console.print(f"sensor incoming_studies: {len(ticked.run_requests)} run request(s)")
     failed = 0
@@ -99,7 +101,8 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
              promotion_dice: float = 0.7) -> int:
     import definitions  # the real code location
 
-    home = KaapanaHome.from_env().ensure()
+    environment = Environment.read()  # the demo's top: the environment, read once
+    home = KaapanaHome(environment.home).ensure()
     _dagster_home(home)
     # A newcomer reads the story, not library notices (they are in the Dagster run logs).
     warnings.filterwarnings("ignore", module=r"dagster(\.|$)")
@@ -111,9 +114,9 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
                   f"DAGSTER_HOME = {os.environ['DAGSTER_HOME']}")
     defs = definitions.defs
     instance = dg.DagsterInstance.get()
-    # Built from the environment as it is now (the demo may have set KAAPANA_HOME after the
+    # Built from the environment read above (the demo may have set KAAPANA_HOME after the
     # code location was imported), not taken from the definitions' load-time resources.
-    resources: dict[str, Any] = dict(build_resources())
+    resources: dict[str, Any] = dict(build_resources(environment))
     failed = 0
     grid = grid or DEMO_GRID
 
@@ -161,7 +164,7 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
         console.print(f"schedule {schedule}, {federation.local_epochs} local epoch(s) per round; the model is "
                       f"promoted when its cross-site liver Dice reaches {promotion_dice}")
         federated = _federate(console, instance, {**resources, "nnunet_settings": NnunetResource(
-            promotion_dice=promotion_dice)}, federation)
+            workdir=str(home.root / "nnunet"), promotion_dice=promotion_dice)}, federation)
         failed += federated
     finally:
         network.close()  # the demo's own processes, by process group

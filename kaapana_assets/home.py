@@ -14,12 +14,6 @@ from pathlib import Path
 class KaapanaHome:
     root: Path
 
-    @classmethod
-    def from_env(cls) -> "KaapanaHome":
-        from kaapana_assets.environment import Environment
-
-        return cls(Environment.read().home)
-
     @property
     def lake(self) -> Path:
         return self.root / "lake"

@@ -9,12 +9,10 @@ from typing import TYPE_CHECKING
 import dagster as dg
 from pydantic import Field
 
-from kaapana_assets.environment import Environment
 from kaapana_assets.federated.runs import Connection, run_step
 from kaapana_assets.federated.sites import FederationConfigError, SiteEntry, read_sites
 from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.federated.superlink import DEFAULT_ROUND_TIMEOUT_S, DEFAULT_TTL_S
-from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
 from kaapana_assets.training.nnunet import Schedule
 from resources.nnunet import NnunetResource
@@ -23,16 +21,12 @@ if TYPE_CHECKING:  # the site's training stack (torch, Flower) loads in the runs
     from kaapana_assets.federated.site import SiteContext
 
 
-def default_folder() -> Path:
-    return KaapanaHome(Environment.read().home).hub_federation
-
-
 class FederatedSiteResource(dg.ConfigurableResource):
     """This site's identity in a federation (site side): its name and its own federation
     folder, where the ClientApp puts what the hub sent and picks up what goes back."""
 
     name: str = Field(default="", description="Site name ($KAAPANA_SITE in build_resources)")
-    folder: str = Field(default="", description="The site's federation folder; empty: $KAAPANA_HOME/federation")
+    folder: str = Field(description="The site's federation folder, e.g. $KAAPANA_HOME/federation/site")
 
     def context(self, lake: Lake, archive_root: Path, nnunet_settings: NnunetResource,
                 log: Callable[[str], None]) -> "SiteContext":
@@ -42,7 +36,7 @@ class FederatedSiteResource(dg.ConfigurableResource):
             raise dg.Failure(description="this site has no federation identity: set KAAPANA_SITE "
                              "(or configure the federated_site resource)")
         return SiteContext(
-            site=checked_name("site", self.name), store=FederationStore(self.folder or default_folder()),
+            site=checked_name("site", self.name), store=FederationStore(self.folder),
             lake=lake, archive_root=archive_root, work_root=nnunet_settings.work_root(),
             device=nnunet_settings.device, threads=nnunet_settings.threads, log=log,
         )
@@ -56,7 +50,7 @@ class FederationResource(dg.ConfigurableResource):
     root_certificate: str = Field(default="", description="CA certificate of the SuperLink's TLS certificate")
     federation_file: str = Field(default="", description="YAML listing the sites under `sites:` "
                                  "($KAAPANA_FEDERATION in build_resources)")
-    folder: str = Field(default="", description="The hub's own federation folder; empty: $KAAPANA_HOME/federation")
+    folder: str = Field(description="The hub's own federation folder, e.g. $KAAPANA_HOME/federation/hub")
     cohort: str = Field(default="liver-train", description="The cohort every site trains on (each its own)")
     labels: list[str] = Field(default_factory=lambda: ["liver"], description="Labels every site must provide")
     rounds: int = Field(default=3, description="Rounds of an experiment")
@@ -88,7 +82,7 @@ class FederationResource(dg.ConfigurableResource):
             raise dg.Failure(description=str(exc)) from None
 
     def store(self) -> FederationStore:
-        return FederationStore(self.folder or default_folder())
+        return FederationStore(self.folder)
 
     def connection(self) -> Connection:
         if not self.root_certificate:

@@ -5,12 +5,11 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from kaapana_assets.environment import Environment
 from kaapana_assets.training.nnunet import NnunetPaths, Schedule
 
 
 class NnunetResource(dg.ConfigurableResource):
-    workdir: str = Field(default="", description="nnU-Net raw/preprocessed/results root; empty: $KAAPANA_HOME/nnunet")
+    workdir: str = Field(description="nnU-Net raw/preprocessed/results root, e.g. $KAAPANA_HOME/nnunet")
     device: str = Field(default="auto", description="cpu, cuda or auto")
     threads: int = Field(default=2, description="CPU threads for torch and nnU-Net's worker pools")
     schedule: str = Field(default="", description="full (nnU-Net's own), short (demo) or tiny (tests); "
@@ -21,6 +20,8 @@ class NnunetResource(dg.ConfigurableResource):
     promotion_dice: float = Field(default=0.8, description="validation Dice a model needs to become production")
     segmentation_model: str = Field(default="", description="registered model whose `production` version segments "
                                     "new studies; empty: nnunet-liver-train")
+    resegment_cohort: str = Field(default="", description="cohort whose studies a new production model re-segments "
+                                  "(the model_promotion sensor); empty: every CT study")
 
     def segmentation_model_name(self) -> str:
         return self.segmentation_model or "nnunet-liver-train"
@@ -29,7 +30,7 @@ class NnunetResource(dg.ConfigurableResource):
         return self.work_root().parent / "models"
 
     def work_root(self) -> Path:
-        return Path(self.workdir) if self.workdir else Environment.read().home / "nnunet"
+        return Path(self.workdir)
 
     def paths(self, cohort: str, cohort_version: int) -> NnunetPaths:
         return NnunetPaths(self.work_root() / cohort / f"v{cohort_version}")

@@ -6,7 +6,6 @@ import dagster as dg
 import polars as pl
 
 from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
-from kaapana_assets.environment import Environment
 from kaapana_assets.segmentation.assets import segment_job
 from kaapana_assets.training.tracking import PRODUCTION
 from resources.mlflow import MlflowResource
@@ -33,7 +32,7 @@ def model_promotion(
     if context.cursor is None:
         # First sight of a model: the automation already segments new studies with it.
         return dg.SensorResult(cursor=current, skip_reason=f"now watching {current}")
-    cohort = Environment.read().resegment_cohort
+    cohort = nnunet_settings.resegment_cohort
     if cohort:
         try:
             studies = sorted(set(read_cohort(lake.lake(), cohort).members["study_uid"].to_list()))

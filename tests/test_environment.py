@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from pathlib import Path
@@ -44,19 +45,89 @@ def test_k8s_resources() -> None:
         Environment.read({"KAAPANA_ENV": "cloud"})
 
 
-def test_no_resource_reads_the_environment_itself() -> None:
-    """Only kaapana_assets/environment.py reads os.environ (and a federation file's named
-    secret; and the site's ClientApp, which Flower starts in its own process, its key)."""
+READS = re.compile(r"\bos\.environ\b|\bos\.getenv\b|\bEnvironment\.read\(")
+# Handing this process's environment on to a child process is not reading configuration.
+PASSED_ON = re.compile(r"\{\*\*os\.environ\b|\bdict\(os\.environ\)")
+# The tops: each reads the environment once at its start and passes values down. A key is a
+# file, a folder, or `file::function` (the one function of the file that may).
+TOPS = {
+    "kaapana_assets/environment.py": "the one reader",
+    "kaapana_assets/cli/": "the `kaapana` command: each subcommand is the top of its process",
+    "kaapana_assets/demo.py": "`kaapana demo`: the top of its process (it also sets DAGSTER_HOME and the federation file)",
+    "resources/location.py::<module>": "the code location's one reading (op tags are fixed when the asset modules import)",
+    "kaapana_assets/monitoring/exporter.py::main": "`python -m kaapana_assets.monitoring.exporter`: its process's top",
+    "kaapana_assets/client/api.py::Kaapana.__init__": "`Kaapana()`: the Python client, the top of a notebook",
+    "kaapana_assets/federated/clientapp.py::SiteSettings.from_context": "the Flower ClientApp, started by the site's "
+    "SuperNode in a process of its own: its settings are its top; KAAPANA_SITE_KEY is a secret, read where used",
+    "kaapana_assets/federated/sites.py::SiteEntry.secret": "the secret a federation file names (key_env): read where "
+    "it is used, never held in an Environment or a resource's config",
+    "kaapana_assets/federated/warm_superexec.py::main": "`kaapana-superexec`: sets a variable for the ClientApps it forks",
+    "kaapana_assets/training/nnunet.py": "removed by the nnunet move",
+}
+
+
+def _functions(tree: ast.AST) -> list[tuple[int, int, str]]:
+    """(first line, last line, qualified name) of every function, outermost first."""
+    found: list[tuple[int, int, str]] = []
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    found.append((child.lineno, child.end_lineno or child.lineno, name))
+                visit(child, f"{name}.")
+            else:
+                visit(child, prefix)
+
+    visit(tree, "")
+    return found
+
+
+def _top(relative: str, function: str) -> bool:
+    for key in TOPS:
+        file, _, name = key.partition("::")
+        if (relative == file or file.endswith("/") and relative.startswith(file)) and name in ("", function):
+            return True
+    return False
+
+
+def test_nothing_below_the_top_reads_the_environment() -> None:
+    """Only the tops read the environment (os.environ, os.getenv, Environment.read): every
+    module under kaapana_assets/, resources/ and sensors/ gets its values passed down."""
     readers = []
-    for path in [*ROOT.glob("resources/*.py"), *ROOT.glob("sensors/*.py"), *ROOT.glob("kaapana_assets/**/*.py")]:
+    for path in sorted([*ROOT.glob("resources/*.py"), *ROOT.glob("sensors/*.py"), *ROOT.glob("kaapana_assets/**/*.py")]):
+        relative = str(path.relative_to(ROOT))
         text = path.read_text()
-        for line in text.splitlines():
-            if re.search(r"os\.environ\.get|os\.getenv|os\.environ\[", line) and "key_env" not in line:
-                readers.append(f"{path.relative_to(ROOT)}: {line.strip()}")
-    allowed = ("kaapana_assets/environment.py", "kaapana_assets/training/nnunet.py", "kaapana_assets/cli",
-               "kaapana_assets/demo", "kaapana_assets/federated/clientapp.py")
-    # nnunet.py sets nnU-Net's own variables around a call
-    assert [r for r in readers if not r.startswith(allowed)] == []
+        functions = _functions(ast.parse(text))
+        for number, line in enumerate(text.splitlines(), 1):
+            if not READS.search(PASSED_ON.sub("", line)):
+                continue
+            # The innermost function holding the line.
+            within = [name for first, last, name in functions if first <= number <= last]
+            function = within[-1] if within else "<module>"
+            if not _top(relative, function):
+                readers.append(f"{relative}:{number} ({function}): {line.strip()}")
+    assert readers == [], "read the environment at the top and pass the values down:\n" + "\n".join(readers)
+
+
+def test_resources_need_their_values() -> None:
+    """No resource falls back to the environment: what it needs is a required field."""
+    from pydantic import ValidationError
+
+    from resources import (
+        ArchiveResource,
+        FederatedSiteResource,
+        FederationResource,
+        LakeResource,
+        MlflowResource,
+        NnunetResource,
+    )
+
+    for resource in (ArchiveResource, FederatedSiteResource, FederationResource, LakeResource, MlflowResource,
+                     NnunetResource):
+        with pytest.raises(ValidationError):
+            resource()
 
 
 def test_mlflow_activation_leaves_the_environment_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -326,7 +326,7 @@ def test_spec_refuses_hostile_names() -> None:
 
 def test_round_chain_sensor_requests_next_round_then_model(tmp_path: Path) -> None:
     import definitions
-    from kaapana_assets.federated.assets import federated_round_chain
+    from sensors.federated_rounds import federated_round_chain
 
     store = FederationStore(tmp_path / "federation")
     publish_experiment(store, ExperimentSpec("chain", "liver-train", ["liver"], 2, 1, "fedavg", {}))

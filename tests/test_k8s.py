@@ -42,21 +42,20 @@ def test_gpu_step_job_manifest(asset: dg.AssetsDefinition) -> None:
     assert asset.op.pool == "gpu"
 
 
-def test_gpu_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_settings_come_from_the_environment() -> None:
+    from kaapana_assets.environment import Environment
     from kaapana_assets.training.k8s import gpu_op_tags
 
-    monkeypatch.setenv("KAAPANA_GPU_NODE_SELECTOR", '{"gpu": "a100"}')
-    monkeypatch.setenv("KAAPANA_GPU_TOLERATIONS", '[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]')
-    monkeypatch.setenv("KAAPANA_HOME_PVC", "site-data")
-    tags = {k: json.dumps(v) for k, v in gpu_op_tags(gpus=2).items()}  # as Dagster stores op tags
+    environ = {"KAAPANA_GPU_NODE_SELECTOR": '{"gpu": "a100"}', "KAAPANA_HOME_PVC": "site-data",
+               "KAAPANA_GPU_TOLERATIONS": '[{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]'}
+    tags = {k: json.dumps(v) for k, v in gpu_op_tags(Environment.read(environ), gpus=2).items()}  # as Dagster stores op tags
     config = get_user_defined_k8s_config(tags)
     assert config.pod_spec_config["node_selector"] == {"gpu": "a100"}
     assert config.pod_spec_config["tolerations"][0]["key"] == "dedicated"
     assert config.pod_spec_config["volumes"][0]["persistent_volume_claim"]["claim_name"] == "site-data"
     assert config.container_config["resources"]["limits"]["nvidia.com/gpu"] == "2"
-    monkeypatch.setenv("KAAPANA_GPU_TOLERATIONS", "not json")
     with pytest.raises(ValueError, match="KAAPANA_GPU_TOLERATIONS must be JSON"):
-        gpu_op_tags()
+        Environment.read({**environ, "KAAPANA_GPU_TOLERATIONS": "not json"})
 
 
 def test_production_dagster_yaml_validates(tmp_path: Path) -> None:

@@ -390,7 +390,7 @@ def test_the_schedule_runs_only_at_a_hub(tmp_path: Path) -> None:
 
     for federation_file, expected in (("", dg.SkipReason), (str(tmp_path / "federation.yaml"), dg.RunRequest)):
         context = dg.build_schedule_context(resources={"federation": FederationResource(
-            federation_file=federation_file)})
+            federation_file=federation_file, folder=str(tmp_path / "hub"))})
         assert isinstance(network_statistics_schedule(context), expected)
 
 

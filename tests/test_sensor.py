@@ -14,6 +14,7 @@ import pytest
 from dagster._core.definitions.sensor_definition import SensorExecutionData  # noqa: F401  (evaluate_tick result type)
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from kaapana_assets.ingest.arrivals import BURST_JOIN_S
 from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool, study_of_file, wait_until_quiet
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
@@ -211,7 +212,7 @@ def test_sensor_requests_ingest_and_segmentation_in_one_run_with_a_production_mo
     spool.mkdir(parents=True)
     for f in study.ct_files:
         shutil.copy(f, spool / f.name)
-    assert production_version(_mlflow(home), NnunetResource()) is None
+    assert production_version(_mlflow(home), NnunetResource(workdir=str(home / "nnunet"))) is None
     assert not (home / "mlflow.db").exists()
     with dg.instance_for_test() as instance:
         first = _tick(instance, home)
@@ -312,7 +313,7 @@ def test_studies_settling_a_moment_apart_are_one_burst_in_the_same_tick(tmp_path
     with dg.instance_for_test() as instance:
         cursor = _tick(instance, home).cursor  # an empty spool: the previous scan
         scanned = json.loads(cursor or "{}")["scanned_ns"]
-        for name, study, offset_s in (("a", a, 0.1), ("b", b, 0.1 + incoming.BURST_JOIN_S / 2)):
+        for name, study, offset_s in (("a", a, 0.1), ("b", b, 0.1 + BURST_JOIN_S / 2)):
             (spool / name).mkdir()
             for f in study.ct_files:
                 shutil.copy(f, spool / name / f.name)

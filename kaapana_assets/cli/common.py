@@ -35,9 +35,10 @@ def progress_bar() -> Progress:
 
 def home_of(args: argparse.Namespace) -> KaapanaHome:
     """--home, else $KAAPANA_HOME, else ./.kaapana."""
+    from kaapana_assets.environment import Environment
     from kaapana_assets.home import KaapanaHome
 
-    return KaapanaHome(Path(args.home)) if args.home else KaapanaHome.from_env()
+    return KaapanaHome(Path(args.home)) if args.home else KaapanaHome(Environment.read().home)
 
 
 def lake_of(args: argparse.Namespace) -> Lake:
@@ -47,6 +48,7 @@ def lake_of(args: argparse.Namespace) -> Lake:
 
 
 def tracking_of(args: argparse.Namespace) -> Tracking:
+    from kaapana_assets.environment import Environment
     from kaapana_assets.training.tracking import default_tracking
 
-    return default_tracking(home_of(args).root)
+    return default_tracking(Environment.read(home=home_of(args).root))

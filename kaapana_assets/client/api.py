@@ -239,7 +239,8 @@ class Kaapana:
     def __init__(self, home: str | Path | None = None, cohorts: str | Path | None = None):
         from kaapana_assets.environment import Environment
 
-        environment = Environment.read(home=Path(home) if home else None)
+        environment = Environment.read(home=Path(home) if home else None)  # the client's top: read once
+        self._environment = environment
         self.home = KaapanaHome(environment.home)
         if not self.home.lake.exists():
             raise NotFound(f"{self.home.root} holds no lake: run `make demo` or ingest data first")
@@ -253,7 +254,7 @@ class Kaapana:
     def tracking(self) -> Any:
         from kaapana_assets.training.tracking import default_tracking
 
-        return default_tracking(self.home.root)
+        return default_tracking(self._environment)
 
     def cohorts(self) -> pl.DataFrame:
         """Every cohort and its versions (size, membership hash, series table version)."""

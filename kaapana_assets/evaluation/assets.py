@@ -22,9 +22,10 @@ from kaapana_assets.lake import Lake
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.segmentation.models import loaded_version
 from kaapana_assets.segmentation.segment import NothingToSegment
-from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
+from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.tracking import PRODUCTION
 from resources.cohorts import CohortDefinitionsResource
+from resources.location import GPU_OP_TAGS
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
@@ -77,7 +78,7 @@ def _required_labels(cohort_definitions: CohortDefinitionsResource, name: str) -
     group_name="evaluation",
     kinds={"nnunet", "deltalake", "mlflow"},
     deps=[cohorts],
-    op_tags=gpu_op_tags(),
+    op_tags=GPU_OP_TAGS,
     pool=GPU_POOL,
     description="A model version (default: production) measured on a cohort version against its reference SEGs: "
     "Dice, HD95, ASSD (mm, voxel spacing honoured) and volume difference per case and label, in the Delta table "

@@ -6,8 +6,8 @@ instance by the site's ClientApp): site_fingerprint, site_update, site_evaluatio
 
 Round r reads global r-1 from the hub's federation folder; Dagster cannot express a round
 depending on the previous round of the same asset (self-dependencies need time
-partitions), so the round checks it and the federated_round_chain sensor requests r+1
-after r succeeds.
+partitions), so the round checks it and the federated_round_chain sensor
+(sensors/federated_rounds.py) requests r+1 after r succeeds.
 """
 
 import datetime as dt
@@ -23,14 +23,15 @@ import polars as pl
 import pyarrow as pa
 
 from kaapana_assets.federated.fingerprint import SiteFingerprint
-from kaapana_assets.federated.partitions import experiments_partitions, round_key, rounds_partitions
+from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
 from kaapana_assets.federated.runs import FlowerRunFailed
 from kaapana_assets.lake.schemas import TABLES
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training import nnunet
-from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
+from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.tracking import model_name_for
 from resources.federation import FederatedSiteResource, FederationResource
+from resources.location import GPU_OP_TAGS
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
@@ -95,7 +96,7 @@ def site_fingerprint(context: dg.AssetExecutionContext, lake: LakeResource, arch
 
 
 @dg.asset(partitions_def=rounds_partitions, group_name=SITE_GROUP, kinds={"nnunet", "pytorch"},
-          op_tags=gpu_op_tags(), pool=GPU_POOL,
+          op_tags=GPU_OP_TAGS, pool=GPU_POOL,
           description="At a site (materialized by the site's Flower ClientApp): train N local epochs from the "
                       "hub's signed global weights on the site's own cohort; weights, case count and metrics "
                       "go back in the signed reply.")
@@ -379,39 +380,6 @@ federated_model_job = dg.define_asset_job("register_federated_model", selection=
                                           description="Register (and promote) a federated experiment's model.")
 
 
-@dg.sensor(jobs=[federated_round_job, federated_model_job], default_status=dg.DefaultSensorStatus.RUNNING,
-           minimum_interval_seconds=15,
-           description="Round r done → request round r+1; last round done → register the model.")
-def federated_round_chain(context: dg.SensorEvaluationContext, federation: FederationResource) -> dg.SensorResult:
-    if context.cursor is None:
-        # First tick: start from now. Replaying history would re-run rounds that are done.
-        latest = context.instance.fetch_materializations(dg.AssetKey("federated_rounds"), limit=1).records
-        return dg.SensorResult(cursor=str(latest[0].storage_id if latest else 0))
-    after = int(context.cursor)
-    records = context.instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("federated_rounds"), after_storage_id=after),
-        limit=100, ascending=True).records
-    requests = []
-    for record in records:
-        partition = record.partition_key
-        if not partition:
-            continue
-        experiment, round_ = partition.split("|")
-        try:
-            rounds = int(federation.store().read_json(experiment, "experiment")["rounds"])
-        except (FileNotFoundError, KeyError, ValueError) as exc:
-            context.log.warning(f"{experiment}: {exc}")
-            continue
-        if int(round_) < rounds:
-            requests.append(dg.RunRequest(run_key=f"{partition}→{record.storage_id}", job_name=federated_round_job.name,
-                                          partition_key=round_key(experiment, int(round_) + 1)))
-        else:
-            requests.append(dg.RunRequest(run_key=f"{experiment}|model→{record.storage_id}",
-                                          job_name=federated_model_job.name, partition_key=experiment))
-    cursor = str(max([after, *(r.storage_id for r in records)]))
-    return dg.SensorResult(run_requests=requests, cursor=cursor)
-
-
 hub_assets = [federated_plan, federated_rounds, federated_model]
 defs = dg.Definitions(assets=[*hub_assets, *SITE_ASSETS.values()],
-                      jobs=[federated_round_job, federated_model_job], sensors=[federated_round_chain])
+                      jobs=[federated_round_job, federated_model_job])

@@ -91,8 +91,8 @@ def materialize_at_site(settings: SiteSettings, asset: str, experiment: str, par
     import dagster as dg
 
     from kaapana_assets.federated.assets import SITE_ASSETS
+    from resources.build import site_resources
     from resources.federation import FederatedSiteResource
-    from resources.storage import site_resources
 
     home = settings.home
     if not home.exists():

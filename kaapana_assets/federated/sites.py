@@ -35,6 +35,8 @@ class SiteEntry:
     def secret(self, base: Path | None = None) -> str:
         key = self.key
         if not key and self.key_env:
+            # A secret, named by the federation file: read where it is used, by design, never
+            # carried in an Environment or a resource's config (which the UI shows).
             key = os.environ.get(self.key_env, "")
         if not key and self.key_file:
             path = Path(self.key_file)

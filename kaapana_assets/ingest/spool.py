@@ -1,6 +1,6 @@
 """The spool: where received and copied DICOM files wait for ingestion.
 
-Pure planning for the `incoming_studies` sensor: which studies are complete (quiet for a
+Planning for the arrival rules (arrivals.py): which studies are complete (quiet for a
 while), which files cannot be read at all (they go to quarantine through a run), and a
 content digest per study so that a run is keyed by exactly the files it will ingest.
 """
@@ -11,7 +11,7 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,7 @@ def plan_spool(
     now_ns: int,
     quiet_period_s: float,
     previous_scan_ns: int | None = None,
+    study_of: Callable[[str], str] = study_of_file,
 ) -> SpoolPlan:
     """Group files by study; a group is ready when none of its files changed, and none
     appeared, within the quiet period. First-seen times matter because `cp -p` and
@@ -104,7 +105,8 @@ def plan_spool(
     since then, and mtime is when: it counts from its mtime rather than from this scan, so a
     study settles one quiet period after its last write, not up to a scan interval later.
     A new file with an older mtime (kept by `cp -p`) may have appeared at any moment since
-    the previous scan: it counts from this scan."""
+    the previous scan: it counts from this scan. `study_of` reads a new file's study (its
+    header, unless the caller has read it already)."""
     plan = SpoolPlan()
     groups: dict[str, list[SpoolFile]] = {}
     settled_at: dict[str, int] = {}
@@ -114,7 +116,7 @@ def plan_spool(
             study, first_seen = cached[2], cached[3]
         else:
             written_since_last_scan = previous_scan_ns is not None and previous_scan_ns < f.mtime_ns <= now_ns
-            study, first_seen = study_of_file(f.path), f.mtime_ns if written_since_last_scan else now_ns
+            study, first_seen = study_of(f.path), f.mtime_ns if written_since_last_scan else now_ns
         plan.studies_of[f.path] = (f.size, f.mtime_ns, study, first_seen)
         groups.setdefault(study, []).append(f)
         settled_at[study] = max(settled_at.get(study, 0), f.mtime_ns, first_seen)

@@ -12,7 +12,8 @@ from kaapana_assets.ingest.study import combined_version, png_markdown
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.segmentation.models import NoProductionModel, pinned_model, production_model
 from kaapana_assets.segmentation.segment import SegmentationResult, segment_studies
-from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
+from kaapana_assets.training.k8s import GPU_POOL
+from resources.location import GPU_OP_TAGS
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
@@ -44,7 +45,7 @@ BURST_SCHEMA = columns(
     deps=[dicom_studies],
     group_name="segmentation",
     kinds={"nnunet", "dicom", "deltalake"},
-    op_tags=gpu_op_tags(),
+    op_tags=GPU_OP_TAGS,
     pool=GPU_POOL,
     automation_condition=dg.AutomationCondition.eager(),
     description="nnU-Net segmentation of the study's CT with the production model, written back as a DICOM SEG "
@@ -113,17 +114,6 @@ def segmentations(
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(f"{result.model}:{result.seg_sop_uid[-12:]}"))
 
 
-# The fallback for studies ingested otherwise (`kaapana ingest`, an ingest_study run while no
-# model was in production): the incoming sensor's own runs segment as they ingest, and eager
-# never requests a partition whose run is in progress or that was updated with its parent.
-segmentation_automation = dg.AutomationConditionSensorDefinition(
-    "segmentation_automation",
-    target=[segmentations],
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    minimum_interval_seconds=10,
-    description="Segments every study ingested without its segmentation (segmentations are eager on dicom_studies).",
-)
-
 # The automatic path: the incoming_studies sensor requests this job once a production model
 # exists, so a study (or a burst of them, as a partition range) is ingested and segmented in
 # one run — one process start, one model load — instead of an ingest run, an automation tick
@@ -135,7 +125,7 @@ segmentation_automation = dg.AutomationConditionSensorDefinition(
 ingest_and_segment_job = dg.define_asset_job(
     "ingest_and_segment", selection=[dicom_studies, segmentations],
     executor_def=dg.in_process_executor,
-    tags=gpu_op_tags(),
+    tags=GPU_OP_TAGS,
     description="Ingest a study, or a burst of studies (a partition range), from the spool and segment it with the "
     "production model, in one run (the incoming_studies sensor requests it while a production model exists).",
 )
@@ -145,9 +135,8 @@ segment_job = dg.define_asset_job(
     # One step: in-process saves the step's own process start (imports of torch, nnU-Net and
     # dagster again); on Kubernetes the run pod is then the one that needs the GPU.
     executor_def=dg.in_process_executor,
-    tags=gpu_op_tags(),
+    tags=GPU_OP_TAGS,
     description="Segment studies with the production model (the model_promotion sensor requests it).",
 )
 
-defs = dg.Definitions(assets=[segmentations], sensors=[segmentation_automation],
-                      jobs=[segment_job, ingest_and_segment_job])
+defs = dg.Definitions(assets=[segmentations], jobs=[segment_job, ingest_and_segment_job])

@@ -14,9 +14,10 @@ from kaapana_assets.cohorts.partitions import cohorts_partitions
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training import nnunet
 from kaapana_assets.training.export import ExportError, export_cohort
-from kaapana_assets.training.k8s import GPU_POOL, gpu_op_tags
+from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.run import DatasetRef, train_and_register
 from resources.cohorts import CohortDefinitionsResource
+from resources.location import GPU_OP_TAGS
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
@@ -108,7 +109,7 @@ def nnunet_dataset(
     group_name="training",
     kinds={"nnunet", "pytorch", "mlflow"},
     deps=[nnunet_dataset],
-    op_tags=gpu_op_tags(),
+    op_tags=GPU_OP_TAGS,
     pool=GPU_POOL,
     check_specs=[dg.AssetCheckSpec(VALIDATION_CHECK, asset="trained_model", blocking=True,
                                    description="validation Dice of the required labels ≥ the promotion threshold")],

@@ -1,11 +1,12 @@
 """Kubernetes settings of GPU steps: op tags that dagster-k8s turns into the step's Job.
 
-Node selector, tolerations and the shared volume come from the environment of the code
-location, so a cluster is configured without code changes:
+Node selector, tolerations and the shared volume come from the code location's
+`Environment`, so a cluster is configured without code changes:
   KAAPANA_GPU_NODE_SELECTOR  JSON object   (default {"nvidia.com/gpu.present": "true"})
   KAAPANA_GPU_TOLERATIONS    JSON list     (default: tolerate the nvidia.com/gpu taint)
   KAAPANA_HOME_PVC           claim holding KAAPANA_HOME (default kaapana-home)
   KAAPANA_HOME               mount path in the container (default /kaapana)
+The code location computes them once (resources/location.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,7 @@ from typing import Any
 from kaapana_assets.environment import Environment
 
 
-def gpu_op_tags(gpus: int = 1, memory: str = "24Gi", cpu: str = "4") -> dict[str, Any]:
-    environment = Environment.read()  # the one place the environment is read
+def gpu_op_tags(environment: Environment, gpus: int = 1, memory: str = "24Gi", cpu: str = "4") -> dict[str, Any]:
     home, claim = environment.pod_home, environment.home_claim
     return {
         "dagster-k8s/config": {

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from kaapana_assets.environment import unchanged_environment
+from kaapana_assets.environment import Environment, unchanged_environment
 
 PRODUCTION = "production"
 
@@ -126,9 +126,6 @@ class Tracking:
         return Path(path)
 
 
-def default_tracking(home: Path | None = None) -> Tracking:
-    """The environment's tracking server, or the home's own sqlite store and artifacts."""
-    from kaapana_assets.environment import Environment
-
-    environment = Environment.read(home=home)
+def default_tracking(environment: Environment) -> Tracking:
+    """The environment's tracking server, or its home's own sqlite store and artifacts."""
     return Tracking(tracking_uri=environment.mlflow_tracking_uri, artifact_root=environment.mlflow_artifacts)
