@@ -63,6 +63,7 @@ def main() -> int:
     import dagster as dg
     import numpy as np
 
+    from kaapana_assets import nnunet
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
     from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
@@ -76,7 +77,6 @@ def main() -> int:
     from kaapana_assets.ingest.volume import assemble_volume, seg_labels
     from kaapana_assets.lake import Lake
     from kaapana_assets.synthetic import generate_site
-    from kaapana_assets.training import nnunet
     from kaapana_assets.training.export import export_cohort
     from resources import site_resources
     from resources.federation import FederationResource
@@ -85,7 +85,7 @@ def main() -> int:
                                               "filter": {"modality": "CT", "has_reference_segmentation": True}})
     grid = {"slices": args.slices, "matrix": args.matrix}
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-    schedule = nnunet.Schedule.preset("tiny", epochs=args.rounds * args.local_epochs,
+    schedule = nnunet.Schedule.preset(nnunet.SchedulePreset.TINY, epochs=args.rounds * args.local_epochs,
                                       iterations_per_epoch=args.iterations, base_features=args.width, seed=args.seed)
     timings: dict[str, float] = {}
 
@@ -173,10 +173,8 @@ def main() -> int:
                 if mine:
                     held |= set(nnunet.patient_split(mine)["val"])
             split = {"train": sorted(c["case"] for c in cases if c["case"] not in held), "val": sorted(held)}
-            with nnunet.nnunet_environment(paths, threads=2):
-                nnunet.plan_and_preprocess(1)
-            with nnunet.nnunet_environment(paths, threads=2, training=True):
-                result = nnunet.train(1, schedule, split, args.device, 2)
+            nnunet.plan_and_preprocess(paths, 1)
+            result = nnunet.train(paths, 1, schedule, split, args.device, 2)
             folder = nnunet.package_model(result, root / "models" / name.replace(" ", "_"))
             timings[name] = time.perf_counter() - t0
             print(f"{name}: {len(split['train'])} training cases, {time.perf_counter() - t0:.0f}s", flush=True)

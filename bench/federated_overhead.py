@@ -432,6 +432,7 @@ def main() -> int:
 def run(args: argparse.Namespace, root: Path, sites: tuple[str, ...], threads: int, cores: int) -> int:
     import dagster as dg
 
+    from kaapana_assets import nnunet
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
     from kaapana_assets.federated.assets import federated_plan, federated_rounds
@@ -445,7 +446,6 @@ def run(args: argparse.Namespace, root: Path, sites: tuple[str, ...], threads: i
     from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
     from kaapana_assets.lake import Lake
     from kaapana_assets.synthetic import generate_site
-    from kaapana_assets.training import nnunet
     from resources import site_resources
     from resources.federation import FederationResource
 

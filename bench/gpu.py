@@ -60,7 +60,7 @@ def main() -> int:
     import SimpleITK as sitk
     import torch
 
-    from kaapana_assets.training import nnunet
+    from kaapana_assets import nnunet
 
     report: dict = {"torch": torch.__version__, "device": args.device,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
@@ -84,18 +84,17 @@ def main() -> int:
         dataset_id = 1
         nnunet.write_raw_dataset(paths.raw / nnunet.dataset_name(dataset_id, "gpu"), cases, {"liver": LIVER})
         t0 = time.perf_counter()
-        with nnunet.nnunet_environment(paths, threads=4):
-            _, plans = nnunet.plan_and_preprocess(dataset_id, processes=4)
+        _, plans = nnunet.plan_and_preprocess(paths, dataset_id, processes=4)
         report["plan_preprocess_s"] = round(time.perf_counter() - t0, 1)
         names = [c.name for c in cases]
         split = {"train": names[:-2], "val": names[-2:]}
-        schedule = nnunet.Schedule.preset("tiny", epochs=args.epochs, iterations_per_epoch=args.iterations,
+        schedule = nnunet.Schedule.preset(nnunet.SchedulePreset.TINY, epochs=args.epochs,
+                                          iterations_per_epoch=args.iterations,
                                           proximal_mu=0.01, seed=0)
         dataset_json = json.loads((paths.raw / nnunet.dataset_name(dataset_id, "gpu") / "dataset.json").read_text())
         initial = nnunet.initial_network_weights(nnunet.with_width(plans, schedule.base_features), dataset_json, seed=0)
         t0 = time.perf_counter()
-        with nnunet.nnunet_environment(paths, threads=4, training=True):
-            result = nnunet.train(dataset_id, schedule, split, args.device, initial_weights=initial)
+        result = nnunet.train(paths, dataset_id, schedule, split, args.device, initial_weights=initial)
         report["train_s"] = round(time.perf_counter() - t0, 1)
         report["epochs"] = [{k: round(v, 4) for k, v in e.items()} for e in result.epochs]
         folder = nnunet.package_model(result, Path(tmp) / "model")

@@ -79,6 +79,7 @@ def main() -> int:
     import dagster as dg
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+    from kaapana_assets import nnunet
     from kaapana_assets.cohorts.assets import cohorts
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.ingest.assets import dicom_studies
@@ -88,7 +89,6 @@ def main() -> int:
     from kaapana_assets.segmentation import segment
     from kaapana_assets.segmentation.models import import_model, production_model
     from kaapana_assets.synthetic import generate_site
-    from kaapana_assets.training import nnunet
     from kaapana_assets.training.assets import nnunet_dataset, trained_model
     from kaapana_assets.training.assets import production_model as promote
     from resources import site_resources

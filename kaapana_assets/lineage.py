@@ -22,6 +22,7 @@ import polars as pl
 
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
+from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.training.tracking import Tracking
 
 
@@ -95,14 +96,16 @@ def trace(home: KaapanaHome, tracking: Tracking, uid: str) -> Node:
     if ref:
         name, version = ref["name"], ref["version"]
         if version is None:
-            found = tracking.version_by_alias(name, ref["alias"])
+            found = find_version(tracking, name, alias=ref["alias"])
             if found is None:
                 raise LineageNotFound(f"no version of model {name} holds the alias {ref['alias']!r}")
             version = str(found.version)
         try:
-            tracking.client().get_model_version(name, version)
-        except Exception as exc:  # noqa: BLE001 - MlflowException, or a store that cannot be read
+            found = find_version(tracking, name, version)
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be read
             raise LineageNotFound(f"model {name} v{version} is not in this site's registry: {exc}") from None
+        if found is None:
+            raise LineageNotFound(f"model {name} v{version} is not in this site's registry")
         root = Node(f"model {name} v{version}")
         _model_lineage(root, home, lake, tracking, name, version)
         return root
@@ -118,13 +121,16 @@ def _model_lineage(model: Node, home: KaapanaHome, lake: Lake, tracking: Trackin
                    evaluations: bool = True) -> None:
     """Under a model version's node: how it was made (federated rounds or a training run, down
     to cohort versions and source UIDs) and the cohort versions it was evaluated on."""
-    mv = None
+    # An imported or foreign model may not be registered here.
     try:
-        mv = tracking.client().get_model_version(name, version)
-        tags = dict(mv.tags or {})
-    except Exception as exc:  # noqa: BLE001 - an imported or foreign model may not be registered here
+        mv = find_version(tracking, name, version)
+    except Exception as exc:  # noqa: BLE001 - a store that cannot be read
         model.add(f"not in this site's registry: {exc}")
-        tags = {}
+        mv = None
+    else:
+        if mv is None:
+            model.add(f"not in this site's registry: model {name} has no version {version}")
+    tags = dict(mv.tags or {}) if mv is not None else {}
     if tags.get("kaapana.source") == "federated":
         _federated(model, home, lake, tags)
     elif tags.get("kaapana.cohort") and mv is not None:

@@ -14,7 +14,7 @@ from kaapana_assets.federated.sites import FederationConfigError, SiteEntry, rea
 from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.federated.superlink import DEFAULT_ROUND_TIMEOUT_S, DEFAULT_TTL_S
 from kaapana_assets.lake import Lake
-from kaapana_assets.training.nnunet import Schedule
+from kaapana_assets.nnunet import Schedule, SchedulePreset
 from resources.nnunet import NnunetResource
 
 if TYPE_CHECKING:  # the site's training stack (torch, Flower) loads in the runs that use it
@@ -90,7 +90,7 @@ class FederationResource(dg.ConfigurableResource):
         return Connection(self.superlink, Path(self.root_certificate), self.store().root / "flwr")
 
     def training_schedule(self) -> Schedule:
-        return Schedule.preset(self.schedule or "short", epochs=self.local_epochs,
+        return Schedule.preset(self.schedule or SchedulePreset.SHORT, epochs=self.local_epochs,
                                iterations_per_epoch=self.iterations_per_epoch, base_features=self.base_features,
                                proximal_mu=self.proximal_mu if self.strategy == "fedprox" else None)
 

@@ -5,12 +5,12 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from kaapana_assets.training.nnunet import NnunetPaths, Schedule
+from kaapana_assets.nnunet import Device, NnunetPaths, Schedule, SchedulePreset
 
 
 class NnunetResource(dg.ConfigurableResource):
     workdir: str = Field(description="nnU-Net raw/preprocessed/results root, e.g. $KAAPANA_HOME/nnunet")
-    device: str = Field(default="auto", description="cpu, cuda or auto")
+    device: str = Field(default=Device.AUTO.value, description="cpu, cuda or auto")
     threads: int = Field(default=2, description="CPU threads for torch and nnU-Net's worker pools")
     schedule: str = Field(default="", description="full (nnU-Net's own), short (demo) or tiny (tests); "
                           "empty: short")
@@ -36,6 +36,6 @@ class NnunetResource(dg.ConfigurableResource):
         return NnunetPaths(self.work_root() / cohort / f"v{cohort_version}")
 
     def training_schedule(self) -> Schedule:
-        name = self.schedule or "short"
+        name = self.schedule or SchedulePreset.SHORT
         return Schedule.preset(name, epochs=self.epochs, iterations_per_epoch=self.iterations_per_epoch,
                                base_features=self.base_features)

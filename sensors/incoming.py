@@ -5,7 +5,6 @@ arrival rules to kaapana_assets/ingest/arrivals.py."""
 
 
 import time
-from pathlib import Path
 
 import dagster as dg
 from dagster._core.storage.tags import (
@@ -27,9 +26,9 @@ from kaapana_assets.ingest.arrivals import (
 from kaapana_assets.ingest.assets import STUDIES_PER_RUN, ingest_study_job, quarantine_job
 from kaapana_assets.ingest.partitions import STUDIES, studies_partitions
 from kaapana_assets.ingest.spool import UNREADABLE, scan_spool
+from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.segmentation.assets import ingest_and_segment_job
 from kaapana_assets.segmentation.models import PREDICTION_IMPORTS
-from kaapana_assets.training.tracking import PRODUCTION
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource
@@ -58,10 +57,7 @@ def _outcome(instance: dg.DagsterInstance, run_id: str, tag: str) -> RunOutcome:
 def production_version(mlflow: MlflowResource, nnunet_settings: NnunetResource) -> str | None:
     """The segmentation model's `production` version, if any. A site whose sqlite store does
     not exist yet has none (and asking would create the store)."""
-    tracking = mlflow.tracking()
-    if tracking.tracking_uri.startswith("sqlite:///") and not Path(tracking.tracking_uri[len("sqlite:///"):]).exists():
-        return None
-    version = tracking.version_by_alias(nnunet_settings.segmentation_model_name(), PRODUCTION)
+    version = find_version(mlflow.tracking(), nnunet_settings.segmentation_model_name())
     return None if version is None else str(version.version)
 
 

@@ -6,8 +6,8 @@ import dagster as dg
 import polars as pl
 
 from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
+from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.segmentation.assets import segment_job
-from kaapana_assets.training.tracking import PRODUCTION
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import LakeResource
@@ -23,7 +23,7 @@ def model_promotion(
     context: dg.SensorEvaluationContext, lake: LakeResource, nnunet_settings: NnunetResource, mlflow: MlflowResource
 ) -> dg.SensorResult:
     name = nnunet_settings.segmentation_model_name()
-    version = mlflow.tracking().version_by_alias(name, PRODUCTION)
+    version = find_version(mlflow.tracking(), name)
     if version is None:
         return dg.SensorResult(skip_reason=f"no production version of {name}")
     current = f"{name}:{version.version}"

@@ -16,6 +16,7 @@ import dagster as dg
 import pytest
 from dagster._core.instance.ref import InstanceRef
 
+from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.training.tracking import Tracking
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,8 @@ def test_a_study_dropped_into_the_spool_is_segmented_by_the_running_daemon(train
         # Each run segmented with the production version the sensor saw, pinned in its config.
         pinned = {r.run_config["ops"].get("segmentations", {}).get("config", {}).get("model_version")
                   for r in instance.get_runs()}
-    production = Tracking(f"sqlite:///{home / 'mlflow.db'}", str(home / "mlartifacts")).version_by_alias("nnunet-liver-train")
+    tracking = Tracking(f"sqlite:///{home / 'mlflow.db'}", str(home / "mlartifacts"))
+    production = find_version(tracking, "nnunet-liver-train")
     assert pinned == {str(production.version)}
     # The study's run, then the burst's: one run over its range, or — when the copy straddled
     # two sensor ticks — one run per tick's share (each started as its studies arrived).

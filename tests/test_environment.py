@@ -62,7 +62,8 @@ TOPS = {
     "kaapana_assets/federated/sites.py::SiteEntry.secret": "the secret a federation file names (key_env): read where "
     "it is used, never held in an Environment or a resource's config",
     "kaapana_assets/federated/warm_superexec.py::main": "`kaapana-superexec`: sets a variable for the ClientApps it forks",
-    "kaapana_assets/training/nnunet.py": "removed by the nnunet move",
+    "kaapana_assets/nnunet/paths.py::nnunet_environment": "sets nnU-Net's own variables around a call (nnunetv2.paths "
+    "reads them); it reads none",
 }
 
 

@@ -178,7 +178,7 @@ def test_reference_is_never_a_model_output() -> None:
 @pytest.mark.timeout(1500)
 def test_evaluation_of_the_demo_federated_model(evaluated_demo) -> None:  # type: ignore[no-untyped-def]
     from kaapana_assets.lake import Lake
-    from kaapana_assets.training.tracking import PRODUCTION
+    from kaapana_assets.nnunet.registry import find_version
 
     result = evaluated_demo.result
     assert result.success
@@ -186,7 +186,7 @@ def test_evaluation_of_the_demo_federated_model(evaluated_demo) -> None:  # type
     assert md["cases"].value == 6 and md["cohort_version"].value == 1
     assert "data:image/png;base64," in md["boxplot"].value
     tracking = evaluated_demo.resources["mlflow"].tracking()
-    production = tracking.version_by_alias("nnunet-liver-train", PRODUCTION)
+    production = find_version(tracking, "nnunet-liver-train")
     assert production.tags["kaapana.source"] == "federated"
     assert md["model_version"].value == str(production.version)
 
@@ -258,10 +258,10 @@ def test_gate_holds_back_promotion(evaluated_demo) -> None:  # type: ignore[no-u
     passes is promoted. The production alias is restored afterwards."""
     from kaapana_assets.evaluation import assets as evaluation
     from kaapana_assets.lake import Lake
-    from kaapana_assets.training.tracking import PRODUCTION
+    from kaapana_assets.nnunet.registry import find_version
 
     tracking = evaluated_demo.resources["mlflow"].tracking()
-    production = tracking.version_by_alias("nnunet-liver-train", PRODUCTION)
+    production = find_version(tracking, "nnunet-liver-train")
     job = dg.Definitions(assets=evaluation.defs.assets, asset_checks=evaluation.defs.asset_checks,
                          jobs=evaluation.defs.jobs, resources=evaluated_demo.resources).resolve_job_def("evaluate_and_promote")
 
@@ -273,7 +273,7 @@ def test_gate_holds_back_promotion(evaluated_demo) -> None:  # type: ignore[no-u
     [check] = strict.get_asset_check_evaluations()
     assert not check.passed and "liver: mean Dice" in (check.description or "")
     assert not strict.asset_materializations_for_node("evaluated_promotion")  # blocked
-    assert tracking.version_by_alias("nnunet-liver-train", PRODUCTION).version == production.version
+    assert find_version(tracking, "nnunet-liver-train").version == production.version
 
     # A new version of the same weights, evaluated and promoted through the gate.
     candidate = tracking.register(production.run_id, "model", "nnunet-liver-train", tags={"kaapana.source": "test"})
@@ -285,7 +285,7 @@ def test_gate_holds_back_promotion(evaluated_demo) -> None:  # type: ignore[no-u
         promoted = passed.asset_materializations_for_node("evaluated_promotion")[0].metadata
         assert promoted["model_version"].value == str(candidate.version)
         assert promoted["previous_version"].value == str(production.version)
-        assert tracking.version_by_alias("nnunet-liver-train", PRODUCTION).version == candidate.version
+        assert find_version(tracking, "nnunet-liver-train").version == candidate.version
         # The same weights score the same on the same cohort version.
         rows = Lake(evaluated_demo.home.lake).read("evaluations", (pl.col("label") == "liver")
                                                     & (pl.col("cohort") == "liver-test"))  # not the demo's own

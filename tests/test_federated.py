@@ -27,6 +27,7 @@ from kaapana_assets.federated.store import FederationStore
 from kaapana_assets.federated.superlink import LocalFederation, create_node_keys
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
+from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.training.tracking import Tracking
 from tests.helpers import SITES, Federation
 
@@ -98,7 +99,7 @@ def test_three_sites_three_rounds_improve(demo_home: Path) -> None:
     assert first_round["differential_privacy"] == {"enabled": False}
     assert meta["rounds"] == 3 and meta["promoted"]
     tracking = Tracking(f"sqlite:///{hub.root / 'mlflow.db'}", str(hub.root / "mlartifacts"))
-    version = tracking.version_by_alias("nnunet-liver-train")
+    version = find_version(tracking, "nnunet-liver-train")
     assert str(version.version) == str(meta["model_version"])
     assert version.tags["kaapana.source"] == "federated" and version.tags["kaapana.sites"] == ",".join(SITES)
     assert version.tags["kaapana.rounds"] == "3" and version.tags["kaapana.plan_sha256"] == plan_meta["plan_sha256"]

@@ -295,10 +295,10 @@ def test_a_malformed_site_key_is_a_configuration_error_not_tampering(tmp_path: P
 def test_nothing_identifying_leaves_a_site(trained_site) -> None:  # type: ignore[no-untyped-def]
     """A real nnU-Net update of a site with ingested studies, as the Flower message that
     would leave the site: no patient name or ID or any UID of the site's data in it."""
-    from kaapana_assets.training.tracking import PRODUCTION
+    from kaapana_assets.nnunet.registry import find_version
 
     tracking = trained_site.tracking()
-    folder = tracking.download(tracking.version_by_alias("nnunet-liver-train", PRODUCTION))
+    folder = tracking.download(find_version(tracking, "nnunet-liver-train"))
     checkpoint = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     weights = checkpoint["network_weights"]
     payload = pack_update(weights, cases=6, metrics={"val_dice_liver": 0.7, "train_loss": 0.4})

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from kaapana_assets import nnunet
 from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.federated.fingerprint import (
@@ -20,7 +21,6 @@ from kaapana_assets.federated.fingerprint import (
 )
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
-from kaapana_assets.training import nnunet
 from kaapana_assets.training.export import export_cohort
 
 COHORT = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
@@ -124,7 +124,7 @@ def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) 
     dataset_json = json.loads(next(iter(site_datasets.values())).joinpath("dataset.json").read_text())
     start = nnunet.initial_network_weights(plans, dataset_json, seed=7)
     keys = {site: generate_site_key() for site in site_datasets}
-    schedule = nnunet.Schedule.preset("tiny", epochs=1, iterations_per_epoch=3)
+    schedule = nnunet.Schedule.preset(nnunet.SchedulePreset.TINY, epochs=1, iterations_per_epoch=3)
     updates = []
     for site, raw in site_datasets.items():
         paths = nnunet.NnunetPaths(raw.parents[2] / "nnunet")  # the site's own nnU-Net folders
@@ -169,7 +169,7 @@ def test_seeded_local_training_is_reproducible(site_datasets: dict[str, Path], t
     start = nnunet.initial_network_weights(plans, dataset_json, seed=3)
     paths = nnunet.NnunetPaths(raw.parents[2] / "nnunet")  # the site's own nnU-Net folders
     prepare_site(paths, raw, 1, plans, fingerprint)
-    schedule = nnunet.Schedule.preset("tiny", epochs=1, iterations_per_epoch=2)
+    schedule = nnunet.Schedule.preset(nnunet.SchedulePreset.TINY, epochs=1, iterations_per_epoch=2)
 
     def weights(seed: int) -> dict:
         return local_update(site, paths, raw, 1, start, dataclasses.replace(schedule, seed=seed), "cpu", 1).weights

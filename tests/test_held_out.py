@@ -21,6 +21,7 @@ from kaapana_assets.cohorts.tags import add_tag
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
 from kaapana_assets.lake import Lake
+from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.synthetic import GeneratedStudy, generate_site
 from tests.helpers import TRAIN_COHORT
 
@@ -328,8 +329,8 @@ def test_one_patient_is_refused_before_nnunet_starts(tmp_path: Path, site_a: lis
 def test_the_split_keeps_a_patients_series_together(tmp_path: Path, site_a: list[GeneratedStudy]) -> None:
     """The split of a real export: patient SITE-A-0000's two series on one side, never both; with
     one patient there is no split at all."""
+    from kaapana_assets.nnunet import patient_split
     from kaapana_assets.training.export import export_cohort
-    from kaapana_assets.training.nnunet import patient_split
     from tests.helpers import COHORT
 
     home = KaapanaHome(tmp_path / "home").ensure()
@@ -414,7 +415,7 @@ def test_an_in_sample_evaluation_must_be_asked_for_and_says_so(trained_site, tmp
     patient = trained_site.studies[1]
     add_tag(Lake(home.lake), "in-sample", [patient.series_uid])
     resources = site_resources(home.root, tmp_path / "cohorts", device="cpu", threads=2)
-    production = resources["mlflow"].tracking().version_by_alias("nnunet-liver-train")
+    production = find_version(resources["mlflow"].tracking(), "nnunet-liver-train")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("cohorts", ["in-sample"])
         assert dg.materialize([cohorts, *harmonization_checks], partition_key="in-sample", instance=instance,

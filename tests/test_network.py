@@ -398,7 +398,7 @@ def test_store_response_is_byte_for_byte_what_pynetdicom_encodes() -> None:
     from pynetdicom.dimse_primitives import C_STORE
     from pynetdicom.dsutils import encode
 
-    from kaapana_assets.network.receiver import store_response_command
+    from kaapana_assets.network.pynetdicom_internals import store_response_command
 
     for sop_instance_uid, message_id, status in [("1.2.3.4", 1, 0x0000), ("1.2.3.45", 65535, 0xA900),
                                                  ("1.2.840.1.2.3", 7, 0xC210)]:

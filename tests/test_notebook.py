@@ -18,7 +18,7 @@ def test_explore_cohort_notebook(evaluated_demo, tmp_path: Path, monkeypatch: py
     from nbclient import NotebookClient
 
     from kaapana_assets.lake import Lake
-    from kaapana_assets.training.tracking import PRODUCTION
+    from kaapana_assets.nnunet.registry import find_version
 
     # The kernel inherits this environment: the evaluated demo's home and its test cohort.
     monkeypatch.setenv("KAAPANA_HOME", str(evaluated_demo.home.root))
@@ -38,7 +38,7 @@ def test_explore_cohort_notebook(evaluated_demo, tmp_path: Path, monkeypatch: py
     assert len(figures) == 2  # the evaluation's box plots, the slice with both contours
 
     lake = Lake(evaluated_demo.home.lake)
-    version = evaluated_demo.resources["mlflow"].tracking().version_by_alias("nnunet-liver-train", PRODUCTION).version
+    version = find_version(evaluated_demo.resources["mlflow"].tracking(), "nnunet-liver-train").version
     rows = lake.read("evaluations", (pl.col("cohort") == "liver-test") & (pl.col("model_version") == str(version)))
     liver = rows.filter(pl.col("label") == "liver")
     assert "cohort liver-test v1: 6 series, labels {'liver': 1, 'lesion': 2}" in text

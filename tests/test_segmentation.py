@@ -6,7 +6,6 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import dagster as dg
@@ -16,12 +15,14 @@ import polars as pl
 import pytest
 import torch
 
+from kaapana_assets import nnunet
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
+from kaapana_assets.nnunet.registry import ModelVersionNotFound, find_version
 from kaapana_assets.segmentation.assets import segmentations
 from kaapana_assets.synthetic import generate_site, get_profile
 from kaapana_assets.synthetic.generator import phantom_for
-from kaapana_assets.training import nnunet
+from kaapana_assets.training.tracking import Tracking
 from resources import MlflowResource
 from sensors.incoming import incoming_studies
 from tests.helpers import TRAIN_GRID
@@ -111,10 +112,9 @@ def test_no_production_model_fails_with_a_reason(trained_site, tmp_path: Path) -
 @pytest.mark.slow  # a trained nnU-Net predicts (the session trained_site)
 def test_model_import(trained_site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from kaapana_assets.cli import main
-    from kaapana_assets.training.tracking import PRODUCTION
 
     tracking = trained_site.tracking()
-    folder = tracking.download(tracking.version_by_alias("nnunet-liver-train", PRODUCTION), tmp_path / "dl")
+    folder = tracking.download(find_version(tracking, "nnunet-liver-train"), tmp_path / "dl")
     # As if it came from elsewhere: a trainer class nnU-Net cannot look up on CPU-only torch.
     checkpoint_path = folder / "fold_0" / "checkpoint_final.pth"
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
@@ -122,7 +122,7 @@ def test_model_import(trained_site, tmp_path: Path) -> None:  # type: ignore[no-
     torch.save(checkpoint, checkpoint_path)
     assert main(["model", "import", str(folder), "--name", "imported-liver", "--promote",
                  "--home", str(trained_site.home.root)]) == 0
-    version = tracking.version_by_alias("imported-liver", PRODUCTION)
+    version = find_version(tracking, "imported-liver")
     assert version.tags["kaapana.original_trainers"] == "nnUNetTrainerNoMirroring"
     loaded = nnunet.load_predictor(tracking.download(version, tmp_path / "again"), "cpu")
     assert loaded is not None
@@ -175,7 +175,6 @@ def test_sensor_ingest_and_automatic_segmentation(trained_site) -> None:  # type
 
 @pytest.mark.slow  # a trained nnU-Net predicts (the session trained_site)
 def test_model_promotion_requests_resegmentation(trained_site) -> None:  # type: ignore[no-untyped-def]
-    from kaapana_assets.training.tracking import PRODUCTION
     from sensors.model_promotion import model_promotion
 
     tracking = trained_site.tracking()
@@ -192,7 +191,7 @@ def test_model_promotion_requests_resegmentation(trained_site) -> None:  # type:
     first = tick(None)
     assert not first.run_requests and first.cursor == "nnunet-liver-train:1"
     assert not tick(first.cursor).run_requests
-    current = tracking.version_by_alias("nnunet-liver-train", PRODUCTION)
+    current = find_version(tracking, "nnunet-liver-train")
     newest = int(tracking.register(current.run_id, "model", "nnunet-liver-train", tags={"kaapana.validation": "passed"}).version)
     tracking.promote("nnunet-liver-train", newest)
     try:
@@ -388,9 +387,13 @@ def test_loaded_models_are_cached_per_name_version_and_device(tmp_path: Path, mo
 
     monkeypatch.setattr(models.nnunet, "load_predictor", load_predictor)
     monkeypatch.setattr(models, "_LOADED", {})
-    promoted = {"liver": "1"}
-    tracking = SimpleNamespace(tracking_uri="sqlite:///fake.db",
-                               version_by_alias=lambda name, alias: SimpleNamespace(version=promoted[name]))
+    # A registry of its own holding versions 1 and 2 of `liver` (their folders already in the cache).
+    tracking = Tracking(f"sqlite:///{tmp_path / 'mlflow.db'}", (tmp_path / "mlartifacts").as_uri())
+    with tracking.run("liver") as run:
+        pass
+    for _ in range(2):
+        tracking.register(run.info.run_id, "model", "liver", tags={})
+    tracking.promote("liver", 1)
     for version in ("1", "2"):
         folder = tmp_path / "models" / "liver" / f"v{version}"
         folder.mkdir(parents=True)
@@ -402,13 +405,13 @@ def test_loaded_models_are_cached_per_name_version_and_device(tmp_path: Path, mo
         t.start()
     for t in threads:
         t.join()
-    first = models.production_model(tracking, "liver", tmp_path / "models", "cpu")  # type: ignore[arg-type]
+    first = models.production_model(tracking, "liver", tmp_path / "models", "cpu")
     assert loads == [("v1", "cpu")] and first.label_names == {0: "background", 1: "liver"}
-    assert models.production_model(tracking, "liver", tmp_path / "models", "cuda") is not first  # type: ignore[arg-type]
-    promoted["liver"] = "2"  # the alias moved: the next study gets the new version
-    assert models.production_model(tracking, "liver", tmp_path / "models", "cpu").version == "2"  # type: ignore[arg-type]
-    promoted["liver"] = "1"
-    assert models.production_model(tracking, "liver", tmp_path / "models", "cpu") is first  # type: ignore[arg-type]
+    assert models.production_model(tracking, "liver", tmp_path / "models", "cuda") is not first
+    tracking.promote("liver", 2)  # the alias moved: the next study gets the new version
+    assert models.production_model(tracking, "liver", tmp_path / "models", "cpu").version == "2"
+    tracking.promote("liver", 1)
+    assert models.production_model(tracking, "liver", tmp_path / "models", "cpu") is first
     assert loads == [("v1", "cpu"), ("v1", "cuda"), ("v2", "cpu")]
 
 
@@ -417,21 +420,20 @@ def test_a_pinned_version_in_the_cache_loads_without_the_registry(tmp_path: Path
 
     monkeypatch.setattr(models.nnunet, "load_predictor", lambda folder, device: object())
     monkeypatch.setattr(models, "_LOADED", {})
-
-    def registry_must_not_be_asked(name: str, version: str) -> object:
-        raise AssertionError("a cached version was looked up in the registry")
-
-    tracking = SimpleNamespace(tracking_uri="sqlite:///fake.db", model_version=registry_must_not_be_asked)
+    # A registry that holds no version at all: a version that loads was not looked up there.
+    store = tmp_path / "registry" / "mlflow.db"
+    tracking = Tracking(f"sqlite:///{store}", (tmp_path / "mlartifacts").as_uri())
     folder = tmp_path / "models" / "liver" / "v3"
     folder.mkdir(parents=True)
     (folder / "dataset.json").write_text('{"labels": {"background": 0, "liver": 1}}')
-    loaded = models.pinned_model(tracking, "liver", "3", tmp_path / "models", "cpu")  # type: ignore[arg-type]
+    loaded = models.pinned_model(tracking, "liver", "3", tmp_path / "models", "cpu")
     assert (loaded.version, loaded.folder, loaded.ref) == ("3", folder, "liver:v3")
-    # Not in the cache and not in the registry: a clear error, nothing half-made in the cache.
-    tracking.model_version = lambda name, version: None
-    with pytest.raises(models.NoProductionModel, match="no version 4"):
-        models.pinned_model(tracking, "liver", "4", tmp_path / "models", "cpu")  # type: ignore[arg-type]
+    # Not in the cache and not in the registry: a clear error, nothing half-made in the cache
+    # (and no registry store made by asking).
+    with pytest.raises(ModelVersionNotFound, match="no version 4"):
+        models.pinned_model(tracking, "liver", "4", tmp_path / "models", "cpu")
     assert sorted(p.name for p in (tmp_path / "models" / "liver").iterdir()) == ["v3"]
+    assert not store.parent.exists()
 
 
 def _ingested_burst(tmp_path: Path, count: int):  # type: ignore[no-untyped-def]

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from kaapana_assets import nnunet
 from kaapana_assets.ingest.volume import assemble_volume
+from kaapana_assets.nnunet import Schedule, SchedulePreset, patient_split, with_width
+from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.synthetic import get_profile
 from kaapana_assets.synthetic.generator import phantom_for
-from kaapana_assets.training import nnunet
-from kaapana_assets.training.nnunet import Schedule, patient_split, with_width
-from kaapana_assets.training.tracking import PRODUCTION
 from tests.helpers import TRAIN_GRID
 
 # slow tier (`make test-all`): trains nnU-Net (the session trained_site)
@@ -23,6 +23,9 @@ def test_schedules_and_split() -> None:
     assert Schedule.preset("full").epochs == 1000
     short = Schedule.preset("short", epochs=3)
     assert short.epochs == 3 and short.optimizer == "adamw"
+    assert Schedule.preset(SchedulePreset.SHORT, epochs=3) == short  # config strings are the presets' values
+    with pytest.raises(ValueError, match=r"one of \['full', 'short', 'tiny'\]"):
+        Schedule.preset("long")
     split = patient_split([("c0", "p0"), ("c1", "p0"), ("c2", "p1"), ("c3", "p2"), ("c4", "p3"), ("c5", "p4")])
     val_patients = {p for c, p in [("c0", "p0"), ("c1", "p0")] if c in split["val"]}
     assert not (set(split["train"]) & set(split["val"])) and len(split["val"]) >= 1
@@ -54,7 +57,7 @@ def test_tiny_training_end_to_end(trained_site) -> None:  # type: ignore[no-unty
     assert {a.path for a in client.list_artifacts(run.info.run_id, "dataset")} >= {
         "dataset/nnUNetPlans.json", "dataset/dataset_fingerprint.json"}
 
-    production = tracking.version_by_alias(model_name, PRODUCTION)
+    production = find_version(tracking, model_name)
     assert production is not None and int(production.version) == version
     assert production.tags["kaapana.validation"] == "passed"
 
@@ -91,7 +94,7 @@ def test_failed_validation_blocks_promotion(trained_site) -> None:  # type: igno
     from resources import NnunetResource
 
     tracking = trained_site.tracking()
-    before = tracking.version_by_alias("nnunet-liver-train", PRODUCTION)
+    before = find_version(tracking, "nnunet-liver-train")
     strict = {**trained_site.resources, "nnunet_settings": NnunetResource(
         workdir=str(trained_site.home.root / "nnunet"), device="cpu", schedule="tiny", epochs=1, promotion_dice=0.999)}
     result = dg.materialize([trained_model, production_model], partition_key="liver-train",
@@ -100,7 +103,7 @@ def test_failed_validation_blocks_promotion(trained_site) -> None:  # type: igno
     assert not check.passed and "threshold 0.999" in (check.description or "")
     assert not result.asset_materializations_for_node("production_model")  # blocked
     new_version = result.asset_materializations_for_node("trained_model")[0].metadata["model_version"].value
-    assert str(tracking.version_by_alias("nnunet-liver-train", PRODUCTION).version) == str(before.version)
+    assert str(find_version(tracking, "nnunet-liver-train").version) == str(before.version)
     assert tracking.client().get_model_version("nnunet-liver-train", str(new_version)).tags["kaapana.validation"] == "failed"
 
     # Materializing production_model alone still refuses the failed version...
@@ -111,7 +114,7 @@ def test_failed_validation_blocks_promotion(trained_site) -> None:  # type: igno
     from kaapana_assets.cli import main
 
     assert main(["model", "promote", "nnunet-liver-train", str(new_version), "--home", str(trained_site.home.root)]) == 0
-    assert str(tracking.version_by_alias("nnunet-liver-train", PRODUCTION).version) == str(new_version)
+    assert str(find_version(tracking, "nnunet-liver-train").version) == str(new_version)
     assert main(["model", "promote", "nnunet-liver-train", "99", "--home", str(trained_site.home.root)]) == 2
     tracking.promote("nnunet-liver-train", before.version)  # leave the session's model as it was
 

@@ -13,10 +13,15 @@ from kaapana_assets.cli.common import SubParsers, console, tracking_of
 def cmd_model_promote(args: argparse.Namespace) -> int:
     from mlflow.exceptions import MlflowException
 
+    from kaapana_assets.nnunet.registry import ModelVersionNotFound, require_version
+
     tracking = tracking_of(args)
     try:
-        version = tracking.client().get_model_version(args.name, str(args.version))
+        version = require_version(tracking, args.name, args.version)
         tracking.promote(args.name, args.version, args.alias)
+    except ModelVersionNotFound as exc:
+        console.print(f"[red]{exc}")
+        return 2
     except MlflowException as exc:
         console.print(f"[red]{exc.message}")
         return 2

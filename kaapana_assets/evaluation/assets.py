@@ -14,16 +14,16 @@ from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
 from kaapana_assets.cohorts.partitions import cohorts_partitions
 from kaapana_assets.evaluation.evaluate import EvaluationError, read_evaluation
 from kaapana_assets.evaluation.held_out import NotHeldOut, check_held_out
-from kaapana_assets.evaluation.models import UnknownModelVersion, resolve_version
+from kaapana_assets.evaluation.models import resolve_version
 from kaapana_assets.evaluation.report import GateOutcome, gate, summarize
 from kaapana_assets.evaluation.run import run_evaluation
 from kaapana_assets.ingest.study import png_markdown
 from kaapana_assets.lake import Lake
 from kaapana_assets.metadata_table import columns, table
+from kaapana_assets.nnunet.registry import PRODUCTION, ModelVersionNotFound, find_version
 from kaapana_assets.segmentation.models import loaded_version
 from kaapana_assets.segmentation.segment import NothingToSegment
 from kaapana_assets.training.k8s import GPU_POOL
-from kaapana_assets.training.tracking import PRODUCTION
 from resources.cohorts import CohortDefinitionsResource
 from resources.location import GPU_OP_TAGS
 from resources.mlflow import MlflowResource
@@ -108,7 +108,7 @@ def segmentation_evaluation(
             progress=lambda done, total, uid: context.log.info(f"evaluated {done}/{total}: {uid}"),
             tags={"dagster.run_id": context.run.run_id, "dagster.partition": name}, held_out=held_out,
         )
-    except (UnknownCohortVersion, UnknownModelVersion) as exc:
+    except (UnknownCohortVersion, ModelVersionNotFound) as exc:
         raise dg.Failure(description=str(exc.args[0]), allow_retries=False) from None
     except (EvaluationError, NothingToSegment, NotHeldOut) as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
@@ -193,7 +193,7 @@ def evaluated_promotion(
         raise dg.Failure(description=f"{name} v{version} did not pass the evaluation gate: {outcome.description}",
                          allow_retries=False)
     tracking = mlflow.tracking()
-    before = tracking.version_by_alias(name, PRODUCTION)
+    before = find_version(tracking, name)
     tracking.promote(name, version)
     context.log.info(f"{name}: {PRODUCTION} v{before.version if before else '—'} → v{version}")
     return dg.MaterializeResult(

@@ -7,35 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kaapana_assets.nnunet import Device
+from kaapana_assets.nnunet.registry import require_version
 from kaapana_assets.segmentation.models import LoadedModel, loaded_version
-from kaapana_assets.training.tracking import PRODUCTION, Tracking
-
-
-class UnknownModelVersion(LookupError):
-    pass
-
-
+from kaapana_assets.training.tracking import Tracking
 
 
 def resolve_version(tracking: Tracking, model_name: str, version: str | int | None = None) -> Any:
-    """The registry's ModelVersion: `version` when given, else the one holding `production`."""
-    from mlflow.exceptions import MlflowException
-
-    if version in (None, ""):
-        found = tracking.version_by_alias(model_name, PRODUCTION)
-        if found is None:
-            raise UnknownModelVersion(f"no version of {model_name!r} holds the alias '{PRODUCTION}' in "
-                                      f"{tracking.tracking_uri}; name a version to evaluate")
-        return found
-    try:
-        return tracking.client().get_model_version(model_name, str(version))
-    except MlflowException as exc:
-        raise UnknownModelVersion(f"{model_name} v{version} is not registered in {tracking.tracking_uri}: "
-                                  f"{exc.message}") from None
+    """The registry's ModelVersion: `version` when given, else the one holding `production`
+    (ModelVersionNotFound when there is none)."""
+    return require_version(tracking, model_name, version, alias_hint="name a version to evaluate")
 
 
 def load_model(tracking: Tracking, model_name: str, version: str | int | None, cache: Path,
-               device: str = "auto") -> LoadedModel:
+               device: Device | str = Device.AUTO) -> LoadedModel:
     """A registered model version, loaded for prediction (kept per process, shared with the
     segmentation automation's cache)."""
     return loaded_version(tracking, resolve_version(tracking, model_name, version), model_name, cache, device)

@@ -18,6 +18,7 @@ from kaapana_assets.evaluation.held_out import HeldOutCheck, check_held_out
 from kaapana_assets.evaluation.report import box_plot_png, evaluation_title, summarize
 from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
+from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.training.tracking import Tracking, code_version
 
@@ -85,7 +86,7 @@ def run_evaluation(
     """`held_out`: the check already made (the asset makes it before loading the model); else
     it is made here, from the model version's MLflow tags (NotHeldOut unless `allow_overlap`)."""
     if held_out is None:
-        registered = tracking.model_version(model.name, model.version)
+        registered = find_version(tracking, model.name, model.version)
         held_out = check_held_out(lake, snapshot, model.ref, dict(registered.tags or {}) if registered else {},
                                   allow_overlap)
     evaluation = evaluate_cohort(lake, targets, snapshot, model, progress)

@@ -22,12 +22,12 @@ import dagster as dg
 import polars as pl
 import pyarrow as pa
 
+from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
 from kaapana_assets.federated.runs import FlowerRunFailed
 from kaapana_assets.lake.schemas import TABLES
 from kaapana_assets.metadata_table import columns, table
-from kaapana_assets.training import nnunet
 from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.tracking import model_name_for
 from resources.federation import FederatedSiteResource, FederationResource

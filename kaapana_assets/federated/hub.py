@@ -17,12 +17,12 @@ from typing import Protocol
 import torch
 from flwr.app import Message
 
+from kaapana_assets import nnunet
 from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, aggregate_round, require_quorum
 from kaapana_assets.federated.channel import RejectionReason, metric_name
 from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fingerprints, plan_at_hub
 from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.lake.digest import row_digest
-from kaapana_assets.training import nnunet
 
 HUB_DATASET_ID = 900
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
+from kaapana_assets import nnunet
 from kaapana_assets.cohorts.membership import read_cohort
 from kaapana_assets.federated.channel import metric_name
 from kaapana_assets.federated.fingerprint import site_fingerprint
@@ -34,7 +35,6 @@ from kaapana_assets.federated.store import FederationStore, checked_name
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.digest import row_digest
 from kaapana_assets.lake.schemas import FEDERATED_SITE_ROUNDS
-from kaapana_assets.training import nnunet
 from kaapana_assets.training.export import export_cohort
 
 DATASET_ID = 1  # each experiment has its own nnU-Net root at the site, so one id suffices
@@ -50,7 +50,7 @@ class SiteContext:
     lake: Lake
     archive_root: Path
     work_root: Path  # the site's nnU-Net work folder
-    device: str = "auto"
+    device: nnunet.Device | str = nnunet.Device.AUTO
     threads: int = 2
     log: Callable[[str], None] = print
 
@@ -113,13 +113,13 @@ def _split(raw_dataset: Path) -> dict[str, list[str]]:
 
 
 def local_update(site: str, paths: nnunet.NnunetPaths, raw_dataset: Path, dataset_id: int, global_weights: dict,
-                 schedule: nnunet.Schedule, device: str = "cpu", threads: int = 2) -> SiteUpdate:
+                 schedule: nnunet.Schedule, device: nnunet.Device | str = nnunet.Device.CPU,
+                 threads: int = 2) -> SiteUpdate:
     """Train from the global weights on the site's training split."""
     # The hub's plans fix the network; a site must not change its width.
     schedule = dataclasses.replace(schedule, base_features=None)
     split = _split(raw_dataset)
-    with nnunet.nnunet_environment(paths, threads=threads, training=True):
-        result = nnunet.train(dataset_id, schedule, split, device, threads, initial_weights=global_weights)
+    result = nnunet.train(paths, dataset_id, schedule, split, device, threads, initial_weights=global_weights)
     checkpoint = torch.load(result.output_folder / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     last = result.epochs[-1] if result.epochs else {}
     metrics: dict[str, float] = {k: float(last[k]) for k in ("train_loss", "val_loss", "pseudo_dice") if k in last and last[k] == last[k]}

@@ -47,8 +47,8 @@ Not bounded: the size of one (non-deflated) data set, which pynetdicom assembles
 Speed (bench/receive.py, whose *floor* is pynetdicom alone: on a 2-core machine about half of
 a C-STORE's CPU is pynetdicom's, the rest our header check, journal and spool file)
 - Event-driven reactors: pynetdicom 3.0 polls with 1 ms sleeps in two threads per
-  association; ours wait on the socket and on queue wake-ups (`_EventDUL`,
-  `_EventAssociation`; pynetdicom's code otherwise, used only with pynetdicom 3.0.x).
+  association; ours wait on the socket and on queue wake-ups (`pynetdicom_internals.py`:
+  pynetdicom's code otherwise, used only with pynetdicom 3.0.x).
 - Up to 1 MiB PDUs (`MAX_PDU_SIZE`): one PDU per CT slice instead of three or more.
 - The file meta and the C-STORE response are encoded directly (byte for byte what pydicom
   and pynetdicom produce, tested) instead of through pydicom Datasets; pynetdicom's
@@ -63,33 +63,19 @@ a C-STORE's CPU is pynetdicom's, the rest our header check, journal and spool fi
 from __future__ import annotations
 
 import logging
-import queue
-import re
-import select
 import socket
-import struct
 import threading
-import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom
 from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom._handlers import (
-    standard_dimse_recv_handler,
-    standard_dimse_sent_handler,
-    standard_pdu_recv_handler,
-    standard_pdu_sent_handler,
-)
 from pynetdicom.association import Association
-from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
@@ -97,6 +83,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from kaapana_assets.ingest import headers
 from kaapana_assets.ingest.headers import Reason, Rejected, parse_header
 from kaapana_assets.network.journal import CHECKPOINT_S, ReceiveJournal
+from kaapana_assets.network.pynetdicom_internals import EVENT_DRIVEN, EventAssociation, event_driven
 from kaapana_assets.network.spool_writer import (
     PREAMBLE,
     file_meta_bytes,
@@ -106,7 +93,6 @@ from kaapana_assets.network.spool_writer import (
 )
 
 log = logging.getLogger("kaapana.receiver")
-pynetdicom_log = logging.getLogger("pynetdicom.association")  # where pynetdicom's reactor logs
 
 # C-STORE response statuses (PS3.4 B.2.3; pynetdicom lists them in
 # pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS but names none of them).
@@ -265,251 +251,6 @@ def _aborted(event: evt.Event) -> None:
                 event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address)
 
 
-# --- Event-driven reactors -------------------------------------------------------------
-# pynetdicom polls: its DUL thread sleeps 1 ms whenever the socket is quiet and the
-# association thread sleeps 1 ms per loop, so every C-STORE waits for three such naps
-# (PDUs in, the request to the handler, the response out) — about 3–5 ms per instance on a
-# loaded machine, more than everything else together. These subclasses wait on the socket
-# and on queue wake-ups instead; everything else is pynetdicom's own code. The reactor
-# loop below is pynetdicom 3.0's `Association._run_reactor` with its sleep replaced.
-EVENT_DRIVEN = pynetdicom.__version__.startswith("3.0.")
-_STANDARD_LOG_HANDLERS = [
-    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler), (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
-    (evt.EVT_PDU_RECV, standard_pdu_recv_handler), (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
-]
-_WAIT_S = 0.05  # longest wait without a wake-up: ARTIM, idle timer and kill checks run this often
-
-
-class _WakingQueue(queue.Queue):
-    """A queue that calls `wake` after every put."""
-
-    def __init__(self, wake: Callable[[], None]) -> None:
-        super().__init__()
-        self._wake = wake
-
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        self._wake()
-
-
-class _EventDUL(DULServiceProvider):
-    """The DUL reactor blocks in select() on its socket and a wake-up socket pair until
-    there is something to read, send or do, instead of sleeping 1 ms per idle loop."""
-
-    def __init__(self, assoc: Association) -> None:
-        super().__init__(assoc)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_w.setblocking(False)
-        self._wake_r.setblocking(False)
-        self._waiting = False
-        self.event_queue = _WakingQueue(self._wake_up)
-        self.to_provider_queue = _WakingQueue(self._wake_up)
-        self.to_user_queue = _WakingQueue(assoc._wake.set)  # type: ignore[attr-defined]
-
-    @property
-    def _run_loop_delay(self) -> float:
-        # The reactor's own nap becomes a mere yield (it waits in select instead); others
-        # (stop_dul waiting for the thread to end) keep pynetdicom's 1 ms.
-        return 0.0 if threading.current_thread() is self else 0.001
-
-    @_run_loop_delay.setter
-    def _run_loop_delay(self, value: float) -> None:
-        pass
-
-    def _wake_up(self) -> None:
-        # Only a reactor waiting in select() needs the byte (it sets `_waiting` before it
-        # looks at the queues a last time, so a put seen as not waiting is seen by it).
-        if self._waiting and threading.current_thread() is not self:
-            try:
-                self._wake_w.send(b"\0")
-            except OSError:  # buffer full (a wake-up is pending anyway) or closed
-                pass
-
-    def _process_recv_primitive(self) -> bool:
-        self._wait_for_work()
-        return super()._process_recv_primitive()
-
-    def _wait_for_work(self) -> None:
-        sock = self.socket
-        raw = getattr(sock, "socket", None)
-        if raw is None or not getattr(sock, "_is_connected", False) or self.state_machine.current_state == "Sta13":
-            if not (self._kill_thread or self.event_queue.queue or self.to_provider_queue.queue):
-                time.sleep(0.001)  # closing or closed: pynetdicom's own polling, no busy loop
-            return
-        self._waiting = True
-        try:
-            if self._kill_thread or self.event_queue.queue or self.to_provider_queue.queue:
-                return
-            timeout = max(0.0, min(_WAIT_S, self.artim_timer.remaining))
-            readable, _, _ = select.select([raw, self._wake_r], [], [], timeout)
-        except (OSError, ValueError):  # the socket was closed under us: pynetdicom finds out
-            return
-        finally:
-            self._waiting = False
-        if self._wake_r in readable:
-            try:
-                while self._wake_r.recv(4096):
-                    pass
-            except OSError:  # BlockingIOError: drained
-                pass
-
-    def kill_dul(self) -> None:
-        super().kill_dul()
-        self._wake_up()
-
-    def stop_dul(self) -> bool:
-        if self.state_machine.current_state == "Sta1":
-            self._kill_thread = True
-            self._wake_up()
-        return super().stop_dul()
-
-    def run_reactor(self) -> None:
-        try:
-            super().run_reactor()
-        finally:
-            self.assoc._wake.set()  # type: ignore[attr-defined]  # the association notices the end
-            self._wake_r.close()
-            self._wake_w.close()
-
-
-class _EventAssociation(Association):
-    """An acceptor association whose reactor waits for DIMSE messages and ACSE primitives
-    (a threading.Event set on every put) instead of sleeping 1 ms per loop. Made from the
-    association pynetdicom's request handler creates (`_event_driven`), before it starts."""
-
-    _wake: threading.Event
-    before_release: Callable[[], object] | None = None
-
-    def kill(self) -> None:
-        self._wake.set()
-        super().kill()
-
-    def _run_reactor(self) -> None:  # pynetdicom 3.0.4's, with the sleep replaced by a wait
-        self._is_paused = False
-        while not self._kill:
-            if not self.dimse.msg_queue.queue:
-                self._wake.wait(_WAIT_S)
-            self._wake.clear()
-
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
-
-            context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
-                self._serve_request(msg, cast(int, context_id))
-
-            if self.is_established and self.acse.is_release_requested():
-                if self.before_release is not None:
-                    self.before_release()  # what the peer sent is in the spool when it sees the release
-                self.acse.send_release(is_response=True)
-                pynetdicom_log.info("Association Released")
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-
-            if self.acse.is_aborted():
-                log_msg = "Association Aborted"
-                if self.acse.is_aborted("a-p-abort"):
-                    log_msg += " (A-P-ABORT)"
-                pynetdicom_log.info(log_msg)
-                self.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-
-            if not self.dul.is_alive():
-                self.kill()
-                return
-
-            if self.dul.idle_timer_expired():
-                pynetdicom_log.error("Network timeout reached")
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-                self.kill()
-                return
-
-
-def store_response_command(primitive: C_STORE) -> bytes | None:
-    """The C-STORE-RSP command set exactly as pynetdicom encodes it (implicit VR little
-    endian; tested byte for byte), built directly: pynetdicom goes through a pydicom
-    Dataset, encoded twice (≈40 % of the receiver's CPU per instance). None for anything
-    but a plain response (error comment, offending element, unusual UIDs): pynetdicom
-    encodes those."""
-    if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
-        return None
-    sop_class, sop_instance = primitive.AffectedSOPClassUID, primitive.AffectedSOPInstanceUID
-    message_id, status = primitive.MessageIDBeingRespondedTo, primitive.Status
-    if not (isinstance(sop_class, str) and _COMMAND_UID.fullmatch(sop_class)
-            and isinstance(sop_instance, str) and _COMMAND_UID.fullmatch(sop_instance)
-            and isinstance(message_id, int) and isinstance(status, int)):
-        return None
-
-    def uid(element: int, value: str) -> bytes:
-        encoded = value.encode("ascii")
-        encoded += b"\0" * (len(encoded) % 2)
-        return struct.pack("<HHI", 0x0000, element, len(encoded)) + encoded
-
-    def us(element: int, value: int) -> bytes:
-        return struct.pack("<HHIH", 0x0000, element, 2, value)
-
-    body = b"".join((uid(0x0002, sop_class), us(0x0100, 0x8001), us(0x0120, message_id), us(0x0800, 0x0101),
-                     us(0x0900, status), uid(0x1000, sop_instance)))
-    return struct.pack("<HHII", 0x0000, 0x0000, 4, len(body)) + body
-
-
-_COMMAND_UID = re.compile(r"[0-9.]{1,64}")
-
-
-class _FastStoreResponseDIMSE(DIMSEServiceProvider):
-    """Sends plain C-STORE responses with `store_response_command`; all else as pynetdicom."""
-
-    def send_msg(self, primitive: Any, context_id: int) -> None:
-        command = None
-        if (isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None
-                and not self.assoc.get_handlers(evt.EVT_DIMSE_SENT)
-                and (self.maximum_pdu_size == 0 or self.maximum_pdu_size >= 200)):
-            command = store_response_command(primitive)
-        if command is None:
-            super().send_msg(primitive, context_id)
-            return
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + command))  # command, last fragment
-        self.dul.send_pdu(pdata)
-
-
-def _event_driven(assoc: Association) -> Association:
-    """Turn a not yet started acceptor association into an `_EventAssociation`: its own
-    wake-up event, an event-driven DUL (taking over the unused one's socket, timers and
-    queued events) and a waking DIMSE message queue."""
-    assoc._wake = threading.Event()  # type: ignore[attr-defined]
-    assoc.__class__ = _EventAssociation
-    unused = assoc.dul
-    assoc.dul = _EventDUL(assoc)
-    assoc.dul.socket = unused.socket
-    # The association set its ACSE and network timeouts on the unused DUL's timers.
-    assoc.dul.artim_timer, assoc.dul._idle_timer = unused.artim_timer, unused._idle_timer
-    for name in ("event_queue", "to_provider_queue", "to_user_queue"):  # Evt5 (connection open) is there
-        for item in getattr(unused, name).queue:
-            getattr(assoc.dul, name).put(item)
-    assoc.dimse.__class__ = _FastStoreResponseDIMSE
-    assoc.dimse.msg_queue = _WakingQueue(assoc._wake.set)  # type: ignore[attr-defined]
-    # pynetdicom's standard handlers format INFO/DEBUG lines per PDU and per DIMSE message,
-    # for a logger `kaapana receive` keeps at WARNING: ≈0.3 ms of CPU per instance.
-    for event, handler in _STANDARD_LOG_HANDLERS:
-        assoc.unbind(event, handler)
-    return assoc
-
-
 class _CountingRequestHandler(RequestHandler):
     """pynetdicom's handler (create the association, EVT_CONN_OPEN, start it), except that the
     connection stops counting as 'starting' in the same instant its association starts
@@ -521,12 +262,12 @@ class _CountingRequestHandler(RequestHandler):
         assoc = super()._create_association()
         if not EVENT_DRIVEN:
             return assoc
-        event_driven = cast(_EventAssociation, _event_driven(assoc))
+        made = cast(EventAssociation, event_driven(assoc))
         journal = self.server.journal
         if journal is not None:
             # Bounded: the instances are durable in the journal whatever happens to their files.
-            event_driven.before_release = lambda: journal.wait_written(DIMSE_TIMEOUT_S)
-        return event_driven
+            made.before_release = lambda: journal.wait_written(DIMSE_TIMEOUT_S)
+        return made
 
     def handle(self) -> None:
         counted = False

@@ -10,7 +10,8 @@ from kaapana_assets.ingest.assets import STUDIES_PER_RUN, dicom_studies
 from kaapana_assets.ingest.partitions import studies_partitions
 from kaapana_assets.ingest.study import combined_version, png_markdown
 from kaapana_assets.metadata_table import columns, table
-from kaapana_assets.segmentation.models import NoProductionModel, pinned_model, production_model
+from kaapana_assets.nnunet.registry import ModelVersionNotFound
+from kaapana_assets.segmentation.models import pinned_model, production_model
 from kaapana_assets.segmentation.segment import SegmentationResult, segment_studies
 from kaapana_assets.training.k8s import GPU_POOL
 from resources.location import GPU_OP_TAGS
@@ -69,7 +70,7 @@ def segmentations(
             model = pinned_model(tracking, name, config.model_version, cache, device)
         else:
             model = production_model(tracking, name, cache, device)
-    except NoProductionModel as exc:
+    except ModelVersionNotFound as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     targets = archive.targets(the_lake)
     def progress(done: int, total: int, result: SegmentationResult) -> None:

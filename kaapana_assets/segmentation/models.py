@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kaapana_assets.training import nnunet
-from kaapana_assets.training.tracking import PRODUCTION, Tracking, code_version
+from kaapana_assets import nnunet
+from kaapana_assets.nnunet.registry import require_version
+from kaapana_assets.training.tracking import Tracking, code_version
 
 # What segmenting a study first imports and loads (preload.preload's names): a run that will
 # segment does this while it waits for its studies (the ingest step's warm_imports).
@@ -30,10 +31,6 @@ PREDICTION_IMPORTS: tuple[str, ...] = (
     # assembles a volume or writes a SEG in a process, then caches.
     "highdicom._standard_utils:get_module_attribute_map",
 )
-
-
-class NoProductionModel(LookupError):
-    pass
 
 
 class InvalidModelFolder(ValueError):
@@ -62,35 +59,28 @@ _LOADED: dict[tuple[str, str, str, str], LoadedModel] = {}
 _LOADING = threading.Lock()  # threads of one run segmenting studies load a version once
 
 
-def production_model(tracking: Tracking, model_name: str, cache: Path, device: str = "auto") -> LoadedModel:
-    version = tracking.version_by_alias(model_name, PRODUCTION)
-    if version is None:
-        raise NoProductionModel(
-            f"no version of model {model_name!r} holds the alias '{PRODUCTION}' in {tracking.tracking_uri}: "
-            f"train one (the train_cohort job) or import one (`kaapana model import PATH --name {model_name}`), "
-            f"then promote it"
-        )
+def production_model(tracking: Tracking, model_name: str, cache: Path,
+                     device: nnunet.Device | str = nnunet.Device.AUTO) -> LoadedModel:
+    version = require_version(tracking, model_name, alias_hint=(
+        f"train one (the train_cohort job) or import one (`kaapana model import PATH --name {model_name}`), "
+        f"then promote it"))
     return loaded_version(tracking, version, model_name, cache, device)
 
 
-def loaded_version(tracking: Tracking, version: Any, model_name: str, cache: Path, device: str = "auto") -> LoadedModel:
+def loaded_version(tracking: Tracking, version: Any, model_name: str, cache: Path,
+                   device: nnunet.Device | str = nnunet.Device.AUTO) -> LoadedModel:
     """A registry ModelVersion loaded for prediction, once per process (see _LOADED)."""
     return _loaded(tracking, model_name, str(version.version), cache, device, lambda: version)
 
 
-def pinned_model(tracking: Tracking, model_name: str, version: str, cache: Path, device: str = "auto") -> LoadedModel:
+def pinned_model(tracking: Tracking, model_name: str, version: str, cache: Path,
+                 device: nnunet.Device | str = nnunet.Device.AUTO) -> LoadedModel:
     """A version resolved earlier (the incoming sensor pins the production version it saw into
     the run it requests). Versions are immutable: when this site's cache holds it, it loads
     without asking the registry (importing MLflow and opening its store cost a fresh run
     process ≈1.5 s); otherwise it is looked up and downloaded as usual."""
-
-    def registry_version() -> Any:
-        found = tracking.model_version(model_name, version)
-        if found is None:
-            raise NoProductionModel(f"model {model_name!r} has no version {version} in {tracking.tracking_uri}")
-        return found
-
-    return _loaded(tracking, model_name, version, cache, device, registry_version)
+    return _loaded(tracking, model_name, version, cache, device,
+                   lambda: require_version(tracking, model_name, version))
 
 
 def _loaded(tracking: Tracking, model_name: str, version: str, cache: Path, device: str,
@@ -160,7 +150,7 @@ def import_model(tracking: Tracking, folder: Path, model_name: str, promote: boo
             target = copy / checkpoint.parent.name / checkpoint.name
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.save(state, target)
-        nnunet.load_predictor(copy, "cpu")  # it must load before it is registered
+        nnunet.load_predictor(copy, nnunet.Device.CPU)  # it must load before it is registered
         with tracking.run(f"import {model_name}", tags={"kaapana.imported_from": str(folder)}) as run:
             mlflow.log_params({"imported_from": str(folder), "original_trainers": ",".join(sorted(trainers)),
                                "folds": ",".join(c.parent.name for c in checkpoints), **code_version()})

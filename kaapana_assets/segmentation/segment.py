@@ -17,6 +17,7 @@ import highdicom as hd
 import polars as pl
 import pyarrow as pa
 
+from kaapana_assets import nnunet
 from kaapana_assets.ingest import index
 from kaapana_assets.ingest.archive import ArchiveConflict, archive_relpath, write_once
 from kaapana_assets.ingest.pipeline import IngestTargets
@@ -26,7 +27,6 @@ from kaapana_assets.lake.schemas import INSTANCES, SEG_SEGMENTS, SEGMENTATIONS
 from kaapana_assets.segmentation.dicom_seg import encode_seg, model_seg, seg_instance_row, seg_uids
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.segmentation.statistics import label_statistics, overlay_png
-from kaapana_assets.training import nnunet
 
 
 class NothingToSegment(ValueError):

@@ -7,12 +7,13 @@ from collections.abc import Iterator
 
 import dagster as dg
 
+from kaapana_assets import nnunet
 from kaapana_assets.cohorts.assets import cohorts
 from kaapana_assets.cohorts.check_records import CohortChecksFailed, require_passed_checks
 from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
 from kaapana_assets.cohorts.partitions import cohorts_partitions
 from kaapana_assets.metadata_table import columns, table
-from kaapana_assets.training import nnunet
+from kaapana_assets.nnunet.registry import require_version
 from kaapana_assets.training.export import ExportError, export_cohort
 from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.run import DatasetRef, train_and_register
@@ -70,8 +71,7 @@ def nnunet_dataset(
     except (ExportError, CohortChecksFailed, nnunet.TooFewPatients) as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
     context.log.info("fingerprint, plan and preprocess with nnunetv2")
-    with nnunet.nnunet_environment(paths, threads=nnunet_settings.threads):
-        fingerprint, plans = nnunet.plan_and_preprocess(dataset_id, processes=nnunet_settings.threads)
+    fingerprint, plans = nnunet.plan_and_preprocess(paths, dataset_id, processes=nnunet_settings.threads)
     configuration = plans["configurations"][nnunet.CONFIGURATION]
     digest = hashlib.sha256((snapshot.membership_hash + json.dumps(plans, sort_keys=True)).encode()).hexdigest()[:24]
     return dg.MaterializeResult(
@@ -164,7 +164,7 @@ def trained_model(
 def production_model(context: dg.AssetExecutionContext, mlflow: MlflowResource) -> dg.MaterializeResult:
     trained = _latest_metadata(context, "trained_model")
     tracking = mlflow.tracking()
-    version = tracking.client().get_model_version(trained["model_name"], str(trained["model_version"]))
+    version = require_version(tracking, trained["model_name"], trained["model_version"])
     if version.tags.get("kaapana.validation") != "passed":
         raise dg.Failure(description=(
             f"{trained['model_name']} v{version.version} failed validation (Dice {version.tags.get('kaapana.validation_dice')}); "

@@ -28,7 +28,7 @@ from kaapana_assets.cohorts.membership import CohortSnapshot
 from kaapana_assets.cohorts.references import reference_sources
 from kaapana_assets.ingest.volume import assemble_volume
 from kaapana_assets.lake import Lake
-from kaapana_assets.training.nnunet import Case, require_patients, write_raw_dataset
+from kaapana_assets.nnunet import Case, require_patients, write_raw_dataset
 
 
 class ExportError(ValueError):

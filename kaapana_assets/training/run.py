@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kaapana_assets.training import nnunet
+from kaapana_assets import nnunet
 from kaapana_assets.training.tracking import Tracking, code_version, model_name_for
 
 
@@ -52,7 +52,7 @@ def train_and_register(
     schedule: nnunet.Schedule,
     tracking: Tracking,
     promotion_dice: float,
-    device: str = "auto",
+    device: nnunet.Device | str = nnunet.Device.AUTO,
     threads: int = 2,
     tags: Mapping[str, str] | None = None,
     log: Callable[[str], None] = lambda message: None,
@@ -85,8 +85,7 @@ def train_and_register(
             mlflow.log_metrics({k: v for k, v in metrics.items() if v == v}, step=epoch)  # NaN is not a metric
             log(f"epoch {epoch + 1}/{schedule.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
-        with nnunet.nnunet_environment(paths, threads=threads, training=True):
-            result = nnunet.train(dataset.dataset_id, schedule, split, device, threads, on_epoch)
+        result = nnunet.train(paths, dataset.dataset_id, schedule, split, device, threads, on_epoch)
         with tempfile.TemporaryDirectory() as tmp:
             folder = nnunet.package_model(result, Path(tmp) / "model")
             scores = nnunet.evaluate(nnunet.load_predictor(folder, device), raw, split["val"], labels)

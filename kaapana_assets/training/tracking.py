@@ -1,5 +1,6 @@
-"""MLflow: runs, metrics, artifacts and the model registry. Plain Python (the CLI uses it
-too); the Dagster resource in resources/mlflow.py only configures it."""
+"""MLflow: runs, metrics, artifacts and the model registry (registering and promoting here;
+looking a version up: kaapana_assets/nnunet/registry.py). Plain Python (the CLI uses it too);
+the Dagster resource in resources/mlflow.py only configures it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kaapana_assets.environment import Environment, unchanged_environment
-
-PRODUCTION = "production"
+from kaapana_assets.nnunet.registry import PRODUCTION
 
 
 def code_version() -> dict[str, str]:
@@ -98,22 +98,6 @@ class Tracking:
 
     def promote(self, model_name: str, version: int | str, alias: str = PRODUCTION) -> None:
         self.client().set_registered_model_alias(model_name, alias, str(version))
-
-    def version_by_alias(self, model_name: str, alias: str = PRODUCTION) -> Any | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client().get_model_version_by_alias(model_name, alias)
-        except MlflowException:
-            return None
-
-    def model_version(self, model_name: str, version: int | str) -> Any | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return self.client().get_model_version(model_name, str(version))
-        except MlflowException:
-            return None
 
     def download(self, model_version: Any, target: Path | None = None) -> Path:
         """The model folder of a registered version, on local disk."""
