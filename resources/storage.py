@@ -6,9 +6,9 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.environment import Environment
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
 from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource
@@ -64,9 +64,10 @@ class ArchiveResource(dg.ConfigurableResource):
     def spool(self) -> Path:
         return self.kaapana_home().incoming
 
-    def targets(self, lake: Lake) -> IngestTargets:
+    def open(self, lake: Lake) -> Archive:
+        """This home's archive, indexed in `lake`."""
         home = self.kaapana_home().ensure()
-        return IngestTargets(lake=lake, archive=home.archive, quarantine=home.quarantine)
+        return Archive(lake=lake, root=home.archive, quarantine=home.quarantine)
 
 
 def build_resources(environment: Environment | None = None) -> dict[str, dg.ConfigurableResource]:
