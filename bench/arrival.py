@@ -55,9 +55,10 @@ def prepare_site(root: Path) -> Path:
     demo's site has after step 3). Returns the home."""
     import dagster as dg
 
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.cohorts.assets import cohorts
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.synthetic import generate_site
     from kaapana_assets.training.assets import nnunet_dataset, trained_model
     from kaapana_assets.training.assets import production_model as promote
@@ -65,7 +66,7 @@ def prepare_site(root: Path) -> Path:
 
     home = KaapanaHome(root / "kaapana").ensure()
     train = generate_site("site-a", 6, seed=21, out=root / "train", with_annotations=True, **TRAIN_GRID)  # type: ignore[arg-type]
-    ingest_files([f for s in train for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+    ingest_files([f for s in train for f in s.files], Archive.for_home(home), remove_sources=False)
     (root / "cohorts").mkdir(exist_ok=True)
     (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT)
     resources = site_resources(home.root, root / "cohorts", device="cpu", schedule="tiny", promotion_dice=0.0)
@@ -233,12 +234,13 @@ sys.path.insert(0, sys.argv[1])
 import mlflow, torch, nnunetv2.inference.predict_from_raw_data  # noqa
 from kaapana_assets.environment import Environment
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.archive.service import Archive
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.segmentation.models import production_model
 from kaapana_assets.segmentation.segment import segment_study
 from kaapana_assets.training.tracking import default_tracking
 home = KaapanaHome(Path(sys.argv[2]))
-targets = IngestTargets.for_home(home)
+targets = Archive.for_home(home)
 tracking = default_tracking(Environment.read(home=home.root))
 tracking.client()  # the store opened, as a running code location has it
 t0 = time.perf_counter()
@@ -249,7 +251,7 @@ for study_uid, folder in json.loads(sys.argv[3]):
     t1 = time.perf_counter()
     ingest_files(sorted(Path(folder).iterdir()), targets, remove_sources=False)
     t2 = time.perf_counter()
-    segment_study(targets.lake, targets, study_uid, model)
+    segment_study(targets, study_uid, model)
     segment += time.perf_counter() - t2
     ingest += t2 - t1
 print(json.dumps({"load_s": load, "ingest_s": ingest, "segment_s": segment}))

@@ -64,6 +64,7 @@ def main() -> int:
     import numpy as np
 
     from kaapana_assets import nnunet
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
     from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
@@ -73,7 +74,7 @@ def main() -> int:
     from kaapana_assets.federated.store import FederationStore
     from kaapana_assets.federated.superlink import LocalFederation, LocalSite
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.ingest.volume import assemble_volume, seg_labels
     from kaapana_assets.lake import Lake
     from kaapana_assets.synthetic import generate_site
@@ -102,7 +103,7 @@ def main() -> int:
                                        first_index=1000, **grid)
             files = [f for s in train[site] for f in s.files]
             for home in (homes[site], pooled):
-                ingest_files(files, IngestTargets.for_home(home), remove_sources=False)
+                ingest_files(files, Archive.for_home(home), remove_sources=False)
             snapshot_cohort(Lake(homes[site].lake), cohort)
         snapshot_cohort(Lake(pooled.lake), cohort)
 

@@ -433,6 +433,7 @@ def run(args: argparse.Namespace, root: Path, sites: tuple[str, ...], threads: i
     import dagster as dg
 
     from kaapana_assets import nnunet
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
     from kaapana_assets.federated.assets import federated_plan, federated_rounds
@@ -443,7 +444,7 @@ def run(args: argparse.Namespace, root: Path, sites: tuple[str, ...], threads: i
     from kaapana_assets.federated.store import FederationStore
     from kaapana_assets.federated.superlink import LocalFederation, LocalSite
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.lake import Lake
     from kaapana_assets.synthetic import generate_site
     from resources import site_resources
@@ -468,7 +469,7 @@ def run(args: argparse.Namespace, root: Path, sites: tuple[str, ...], threads: i
             keys[site] = generate_site_key()
             studies = generate_site(site, args.train, seed=41 + i, out=root / "generated", with_annotations=True,
                                     slices=args.slices, matrix=args.matrix)
-            ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(homes[site]),
+            ingest_files([f for s in studies for f in s.files], Archive.for_home(homes[site]),
                          remove_sources=False)
             snapshot_cohort(Lake(homes[site].lake), cohort)
     say(f"{len(sites)} sites × {args.train} studies generated and ingested ({time.perf_counter() - t:.0f}s)")

@@ -49,7 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # Heavy imports live inside functions: spawned ingest workers re-import this module as
 # their __main__, exactly as they re-import the light `kaapana` CLI entry point.
 if TYPE_CHECKING:
-    from kaapana_assets.ingest.pipeline import IngestReport, IngestTargets
+    from kaapana_assets.archive.service import Archive
+    from kaapana_assets.ingest.pipeline import IngestReport
 
 # What the selected CT instances are re-encoded as, in turn (per site). Lossless only: a
 # lossy re-encoding gets a new SOP Instance UID and is another instance.
@@ -196,7 +197,7 @@ def pipeline_import_seconds() -> float:
     return runs[1]
 
 
-def timed_ingest(spool_files: list[Path], targets: IngestTargets, workers: int) -> tuple[IngestReport, float, float]:
+def timed_ingest(spool_files: list[Path], targets: Archive, workers: int) -> tuple[IngestReport, float, float]:
     """(report, wall seconds, CPU seconds) of one ingest_files call."""
     from kaapana_assets.ingest.pipeline import ingest_files
 
@@ -208,8 +209,8 @@ def timed_ingest(spool_files: list[Path], targets: IngestTargets, workers: int) 
 def scale_run(tmp_path: Path, sizes: tuple[int, ...], fraction: float, threads: int, workers: int) -> list[str]:
     """Per-instance cost at each corpus size, each ingested warm into its own fresh home.
     Prints the table; returns problems."""
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets
 
     problems = []
     rows = []
@@ -220,7 +221,7 @@ def scale_run(tmp_path: Path, sizes: tuple[int, ...], fraction: float, threads: 
         errors = transcode_all(plan_transcodes(ct, fraction), threads)
         problems += [f"scale {size}: transcode failed: {e}" for e in errors]
         print(f"scale corpus: {len(files)} instances generated and transcoded in {time.perf_counter() - t0:.1f}s (untimed)")
-        report, wall, cpu = timed_ingest(files, IngestTargets.for_home(KaapanaHome(root / "home")), workers)
+        report, wall, cpu = timed_ingest(files, Archive.for_home(KaapanaHome(root / "home")), workers)
         indexed = report.count("indexed")
         if indexed != len(files):
             problems.append(f"scale {size}: not all files indexed: {report.summary()}")
@@ -252,8 +253,8 @@ def main() -> int:
     if not 0.0 <= args.compressed_fraction <= 1.0:
         parser.error("--compressed-fraction must be within 0..1")
     import_s = pipeline_import_seconds()  # in a fresh interpreter, before this one imports it
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets
 
     problems: list[str] = []
     notes: list[str] = []
@@ -280,7 +281,7 @@ def main() -> int:
         # ---- ours, end to end ----------------------------------------------------------
         busy_before = cpu_busy()  # the transcoding is over: anything busy now is not us
         load_before = os.getloadavg()
-        targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home"))
+        targets = Archive.for_home(KaapanaHome(tmp_path / "home"))
         timings = []
         cpu_used: dict[str, float] = {}
         for label, corpus, corpus_syntax in (("cold", "corpus", syntax), ("warm", "corpus2", syntax2)):

@@ -80,10 +80,11 @@ def main() -> int:
     from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
     from kaapana_assets import nnunet
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.cohorts.assets import cohorts
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.ingest.assets import dicom_studies
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.ingest.volume import assemble_volume
     from kaapana_assets.segmentation import assets as segmentation_assets
     from kaapana_assets.segmentation import segment
@@ -121,7 +122,7 @@ def main() -> int:
                 print(f"model imported from {args.model}")
             else:
                 train = generate_site("site-a", 6, seed=5, out=root / "train", with_annotations=True)
-                ingest_files([f for s in train for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+                ingest_files([f for s in train for f in s.files], Archive.for_home(home), remove_sources=False)
                 instance.add_dynamic_partitions("cohorts", ["liver-train"])
                 dg.materialize([cohorts, nnunet_dataset, trained_model, promote], partition_key="liver-train",
                                instance=instance, resources=resources, run_config=quiet)
@@ -169,7 +170,7 @@ def main() -> int:
                                       first_index=index, slices=slices, matrix=matrix)
                 index += args.burst
                 uids = sorted(b.study_uid for b in burst)
-                ingest_files([f for b in burst for f in b.ct_files], IngestTargets.for_home(home), remove_sources=False)
+                ingest_files([f for b in burst for f in b.ct_files], Archive.for_home(home), remove_sources=False)
                 instance.add_dynamic_partitions("studies", uids)
                 t0 = time.perf_counter()
                 result = dg.materialize([segmentation_assets.segmentations], instance=instance, resources=resources,

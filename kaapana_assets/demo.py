@@ -32,6 +32,7 @@ import polars as pl
 from rich.console import Console
 from rich.table import Table
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.demo_driver import RunOutcome, log_level_config, run_requests, tick
 from kaapana_assets.environment import Environment
@@ -39,7 +40,7 @@ from kaapana_assets.federated.keys import generate_site_key
 from kaapana_assets.federated.sites import SiteEntry, read_sites, write_sites
 from kaapana_assets.federated.superlink import LocalFederation, LocalSite
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from kaapana_assets.synthetic import generate_site, get_profile
 from resources.build import build_resources
@@ -135,7 +136,7 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
                 # The other sites ingest on their own platforms; their data never comes here.
                 with console.status(f"{site} ingests at its own site"):
                     ingest_files([f for g in generated for f in g.files],
-                                 IngestTargets.for_home(site_homes[site]), remove_sources=False)
+                                 Archive.for_home(site_homes[site]), remove_sources=False)
                 console.print(f"{site}: {sum(len(g.files) for g in generated)} files ingested at "
                               f"{site_homes[site].root} (its own lake and archive)")
     ingest_failed, cursor = _spool_and_ingest(console, defs, instance, resources)

@@ -1,13 +1,70 @@
-"""One way to write a file that readers may see at any moment: a temp file beside it,
-fsync, rename over the target, fsync of the folder. A reader sees the old file or the new
-one, never half of one; after a crash, nothing or the whole file; the temp file never
-outlives a failed write. Spool files, federation files and metrics textfiles all use it."""
+"""Durable files: the one place that puts written data on stable storage, and the one way to
+write a file that readers may see at any moment.
+
+Three flushes, for three guarantees: `flush(fd)` one open file's blocks (`data_only`: its
+data, not its metadata); `sync_dir(folder)` the names in a folder (a file created or
+renamed there survives a crash); `sync_filesystem(path)` everything written so far to the
+filesystem holding `path` (one flush for many files: the archive's batches, the receive
+journal's checkpoints).
+
+`write_atomically`: a temp file beside the target, flush, rename over the target, flush of
+the folder. A reader sees the old file or the new one, never half of one; after a crash,
+nothing or the whole file; the temp file never outlives a failed write. Spool files,
+federation files and metrics textfiles all use it."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import os
 from pathlib import Path
+
+
+def _libc_syncfs() -> object | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name, use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_SYNCFS = _libc_syncfs()  # Linux; elsewhere sync_filesystem falls back to os.sync()
+
+
+def flush(fd: int, *, data_only: bool = False) -> None:
+    """The open file's written blocks on stable storage; `data_only`: its data blocks, not
+    its metadata (fdatasync where there is one; macOS has none)."""
+    if data_only and hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+def sync_dir(folder: str | Path) -> None:
+    """The entries of `folder` on stable storage: a file created, linked or renamed there
+    survives a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_filesystem(path: str | Path) -> None:
+    """Everything written to the filesystem holding `path` on stable storage (`syncfs(2)`;
+    `os.sync()` where libc has none)."""
+    if _SYNCFS is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:  # type: ignore[operator]
+            code = ctypes.get_errno()
+            raise OSError(code, f"syncfs({path}): {os.strerror(code)}")
+    finally:
+        os.close(fd)
 
 # As tempfile.mkstemp opens its files (exclusive, owner-only, never through a link), without
 # its per-call name generator and path handling, and without a mkdir per file: the receiver
@@ -46,7 +103,7 @@ def write_atomically(path: Path, data: bytes | memoryview, *, durable: bool = Tr
             while view:
                 view = view[os.write(fd, view):]
             if durable:
-                os.fsync(fd)
+                flush(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)
@@ -57,9 +114,5 @@ def write_atomically(path: Path, data: bytes | memoryview, *, durable: bool = Tr
             pass
         raise
     if durable:
-        handle = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(handle)  # the rename itself on stable storage
-        finally:
-            os.close(handle)
+        sync_dir(folder)  # the rename itself on stable storage
     return path

@@ -6,8 +6,8 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.lake import Lake
 
 
@@ -49,6 +49,7 @@ class ArchiveResource(dg.ConfigurableResource):
     def spool(self) -> Path:
         return self.kaapana_home().incoming
 
-    def targets(self, lake: Lake) -> IngestTargets:
+    def open(self, lake: Lake) -> Archive:
+        """This home's archive, indexed in `lake`."""
         home = self.kaapana_home().ensure()
-        return IngestTargets(lake=lake, archive=home.archive, quarantine=home.quarantine)
+        return Archive(lake=lake, root=home.archive, quarantine=home.quarantine)

@@ -13,10 +13,11 @@ import pytest
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from kaapana_assets.archive.service import Archive  # noqa: E402
 from kaapana_assets.cohorts.membership import snapshot_cohort  # noqa: E402
 from kaapana_assets.federated.keys import generate_site_key  # noqa: E402
 from kaapana_assets.home import KaapanaHome  # noqa: E402
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files  # noqa: E402
+from kaapana_assets.ingest.pipeline import ingest_files  # noqa: E402
 from kaapana_assets.lake import Lake  # noqa: E402
 from kaapana_assets.synthetic import GeneratedStudy, generate_site  # noqa: E402
 from tests.helpers import (  # noqa: E402
@@ -85,8 +86,8 @@ def home(tmp_path: Path) -> KaapanaHome:
 
 
 @pytest.fixture
-def targets(home: KaapanaHome) -> IngestTargets:
-    return IngestTargets.for_home(home)
+def targets(home: KaapanaHome) -> Archive:
+    return Archive.for_home(home)
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def trained_site(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     studies = generate_site("site-a", 6, seed=21, out=root / "generated", with_annotations=True, **TRAIN_GRID)
     from kaapana_assets.ingest.pipeline import ingest_files
 
-    ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+    ingest_files([f for s in studies for f in s.files], Archive.for_home(home), remove_sources=False)
     (root / "cohorts").mkdir()
     (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT)
     resources = site_resources(home.root, root / "cohorts", device="cpu", schedule="tiny", promotion_dice=0.05)
@@ -150,7 +151,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
     for index, site in enumerate(SITES):
         home = KaapanaHome(root / site).ensure()
         studies = generate_site(site, 4, seed=41 + index, out=root / "generated", with_annotations=True, **TRAIN_GRID)
-        ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+        ingest_files([f for s in studies for f in s.files], Archive.for_home(home), remove_sources=False)
         snapshot_cohort(Lake(home.lake), COHORT)
         homes[site], keys[site] = home, generate_site_key()
     return Federation(root, homes, keys)
@@ -251,7 +252,7 @@ def evaluated_demo(demo_home: Path, tmp_path_factory: pytest.TempPathFactory):  
     studies = [study for site in SITES for study in generate_site(
         site, HELD_OUT["per_site"], seed=HELD_OUT["seed"], out=root / "held-out", with_annotations=True,
         first_index=HELD_OUT["first_index"], **DEMO_GRID)]
-    ingest_files([f for s in studies for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+    ingest_files([f for s in studies for f in s.files], Archive.for_home(home), remove_sources=False)
     add_tag(Lake(home.lake), HELD_OUT_TAG, [s.series_uid for s in studies])
     resources = site_resources(home.root, root / "cohorts", device="cpu", threads=2)
     with dg.instance_for_test() as instance:

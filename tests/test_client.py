@@ -11,11 +11,12 @@ import polars as pl
 import pytest
 import yaml
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.client import Kaapana, NotFound
 from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from kaapana_assets.synthetic import GeneratedStudy, get_profile
 from kaapana_assets.synthetic.generator import phantom_for
@@ -40,7 +41,7 @@ def moved_on(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, list[Ge
     home = KaapanaHome(root / "home").ensure()
     (root / "cohorts").mkdir()
     (root / "cohorts" / "ct-all.yaml").write_text(yaml.safe_dump(CT_ALL.model_dump(mode="json")))
-    targets, lake = IngestTargets.for_home(home), Lake(home.lake)
+    targets, lake = Archive.for_home(home), Lake(home.lake)
     first, late = corpus["site-a"], corpus["site-a"][0]
     ingest_files([f for s in first for f in s.files if f != late.seg_file], targets, remove_sources=False)
     v1 = snapshot_cohort(lake, CT_ALL)

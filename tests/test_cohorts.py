@@ -12,6 +12,7 @@ import pydicom
 import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.definitions import (
     EXAMPLES,
     CohortDefinition,
@@ -24,7 +25,7 @@ from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot
 from kaapana_assets.cohorts.statistics import compute_statistics, openmetrics_text
 from kaapana_assets.cohorts.tags import add_tag, remove_tag, tags_of
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from tests.helpers import dicom_files
 
@@ -67,7 +68,7 @@ def lake(tmp_path_factory: pytest.TempPathFactory, corpus: dict) -> Lake:
     derive_series(source, spool / "odd" / "sag", ODD["sagittal"], ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     derive_series(source, spool / "odd" / "gap", ODD["gappy"], drop=5)
     derive_series(source, spool / "odd" / "mr", ODD["mr"], Modality="MR")
-    ingest_files(dicom_files(spool), IngestTargets.for_home(KaapanaHome(root / "home")))
+    ingest_files(dicom_files(spool), Archive.for_home(KaapanaHome(root / "home")))
     return Lake(root / "home" / "lake")
 
 
@@ -171,7 +172,7 @@ def test_tags_filter_and_commands(lake: Lake, corpus: dict) -> None:
 
 def test_versions_and_time_travel(tmp_path: Path, corpus: dict) -> None:
     home = KaapanaHome(tmp_path / "home")
-    targets = IngestTargets.for_home(home)
+    targets = Archive.for_home(home)
     study = corpus["site-a"][0]
     ingest_files(study.ct_files[:-1] + [study.seg_file], targets, remove_sources=False)  # one slice still missing
     definition = define(name="v", filter={"modality": "CT"})
@@ -206,7 +207,7 @@ def test_a_model_written_seg_is_no_reference(tmp_path: Path, corpus: dict) -> No
     from kaapana_assets.ingest.volume import assemble_volume, seg_labels
     from kaapana_assets.segmentation.dicom_seg import encode_seg, model_seg
 
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home"))
+    targets = Archive.for_home(KaapanaHome(tmp_path / "home"))
     annotated_study, segmented_only = corpus["site-a"][0], corpus["site-a"][1]
     files = [*annotated_study.files, *segmented_only.ct_files]
     for i, study in enumerate((annotated_study, segmented_only)):
@@ -310,7 +311,7 @@ def test_failed_check_blocks_downstream(tmp_path: Path, corpus_root: Path) -> No
     home = tmp_path / "home"
     spool = tmp_path / "spool"
     shutil.copytree(corpus_root, spool)
-    ingest_files(dicom_files(spool), IngestTargets.for_home(KaapanaHome(home)))
+    ingest_files(dicom_files(spool), Archive.for_home(KaapanaHome(home)))
     folder = tmp_path / "defs"
     folder.mkdir()
     (folder / "ok.yaml").write_text("name: ok\npurpose: train\nrequired_labels: [liver]\nfilter:\n  manufacturer: SIEMENS\n  has_reference_segmentation: true\n")
@@ -357,7 +358,7 @@ def test_statistics_match_the_corpus_and_parse_back(tmp_path: Path, corpus: dict
     spool = tmp_path / "spool"
     shutil.copytree(corpus_root, spool)
     (spool / "junk.dcm").write_bytes(b"junk")
-    targets = IngestTargets.for_home(home)
+    targets = Archive.for_home(home)
     ingest_files(dicom_files(spool), targets)
     snapshot_cohort(targets.lake, define(name="all-ct", filter={"modality": "CT"}))
     studies = [s for site in corpus.values() for s in site]
@@ -390,7 +391,7 @@ def test_site_statistics_asset(tmp_path: Path, corpus_root: Path) -> None:
     home = tmp_path / "home"
     spool = tmp_path / "spool"
     shutil.copytree(corpus_root, spool)
-    ingest_files(dicom_files(spool), IngestTargets.for_home(KaapanaHome(home)))
+    ingest_files(dicom_files(spool), Archive.for_home(KaapanaHome(home)))
     with dg.instance_for_test() as instance:
         result = dg.materialize([site_statistics], instance=instance, resources={
             "lake": LakeResource(uri=str(home / "lake")), "archive": ArchiveResource(home=str(home), site="site-z")})

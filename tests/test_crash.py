@@ -12,8 +12,9 @@ from pathlib import Path
 
 import polars as pl
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from tests.helpers import dicom_files
 
@@ -40,7 +41,7 @@ def test_kill_mid_ingest_then_rerun_equals_clean_run(tmp_path: Path, corpus_root
     clean_spool = tmp_path / "clean-spool"
     shutil.copytree(corpus_root, clean_spool)
     expected_files = len(dicom_files(clean_spool))
-    ingest_files(dicom_files(clean_spool), IngestTargets.for_home(clean_home))
+    ingest_files(dicom_files(clean_spool), Archive.for_home(clean_home))
 
     home = tmp_path / "crashed"
     spool = tmp_path / "spool"

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import dagster as dg
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.extensions.assets import study_metrics
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from resources import site_resources
 from tests.helpers import SMALL
 
 
-def test_study_metrics_through_pipes_subprocess(home: KaapanaHome, targets: IngestTargets, corpus: dict) -> None:
+def test_study_metrics_through_pipes_subprocess(home: KaapanaHome, targets: Archive, corpus: dict) -> None:
     study = corpus["site-b"][0]
     ingest_files(study.files, targets, remove_sources=False)
     with dg.instance_for_test() as instance:

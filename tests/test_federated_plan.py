@@ -11,6 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from kaapana_assets import nnunet
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.federated.fingerprint import (
@@ -20,7 +21,7 @@ from kaapana_assets.federated.fingerprint import (
     site_fingerprint,
 )
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.training.export import export_cohort
 
 COHORT = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
@@ -34,11 +35,11 @@ def site_datasets(tmp_path_factory: pytest.TempPathFactory, corpus: dict) -> dic
     out = {}
     for site, studies in corpus.items():
         home = KaapanaHome(root / site)
-        targets = IngestTargets.for_home(home)
+        targets = Archive.for_home(home)
         ingest_files([f for s in studies for f in s.files], targets, remove_sources=False)
         snapshot = snapshot_cohort(targets.lake, COHORT)
         folder = root / site / "nnunet" / "raw" / "Dataset001_LiverTrain"
-        export_cohort(targets.lake, targets.archive, snapshot, folder, ["liver"])
+        export_cohort(targets.lake, targets.root, snapshot, folder, ["liver"])
         out[site] = folder
     return out
 

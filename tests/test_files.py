@@ -80,3 +80,18 @@ def test_a_folder_that_cannot_exist_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(NotADirectoryError):  # a file where a folder must be
         write_atomically(tmp_path / "file" / "x.dcm", b"data")
+
+
+def test_the_flushes_reach_what_they_name(tmp_path: Path) -> None:
+    """Each flush opens what it names (a missing one raises) and flushes it without error."""
+    target = write_atomically(tmp_path / "a" / "x.dcm", b"data", durable=False)
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        files.flush(fd)
+        files.flush(fd, data_only=True)
+    finally:
+        os.close(fd)
+    files.sync_dir(target.parent)
+    files.sync_filesystem(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        files.sync_filesystem(tmp_path / "missing")

@@ -18,9 +18,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.headers import Reason
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from tests.helpers import EncodedCorpus
 
 PEAK_BOUND = 256 * 2**20  # Python allocations of one ingest of the whole mutated corpus
@@ -104,7 +105,7 @@ def _campaign(tmp_path: Path, encoded_corpus: EncodedCorpus, inputs: int, seed: 
     outside_before = sorted(p for p in tmp_path.rglob("*") if home.root not in p.parents and p.parent != spool)
     tracemalloc.start()
     try:
-        report = ingest_files(sorted(spool.iterdir()), IngestTargets.for_home(home), workers=1)
+        report = ingest_files(sorted(spool.iterdir()), Archive.for_home(home), workers=1)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -15,11 +15,12 @@ import polars as pl
 import pydicom
 import pytest
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.definitions import CohortDefinition, CohortDefinitionError, parse_definition
 from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
 from kaapana_assets.cohorts.tags import add_tag
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.synthetic import GeneratedStudy, generate_site
@@ -34,7 +35,7 @@ def define(**fields: object) -> CohortDefinition:
 
 
 def ingest(home: KaapanaHome, files: list[Path]) -> Lake:
-    ingest_files(files, IngestTargets.for_home(home), remove_sources=False)
+    ingest_files(files, Archive.for_home(home), remove_sources=False)
     return Lake(home.lake)
 
 

@@ -11,14 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.headers import Reason
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from tests.helpers import dicom_files
 from tests.test_headers import pydicom_files
 
 
-def test_rows_match_files_and_reingest_adds_nothing(targets: IngestTargets, spool_copy: Path, corpus: dict) -> None:
+def test_rows_match_files_and_reingest_adds_nothing(targets: Archive, spool_copy: Path, corpus: dict) -> None:
     files = dicom_files(spool_copy)
     report = ingest_files(files, targets, remove_sources=False)
     studies = [s for site in corpus.values() for s in site]
@@ -31,7 +32,7 @@ def test_rows_match_files_and_reingest_adds_nothing(targets: IngestTargets, spoo
     assert all(isinstance(v, int) for k, v in report.versions.items() if k != "quarantine")
     for f in files:  # archived byte for byte
         row = lake.read("instances", pl.col("sha256") == report.files[files.index(f)].sha256)
-        assert (targets.archive / row["archive_path"][0]).read_bytes() == f.read_bytes()
+        assert (targets.root / row["archive_path"][0]).read_bytes() == f.read_bytes()
 
     again = ingest_files(files, targets, remove_sources=False)
     assert again.summary()["already_indexed"] == len(files)
@@ -40,7 +41,7 @@ def test_rows_match_files_and_reingest_adds_nothing(targets: IngestTargets, spoo
     assert lake.read("instances").height == len(files)
 
 
-def test_series_and_study_fields(targets: IngestTargets, spool_copy: Path, corpus: dict) -> None:
+def test_series_and_study_fields(targets: Archive, spool_copy: Path, corpus: dict) -> None:
     ingest_files(dicom_files(spool_copy), targets)
     study = corpus["site-b"][1]
     series = targets.lake.read("series", pl.col("study_uid") == study.study_uid)
@@ -58,7 +59,7 @@ def test_series_and_study_fields(targets: IngestTargets, spool_copy: Path, corpu
     assert row["instance_count"] == len(study.files) and row["patient_id"] == study.patient_id
 
 
-def test_partial_study_then_rest(targets: IngestTargets, spool_copy: Path, corpus: dict) -> None:
+def test_partial_study_then_rest(targets: Archive, spool_copy: Path, corpus: dict) -> None:
     """A study resent with more instances adds only those, and the series becomes complete."""
     study = corpus["site-a"][0]
     root = spool_copy / "site-a" / study.ct_files[0].parents[1].name / "ct"
@@ -73,7 +74,7 @@ def test_partial_study_then_rest(targets: IngestTargets, spool_copy: Path, corpu
     assert series["complete"] and series["instance_count"] == len(files)
 
 
-def test_sources_leave_the_spool_only_when_committed(targets: IngestTargets, spool_copy: Path) -> None:
+def test_sources_leave_the_spool_only_when_committed(targets: Archive, spool_copy: Path) -> None:
     files = dicom_files(spool_copy)
     junk = spool_copy / "junk.bin"
     junk.write_bytes(b"not dicom at all")
@@ -85,7 +86,7 @@ def test_sources_leave_the_spool_only_when_committed(targets: IngestTargets, spo
     assert report.count("quarantined") == 1
 
 
-def test_sop_conflict_is_quarantined_not_overwritten(targets: IngestTargets, spool_copy: Path, tmp_path: Path) -> None:
+def test_sop_conflict_is_quarantined_not_overwritten(targets: Archive, spool_copy: Path, tmp_path: Path) -> None:
     original = dicom_files(spool_copy)[0]
     ingest_files([original], targets, remove_sources=False)
     ds = pydicom.dcmread(original)
@@ -95,10 +96,10 @@ def test_sop_conflict_is_quarantined_not_overwritten(targets: IngestTargets, spo
     report = ingest_files([changed], targets)
     assert report.files[0].status == "quarantined" and report.files[0].reason == Reason.SOP_CONFLICT
     row = targets.lake.read("instances", pl.col("sop_instance_uid") == ds.SOPInstanceUID).row(0, named=True)
-    assert (targets.archive / row["archive_path"]).read_bytes() == original.read_bytes()
+    assert (targets.root / row["archive_path"]).read_bytes() == original.read_bytes()
 
 
-def test_hostile_uid_stays_inside_the_lake(home: KaapanaHome, targets: IngestTargets, spool_copy: Path, tmp_path: Path) -> None:
+def test_hostile_uid_stays_inside_the_lake(home: KaapanaHome, targets: Archive, spool_copy: Path, tmp_path: Path) -> None:
     source = dicom_files(spool_copy)[0]
     hostile = []
     for i, uid in enumerate(["../../etc", "1.2/../../../escape", "/etc/passwd"]):
@@ -113,12 +114,12 @@ def test_hostile_uid_stays_inside_the_lake(home: KaapanaHome, targets: IngestTar
     assert [f.reason for f in report.files] == [Reason.INVALID_UID] * 3
     after = {p for p in tmp_path.parent.rglob("*")} - {p for p in home.root.rglob("*")}
     assert after - before == set()  # nothing new outside KAAPANA_HOME
-    assert not list(targets.archive.rglob("*.dcm"))
+    assert not list(targets.root.rglob("*.dcm"))
     q = targets.lake.read("quarantine")
     assert sorted(q["study_uid"].to_list()) == sorted(["../../etc", "1.2/../../../escape", "/etc/passwd"])
 
 
-def test_pydicom_corpus_indexed_or_quarantined(targets: IngestTargets, tmp_path: Path) -> None:
+def test_pydicom_corpus_indexed_or_quarantined(targets: Archive, tmp_path: Path) -> None:
     """Every file shipped in pydicom's data folder (some deliberately broken) ends up
     indexed or quarantined with a reason; no exception escapes."""
     sources = pydicom_files()
@@ -160,7 +161,7 @@ def fuzz_seed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 )
 def test_fuzzed_files_are_indexed_or_quarantined(fuzz_seed: bytes, tmp_path_factory: pytest.TempPathFactory, mutations) -> None:  # type: ignore[no-untyped-def]
     work = tmp_path_factory.mktemp("fuzzrun")
-    targets = IngestTargets.for_home(KaapanaHome(work / "home"))
+    targets = Archive.for_home(KaapanaHome(work / "home"))
     paths = []
     for i, (cut, flips) in enumerate(mutations):
         data = bytearray(fuzz_seed)
@@ -187,11 +188,11 @@ def test_small_batches_and_reconciles_equal_one_batch(tmp_path: Path, spool_copy
     from kaapana_assets.ingest import pipeline
 
     files = dicom_files(spool_copy)
-    whole = IngestTargets.for_home(KaapanaHome(tmp_path / "whole"))
+    whole = Archive.for_home(KaapanaHome(tmp_path / "whole"))
     ingest_files(files, whole, remove_sources=False, batch_size=10_000)
 
     monkeypatch.setattr(pipeline, "RECONCILE_EVERY", 7)
-    batched = IngestTargets.for_home(KaapanaHome(tmp_path / "batched"))
+    batched = Archive.for_home(KaapanaHome(tmp_path / "batched"))
     reconciled: list[int] = []
     real = pipeline._reconcile
 
@@ -209,7 +210,7 @@ def test_small_batches_and_reconciles_equal_one_batch(tmp_path: Path, spool_copy
         assert _without_times(batched.lake.read(name), key).equals(_without_times(whole.lake.read(name), key)), name
 
 
-def test_series_conflict_across_batches_of_one_ingest(tmp_path: Path, targets: IngestTargets,
+def test_series_conflict_across_batches_of_one_ingest(tmp_path: Path, targets: Archive,
                                                       spool_copy: Path) -> None:
     """The second study's file comes in a later batch, before any series row exists."""
     original = dicom_files(spool_copy)[0]
@@ -271,7 +272,7 @@ def test_large_ingests_parse_in_a_process_pool(tmp_path: Path, spool_copy: Path,
     monkeypatch.setattr(pipeline, "POOL_THRESHOLD", 1)
     monkeypatch.setattr(pipeline, "POOL_MIN_WORKERS", 2)
     files = dicom_files(spool_copy)
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "pooled"))
+    targets = Archive.for_home(KaapanaHome(tmp_path / "pooled"))
     try:
         report = ingest_files(files, targets, workers=2, batch_size=7)
         assert pipeline._POOL is not None  # it did run in the pool

@@ -48,19 +48,20 @@ def test_maintenance_compacts_and_keeps_cohort_time_travel(tmp_path: Path, corpu
     """Per-study commits leave small files; maintenance compacts and vacuums them, and a
     cohort version cut before later ingests still reads back exactly (the vacuum's
     retention reaches back to the series version the cohort read), even with no minimum."""
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.cohorts.membership import read_cohort, snapshot_cohort
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.lake.maintenance import maintain_lake, protected_versions
     from tests.helpers import COHORT
 
     home = KaapanaHome(tmp_path / "home").ensure()
     studies = corpus["site-a"] + corpus["site-b"]
     for study in studies[:3]:  # one commit per study, as the sensor's runs do
-        ingest_files(study.files, IngestTargets.for_home(home), remove_sources=False)
+        ingest_files(study.files, Archive.for_home(home), remove_sources=False)
     lake = Lake(home.lake)
     cohort = snapshot_cohort(lake, COHORT)
     for study in studies[3:]:  # the index moves on after the cohort was cut
-        ingest_files(study.files, IngestTargets.for_home(home), remove_sources=False)
+        ingest_files(study.files, Archive.for_home(home), remove_sources=False)
     assert lake.version("series") > cohort.series_table_version
     before = read_cohort(lake, COHORT.name, cohort.version).members
 

@@ -21,8 +21,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.spool import plan_spool, scan_spool, wait_until_quiet
 from kaapana_assets.lake import Lake
 from tests import orthanc
@@ -131,7 +132,7 @@ def test_storescu_into_receiver_then_ingest(receiver: Receiver, corpus: dict, tm
     for original in study.files:
         ds = pydicom.dcmread(original, stop_before_pixels=True)
         assert _dataset_bytes(by_sop[ds.SOPInstanceUID]) == _dataset_bytes(original)  # identical content
-    report = ingest_files(received, IngestTargets.for_home(KaapanaHome(receiver.home)))
+    report = ingest_files(received, Archive.for_home(KaapanaHome(receiver.home)))
     assert report.count("indexed") == len(study.files)
     rows = Lake(receiver.home / "lake").read("instances")
     assert set(rows["calling_ae_title"].to_list()) == {"STORESCU"} and set(rows["called_ae_title"].to_list()) == {"KAAPANA"}
@@ -163,7 +164,7 @@ def test_what_the_receiver_acknowledged_survives_its_crash(corpus: dict, tmp_pat
         assert {p.relative_to(home): p.read_bytes() for p in restarted.spool_files()} == acknowledged
         lost = len(names[::2]) + 1
         assert f"replayed {lost} acknowledged instance(s) from the receive journal" in restarted.log()
-        report = ingest_files(restarted.spool_files(), IngestTargets.for_home(KaapanaHome(home)))
+        report = ingest_files(restarted.spool_files(), Archive.for_home(KaapanaHome(home)))
         assert report.count("indexed") == len(study.files)
     finally:
         restarted.stop()
@@ -224,7 +225,7 @@ def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: d
     settled = wait_until_quiet(receiver.home / "incoming", [study.study_uid], quiet_period_s=0.5, max_wait_s=30,
                                arrived_after_ns=scanned_ns)
     assert settled is not None and sorted(settled[study.study_uid]) == sorted(map(str, received))
-    report = ingest_files(received, IngestTargets.for_home(KaapanaHome(receiver.home)))
+    report = ingest_files(received, Archive.for_home(KaapanaHome(receiver.home)))
     assert report.summary()["indexed"] == len(sent_files), report.summary()
     assert "refused" not in receiver.log()
 

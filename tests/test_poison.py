@@ -16,10 +16,11 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest import elements
 from kaapana_assets.ingest.headers import Reason
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from tests.helpers import EncodedCorpus
 
 
@@ -47,7 +48,7 @@ def original(encoded_corpus: EncodedCorpus) -> Path:
     return encoded_corpus.study.ct_files[0]
 
 
-def test_wrong_vr_is_quarantined_and_the_batch_commits(tmp_path: Path, targets: IngestTargets,
+def test_wrong_vr_is_quarantined_and_the_batch_commits(tmp_path: Path, targets: Archive,
                                                         encoded_corpus: EncodedCorpus, original: Path) -> None:
     bad = [
         _variant(original, tmp_path / "sex_ss.dcm", PatientSex=("SS", 5)),
@@ -65,7 +66,7 @@ def test_wrong_vr_is_quarantined_and_the_batch_commits(tmp_path: Path, targets: 
     assert "PatientSex" in by_name["sex_ss.dcm"].error
 
 
-def test_a_huge_instance_number_costs_no_memory(tmp_path: Path, targets: IngestTargets, original: Path) -> None:
+def test_a_huge_instance_number_costs_no_memory(tmp_path: Path, targets: Archive, original: Path) -> None:
     """InstanceNumber 2147483647 beside InstanceNumber 1: the series row lists a bounded
     number of gaps, and the ingest allocates nothing in proportion to the value."""
     files = [_variant(original, tmp_path / "last.dcm", InstanceNumber=2147483647)]
@@ -91,7 +92,7 @@ def _with_referenced_series(src: Path, out: Path, items: int) -> Path:
     return out
 
 
-def test_item_counts_are_bounded(tmp_path: Path, targets: IngestTargets, original: Path) -> None:
+def test_item_counts_are_bounded(tmp_path: Path, targets: Archive, original: Path) -> None:
     """A referenced-series sequence of 1,000,000 items is refused as exceeding the limits
     (it took 110 s when the walker copied the rest of the file for each item); 50,000 items,
     within the bound, are walked in linear time and indexed."""
@@ -103,7 +104,7 @@ def test_item_counts_are_bounded(tmp_path: Path, targets: IngestTargets, origina
     assert outcome["within.dcm"][0] == "indexed"
 
 
-def test_nesting_is_bounded(tmp_path: Path, targets: IngestTargets, original: Path) -> None:
+def test_nesting_is_bounded(tmp_path: Path, targets: Archive, original: Path) -> None:
     """60 levels of undefined-length sequences (walked recursively): refused at 16."""
     ds = pydicom.dcmread(original)
     ds.SOPInstanceUID = pydicom.uid.generate_uid(prefix="1.2.826.0.1.3680043.10.4.")
@@ -122,7 +123,7 @@ def test_nesting_is_bounded(tmp_path: Path, targets: IngestTargets, original: Pa
     assert report.reasons == {Reason.EXCEEDS_LIMITS: 1}
 
 
-def test_file_name_that_is_not_utf8(tmp_path: Path, targets: IngestTargets, original: Path) -> None:
+def test_file_name_that_is_not_utf8(tmp_path: Path, targets: Archive, original: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
     name = os.fsdecode(b"IM\xff\xfe-latin1-\xe9.dcm")
@@ -135,7 +136,7 @@ def test_file_name_that_is_not_utf8(tmp_path: Path, targets: IngestTargets, orig
     assert list(spool.iterdir()) == []
 
 
-def test_links_in_the_spool_are_never_followed(tmp_path: Path, home: KaapanaHome, targets: IngestTargets,
+def test_links_in_the_spool_are_never_followed(tmp_path: Path, home: KaapanaHome, targets: Archive,
                                                original: Path) -> None:
     """A symbolic link (to a DICOM file outside the home) and a FIFO in the spool: recorded as
     not_regular_file, never read or linked into the archive; the link goes, its target stays."""
@@ -156,7 +157,7 @@ def test_links_in_the_spool_are_never_followed(tmp_path: Path, home: KaapanaHome
     assert q["quarantine_path"].is_null().all() and "symbolic link" in " ".join(q["error"].to_list())
 
 
-def test_series_under_a_second_study_is_a_conflict(tmp_path: Path, targets: IngestTargets, original: Path) -> None:
+def test_series_under_a_second_study_is_a_conflict(tmp_path: Path, targets: Archive, original: Path) -> None:
     first = _variant(original, tmp_path / "a.dcm")
     ingest_files([first], targets, remove_sources=False)
     second = _variant(original, tmp_path / "b.dcm", StudyInstanceUID="1.2.826.0.1.3680043.10.5.1")
@@ -168,7 +169,7 @@ def test_series_under_a_second_study_is_a_conflict(tmp_path: Path, targets: Inge
 
 
 def test_sop_conflict_under_another_study_leaves_no_orphan(tmp_path: Path, home: KaapanaHome,
-                                                           targets: IngestTargets, original: Path) -> None:
+                                                           targets: Archive, original: Path) -> None:
     first = _variant(original, tmp_path / "a.dcm")
     ingest_files([first], targets, remove_sources=False)
     ds = pydicom.dcmread(first)
@@ -238,7 +239,7 @@ def test_pool_workers_die_with_the_ingest_process(tmp_path: Path) -> None:
 RLE_PANIC = bytes.fromhex("32e1b224b181de34a3f2d3a1cfb725bd73b265bd5ee64b293d16e6834d2facf1")
 
 
-def test_a_codec_panic_is_a_conflict_not_a_crash(tmp_path: Path, targets: IngestTargets) -> None:
+def test_a_codec_panic_is_a_conflict_not_a_crash(tmp_path: Path, targets: Archive) -> None:
     """The same SOP Instance again with corrupted RLE pixels: comparing the encodings decodes
     them, the codec panics, and the file is a sop_conflict — the ingest goes on."""
     original = Path(pydicom.__file__).parent / "data" / "test_files" / "rtdose_rle.dcm"

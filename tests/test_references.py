@@ -16,12 +16,13 @@ import pytest
 import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.cohorts.harmonization import reference_segmentations
 from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
 from kaapana_assets.cohorts.references import SegInstance, choose_references
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.seg_segments import PLATFORM_ALGORITHM_SOURCE
 from kaapana_assets.ingest.volume import assemble_volume, seg_labels
 from kaapana_assets.synthetic import GeneratedStudy, generate_site, get_profile
@@ -101,8 +102,8 @@ def write_seg(study: GeneratedStudy, segments: list[Segment], path: Path, series
     return path
 
 
-def ingest(tmp_path: Path, files: list[Path]) -> IngestTargets:
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home"))
+def ingest(tmp_path: Path, files: list[Path]) -> Archive:
+    targets = Archive.for_home(KaapanaHome(tmp_path / "home"))
     report = ingest_files(files, targets, remove_sources=False)
     assert report.count("indexed") == len(files)
     return targets
@@ -139,7 +140,7 @@ def test_two_references_with_different_labels_each_give_their_label(tmp_path: Pa
     assert {s["label"]: s["seg_series_uid"] for s in member["reference_sources"]} == {
         "liver": "2.25.20020", "spleen": "2.25.20010"}
 
-    exported = export_cohort(targets.lake, targets.archive, snapshot, tmp_path / "raw", ["liver"])
+    exported = export_cohort(targets.lake, targets.root, snapshot, tmp_path / "raw", ["liver"])
     assert exported.labels == {"liver": 1, "spleen": 2}
     case = case_of(exported.cases, site.studies[0].series_uid)
     labels = labels_of(exported.folder, case["case"])
@@ -178,7 +179,7 @@ def test_the_newer_of_two_references_with_one_label_wins(tmp_path: Path, site: S
 
     assert liver_source(first) == "2.25.30010.1" and liver_source(second) == "2.25.30099.1"
     assert liver_source(read_cohort(targets.lake, "liver-train", 2)) == "2.25.30099.1"  # as recorded
-    exported = export_cohort(targets.lake, targets.archive, second, tmp_path / "raw", ["liver"])
+    exported = export_cohort(targets.lake, targets.root, second, tmp_path / "raw", ["liver"])
     case = case_of(exported.cases, site.studies[0].series_uid)
     assert int((labels_of(exported.folder, case["case"]) == 1).sum()) == int(new_mask.sum())
     assert case["reference_sources"]["liver"]["seg_sop_instance_uid"] == "2.25.30099.1"
@@ -212,7 +213,7 @@ def test_a_seg_of_another_ai_tool_is_no_reference(tmp_path: Path, site: Site) ->
 
     snapshot = snapshot_cohort(lake, define())
     assert set(snapshot.members["series_uid"].to_list()) == {site.studies[1].series_uid, site.studies[2].series_uid}
-    exported = export_cohort(lake, targets.archive, snapshot, tmp_path / "raw", ["liver"])
+    exported = export_cohort(lake, targets.root, snapshot, tmp_path / "raw", ["liver"])
     assert ct0 not in {c["series_uid"] for c in exported.cases} and len(exported.cases) == 2
 
     # The check sees what membership sees: without the filter, the series has no reference.
@@ -276,7 +277,7 @@ def test_overlapping_segments_the_smaller_or_the_prioritized_on_top(tmp_path: Pa
     for priority, tumour_voxels in (([], tumour.sum()), (["tumor", "liver"], tumour.sum()), (["liver", "tumor"], 0)):
         snapshot = snapshot_cohort(targets.lake, define(label_priority=priority))
         folder = tmp_path / f"raw-{'-'.join(priority) or 'default'}"
-        exported = export_cohort(targets.lake, targets.archive, snapshot, folder, ["liver"])
+        exported = export_cohort(targets.lake, targets.root, snapshot, folder, ["liver"])
         case = case_of(exported.cases, site.studies[0].series_uid)
         labels = labels_of(folder, case["case"])
         assert int((labels == exported.labels["tumor"]).sum()) == int(tumour_voxels), priority
@@ -312,7 +313,7 @@ def test_evaluation_reads_each_label_from_its_reference(tmp_path: Path, site: Si
     snapshot = snapshot_cohort(targets.lake, definition)
     model = LoadedModel("nnunet-liver-test", "1", Path("unused"), MaskPredictor(site.livers[0]),
                         {0: "background", 1: "liver"})
-    evaluation = evaluate_cohort(targets.lake, targets, snapshot, model)
+    evaluation = evaluate_cohort(targets, snapshot, model)
     row = evaluation.rows.filter(pl.col("label") == "liver").row(0, named=True)
     assert row["dice"] == pytest.approx(1.0)
     assert row["reference_voxels"] == row["predicted_voxels"] == int(site.livers[0].sum())
@@ -329,15 +330,14 @@ def test_a_seg_indexed_without_its_segments_is_no_reference_until_they_are_recor
         tmp_path: Path, site: Site) -> None:
     """A home indexed before `seg_segments` existed (or a reconcile cut short): its SEGs'
     provenance is unknown, so they are no references until the cohorts asset records it."""
-    from kaapana_assets.ingest.seg_segments import index_missing_segments
 
     segs = [write_seg(site.studies[i], [("liver", site.livers[i], MANUAL, None)], tmp_path / f"liver{i}.dcm",
                       f"2.25.8002{i}") for i in (0, 1)]
     targets = ingest(tmp_path, [*ct_files(site, 0, 1), *segs])
     targets.lake.delete("seg_segments", "sop_instance_uid = '2.25.80020.1'")
     assert snapshot_cohort(targets.lake, define()).members["series_uid"].to_list() == [site.studies[1].series_uid]
-    assert index_missing_segments(targets.lake, targets.archive) == 1
-    assert index_missing_segments(targets.lake, targets.archive) == 0
+    assert targets.reindex_segments() == 1
+    assert targets.reindex_segments() == 0
     healed = snapshot_cohort(targets.lake, define())
     assert healed.version == 2
     assert set(healed.members["series_uid"].to_list()) == {site.studies[0].series_uid, site.studies[1].series_uid}

@@ -248,13 +248,14 @@ class PhantomPredictor:
 
 
 def _ingested_study(tmp_path: Path, site: str = "site-a", index: int = 0):  # type: ignore[no-untyped-def]
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from tests.helpers import SMALL
 
     study = generate_site(site, 1, seed=SEED, out=tmp_path / "gen", first_index=index, with_annotations=True,
                           **SMALL)[0]
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
+    targets = Archive.for_home(KaapanaHome(tmp_path / "home").ensure())
     ingest_files(study.ct_files, targets, remove_sources=False)
     truth = phantom_for(get_profile(site).resized(**SMALL), SEED, index).labels
     return study, targets, truth
@@ -292,33 +293,34 @@ def test_seg_index_row_is_what_the_parser_reads(tmp_path: Path) -> None:
 def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     """segment_study archives and indexes its SEG without ingest's re-parse: the instances,
     series and studies rows equal those of ingesting the same file."""
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.ingest.volume import seg_labels
     from kaapana_assets.segmentation.segment import segment_study
 
     study, targets, truth = _ingested_study(tmp_path)
     model = _model(truth)
-    result = segment_study(targets.lake, targets, study.study_uid, model)
+    result = segment_study(targets, study.study_uid, model)
     assert not result.reused and model.predictor.calls == 1
     assert set(result.versions) == {"instances", "seg_segments", "series", "studies", "segmentations"}
     lake = targets.lake
     seg_row = lake.read("instances", pl.col("sop_instance_uid") == result.seg_sop_uid).row(0, named=True)
-    seg_file = targets.archive / seg_row["archive_path"]
+    seg_file = targets.root / seg_row["archive_path"]
 
     # The same study and the same SEG bytes through ingest, in another home.
-    other = IngestTargets.for_home(KaapanaHome(tmp_path / "other").ensure())
+    other = Archive.for_home(KaapanaHome(tmp_path / "other").ensure())
     ingest_files(study.ct_files, other, remove_sources=False)
     report = ingest_files([seg_file], other, remove_sources=False)
     assert report.count("indexed") == 1
 
-    def rows(t: IngestTargets, table: str, key: str, stamp: str) -> list[dict[str, Any]]:
+    def rows(t: Archive, table: str, key: str, stamp: str) -> list[dict[str, Any]]:
         return t.lake.read(table, pl.col("study_uid") == study.study_uid).drop(stamp).sort(key).to_dicts()
 
     for table, key, stamp in (("instances", "sop_instance_uid", "ingested_at"), ("series", "series_uid", "updated_at"),
                               ("studies", "study_uid", "updated_at"), ("seg_segments", "segment_number", "indexed_at")):
         assert rows(targets, table, key, stamp) == rows(other, table, key, stamp), table
-    assert (targets.archive / seg_row["archive_path"]).read_bytes() == (other.archive / seg_row["archive_path"]).read_bytes()
+    assert (targets.root / seg_row["archive_path"]).read_bytes() == (other.root / seg_row["archive_path"]).read_bytes()
 
     # The SEG reads back as the prediction; the statistics are the prediction's.
     from kaapana_assets.ingest.volume import assemble_volume
@@ -340,7 +342,7 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
         assert ours.any() and np.array_equal(theirs, ours)
 
     # Again with the same model version: reused, nothing predicted or written.
-    again = segment_study(lake, targets, study.study_uid, model)
+    again = segment_study(targets, study.study_uid, model)
     assert again.reused and model.predictor.calls == 1
     assert sorted((s["label"], s["voxel_count"], s["bbox"]) for s in again.statistics) == \
         sorted((s["label"], s["voxel_count"], s["bbox"]) for s in result.statistics)
@@ -349,17 +351,17 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
 def test_segment_study_recovers_from_a_stop_between_archive_index_and_statistics(tmp_path: Path) -> None:
     """A run that stopped after archiving (not indexed) is replaced; one that stopped after
     indexing (no statistics) finishes from the indexed SEG without predicting again."""
-    from kaapana_assets.ingest.archive import archive_relpath
+    from kaapana_assets.archive.layout import archive_relpath
     from kaapana_assets.segmentation.dicom_seg import seg_uids
     from kaapana_assets.segmentation.segment import segment_study
 
     study, targets, truth = _ingested_study(tmp_path)
     model = _model(truth)
     seg_series_uid, seg_sop_uid = seg_uids(study.series_uid, model.name, model.version)
-    orphan = targets.archive / archive_relpath(study.study_uid, seg_series_uid, seg_sop_uid)
+    orphan = targets.root / archive_relpath(study.study_uid, seg_series_uid, seg_sop_uid)
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"a SEG archived by a run that stopped before indexing it")
-    first = segment_study(targets.lake, targets, study.study_uid, model)
+    first = segment_study(targets, study.study_uid, model)
     row = targets.lake.read("instances", pl.col("sop_instance_uid") == seg_sop_uid).row(0, named=True)
     import hashlib
 
@@ -369,7 +371,7 @@ def test_segment_study_recovers_from_a_stop_between_archive_index_and_statistics
     targets.lake.delete("segmentations", f"seg_sop_instance_uid = '{seg_sop_uid}'")  # stopped before statistics
     archived = orphan.read_bytes()
     model.predictor.calls = 0
-    second = segment_study(targets.lake, targets, study.study_uid, model)
+    second = segment_study(targets, study.study_uid, model)
     assert model.predictor.calls == 0 and not second.reused
     assert second.statistics == first.statistics and orphan.read_bytes() == archived
     assert targets.lake.read("segmentations", pl.col("seg_sop_instance_uid") == seg_sop_uid).height == len(first.statistics)
@@ -438,12 +440,13 @@ def test_a_pinned_version_in_the_cache_loads_without_the_registry(tmp_path: Path
 
 def _ingested_burst(tmp_path: Path, count: int):  # type: ignore[no-untyped-def]
     """`count` small studies of one site ingested: (targets, their study UIDs, the phantom's labels)."""
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from tests.helpers import SMALL
 
     studies = generate_site("site-a", count, seed=SEED, out=tmp_path / "gen", **SMALL)
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
+    targets = Archive.for_home(KaapanaHome(tmp_path / "home").ensure())
     ingest_files([f for s in studies for f in s.ct_files], targets, remove_sources=False)
     truth = phantom_for(get_profile("site-a").resized(**SMALL), SEED, 0).labels
     return targets, [s.study_uid for s in studies], truth
@@ -463,7 +466,7 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
     before = lake.versions(tables)
 
     seen: list[str] = []
-    results, skipped = segment_studies(lake, targets, [*uids[:2], "2.25.1"], _model(truth),
+    results, skipped = segment_studies(targets, [*uids[:2], "2.25.1"], _model(truth),
                                        lambda done, total, r: seen.append(f"{done}/{total} {r.study_uid}"))
     assert [r.study_uid for r in results] == uids[:2] and "2.25.1" in skipped
     assert seen == [f"1/3 {uids[0]}", f"2/3 {uids[1]}"]
@@ -484,13 +487,13 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
 
     failing = LoadedModel("nnunet-liver-test", "4", Path("unused"), FailsSecond(truth), LABEL_NAMES)
     with pytest.raises(RuntimeError, match="out of memory"):
-        segment_studies(lake, targets, uids, failing)
+        segment_studies(targets, uids, failing)
     committed = lake.read("segmentations", pl.col("model_version") == "4")
     assert set(committed["study_uid"].to_list()) == {uids[0]}  # the one before the failure is kept
     reads: list[str] = []
     read = lake.read
     monkeypatch.setattr(lake, "read", lambda table, *args, **kwargs: reads.append(table) or read(table, *args, **kwargs))
-    rerun = segment_studies(lake, targets, uids, LoadedModel("nnunet-liver-test", "4", Path("unused"),
+    rerun = segment_studies(targets, uids, LoadedModel("nnunet-liver-test", "4", Path("unused"),
                                                              PhantomPredictor(truth), LABEL_NAMES))[0]
     assert [r.reused for r in rerun] == [True, False, False]
     # Three reads for the run's three studies (their series, the statistics already made, the
@@ -510,7 +513,7 @@ def test_a_burst_reports_in_study_order_and_a_seg_that_cannot_be_archived_stops_
     lake = targets.lake
 
     seen: list[str] = []
-    results, skipped = segment_studies(lake, targets, [uids[0], "2.25.1", uids[1]], _model(truth),
+    results, skipped = segment_studies(targets, [uids[0], "2.25.1", uids[1]], _model(truth),
                                        lambda done, total, r: seen.append(f"{done}/{total} {r.study_uid}"))
     assert [r.study_uid for r in results] == uids[:2] and list(skipped) == ["2.25.1"]
     assert seen == [f"1/3 {uids[0]}", f"3/3 {uids[1]}"]
@@ -518,7 +521,7 @@ def test_a_burst_reports_in_study_order_and_a_seg_that_cannot_be_archived_stops_
     archived: list[str] = []
     archive_seg = segment.archive_seg
 
-    def fails_second(archive: Path, seg: Any, data: bytes) -> dict[str, Any]:
+    def fails_second(archive: Any, seg: Any, data: bytes) -> dict[str, Any]:
         if archived:
             raise OSError(28, "No space left on device")
         archived.append(str(seg.StudyInstanceUID))
@@ -526,7 +529,7 @@ def test_a_burst_reports_in_study_order_and_a_seg_that_cannot_be_archived_stops_
 
     monkeypatch.setattr(segment, "archive_seg", fails_second)
     with pytest.raises(OSError, match="No space left"):
-        segment_studies(lake, targets, uids[2:], _model(truth, version="4"))
+        segment_studies(targets, uids[2:], _model(truth, version="4"))
     assert archived == [uids[2]]  # the last study was predicted, but never archived
     committed = lake.read("segmentations", pl.col("model_version") == "4")
     assert set(committed["study_uid"].to_list()) == {uids[2]}

@@ -15,8 +15,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.ingest.headers import Reason, Rejected, _pydicom_values, parse_header, validate
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.volume import VolumeError, assemble_volume
 from kaapana_assets.synthetic.transcode import BY_NAME, ENCODINGS
 from tests.helpers import EncodedCorpus
@@ -95,7 +96,7 @@ def test_every_syntax_is_indexed_and_assembles(tmp_path: Path, encoded_corpus: E
     original volume (lossless) or one within the lossy codec's error."""
     original = assemble_volume(encoded_corpus.study.ct_files)
     for encoding, files in encoded_corpus.series.items():
-        targets = IngestTargets.for_home(__import__("kaapana_assets.home", fromlist=["KaapanaHome"]).KaapanaHome(
+        targets = Archive.for_home(__import__("kaapana_assets.home", fromlist=["KaapanaHome"]).KaapanaHome(
             tmp_path / encoding).ensure())
         report = ingest_files(files, targets, remove_sources=False)
         if encoding == "jpeg_extended":
@@ -106,7 +107,7 @@ def test_every_syntax_is_indexed_and_assembles(tmp_path: Path, encoded_corpus: E
         assert report.summary()["indexed"] == len(files), (encoding, report.reasons)
         rows = targets.lake.read("instances")
         assert set(rows["transfer_syntax_uid"].to_list()) == {BY_NAME[encoding].transfer_syntax}
-        volume = assemble_volume([targets.archive / p for p in rows["archive_path"].to_list()])
+        volume = assemble_volume([targets.root / p for p in rows["archive_path"].to_list()])
         assert volume.hu.shape == original.hu.shape
         assert np.allclose(volume.spacing_zyx, original.spacing_zyx) and np.allclose(volume.origin, original.origin)
         if BY_NAME[encoding].lossless:
@@ -120,7 +121,7 @@ def test_same_instance_in_another_encoding(tmp_path: Path, encoded_corpus: Encod
     the alternate recorded); different pixels under the same UID stay a conflict."""
     from kaapana_assets.home import KaapanaHome
 
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
+    targets = Archive.for_home(KaapanaHome(tmp_path / "home").ensure())
     first = ingest_files(encoded_corpus.study.ct_files, targets, remove_sources=False)
     assert first.summary()["indexed"] == len(encoded_corpus.study.ct_files)
     again = ingest_files(encoded_corpus.series["jpeg_lossless_sv1"] + encoded_corpus.series["jpeg2000_lossless"],
@@ -159,7 +160,7 @@ def test_enhanced_multiframe_is_refused_with_a_reason(tmp_path: Path, encoded_co
                                               generate_uid(prefix="1.2.826.0.1.3680043.10.1."), 1)
     path = tmp_path / "enhanced.dcm"
     enhanced.save_as(path)
-    targets = IngestTargets.for_home(KaapanaHome(tmp_path / "home").ensure())
+    targets = Archive.for_home(KaapanaHome(tmp_path / "home").ensure())
     report = ingest_files([path], targets, remove_sources=False)
     assert report.summary()["indexed"] == 1
     issue = targets.lake.read("series")["volume_issue"][0]
@@ -167,7 +168,7 @@ def test_enhanced_multiframe_is_refused_with_a_reason(tmp_path: Path, encoded_co
     with pytest.raises(NothingToSegment, match="Legacy Converted Enhanced CT"):
         source_series(targets.lake, encoded_corpus.study.study_uid)
     with pytest.raises(VolumeError, match="Legacy Converted Enhanced CT"):
-        assemble_volume([targets.archive / targets.lake.read("instances")["archive_path"][0]])
+        assemble_volume([targets.root / targets.lake.read("instances")["archive_path"][0]])
 
 
 DCM2NIIX_SYNTAXES = ["explicit_le", "implicit_le", "explicit_be", "jpeg_lossless", "jpeg_lossless_sv1", "rle",

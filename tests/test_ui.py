@@ -13,10 +13,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.definitions import EXAMPLES, load_definition
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from tests.dagster_site import SiteWebserver
 
@@ -38,7 +39,7 @@ pytestmark = [pytest.mark.slow,  # slow tier: a webserver and a browser
 @pytest.fixture
 def ui_server(tmp_path: Path, corpus: dict):  # type: ignore[no-untyped-def]
     home = KaapanaHome(tmp_path / "home").ensure()
-    ingest_files([f for s in corpus["site-a"] for f in s.files], IngestTargets.for_home(home), remove_sources=False)
+    ingest_files([f for s in corpus["site-a"] for f in s.files], Archive.for_home(home), remove_sources=False)
     snapshot_cohort(Lake(home.lake), load_definition(EXAMPLES / "abdomen-ct-all.yaml"))
     server = SiteWebserver(tmp_path / "ui", {"KAAPANA_HOME": str(home.root), "KAAPANA_SITE": "site-a"})
     try:

@@ -1,6 +1,6 @@
 import pytest
 
-from kaapana_assets.ingest.archive import archive_relpath
+from kaapana_assets.archive.layout import archive_relpath
 from kaapana_assets.ingest.uids import InvalidUID, is_valid_uid, require_uid
 
 

@@ -28,7 +28,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from kaapana_assets.ingest.pipeline import DEFAULT_BATCH, IngestTargets, ingest_files
+    from kaapana_assets.archive.service import Archive
+    from kaapana_assets.ingest.pipeline import DEFAULT_BATCH, ingest_files
     from kaapana_assets.progress import throttled
 
     root = Path(args.directory)
@@ -36,11 +37,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         console.print(f"[red]no such file or folder: {root}")
         return 2
     files = [str(p) for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file()]
-    targets = IngestTargets.for_home(home_of(args))
+    archive = Archive.for_home(home_of(args))
     with progress_bar() as progress:
         task = progress.add_task("ingesting", total=len(files))
         report = ingest_files(
-            files, targets, workers=args.workers, batch_size=args.batch_size or DEFAULT_BATCH,
+            files, archive, workers=args.workers, batch_size=args.batch_size or DEFAULT_BATCH,
             remove_sources=args.move,
             # The bar redraws ten times a second: more frequent updates would never be seen.
             progress=throttled(lambda done, total: progress.update(task, completed=done), interval_s=0.1),

@@ -219,14 +219,14 @@ class Cohort:
         the held-out check (NotHeldOut when patients of this version are in the model's training
         data, unless `allow_overlap`), SEGs archived, rows in `evaluations`, a run in MLflow;
         returns the rows."""
+        from kaapana_assets.archive.service import Archive
         from kaapana_assets.evaluation.models import load_model
         from kaapana_assets.evaluation.run import run_evaluation
-        from kaapana_assets.ingest.pipeline import IngestTargets
 
         tracking = self.client.tracking()
         model = load_model(tracking, model_name or self.client.segmentation_model, model_version,
                            self.client.home.root / "models", device)
-        report = run_evaluation(self.client.lake, IngestTargets.for_home(self.client.home), tracking, self.snapshot,
+        report = run_evaluation(Archive.for_home(self.client.home), tracking, self.snapshot,
                                 model, allow_overlap=allow_overlap)
         return report.evaluation.rows
 

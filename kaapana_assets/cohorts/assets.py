@@ -21,7 +21,6 @@ from kaapana_assets.cohorts.statistics import (
     write_textfile,
 )
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
-from kaapana_assets.ingest.seg_segments import index_missing_segments
 from kaapana_assets.lake.schemas import SITE_STATISTICS
 from kaapana_assets.metadata_table import columns, table
 from resources.cohorts import CohortDefinitionsResource
@@ -55,7 +54,7 @@ def cohorts(
     definition = _definition(cohort_definitions, context.partition_key)
     # Which SEGs are references is read from their segments' provenance (cohorts/references.py):
     # SEGs indexed before `seg_segments` existed get theirs recorded first.
-    recorded = index_missing_segments(lake.lake(), archive.kaapana_home().archive)
+    recorded = archive.open(lake.lake()).reindex_segments()
     if recorded:
         context.log.info(f"recorded {recorded} segment(s) of SEGs indexed without them")
     try:

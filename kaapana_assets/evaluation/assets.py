@@ -104,7 +104,7 @@ def segmentation_evaluation(
         (context.log.info if held_out.held_out else context.log.warning)(held_out.summary)
         model = loaded_version(tracking, version, model_name, nnunet_settings.model_cache(), nnunet_settings.device)
         report = run_evaluation(
-            the_lake, archive.targets(the_lake), tracking, snapshot, model,
+            archive.open(the_lake), tracking, snapshot, model,
             progress=lambda done, total, uid: context.log.info(f"evaluated {done}/{total}: {uid}"),
             tags={"dagster.run_id": context.run.run_id, "dagster.partition": name}, held_out=held_out,
         )

@@ -27,11 +27,11 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.labels import MissingReference, member_labels
 from kaapana_assets.cohorts.membership import CohortSnapshot
 from kaapana_assets.cohorts.references import reference_sources
 from kaapana_assets.evaluation.metrics import LabelMetrics, case_metrics
-from kaapana_assets.ingest.pipeline import IngestTargets
 from kaapana_assets.ingest.volume import VolumeError, assemble_volume, seg_labels
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.digest import row_digest
@@ -97,8 +97,7 @@ def metric_row(name: str, value: int, metrics: LabelMetrics) -> dict[str, Any]:
 
 
 def evaluate_cohort(
-    lake: Lake,
-    targets: IngestTargets,
+    archive: Archive,
     snapshot: CohortSnapshot,
     model: LoadedModel,
     progress: Callable[[int, int, str], None] | None = None,
@@ -109,6 +108,7 @@ def evaluate_cohort(
         known = sorted(n for v, n in model.label_names.items() if v)
         raise EvaluationError(f"{model.ref} predicts {known}; cohort {snapshot.cohort} v{snapshot.version} has no "
                               f"reference SEG with any of these labels")
+    lake = archive.lake
     ident = evaluation_id(snapshot.cohort, snapshot.version, model.name, model.version)
     read_versions = lake.versions(("instances", "segmentations"))
     rows: list[dict[str, Any]] = []
@@ -122,15 +122,15 @@ def evaluate_cohort(
             skipped.append({"series_uid": series_uid, "reason": "no reference SEG"})
             continue
         try:
-            result = segment_study(lake, targets, member["study_uid"], model)
+            result = segment_study(archive, member["study_uid"], model)
             if result.series_uid != series_uid:
                 raise NothingToSegment(f"the study's segmentation reads series {result.series_uid}, not this member")
             # The member and its reference as the cohort version pinned them; the prediction is new.
             pinned = snapshot.instances_table_version
-            volume = assemble_volume(archive_paths(lake, targets.archive, series_uid, pinned))
-            predicted_path = targets.archive / lake.read(
+            volume = assemble_volume(archive_paths(lake, archive.root, series_uid, pinned))
+            predicted_path = archive.root / lake.read(
                 "instances", pl.col("sop_instance_uid") == result.seg_sop_uid)["archive_path"][0]
-            truth = member_labels(lake, targets.archive, member, volume, labels, pinned).labels
+            truth = member_labels(lake, archive.root, member, volume, labels, pinned).labels
             predicted = seg_labels(predicted_path, volume, labels)
         except (VolumeError, NothingToSegment, MissingReference) as exc:
             skipped.append({"series_uid": series_uid, "reason": str(exc)})

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.membership import CohortSnapshot
 from kaapana_assets.evaluation.evaluate import Evaluation, evaluate_cohort
 from kaapana_assets.evaluation.held_out import HeldOutCheck, check_held_out
 from kaapana_assets.evaluation.report import box_plot_png, evaluation_title, summarize
-from kaapana_assets.ingest.pipeline import IngestTargets
-from kaapana_assets.lake import Lake
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.training.tracking import Tracking, code_version
@@ -73,8 +72,7 @@ def record_in_mlflow(tracking: Tracking, evaluation: Evaluation, summary: list[d
 
 
 def run_evaluation(
-    lake: Lake,
-    targets: IngestTargets,
+    archive: Archive,
     tracking: Tracking,
     snapshot: CohortSnapshot,
     model: LoadedModel,
@@ -87,9 +85,9 @@ def run_evaluation(
     it is made here, from the model version's MLflow tags (NotHeldOut unless `allow_overlap`)."""
     if held_out is None:
         registered = find_version(tracking, model.name, model.version)
-        held_out = check_held_out(lake, snapshot, model.ref, dict(registered.tags or {}) if registered else {},
+        held_out = check_held_out(archive.lake, snapshot, model.ref, dict(registered.tags or {}) if registered else {},
                                   allow_overlap)
-    evaluation = evaluate_cohort(lake, targets, snapshot, model, progress)
+    evaluation = evaluate_cohort(archive, snapshot, model, progress)
     summary = summarize(evaluation.rows)
     report = EvaluationReport(evaluation, summary, b"", held_out)
     report.plot_png = box_plot_png(evaluation.rows, report.title)

@@ -128,7 +128,7 @@ def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str
     # One ingest for the whole run: its commits are per batch of files, not per study.
     report = ingest_files(
         files,
-        archive.targets(the_lake),
+        archive.open(the_lake),
         workers=archive.ingest_workers,
         progress=_progress(context, label),
     )
@@ -186,7 +186,7 @@ def quarantine(
     context: dg.AssetExecutionContext, config: QuarantineConfig, lake: LakeResource, archive: ArchiveResource
 ) -> dg.MaterializeResult:
     # The same code path as any ingest: it indexes what it can and quarantines the rest.
-    report = ingest_files(config.files, archive.targets(lake.lake()), workers=1)
+    report = ingest_files(config.files, archive.open(lake.lake()), workers=1)
     for f in report.files:
         if f.status == "quarantined":
             context.log.warning(f"quarantined {f.source}: {f.reason}: {f.error}")

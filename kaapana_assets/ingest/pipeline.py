@@ -3,10 +3,10 @@
 Order of work, so that a crash at any point loses nothing and a re-run converges:
   1. parse headers and write archive/quarantine copies (a parser thread, or a process
      pool for very large ingests; write-once files);
-  2. per batch: one sync, so the copies are durable; then MERGE instances and
+  2. per batch: `Archive.store` makes the copies durable, then MERGEs the instances and
      quarantine rows (idempotent, keyed on UIDs / content digests);
-  3. every RECONCILE_EVERY instances and at the end: recompute series/studies of the
-     affected studies from `instances` and MERGE them;
+  3. every RECONCILE_EVERY instances and at the end: `Archive.reconcile` recomputes the
+     series/studies of the affected studies from `instances` and MERGEs them;
   4. only then delete those batches' source files from the spool.
 """
 
@@ -30,11 +30,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
-from kaapana_assets.home import KaapanaHome
+from kaapana_assets.archive.layout import quarantine_relpath
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.ingest import index
-from kaapana_assets.ingest.archive import durable, quarantine_relpath
 from kaapana_assets.ingest.headers import Reason
-from kaapana_assets.ingest.seg_segments import missing_segment_rows
 from kaapana_assets.ingest.worker import (
     ALREADY_INDEXED,
     FAILED,
@@ -46,7 +45,7 @@ from kaapana_assets.ingest.worker import (
     quarantine_copy,
 )
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE, SEG_SEGMENTS
+from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE
 from kaapana_assets.lake.tables import WriteResult
 
 log = logging.getLogger(__name__)
@@ -61,18 +60,6 @@ RECONCILE_EVERY = 5000  # instances between series/studies MERGEs (and spool rem
 
 Progress = Callable[[int, int], None]
 Job = tuple[list[str], str, str, bool]  # process_chunk's arguments
-
-
-@dataclass(frozen=True)
-class IngestTargets:
-    lake: Lake
-    archive: Path
-    quarantine: Path
-
-    @classmethod
-    def for_home(cls, home: KaapanaHome) -> "IngestTargets":
-        home.ensure()
-        return cls(Lake(home.lake), home.archive, home.quarantine)
 
 
 @dataclass
@@ -173,15 +160,11 @@ def _rows_that_fit(results: list[FileResult], now: dt.datetime, quarantine_root:
     return pa.Table.from_pylist(fitting, schema=INSTANCES.schema) if fitting else None
 
 
-def _commit(lake: Lake, results: list[FileResult], quarantine_root: Path, report: IngestReport) -> None:
+def _commit(archive: Archive, results: list[FileResult], report: IngestReport) -> None:
     now = dt.datetime.now(dt.timezone.utc)
-    writes = []
+    quarantine_root = archive.quarantine
     new_rows = _rows_that_fit(results, now, quarantine_root)
-    if new_rows is not None:
-        writes.append(lake.merge("instances", new_rows))
     alternates = [dict(r.alternate, seen_at=now) for r in results if r.status == ALREADY_INDEXED and r.alternate]
-    if alternates:
-        writes.append(lake.merge("instance_encodings", index.to_table(alternates, INSTANCE_ENCODINGS.schema)))
     quarantined = [
         {
             "sha256": r.sha256,
@@ -199,34 +182,29 @@ def _commit(lake: Lake, results: list[FileResult], quarantine_root: Path, report
         for r in results
         if r.status == QUARANTINED and r.sha256
     ]
-    if quarantined:
-        writes.append(lake.merge("quarantine", index.to_table(quarantined, QUARANTINE.schema)))
-    _count(writes, report)
+    # Copies on stable storage before any row points at them; a batch that wrote nothing
+    # (all already archived) skips the flush.
+    stored = archive.store(
+        new_rows,
+        encodings=index.to_table(alternates, INSTANCE_ENCODINGS.schema) if alternates else None,
+        quarantined=index.to_table(quarantined, QUARANTINE.schema) if quarantined else None,
+        written=any(r.written or r.status == QUARANTINED for r in results))
+    _count(stored.writes, report)
 
 
-def _reconcile(targets: IngestTargets, results: list[FileResult], report: IngestReport) -> None:
-    """Recompute the series and studies rows of every study these files touched, from the
-    committed instances, and MERGE them. Not only studies with new rows: a crash between
-    the instances MERGE and this one is healed by the re-run, whose files are then
+def _reconcile(archive: Archive, results: list[FileResult], report: IngestReport) -> None:
+    """Reconcile every study these files touched. Not only studies with new rows: a crash
+    between the instances MERGE and this one is healed by the re-run, whose files are then
     already_indexed (unchanged rows are skipped by their digest, so this commits nothing
-    when all is in order). The segments of SEGs that have none in `seg_segments` go first:
-    a SEG a series row lists has its provenance recorded."""
-    lake = targets.lake
-    now = dt.datetime.now(dt.timezone.utc)
-    studies = sorted({r.study_uid for r in results if r.status in (INDEXED, ALREADY_INDEXED) and r.study_uid})
-    if not studies:
-        return
-    instances = lake.read("instances", pl.col("study_uid").is_in(studies)).to_dicts()
-    segments = missing_segment_rows(lake, targets.archive, instances, now)
-    if segments:
-        lake.merge("seg_segments", index.to_table(segments, SEG_SEGMENTS.schema))
-    series = index.series_rows(instances, now)
-    _count([lake.merge("series", index.series_table(series)),
-            lake.merge("studies", index.studies_table(index.study_rows(instances, series, now)))], report)
+    when all is in order)."""
+    studies = {r.study_uid for r in results if r.status in (INDEXED, ALREADY_INDEXED) and r.study_uid}
+    _count(archive.reconcile(studies).writes, report)
 
 
 def _count(writes: list[WriteResult], report: IngestReport) -> None:
     for w in writes:
+        if w.table == "seg_segments":  # the report counts index rows; segments are read back from SEGs
+            continue
         if w.inserted:
             report.inserted[w.table] = report.inserted.get(w.table, 0) + w.inserted
         if w.updated:
@@ -281,20 +259,17 @@ class _Committer:
     sources in the spool; the re-run finds them already indexed and reconciles their
     studies. Two MERGEs fewer per batch: each costs ≈0.1 s however few its rows."""
 
-    targets: IngestTargets
+    archive: Archive
     remove_sources: bool
     report: IngestReport
     study_of: dict[str, str] = field(default_factory=dict)  # series → study, this ingest
     unreconciled: list[FileResult] = field(default_factory=list)
 
     def batch(self, results: list[FileResult]) -> None:
-        lake, quarantine = self.targets.lake, self.targets.quarantine
-        orphans = _resolve_conflicts(lake, results, quarantine, self.study_of)
-        if any(r.written or r.status == QUARANTINED for r in results):
-            durable()  # copies on stable storage before any row points at them
-        _commit(lake, results, quarantine, self.report)
+        orphans = _resolve_conflicts(self.archive.lake, results, self.archive.quarantine, self.study_of)
+        _commit(self.archive, results, self.report)
         for relpath in orphans:  # their quarantine copies are durable and recorded
-            (self.targets.archive / relpath).unlink(missing_ok=True)
+            (self.archive.root / relpath).unlink(missing_ok=True)
         for r in results:
             r.row = None  # keep the report small
         self.unreconciled.extend(results)
@@ -303,7 +278,7 @@ class _Committer:
 
     def reconcile(self) -> None:
         results, self.unreconciled = self.unreconciled, []
-        _reconcile(self.targets, results, self.report)
+        _reconcile(self.archive, results, self.report)
         if self.remove_sources:
             for r in results:
                 if r.status != FAILED:
@@ -331,7 +306,7 @@ def _parsed(jobs: list[Job], executor: Executor, ahead: int) -> Iterator[list[Fi
 
 def ingest_files(
     sources: Iterable[str | Path],
-    targets: IngestTargets,
+    archive: Archive,
     *,
     workers: int | None = None,
     batch_size: int = DEFAULT_BATCH,
@@ -348,11 +323,11 @@ def ingest_files(
     process pool (POOL_THRESHOLD files and at least 3 `workers`) parse in worker processes."""
     paths = sorted({str(Path(s)) for s in sources})
     report = IngestReport()
-    targets.archive.mkdir(parents=True, exist_ok=True)
-    targets.quarantine.mkdir(parents=True, exist_ok=True)
+    archive.root.mkdir(parents=True, exist_ok=True)
+    archive.quarantine.mkdir(parents=True, exist_ok=True)
     workers = workers if workers is not None else (os.cpu_count() or 1)
     use_pool = workers >= POOL_MIN_WORKERS and len(paths) >= POOL_THRESHOLD
-    roots = (str(targets.archive), str(targets.quarantine))
+    roots = (str(archive.root), str(archive.quarantine))
     chunk = max(16, min(128, len(paths) // (8 * workers) or 1))
     # Sources that will be deleted are hard-linked into the archive instead of copied.
     jobs: list[Job] = [(c, *roots, remove_sources) for c in _chunks(paths, chunk)]
@@ -361,7 +336,7 @@ def ingest_files(
     batch_size = -(-len(paths) // max(1, -(-len(paths) // batch_size))) if paths else batch_size
     pending: list[FileResult] = []
     received = 0  # jobs whose results arrived
-    committer = _Committer(targets, remove_sources, report)
+    committer = _Committer(archive, remove_sources, report)
 
     def take(part: list[FileResult]) -> None:
         nonlocal pending, received
@@ -393,5 +368,5 @@ def ingest_files(
     if pending:
         committer.batch(pending)
     committer.reconcile()
-    report.versions = targets.lake.versions(("instances", "series", "studies", "quarantine"))
+    report.versions = archive.lake.versions(("instances", "series", "studies", "quarantine"))
     return report

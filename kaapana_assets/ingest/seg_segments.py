@@ -1,7 +1,8 @@
 """The segments of SEG instances and who made them, for the `seg_segments` table: per segment
 its number, label, algorithm type and identification; per SEG its Manufacturer, Content
 Creator and Content Date/Time. Read with pydicom from the archived file's header (SEGs are
-rare: no need for the hand-written walker in headers.py), when a study is reconciled.
+rare: no need for the hand-written walker in headers.py), when the archive service indexes
+a SEG.
 
 Also the one definition of a SEG this platform's models wrote (`made_by_platform`): the
 writer (segmentation/dicom_seg.py) sets these constants, the reference policy
@@ -10,19 +11,13 @@ taken for a reference, whatever the `segmentations` table holds."""
 
 from __future__ import annotations
 
-import datetime as dt
-import logging
 from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-
-log = logging.getLogger(__name__)
 
 # What our SEG writer puts in every SEG (Manufacturer) and, for a model's prediction, in each
 # segment's algorithm identification (AlgorithmSource).
@@ -95,48 +90,3 @@ SEG_TAGS = ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "Manufact
 def read_segment_rows(path: Path | str) -> list[dict[str, Any]]:
     return segment_rows(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(SEG_TAGS)))
 
-
-def archived_segment_rows(archive: Path, instances: Iterable[dict[str, Any]], now: dt.datetime) -> list[dict[str, Any]]:
-    """`seg_segments` rows of the SEG instances among `instances` (rows of `instances`), read
-    from their archived files. A file that cannot be read is left for the next reconcile (its
-    SEG is no reference meanwhile)."""
-    rows: list[dict[str, Any]] = []
-    for r in sorted(instances, key=lambda r: r["sop_instance_uid"]):
-        if r.get("modality") != "SEG" or not r.get("archive_path"):
-            continue
-        sop = r["sop_instance_uid"]
-        try:
-            found = read_segment_rows(archive / r["archive_path"])
-        except (OSError, InvalidDicomError, ValueError) as exc:
-            log.warning("SEG %s: segments not read (%s)", sop, exc)
-            continue
-        rows.extend({**row, "sop_instance_uid": sop, "indexed_at": now} for row in found)
-    return rows
-
-
-def missing_segment_rows(lake: Any, archive: Path, instances: Iterable[dict[str, Any]],
-                         now: dt.datetime) -> list[dict[str, Any]]:
-    """As `archived_segment_rows`, for the SEG instances that have no `seg_segments` rows yet:
-    a re-run after a crash finds what an interrupted reconcile left out; a recorded SEG costs
-    one filtered read, not a file read."""
-    segs = [r for r in instances if r.get("modality") == "SEG"]
-    if not segs:
-        return []
-    sops = sorted(r["sop_instance_uid"] for r in segs)
-    known = set(lake.read("seg_segments", pl.col("sop_instance_uid").is_in(sops))["sop_instance_uid"].to_list())
-    return archived_segment_rows(archive, [r for r in segs if r["sop_instance_uid"] not in known], now)
-
-
-def index_missing_segments(lake: Any, archive: Path) -> int:
-    """Record the segments of every indexed SEG that has none in `seg_segments` (a home indexed
-    before the table existed, or a reconcile a crash cut short); the rows written. Until then
-    such a SEG is no reference: its provenance is unknown."""
-    # Here, not at the top: cohort definitions import this module (AlgorithmType) without the lake.
-    from kaapana_assets.ingest.index import to_table
-    from kaapana_assets.lake.schemas import SEG_SEGMENTS
-
-    segs = lake.read("instances", pl.col("modality") == "SEG").select("sop_instance_uid", "modality", "archive_path")
-    rows = missing_segment_rows(lake, archive, segs.to_dicts(), dt.datetime.now(dt.timezone.utc))
-    if rows:
-        lake.merge("seg_segments", to_table(rows, SEG_SEGMENTS.schema))
-    return len(rows)

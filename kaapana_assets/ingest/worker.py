@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from kaapana_assets.ingest.archive import ArchiveConflict, archive_relpath, link_once, quarantine_relpath, write_once
+from kaapana_assets.archive.layout import ArchiveConflict, archive_relpath, link_once, quarantine_relpath, write_once
 from kaapana_assets.ingest.headers import InstanceHeader, Reason, Rejected, is_native_failure, parse_header
 
 
@@ -138,7 +138,7 @@ def process_file(source: str, archive_root: str, quarantine_root: str, link: boo
 
 def _alternate_encoding(archived_path: Path, data: bytes, header: InstanceHeader) -> dict[str, Any] | None:
     """The record of `data` as another encoding of the archived instance, or None."""
-    from kaapana_assets.ingest.archive import sha256_of
+    from kaapana_assets.archive.layout import sha256_of
     from kaapana_assets.ingest.encodings import same_instance
 
     try:

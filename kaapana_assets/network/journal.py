@@ -32,8 +32,6 @@ starts. Linux: `syncfs(2)` through libc; elsewhere `os.sync()`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -44,7 +42,7 @@ import threading
 import zlib
 from pathlib import Path
 
-from kaapana_assets.files import write_atomically
+from kaapana_assets.files import flush, sync_dir, sync_filesystem, write_atomically
 from kaapana_assets.network.spool_writer import digest_name, target_path, write_durably
 
 log = logging.getLogger("kaapana.receiver")
@@ -56,33 +54,6 @@ _HEADER = struct.Struct("<8sQI")  # magic, generation, CRC-32 of the two
 _HEADER_MAGIC = b"KAAPJRNL"
 _RECORD = struct.Struct("<4sQIQI")  # magic, generation, path length, data length, CRC-32
 _RECORD_MAGIC = b"KREC"
-
-
-def _libc_syncfs() -> object | None:
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name, use_errno=True)
-        return libc.syncfs
-    except (OSError, AttributeError):
-        return None
-
-
-_SYNCFS = _libc_syncfs()
-_fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
-
-
-def sync_filesystem(path: Path) -> None:
-    """Flush everything written to the filesystem holding `path` to stable storage."""
-    if _SYNCFS is None:
-        os.sync()
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _SYNCFS(fd) != 0:  # type: ignore[operator]
-            code = ctypes.get_errno()
-            raise OSError(code, f"syncfs({path}): {os.strerror(code)}")
-    finally:
-        os.close(fd)
 
 
 def _random_generation() -> int:
@@ -237,7 +208,7 @@ class ReceiveJournal:
                     self._pending[target] = data
                     self._queued += 1
                     self._queue.put((target, data))
-        _fdatasync(self._fd)  # one flush of data blocks; concurrent associations share theirs
+        flush(self._fd, data_only=True)  # one flush of data blocks; concurrent associations share theirs
         return target
 
     def _choose(self, folder: Path, name: str, data: bytes) -> Path:
@@ -335,7 +306,7 @@ class ReceiveJournal:
     def _write_header(fd: int, generation: int) -> None:
         header = _HEADER.pack(_HEADER_MAGIC, generation, zlib.crc32(_HEADER_MAGIC + struct.pack("<Q", generation)))
         os.pwrite(fd, header.ljust(HEADER_BYTES, b"\x00"), 0)
-        _fdatasync(fd)
+        flush(fd, data_only=True)
 
     def _create(self, path: Path) -> None:
         """A segment full of zeros, durable with its folder entry, before it is used."""
@@ -345,15 +316,11 @@ class ReceiveJournal:
             zeros = bytes(2**20)
             for start in range(0, self.segment_bytes, len(zeros)):
                 os.write(fd, zeros[: min(len(zeros), self.segment_bytes - start)])
-            os.fsync(fd)
+            flush(fd)
         finally:
             os.close(fd)
         os.replace(temp, path)
-        folder = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
+        sync_dir(self.folder)
 
     def _take(self, path: Path) -> None:
         fd = os.open(path, os.O_RDWR)

@@ -72,13 +72,13 @@ def segmentations(
             model = production_model(tracking, name, cache, device)
     except ModelVersionNotFound as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
-    targets = archive.targets(the_lake)
+    site_archive = archive.open(the_lake)
     def progress(done: int, total: int, result: SegmentationResult) -> None:
         context.log.info(f"{result.study_uid}: {'reused' if result.reused else 'segmented'} with {result.model} "
                          f"({done}/{total})")
 
     # One commit of the index and the statistics for all of the run's studies.
-    results, skipped = segment_studies(the_lake, targets, study_uids, model, progress)
+    results, skipped = segment_studies(site_archive, study_uids, model, progress)
     if skipped:
         # The others' SEGs are committed: a rerun reuses them and fails only for these.
         # A reason, not a traceback; retrying would not change it.

@@ -4,13 +4,9 @@ indexed like any instance → per-label statistics in the `segmentations` table.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import os
-import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import highdicom as hd
@@ -18,12 +14,10 @@ import polars as pl
 import pyarrow as pa
 
 from kaapana_assets import nnunet
-from kaapana_assets.ingest import index
-from kaapana_assets.ingest.archive import ArchiveConflict, archive_relpath, write_once
-from kaapana_assets.ingest.pipeline import IngestTargets
-from kaapana_assets.ingest.seg_segments import archived_segment_rows
+from kaapana_assets.archive.service import Archive
 from kaapana_assets.ingest.volume import assemble_volume, seg_labels
-from kaapana_assets.lake.schemas import INSTANCES, SEG_SEGMENTS, SEGMENTATIONS
+from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS
 from kaapana_assets.segmentation.dicom_seg import encode_seg, model_seg, seg_instance_row, seg_uids
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.segmentation.statistics import label_statistics, overlay_png
@@ -46,7 +40,7 @@ class SegmentationResult:
     versions: dict[str, int | None] = field(default_factory=dict)
 
 
-def source_series(lake: Any, study_uid: str) -> dict[str, Any]:
+def source_series(lake: Lake, study_uid: str) -> dict[str, Any]:
     """The study's CT series to segment (pick_source_series's rule)."""
     return pick_source_series(lake.read("series", pl.col("study_uid") == study_uid), study_uid)
 
@@ -74,71 +68,29 @@ def pick_source_series(series: pl.DataFrame, study_uid: str) -> dict[str, Any]:
     ).drop("_complete", "_slices").row(0, named=True)
 
 
-def _fsync(path: Path) -> None:
-    """This file and its folder entry on stable storage (not a system-wide sync)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def archive_seg(archive: Archive, seg: hd.seg.Segmentation, data: bytes) -> dict[str, Any]:
+    """Archive a SEG we built (`data`: its encoded bytes) and return its `instances` row, from
+    the data set in memory (seg_instance_row), not from parsing the file again. The caller
+    has checked that the SOP instance is not indexed: a file at its place is a stopped run's."""
+    return archive.write(data, seg_instance_row(seg, str(seg.file_meta.TransferSyntaxUID)), replace_unindexed=True)
 
 
-def _replace_unindexed(root: Path, relpath: str, data: bytes) -> None:
-    """Atomically replace an archived SEG that no index row points at (a run that stopped
-    between archiving and indexing left it; its bytes differ, e.g. by ContentTime)."""
-    staging = root / ".staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    tmp = staging / f"{uuid.uuid4().hex}.part"
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, root / relpath)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def archive_seg(archive: Path, seg: hd.seg.Segmentation, data: bytes) -> dict[str, Any]:
-    """Archive a SEG we built (`data`: its encoded bytes), durably, and return its `instances`
-    row — from the data set in memory (seg_instance_row), not from parsing the file again.
-    The caller has checked that the SOP instance is not indexed."""
-    row = seg_instance_row(seg, str(seg.file_meta.TransferSyntaxUID))
-    relpath = archive_relpath(row["study_uid"], row["series_uid"], row["sop_instance_uid"])
-    sha256 = hashlib.sha256(data).hexdigest()
-    try:
-        write_once(archive, relpath, data, sha256)
-    except ArchiveConflict:
-        _replace_unindexed(archive, relpath, data)
-    _fsync(archive / relpath)  # durable before any row points at it
-    row.update(archive_path=relpath, sha256=sha256, size_bytes=len(data), ingested_at=dt.datetime.now(dt.timezone.utc))
-    return row
-
-
-def commit_segs(lake: Any, archive: Path, instance_rows: list[dict[str, Any]],
+def commit_segs(archive: Archive, instance_rows: list[dict[str, Any]],
                 statistics_rows: list[dict[str, Any]]) -> dict[str, int | None]:
-    """Index archived SEGs as ingest would — their segments (`seg_segments`, read from the
-    archived files as ingest reads them: an indexed SEG of ours is always recognised as ours),
-    their `instances` rows, then their studies' `series` and `studies` rows recomputed from
-    `instances` — and only then their statistics (a `segmentations` row never points at an
-    unindexed SEG). Returns the Delta versions."""
-    writes = []
+    """Index archived SEGs through the archive service, as ingest does — their segments,
+    their `instances` rows, their studies' `series` and `studies` rows — and only then their
+    statistics (a `segmentations` row never points at an unindexed SEG). Returns the Delta
+    versions."""
+    versions: dict[str, int | None] = {}
     if instance_rows:
-        now = dt.datetime.now(dt.timezone.utc)
-        segments = archived_segment_rows(archive, instance_rows, now)  # new SEGs: none recorded yet
-        if segments:
-            writes.append(lake.merge("seg_segments", index.to_table(segments, SEG_SEGMENTS.schema)))
-        writes.append(lake.merge("instances", pa.Table.from_pylist(instance_rows, schema=INSTANCES.schema)))
-        studies = sorted({r["study_uid"] for r in instance_rows})
-        instances = lake.read("instances", pl.col("study_uid").is_in(studies)).to_dicts()
-        series = index.series_rows(instances, now)
-        writes.append(lake.merge("series", index.series_table(series)))
-        writes.append(lake.merge("studies", index.studies_table(index.study_rows(instances, series, now))))
+        stored = archive.store(pa.Table.from_pylist(instance_rows, schema=INSTANCES.schema))
+        # These SEGs' segments were stored with them; the studies' other SEGs are ingest's to heal.
+        reconciled = archive.reconcile({r["study_uid"] for r in instance_rows}, heal_segments=False)
+        versions.update(stored.versions, **reconciled.versions)
     if statistics_rows:
-        writes.append(lake.merge("segmentations", pa.Table.from_pylist(statistics_rows, schema=SEGMENTATIONS.schema)))
-    return {w.table: w.version for w in writes}
+        written = archive.lake.merge("segmentations", pa.Table.from_pylist(statistics_rows, schema=SEGMENTATIONS.schema))
+        versions[written.table] = written.version
+    return versions
 
 
 @dataclass
@@ -159,7 +111,7 @@ class _RunIndex:
     statistics_versions: dict[str, int | None]
 
     @classmethod
-    def read(cls, lake: Any, study_uids: list[str], model: LoadedModel) -> _RunIndex:
+    def read(cls, lake: Lake, study_uids: list[str], model: LoadedModel) -> _RunIndex:
         series = lake.read("series", pl.col("study_uid").is_in(study_uids))
         sources: dict[str, dict[str, Any] | NothingToSegment] = {}
         for study_uid in study_uids:
@@ -179,7 +131,7 @@ class _RunIndex:
         return cls(sources, statistics, instances, versions)
 
 
-def _segment(targets: IngestTargets, study_uid: str, model: LoadedModel, run_index: _RunIndex) -> _Segmented:
+def _segment(archive: Archive, study_uid: str, model: LoadedModel, run_index: _RunIndex) -> _Segmented:
     series = run_index.sources[study_uid]
     if isinstance(series, NothingToSegment):
         raise series
@@ -194,12 +146,12 @@ def _segment(targets: IngestTargets, study_uid: str, model: LoadedModel, run_ind
     assert run_index.instances is not None  # read for every series whose SEG has no statistics
     rows = run_index.instances.filter((pl.col("series_uid") == series_uid) | (pl.col("sop_instance_uid") == seg_sop_uid))
     indexed_seg = rows.filter(pl.col("sop_instance_uid") == seg_sop_uid)
-    volume = assemble_volume([targets.archive / p for p in rows.filter(pl.col("series_uid") == series_uid)["archive_path"]])
+    volume = assemble_volume([archive.root / p for p in rows.filter(pl.col("series_uid") == series_uid)["archive_path"]])
     instance_row = None
     if indexed_seg.height:
         # Indexed, but its statistics were never written: they are read from that SEG (the
         # archived one stays the one result of this model version; no second prediction).
-        labels = seg_labels(targets.archive / indexed_seg["archive_path"][0], volume,
+        labels = seg_labels(archive.root / indexed_seg["archive_path"][0], volume,
                             {name: value for value, name in model.label_names.items() if value})
     else:
         with model.predicting:
@@ -210,7 +162,7 @@ def _segment(targets: IngestTargets, study_uid: str, model: LoadedModel, run_ind
                                        overlay_png(volume.hu, labels)))
         if not indexed_seg.height:
             seg, _ = model_seg(volume, labels, model.label_names, model.name, model.version)
-            instance_row = archive_seg(targets.archive, seg, encode_seg(seg))
+            instance_row = archive_seg(archive, seg, encode_seg(seg))
         stats, preview = summary.result()
     now = dt.datetime.now(dt.timezone.utc)
     statistics_rows = [{**s, "seg_sop_instance_uid": seg_sop_uid, "study_uid": study_uid, "series_uid": series_uid,
@@ -220,7 +172,7 @@ def _segment(targets: IngestTargets, study_uid: str, model: LoadedModel, run_ind
                                          reused=False, preview_png=preview), instance_row, statistics_rows)
 
 
-def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], model: LoadedModel,
+def segment_studies(archive: Archive, study_uids: list[str], model: LoadedModel,
                     progress: Callable[[int, int, SegmentationResult], None] | None = None,
                     ) -> tuple[list[SegmentationResult], dict[str, str]]:
     """Segment studies with one loaded model (a run's burst). Each SEG is archived as soon as
@@ -231,16 +183,16 @@ def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], mo
     done: list[_Segmented] = []
     skipped: dict[str, str] = {}
     try:
-        run_index = _RunIndex.read(lake, study_uids, model)
+        run_index = _RunIndex.read(archive.lake, study_uids, model)
         for study_uid in study_uids:
             try:
-                done.append(_segment(targets, study_uid, model, run_index))
+                done.append(_segment(archive, study_uid, model, run_index))
                 if progress:
                     progress(len(done) + len(skipped), len(study_uids), done[-1].result)
             except NothingToSegment as exc:
                 skipped[study_uid] = str(exc)
     finally:
-        versions = commit_segs(lake, targets.archive, [d.instance_row for d in done if d.instance_row is not None],
+        versions = commit_segs(archive, [d.instance_row for d in done if d.instance_row is not None],
                                [row for d in done for row in d.statistics_rows])
     for d in done:
         if not d.result.reused:
@@ -248,9 +200,9 @@ def segment_studies(lake: Any, targets: IngestTargets, study_uids: list[str], mo
     return [d.result for d in done], skipped
 
 
-def segment_study(lake: Any, targets: IngestTargets, study_uid: str, model: LoadedModel) -> SegmentationResult:
+def segment_study(archive: Archive, study_uid: str, model: LoadedModel) -> SegmentationResult:
     """One study (NothingToSegment if it has no CT volume to segment)."""
-    results, skipped = segment_studies(lake, targets, [study_uid], model)
+    results, skipped = segment_studies(archive, [study_uid], model)
     if skipped:
         raise NothingToSegment(skipped[study_uid])
     return results[0]

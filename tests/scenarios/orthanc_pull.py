@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main(workdir: Path, files: list[Path]) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    from kaapana_assets.archive.service import Archive
     from kaapana_assets.cli import main as kaapana
     from kaapana_assets.home import KaapanaHome
-    from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files
+    from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.network.dicomweb import DicomWebSource
     from tests.orthanc import Orthanc
 
@@ -28,7 +29,7 @@ def main(workdir: Path, files: list[Path]) -> None:
         home = KaapanaHome(workdir / "home")
         code = kaapana(["pull", "--url", url, "--study", *[m.study_uid for m in matches], "--home", str(home.root)])
         spooled = sorted(p for p in home.incoming.rglob("*.dcm"))
-        report = ingest_files(spooled, IngestTargets.for_home(home))
+        report = ingest_files(spooled, Archive.for_home(home))
         print(json.dumps({"pull_exit": code, "matches": [m.__dict__ for m in matches], "spooled": len(spooled),
                           "ingest": report.summary(), "studies": report.studies}))
     finally:

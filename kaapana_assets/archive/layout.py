@@ -1,5 +1,7 @@
-"""The DICOM archive (the PACS role): `<study>/<series>/<sop>.dcm`, written atomically and
-never overwritten. Every path component is a validated UID, so no file can leave the root."""
+"""The archive's layout on disk: `<study>/<series>/<sop>.dcm` in the archive, `<sha[:2]>/<sha>.dcm`
+in the quarantine, written atomically and never overwritten. Every path component is a
+validated UID or digest, so no file can leave its root. Durability is the caller's: these
+write, `Archive.store` flushes before any row names them."""
 
 from __future__ import annotations
 
@@ -123,7 +125,15 @@ def link_once(root: Path, relpath: str, source: str, sha256: str, data: bytes, i
     return write_once(root, relpath, data, sha256)
 
 
-def durable() -> None:
-    """Flush written files to stable storage before sources are deleted: one sync per
-    batch instead of an fsync per file."""
-    os.sync()
+
+def overwrite_unindexed(root: Path, relpath: str, data: bytes) -> None:
+    """Atomically replace the file at root/relpath, which no index row names (a run that
+    stopped between archiving and indexing left it), with `data`."""
+    staging = root / ".staging"
+    staging.mkdir(parents=True, exist_ok=True)
+    tmp = staging / f"{uuid.uuid4().hex}.part"
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, root / relpath)
+    finally:
+        tmp.unlink(missing_ok=True)
