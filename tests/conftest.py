@@ -14,7 +14,7 @@ os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kaapana_assets.cohorts.membership import snapshot_cohort  # noqa: E402
-from kaapana_assets.federated.keys import generate_site_key  # noqa: E402
+from kaapana_assets.federation.keys import generate_site_key  # noqa: E402
 from kaapana_assets.home import KaapanaHome  # noqa: E402
 from kaapana_assets.ingest.pipeline import IngestTargets, ingest_files  # noqa: E402
 from kaapana_assets.lake import Lake  # noqa: E402
