@@ -1,4 +1,5 @@
-"""The Flower processes of a federation and the credentials they need.
+"""The Flower processes of a federation: their command lines, and the registration of a
+site's SuperNode key at the SuperLink.
 
 Hub: one SuperLink (Fleet, Control and runtime APIs on one HTTPS port; TLS with the hub's
 certificate; SuperNode authentication on; runtime dependency installation off).
@@ -8,98 +9,34 @@ SuperExec (`kaapana-superexec`, warm_superexec.py) starts a ClientApp process pe
 message. A site opens no port to the outside (the SuperNode's runtime API, for its own
 SuperExec and ClientApps, listens on 127.0.0.1 only).
 
-`LocalFederation` starts a SuperLink and, per site, a SuperNode and its SuperExec as
-subprocesses on loopback: the demo and the tests, the same processes and flags as in
-production.
+The credentials are made by credentials.py; local.py starts these processes on loopback
+(the demo and the tests, the same processes and flags as in production).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
-import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from kaapana_assets.federated.runs import CONNECTION, Connection
+from kaapana_assets.federation.runs import CONNECTION, Connection
 
 # Message TTL and the wait for a phase's replies: a full nnU-Net round runs for hours.
 DEFAULT_TTL_S = 24 * 3600.0
 DEFAULT_ROUND_TIMEOUT_S = 12 * 3600.0
 
 
-def _bin(name: str) -> str:
+def flower_bin(name: str) -> str:
+    """A command installed beside this interpreter (Flower's, and kaapana-superexec)."""
     return str(Path(sys.executable).with_name(name))
-
-
-# -- credentials --------------------------------------------------------------------------------
-
-def create_hub_certificates(folder: Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
-    """A CA and the SuperLink's certificate for `hosts` (DNS names or IP addresses). Sites
-    get ca.pem (to verify the hub); server.key never leaves the hub."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kaapana federation hub CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    key = ec.generate_private_key(ec.SECP384R1())
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": folder / "ca.pem", "certificate": folder / "server.pem", "key": folder / "server.key"}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["certificate"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    paths["key"].chmod(0o600)
-    return paths
-
-
-def create_node_keys(folder: Path, site: str) -> tuple[Path, Path]:
-    """The site's SuperNode key pair (EC P-384, OpenSSH format): the private key stays at
-    the site; the public key is registered at the hub."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = folder / f"{site}.key", folder / f"{site}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    private.chmod(0o600)
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
-    return private, public
 
 
 # -- command lines ------------------------------------------------------------------------------
 
 def superlink_command(certificates: Mapping[str, Path], host: str, port: int, database: Path) -> list[str]:
-    return [_bin("flower-superlink"), "--ssl-ca-certfile", str(certificates["ca"]),
+    return [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(certificates["ca"]),
             "--ssl-certfile", str(certificates["certificate"]), "--ssl-keyfile", str(certificates["key"]),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
             "--host", host, "--port", str(port), "--database", str(database)]
@@ -110,16 +47,16 @@ def supernode_command(superlink: str, root_certificate: Path, private_key: Path,
     """The site's SuperNode. `--isolation process`: its ClientApps are started by the
     site's `kaapana-superexec` (superexec_command), not by a SuperExec of Flower's own."""
     node_config = f'kaapana-home="{home}" site="{site}" device="{device}" threads={threads}'
-    return [_bin("flower-supernode"), "--superlink", superlink, "--root-certificates", str(root_certificate),
+    return [flower_bin("flower-supernode"), "--superlink", superlink, "--root-certificates", str(root_certificate),
             "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
             "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
 
 
 def superexec_command(runtime_port: int = 9094, parent_pid: int | None = None) -> list[str]:
     """The site's SuperExec beside its SuperNode: Flower's, with ClientApps forked from a
-    process that has the site's stack imported (federated/warm_superexec.py). It talks to
+    process that has the site's stack imported (federation/warm_superexec.py). It talks to
     the SuperNode's runtime API on loopback only, as Flower's own would."""
-    return [_bin("kaapana-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
+    return [flower_bin("kaapana-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
             *(["--parent-pid", str(parent_pid)] if parent_pid is not None else [])]
 
 
@@ -127,198 +64,9 @@ def register_node(connection: Connection, public_key: Path) -> str:
     """Register a site's public key at the SuperLink (`flwr supernode register`); returns
     Flower's answer. Only registered keys may connect."""
     connection.write_config()
-    out = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), CONNECTION],
+    out = subprocess.run([flower_bin("flwr"), "supernode", "register", str(public_key), CONNECTION],
                          capture_output=True, text=True, env={**os.environ, "FLWR_HOME": str(connection.flwr_home)},
                          timeout=120)
     if out.returncode != 0 or "registered successfully" not in out.stdout:
         raise RuntimeError(f"could not register {public_key.name}: {(out.stdout + out.stderr).strip()[-500:]}")
     return out.stdout.strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(host: str, port: int, timeout_s: float = 60.0, process: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before listening")
-        try:
-            with socket.create_connection((host, port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
-
-
-def descendants(pid: int) -> list[int]:
-    """Child processes, recursively (Linux /proc). Flower starts its SuperExec and app
-    processes in sessions of their own, so the process group alone does not reach them."""
-    found: list[int] = []
-    queue = [pid]
-    while queue:
-        current = queue.pop()
-        for task in Path(f"/proc/{current}/task").glob("*/children"):
-            try:
-                children = [int(c) for c in task.read_text().split()]
-            except OSError:
-                continue
-            found.extend(children)
-            queue.extend(children)
-    return found
-
-
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def stop(process: subprocess.Popen, grace_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> None:
-    """End a process we started and every process it started, by process group and PID
-    (never by name). SIGTERM lets a SuperNode or SuperLink deactivate itself first."""
-    children = descendants(process.pid)
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace_s
-    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    _signal_all([pid for pid in children if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
-
-
-# -- a whole federation on this machine ------------------------------------------------------------
-
-@dataclass
-class LocalSite:
-    name: str
-    home: Path
-    key: str  # the site's signing key (base64)
-    device: str = "cpu"
-    threads: int = 2
-
-
-@dataclass
-class LocalFederation:
-    """A SuperLink and one SuperNode per site, as process groups of this process."""
-
-    folder: Path  # the hub's flower folder: certificates, keys, state, logs
-    sites: list[LocalSite]
-    port: int = 0
-    connection: Connection = field(init=False)
-    superlink: subprocess.Popen | None = None
-    supernodes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    superexecs: dict[str, subprocess.Popen] = field(default_factory=dict)  # each site's kaapana-superexec
-
-    def __post_init__(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port()
-        certificates = self.folder / "certificates"
-        if not (certificates / "server.pem").exists():
-            create_hub_certificates(certificates, ["localhost", "127.0.0.1"])
-        self.certificates = {"ca": certificates / "ca.pem", "certificate": certificates / "server.pem",
-                             "key": certificates / "server.key"}
-        self.connection = Connection(f"127.0.0.1:{self.port}", self.certificates["ca"], self.folder / "flwr-hub")
-        (self.folder / "logs").mkdir(exist_ok=True)
-
-    def _spawn(self, command: list[str], log_name: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.folder / "logs" / log_name, "ab")  # noqa: SIM115 - owned by the process
-        # Flower starts flower-superexec and the app processes by name: our interpreter's bin first.
-        base = dict(os.environ)  # passed on, not read: the children inherit this process's environment
-        base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
-        base["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**base, **(env or {})},
-                                start_new_session=True)
-
-    def node_keys(self, site: str) -> tuple[Path, Path]:
-        private = self.folder / "node-keys" / f"{site}.key"
-        return (private, private.with_suffix(".pub")) if private.exists() else create_node_keys(private.parent, site)
-
-    def start_superlink(self) -> None:
-        # Local mode starts a fresh SuperLink each time: its state (registered keys, runs) with it.
-        (self.folder / "superlink.db").unlink(missing_ok=True)
-        self.superlink = self._spawn(superlink_command(self.certificates, "127.0.0.1", self.port,
-                                                       self.folder / "superlink.db"), "superlink.log",
-                                     {"FLWR_HOME": str(self.folder / "flwr-superlink")})
-        wait_for_port("127.0.0.1", self.port, process=self.superlink)
-
-    def register(self, site: str) -> None:
-        register_node(self.connection, self.node_keys(site)[1])
-
-    def start_site(self, site: LocalSite, private_key: Path | None = None) -> subprocess.Popen:
-        """The site's SuperNode, then its SuperExec once the SuperNode's runtime API listens."""
-        runtime_port = free_port()
-        command = supernode_command(self.connection.address, self.certificates["ca"],
-                                    private_key or self.node_keys(site.name)[0], site.name, site.home,
-                                    runtime_port, site.device, site.threads)
-        flwr_home = {"FLWR_HOME": str(site.home / "flwr")}
-        process = self._spawn(command, f"supernode-{site.name}.log", flwr_home)
-        self.supernodes[site.name] = process
-        try:
-            wait_for_port("127.0.0.1", runtime_port, process=process)
-        except (RuntimeError, TimeoutError):
-            return process  # e.g. a refused key: the SuperNode exited; the caller looks at it
-        # Only the SuperExec (its ClientApps sign replies) gets the site's signing key.
-        self.superexecs[site.name] = self._spawn(superexec_command(runtime_port, process.pid),
-                                                 f"supernode-{site.name}.log", {**flwr_home, "KAAPANA_SITE_KEY": site.key})
-        return process
-
-    def site_pids(self, name: str) -> list[int]:
-        """Every process of a site: SuperNode, SuperExec and their ClientApps."""
-        roots = [p.pid for p in (self.supernodes.get(name), self.superexecs.get(name)) if p is not None]
-        return [pid for root in roots for pid in (root, *descendants(root))]
-
-    def stop_site(self, name: str) -> None:
-        for processes in (self.superexecs, self.supernodes):
-            process = processes.pop(name, None)
-            if process is not None:
-                stop(process)
-
-    def wait_connected(self, count: int, timeout_s: float = 60.0) -> None:
-        """Until `count` SuperNodes are online (`flwr supernode ls`)."""
-        deadline = time.monotonic() + timeout_s
-        online = 0
-        while time.monotonic() < deadline:
-            out = subprocess.run([_bin("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
-                                 capture_output=True, text=True, timeout=60,
-                                 env={**os.environ, "FLWR_HOME": str(self.connection.flwr_home)})
-            try:
-                nodes = json.loads(out.stdout).get("nodes", [])
-                online = sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
-            except ValueError:
-                online = 0
-            if online >= count:
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"{online} of {count} SuperNodes online after {timeout_s:.0f} s; see {self.folder / 'logs'}")
-
-    def start(self) -> LocalFederation:
-        try:
-            self.connection.write_config()
-            self.start_superlink()
-            for site in self.sites:
-                self.register(site.name)
-                self.start_site(site)
-            self.wait_connected(len(self.sites))
-        except BaseException:
-            self.close()  # nothing we started outlives a failed start
-            raise
-        return self
-
-    def close(self) -> None:
-        for name in list(self.supernodes):
-            self.stop_site(name)
-        if self.superlink is not None:
-            stop(self.superlink)
-            self.superlink = None

@@ -1,0 +1,215 @@
+"""A whole federation on this machine, for the demo and the tests: a
+SuperLink and, per site, a SuperNode and its SuperExec as process groups of this process on
+loopback, with the same commands and flags as in production (superlink.py), and the
+process utilities that start and end them (by process group and PID, never by name).
+Production code never imports this module."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kaapana_assets.federation.credentials import create_hub_certificates, create_node_keys
+from kaapana_assets.federation.runs import CONNECTION, Connection
+from kaapana_assets.federation.superlink import (
+    flower_bin,
+    register_node,
+    superexec_command,
+    superlink_command,
+    supernode_command,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(host: str, port: int, timeout_s: float = 60.0, process: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f} s")
+
+
+def descendants(pid: int) -> list[int]:
+    """Child processes, recursively (Linux /proc). Flower starts its SuperExec and app
+    processes in sessions of their own, so the process group alone does not reach them."""
+    found: list[int] = []
+    queue = [pid]
+    while queue:
+        current = queue.pop()
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            try:
+                children = [int(c) for c in task.read_text().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            queue.extend(children)
+    return found
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def stop(process: subprocess.Popen, grace_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> None:
+    """End a process we started and every process it started, by process group and PID
+    (never by name). SIGTERM lets a SuperNode or SuperLink deactivate itself first."""
+    children = descendants(process.pid)
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace_s
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_all([pid for pid in children if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
+
+
+@dataclass
+class LocalSite:
+    name: str
+    home: Path
+    key: str  # the site's signing key (base64)
+    device: str = "cpu"
+    threads: int = 2
+
+
+@dataclass
+class LocalFederation:
+    """A SuperLink and one SuperNode per site, as process groups of this process."""
+
+    folder: Path  # the hub's flower folder: certificates, keys, state, logs
+    sites: list[LocalSite]
+    port: int = 0
+    connection: Connection = field(init=False)
+    superlink: subprocess.Popen | None = None
+    supernodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    superexecs: dict[str, subprocess.Popen] = field(default_factory=dict)  # each site's kaapana-superexec
+
+    def __post_init__(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        certificates = self.folder / "certificates"
+        if not (certificates / "server.pem").exists():
+            create_hub_certificates(certificates, ["localhost", "127.0.0.1"])
+        self.certificates = {"ca": certificates / "ca.pem", "certificate": certificates / "server.pem",
+                             "key": certificates / "server.key"}
+        self.connection = Connection(f"127.0.0.1:{self.port}", self.certificates["ca"], self.folder / "flwr-hub")
+        (self.folder / "logs").mkdir(exist_ok=True)
+
+    def _spawn(self, command: list[str], log_name: str, env: Mapping[str, str] | None = None) -> subprocess.Popen:
+        log = open(self.folder / "logs" / log_name, "ab")  # noqa: SIM115 - owned by the process
+        # Flower starts flower-superexec and the app processes by name: our interpreter's bin first.
+        base = dict(os.environ)  # passed on, not read: the children inherit this process's environment
+        base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
+        base["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**base, **(env or {})},
+                                start_new_session=True)
+
+    def node_keys(self, site: str) -> tuple[Path, Path]:
+        private = self.folder / "node-keys" / f"{site}.key"
+        return (private, private.with_suffix(".pub")) if private.exists() else create_node_keys(private.parent, site)
+
+    def start_superlink(self) -> None:
+        # Local mode starts a fresh SuperLink each time: its state (registered keys, runs) with it.
+        (self.folder / "superlink.db").unlink(missing_ok=True)
+        self.superlink = self._spawn(superlink_command(self.certificates, "127.0.0.1", self.port,
+                                                       self.folder / "superlink.db"), "superlink.log",
+                                     {"FLWR_HOME": str(self.folder / "flwr-superlink")})
+        wait_for_port("127.0.0.1", self.port, process=self.superlink)
+
+    def register(self, site: str) -> None:
+        register_node(self.connection, self.node_keys(site)[1])
+
+    def start_site(self, site: LocalSite, private_key: Path | None = None) -> subprocess.Popen:
+        """The site's SuperNode, then its SuperExec once the SuperNode's runtime API listens."""
+        runtime_port = free_port()
+        command = supernode_command(self.connection.address, self.certificates["ca"],
+                                    private_key or self.node_keys(site.name)[0], site.name, site.home,
+                                    runtime_port, site.device, site.threads)
+        flwr_home = {"FLWR_HOME": str(site.home / "flwr")}
+        process = self._spawn(command, f"supernode-{site.name}.log", flwr_home)
+        self.supernodes[site.name] = process
+        try:
+            wait_for_port("127.0.0.1", runtime_port, process=process)
+        except (RuntimeError, TimeoutError):
+            return process  # e.g. a refused key: the SuperNode exited; the caller looks at it
+        # Only the SuperExec (its ClientApps sign replies) gets the site's signing key.
+        self.superexecs[site.name] = self._spawn(superexec_command(runtime_port, process.pid),
+                                                 f"supernode-{site.name}.log", {**flwr_home, "KAAPANA_SITE_KEY": site.key})
+        return process
+
+    def site_pids(self, name: str) -> list[int]:
+        """Every process of a site: SuperNode, SuperExec and their ClientApps."""
+        roots = [p.pid for p in (self.supernodes.get(name), self.superexecs.get(name)) if p is not None]
+        return [pid for root in roots for pid in (root, *descendants(root))]
+
+    def stop_site(self, name: str) -> None:
+        for processes in (self.superexecs, self.supernodes):
+            process = processes.pop(name, None)
+            if process is not None:
+                stop(process)
+
+    def wait_connected(self, count: int, timeout_s: float = 60.0) -> None:
+        """Until `count` SuperNodes are online (`flwr supernode ls`)."""
+        deadline = time.monotonic() + timeout_s
+        online = 0
+        while time.monotonic() < deadline:
+            out = subprocess.run([flower_bin("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
+                                 capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "FLWR_HOME": str(self.connection.flwr_home)})
+            try:
+                nodes = json.loads(out.stdout).get("nodes", [])
+                online = sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+            except ValueError:
+                online = 0
+            if online >= count:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"{online} of {count} SuperNodes online after {timeout_s:.0f} s; see {self.folder / 'logs'}")
+
+    def start(self) -> LocalFederation:
+        try:
+            self.connection.write_config()
+            self.start_superlink()
+            for site in self.sites:
+                self.register(site.name)
+                self.start_site(site)
+            self.wait_connected(len(self.sites))
+        except BaseException:
+            self.close()  # nothing we started outlives a failed start
+            raise
+        return self
+
+    def close(self) -> None:
+        for name in list(self.supernodes):
+            self.stop_site(name)
+        if self.superlink is not None:
+            stop(self.superlink)
+            self.superlink = None
