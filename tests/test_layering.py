@@ -1,9 +1,9 @@
 """Which part of the code may import which, checked over the syntax tree of every module
 (imports inside functions included). The domain packages stand in layers: a package imports
-only packages of lower layers. The Dagster layer (each domain's `assets.py`,
-`metadata_table`, `resources/`, `sensors/`, `definitions.py`) stands on the domains, and the
-tops of processes (the CLI, the demo, Flower's apps) on everything. docs/architecture.md
-draws the same table."""
+only packages of lower layers. The wiring stands on the domains: for Dagster each domain's
+`assets.py`, `metadata_table`, `resources/`, `sensors/` and `definitions.py`; for Flower each
+domain's `steps.py` (the federation steps it registers). The tops of processes (the CLI, the
+demo, Flower's apps) stand on everything. docs/architecture.md draws the same table."""
 
 from __future__ import annotations
 
@@ -18,37 +18,38 @@ OURS = ("kaapana_assets", "resources", "sensors", "definitions")
 LAYERS: list[set[str]] = [
     {"kaapana_assets", "environment", "files", "progress", "dicom"},
     {"home", "lake", "preload"},
-    {"archive", "nnunet"},
+    {"archive", "nnunet", "federation"},
     {"ingest", "extensions"},
     {"cohorts", "network"},
     {"training"},
     {"segmentation"},
-    {"synthetic", "evaluation", "lineage", "federation"},
+    {"synthetic", "evaluation", "lineage"},
     {"federated", "monitoring"},
     {"client"},
 ]
 DAGSTER = {"metadata_table", "resources", "sensors", "definitions"}  # and every domain's `assets`
+WIRING = ("assets", "steps")  # a domain's Dagster assets; its federation steps (Flower's apps import them)
 # The top of a process: its entry point reads the environment and may import anything.
-TOPS = ("kaapana_assets.cli", "kaapana_assets.demo", "kaapana_assets.demo_driver")
+TOPS = ("kaapana_assets.cli", "kaapana_assets.demo", "kaapana_assets.demo_driver", "kaapana_assets.flower_apps")
 
 LAYER_OF = {unit: number for number, units in enumerate(LAYERS) for unit in units}
 
 
 def unit_of(module: str) -> str:
-    """`kaapana_assets.ingest.pipeline` → `ingest`; `kaapana_assets.ingest.assets` → `ingest.assets`;
-    `resources.storage` → `resources`."""
+    """`kaapana_assets.ingest.pipeline` → `ingest`; `kaapana_assets.ingest.assets` → `ingest.assets`
+    (likewise `steps`); `resources.storage` → `resources`."""
     parts = module.split(".")
     if parts[0] != "kaapana_assets":
         return parts[0]
     if len(parts) == 1:
         return "kaapana_assets"
-    if len(parts) >= 3 and parts[2] == "assets":
-        return f"{parts[1]}.assets"
+    if len(parts) >= 3 and parts[2] in WIRING:
+        return f"{parts[1]}.{parts[2]}"
     return parts[1]
 
 
 def may_import(importer: str, imported: str) -> bool:
-    if importer in DAGSTER or importer.endswith(".assets"):
+    if importer in DAGSTER or importer.endswith((".assets", ".steps")):
         if importer == "resources":  # resources hand domain code to assets: they know no asset
             return imported in LAYER_OF
         if importer == "definitions":
@@ -114,7 +115,7 @@ def test_every_import_follows_the_table() -> None:
 def test_the_table_names_every_package() -> None:
     """A new package gets its layer when it is added: nothing under kaapana_assets/ is unplaced."""
     units = {unit_of(_module_name(p)[0]) for p in ROOT.glob("kaapana_assets/**/*.py")}
-    placed = set(LAYER_OF) | DAGSTER | {u for u in units if u.endswith(".assets")}
+    placed = set(LAYER_OF) | DAGSTER | {u for u in units if u.endswith((".assets", ".steps"))}
     assert sorted(u for u in units - placed if not f"kaapana_assets.{u}".startswith(TOPS)) == []
 
 
@@ -126,3 +127,4 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path: Path) ->
     assert kinds == ["ImportFrom", "ImportFrom"]
     assert not may_import("lake", "client") and may_import("client", "lake")
     assert not may_import("resources", "ingest.assets") and may_import("sensors", "ingest.assets")
+    assert not may_import("federated", "monitoring.steps") and may_import("federated.steps", "federated.assets")
