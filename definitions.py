@@ -6,6 +6,7 @@ it when they import); the resources are built here from that same reading."""
 import dagster as dg
 
 from kaapana_assets.cohorts import assets as cohorts
+from kaapana_assets.environment import Environment
 from kaapana_assets.evaluation import assets as evaluation
 from kaapana_assets.extensions import assets as extensions
 from kaapana_assets.federated import assets as federated
@@ -23,18 +24,25 @@ from sensors.incoming import incoming_studies
 from sensors.model_promotion import model_promotion
 from sensors.segmentation_automation import segmentation_automation
 
-defs = dg.Definitions.merge(
-    ingest.defs,
-    cohorts.defs,
-    training.defs,
-    segmentation.defs,
-    network.defs,
-    federated.defs,
-    extensions.defs,
-    evaluation.defs,
-    lake.defs,
-    monitoring.defs,
-    dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion, segmentation_automation,
-                            federated_round_chain],
-                   resources=build_resources(ENVIRONMENT)),
-)
+
+def definitions_for(environment: Environment) -> dg.Definitions:
+    """The code location with resources built for `environment` (a process top that sets its
+    own environment, such as `kaapana demo`, passes the one it read)."""
+    return dg.Definitions.merge(
+        ingest.defs,
+        cohorts.defs,
+        training.defs,
+        segmentation.defs,
+        network.defs,
+        federated.defs,
+        extensions.defs,
+        evaluation.defs,
+        lake.defs,
+        monitoring.defs,
+        dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion, segmentation_automation,
+                                federated_round_chain],
+                       resources=build_resources(environment)),
+    )
+
+
+defs = definitions_for(ENVIRONMENT)

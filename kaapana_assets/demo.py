@@ -43,7 +43,6 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from kaapana_assets.synthetic import generate_site, get_profile
-from resources.build import build_resources
 from resources.federation import FederationResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource
@@ -113,11 +112,11 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
     console.rule("[bold]kaapana_assets demo")
     console.print(f"KAAPANA_HOME = {home.root}  (the hub, and {sites[0]}'s own platform)\n"
                   f"DAGSTER_HOME = {os.environ['DAGSTER_HOME']}")
-    defs = definitions.defs
+    # The code location with resources for the environment read above: the definitions'
+    # load-time resources are those of whatever environment imported them first.
+    defs = definitions.definitions_for(environment)
     instance = dg.DagsterInstance.get()
-    # Built from the environment read above (the demo may have set KAAPANA_HOME after the
-    # code location was imported), not taken from the definitions' load-time resources.
-    resources: dict[str, Any] = dict(build_resources(environment))
+    resources: dict[str, Any] = dict(defs.resources or {})
     failed = 0
     grid = grid or DEMO_GRID
 
