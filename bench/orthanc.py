@@ -1,4 +1,4 @@
-"""A real Orthanc (Debian's orthanc + orthanc-dicomweb) for tests and benchmarks.
+"""A real Orthanc (Debian's orthanc + orthanc-dicomweb) for benchmarks and the test suite.
 
 Orthanc 1.10 listens on every interface and has no bind option, so callers run it inside
 their own network namespace (`unshare -n`, as root): only that namespace's loopback exists.

@@ -4,7 +4,7 @@ has its own KAAPANA_HOME and its own Dagster instance and shares no folder with 
 the hub's assets start one Flower run per plan and per round. Learning over three rounds is
 checked on the demo's federation (built once per test run); faults on this module's own: a
 site that goes away mid-round (quorum, clean failure, retry), an unregistered SuperNode, a
-superseded round. Tampered and replayed messages: tests/test_federated_channel.py."""
+superseded round. Tampered and replayed messages: tests/federated/test_federated_channel.py."""
 
 from __future__ import annotations
 
@@ -39,11 +39,8 @@ pytestmark = [pytest.mark.timeout(1800), pytest.mark.slow]  # slow tier: trains 
 @pytest.fixture(scope="module")
 def flower(federation: Federation) -> Iterator[LocalFederation]:
     """The SuperLink and three SuperNodes, for this module."""
-    network = LocalFederation(federation.root / "hub" / "flower", federation.local_sites())
-    try:
-        yield network.start()
-    finally:
-        network.close()
+    with federation.network("flower") as network:
+        yield network
 
 
 def _materialize(assets: list, partition: str, instance: dg.DagsterInstance, resources: dict,

@@ -54,14 +54,7 @@ def _update(site: str = "site-a", round_: int = 2, value: float = 1.0, cases: in
     return seal(content, Kind.UPDATE, "exp1", round_, site, cases, KEYS[site])
 
 
-@pytest.fixture(autouse=True)
-def _flower_run() -> None:
-    """Flower builds a Message only inside a run (it stamps run and node ids); here, run 1 on node 1."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1  # type: ignore[misc]
-    TaskIdentity.node_id = 1  # type: ignore[misc]
-    TaskIdentity.task_id = 1  # type: ignore[misc]
+pytestmark = pytest.mark.usefixtures("flower_run")  # every test here builds Messages
 
 
 def _reply(content: RecordDict) -> Message:

@@ -15,8 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from kaapana_assets.cli import main
+from tests.helpers import REPO
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = REPO / "deploy"
 
 
 def test_key_prints_32_bytes_of_base64(capsys: pytest.CaptureFixture) -> None:

@@ -18,8 +18,7 @@ from dagster._core.instance.ref import InstanceRef
 
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.training.tracking import Tracking
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def _bench() -> ModuleType:

@@ -8,7 +8,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-NOTEBOOK = Path(__file__).parents[1] / "notebooks" / "explore_cohort.ipynb"
+from tests.helpers import REPO
+
+NOTEBOOK = REPO / "notebooks" / "explore_cohort.ipynb"
 
 
 @pytest.mark.slow  # the session's demo and evaluation

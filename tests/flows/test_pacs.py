@@ -10,7 +10,6 @@ Orthanc listens on every interface, so the exchange runs inside a private networ
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -20,23 +19,17 @@ import polars as pl
 import pydicom
 import pytest
 
-from tests import orthanc
+from bench import orthanc
+from tests.helpers import REPO, can_unshare
 from tests.tools import dciodvfy_errors
 
 # slow tier (`make test-all`): a real Orthanc and the receiver
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ("uncompressed", "jpeg_lossless_sv1", "jpeg2000_lossless")
 
 
-def _can_unshare() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
+@pytest.mark.skipif(not can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
 @pytest.mark.tools("gdcmconv", "dcmcjpeg", *orthanc.TOOLS)
 def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus: dict, trained_site) -> None:  # type: ignore[no-untyped-def]
     import dagster as dg
@@ -47,7 +40,7 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     from kaapana_assets.lake import Lake
     from kaapana_assets.segmentation.assets import segmentations
     from kaapana_assets.synthetic.transcode import transcode
-    from tests.test_network import _dataset_bytes
+    from tests.network.test_network import _dataset_bytes
 
     site_a = corpus["site-a"]  # unsigned pixels: every lossless codec takes them
     studies: dict[str, list[Path]] = {"uncompressed": site_a[0].files}  # CT slices and their SEG
@@ -56,8 +49,8 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     manifest = tmp_path / "manifest.json"
     manifest.write_text(json.dumps({name: [str(f) for f in files] for name, files in studies.items()}))
 
-    out = subprocess.run(["unshare", "-n", sys.executable, "-m", "tests.test_pacs", str(tmp_path), str(manifest)],
-                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    out = subprocess.run(["unshare", "-n", sys.executable, "-m", "tests.flows.test_pacs", str(tmp_path), str(manifest)],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -121,10 +114,10 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
 def _in_namespace(workdir: Path, manifest: Path) -> None:
     """Inside `unshare -n`: Orthanc and `kaapana receive` on the namespace's own loopback;
     upload each study over REST, then let Orthanc push it. Prints the outcome as JSON."""
-    sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(REPO))
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    from tests.orthanc import Orthanc
-    from tests.test_network import Receiver
+    from bench.orthanc import Orthanc
+    from tests.network.test_network import Receiver
 
     studies = {name: [Path(f) for f in files] for name, files in json.loads(manifest.read_text()).items()}
     receiver = Receiver(workdir / "home")

@@ -20,9 +20,10 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from tests.dagster_site import SiteWebserver
+from tests.helpers import REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("KAAPANA_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("KAAPANA_TEST_ARTIFACTS", REPO / "test-artifacts"))
 # Headless, loopback only, nothing phoning home.
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",

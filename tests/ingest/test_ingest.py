@@ -16,7 +16,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.ingest.pipeline import ingest_files
 from tests.helpers import dicom_files
-from tests.test_headers import pydicom_files
+from tests.ingest.test_headers import pydicom_files
 
 
 def test_rows_match_files_and_reingest_adds_nothing(targets: Archive, spool_copy: Path, corpus: dict) -> None:

@@ -131,14 +131,6 @@ def test_the_hub_refuses_small_cells_in_the_clear(tmp_path: Path) -> None:
             parse_answer(bad, "site-x", 5)
 
 
-@pytest.fixture
-def _flower_run() -> None:
-    """Flower builds a Message only inside a run (it stamps run and node ids)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1  # type: ignore[misc]
-    TaskIdentity.node_id = 1  # type: ignore[misc]
-    TaskIdentity.task_id = 1  # type: ignore[misc]
 
 
 def _request(key: str, threshold: object, kind: Kind = Kind.STATISTICS_REQUEST, round_: int = 42) -> Message:
@@ -146,7 +138,7 @@ def _request(key: str, threshold: object, kind: Kind = Kind.STATISTICS_REQUEST, 
     return Message(seal(content, kind, EXPERIMENT, round_, "site-x", 0, key), 1, "query")
 
 
-def test_the_site_handler_suppresses_signs_and_keeps_its_floor(tmp_path: Path, _flower_run: None) -> None:
+def test_the_site_handler_suppresses_signs_and_keeps_its_floor(tmp_path: Path, flower_run: None) -> None:
     from kaapana_assets.federated.clientapp import SiteSettings, statistics
 
     make_site_lake(tmp_path / "home" / "lake")
@@ -218,11 +210,8 @@ class Hub:
 
 @pytest.fixture(scope="module")
 def flower(federation: Federation) -> Iterator[LocalFederation]:
-    network = LocalFederation(federation.root / "hub" / "flower-statistics", federation.local_sites())
-    try:
-        yield network.start()
-    finally:
-        network.close()
+    with federation.network("flower-statistics") as network:
+        yield network
 
 
 @pytest.fixture(scope="module")

@@ -29,11 +29,10 @@ from kaapana_assets.monitoring.figures import site_answer
 from kaapana_assets.monitoring.metrics import EXPORTED
 from kaapana_assets.monitoring.network import Collection, SiteOutcome, collect
 from tests import prometheus
-from tests.helpers import SITES, Federation
+from tests.helpers import REPO, SITES, Federation
 
-ROOT = Path(__file__).resolve().parents[1]
-DASHBOARD = ROOT / "deploy" / "grafana-network.json"
-SCRAPE_CONFIG = ROOT / "deploy" / "prometheus.yml"
+DASHBOARD = REPO / "deploy" / "grafana-network.json"
+SCRAPE_CONFIG = REPO / "deploy" / "prometheus.yml"
 UTC = dt.timezone.utc
 
 # The classic Grafana dashboard model (what "Import dashboard" and file provisioning load):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,12 +20,13 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from bench import orthanc
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.spool import plan_spool, scan_spool, wait_until_quiet
 from kaapana_assets.lake import Lake
-from tests import orthanc
+from tests.helpers import REPO, can_unshare, free_port
 from tests.tools import dciodvfy_errors
 
 # slow tier (`make test-all`): receiver, storescp and Orthanc processes; the encoders and the
@@ -34,12 +34,6 @@ from tests.tools import dciodvfy_errors
 slow = pytest.mark.slow
 
 needs_dcmtk = pytest.mark.tools("storescu", "storescp")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Receiver:
@@ -333,21 +327,15 @@ def test_send_retries_then_records_failure(tmp_path: Path, corpus: dict) -> None
     assert lake.read("sent").filter(pl.col("status") == "failed").height == 2
 
 
-def _can_unshare() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
-
-
 @slow
-@pytest.mark.skipif(not _can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
+@pytest.mark.skipif(not can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
 @pytest.mark.tools(*orthanc.TOOLS)
 def test_pull_from_orthanc_via_dicomweb(tmp_path: Path, corpus: dict) -> None:
 
     study = corpus["site-a"][1]
     out = subprocess.run(
         ["unshare", "-n", sys.executable, "-m", "tests.scenarios.orthanc_pull", str(tmp_path), *map(str, study.ct_files)],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -10,7 +10,6 @@ import importlib.metadata
 import re
 import socket
 import tomllib
-from pathlib import Path
 
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -18,8 +17,8 @@ from pynetdicom.transport import AssociationSocket
 
 from kaapana_assets.network import pynetdicom_internals
 from kaapana_assets.network.pynetdicom_internals import PYNETDICOM_VERSION, RELIES_ON
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 RECHECK = (
     "kaapana_assets/network/pynetdicom_internals.py was copied from pynetdicom {copied}: re-read "
     "Association._run_reactor, DULServiceProvider (run_reactor, _process_recv_primitive, kill_dul, stop_dul, its "
@@ -31,7 +30,7 @@ RECHECK = (
 
 
 def _pinned() -> str:
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     pins = [d for d in dependencies if re.match(r"pynetdicom\b", d)]
     assert len(pins) == 1 and pins[0].startswith("pynetdicom=="), (
         f"pyproject.toml must pin pynetdicom exactly (pynetdicom=={PYNETDICOM_VERSION}), not {pins}: "

@@ -25,7 +25,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.test_network import Receiver, _dataset_bytes, needs_dcmtk, storescu
+from tests.network.test_network import Receiver, _dataset_bytes, needs_dcmtk, storescu
 
 # slow tier (`make test-all`): receiver processes under abuse
 pytestmark = pytest.mark.slow

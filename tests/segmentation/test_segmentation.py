@@ -331,7 +331,7 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     assert liver["voxel_count"] == int((truth == 1).sum())
     # Valid for dciodvfy, and dcmqi (3D Slicer's reader) reads the same labels as ours.
     assert dciodvfy_errors(seg_file) == []
-    from tests.test_dcmqi import dcmqi_labels, segimage2itkimage
+    from tests.segmentation.test_dcmqi import dcmqi_labels, segimage2itkimage
 
     try:
         binary = segimage2itkimage()

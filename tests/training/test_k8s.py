@@ -14,8 +14,9 @@ from dagster_k8s.job import get_user_defined_k8s_config
 from kaapana_assets.federated.assets import site_update
 from kaapana_assets.segmentation.assets import segmentations
 from kaapana_assets.training.assets import trained_model
+from tests.helpers import REPO
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+DEPLOY = REPO / "deploy"
 GPU_ASSETS = [trained_model, segmentations, site_update]
 
 
