@@ -68,11 +68,11 @@ def main() -> int:
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
     from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
-    from kaapana_assets.federated.keys import generate_site_key
     from kaapana_assets.federated.partitions import round_key
-    from kaapana_assets.federated.sites import SiteEntry, write_sites
-    from kaapana_assets.federated.store import FederationStore
-    from kaapana_assets.federated.superlink import LocalFederation, LocalSite
+    from kaapana_assets.federation.keys import generate_site_key
+    from kaapana_assets.federation.local import LocalFederation, LocalSite
+    from kaapana_assets.federation.sites import SiteEntry, write_sites
+    from kaapana_assets.federation.store import FederationStore
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.ingest.volume import assemble_volume, seg_labels

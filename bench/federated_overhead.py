@@ -92,7 +92,7 @@ def own_cpu() -> float:
 def tree_cpu(roots: list[int]) -> float:
     """CPU seconds of process trees (Linux /proc): each live or zombie process's own time
     plus that of the children it has reaped, so nothing counts twice."""
-    from kaapana_assets.federated.superlink import descendants
+    from kaapana_assets.federation.local import descendants
 
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
@@ -107,7 +107,7 @@ def tree_cpu(roots: list[int]) -> float:
 
 def _site_context(site: str, home: Path, device: str, threads: int, log: Callable[[str], None]) -> Any:
     from kaapana_assets.federated.site import SiteContext
-    from kaapana_assets.federated.store import FederationStore
+    from kaapana_assets.federation.store import FederationStore
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.lake import Lake
 
@@ -121,9 +121,10 @@ def warm_imports() -> None:
     """What a long-running site process has loaded anyway: imported before the direct
     timings. The site's SuperExec (kaapana-superexec) holds the same list imported and
     forks each ClientApp from it."""
-    from kaapana_assets.federated.warm_superexec import SITE_STACK, preload
+    from kaapana_assets.federation.warm_superexec import site_stack
+    from kaapana_assets.preload import preload
 
-    failed = preload(SITE_STACK)
+    failed = preload(site_stack())
     assert not failed, f"could not import {failed}"
 
 
@@ -132,8 +133,8 @@ def direct_round(ctx: Any, experiment: str, default_threads: int) -> DirectTimin
     result (the federation scores the aggregate: same network, same cost)."""
     import torch
 
-    from kaapana_assets.federated.payload import unpack_update
     from kaapana_assets.federated.site import evaluate_global, train_update
+    from kaapana_assets.federation.payload import unpack_update
 
     start, cpu = time.time(), own_cpu()
     train_update(ctx, experiment, 1)
@@ -348,7 +349,7 @@ class RoundTimeline:
 
 
 def site_phases(tail: LogTail, site: str, home: Path, runs: dict[str, DagsterRunTimes]) -> tuple[SitePhase, SitePhase]:
-    from kaapana_assets.federated.store import FederationStore
+    from kaapana_assets.federation.store import FederationStore
     from kaapana_assets.home import KaapanaHome
 
     log = f"supernode-{site}.log"
@@ -437,12 +438,12 @@ def run(args: argparse.Namespace, root: Path, sites: tuple[str, ...], threads: i
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
     from kaapana_assets.federated.assets import federated_plan, federated_rounds
-    from kaapana_assets.federated.keys import generate_site_key
     from kaapana_assets.federated.partitions import round_key
     from kaapana_assets.federated.site import compute_fingerprint
-    from kaapana_assets.federated.sites import SiteEntry, write_sites
-    from kaapana_assets.federated.store import FederationStore
-    from kaapana_assets.federated.superlink import LocalFederation, LocalSite
+    from kaapana_assets.federation.keys import generate_site_key
+    from kaapana_assets.federation.local import LocalFederation, LocalSite
+    from kaapana_assets.federation.sites import SiteEntry, write_sites
+    from kaapana_assets.federation.store import FederationStore
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.lake import Lake

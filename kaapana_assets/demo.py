@@ -36,9 +36,9 @@ from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.demo_driver import RunOutcome, log_level_config, run_requests, tick
 from kaapana_assets.environment import Environment
-from kaapana_assets.federated.keys import generate_site_key
-from kaapana_assets.federated.sites import SiteEntry, read_sites, write_sites
-from kaapana_assets.federated.superlink import LocalFederation, LocalSite
+from kaapana_assets.federation.keys import generate_site_key
+from kaapana_assets.federation.local import LocalFederation, LocalSite
+from kaapana_assets.federation.sites import SiteEntry, read_sites, write_sites
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake

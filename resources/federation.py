@@ -1,6 +1,6 @@
 """Federation handles: the hub's (its SuperLink, the federation file, how experiments
-train) and a site's (its name and its own federation folder). Thin: the Flower run, the
-channel and the site logic live in kaapana_assets/federated/."""
+train) and a site's (its name and its own federation folder). Thin: the Flower run and the
+channel live in kaapana_assets/federation/, the site logic in kaapana_assets/federated/."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import dagster as dg
 from pydantic import Field
 
-from kaapana_assets.federated.runs import Connection, run_step
-from kaapana_assets.federated.sites import FederationConfigError, SiteEntry, read_sites
-from kaapana_assets.federated.store import FederationStore, checked_name
-from kaapana_assets.federated.superlink import DEFAULT_ROUND_TIMEOUT_S, DEFAULT_TTL_S
+from kaapana_assets.federation.runs import Connection, run_step
+from kaapana_assets.federation.sites import FederationConfigError, SiteEntry, read_sites
+from kaapana_assets.federation.store import FederationStore, checked_name
+from kaapana_assets.federation.superlink import DEFAULT_ROUND_TIMEOUT_S, DEFAULT_TTL_S
 from kaapana_assets.lake import Lake
 from kaapana_assets.nnunet import Schedule, SchedulePreset
 from resources.nnunet import NnunetResource

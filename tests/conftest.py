@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kaapana_assets.archive.service import Archive  # noqa: E402
 from kaapana_assets.cohorts.membership import snapshot_cohort  # noqa: E402
-from kaapana_assets.federated.keys import generate_site_key  # noqa: E402
+from kaapana_assets.federation.keys import generate_site_key  # noqa: E402
 from kaapana_assets.home import KaapanaHome  # noqa: E402
 from kaapana_assets.ingest.pipeline import ingest_files  # noqa: E402
 from kaapana_assets.lake import Lake  # noqa: E402

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaapana_assets.cohorts.definitions import CohortDefinition
-from kaapana_assets.federated.store import FederationStore
+from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.synthetic import GeneratedStudy
 
@@ -80,13 +80,13 @@ class Federation:
         return FederationStore(KaapanaHome(self.root / "hub").hub_federation)
 
     def local_sites(self, sites: tuple[str, ...] = SITES, devices: dict[str, str] | None = None) -> list:
-        from kaapana_assets.federated.superlink import LocalSite
+        from kaapana_assets.federation.local import LocalSite
 
         # One torch thread each: three sites share two cores.
         return [LocalSite(s, self.homes[s].root, self.keys[s], (devices or {}).get(s, "cpu"), threads=1) for s in sites]
 
     def federation_file(self, sites: tuple[str, ...] = SITES, keys: dict[str, str] | None = None) -> Path:
-        from kaapana_assets.federated.sites import SiteEntry, write_sites
+        from kaapana_assets.federation.sites import SiteEntry, write_sites
 
         keys = keys or self.keys
         name = "federation-" + "-".join(s.removeprefix("site-") for s in sites) + ".yaml"
@@ -114,7 +114,7 @@ class Federation:
     def network(self, folder: str) -> Iterator:
         """A SuperLink and the three sites' SuperNodes as processes, kept under hub/<folder>,
         started on entry and closed on exit (test modules hold one each, module-scoped)."""
-        from kaapana_assets.federated.superlink import LocalFederation
+        from kaapana_assets.federation.local import LocalFederation
 
         network = LocalFederation(self.root / "hub" / folder, self.local_sites())
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from kaapana_assets.federated.superlink import free_port
+from kaapana_assets.federation.local import free_port
 from tests.tools import require
 
 

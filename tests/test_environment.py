@@ -56,11 +56,11 @@ TOPS = {
     "resources/location.py::<module>": "the code location's one reading (op tags are fixed when the asset modules import)",
     "kaapana_assets/monitoring/exporter.py::main": "`python -m kaapana_assets.monitoring.exporter`: its process's top",
     "kaapana_assets/client/api.py::Kaapana.__init__": "`Kaapana()`: the Python client, the top of a notebook",
-    "kaapana_assets/federated/clientapp.py::SiteSettings.from_context": "the Flower ClientApp, started by the site's "
+    "kaapana_assets/federation/clientapp.py::SiteSettings.from_context": "the Flower ClientApp, started by the site's "
     "SuperNode in a process of its own: its settings are its top; KAAPANA_SITE_KEY is a secret, read where used",
-    "kaapana_assets/federated/sites.py::SiteEntry.secret": "the secret a federation file names (key_env): read where "
+    "kaapana_assets/federation/sites.py::SiteEntry.secret": "the secret a federation file names (key_env): read where "
     "it is used, never held in an Environment or a resource's config",
-    "kaapana_assets/federated/warm_superexec.py::main": "`kaapana-superexec`: sets a variable for the ClientApps it forks",
+    "kaapana_assets/federation/warm_superexec.py::main": "`kaapana-superexec`: sets a variable for the ClientApps it forks",
     "kaapana_assets/nnunet/paths.py::nnunet_environment": "sets nnU-Net's own variables around a call (nnunetv2.paths "
     "reads them); it reads none",
 }

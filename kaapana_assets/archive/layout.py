@@ -11,7 +11,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from kaapana_assets.ingest.uids import require_uid
+from kaapana_assets.dicom.uids import require_uid
 
 
 class ArchiveConflict(Exception):

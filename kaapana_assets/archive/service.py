@@ -22,11 +22,11 @@ import polars as pl
 import pyarrow as pa
 from pydicom.errors import InvalidDicomError
 
+from kaapana_assets.archive import index
 from kaapana_assets.archive.layout import ArchiveConflict, archive_relpath, overwrite_unindexed, write_once
+from kaapana_assets.dicom.seg_segments import read_segment_rows
 from kaapana_assets.files import sync_filesystem
 from kaapana_assets.home import KaapanaHome
-from kaapana_assets.ingest import index
-from kaapana_assets.ingest.seg_segments import read_segment_rows
 from kaapana_assets.lake import Lake, WriteResult
 from kaapana_assets.lake.schemas import SEG_SEGMENTS
 

@@ -47,7 +47,7 @@ def _refuse_overwrite(paths: list[Path], force: bool) -> bool:
 
 
 def cmd_federation_key(args: argparse.Namespace) -> int:
-    from kaapana_assets.federated.keys import generate_site_key
+    from kaapana_assets.federation.keys import generate_site_key
 
     # Only the key on stdout, so it can be piped straight into a secret store.
     print(generate_site_key())
@@ -55,7 +55,7 @@ def cmd_federation_key(args: argparse.Namespace) -> int:
 
 
 def cmd_federation_certificates(args: argparse.Namespace) -> int:
-    from kaapana_assets.federated.superlink import create_hub_certificates
+    from kaapana_assets.federation.credentials import create_hub_certificates
 
     out = Path(args.out)
     if _refuse_overwrite([out / "ca.pem", out / "server.pem", out / "server.key"], args.force):
@@ -71,7 +71,7 @@ def cmd_federation_certificates(args: argparse.Namespace) -> int:
 
 def _site_name(value: str) -> str | None:
     """The site name if it is allowed (it names files and node config); else None, said."""
-    from kaapana_assets.federated.store import checked_name
+    from kaapana_assets.federation.store import checked_name
 
     try:
         return checked_name("site", value)
@@ -81,7 +81,7 @@ def _site_name(value: str) -> str | None:
 
 
 def cmd_federation_node_keys(args: argparse.Namespace) -> int:
-    from kaapana_assets.federated.superlink import create_node_keys
+    from kaapana_assets.federation.credentials import create_node_keys
 
     site = _site_name(args.site)
     if site is None:
@@ -100,8 +100,8 @@ def cmd_federation_register(args: argparse.Namespace) -> int:
     import subprocess
 
     from kaapana_assets.environment import Environment
-    from kaapana_assets.federated.runs import Connection
-    from kaapana_assets.federated.superlink import register_node
+    from kaapana_assets.federation.runs import Connection
+    from kaapana_assets.federation.superlink import register_node
     from kaapana_assets.home import KaapanaHome
 
     public_key, ca = Path(args.public_key).resolve(), Path(args.ca).resolve()
@@ -120,7 +120,7 @@ def cmd_federation_register(args: argparse.Namespace) -> int:
 
 
 def cmd_federation_superlink_command(args: argparse.Namespace) -> int:
-    from kaapana_assets.federated.superlink import superlink_command
+    from kaapana_assets.federation.superlink import superlink_command
 
     certificates = Path(args.certificates)
     paths = {"ca": certificates / "ca.pem", "certificate": certificates / "server.pem",
@@ -133,7 +133,7 @@ def cmd_federation_superlink_command(args: argparse.Namespace) -> int:
 
 
 def cmd_federation_supernode_command(args: argparse.Namespace) -> int:
-    from kaapana_assets.federated.superlink import superexec_command, supernode_command
+    from kaapana_assets.federation.superlink import superexec_command, supernode_command
 
     site = _site_name(args.site)
     if site is None:

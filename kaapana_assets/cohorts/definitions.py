@@ -13,8 +13,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kaapana_assets.ingest.seg_segments import AlgorithmType
-from kaapana_assets.ingest.uids import is_valid_uid
+from kaapana_assets.dicom.seg_segments import AlgorithmType
+from kaapana_assets.dicom.uids import is_valid_uid
 
 EXAMPLES = Path(__file__).parent / "examples"
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import polars as pl
 
-from kaapana_assets.ingest.seg_segments import made_by_platform
+from kaapana_assets.dicom.seg_segments import made_by_platform
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import polars as pl
 import pyarrow as pa
 
 from kaapana_assets.cohorts.definitions import validate_tag
-from kaapana_assets.ingest.uids import require_uid
+from kaapana_assets.dicom.uids import require_uid
 from kaapana_assets.lake import Lake, WriteResult
 from kaapana_assets.lake.schemas import TAGS
 

@@ -18,7 +18,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
-from kaapana_assets.federated.channel import ARRAYS, WEIGHT_KEY, from_arrays
+from kaapana_assets.federation.channel import ARRAYS, WEIGHT_KEY, from_arrays
 
 # fedprox aggregates like FedAvg; its proximal term is in each site's local training
 # (Schedule.proximal_mu), which Flower's FedProx only sends as a config value.

@@ -25,7 +25,7 @@ import pyarrow as pa
 from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
-from kaapana_assets.federated.runs import FlowerRunFailed
+from kaapana_assets.federation.runs import FlowerRunFailed
 from kaapana_assets.lake.schemas import TABLES
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training.k8s import GPU_POOL
@@ -230,8 +230,8 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
                      lake: LakeResource) -> dg.MaterializeResult:
     import mlflow as mlflow_api
 
-    from kaapana_assets.federated.channel import metric_name
     from kaapana_assets.federated.hub import ExperimentSpec
+    from kaapana_assets.federation.channel import metric_name
 
     experiment, round_ = _round(context)
     store = federation.store()

@@ -1,5 +1,5 @@
 """The hub side of a federated experiment: plan from the sites' fingerprints, run a round
-over a channel to the sites (Flower's, see serverapp.py), quorum, aggregation with a
+over a channel to the sites (Flower's, see steps.py), quorum, aggregation with a
 Flower strategy, cross-site metrics. Plain Python; the assets decide when, the ServerApp
 carries the messages."""
 
@@ -15,13 +15,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from flwr.app import Message
 
 from kaapana_assets import nnunet
 from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, aggregate_round, require_quorum
-from kaapana_assets.federated.channel import RejectionReason, metric_name
 from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fingerprints, plan_at_hub
-from kaapana_assets.federated.store import FederationStore, checked_name
+from kaapana_assets.federation.channel import Rejection, RejectionReason, Verified, metric_name
+from kaapana_assets.federation.store import FederationStore, checked_name
 from kaapana_assets.lake.digest import row_digest
 
 HUB_DATASET_ID = 900
@@ -79,13 +78,6 @@ class ExperimentSpec:
         return {"strategy": self.strategy, **({"server_momentum": self.server_momentum} if self.server_momentum else {})}
 
 
-@dataclass
-class Rejection:
-    site: str
-    reason: RejectionReason
-    message: str
-
-
 def publish_experiment(store: FederationStore, spec: ExperimentSpec) -> None:
     store.write_json(spec.experiment, "experiment", asdict(spec))
 
@@ -138,17 +130,6 @@ def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(weights[name].detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-@dataclass
-class Verified:
-    """A site's message that passed verification."""
-
-    site: str
-    cases: int
-    metrics: dict[str, float]
-    sha256: str  # the content digest the site signed
-    message: Message | None = None  # the Flower message (updates: what the strategy aggregates)
 
 
 class SiteChannel(Protocol):

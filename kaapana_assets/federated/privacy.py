@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update
 
-from kaapana_assets.federated.channel import repeats
 from kaapana_assets.federated.hub import Privacy
+from kaapana_assets.federation.channel import repeats
 
 
 def noise_stdv(privacy: Privacy) -> float:

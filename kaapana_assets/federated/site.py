@@ -27,11 +27,11 @@ import torch
 
 from kaapana_assets import nnunet
 from kaapana_assets.cohorts.membership import read_cohort
-from kaapana_assets.federated.channel import metric_name
 from kaapana_assets.federated.fingerprint import site_fingerprint
-from kaapana_assets.federated.guard import assert_nothing_identifying
-from kaapana_assets.federated.payload import SiteUpdate, pack_update
-from kaapana_assets.federated.store import FederationStore, checked_name
+from kaapana_assets.federation.channel import metric_name
+from kaapana_assets.federation.guard import assert_nothing_identifying
+from kaapana_assets.federation.payload import SiteUpdate, pack_update
+from kaapana_assets.federation.store import FederationStore, checked_name
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.digest import row_digest
 from kaapana_assets.lake.schemas import FEDERATED_SITE_ROUNDS

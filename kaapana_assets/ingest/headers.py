@@ -23,10 +23,10 @@ from pydicom.uid import (
     SegmentationStorage,
 )
 
+from kaapana_assets.dicom.columns import DERIVED_SOURCES, HEADER_COLUMNS, PARSED_FIELDS
+from kaapana_assets.dicom.uids import is_valid_uid
 from kaapana_assets.ingest import elements
-from kaapana_assets.ingest.columns import DERIVED_SOURCES, HEADER_COLUMNS, PARSED_FIELDS
 from kaapana_assets.ingest.elements import PixelDataInfo
-from kaapana_assets.ingest.uids import is_valid_uid
 
 ALL_TRANSFER_SYNTAXES = frozenset(AllTransferSyntaxes)
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from kaapana_assets.archive import index
 from kaapana_assets.archive.layout import quarantine_relpath
 from kaapana_assets.archive.service import Archive
-from kaapana_assets.ingest import index
 from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.ingest.worker import (
     ALREADY_INDEXED,

@@ -12,7 +12,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 
-from kaapana_assets.ingest.index import multiframe_issue
+from kaapana_assets.archive.index import multiframe_issue
 
 ORIENTATION_TOLERANCE = 1e-4
 SPACING_TOLERANCE = 0.01  # relative spread of slice gaps that still counts as uniform

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from kaapana_assets.ingest.columns import instances_fields
+from kaapana_assets.dicom.columns import instances_fields
 
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 FLOATS = pa.list_(pa.float64())

@@ -1,6 +1,6 @@
 """Dagster wiring of the network monitor: `network_statistics` at the hub, on a schedule and
 on demand. One Flower run asks every site of the federation for its aggregates (the
-ServerApp's `statistics` step); the answers, a stale site's last known figures and the
+`statistics` step, steps.py); the answers, a stale site's last known figures and the
 network total go to Delta. The work happens in plain modules (figures, network, chart)."""
 
 import datetime as dt
@@ -9,11 +9,12 @@ import dagster as dg
 import pyarrow as pa
 from pydantic import Field
 
-from kaapana_assets.federated.runs import FlowerRunFailed
+from kaapana_assets.federation.guard import DEFAULT_THRESHOLD, MAX_THRESHOLD
+from kaapana_assets.federation.runs import FlowerRunFailed
 from kaapana_assets.lake.schemas import NETWORK_SITES, NETWORK_STATISTICS
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.monitoring.chart import bar_chart_markdown
-from kaapana_assets.monitoring.figures import DEFAULT_THRESHOLD, EXPERIMENT, MAX_THRESHOLD, STEP
+from kaapana_assets.monitoring.figures import EXPERIMENT, STEP
 from kaapana_assets.monitoring.network import (
     FRESH,
     NETWORK,

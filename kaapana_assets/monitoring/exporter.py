@@ -5,7 +5,7 @@ and the Dagster instance at every scrape.
     python -m kaapana_assets.monitoring.exporter --role hub  --home /data/kaapana --port 9464
     python -m kaapana_assets.monitoring.exporter --role site --home /data/kaapana --port 9464
 
-Like clientapp.py and the CLI, this is an entry point, not a domain module: it is the one
+Like flower_apps.py and the CLI, this is an entry point, not a domain module: it is the one
 place of the monitoring domain that reads Dagster (its instance's runs and sensor ticks).
 It listens on 127.0.0.1 unless told otherwise (`--host 0.0.0.0` in a pod). A site's
 endpoint is for the site's own Prometheus: the hub never connects to a site, it receives

@@ -1,10 +1,10 @@
 """What a site tells the hub's network monitor, and how the hub checks it.
 
-At the site (the ClientApp's statistics handler calls `site_answer`): aggregates of the
+At the site (the statistics step's site handler calls `site_answer`): aggregates of the
 site's own lake — patients, studies, series and instances per modality, manufacturer and
 body part; patients by sex and age; series by slice thickness; quarantined files by reason;
 cohort sizes; the time of the last ingest — with small cells suppressed before anything
-leaves. At the hub (the ServerApp calls `parse_answer`): the answer is refused unless every
+leaves. At the hub (its hub handler calls `parse_answer`): the answer is refused unless every
 cell is a known metric, dimension and category, and every count is either 0, at least the
 threshold, or a suppression marker.
 
@@ -30,13 +30,12 @@ from typing import Any
 
 import polars as pl
 
+from kaapana_assets.federation.guard import MAX_THRESHOLD
 from kaapana_assets.lake import Lake
 
 EXPERIMENT = "network-statistics"  # the channel's experiment name for statistics messages (hub folder too)
-STEP = "statistics"  # the ServerApp's step
+STEP = "statistics"  # the step's name on the federation's transport (steps.py)
 FORMAT_VERSION = 1
-DEFAULT_THRESHOLD = 5
-MAX_THRESHOLD = 1000
 MAX_CELLS = 20_000
 MAX_CATEGORY_LENGTH = 64
 
@@ -303,5 +302,5 @@ def parse_answer(data: str | Mapping[str, Any], site: str, threshold: int) -> Si
     return SiteAnswer(site, computed_at, applied, last_ingest_at, cells)
 
 
-__all__ = ["ALL", "DEFAULT_THRESHOLD", "EXPERIMENT", "METRICS", "STEP", "AnswerRefused", "SiteAnswer",
+__all__ = ["ALL", "EXPERIMENT", "METRICS", "STEP", "AnswerRefused", "SiteAnswer",
            "SiteFigures", "compute_figures", "parse_answer", "site_answer", "suppress"]

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kaapana_assets.federated.store import FederationStore, checked_name
+from kaapana_assets.federation.store import FederationStore, checked_name
 from kaapana_assets.monitoring.figures import (
     ALL,
     EXPERIMENT,

@@ -13,7 +13,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from kaapana_assets.ingest.uids import require_uid
+from kaapana_assets.dicom.uids import require_uid
 from kaapana_assets.network.spool_writer import safe_ae_title, spool_name, write_durably
 
 log = logging.getLogger("kaapana.dicomweb")

@@ -12,8 +12,8 @@ from pathlib import Path
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 
+from kaapana_assets.dicom.uids import is_valid_uid
 from kaapana_assets.files import write_atomically
-from kaapana_assets.ingest.uids import is_valid_uid
 
 PREAMBLE = b"\x00" * 128 + b"DICM"
 

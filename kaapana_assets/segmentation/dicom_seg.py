@@ -15,9 +15,9 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 
 from kaapana_assets import __version__
-from kaapana_assets.ingest.columns import HEADER_COLUMNS
-from kaapana_assets.ingest.seg_segments import PLATFORM_ALGORITHM_SOURCE, PLATFORM_MANUFACTURER
-from kaapana_assets.ingest.uids import deterministic_uid
+from kaapana_assets.dicom.columns import HEADER_COLUMNS
+from kaapana_assets.dicom.seg_segments import PLATFORM_ALGORITHM_SOURCE, PLATFORM_MANUFACTURER
+from kaapana_assets.dicom.uids import deterministic_uid
 from kaapana_assets.ingest.volume import Volume
 
 # Coded segment descriptions for label names we know; anything else is a generic tissue.

@@ -15,7 +15,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from kaapana_assets import __version__
-from kaapana_assets.ingest.uids import deterministic_uid
+from kaapana_assets.dicom.uids import deterministic_uid
 from kaapana_assets.segmentation.dicom_seg import SegAuthor, build_seg
 from kaapana_assets.synthetic.phantom import LABELS, Phantom, make_phantom
 from kaapana_assets.synthetic.profiles import SiteProfile, get_profile

@@ -6,9 +6,9 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
+from kaapana_assets.archive import index
 from kaapana_assets.archive.layout import ArchiveConflict
 from kaapana_assets.archive.service import Archive
-from kaapana_assets.ingest import index
 from kaapana_assets.ingest.headers import parse_header
 from kaapana_assets.lake.schemas import INSTANCES
 from kaapana_assets.synthetic import GeneratedStudy

@@ -162,7 +162,7 @@ def test_a_federated_model_is_held_to_this_sites_rounds(tmp_path: Path, site_a: 
     was registered from."""
     from kaapana_assets.evaluation.held_out import NotHeldOut, check_held_out
     from kaapana_assets.federated.site import SiteContext, compute_fingerprint, record_round
-    from kaapana_assets.federated.store import FederationStore
+    from kaapana_assets.federation.store import FederationStore
     from tests.helpers import COHORT
 
     home = KaapanaHome(tmp_path / "home").ensure()

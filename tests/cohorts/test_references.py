@@ -21,9 +21,9 @@ from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.cohorts.harmonization import reference_segmentations
 from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
 from kaapana_assets.cohorts.references import SegInstance, choose_references
+from kaapana_assets.dicom.seg_segments import PLATFORM_ALGORITHM_SOURCE
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
-from kaapana_assets.ingest.seg_segments import PLATFORM_ALGORITHM_SOURCE
 from kaapana_assets.ingest.volume import assemble_volume, seg_labels
 from kaapana_assets.synthetic import GeneratedStudy, generate_site, get_profile
 from kaapana_assets.synthetic.generator import phantom_for

@@ -20,11 +20,12 @@ import torch
 from dagster._core.instance.ref import InstanceRef
 
 from kaapana_assets.federated.assets import federated_plan, federated_rounds
-from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
-from kaapana_assets.federated.keys import generate_site_key
 from kaapana_assets.federated.partitions import round_key
-from kaapana_assets.federated.store import FederationStore
-from kaapana_assets.federated.superlink import LocalFederation, create_node_keys
+from kaapana_assets.federation.credentials import create_node_keys
+from kaapana_assets.federation.guard import leaked_identifiers, site_identifiers
+from kaapana_assets.federation.keys import generate_site_key
+from kaapana_assets.federation.local import LocalFederation
+from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
 from kaapana_assets.nnunet.registry import find_version
@@ -149,7 +150,7 @@ def test_an_unregistered_supernode_is_refused(federation: Federation, flower: Lo
                                               tmp_path: Path) -> None:
     private, _ = create_node_keys(tmp_path, "intruder")  # never registered at the hub
     home = federation.homes["site-a"].root
-    from kaapana_assets.federated.superlink import LocalSite
+    from kaapana_assets.federation.local import LocalSite
 
     process = flower.start_site(LocalSite("intruder", home, generate_site_key()), private_key=private)
     try:

@@ -14,7 +14,9 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from kaapana_assets.federated.aggregation import QuorumNotMet, aggregate, aggregate_round, require_quorum
-from kaapana_assets.federated.channel import (
+from kaapana_assets.federated.hub import ExperimentSpec, Privacy, publish_experiment
+from kaapana_assets.federated.privacy import noise_stdv, privatize
+from kaapana_assets.federation.channel import (
     ALIASES,
     ARRAYS,
     MANIFEST,
@@ -32,13 +34,11 @@ from kaapana_assets.federated.channel import (
     weight_records,
     weights_of,
 )
-from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
-from kaapana_assets.federated.hub import ExperimentSpec, Privacy, publish_experiment
-from kaapana_assets.federated.keys import InvalidSiteKey, generate_site_key
-from kaapana_assets.federated.payload import PayloadError, pack_update, unpack_update
-from kaapana_assets.federated.privacy import noise_stdv, privatize
-from kaapana_assets.federated.sites import FederationConfigError, SiteEntry, load_site_keys, read_sites, write_sites
-from kaapana_assets.federated.store import FederationStore
+from kaapana_assets.federation.guard import leaked_identifiers, site_identifiers
+from kaapana_assets.federation.keys import InvalidSiteKey, generate_site_key
+from kaapana_assets.federation.payload import PayloadError, pack_update, unpack_update
+from kaapana_assets.federation.sites import FederationConfigError, SiteEntry, load_site_keys, read_sites, write_sites
+from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.lake import Lake
 from resources.federation import FederationResource
 

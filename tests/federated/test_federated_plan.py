@@ -100,7 +100,8 @@ def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) 
     from flwr.supercore.task_identity import TaskIdentity
 
     from kaapana_assets.federated.aggregation import aggregate, require_quorum
-    from kaapana_assets.federated.channel import (
+    from kaapana_assets.federated.site import local_update, prepare_site
+    from kaapana_assets.federation.channel import (
         ARRAYS,
         METRICS,
         Kind,
@@ -110,8 +111,7 @@ def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) 
         to_arrays,
         verify,
     )
-    from kaapana_assets.federated.keys import generate_site_key
-    from kaapana_assets.federated.site import local_update, prepare_site
+    from kaapana_assets.federation.keys import generate_site_key
 
     TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = 1  # type: ignore[misc]  # a Message needs a run
 

@@ -120,7 +120,8 @@ def test_register_missing_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
 
 def test_register_at_a_real_superlink(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from kaapana_assets.federated.superlink import LocalFederation, create_node_keys
+    from kaapana_assets.federation.credentials import create_node_keys
+    from kaapana_assets.federation.local import LocalFederation
 
     federation = LocalFederation(tmp_path / "hub", sites=[])
     try:

@@ -14,8 +14,8 @@ import pytest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec
 
-from kaapana_assets.federated.superlink import superexec_command, supernode_command
-from kaapana_assets.federated.warm_superexec import SITE_STACK, clientapp_arguments
+from kaapana_assets.federation.superlink import superexec_command, supernode_command
+from kaapana_assets.federation.warm_superexec import clientapp_arguments, site_stack
 
 # Runs in a fresh interpreter, as kaapana-superexec does: the parent imports torch and
 # numpy and never computes with them; Flower's exit handlers and signal handlers are set
@@ -28,7 +28,7 @@ CHILD_REPORT = textwrap.dedent('''
     entry = importlib.import_module("flwr.supernode.cli.flwr_clientapp")  # the package re-exports the function
     from flwr.supercore.constant import TaskType
     from flwr.supercore.superexec.executor import ExecutionSpec
-    from kaapana_assets.federated.warm_superexec import ForkingClientAppExecutor
+    from kaapana_assets.federation.warm_superexec import ForkingClientAppExecutor
 
     out = sys.argv[1]
     add_exit_handler(lambda: open(out + ".parent-handler-ran", "w").close())
@@ -118,7 +118,9 @@ def test_the_site_runs_its_supernode_with_our_superexec(tmp_path: Path) -> None:
     assert Path(superexec[0]).name == "kaapana-superexec"
     assert superexec[1:] == ["--insecure", "--runtime-api-address", "127.0.0.1:9094", "--parent-pid", "42"]
     assert Path(superexec[0]).exists()  # installed as a console script beside flwr's
-    assert "nnunetv2.training.nnUNetTrainer.nnUNetTrainer" in SITE_STACK
+    stack = site_stack()  # the app module registers the steps; their site handlers' imports follow
+    assert stack[:2] == ("flwr.supernode.cli.flwr_clientapp", "kaapana_assets.flower_apps")
+    assert "nnunetv2.training.nnUNetTrainer.nnUNetTrainer" in stack
 
 
 def test_flowers_superexec_loop_gets_the_forking_executor() -> None:
@@ -128,7 +130,7 @@ def test_flowers_superexec_loop_gets_the_forking_executor() -> None:
     from flwr.supercore.constant import ExecutorType
     from flwr.supercore.superexec import run_superexec
 
-    from kaapana_assets.federated.warm_superexec import ForkingClientAppExecutor, install_forking_executor
+    from kaapana_assets.federation.warm_superexec import ForkingClientAppExecutor, install_forking_executor
 
     assert "get_executor(" in inspect.getsource(run_superexec.run_superexec)  # the loop asks its module
     original = run_superexec.get_executor
@@ -146,8 +148,8 @@ def test_the_preload_leaves_cuda_alone() -> None:
     """What kaapana-superexec imports must not initialise CUDA: a forked child could not
     use the GPU (checked in a fresh interpreter, as the SuperExec starts)."""
     code = ("import os; os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'] = '1'\n"
-            "from kaapana_assets.federated.warm_superexec import SITE_STACK, fork_unsafe_reason, preload\n"
-            "assert preload(SITE_STACK) == [], preload(SITE_STACK)\n"
+            "from kaapana_assets.federation.warm_superexec import fork_unsafe_reason, preload, site_stack\n"
+            "assert preload(site_stack()) == [], preload(site_stack())\n"
             "import torch; torch.cuda.is_available()\n"
             "print(fork_unsafe_reason())")
     result = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=300)

@@ -234,7 +234,7 @@ def test_rows_to_arrow_fast_path_equals_from_pylist(spool_copy: Path) -> None:
 
     import pyarrow as pa
 
-    from kaapana_assets.ingest import index
+    from kaapana_assets.archive import index
     from kaapana_assets.ingest.headers import parse_header
     from kaapana_assets.lake.schemas import INSTANCES, SERIES, STUDIES
 

@@ -1,7 +1,7 @@
 import pytest
 
 from kaapana_assets.archive.layout import archive_relpath
-from kaapana_assets.ingest.uids import InvalidUID, is_valid_uid, require_uid
+from kaapana_assets.dicom.uids import InvalidUID, is_valid_uid, require_uid
 
 
 @pytest.mark.parametrize("uid", ["1.2.840.10008.5.1.4.1.1.2", "2.25.123", "0", "1.0.3", "9" * 64])

@@ -19,10 +19,10 @@ import pyarrow as pa
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from kaapana_assets.federated.channel import CONFIG, Kind, seal, verify
-from kaapana_assets.federated.guard import leaked_identifiers, site_identifiers
-from kaapana_assets.federated.keys import generate_site_key
-from kaapana_assets.federated.superlink import LocalFederation
+from kaapana_assets.federation.channel import CONFIG, Kind, seal, verify
+from kaapana_assets.federation.guard import leaked_identifiers, site_identifiers
+from kaapana_assets.federation.keys import generate_site_key
+from kaapana_assets.federation.local import LocalFederation
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import TABLES
 from kaapana_assets.monitoring.assets import network_statistics
@@ -139,7 +139,8 @@ def _request(key: str, threshold: object, kind: Kind = Kind.STATISTICS_REQUEST, 
 
 
 def test_the_site_handler_suppresses_signs_and_keeps_its_floor(tmp_path: Path, flower_run: None) -> None:
-    from kaapana_assets.federated.clientapp import SiteSettings, statistics
+    from kaapana_assets.federation.clientapp import SiteSettings
+    from kaapana_assets.monitoring.steps import statistics
 
     make_site_lake(tmp_path / "home" / "lake")
     key = generate_site_key()
@@ -396,9 +397,10 @@ def test_without_a_federation_the_asset_says_so(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # starts Flower's `flwr run` (which finds no SuperLink)
 def test_with_the_superlink_down_every_site_is_reported(tmp_path: Path) -> None:
-    from kaapana_assets.federated.sites import SiteEntry, write_sites
-    from kaapana_assets.federated.store import FederationStore
-    from kaapana_assets.federated.superlink import create_hub_certificates, free_port
+    from kaapana_assets.federation.credentials import create_hub_certificates
+    from kaapana_assets.federation.local import free_port
+    from kaapana_assets.federation.sites import SiteEntry, write_sites
+    from kaapana_assets.federation.store import FederationStore
     from kaapana_assets.monitoring.network import remember
     from resources.federation import FederationResource
 

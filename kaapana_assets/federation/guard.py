@@ -1,11 +1,14 @@
 """The guard on what leaves a site: no patient name or ID, no study, series or SOP UID of
-the site's data may appear in anything it sends."""
+the site's data may appear in anything it sends; and no count below the small-cell
+threshold, which a site may raise for itself (its floor, node config `min-cell-size`)."""
 
 from __future__ import annotations
 
 from kaapana_assets.lake import Lake
 
 MIN_LENGTH = 4  # shorter values (e.g. sex "M") would match anywhere by chance
+DEFAULT_THRESHOLD = 5  # small cells: counts from 1 to threshold-1 never leave a site in the clear
+MAX_THRESHOLD = 1000
 
 
 def site_identifiers(lake: Lake) -> set[str]:
@@ -36,4 +39,5 @@ def assert_nothing_identifying(data: bytes, lake: Lake) -> None:
         raise IdentifierLeak(f"refusing to send: {len(leaked)} identifier(s) of this site's data in the payload")
 
 
-__all__ = ["IdentifierLeak", "assert_nothing_identifying", "leaked_identifiers", "site_identifiers"]
+__all__ = ["DEFAULT_THRESHOLD", "MAX_THRESHOLD", "IdentifierLeak", "assert_nothing_identifying", "leaked_identifiers",
+           "site_identifiers"]

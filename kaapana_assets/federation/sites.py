@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from kaapana_assets.federated.keys import InvalidSiteKey, validate_site_key
-from kaapana_assets.federated.store import checked_name
+from kaapana_assets.federation.keys import InvalidSiteKey, validate_site_key
+from kaapana_assets.federation.store import checked_name
 
 
 class FederationConfigError(ValueError):

@@ -3,8 +3,9 @@ SuperLink's Control API) with the app folder below, streaming the ServerApp's lo
 result the ServerApp left in the hub's federation folder.
 
 The app folder is written here, not shipped: a pyproject.toml naming our ServerApp and
-ClientApp, which are imported from the installed `kaapana_assets` on both ends (the
-SuperLink and every SuperNode run with runtime dependency installation off)."""
+ClientApp (APP_MODULE, the top of those processes: it registers the steps), which are
+imported from the installed `kaapana_assets` on both ends (the SuperLink and every
+SuperNode run with runtime dependency installation off)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaapana_assets.federated.store import FederationStore
+from kaapana_assets.federation.store import FederationStore
 
 APP_NAME = "kaapana-federated"
 APP_VERSION = "1.0.0"
+APP_MODULE = "kaapana_assets.flower_apps"  # its `serverapp` and `clientapp`
 CONNECTION = "hub"
 APP_PYPROJECT = f"""[build-system]
 requires = ["hatchling"]
@@ -37,8 +39,8 @@ dependencies = []
 publisher = "kaapana"
 
 [tool.flwr.app.components]
-serverapp = "kaapana_assets.federated.serverapp:app"
-clientapp = "kaapana_assets.federated.clientapp:app"
+serverapp = "{APP_MODULE}:serverapp"
+clientapp = "{APP_MODULE}:clientapp"
 
 [tool.flwr.app.config]
 step = "plan"

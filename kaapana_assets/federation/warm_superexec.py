@@ -2,7 +2,7 @@
 
 Flower runs every message to a site in a fresh `flwr-clientapp` process. For our ClientApp
 that process spends ≈6 s importing Flower, torch, nnU-Net and Dagster before it reads the
-hub's message (timed imports of SITE_STACK below on 2 cores: flwr 0.9 s, torch 1.0 s,
+hub's message (timed imports of site_stack() below on 2 cores: flwr 0.9 s, torch 1.0 s,
 nnU-Net 3.0 s, Dagster 0.3 s, ours 0.7 s), twice per round (train, then evaluate) on the
 round's critical path (`bench/federated_overhead.py` shows it per phase).
 
@@ -37,25 +37,18 @@ from collections.abc import Sequence
 from flwr.supercore.constant import TASK_TYPE_TO_APPIO_API_ADDRESS_ARG, TASK_TYPE_TO_COMMAND, ExecutorType, TaskType
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, SubprocessExecutor
 
+from kaapana_assets.federation.runs import APP_MODULE
 from kaapana_assets.preload import preload
 
-# What a site's ClientApp imports for a training or evaluation message (and the bench's
-# direct reference imports before its timer: kept the same list).
-SITE_STACK: tuple[str, ...] = (
-    "flwr.supernode.cli.flwr_clientapp",
-    "kaapana_assets.federated.clientapp",
-    "dagster",
-    "kaapana_assets.federated.assets",
-    "resources.federation",
-    "resources.storage",
-    "kaapana_assets.federated.hub",
-    "kaapana_assets.federated.payload",
-    "kaapana_assets.federated.privacy",
-    "kaapana_assets.federated.site",
-    "nnunetv2.experiment_planning.plan_and_preprocess_api",
-    "nnunetv2.inference.predict_from_raw_data",
-    "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
-)
+
+def site_stack() -> tuple[str, ...]:
+    """What a site's ClientApp imports for a message: Flower's ClientApp entry point, our
+    app module (which registers the steps) and what the registered steps' site handlers
+    import when they run (the bench's direct reference imports the same before its timer)."""
+    preload([APP_MODULE])  # registers the steps; a failure shows when a ClientApp imports it
+    from kaapana_assets.federation.registry import site_preloads
+
+    return ("flwr.supernode.cli.flwr_clientapp", APP_MODULE, *site_preloads())
 
 
 def clientapp_arguments(spec: ExecutionSpec) -> list[str]:
@@ -189,7 +182,7 @@ def main() -> None:
     # torch.cuda.is_available() (if anything asks during the imports) then asks NVML and
     # leaves CUDA uninitialised, so children can still use the GPU.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    failed = preload(SITE_STACK)
+    failed = preload(site_stack())
     if failed:
         print(f"kaapana-superexec: could not preload {', '.join(failed)}; ClientApps import them themselves",
               file=sys.stderr, flush=True)

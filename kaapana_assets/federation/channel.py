@@ -32,10 +32,10 @@ from typing import cast
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
 
-from kaapana_assets.federated.keys import validate_site_key
+from kaapana_assets.federation.keys import validate_site_key
 
 MANIFEST = "manifest"
 ARRAYS, METRICS, CONFIG = "arrays", "metrics", "config"
@@ -76,6 +76,35 @@ class UpdateRejected(ValueError):
     def __init__(self, reason: RejectionReason, message: str):
         super().__init__(message)
         self.reason, self.message = reason, message
+
+
+def message_type(kind: Kind) -> str:
+    """The Flower message type a request of `kind` travels as (the ClientApp refuses a
+    request that comes as another)."""
+    return {Kind.TRAIN: MessageType.TRAIN, Kind.EVALUATE: MessageType.EVALUATE}.get(kind, MessageType.QUERY)
+
+
+@dataclass
+class Rejection:
+    """A site whose reply the hub did not use, and why."""
+
+    site: str
+    reason: RejectionReason
+    message: str
+
+    def to_json(self) -> dict:
+        return {"site": self.site, "reason": str(self.reason), "message": self.message}
+
+
+@dataclass
+class Verified:
+    """A site's message that passed verification."""
+
+    site: str
+    cases: int
+    metrics: dict[str, float]
+    sha256: str  # the content digest the site signed
+    message: Message | None = None  # the Flower message (updates: what the strategy aggregates)
 
 
 @dataclass(frozen=True)

@@ -1,22 +1,11 @@
-"""The Flower processes of a federation and the credentials they need.
-
-Hub: one SuperLink (Fleet, Control and runtime APIs on one HTTPS port; TLS with the hub's
-certificate; SuperNode authentication on; runtime dependency installation off).
-Site: one SuperNode that dials out to that port and polls; it authenticates with the
-site's own EC key pair, whose public key the hub registered. Beside it, the site's
-SuperExec (`kaapana-superexec`, warm_superexec.py) starts a ClientApp process per
-message. A site opens no port to the outside (the SuperNode's runtime API, for its own
-SuperExec and ClientApps, listens on 127.0.0.1 only).
-
-`LocalFederation` starts a SuperLink and, per site, a SuperNode and its SuperExec as
-subprocesses on loopback: the demo and the tests, the same processes and flags as in
-production.
-"""
+"""A whole federation on this machine, for the demo and the tests: a
+SuperLink and, per site, a SuperNode and its SuperExec as process groups of this process on
+loopback, with the same commands and flags as in production (superlink.py), and the
+process utilities that start and end them (by process group and PID, never by name).
+Production code never imports this module."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import os
 import signal
@@ -28,111 +17,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kaapana_assets.federated.runs import CONNECTION, Connection
-
-# Message TTL and the wait for a phase's replies: a full nnU-Net round runs for hours.
-DEFAULT_TTL_S = 24 * 3600.0
-DEFAULT_ROUND_TIMEOUT_S = 12 * 3600.0
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
-
-
-# -- credentials --------------------------------------------------------------------------------
-
-def create_hub_certificates(folder: Path, hosts: list[str], days: int = 825) -> dict[str, Path]:
-    """A CA and the SuperLink's certificate for `hosts` (DNS names or IP addresses). Sites
-    get ca.pem (to verify the hub); server.key never leaves the hub."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP384R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kaapana federation hub CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    names: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    key = ec.generate_private_key(ec.SECP384R1())
-    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = {"ca": folder / "ca.pem", "certificate": folder / "server.pem", "key": folder / "server.key"}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["certificate"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-    paths["key"].chmod(0o600)
-    return paths
-
-
-def create_node_keys(folder: Path, site: str) -> tuple[Path, Path]:
-    """The site's SuperNode key pair (EC P-384, OpenSSH format): the private key stays at
-    the site; the public key is registered at the hub."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    private, public = folder / f"{site}.key", folder / f"{site}.pub"
-    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                          serialization.NoEncryption()))
-    private.chmod(0o600)
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + f" {site}\n".encode())
-    return private, public
-
-
-# -- command lines ------------------------------------------------------------------------------
-
-def superlink_command(certificates: Mapping[str, Path], host: str, port: int, database: Path) -> list[str]:
-    return [_bin("flower-superlink"), "--ssl-ca-certfile", str(certificates["ca"]),
-            "--ssl-certfile", str(certificates["certificate"]), "--ssl-keyfile", str(certificates["key"]),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", host, "--port", str(port), "--database", str(database)]
-
-
-def supernode_command(superlink: str, root_certificate: Path, private_key: Path, site: str, home: Path,
-                      runtime_port: int = 9094, device: str = "auto", threads: int = 2) -> list[str]:
-    """The site's SuperNode. `--isolation process`: its ClientApps are started by the
-    site's `kaapana-superexec` (superexec_command), not by a SuperExec of Flower's own."""
-    node_config = f'kaapana-home="{home}" site="{site}" device="{device}" threads={threads}'
-    return [_bin("flower-supernode"), "--superlink", superlink, "--root-certificates", str(root_certificate),
-            "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
-            "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]
-
-
-def superexec_command(runtime_port: int = 9094, parent_pid: int | None = None) -> list[str]:
-    """The site's SuperExec beside its SuperNode: Flower's, with ClientApps forked from a
-    process that has the site's stack imported (federated/warm_superexec.py). It talks to
-    the SuperNode's runtime API on loopback only, as Flower's own would."""
-    return [_bin("kaapana-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}",
-            *(["--parent-pid", str(parent_pid)] if parent_pid is not None else [])]
-
-
-def register_node(connection: Connection, public_key: Path) -> str:
-    """Register a site's public key at the SuperLink (`flwr supernode register`); returns
-    Flower's answer. Only registered keys may connect."""
-    connection.write_config()
-    out = subprocess.run([_bin("flwr"), "supernode", "register", str(public_key), CONNECTION],
-                         capture_output=True, text=True, env={**os.environ, "FLWR_HOME": str(connection.flwr_home)},
-                         timeout=120)
-    if out.returncode != 0 or "registered successfully" not in out.stdout:
-        raise RuntimeError(f"could not register {public_key.name}: {(out.stdout + out.stderr).strip()[-500:]}")
-    return out.stdout.strip().splitlines()[-1]
+from kaapana_assets.federation.credentials import create_hub_certificates, create_node_keys
+from kaapana_assets.federation.runs import CONNECTION, Connection
+from kaapana_assets.federation.superlink import (
+    flower_bin,
+    register_node,
+    superexec_command,
+    superlink_command,
+    supernode_command,
+)
 
 
 def free_port() -> int:
@@ -197,8 +90,6 @@ def stop(process: subprocess.Popen, grace_s: float = 10.0, sig: signal.Signals =
         time.sleep(0.1)
     _signal_all([pid for pid in children if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
 
-
-# -- a whole federation on this machine ------------------------------------------------------------
 
 @dataclass
 class LocalSite:
@@ -290,7 +181,7 @@ class LocalFederation:
         deadline = time.monotonic() + timeout_s
         online = 0
         while time.monotonic() < deadline:
-            out = subprocess.run([_bin("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
+            out = subprocess.run([flower_bin("flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
                                  capture_output=True, text=True, timeout=60,
                                  env={**os.environ, "FLWR_HOME": str(self.connection.flwr_home)})
             try:

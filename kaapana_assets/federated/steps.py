@@ -1,0 +1,262 @@
+"""Federated training's steps on the federation's transport, registered by name (see
+kaapana_assets/federation/registry.py):
+
+  plan   hub: every site's fingerprint (aggregates only), verified; planning runs in the asset
+         site: compute the fingerprint (fingerprint_request)
+  round  hub: from global r-1 to global r (hub.run_round over RoundChannel)
+         site: train from global r-1 (train), score global r (evaluate)
+
+At the site this is the wiring layer (as assets.py is the hub's): what the hub's message
+carries is verified with the site's key and put into the site's own federation folder, and
+the site's participation is *materialized into the site's own Dagster instance*
+(site_fingerprint, site_update, site_evaluation), so the site's UI and lineage show every
+round it took part in. The reply carries only tensors, counts and metrics and is signed
+with the site's key; the ClientApp's identifier guard checks it before it leaves.
+
+Imported by kaapana_assets/flower_apps.py only (the ServerApp's and ClientApp's processes):
+never by the code location, which loads neither torch nor Flower."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from kaapana_assets.federated.fingerprint import SiteFingerprint
+from kaapana_assets.federation.channel import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    Kind,
+    Rejection,
+    RejectionReason,
+    UpdateRejected,
+    Verified,
+    full_arrays,
+    metrics_record,
+    read_manifest,
+    seal,
+    verify,
+    weight_records,
+    weights_of,
+)
+from kaapana_assets.federation.clientapp import SiteSettings, reply
+from kaapana_assets.federation.registry import Step, register_step
+from kaapana_assets.federation.serverapp import GridChannel, HubRun
+from kaapana_assets.federation.store import checked_name
+
+if TYPE_CHECKING:
+    import torch
+
+    from kaapana_assets.federated.hub import ExperimentSpec
+
+EXPERIMENTS = "federated_experiments"  # the site's partitions of its federated assets
+# What the site handlers import when they run (kaapana-superexec imports it ahead).
+SITE_IMPORTS = (
+    "dagster",
+    "kaapana_assets.federated.assets",
+    "resources.federation",
+    "resources.storage",
+    "kaapana_assets.federated.hub",
+    "kaapana_assets.federation.payload",
+    "kaapana_assets.federated.privacy",
+    "kaapana_assets.federated.site",
+    "nnunetv2.experiment_planning.plan_and_preprocess_api",
+    "nnunetv2.inference.predict_from_raw_data",
+    "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
+)
+
+# -- hub ------------------------------------------------------------------------------------------
+
+
+class RoundChannel:
+    """hub.SiteChannel over the Grid: what a round sends with the weights."""
+
+    def __init__(self, grid_channel: GridChannel, spec: ExperimentSpec, published: Mapping[str, dict]):
+        self.channel, self.spec = grid_channel, spec
+        # What every site needs besides the weights, published by federated_plan.
+        self.config = {name: json.dumps(value, sort_keys=True) for name, value in published.items()}
+
+    def _content(self, weights: Mapping[str, torch.Tensor]) -> Callable[[str], RecordDict]:
+        records = weight_records(weights)
+        return lambda site: RecordDict({**records, CONFIG: ConfigRecord(dict(self.config))})
+
+    def train(self, sites: list[str], round_: int,
+              weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
+        verified, rejected = self.channel.exchange(Kind.TRAIN, Kind.UPDATE, sites, round_, self._content(weights))
+        accepted = []
+        for update in verified:
+            assert update.message is not None
+            try:
+                arrays = full_arrays(update.message.content) if ARRAYS in update.message.content else None
+            except ValueError as exc:
+                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, str(exc)))
+                continue
+            if arrays is None or set(arrays.keys()) != set(weights):
+                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD,
+                                          "the update is not a state dict of the experiment's network"))
+                continue
+            bad = [k for k in weights if tuple(arrays[k].shape) != tuple(weights[k].shape)]
+            if bad:
+                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, f"tensor {bad[0]} has shape "
+                                          f"{tuple(arrays[bad[0]].shape)}, expected {tuple(weights[bad[0]].shape)}"))
+                continue
+            # Verified already: the strategies now see every name of the state dict.
+            update.message.content[ARRAYS] = arrays
+            accepted.append(update)
+        return accepted, rejected
+
+    def evaluate(self, sites: list[str], round_: int,
+                 weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
+        return self.channel.exchange(Kind.EVALUATE, Kind.EVALUATION, sites, round_, self._content(weights))
+
+
+def plan_step(run: HubRun) -> dict:
+    """Every site's fingerprint (aggregates only), verified; planning itself runs in the asset."""
+    spec = json.dumps(run.store.read_json(run.settings.experiment, "experiment"), sort_keys=True)
+    verified, rejected = run.channel().exchange(
+        Kind.FINGERPRINT_REQUEST, Kind.FINGERPRINT, run.sites, 0,
+        lambda site: RecordDict({CONFIG: ConfigRecord({"experiment": spec})}))
+    fingerprints = {}
+    for answer in verified:
+        assert answer.message is not None
+        try:
+            fingerprint = SiteFingerprint.from_json(str(answer.message.content[CONFIG]["fingerprint"]))
+        except (KeyError, ValueError, TypeError) as exc:
+            rejected.append(Rejection(answer.site, RejectionReason.BAD_PAYLOAD, f"unreadable fingerprint: {exc}"))
+            continue
+        if fingerprint.site != answer.site or fingerprint.cases != answer.cases:
+            rejected.append(Rejection(answer.site, RejectionReason.BAD_PAYLOAD,
+                                      "fingerprint disagrees with its manifest"))
+            continue
+        fingerprints[answer.site] = fingerprint.to_json()
+    return {"ok": True, "fingerprints": fingerprints, "rejected": [r.to_json() for r in rejected]}
+
+
+def _rows(rows: list[dict]) -> list[dict]:
+    return [{k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()} for row in rows]
+
+
+def round_step(run: HubRun) -> dict:
+    from kaapana_assets.federated.hub import ExperimentSpec, RoundFailed, RoundSuperseded, run_round
+
+    store, experiment = run.store, run.settings.experiment
+    spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
+    participants = store.read_json(experiment, "participants")["sites"]
+    published = {name: store.read_json(experiment, name) for name in ("experiment", "plans", "fingerprint", "dataset")}
+    try:
+        outcome = run_round(store, spec, run.settings.round, participants, spec.min_sites,
+                            RoundChannel(run.channel(), spec, published), run.log, run.log)
+    except RoundFailed as exc:
+        return {"ok": False, "error": str(exc), "kind": "below_quorum", "rows": _rows(exc.rows)}
+    except (FileNotFoundError, RoundSuperseded) as exc:
+        return {"ok": False, "error": str(exc), "kind": "refused", "rows": []}
+    return {"ok": True, "round": outcome.round, "global_sha256": outcome.global_sha256,
+            "aggregated": outcome.aggregated, "rejected": [r.to_json() for r in outcome.rejected],
+            "evaluations": outcome.evaluations, "metrics": outcome.metrics, "rows": _rows(outcome.rows)}
+
+
+# -- site -----------------------------------------------------------------------------------------
+# The training steps import Dagster, nnU-Net's helpers and the hub's modules when they run:
+# a ClientApp process starts per message, and a statistics request needs none of them.
+
+def materialize_at_site(settings: SiteSettings, asset: str, experiment: str, partition_key: str) -> None:
+    """Run one site asset in the site's own Dagster instance (<home>/dagster); raise with
+    the step's error when it fails (the hub receives the message)."""
+    import dagster as dg
+
+    from kaapana_assets.federated.assets import SITE_ASSETS
+    from resources.build import site_resources
+    from resources.federation import FederatedSiteResource
+
+    home = settings.home
+    if not home.exists():
+        raise RuntimeError(f"site home {home} does not exist")
+    (home / "dagster").mkdir(parents=True, exist_ok=True)
+    (home / "dagster" / "dagster.yaml").touch()  # the site instance: sqlite storage beside it
+    resources = {**site_resources(home, site=settings.site, device=settings.device, threads=settings.threads),
+                 "federated_site": FederatedSiteResource(name=settings.site, folder=str(settings.store.root))}
+    instance = dg.DagsterInstance.local_temp(str(home / "dagster"))
+    try:
+        if not instance.has_dynamic_partition(EXPERIMENTS, experiment):
+            instance.add_dynamic_partitions(EXPERIMENTS, [experiment])
+        result = dg.materialize([SITE_ASSETS[asset]], partition_key=partition_key, instance=instance,
+                                resources=resources, raise_on_error=False,
+                                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+                                tags={"kaapana/federated": "true", "kaapana/site": settings.site})
+        if not result.success:
+            failures = [e.step_failure_data.error.message.strip() for e in result.get_step_failure_events()
+                        if e.step_failure_data.error]
+            raise RuntimeError(f"{asset}[{partition_key}] failed at {settings.site} (run {result.run_id}): "
+                               + (failures[0][:500] if failures else "see the site's Dagster UI"))
+    finally:
+        instance.dispose()
+
+
+def _receive(settings: SiteSettings, msg: Message, kind: Kind) -> tuple[str, int]:
+    """Verify a message from the hub and put what it carries into the site's folder."""
+    manifest, _ = read_manifest(msg.content)
+    try:
+        verify(msg.content, settings.key, kind, manifest.experiment, manifest.round, settings.site)
+    except UpdateRejected as exc:
+        raise RuntimeError(f"{settings.site} refuses the hub's {kind}: {exc.reason}: {exc.message}") from None
+    experiment, round_ = checked_name("experiment", manifest.experiment), manifest.round
+    store, config = settings.store, msg.content[CONFIG]
+    for name in ("experiment", "plans", "fingerprint", "dataset"):
+        if name in config:
+            store.write_json(experiment, name, json.loads(str(config[name])))
+    if ARRAYS in msg.content:
+        # The weights this site trains from (or scores) are the ones the hub signed.
+        store.write_global(experiment, round_ - 1 if kind == Kind.TRAIN else round_, weights_of(msg.content))
+    return experiment, round_
+
+
+def fingerprint(settings: SiteSettings, msg: Message) -> Message:
+    experiment, _ = _receive(settings, msg, Kind.FINGERPRINT_REQUEST)
+    materialize_at_site(settings, "site_fingerprint", experiment, experiment)
+    payload = settings.store.read_message(experiment, 0, "fingerprint", settings.site).decode()
+    cases = int(json.loads(payload)["cases"])
+    content = RecordDict({CONFIG: ConfigRecord({"fingerprint": payload})})
+    return reply(msg, seal(content, Kind.FINGERPRINT, experiment, 0, settings.site, cases, settings.key))
+
+
+def train(settings: SiteSettings, msg: Message) -> Message:
+    from kaapana_assets.federated.hub import ExperimentSpec
+    from kaapana_assets.federated.partitions import round_key
+    from kaapana_assets.federated.privacy import privatize
+    from kaapana_assets.federation.payload import unpack_update
+
+    experiment, round_ = _receive(settings, msg, Kind.TRAIN)
+    materialize_at_site(settings, "site_update", experiment, round_key(experiment, round_))
+    update = unpack_update(settings.site, settings.store.read_message(experiment, round_, "update", settings.site))
+    spec = ExperimentSpec(**settings.store.read_json(experiment, "experiment"))
+    weights = update.weights
+    if spec.dp.enabled:  # Flower's local DP: clip the update, add Gaussian noise, before anything leaves
+        weights = privatize(weights, settings.store.read_global(experiment, round_ - 1), spec.dp)
+    content = RecordDict({**weight_records(weights), METRICS: metrics_record(update.cases, update.metrics)})
+    return reply(msg, seal(content, Kind.UPDATE, experiment, round_, settings.site, update.cases, settings.key))
+
+
+def evaluate(settings: SiteSettings, msg: Message) -> Message:
+    from kaapana_assets.federated.partitions import round_key
+    from kaapana_assets.federation.payload import unpack_update
+
+    experiment, round_ = _receive(settings, msg, Kind.EVALUATE)
+    materialize_at_site(settings, "site_evaluation", experiment, round_key(experiment, round_))
+    evaluation = unpack_update(settings.site, settings.store.read_message(experiment, round_, "evaluation",
+                                                                           settings.site))
+    content = RecordDict({METRICS: metrics_record(evaluation.cases, evaluation.metrics)})
+    return reply(msg, seal(content, Kind.EVALUATION, experiment, round_, settings.site, evaluation.cases,
+                           settings.key))
+
+
+PLAN = register_step(Step("plan", hub=plan_step, site={Kind.FINGERPRINT_REQUEST: fingerprint},
+                          preload=SITE_IMPORTS))
+ROUND = register_step(Step("round", hub=round_step, site={Kind.TRAIN: train, Kind.EVALUATE: evaluate},
+                           numbered=True, preload=SITE_IMPORTS))
+
+__all__ = ["PLAN", "ROUND", "RoundChannel", "evaluate", "fingerprint", "materialize_at_site", "plan_step",
+           "round_step", "train"]
