@@ -11,7 +11,7 @@ from pathlib import Path
 
 import requests
 
-from tests.helpers import free_port
+from kaapana_assets.federation.local import free_port
 
 
 class SiteWebserver:

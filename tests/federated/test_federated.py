@@ -4,7 +4,7 @@ has its own KAAPANA_HOME and its own Dagster instance and shares no folder with 
 the hub's assets start one Flower run per plan and per round. Learning over three rounds is
 checked on the demo's federation (built once per test run); faults on this module's own: a
 site that goes away mid-round (quorum, clean failure, retry), an unregistered SuperNode, a
-superseded round. Tampered and replayed messages: tests/federated/test_federated_channel.py."""
+superseded round. Tampered and replayed messages: tests/federation/test_federated_channel.py."""
 
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ from kaapana_assets.federation.sites import SiteEntry, write_sites
 from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.monitoring import steps as monitoring
 from kaapana_assets.monitoring.figures import EXPERIMENT as STATISTICS
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGE = ROOT / "kaapana_assets"
+PACKAGE = REPO / "kaapana_assets"
 
 
 def _imports(path: Path) -> set[str]:
@@ -40,7 +40,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def _importing(folder: Path, prefixes: tuple[str, ...]) -> list[str]:
-    return [f"{path.relative_to(ROOT)}: {name}" for path in sorted(folder.rglob("*.py"))
+    return [f"{path.relative_to(REPO)}: {name}" for path in sorted(folder.rglob("*.py"))
             for name in sorted(_imports(path)) if name.startswith(prefixes)]
 
 
@@ -54,9 +54,9 @@ def test_the_transport_imports_no_domain_and_the_domains_not_each_other() -> Non
 def test_production_code_never_imports_the_local_federation() -> None:
     """local.py is the demo's and the tests' (and the CLI's, which prints its commands)."""
     allowed = ("kaapana_assets/demo", "kaapana_assets/cli/", "kaapana_assets/federation/local.py")
-    paths = [*PACKAGE.rglob("*.py"), *(ROOT / "resources").glob("*.py"), *(ROOT / "sensors").glob("*.py"),
-             ROOT / "definitions.py"]
-    users = [str(p.relative_to(ROOT)) for p in paths if "kaapana_assets.federation.local" in _imports(p)]
+    paths = [*PACKAGE.rglob("*.py"), *(REPO / "resources").glob("*.py"), *(REPO / "sensors").glob("*.py"),
+             REPO / "definitions.py"]
+    users = [str(p.relative_to(REPO)) for p in paths if "kaapana_assets.federation.local" in _imports(p)]
     assert [u for u in users if not u.startswith(allowed)] == []
 
 
@@ -85,19 +85,9 @@ def test_the_domains_register_their_steps() -> None:
     assert "other" not in registry.steps()
 
 
-@pytest.fixture
-def _flower_run() -> None:
-    """Flower builds a Message only inside a run (it stamps run and node ids)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id = 1  # type: ignore[misc]
-    TaskIdentity.node_id = 1  # type: ignore[misc]
-    TaskIdentity.task_id = 1  # type: ignore[misc]
-
-
-def test_the_clientapp_answers_by_the_registered_kind(tmp_path: Path, _flower_run: None,
+def test_the_clientapp_answers_by_the_registered_kind(tmp_path: Path, flower_run: None,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_network_statistics import make_site_lake
+    from tests.monitoring.test_network_statistics import make_site_lake
 
     monkeypatch.delenv("KAAPANA_SITE_KEY", raising=False)
     key = generate_site_key()

@@ -22,11 +22,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from bench import orthanc
 from kaapana_assets.archive.service import Archive
+from kaapana_assets.federation.local import free_port
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.spool import plan_spool, scan_spool, wait_until_quiet
 from kaapana_assets.lake import Lake
-from tests.helpers import REPO, can_unshare, free_port
+from tests.helpers import REPO, can_unshare
 from tests.tools import dciodvfy_errors
 
 # slow tier (`make test-all`): receiver, storescp and Orthanc processes; the encoders and the
