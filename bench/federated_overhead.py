@@ -4,7 +4,7 @@
                                        [--local-epochs 6] [--iterations 50] [--work DIR]
 
 `--sites` synthetic sites (scanner profiles site-a, site-b, …), each with `--train` annotated
-studies in its own KAAPANA_HOME, the liver-train cohort snapshotted (as in the tests).
+studies in its own KAAPANA_HOME, the liver-train cohort snapshotted (as in the test suite).
   - federated: a LocalFederation (Flower SuperLink + one SuperNode per site, on loopback);
     federated_plan[overhead] once (not timed), then ONE federated_rounds[overhead|1]
     materialization is timed: one Flower run — the sites train from global 0 (their ClientApps
@@ -451,7 +451,7 @@ def run(args: argparse.Namespace, root: Path, sites: tuple[str, ...], threads: i
     from resources import site_resources
     from resources.federation import FederationResource
 
-    # The cohort of tests/helpers.py (COHORT).
+    # The liver-train cohort of the test suite's helpers (COHORT).
     cohort = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
                                               "filter": {"modality": "CT", "has_reference_segmentation": True}})
     schedule = nnunet.Schedule.preset(args.schedule, epochs=args.local_epochs, iterations_per_epoch=args.iterations,

@@ -100,8 +100,8 @@ def count(folder: Path) -> int:
 
 def run(instances: int, parallelism: list[int], code: Path) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    from bench.orthanc import Orthanc
     from kaapana_assets.synthetic import generate_site
-    from tests.orthanc import Orthanc
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -264,3 +264,13 @@ def evaluated_demo(demo_home: Path, tmp_path_factory: pytest.TempPathFactory):  
         result = dg.materialize([segmentation_evaluation, evaluation_gate], partition_key="liver-test",
                                 instance=instance, resources=resources)
         yield EvaluatedDemo(root, studies, instance, resources, result, time.perf_counter() - started)
+
+
+@pytest.fixture
+def flower_run() -> None:
+    """Flower builds a Message only inside a run (it stamps run and node ids); here, run 1 on node 1."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id = 1  # type: ignore[misc]
+    TaskIdentity.node_id = 1  # type: ignore[misc]
+    TaskIdentity.task_id = 1  # type: ignore[misc]

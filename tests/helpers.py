@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +16,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.synthetic import GeneratedStudy
 
 SMALL = {"slices": 12, "matrix": 40}  # small grids: same scanners, fewer voxels
+REPO = Path(__file__).resolve().parents[1]  # the repository root, whichever folder of tests/ asks
 
 
 @dataclass
@@ -102,3 +108,22 @@ class Federation:
         from resources import site_resources
 
         return {**site_resources(self.root / "hub", device="cpu", promotion_dice=0.05), "federation": federation}
+
+    @contextmanager
+    def network(self, folder: str) -> Iterator:
+        """A SuperLink and the three sites' SuperNodes as processes, kept under hub/<folder>,
+        started on entry and closed on exit (test modules hold one each, module-scoped)."""
+        from kaapana_assets.federation.local import LocalFederation
+
+        network = LocalFederation(self.root / "hub" / folder, self.local_sites())
+        try:
+            yield network.start()
+        finally:
+            network.close()
+
+
+def can_unshare() -> bool:
+    """Whether this process may run a command in a private network namespace (`unshare -n`, as root)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import dagster as dg
 
+from tests.helpers import REPO
+
 
 def test_definitions_load() -> None:
     import definitions
@@ -35,7 +37,7 @@ def test_definitions_load() -> None:
 def test_loading_the_code_location_imports_neither_torch_nor_flower() -> None:
     """Every run process imports the code location before its first step: torch and Flower
     (≈1.5 s) load only in the steps that train, predict or federate."""
-    root = Path(__file__).resolve().parents[1]
+    root = REPO
     probe = "import sys, definitions; print(sorted(m for m in ('torch', 'flwr', 'nnunetv2', 'mlflow') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

@@ -12,8 +12,7 @@ import pytest
 
 from kaapana_assets.environment import Environment
 from resources import build_resources
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def test_local_resources_carry_the_values_in_use(tmp_path: Path) -> None:
@@ -97,8 +96,8 @@ def test_nothing_below_the_top_reads_the_environment() -> None:
     """Only the tops read the environment (os.environ, os.getenv, Environment.read): every
     module under kaapana_assets/, resources/ and sensors/ gets its values passed down."""
     readers = []
-    for path in sorted([*ROOT.glob("resources/*.py"), *ROOT.glob("sensors/*.py"), *ROOT.glob("kaapana_assets/**/*.py")]):
-        relative = str(path.relative_to(ROOT))
+    for path in sorted([*REPO.glob("resources/*.py"), *REPO.glob("sensors/*.py"), *REPO.glob("kaapana_assets/**/*.py")]):
+        relative = str(path.relative_to(REPO))
         text = path.read_text()
         functions = _functions(ast.parse(text))
         for number, line in enumerate(text.splitlines(), 1):

@@ -11,7 +11,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 OURS = ("kaapana_assets", "resources", "sensors", "definitions")
 
 # The domain layers, lowest first. A unit is a package or module directly under kaapana_assets/.
@@ -62,7 +63,7 @@ def may_import(importer: str, imported: str) -> bool:
 
 def _module_name(path: Path) -> tuple[str, str]:
     """The module's dotted name, and the package its relative imports start from."""
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
     if parts[-1] == "__init__":
         name = ".".join(parts[:-1])
         return name, name
@@ -71,15 +72,15 @@ def _module_name(path: Path) -> tuple[str, str]:
 
 
 def _is_module(dotted: str) -> bool:
-    path = ROOT.joinpath(*dotted.split("."))
+    path = REPO.joinpath(*dotted.split("."))
     return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
 def imports() -> dict[tuple[str, str], list[str]]:
     """(importing module, imported module) → the places (file:line) of every import of ours."""
     found: dict[tuple[str, str], list[str]] = defaultdict(list)
-    files = [*ROOT.glob("kaapana_assets/**/*.py"), *ROOT.glob("resources/**/*.py"),
-             *ROOT.glob("sensors/**/*.py"), ROOT / "definitions.py"]
+    files = [*REPO.glob("kaapana_assets/**/*.py"), *REPO.glob("resources/**/*.py"),
+             *REPO.glob("sensors/**/*.py"), REPO / "definitions.py"]
     for path in files:
         name, package = _module_name(path)
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -97,7 +98,7 @@ def imports() -> dict[tuple[str, str], list[str]]:
                 continue
             for target in targets:
                 if target.split(".")[0] in OURS:
-                    found[(name, target)].append(f"{path.relative_to(ROOT)}:{node.lineno}")
+                    found[(name, target)].append(f"{path.relative_to(REPO)}:{node.lineno}")
     return found
 
 
@@ -114,7 +115,7 @@ def test_every_import_follows_the_table() -> None:
 
 def test_the_table_names_every_package() -> None:
     """A new package gets its layer when it is added: nothing under kaapana_assets/ is unplaced."""
-    units = {unit_of(_module_name(p)[0]) for p in ROOT.glob("kaapana_assets/**/*.py")}
+    units = {unit_of(_module_name(p)[0]) for p in REPO.glob("kaapana_assets/**/*.py")}
     placed = set(LAYER_OF) | DAGSTER | {u for u in units if u.endswith((".assets", ".steps"))}
     assert sorted(u for u in units - placed if not f"kaapana_assets.{u}".startswith(TOPS)) == []
 

@@ -1,5 +1,6 @@
 """The Debian tools the tests name are the ones `make tools` installs."""
 
+from tests.helpers import REPO
 from tests.tools import TOOLS, listed_packages, missing_message
 
 
@@ -23,9 +24,7 @@ def test_tests_sharing_a_costly_session_fixture_run_in_one_worker(tmp_path) -> N
     upgrade of pytest or xdist breaks the grouping, each worker would build them again."""
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
     (tmp_path / "conftest.py").write_text(
         "import os\nimport pytest\nfrom tests.conftest import pytest_collection_modifyitems  # noqa: F401\n\n"
         "@pytest.fixture(scope='session')\ndef trained_site():\n    return os.environ['PYTEST_XDIST_WORKER']\n")
@@ -34,8 +33,8 @@ def test_tests_sharing_a_costly_session_fixture_run_in_one_worker(tmp_path) -> N
         "    print('WORKER', trained_site)\n\n@pytest.mark.parametrize('i', range(6))\ndef test_plain(i):\n    pass\n")
     out = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadgroup", "-v", "-p",
                           "no:cacheprovider", "--rootdir", str(tmp_path), str(tmp_path)],
-                         capture_output=True, text=True, timeout=300, cwd=root, env={**__import__("os").environ,
-                                                                                     "PYTHONPATH": str(root)})
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env={**__import__("os").environ,
+                                                                                     "PYTHONPATH": str(REPO)})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     grouped = [line.split()[0] for line in out.stdout.splitlines() if "PASSED" in line and "test_uses" in line]
     assert len(grouped) == 6 and len(set(grouped)) == 1, out.stdout[-2000:]

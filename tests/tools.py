@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-PACKAGES_FILE = Path(__file__).resolve().parents[1] / ".ci" / "debian-packages"
+from tests.helpers import REPO
+
+PACKAGES_FILE = REPO / ".ci" / "debian-packages"
 
 # executable (or file) -> the Debian package that ships it
 TOOLS: dict[str, str] = {

@@ -152,7 +152,7 @@ class ForkingClientAppExecutor(SubprocessExecutor):
 def install_forking_executor() -> None:
     """Make Flower's SuperExec loop use ForkingClientAppExecutor where it would use its
     subprocess executor. Flower's loop looks its executor factory up in its own module at
-    start: the one seam it has (tests/test_warm_superexec.py checks it on the pinned Flower)."""
+    start: the one seam it has (tests/federation/test_warm_superexec.py checks it on the pinned Flower)."""
     from flwr.supercore.superexec import run_superexec
 
     flower_get_executor = getattr(run_superexec, "_flower_get_executor", run_superexec.get_executor)

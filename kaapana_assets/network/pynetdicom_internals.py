@@ -1,7 +1,7 @@
 """The receiver's use of pynetdicom's private internals, in one place.
 
 Copied from and written against pynetdicom 3.0.4 (`PYNETDICOM_VERSION`; pyproject.toml pins
-exactly that version). tests/test_pynetdicom_internals.py fails when another version is
+exactly that version). tests/network/test_pynetdicom_internals.py fails when another version is
 installed, or when a private name listed in `RELIES_ON` is gone: then re-read what is listed
 below against the new version's pynetdicom/association.py, dul.py, dimse.py and transport.py,
 bring this module (and receiver.py's `_CountingRequestHandler`, `ReceiverServer`) up to date,

@@ -171,7 +171,7 @@ def _column_value(value: Any, kind: str) -> Any:
 
 def seg_instance_row(seg: Dataset, transfer_syntax_uid: str) -> dict[str, Any]:
     """The `instances` header columns of a SEG we built: the values `parse_header` reads from
-    its encoded bytes (tests/test_segmentation.py proves them equal), without the re-parse.
+    its encoded bytes (tests/segmentation/test_segmentation.py proves them equal), without the re-parse.
     No AE titles: the SEG was made here, not received."""
     derived = {
         "TransferSyntaxUID": transfer_syntax_uid,

@@ -13,12 +13,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 def main(workdir: Path, files: list[Path]) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    from bench.orthanc import Orthanc
     from kaapana_assets.archive.service import Archive
     from kaapana_assets.cli import main as kaapana
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.network.dicomweb import DicomWebSource
-    from tests.orthanc import Orthanc
 
     orthanc = Orthanc(workdir / "orthanc")
     try:
