@@ -12,14 +12,11 @@ export HF_HUB_OFFLINE = 1
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
-# --no-compile: Python compiles what is imported, when it is first imported; compiling every
-# module of every package at install costs more than half of the install's time.
-PIP_INSTALL := -m pip install --quiet --no-compile
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python $(PIP_INSTALL) torch==2.13.0
-	$(BIN)/python $(PIP_INSTALL) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -63,6 +60,10 @@ test-all: tools lint
 # What deploy/ builds: `pip install .` without extras, in a clean venv, must import the code
 # location (a runtime import that only a dev extra brought once broke production).
 RUNTIME_VENV ?= $(CURDIR)/build/runtime-venv
+# --no-compile: this venv imports the code location once and is removed. (The dev venv is
+# byte-compiled at install: where PYTHONDONTWRITEBYTECODE is set, nothing else would, and
+# every test process would compile torch, Dagster and Flower from source again.)
+PIP_INSTALL := -m pip install --quiet --no-compile
 check-runtime-install:
 	rm -rf $(RUNTIME_VENV) && $(PYTHON) -m venv $(RUNTIME_VENV)
 	$(RUNTIME_VENV)/bin/python -m pip install --quiet --upgrade pip
