@@ -227,6 +227,8 @@ def test_a_cohort_version_that_failed_a_blocking_check_is_not_exported(
     assert not (home.root / "nnunet" / "liver-train").exists()  # nothing exported
 
 
+# slow: a real nnU-Net export and plan (≈20 s) before the refusal it tests
+@pytest.mark.slow
 def test_training_refuses_a_version_whose_checks_failed_after_its_export(tmp_path: Path,
                                                                        site_a: list[GeneratedStudy]) -> None:
     """Exported while its checks passed; the checks run again on the same version (the definition

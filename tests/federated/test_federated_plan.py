@@ -150,6 +150,8 @@ def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) 
     assert nnunet.predict(predictor, array, spacing).shape == array.shape  # type: ignore[arg-type]
 
 
+# slow: two real nnU-Net trainings (≈10 s)
+@pytest.mark.slow
 def test_seeded_local_training_is_reproducible(site_datasets: dict[str, Path], tmp_path: Path) -> None:
     """The same seed trains the same network (a rerun of a round, the quality benchmark's two
     runs); another seed another one; every site and round gets its own seed."""
