@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
     {"archive", "nnunet", "federation"},
     {"ingest", "extensions"},
     {"cohorts", "network"},
-    {"training"},
+    {"training", "dicomweb"},
     {"segmentation"},
     {"synthetic", "evaluation", "lineage"},
     {"federated", "monitoring"},
