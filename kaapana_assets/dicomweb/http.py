@@ -99,13 +99,15 @@ class MediaRange:
         return want_kind in ("*", kind) and want_sub in ("*", sub)
 
 
-def _split_params(text: str) -> list[str]:
-    """Split on ';' outside double quotes (type="application/dicom" may hold none, but be exact)."""
-    parts, current, quoted = [], [], False
+def _split_unquoted(text: str, separator: str) -> list[str]:
+    """Split on `separator` outside double quotes (type="..." parameter values)."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted
-        if char == ";" and not quoted:
+        if char == separator and not quoted:
             parts.append("".join(current))
             current = []
         else:
@@ -114,28 +116,14 @@ def _split_params(text: str) -> list[str]:
     return parts
 
 
-def _split_ranges(header: str) -> list[str]:
-    ranges, current, quoted = [], [], False
-    for char in header:
-        if char == '"':
-            quoted = not quoted
-        if char == "," and not quoted:
-            ranges.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    ranges.append("".join(current))
-    return [r for r in ranges if r.strip()]
-
-
 def accepted(request: Request) -> list[MediaRange]:
     """The Accept header's media ranges, best first (q, then specificity); `*/*` when absent."""
     header = request.headers.get("accept", "").strip()
     if not header:
         return [MediaRange("*/*")]
     ranges = []
-    for text in _split_ranges(header):
-        media_type, *raw = (p.strip() for p in _split_params(text))
+    for text in (r for r in _split_unquoted(header, ",") if r.strip()):
+        media_type, *raw = (p.strip() for p in _split_unquoted(text, ";"))
         params: dict[str, str] = {}
         q = 1.0
         for p in raw:
