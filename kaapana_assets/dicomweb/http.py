@@ -49,7 +49,7 @@ def element(vr: str, values: Iterable[Any] | None) -> dict[str, Any]:
     if not kept:
         return out
     if vr == "PN":
-        out["Value"] = [{"Alphabetic": str(v)} for v in kept]
+        out["Value"] = [person_name(str(v)) for v in kept]
     elif vr in INTEGER_VRS:
         out["Value"] = [int(v) for v in kept]
     elif vr in NUMBER_VRS:
@@ -57,6 +57,14 @@ def element(vr: str, values: Iterable[Any] | None) -> dict[str, Any]:
     else:
         out["Value"] = [str(v) for v in kept]
     return out
+
+
+PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def person_name(value: str) -> dict[str, str]:
+    """A PN value ("alphabetic=ideographic=phonetic") as its DICOM JSON object."""
+    return {group: text for group, text in zip(PN_GROUPS, value.split("="), strict=False) if text}
 
 
 def keyword_element(keyword: str, value: Any) -> tuple[str, dict[str, Any]]:
