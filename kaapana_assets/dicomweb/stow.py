@@ -44,8 +44,9 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from kaapana_assets.dicomweb import multipart
-from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
+from kaapana_assets.dicomweb.config import DicomwebConfig
 from kaapana_assets.dicomweb.http import DICOM_JSON, DicomJSONResponse, require_uid
+from kaapana_assets.dicomweb.wado import base_url
 from kaapana_assets.ingest.headers import InstanceHeader, Reason
 from kaapana_assets.network.intake import (
     CANNOT_UNDERSTAND,
@@ -188,7 +189,7 @@ class Stow:
         address = request.client.host if request.client else "unknown"
         stored: list[dict[str, Any]] = []
         failed: list[dict[str, Any]] = []
-        base = str(request.base_url).rstrip("/").removesuffix(DICOMWEB_ROOT) + DICOMWEB_ROOT
+        base = base_url(request)
         try:
             async for part in multipart.read_parts(request.stream(), boundary, limit, min(limit, MAX_PART_BYTES)):
                 item, status, header = await run_in_threadpool(self._admit, part, address, study_uid)
