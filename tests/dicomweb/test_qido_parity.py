@@ -160,8 +160,8 @@ def _in_namespace(workdir: Path, manifest: Path) -> None:
     the files uploaded to Orthanc over REST, every query asked of both. Prints the answers."""
     sys.path.insert(0, str(REPO))
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    from bench.dicomweb_server import DicomwebServer
     from bench.orthanc import Orthanc
-    from tests.helpers import DicomwebServer
 
     spec = json.loads(manifest.read_text())
     ours = DicomwebServer(Path(spec["home"]))
