@@ -21,6 +21,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from kaapana_assets.dicomweb.http import tag_hex
 
@@ -40,8 +41,30 @@ BulkURI = Callable[[tuple[int, ...]], str]  # the tag path (nested: sequence tag
 
 
 def read_header(path: Path) -> Dataset:
-    """The instance as pydicom reads it, large values deferred (never read here)."""
-    return pydicom.dcmread(path, defer_size=BULK_THRESHOLD)
+    """The instance as pydicom reads it, large values deferred (never read here). PixelData is
+    not read at all, compressed or not (pydicom reads an encapsulated value whole, deferral or
+    not): it stands as a raw element with its VR, length and position in the file (`value_tell`),
+    value None. Elements after it (trailing padding) are left out."""
+    with open(path, "rb") as file:
+        ds = pydicom.dcmread(file, stop_before_pixels=True, defer_size=BULK_THRESHOLD)
+        syntax = ds.file_meta.TransferSyntaxUID
+        if syntax == DeflatedExplicitVRLittleEndian:  # read from an inflated copy: no file positions
+            return pydicom.dcmread(path, defer_size=BULK_THRESHOLD)
+        at = file.tell()  # pydicom stops in front of the PixelData tag
+        head = file.read(12)
+    little = syntax.is_little_endian
+    order = "<" if little else ">"
+    if len(head) < 8 or struct.unpack(order + "HH", head[:4]) != (0x7FE0, 0x0010):
+        return ds
+    implicit = syntax.is_implicit_VR
+    if implicit:
+        vr, length, value_at = None, struct.unpack(order + "I", head[4:8])[0], at + 8
+    elif head[4:6] in (b"OB", b"OW", b"UN", b"OD", b"OF", b"OL", b"OV") and len(head) == 12:
+        vr, length, value_at = head[4:6].decode(), struct.unpack(order + "I", head[8:12])[0], at + 12
+    else:
+        vr, length, value_at = head[4:6].decode("ascii", "replace"), struct.unpack(order + "H", head[6:8])[0], at + 8
+    ds[PIXEL_DATA] = RawDataElement(Tag(PIXEL_DATA), vr, length, None, value_at, implicit, little, True, False)
+    return ds
 
 
 def _text_codec(ds: Dataset) -> str | None:

@@ -21,6 +21,7 @@ from dicomweb_client.api import DICOMwebClient
 from starlette.testclient import TestClient
 
 from bench import orthanc
+from bench.dicomweb_server import DicomwebServer
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.dicomweb.app import create_app
 from kaapana_assets.dicomweb.config import DicomwebConfig
@@ -31,7 +32,7 @@ from kaapana_assets.ingest.spool import scan_spool
 from kaapana_assets.lake.schemas import INSTANCES
 from kaapana_assets.network.intake import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS
 from kaapana_assets.synthetic import GeneratedStudy
-from tests.helpers import REPO, DicomwebServer, can_unshare
+from tests.helpers import REPO, can_unshare
 
 MULTIPART = 'multipart/related; type="application/dicom"; boundary=BOUNDARY'
 REFERENCED, FAILED, FAILURE_REASON, SOP_INSTANCE = "00081199", "00081198", "00081197", "00081155"

@@ -25,13 +25,14 @@ from pydicom.encaps import generate_frames
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from bench import orthanc
+from bench.dicomweb_server import DicomwebServer
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake.schemas import INSTANCES
 from kaapana_assets.synthetic import GeneratedStudy
 from kaapana_assets.synthetic.transcode import transcode
-from tests.helpers import REPO, DicomwebServer, can_unshare
+from tests.helpers import REPO, can_unshare
 
 COMPRESSED = {"jpeg_lossless_sv1": "1.2.840.10008.1.2.4.70", "jpeg2000_lossless": "1.2.840.10008.1.2.4.90"}
 pytestmark = pytest.mark.tools("dcmcjpeg", "gdcmconv")  # they compress two of the studies
