@@ -42,7 +42,7 @@ from kaapana_assets.dicomweb import multipart, pixels
 from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
 from kaapana_assets.dicomweb.http import DICOM_JSON, JSON, MediaRange, accepted, negotiate, require_uid
 from kaapana_assets.dicomweb.index import ArchivedInstance, InstanceIndex, Selection
-from kaapana_assets.dicomweb.metadata import PIXEL_DATA, dataset_json, read_header
+from kaapana_assets.dicomweb.metadata import PIXEL_DATA, instance_json, read_header
 
 DICOM = "application/dicom"
 MULTIPART = "multipart/related"
@@ -239,7 +239,7 @@ class Wado:
             # tags (8 hex digits) and item indices (decimal) alternate along the path
             return url + "/".join(f"{p:08X}" if position % 2 == 0 else str(p) for position, p in enumerate(path))
 
-        return dataset_json(read_header(instance.path), bulk_uri)
+        return instance_json(instance.path, bulk_uri)
 
     # bulk data -----------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from bench import orthanc
 from bench.dicomweb_server import DicomwebServer
 from kaapana_assets.archive.service import Archive
+from kaapana_assets.dicomweb.metadata import instance_json
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake.schemas import INSTANCES
@@ -127,6 +128,18 @@ def test_series_metadata_carries_every_attribute_and_its_bulk_data(served: Serve
             for element in expected:
                 if element.tag != 0x7FE00010:
                     assert ds[element.tag].value == element.value, element.tag
+
+
+def test_metadata_encoder_equals_pydicoms_json(served: Served) -> None:
+    """Our DICOM JSON, read straight from the bytes (or through pydicom for other syntaxes), is
+    pydicom's own `to_json_dict` of the file, wherever binary values are aside."""
+    rows = Archive.for_home(served.home).lake.read(INSTANCES.name)
+    for row in rows.iter_rows(named=True):
+        path = served.path(row)
+        ours = instance_json(path, lambda tag_path: "bulk")
+        pydicoms = pydicom.dcmread(path).to_json_dict(1024, lambda element: "bulk")
+        assert {tag: _comparable(e) for tag, e in ours.items()} == \
+            {tag: _comparable(e) for tag, e in pydicoms.items()}, row["archive_path"]
 
 
 def test_frames_native_and_as_stored(served: Served) -> None:
