@@ -178,13 +178,14 @@ def drop(studies: list[tuple[str, Path]], spool: Path, name: str, keep_mtimes: b
 def wait_for_segs(lake_path: Path, study_uids: list[str], since: float, timeout_s: float) -> dict[str, float]:
     """Seconds from `since` until each study's row shows in the segmentations table."""
     from kaapana_assets.lake import Lake
+    from kaapana_assets.lake.schemas import SEGMENTATIONS
 
     lake = Lake(lake_path)
     seen: dict[str, float] = {}
     deadline = since + timeout_s
     while len(seen) < len(study_uids) and time.monotonic() < deadline:
-        if lake.exists("segmentations"):
-            done = set(lake.read("segmentations")["study_uid"].to_list())
+        if lake.exists(SEGMENTATIONS):
+            done = set(lake.read(SEGMENTATIONS)["study_uid"].to_list())
             now = time.monotonic() - since
             for study_uid in study_uids:
                 if study_uid in done and study_uid not in seen:

@@ -26,7 +26,7 @@ from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
 from kaapana_assets.federation.runs import FlowerRunFailed
-from kaapana_assets.lake.schemas import TABLES
+from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.tracking import model_name_for
@@ -243,9 +243,9 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     rows = _rows(result.get("rows", []))
     if not result["ok"]:
         if rows:
-            table.merge("federated_rounds", _arrow(rows))
+            table.merge(FEDERATED_ROUNDS, _arrow(rows))
         raise dg.Failure(description=str(result["error"]), metadata={"sites": _round_table(rows)} if rows else {})
-    written = table.merge("federated_rounds", _arrow(rows))
+    written = table.merge(FEDERATED_ROUNDS, _arrow(rows))
     outcome = RoundResult(round_, str(result["global_sha256"]), list(result["aggregated"]),
                           {r["site"]: r["reason"] for r in result["rejected"]}, result["evaluations"],
                           result["metrics"], rows)
@@ -297,7 +297,7 @@ def _rows(rows: list[dict]) -> list[dict]:
 
 
 def _arrow(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=TABLES["federated_rounds"].schema)
+    return pa.Table.from_pylist(rows, schema=FEDERATED_ROUNDS.schema)
 
 
 class FederatedModelConfig(dg.Config):
@@ -318,8 +318,8 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
     experiment = context.partition_key
     store = federation.store()
     spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
-    rows = lake.lake().read("federated_rounds", (pl.col("experiment") == experiment)) \
-        if lake.lake().exists("federated_rounds") else pl.DataFrame()
+    rows = lake.lake().read(FEDERATED_ROUNDS, (pl.col("experiment") == experiment)) \
+        if lake.lake().exists(FEDERATED_ROUNDS) else pl.DataFrame()
     done = rows.filter(pl.col("status") == "global").sort("round") if len(rows) else rows
     if not len(done):
         raise dg.Failure(description=f"no round of {experiment} has completed: materialize federated_rounds first")

@@ -445,3 +445,11 @@ TABLES: dict[str, TableSpec] = {
                  FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES, COHORT_CHECKS,
                  FEDERATED_SITE_ROUNDS)
 }
+
+
+def table_named(name: str) -> TableSpec:
+    """The table a name from outside (a CLI argument, a URL, a metadata key) names."""
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise ValueError(f"unknown lake table {name!r}; known: {', '.join(sorted(TABLES))}") from None

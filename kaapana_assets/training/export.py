@@ -28,6 +28,7 @@ from kaapana_assets.cohorts.membership import CohortSnapshot
 from kaapana_assets.cohorts.references import reference_sources
 from kaapana_assets.ingest.volume import assemble_volume
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES
 from kaapana_assets.nnunet import Case, require_patients, write_raw_dataset
 
 
@@ -56,7 +57,7 @@ def label_ids(snapshot: CohortSnapshot, required: list[str]) -> dict[str, int]:
 
 
 def _archive_paths(lake: Lake, archive_root: Path, series_uid: str, version: int | None) -> list[Path]:
-    rows = lake.read("instances", pl.col("series_uid") == series_uid, version=version).select("archive_path")
+    rows = lake.read(INSTANCES, pl.col("series_uid") == series_uid, version=version).select("archive_path")
     return [archive_root / p for p in rows["archive_path"].to_list()]
 
 

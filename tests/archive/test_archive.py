@@ -10,7 +10,7 @@ from kaapana_assets.archive import index
 from kaapana_assets.archive.layout import ArchiveConflict
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.ingest.headers import parse_header
-from kaapana_assets.lake.schemas import INSTANCES
+from kaapana_assets.lake.schemas import INSTANCES, SEG_SEGMENTS, SERIES, STUDIES
 from kaapana_assets.synthetic import GeneratedStudy
 
 ROW = {"study_uid": "2.25.1", "series_uid": "2.25.1.2", "sop_instance_uid": "2.25.1.2.3"}
@@ -41,14 +41,14 @@ def test_stored_bytes_are_indexed_with_their_segments_and_reconciled(targets: Ar
     # The SEG's segments commit before the instances rows that name it.
     assert [w.table for w in stored.writes] == ["seg_segments", "instances"]
     assert {s["sop_instance_uid"] for s in stored.segments} == {rows[-1]["sop_instance_uid"]}
-    assert targets.lake.read("instances").height == len(rows)
+    assert targets.lake.read(INSTANCES).height == len(rows)
 
     reconciled = targets.reconcile({study.study_uid}, heal_segments=False)
     assert [w.table for w in reconciled.writes] == ["series", "studies"] and not reconciled.segments
     assert {s["series_uid"] for s in reconciled.series} == {study.series_uid, study.seg_series_uid}
-    assert targets.lake.read("studies", pl.col("study_uid") == study.study_uid).height == 1
+    assert targets.lake.read(STUDIES, pl.col("study_uid") == study.study_uid).height == 1
     # In order: a second reconcile commits nothing, and finds the segments recorded.
-    versions = targets.lake.versions(("series", "studies", "seg_segments"))
+    versions = targets.lake.versions((SERIES, STUDIES, SEG_SEGMENTS))
     assert not targets.reconcile({study.study_uid}).segments
-    assert targets.lake.versions(("series", "studies", "seg_segments")) == versions
+    assert targets.lake.versions((SERIES, STUDIES, SEG_SEGMENTS)) == versions
     assert targets.reindex_segments() == 0

@@ -20,6 +20,7 @@ import pydicom
 import pytest
 
 from bench import orthanc
+from kaapana_assets.lake.schemas import INSTANCES
 from tests.helpers import REPO, can_unshare
 from tests.tools import dciodvfy_errors
 
@@ -96,7 +97,7 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     assert burst.asset_materializations_for_node("dicom_studies")[0].metadata["study_count"].value == len(study_uids)
     assert set(study_uids) <= instance.get_materialized_partitions(dg.AssetKey("dicom_studies"))
     lake = Lake(trained_site.home.lake)
-    indexed = lake.read("instances").filter(pl.col("study_uid").is_in(study_uids))
+    indexed = lake.read(INSTANCES).filter(pl.col("study_uid").is_in(study_uids))
     assert indexed.height == len(sent)
     evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
     requested = evaluation.get_requested_partitions(dg.AssetKey("segmentations"))
@@ -106,7 +107,7 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
                              resources=trained_site.resources)
         assert run.success
         md = run.asset_materializations_for_node("segmentations")[0].metadata
-        seg = lake.read("instances", pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)
+        seg = lake.read(INSTANCES, pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)
         errors = dciodvfy_errors(trained_site.home.archive / seg["archive_path"][0])
         assert errors == [], (study_uid, errors)
 

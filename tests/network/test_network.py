@@ -27,6 +27,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.spool import plan_spool, scan_spool, wait_until_quiet
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES, SENT
 from tests.helpers import REPO, can_unshare
 from tests.tools import dciodvfy_errors
 
@@ -129,7 +130,7 @@ def test_storescu_into_receiver_then_ingest(receiver: Receiver, corpus: dict, tm
         assert _dataset_bytes(by_sop[ds.SOPInstanceUID]) == _dataset_bytes(original)  # identical content
     report = ingest_files(received, Archive.for_home(KaapanaHome(receiver.home)))
     assert report.count("indexed") == len(study.files)
-    rows = Lake(receiver.home / "lake").read("instances")
+    rows = Lake(receiver.home / "lake").read(INSTANCES)
     assert set(rows["calling_ae_title"].to_list()) == {"STORESCU"} and set(rows["called_ae_title"].to_list()) == {"KAAPANA"}
 
 
@@ -312,7 +313,7 @@ def test_send_seg_to_storescp(tmp_path: Path, corpus: dict) -> None:
     [received] = list(out.iterdir())
     assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(seg).SOPInstanceUID
     assert dciodvfy_errors(received) == []
-    sent = Lake(home / "lake").read("sent")
+    sent = Lake(home / "lake").read(SENT)
     assert sent.height == 1 and sent["status"][0] == "success" and sent["destination"][0].startswith("STORESCP@")
 
 
@@ -325,7 +326,7 @@ def test_send_retries_then_records_failure(tmp_path: Path, corpus: dict) -> None
     assert all(o.status == "failed" and o.attempts == 2 and "no association" in (o.error or "") for o in outcomes)
     lake = Lake(tmp_path / "lake")
     record_sent(lake, outcomes, node)
-    assert lake.read("sent").filter(pl.col("status") == "failed").height == 2
+    assert lake.read(SENT).filter(pl.col("status") == "failed").height == 2
 
 
 @slow

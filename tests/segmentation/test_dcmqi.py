@@ -17,6 +17,7 @@ import pytest
 
 from kaapana_assets.ingest.volume import assemble_volume, seg_labels
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS
 from kaapana_assets.synthetic import GeneratedStudy
 
 
@@ -73,12 +74,12 @@ def test_dcmqi_reads_every_seg_of_the_evaluated_demo(evaluated_demo, tmp_path: P
     binary = segimage2itkimage()
     home = evaluated_demo.home
     lake = Lake(home.lake)
-    segs = lake.read("instances", pl.col("modality") == "SEG").sort("sop_instance_uid")
-    written = set(lake.read("segmentations")["seg_sop_instance_uid"].to_list())
+    segs = lake.read(INSTANCES, pl.col("modality") == "SEG").sort("sop_instance_uid")
+    written = set(lake.read(SEGMENTATIONS)["seg_sop_instance_uid"].to_list())
     assert len(written) >= 7 and written <= set(segs["sop_instance_uid"].to_list())  # model outputs among them
     for seg in segs.iter_rows(named=True):
         [source] = seg["referenced_series_uids"]
-        ct = lake.read("instances", pl.col("series_uid") == source)["archive_path"].to_list()
+        ct = lake.read(INSTANCES, pl.col("series_uid") == source)["archive_path"].to_list()
         theirs, ours = dcmqi_labels(binary, home.archive / seg["archive_path"], [home.archive / p for p in ct],
                                     tmp_path / seg["sop_instance_uid"])
         assert ours.any() and np.array_equal(theirs, ours), seg["sop_instance_uid"]
