@@ -49,6 +49,8 @@ INSTANCES = TableSpec(
     keys=("sop_instance_uid",),
 )
 
+# `series` and `studies` are computed from `instances` by archive/index.py, which fills exactly
+# these columns: each is either computed there or carried over from `instances` by its name.
 SERIES = TableSpec(
     "series",
     pa.schema(

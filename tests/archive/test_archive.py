@@ -52,3 +52,32 @@ def test_stored_bytes_are_indexed_with_their_segments_and_reconciled(targets: Ar
     assert not targets.reconcile({study.study_uid}).segments
     assert targets.lake.versions((SERIES, STUDIES, SEG_SEGMENTS)) == versions
     assert targets.reindex_segments() == 0
+
+
+def test_series_and_study_rows_have_exactly_their_tables_columns(corpus: dict[str, list[GeneratedStudy]]) -> None:
+    """The tables' schemas are the one list of their columns: archive/index.py computes some
+    and carries the rest over from `instances`, and refuses a schema it cannot fill."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from kaapana_assets.lake.schemas import TableSpec
+
+    study = corpus["site-a"][0]
+    assert study.seg_file is not None
+    instances = [parse_header(p.read_bytes()).as_dict() for p in (*study.ct_files, study.seg_file)]
+    now = dt.datetime.now(dt.timezone.utc)
+    series = index.series_rows(instances, now)
+    studies = index.study_rows(instances, series, now)
+    assert len(series) == 2 and len(studies) == 1
+    assert all(list(row) == SERIES.schema.names for row in series)
+    assert all(list(row) == STUDIES.schema.names for row in studies)
+    ct = next(r for r in series if r["modality"] == "CT")
+    assert ct["reference_seg_series_uids"] == [study.seg_series_uid] and ct["manufacturer"]
+
+    grown = TableSpec("series", SERIES.schema.append(pa.field("kernel", pa.string())), SERIES.keys)
+    with pytest.raises(ValueError, match=r"neither computed nor carried by instances \['kernel'\]"):
+        index.index_row(grown, instances, {k: v for k, v in ct.items() if k not in index.STAMPS})
+    shrunk = TableSpec("studies", STUDIES.schema.remove(STUDIES.schema.get_field_index("modalities")), STUDIES.keys)
+    with pytest.raises(ValueError, match=r"computed columns not in its schema \['modalities'\]"):
+        index.index_row(shrunk, instances, {k: v for k, v in studies[0].items() if k not in index.STAMPS})
