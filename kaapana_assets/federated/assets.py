@@ -25,6 +25,7 @@ import pyarrow as pa
 from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import FlowerRunFailed
 from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
 from kaapana_assets.metadata_table import columns, table
@@ -130,11 +131,12 @@ SITE_ASSETS = {"site_fingerprint": site_fingerprint, "site_update": site_update,
 def _spec(experiment: str, federation: FederationResource) -> "ExperimentSpec":
     from kaapana_assets.federated.hub import ExperimentSpec
 
+    strategy = federation.aggregation_strategy()
     return ExperimentSpec(experiment=experiment, cohort=federation.cohort, labels=list(federation.labels),
-                          rounds=federation.rounds, min_sites=federation.min_sites, strategy=federation.strategy,
+                          rounds=federation.rounds, min_sites=federation.min_sites, strategy=strategy,
                           schedule=dict(federation.training_schedule().__dict__), seed=federation.seed,
                           privacy=federation.privacy(),
-                          server_momentum=federation.server_momentum if federation.strategy == "fedavgm" else 0.0)
+                          server_momentum=federation.server_momentum if strategy is Strategy.FEDAVGM else 0.0)
 
 
 def _flower_step(federation: FederationResource, step: str, experiment: str, round_: int,
@@ -343,7 +345,7 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
         "kaapana.sites_last_round": ",".join(aggregated),
         "kaapana.cases": json.dumps(participants["cases"], sort_keys=True),
         "kaapana.plan_sha256": str(last["plan_sha256"]), "kaapana.global_sha256": str(last["global_sha256"]),
-        "kaapana.strategy": spec.strategy, "kaapana.validation": "passed" if passed else "failed",
+        "kaapana.strategy": str(spec.strategy), "kaapana.validation": "passed" if passed else "failed",
         "kaapana.validation_dice": f"{dice:.4f}" if dice is not None else "nan",
     }
     with tracking.run(f"{experiment} model", parent_run_id=_parent_run(mlflow, experiment),
