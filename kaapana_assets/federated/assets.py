@@ -25,6 +25,7 @@ import pyarrow as pa
 from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
+from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
 from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import FlowerRunFailed
 from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
@@ -166,7 +167,7 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
     store = federation.store()
     publish_experiment(store, spec)
     sites = [site.name for site in federation.sites()]
-    result = _flower_step(federation, "plan", experiment, 0, context)
+    result = _flower_step(federation, PLAN_STEP, experiment, 0, context)
     if not result["ok"]:
         raise dg.Failure(description=f"the plan's Flower run failed: {result['error']}")
     fingerprints = [SiteFingerprint.from_json(v) for _, v in sorted(result["fingerprints"].items())]
@@ -240,7 +241,7 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
     if round_ > spec.rounds:
         raise dg.Failure(description=f"{experiment} has {spec.rounds} rounds; {round_} is beyond it")
-    result = _flower_step(federation, "round", experiment, round_, context)
+    result = _flower_step(federation, ROUND_STEP, experiment, round_, context)
     table = lake.lake()
     rows = _rows(result.get("rows", []))
     if not result["ok"]:
