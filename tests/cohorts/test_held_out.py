@@ -15,6 +15,7 @@ import polars as pl
 import pydicom
 import pytest
 
+from bench.training_site import TRAIN_COHORT
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.definitions import CohortDefinition, CohortDefinitionError, parse_definition
 from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
@@ -25,7 +26,6 @@ from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import COHORT_CHECKS, EVALUATIONS, FEDERATED_SITE_ROUNDS, INSTANCES, SERIES
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.synthetic import GeneratedStudy, generate_site
-from tests.helpers import TRAIN_COHORT
 
 GRID = {"slices": 8, "matrix": 32}
 SEED = 33

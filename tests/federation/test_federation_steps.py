@@ -25,7 +25,7 @@ from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.monitoring import steps as monitoring
 from kaapana_assets.monitoring.figures import EXPERIMENT as STATISTICS
 from kaapana_assets.monitoring.figures import STEP as STATISTICS_STEP
-from tests.helpers import REPO
+from tests.helpers import REPO, make_site_lake
 
 PACKAGE = REPO / "kaapana_assets"
 
@@ -89,8 +89,6 @@ def test_the_domains_register_their_steps() -> None:
 
 def test_the_clientapp_answers_by_the_registered_kind(tmp_path: Path, flower_run: None,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.monitoring.test_network_statistics import make_site_lake
-
     monkeypatch.delenv("KAAPANA_SITE_KEY", raising=False)
     key = generate_site_key()
     (tmp_path / "site.key").write_text(key)

@@ -21,7 +21,7 @@ import pytest
 
 from bench import orthanc
 from kaapana_assets.lake.schemas import INSTANCES
-from tests.helpers import REPO, can_unshare
+from tests.helpers import REPO, Receiver, can_unshare, dataset_bytes
 from tests.tools import dciodvfy_errors
 
 # slow tier (`make test-all`): a real Orthanc and the receiver
@@ -41,7 +41,6 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     from kaapana_assets.lake import Lake
     from kaapana_assets.segmentation.assets import segmentations
     from kaapana_assets.synthetic.transcode import transcode
-    from tests.network.test_network import _dataset_bytes
 
     site_a = corpus["site-a"]  # unsigned pixels: every lossless codec takes them
     studies: dict[str, list[Path]] = {"uncompressed": site_a[0].files}  # CT slices and their SEG
@@ -73,7 +72,7 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
         syntax, stored = by_sop[original.SOPInstanceUID]
         assert syntax == original.file_meta.TransferSyntaxUID  # not transcoded on the way
         # Orthanc sends a stored file's data set as it is when the receiver accepts its syntax.
-        assert _dataset_bytes(stored) == _dataset_bytes(f)
+        assert dataset_bytes(stored) == dataset_bytes(f)
     by_sop = {uid: syntax for uid, (syntax, _) in by_sop.items()}
     assert {str(ts) for ts in by_sop.values()} == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70",
                                                   "1.2.840.10008.1.2.4.90"}
@@ -118,7 +117,6 @@ def _in_namespace(workdir: Path, manifest: Path) -> None:
     sys.path.insert(0, str(REPO))
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     from bench.orthanc import Orthanc
-    from tests.network.test_network import Receiver
 
     studies = {name: [Path(f) for f in files] for name, files in json.loads(manifest.read_text()).items()}
     receiver = Receiver(workdir / "home")

@@ -16,8 +16,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE, SERIES, STUDIES
-from tests.helpers import dicom_files
-from tests.ingest.test_headers import pydicom_files
+from tests.helpers import dicom_files, pydicom_files
 
 
 def test_rows_match_files_and_reingest_adds_nothing(targets: Archive, spool_copy: Path, corpus: dict) -> None:

@@ -21,9 +21,8 @@ from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.volume import VolumeError, assemble_volume
 from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE, SERIES
 from kaapana_assets.synthetic.transcode import BY_NAME, ENCODINGS
-from tests.helpers import EncodedCorpus
+from tests.helpers import PYDICOM_DATA, EncodedCorpus
 
-PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 LOSSLESS = [e.name for e in ENCODINGS if e.lossless]
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-import pyarrow as pa
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -25,14 +24,10 @@ from kaapana_assets.federation.keys import generate_site_key
 from kaapana_assets.federation.local import LocalFederation
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import (
-    COHORT_MEMBERS,
     INSTANCES,
     NETWORK_SITES,
     NETWORK_STATISTICS,
-    QUARANTINE,
     SERIES,
-    STUDIES,
-    TableSpec,
 )
 from kaapana_assets.monitoring.assets import network_statistics
 from kaapana_assets.monitoring.exporter import build_registry, serve
@@ -48,44 +43,10 @@ from kaapana_assets.monitoring.figures import (
 from kaapana_assets.monitoring.network import NETWORK, SiteOutcome, collect, pivot
 from resources.storage import LakeResource
 from tests import prometheus
-from tests.helpers import SITES, Federation
+from tests.helpers import SITES, Federation, make_site_lake, merge_rows
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-# -- a site's lake, made by hand ---------------------------------------------------------------
-
-def _write(lake: Lake, table: TableSpec, rows: list[dict]) -> None:
-    lake.merge(table, pa.Table.from_pylist(rows, schema=table.schema))
-
-
-def make_site_lake(root: Path) -> Lake:
-    """Seven patients (five F, two M; five aged 60-69, two 70-79), one CT study and series
-    each (six GE at 2.5 mm, one Philips at 0.8 mm, ten instances each), seven quarantined
-    files (six not_dicom, one truncated), cohort c1 v1 (3 series) and v2 (6 series)."""
-    lake = Lake(root)
-    studies, series, instances = [], [], []
-    for i in range(7):
-        patient = f"PAT-{i:04d}"
-        study, uid = f"1.2.3.{i}", f"1.2.3.{i}.1"
-        studies.append({"study_uid": study, "patient_id": patient, "patient_sex": "F" if i < 5 else "M",
-                        "patient_birth_date": "19600101" if i < 5 else "19500101", "study_date": "20250601"})
-        series.append({"series_uid": uid, "study_uid": study, "patient_id": patient, "modality": "CT",
-                       "body_part": "ABDOMEN", "manufacturer": "GE" if i < 6 else "Philips",
-                       "instance_count": 10, "slice_thickness": 2.5 if i < 6 else 0.8})
-        instances += [{"sop_instance_uid": f"{uid}.{k}", "series_uid": uid, "study_uid": study, "patient_id": patient,
-                       "patient_name": f"Doe^Jane{i}", "modality": "CT", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                       "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-                       "ingested_at": dt.datetime(2026, 2, 27, 8, 30, 17 + k, tzinfo=UTC)} for k in range(10)]
-    _write(lake, STUDIES, studies)
-    _write(lake, SERIES, series)
-    _write(lake, INSTANCES, instances)
-    _write(lake, QUARANTINE, [{"sha256": f"{i:064x}", "reason": "not_dicom" if i < 6 else "truncated"}
-                                for i in range(7)])
-    _write(lake, COHORT_MEMBERS, [{"cohort": "c1", "cohort_version": v, "series_uid": f"1.2.3.{i}.1",
-                                     "patient_id": f"PAT-{i:04d}"} for v, n in ((1, 3), (2, 6)) for i in range(n)])
-    return lake
 
 
 def test_site_figures_and_suppression(tmp_path: Path) -> None:
@@ -176,7 +137,7 @@ def test_a_free_text_identifier_is_caught_by_the_guard(tmp_path: Path) -> None:
     """Categories are DICOM free text: if a manufacturer field held a patient ID, the answer
     would carry it, and the ClientApp's identifier guard refuses to send it."""
     lake = make_site_lake(tmp_path / "lake")
-    _write(lake, SERIES, [{"series_uid": "9.9.9", "study_uid": "1.2.3.0", "patient_id": "PAT-0000",
+    merge_rows(lake, SERIES, [{"series_uid": "9.9.9", "study_uid": "1.2.3.0", "patient_id": "PAT-0000",
                              "modality": "CT", "manufacturer": "PAT-0000", "instance_count": 1}])
     answer = site_answer(lake, "site-x", 5)
     assert leaked_identifiers(answer.dumps().encode(), site_identifiers(lake)) == ["PAT-0000"]

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 import torch
 
+from bench.training_site import TRAIN_GRID
 from kaapana_assets import nnunet
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
@@ -26,7 +27,7 @@ from kaapana_assets.synthetic.generator import phantom_for
 from kaapana_assets.training.tracking import Tracking
 from resources import MlflowResource
 from sensors.incoming import incoming_studies
-from tests.helpers import TRAIN_GRID
+from tests.helpers import dcmqi_labels, segimage2itkimage
 from tests.tools import dciodvfy_errors
 
 SEED = 77  # studies the model never saw
@@ -332,7 +333,6 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     assert liver["voxel_count"] == int((truth == 1).sum())
     # Valid for dciodvfy, and dcmqi (3D Slicer's reader) reads the same labels as ours.
     assert dciodvfy_errors(seg_file) == []
-    from tests.segmentation.test_dcmqi import dcmqi_labels, segimage2itkimage
 
     try:
         binary = segimage2itkimage()

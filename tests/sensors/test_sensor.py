@@ -474,16 +474,17 @@ def test_an_early_run_finds_its_study_in_every_encoding_among_foreign_and_broken
     Extended) — and pydicom's shipped files (another writer) form their own studies. Those
     undecodable files and mutated ones (header cut, pixel data cut, garbage) never join a
     run's study: they are the sensor's unreadable group, quarantined with their reason."""
-    import pydicom.data
+    import pydicom
 
     from kaapana_assets.ingest.headers import Rejected, parse_header
+    from tests.helpers import PYDICOM_DATA
 
     spool = tmp_path / "incoming"
     sent: dict[str, list[str]] = {}
     for name, files in encoded_corpus.series.items():
         (spool / name).mkdir(parents=True)
         sent[name] = [str(shutil.copy(f, spool / name / f.name)) for f in files]
-    pydicom_data = Path(pydicom.data.__file__).parent / "test_files"
+    pydicom_data = PYDICOM_DATA / "test_files"
     foreign = {name: str(pydicom.dcmread(pydicom_data / name, stop_before_pixels=True).StudyInstanceUID)
                for name in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm")}
     for name in foreign:
