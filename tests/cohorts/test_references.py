@@ -28,7 +28,7 @@ from kaapana_assets.ingest.volume import assemble_volume, seg_labels
 from kaapana_assets.lake.schemas import SEG_SEGMENTS, SEGMENTATIONS, SERIES
 from kaapana_assets.synthetic import GeneratedStudy, generate_site, get_profile
 from kaapana_assets.synthetic.generator import phantom_for
-from kaapana_assets.training.export import export_cohort
+from kaapana_assets.training.export import ExportedCase, export_cohort
 from tests.helpers import SMALL
 
 SEED = 61
@@ -124,7 +124,7 @@ def labels_of(folder: Path, case: str) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))
 
 
-def case_of(exported_cases: list[dict[str, Any]], series_uid: str) -> dict[str, Any]:
+def case_of(exported_cases: list[ExportedCase], series_uid: str) -> ExportedCase:
     return next(c for c in exported_cases if c["series_uid"] == series_uid)
 
 
