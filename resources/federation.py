@@ -99,6 +99,8 @@ class FederationResource(dg.ConfigurableResource):
 
     def privacy(self) -> dict[str, float]:
         if self.dp_clipping_norm <= 0:
+            if self.dp_max_epsilon is not None:  # a budget without noise would run the rounds unprotected
+                raise dg.Failure(description="dp_max_epsilon is set but local DP is off: set dp_clipping_norm > 0")
             return {}
         return {"clipping_norm": self.dp_clipping_norm, "epsilon": self.dp_epsilon, "delta": self.dp_delta,
                 "sensitivity": self.dp_sensitivity,

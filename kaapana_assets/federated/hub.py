@@ -43,6 +43,8 @@ class Privacy:
     def __post_init__(self) -> None:
         if self.max_epsilon is not None and self.max_epsilon <= 0:
             raise ValueError(f"max_epsilon must be positive, not {self.max_epsilon}")
+        if self.max_epsilon is not None and not self.enabled:
+            raise ValueError("a privacy budget (max_epsilon) needs local DP: set a clipping norm > 0")
 
     @property
     def enabled(self) -> bool:

@@ -91,6 +91,8 @@ def test_round_mechanism_is_the_noise_relative_to_the_clipping_norm() -> None:
     assert round_mechanism(honest).sampling_rate == 1.0  # every training case of a site contributes
     with pytest.raises(ValueError, match="max_epsilon"):
         Privacy(clipping_norm=1.0, max_epsilon=0.0)
+    with pytest.raises(ValueError, match="needs local DP"):
+        Privacy(clipping_norm=0.0, max_epsilon=8.0)
 
 
 def test_rounds_a_site_missed_are_not_counted() -> None:
@@ -207,3 +209,13 @@ def test_a_round_beyond_the_budget_is_refused_with_nothing_written(tmp_path: Pat
                                  raise_on_error=False)
         error = onwards.get_step_failure_events()[0].step_failure_data.error
         assert error is not None and "refused" not in error.message and "root_certificate" in error.message
+
+
+def test_a_budget_without_local_dp_is_refused(tmp_path: Path) -> None:
+    from resources.federation import FederationResource
+
+    with pytest.raises(dg.Failure, match="local DP is off"):
+        FederationResource(folder=str(tmp_path), dp_max_epsilon=8.0).privacy()
+    declared = FederationResource(folder=str(tmp_path), dp_clipping_norm=1.0, dp_max_epsilon=8.0).privacy()
+    assert Privacy(**declared).max_epsilon == 8.0
+    assert "max_epsilon" not in FederationResource(folder=str(tmp_path), dp_clipping_norm=1.0).privacy()
