@@ -9,12 +9,11 @@ per-round ε the settings name understates what the round spends, and z says so)
 mechanism runs on all of the site's training cases (sampling rate 1.0); a mechanism with a
 Poisson-sampled fraction of the data is accounted as such.
 
-A site's releases are composed into ε at the experiment's δ with the RDP accountant: it
-composes any number of rounds exactly (no discretisation to tune, milliseconds for hundreds
-of rounds), its ε is an upper bound (the safe side for refusing a round), and it stays
-finite-or-infinite for noise so small that a PLD's discretised distributions would not fit
-in memory. A round a site missed (no reply) spent nothing; a round retried after it failed
-spent once per attempt whose update reached the hub.
+A site's releases are composed into ε at the experiment's δ with the RDP accountant: its ε
+is an upper bound (looser than PLD's: the safe side for refusing a round), it composes any
+number of rounds with no discretisation to choose, and a round without noise gives ε = ∞
+rather than an error. A round a site missed (no reply) spent nothing; a round retried after
+it failed spent once per attempt whose update reached the hub.
 
 The ledger of releases lives in the hub's federation folder (`privacy_ledger.json`),
 written by the hub's round as the updates arrive, before quorum is decided.

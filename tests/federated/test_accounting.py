@@ -63,7 +63,7 @@ def test_epsilon_is_dp_accountings(sampling_rate: float, rounds: int) -> None:
 
 
 def test_rdp_is_an_upper_bound_of_pld() -> None:
-    """The RDP accountant's ε is never below the tighter PLD's: refusing on it is on the safe side."""
+    """For this mechanism the RDP accountant's ε is above the tighter PLD's: refusing on it is on the safe side."""
     pld = PLDAccountant()
     pld.compose(dp_accounting.GaussianDpEvent(1.1), 3)
     assert pld.get_epsilon(DELTA) <= epsilon([RoundMechanism(1.1)] * 3, DELTA)
