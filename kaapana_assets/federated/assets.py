@@ -28,6 +28,7 @@ from kaapana_assets.federated.partitions import experiments_partitions, rounds_p
 from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
 from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import FlowerRunFailed
+from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training.k8s import GPU_POOL
@@ -49,6 +50,7 @@ HUB_GROUP = "federated"
 ROUND_SCHEMA = columns(
     ("site", "string"), ("status", "string"), ("cases", "int"), ("train_loss", "float"),
     ("dice", "float", "Dice on the site's own validation patients"), ("reason", "string"),
+    ("epsilon", "float", "ε the site has spent so far (differential privacy)"),
 )
 DICE_BY_ROUND_SCHEMA = columns(("round", "int"), ("dice", "float", "global Dice across the sites"))
 
@@ -241,6 +243,7 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
     if round_ > spec.rounds:
         raise dg.Failure(description=f"{experiment} has {spec.rounds} rounds; {round_} is beyond it")
+    _check_budget(store, spec, round_)
     result = _flower_step(federation, ROUND_STEP, experiment, round_, context)
     table = lake.lake()
     rows = _rows(result.get("rows", []))
@@ -251,7 +254,8 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     written = table.merge(FEDERATED_ROUNDS, _arrow(rows))
     outcome = RoundResult(round_, str(result["global_sha256"]), list(result["aggregated"]),
                           {r["site"]: r["reason"] for r in result["rejected"]}, result["evaluations"],
-                          result["metrics"], rows)
+                          result["metrics"], rows,
+                          {r["site"]: r["epsilon"] for r in rows if r["site"] != "global" and r["epsilon"] is not None})
     tracking = mlflow.tracking()
     parent = _parent_run(mlflow, experiment)
     main = metric_name(spec.labels[0])
@@ -263,6 +267,10 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
                                **{f"dp.{k}": v for k, v in spec.privacy.items()},
                                "global_sha256": outcome.global_sha256})
         mlflow_api.log_metrics({f"global_{k}": v for k, v in outcome.metrics.items()}, step=round_)
+        if outcome.epsilon:
+            mlflow_api.log_metrics({"epsilon_max": max(outcome.epsilon.values()),
+                                    **{f"{site.replace('-', '_')}.epsilon": e for site, e in outcome.epsilon.items()}},
+                                   step=round_)
         for site, metrics in outcome.evaluations.items():
             mlflow_api.log_metrics({f"{site.replace('-', '_')}.{k}": v for k, v in metrics.items()}, step=round_)
     if parent and main in outcome.metrics:
@@ -274,6 +282,8 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
             "rejected_sites": dg.MetadataValue.json(outcome.rejected),
             "aggregation": dg.MetadataValue.json(spec.aggregation),
             "differential_privacy": dg.MetadataValue.json(spec.privacy or {"enabled": False}),
+            **({"epsilon": dg.MetadataValue.json(outcome.epsilon),
+                "epsilon_max": dg.MetadataValue.float(max(outcome.epsilon.values()))} if outcome.epsilon else {}),
             f"global_{main}": dg.MetadataValue.float(float(outcome.metrics.get(main, float("nan")))),
             "sites": _round_table(outcome.rows),
             "global_sha256": outcome.global_sha256,
@@ -292,6 +302,29 @@ class RoundResult:
     evaluations: dict[str, dict[str, float]]
     metrics: dict[str, float]
     rows: list[dict]
+    epsilon: dict[str, float]  # site → ε spent so far; empty without differential privacy
+
+
+def _check_budget(store: FederationStore, spec: "ExperimentSpec", round_: int) -> None:
+    """Refuse round r before its Flower run starts when a participating site would spend more
+    than the experiment's budget: no run, no message to a site, no row, no model, no MLflow run.
+    Here, not in a blocking asset check: a check runs after the round has trained and sent."""
+    privacy = spec.dp
+    if not privacy.enabled or privacy.max_epsilon is None:
+        return
+    from kaapana_assets.federated import accounting
+
+    participants = store.read_json(spec.experiment, "participants")["sites"]
+    budget = accounting.budget_of(privacy)
+    assert budget is not None
+    try:
+        accounting.check_round(accounting.read_releases(store, spec.experiment), spec.experiment, round_,
+                               participants, accounting.round_mechanism(privacy), budget)
+    except accounting.BudgetExceeded as exc:
+        raise dg.Failure(description=str(exc), metadata={
+            "epsilon_so_far": dg.MetadataValue.json({s: before for s, (before, _) in exc.over.items()}),
+            "epsilon_after": dg.MetadataValue.json({s: after for s, (_, after) in exc.over.items()}),
+            "max_epsilon": dg.MetadataValue.float(budget.max_epsilon)}) from None
 
 
 def _rows(rows: list[dict]) -> list[dict]:

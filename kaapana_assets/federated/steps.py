@@ -142,6 +142,7 @@ def _rows(rows: list[dict]) -> list[dict]:
 
 
 def round_step(run: HubRun) -> dict:
+    from kaapana_assets.federated.accounting import BudgetExceeded
     from kaapana_assets.federated.hub import ExperimentSpec, RoundFailed, RoundSuperseded, run_round
 
     store, experiment = run.store, run.settings.experiment
@@ -153,7 +154,7 @@ def round_step(run: HubRun) -> dict:
                             RoundChannel(run.channel(), spec, published), run.log, run.log)
     except RoundFailed as exc:
         return {"ok": False, "error": str(exc), "kind": "below_quorum", "rows": _rows(exc.rows)}
-    except (FileNotFoundError, RoundSuperseded) as exc:
+    except (FileNotFoundError, RoundSuperseded, BudgetExceeded) as exc:
         return {"ok": False, "error": str(exc), "kind": "refused", "rows": []}
     return {"ok": True, "round": outcome.round, "global_sha256": outcome.global_sha256,
             "aggregated": outcome.aggregated, "rejected": [r.to_json() for r in outcome.rejected],

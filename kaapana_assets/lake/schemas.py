@@ -327,6 +327,9 @@ FEDERATED_ROUNDS = TableSpec(
             ("global_sha256", pa.string()),
             ("plan_sha256", pa.string()),
             ("strategy", pa.string()),
+            # ε the site has spent so far (dp-accounting, at the experiment's δ), this round
+            # included; the global row: the largest. Null without differential privacy.
+            ("epsilon", pa.float64()),
             ("committed_at", TIMESTAMP),
             ("row_digest", pa.string()),
         ]
