@@ -222,6 +222,14 @@ def test_status_codes(site: Site, path: str, params: dict, accept: str | None, s
         assert response.headers["content-type"].split(";")[0] in ("application/dicom+json", "application/json")
 
 
+def test_read_only_without_stow(site: Site) -> None:
+    """Without --stow the service has no STOW-RS route: a store is refused, nothing written."""
+    response = site.client.post("/dicom-web/studies", content=b"--x--", headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
+    assert response.status_code == 405
+    assert not any(site.home.incoming.rglob("*.dcm"))
+
+
 def test_answers_follow_the_index_and_read_an_older_lake(tmp_path: Path) -> None:
     """A study ingested while the service runs is found by the next search (the cache follows
     the Delta version); a `studies` table written before StudyTime/StudyID were indexed is
