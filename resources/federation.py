@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 from pydantic import Field
 
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import Connection, run_step
 from kaapana_assets.federation.sites import FederationConfigError, SiteEntry, read_sites
 from kaapana_assets.federation.store import FederationStore, checked_name
@@ -92,7 +93,11 @@ class FederationResource(dg.ConfigurableResource):
     def training_schedule(self) -> Schedule:
         return Schedule.preset(self.schedule or SchedulePreset.SHORT, epochs=self.local_epochs,
                                iterations_per_epoch=self.iterations_per_epoch, base_features=self.base_features,
-                               proximal_mu=self.proximal_mu if self.strategy == "fedprox" else None)
+                               proximal_mu=self.proximal_mu if self.aggregation_strategy() is Strategy.FEDPROX else None)
+
+    def aggregation_strategy(self) -> Strategy:
+        """The configured `strategy`, parsed (a clear error listing the strategies)."""
+        return Strategy.parse(self.strategy)
 
     def privacy(self) -> dict[str, float]:
         if self.dp_clipping_norm <= 0:

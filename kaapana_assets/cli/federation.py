@@ -153,11 +153,13 @@ def cmd_federation_supernode_command(args: argparse.Namespace) -> int:
 def cmd_federation_rounds(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
+
     lake = lake_of(args)
-    if not lake.exists("federated_rounds"):
+    if not lake.exists(FEDERATED_ROUNDS):
         console.print("[yellow]no federated round has run at this hub yet")
         return 1
-    rows = lake.read("federated_rounds", pl.col("experiment") == args.experiment).sort(["round", "site"])
+    rows = lake.read(FEDERATED_ROUNDS, pl.col("experiment") == args.experiment).sort(["round", "site"])
     table = Table(title=f"federated rounds of {args.experiment}")
     for column in ("round", "site", "status", "cases", "train loss", "Dice", "reason"):
         table.add_column(column)

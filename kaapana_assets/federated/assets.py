@@ -25,8 +25,10 @@ import pyarrow as pa
 from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
+from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import FlowerRunFailed
-from kaapana_assets.lake.schemas import TABLES
+from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.tracking import model_name_for
@@ -130,11 +132,12 @@ SITE_ASSETS = {"site_fingerprint": site_fingerprint, "site_update": site_update,
 def _spec(experiment: str, federation: FederationResource) -> "ExperimentSpec":
     from kaapana_assets.federated.hub import ExperimentSpec
 
+    strategy = federation.aggregation_strategy()
     return ExperimentSpec(experiment=experiment, cohort=federation.cohort, labels=list(federation.labels),
-                          rounds=federation.rounds, min_sites=federation.min_sites, strategy=federation.strategy,
+                          rounds=federation.rounds, min_sites=federation.min_sites, strategy=strategy,
                           schedule=dict(federation.training_schedule().__dict__), seed=federation.seed,
                           privacy=federation.privacy(),
-                          server_momentum=federation.server_momentum if federation.strategy == "fedavgm" else 0.0)
+                          server_momentum=federation.server_momentum if strategy is Strategy.FEDAVGM else 0.0)
 
 
 def _flower_step(federation: FederationResource, step: str, experiment: str, round_: int,
@@ -164,7 +167,7 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
     store = federation.store()
     publish_experiment(store, spec)
     sites = [site.name for site in federation.sites()]
-    result = _flower_step(federation, "plan", experiment, 0, context)
+    result = _flower_step(federation, PLAN_STEP, experiment, 0, context)
     if not result["ok"]:
         raise dg.Failure(description=f"the plan's Flower run failed: {result['error']}")
     fingerprints = [SiteFingerprint.from_json(v) for _, v in sorted(result["fingerprints"].items())]
@@ -238,14 +241,14 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
     if round_ > spec.rounds:
         raise dg.Failure(description=f"{experiment} has {spec.rounds} rounds; {round_} is beyond it")
-    result = _flower_step(federation, "round", experiment, round_, context)
+    result = _flower_step(federation, ROUND_STEP, experiment, round_, context)
     table = lake.lake()
     rows = _rows(result.get("rows", []))
     if not result["ok"]:
         if rows:
-            table.merge("federated_rounds", _arrow(rows))
+            table.merge(FEDERATED_ROUNDS, _arrow(rows))
         raise dg.Failure(description=str(result["error"]), metadata={"sites": _round_table(rows)} if rows else {})
-    written = table.merge("federated_rounds", _arrow(rows))
+    written = table.merge(FEDERATED_ROUNDS, _arrow(rows))
     outcome = RoundResult(round_, str(result["global_sha256"]), list(result["aggregated"]),
                           {r["site"]: r["reason"] for r in result["rejected"]}, result["evaluations"],
                           result["metrics"], rows)
@@ -297,7 +300,7 @@ def _rows(rows: list[dict]) -> list[dict]:
 
 
 def _arrow(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=TABLES["federated_rounds"].schema)
+    return pa.Table.from_pylist(rows, schema=FEDERATED_ROUNDS.schema)
 
 
 class FederatedModelConfig(dg.Config):
@@ -318,8 +321,8 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
     experiment = context.partition_key
     store = federation.store()
     spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
-    rows = lake.lake().read("federated_rounds", (pl.col("experiment") == experiment)) \
-        if lake.lake().exists("federated_rounds") else pl.DataFrame()
+    rows = lake.lake().read(FEDERATED_ROUNDS, (pl.col("experiment") == experiment)) \
+        if lake.lake().exists(FEDERATED_ROUNDS) else pl.DataFrame()
     done = rows.filter(pl.col("status") == "global").sort("round") if len(rows) else rows
     if not len(done):
         raise dg.Failure(description=f"no round of {experiment} has completed: materialize federated_rounds first")
@@ -343,7 +346,7 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
         "kaapana.sites_last_round": ",".join(aggregated),
         "kaapana.cases": json.dumps(participants["cases"], sort_keys=True),
         "kaapana.plan_sha256": str(last["plan_sha256"]), "kaapana.global_sha256": str(last["global_sha256"]),
-        "kaapana.strategy": spec.strategy, "kaapana.validation": "passed" if passed else "failed",
+        "kaapana.strategy": str(spec.strategy), "kaapana.validation": "passed" if passed else "failed",
         "kaapana.validation_dice": f"{dice:.4f}" if dice is not None else "nan",
     }
     with tracking.run(f"{experiment} model", parent_run_id=_parent_run(mlflow, experiment),

@@ -17,8 +17,9 @@ from typing import Protocol
 import torch
 
 from kaapana_assets import nnunet
-from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, aggregate_round, require_quorum
+from kaapana_assets.federated.aggregation import QuorumNotMet, aggregate_round, require_quorum
 from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fingerprints, plan_at_hub
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.channel import Rejection, RejectionReason, Verified, metric_name
 from kaapana_assets.federation.store import FederationStore, checked_name
 from kaapana_assets.lake.digest import row_digest
@@ -50,7 +51,7 @@ class ExperimentSpec:
     labels: list[str]
     rounds: int
     min_sites: int
-    strategy: str
+    strategy: Strategy  # a name (config, the published JSON) is parsed on construction
     schedule: dict
     seed: int = 0
     privacy: dict = field(default_factory=dict)  # Privacy's fields; empty: off
@@ -58,11 +59,10 @@ class ExperimentSpec:
 
     def __post_init__(self) -> None:
         checked_name("experiment", self.experiment)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
-        if self.strategy == "fedavgm" and not 0 < self.server_momentum < 1:
+        object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
+        if self.strategy is Strategy.FEDAVGM and not 0 < self.server_momentum < 1:
             raise ValueError(f"fedavgm needs a server momentum in (0, 1), not {self.server_momentum}")
-        if self.strategy != "fedavgm" and self.server_momentum:
+        if self.strategy is not Strategy.FEDAVGM and self.server_momentum:
             raise ValueError(f"server momentum is fedavgm's; {self.strategy} has none")
         if self.rounds < 1 or self.min_sites < 1:
             raise ValueError("rounds and min_sites must be at least 1")
@@ -75,7 +75,7 @@ class ExperimentSpec:
     @property
     def aggregation(self) -> dict[str, str | float]:
         """The strategy and its settings, as the metadata and MLflow show them."""
-        return {"strategy": self.strategy, **({"server_momentum": self.server_momentum} if self.server_momentum else {})}
+        return {"strategy": str(self.strategy), **({"server_momentum": self.server_momentum} if self.server_momentum else {})}
 
 
 def publish_experiment(store: FederationStore, spec: ExperimentSpec) -> None:
@@ -217,7 +217,7 @@ def run_round(store: FederationStore, spec: ExperimentSpec, round_: int, partici
         raise RoundFailed(str(exc), with_digests(rows)) from None
     mu = float(spec.schedule.get("proximal_mu") or 0.0)
     momentum = None
-    if spec.strategy == "fedavgm" and round_ > 1:
+    if spec.strategy is Strategy.FEDAVGM and round_ > 1:
         momentum = store.read_momentum(spec.experiment, round_ - 1)
     result = aggregate_round([u.message for u in updates if u.message is not None], round_, spec.strategy, mu, start,
                              spec.server_momentum, momentum)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from kaapana_assets.federated.fingerprint import SiteFingerprint
+from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
 from kaapana_assets.federation.channel import (
     ARRAYS,
     CONFIG,
@@ -253,9 +254,9 @@ def evaluate(settings: SiteSettings, msg: Message) -> Message:
                            settings.key))
 
 
-PLAN = register_step(Step("plan", hub=plan_step, site={Kind.FINGERPRINT_REQUEST: fingerprint},
+PLAN = register_step(Step(PLAN_STEP, hub=plan_step, site={Kind.FINGERPRINT_REQUEST: fingerprint},
                           preload=SITE_IMPORTS))
-ROUND = register_step(Step("round", hub=round_step, site={Kind.TRAIN: train, Kind.EVALUATE: evaluate},
+ROUND = register_step(Step(ROUND_STEP, hub=round_step, site={Kind.TRAIN: train, Kind.EVALUATE: evaluate},
                            numbered=True, preload=SITE_IMPORTS))
 
 __all__ = ["PLAN", "ROUND", "RoundChannel", "evaluate", "fingerprint", "materialize_at_site", "plan_step",

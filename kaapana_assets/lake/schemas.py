@@ -49,6 +49,8 @@ INSTANCES = TableSpec(
     keys=("sop_instance_uid",),
 )
 
+# `series` and `studies` are computed from `instances` by archive/index.py, which fills exactly
+# these columns: each is either computed there or carried over from `instances` by its name.
 SERIES = TableSpec(
     "series",
     pa.schema(
@@ -454,3 +456,11 @@ TABLES: dict[str, TableSpec] = {
                  FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES, COHORT_CHECKS,
                  FEDERATED_SITE_ROUNDS)
 }
+
+
+def table_named(name: str) -> TableSpec:
+    """The table a name from outside (a CLI argument, a URL, a metadata key) names."""
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise ValueError(f"unknown lake table {name!r}; known: {', '.join(sorted(TABLES))}") from None

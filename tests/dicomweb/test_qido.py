@@ -240,7 +240,7 @@ def test_answers_follow_the_index_and_read_an_older_lake(tmp_path: Path) -> None
     archive = Archive.for_home(home)
     old_schema = pa.schema([f for f in STUDIES.schema if f.name not in ("study_time", "study_id",
                                                                          "referring_physician_name")])
-    write_deltalake(archive.lake.uri("studies"), pa.Table.from_pylist(
+    write_deltalake(archive.lake.uri(STUDIES), pa.Table.from_pylist(
         [{"study_uid": "1.2.3", "patient_id": "OLD", "modalities": ["CT"], "series_count": 1, "instance_count": 1}],
         schema=old_schema))
     client = TestClient(create_app(DicomwebConfig(archive.lake, home.archive, home.incoming)))
@@ -290,7 +290,7 @@ def test_values_are_encoded_as_dicom_json(tmp_path: Path) -> None:
 
     lake = Lake(tmp_path / "lake")
     tricky = 'A "quoted", \\"Value\\":null, ,"Value":null\\ \u00e9'
-    lake.merge("studies", pa.Table.from_pylist([
+    lake.merge(STUDIES, pa.Table.from_pylist([
         {"study_uid": "1.2.3", "patient_name": "Yamada^Tarou=山田^太郎=やまだ^たろう", "study_description": tricky,
          "modalities": [], "series_count": 0, "instance_count": 0, "row_digest": "a"},
         {"study_uid": "1.2.4", "patient_name": "=山田^太郎", "row_digest": "b"},

@@ -28,6 +28,7 @@ from kaapana_assets.federation.local import LocalFederation
 from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.training.tracking import Tracking
 from tests.helpers import SITES, Federation
@@ -77,7 +78,7 @@ def _latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -
 def test_three_sites_three_rounds_improve(demo_home: Path) -> None:
     sites = _demo_sites(demo_home)
     hub = sites[SITES[0]]
-    table = Lake(hub.lake).read("federated_rounds").filter(pl.col("experiment") == "liver-fed")
+    table = Lake(hub.lake).read(FEDERATED_ROUNDS).filter(pl.col("experiment") == "liver-fed")
     global_rows = table.filter(pl.col("site") == "global").sort("round")
     assert global_rows["round"].to_list() == [1, 2, 3]
     per_site = table.filter(pl.col("status") == "aggregated")
@@ -204,7 +205,7 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         privacy = _metadata(first_round)["differential_privacy"]
         assert privacy["clipping_norm"] == 50.0 and privacy["epsilon"] == 1e6
         assert _metadata(first_round)["aggregation"] == {"strategy": "fedavgm", "server_momentum": 0.5}
-        rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
+        rows = Lake(federation.root / "hub" / "lake").read(FEDERATED_ROUNDS, pl.col("experiment") == "faults")
         first = dict(zip(rows.filter(pl.col("round") == 1)["site"], rows.filter(pl.col("round") == 1)["status"],
                          strict=True))
         assert first == {"site-a": "aggregated", "site-b": "aggregated", "site-c": "failed", "global": "global"}
@@ -224,7 +225,7 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         flower.wait_connected(3)
         _materialize([federated_plan, federated_rounds], "faults|2", instance, resources)
         assert store.has_global("faults", 2) and store.momentum_path("faults", 2).exists()
-        rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
+        rows = Lake(federation.root / "hub" / "lake").read(FEDERATED_ROUNDS, pl.col("experiment") == "faults")
         assert set(rows.filter((pl.col("round") == 2) & (pl.col("status") == "aggregated"))["site"]) == set(SITES)
         beyond = _materialize([federated_plan, federated_rounds], "faults|3", instance, resources, raise_on_error=False)
         assert "faults has 2 rounds" in _failure(beyond)
