@@ -280,9 +280,9 @@ class _VersionedTable:
     def version(self, lake: Lake) -> int | None:
         """The table's current version: an incremental read of the log's new entries."""
         if self.handle is None:
-            if not lake.exists(self.spec.name):
+            if not lake.exists(self.spec):
                 return None
-            self.handle = DeltaTable(lake.uri(self.spec.name), storage_options=lake.storage_options)
+            self.handle = DeltaTable(lake.uri(self.spec), storage_options=lake.storage_options)
         else:
             self.handle.update_incremental()
         return self.handle.version()
@@ -291,7 +291,7 @@ class _VersionedTable:
 def _read(lake: Lake, spec: TableSpec, version: int | None, columns: Mapping[str, str]) -> pl.DataFrame:
     """`columns` (table column → frame column) of one version; columns an older table lacks
     read as null (they are filled on its next MERGE)."""
-    frame = lake.scan(spec.name, version=version).collect() if version is not None else lake.scan(spec.name).collect()
+    frame = lake.scan(spec, version=version).collect()
     types = dict(pl.from_arrow(pa.Table.from_batches([], schema=spec.schema)).schema)  # type: ignore[union-attr]
     return frame.select([
         (pl.col(name) if name in frame.columns else pl.lit(None, dtype=types[name])).alias(alias)

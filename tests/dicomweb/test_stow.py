@@ -88,7 +88,7 @@ def test_dicomweb_client_stores_a_study_that_the_ingest_indexes(
     server.stop()  # its journal's last checkpoint: every stored instance durable in the spool
     report = ingest_files([p for p, _ in spooled], Archive.for_home(home))
     assert report.count("indexed") == len(study.files), report.summary()
-    indexed = Archive.for_home(home).lake.read(INSTANCES.name, pl.col("study_uid") == study.study_uid)
+    indexed = Archive.for_home(home).lake.read(INSTANCES, pl.col("study_uid") == study.study_uid)
     assert indexed.height == len(study.files) and set(indexed["calling_ae_title"]) == {SENDER}
 
 
@@ -201,7 +201,7 @@ def test_orthanc_pushes_a_study_with_stow_rs_and_it_is_indexed(corpus: dict[str,
         assert _dataset_bytes(arrived) == _dataset_bytes(original)
     report = ingest_files([p for p, _ in spooled], Archive.for_home(home))
     assert report.count("indexed") == len(study.files), report.summary()
-    indexed = Archive.for_home(home).lake.read(INSTANCES.name, pl.col("study_uid") == study.study_uid)
+    indexed = Archive.for_home(home).lake.read(INSTANCES, pl.col("study_uid") == study.study_uid)
     assert sorted(indexed["sop_instance_uid"]) == sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
                                                          for f in study.files)
 

@@ -10,6 +10,7 @@ import polars as pl
 
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE
 from resources.storage import ArchiveResource, LakeResource
 
 
@@ -43,7 +44,7 @@ def test_dicom_studies_materializes_with_versions_and_preview(tmp_path: Path, co
         assert md["modalities"].value == "CT, SEG"
         versions = md["delta_versions"].value
         lake = Lake(home / "lake")
-        assert versions["instances"] == lake.version("instances") is not None
+        assert versions["instances"] == lake.version(INSTANCES) is not None
         series = md["series"]
         assert isinstance(series, dg.TableMetadataValue)
         by_modality = {r.data["modality"]: r.data for r in series.records}
@@ -59,7 +60,7 @@ def test_dicom_studies_materializes_with_versions_and_preview(tmp_path: Path, co
         m2 = _materialization(again)
         assert m2.tags["dagster/data_version"] == first_version
         assert m2.metadata["new_instances"].value == 0
-        assert lake.read("instances", pl.col("study_uid") == study.study_uid).height == len(study.files)
+        assert lake.read(INSTANCES, pl.col("study_uid") == study.study_uid).height == len(study.files)
 
 
 def test_study_that_cannot_be_indexed_fails_clearly(tmp_path: Path) -> None:
@@ -76,7 +77,7 @@ def test_study_that_cannot_be_indexed_fails_clearly(tmp_path: Path) -> None:
         assert not result.success
         failure = result.failure_data_for_node("dicom_studies")
         assert "No instance of study 1.2.3 is indexed" in failure.error.message  # type: ignore[union-attr]
-        assert Lake(home / "lake").read("quarantine").height == 1  # and the file was kept
+        assert Lake(home / "lake").read(QUARANTINE).height == 1  # and the file was kept
 
 
 def test_quarantine_asset(tmp_path: Path) -> None:
