@@ -178,6 +178,8 @@ def dataset_json(ds: Dataset, bulk_uri: BulkURI | None, path: tuple[int, ...] = 
         codec = _text_codec(ds)
     out: dict[str, Any] = {}
     for tag in list(ds.keys()):
+        if tag.element == 0:  # group lengths (retired) are not metadata, as the byte walker skips them
+            continue
         item = ds.get_item(tag, keep_deferred=True)
         key, here = tag_hex(tag), (*path, int(tag))
         if isinstance(item, RawDataElement):
