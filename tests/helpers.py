@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.federation.store import FederationStore
@@ -28,6 +29,20 @@ class EncodedCorpus:
     root: Path
     series: dict[str, list[Path]]  # encoding name -> the CT series' files in that encoding
     segs: dict[str, Path]  # encoding name -> the reference SEG in that encoding (native syntaxes)
+
+
+@dataclass(frozen=True)
+class ViewerLink:
+    """A link into the OHIF viewer, taken apart: where it points, OHIF's route, its query."""
+
+    origin: str  # scheme://host:port
+    route: str  # "/viewer", "/segmentation"
+    query: dict[str, list[str]]
+
+
+def viewer_link(url: str) -> ViewerLink:
+    parts = urlsplit(url)
+    return ViewerLink(f"{parts.scheme}://{parts.netloc}", parts.path, parse_qs(parts.query, strict_parsing=True))
 
 
 def dicom_files(root: Path) -> list[Path]:

@@ -4,9 +4,9 @@ the OHIF viewer at the root when its build is present."""
 from __future__ import annotations
 
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.routing import BaseRoute, Mount
 
-from kaapana_assets.dicomweb import qido, stow, wado
+from kaapana_assets.dicomweb import qido, stow, viewer, wado
 from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
 
 
@@ -14,4 +14,8 @@ def create_app(config: DicomwebConfig) -> Starlette:
     routes = [*qido.routes(config), *wado.routes(config)]
     if config.stow:
         routes += stow.routes(config)
-    return Starlette(routes=[Mount(DICOMWEB_ROOT, routes=routes)])
+    app_routes: list[BaseRoute] = [Mount(DICOMWEB_ROOT, routes=routes)]
+    if config.viewer_dir is not None:
+        # After the DICOMweb mount: the viewer's catch-all never answers for /dicom-web.
+        app_routes += viewer.routes(config.viewer_dir, DICOMWEB_ROOT)
+    return Starlette(routes=app_routes)

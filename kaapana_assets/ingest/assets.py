@@ -18,10 +18,11 @@ from kaapana_assets.ingest.study import (
     preview_series_paths,
     summarize_study,
 )
-from kaapana_assets.metadata_table import columns, table
+from kaapana_assets.metadata_table import columns, links_markdown, table
 from kaapana_assets.preload import warm_in_background
 from kaapana_assets.progress import Progress, throttled
 from resources.storage import ArchiveResource, LakeResource
+from resources.viewer import ViewerResource
 
 SERIES_SCHEMA = columns(
     ("series", "string", "series description, else the tail of its SeriesInstanceUID"),
@@ -98,7 +99,8 @@ STUDIES_PER_RUN = 10
     description="A DICOM study: validated, archived and indexed in the instances/series/studies Delta tables.",
 )
 def dicom_studies(
-    context: dg.AssetExecutionContext, config: IngestConfig, lake: LakeResource, archive: ArchiveResource
+    context: dg.AssetExecutionContext, config: IngestConfig, lake: LakeResource, archive: ArchiveResource,
+    viewer: ViewerResource,
 ) -> Iterator[dg.MaterializeResult]:
     study_uids = list(context.partition_keys)
     label = study_uids[0] if len(study_uids) == 1 else f"{len(study_uids)} studies"
@@ -118,11 +120,11 @@ def dicom_studies(
                          "of waiting")
     else:
         files = config.files or [f for study_uid in study_uids for f in find_study_files(archive.spool, study_uid)]
-    yield from _ingest(context, study_uids, label, files, lake, archive)
+    yield from _ingest(context, study_uids, label, files, lake, archive, viewer)
 
 
 def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str, files: list[str],
-            lake: LakeResource, archive: ArchiveResource) -> Iterator[dg.MaterializeResult]:
+            lake: LakeResource, archive: ArchiveResource, viewer: ViewerResource) -> Iterator[dg.MaterializeResult]:
     the_lake = lake.lake()
     context.log.info(f"{label}: {len(files)} spool file(s)")
     # One ingest for the whole run: its commits are per batch of files, not per study.
@@ -151,6 +153,7 @@ def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str
                                    "modalities": ", ".join(s.modalities)} for s in indexed], STUDIES_SCHEMA),
                 "study_count": dg.MetadataValue.int(len(indexed)),
                 "instances": dg.MetadataValue.int(sum(s.instance_count for s in indexed)),
+                "viewer": links_markdown([(s.study_uid, viewer.study(s.study_uid)) for s in indexed]),
                 **_report_metadata(report),
             },
             data_version=dg.DataVersion(combined_version([s.data_version for s in indexed])),
@@ -160,6 +163,7 @@ def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str
     study_uid = summary.study_uid
     metadata: dict[str, dg.MetadataValue] = {
         "study_uid": dg.MetadataValue.text(study_uid),
+        "viewer": viewer.study(study_uid),
         "patient_id": dg.MetadataValue.text(summary.patient_id or ""),
         "instances": dg.MetadataValue.int(summary.instance_count),
         "series_count": dg.MetadataValue.int(len(summary.series)),
