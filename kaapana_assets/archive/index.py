@@ -125,6 +125,8 @@ def series_rows(instances: list[dict[str, Any]], now: dt.datetime) -> list[dict[
             "referenced_series_uids": sorted({u for r in rows for u in r.get("referenced_series_uids") or []}),
             "reference_seg_series_uids": sorted(segs_of.get(series_uid, ())),
             "segment_labels": sorted({lab for r in rows for lab in r.get("segment_labels") or []}),
+            "series_date": _first(rows, "series_date"),
+            "series_time": _first(rows, "series_time"),
             "volume_issue": next(
                 (issue for r in rows if (issue := multiframe_issue(r.get("sop_class_uid"), r.get("number_of_frames"),
                                                                    r.get("modality")))), None),
@@ -159,6 +161,9 @@ def study_rows(instances: list[dict[str, Any]], series: list[dict[str, Any]], no
             "modalities": sorted({r["modality"] for r in rows if r.get("modality")}),
             "series_count": series_count[study_uid],
             "instance_count": len(rows),
+            "study_time": _first(rows, "study_time"),
+            "study_id": _first(rows, "study_id"),
+            "referring_physician_name": _first(rows, "referring_physician_name"),
         }
         row["row_digest"] = row_digest(row)
         row["updated_at"] = now

@@ -81,6 +81,10 @@ SERIES = TableSpec(
             ("referenced_series_uids", STRINGS),
             ("reference_seg_series_uids", STRINGS),
             ("segment_labels", STRINGS),
+            # QIDO-RS answers from these (added after the first release: older tables gain them
+            # on their next MERGE, null in rows written before).
+            ("series_date", pa.string()),
+            ("series_time", pa.string()),
             # Why this series cannot be assembled into a volume as the index sees it (enhanced
             # multi-frame objects, for now); null when nothing is known against it.
             ("volume_issue", pa.string()),
@@ -108,6 +112,11 @@ STUDIES = TableSpec(
             ("modalities", STRINGS),
             ("series_count", pa.int64()),
             ("instance_count", pa.int64()),
+            # QIDO-RS answers from these (added after the first release: older tables gain them
+            # on their next MERGE, null in rows written before).
+            ("study_time", pa.string()),
+            ("study_id", pa.string()),
+            ("referring_physician_name", pa.string()),
             ("row_digest", pa.string()),
             ("updated_at", TIMESTAMP),
         ]

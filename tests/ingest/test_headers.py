@@ -131,3 +131,15 @@ def test_fuzzed_bytes_never_raise_anything_but_rejected(seed_files: list[bytes],
         assert exc.reason and exc.message
     else:
         assert header.sop_instance_uid and header.study_uid
+
+
+def test_both_parsers_read_the_qido_columns(corpus: dict) -> None:
+    """The attributes QIDO-RS answers from the index (StudyTime, StudyID, ReferringPhysicianName,
+    SeriesDate/Time, BitsAllocated) are read by the fast path and by pydicom alike."""
+    study = next(iter(corpus.values()))[0]
+    fast, reference = _both(study.ct_files[0].read_bytes())
+    assert fast == reference
+    ds = pydicom.dcmread(study.ct_files[0], stop_before_pixels=True)
+    assert (fast.study_time, fast.study_id, fast.series_date, fast.series_time, fast.bits_allocated) == (
+        ds.StudyTime, ds.StudyID, ds.SeriesDate, ds.SeriesTime, ds.BitsAllocated)
+    assert fast.referring_physician_name is None  # written empty (type 2)

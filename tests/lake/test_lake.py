@@ -96,3 +96,32 @@ def test_maintenance_asset_reports_file_counts(tmp_path: Path) -> None:
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
     assert metadata["files_before"].value == 5 and metadata["files_after"].value == 1
     assert lake.read("quarantine").height == 5
+
+
+def test_merge_evolves_a_table_written_before_columns_were_added(tmp_path: Path) -> None:
+    """A lake written by a release without the QIDO columns (studies.study_time, study_id,
+    referring_physician_name; instances' header columns of the same release) is read, and
+    merged into: the table gains the columns, its old rows read them as null."""
+    from deltalake import write_deltalake
+
+    from kaapana_assets.lake.schemas import INSTANCES
+
+    lake = Lake(tmp_path / "lake")
+    added = {"study_time", "study_id", "referring_physician_name", "series_date", "series_time", "bits_allocated"}
+    for spec, old_row, new_row in (
+        (STUDIES, {"study_uid": "1.2", "series_count": 1, "row_digest": "d1"},
+         {"study_uid": "1.3", "series_count": 1, "study_time": "093000", "study_id": "7", "row_digest": "d2"}),
+        (INSTANCES, {"sop_instance_uid": "1.2.1", "study_uid": "1.2", "modality": "CT"},
+         {"sop_instance_uid": "1.3.1", "study_uid": "1.3", "modality": "CT", "study_time": "093000",
+          "bits_allocated": 16}),
+    ):
+        old_schema = pa.schema([f for f in spec.schema if f.name not in added])
+        assert len(old_schema) < len(spec.schema)
+        write_deltalake(lake.uri(spec.name), pa.Table.from_pylist([old_row], schema=old_schema))
+        assert set(lake.read(spec.name).columns) == set(old_schema.names)  # read as it is
+
+        lake.merge(spec.name, pa.Table.from_pylist([new_row], schema=spec.schema))
+        rows = {r[spec.keys[0]]: r for r in lake.read(spec.name).to_dicts()}
+        assert set(lake.read(spec.name).columns) == set(spec.schema.names)
+        assert rows[old_row[spec.keys[0]]]["study_time"] is None
+        assert rows[new_row[spec.keys[0]]]["study_time"] == "093000"
