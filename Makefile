@@ -54,7 +54,8 @@ test: tools lint
 # Both tiers: what CI runs, in two workers (pytest-xdist): the tests that share a costly
 # session fixture (the demo, a trained model, a federation) run in one worker each, so each
 # is built once. The slowest tests are listed at the end: CI must stay under 15 minutes.
-test-all: tools lint
+# The browser test of the viewer needs OHIF's build: fetched here, before the tests, not by them.
+test-all: tools lint viewer
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20
 
 # What deploy/ builds: `pip install .` without extras, in a clean venv, must import the code

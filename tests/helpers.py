@@ -19,6 +19,16 @@ from kaapana_assets.synthetic import GeneratedStudy
 SMALL = {"slices": 12, "matrix": 40}  # small grids: same scanners, fewer voxels
 REPO = Path(__file__).resolve().parents[1]  # the repository root, whichever folder of tests/ asks
 
+# The browser tests: Debian's chromium, headless, loopback only, nothing phoning home.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-default-apps", "--disable-domain-reliability", "--disable-client-side-phishing-detection",
+    "--disable-breakpad", "--metrics-recording-only", "--no-first-run", "--no-pings", "--disable-extensions",
+    "--proxy-server=direct://", "--proxy-bypass-list=*", "--disable-gpu", "--disable-quic",
+]
+ARTIFACTS = Path(os.environ.get("KAAPANA_TEST_ARTIFACTS", REPO / "test-artifacts"))  # their screenshots
+
 
 @dataclass
 class EncodedCorpus:
