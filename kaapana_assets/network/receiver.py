@@ -14,8 +14,9 @@ What is stored
   ingest still reads as a fallback.)
 - An optional allow-list of calling AE titles; anyone else is refused.
 
-What is refused (nothing reaches the spool; the peer gets a failure status; a
-`refused ...` line names the SOP Instance UID, calling AE title, address and reason)
+What is refused (`network/intake.py` `admit`, which STOW-RS shares; nothing reaches the
+spool; the peer gets a failure status; a `refused ...` line names the SOP Instance UID,
+calling AE title, address and reason)
 - Data sets that the ingest's own parser (`parse_header`) cannot read: empty, garbage
   (nothing identifying an instance can be read), malformed, truncated, or more work than a
   file may cost (a deflated data set inflating beyond `headers.MAX_INFLATED_BYTES`: an
@@ -65,45 +66,30 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import pynetdicom
-from pydicom.uid import AllTransferSyntaxes, DeflatedExplicitVRLittleEndian
+from pydicom.uid import AllTransferSyntaxes
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS, code_to_category
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
-from kaapana_assets.ingest import headers
-from kaapana_assets.ingest.headers import Reason, Rejected, parse_header
+from kaapana_assets.network.intake import Announced, Arrival, admit
+from kaapana_assets.network.intake import inflates_beyond as inflates_beyond  # where the tests look for it
 from kaapana_assets.network.journal import CHECKPOINT_S, ReceiveJournal
 from kaapana_assets.network.pynetdicom_internals import EVENT_DRIVEN, EventAssociation, event_driven
 from kaapana_assets.network.spool_writer import (
     PREAMBLE,
     file_meta_bytes,
     part10_bytes,
-    safe_ae_title,
-    spool_name,
 )
 
 log = logging.getLogger("kaapana.receiver")
-
-# C-STORE response statuses (PS3.4 B.2.3; pynetdicom lists them in
-# pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS but names none of them).
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700  # Refused: Out of Resources
-DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # Error: Data Set Does Not Match SOP Class
-CANNOT_UNDERSTAND = 0xC210  # Error: Cannot Understand (0xC000-0xCFFF)
-
-# Data sets we cannot read at all; any other rejection is a readable data set that does
-# not carry what its SOP class requires of it (for us: what the ingest needs).
-UNREADABLE = {Reason.MALFORMED, Reason.TRUNCATED, Reason.NOT_DICOM, Reason.EXCEEDS_LIMITS, Reason.NO_FILE_META}
 
 # Defaults of `kaapana receive` (see the module docstring).
 ACSE_TIMEOUT_S = 30.0
@@ -120,93 +106,19 @@ MAX_PDU_SIZE = 2**20
 # source 3 service-provider (presentation), reason 2 local-limit-exceeded.
 ASSOCIATE_RJ_LOCAL_LIMIT = bytes([0x03, 0x00, 0, 0, 0, 4, 0x00, 0x02, 0x03, 0x02])
 
-_INFLATE_LOCK = threading.Lock()
-
-
-def describe_status(code: int) -> str:
-    """`0xC210 Failure: Cannot Understand` — for log lines."""
-    meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("", ""))[1]
-    return f"0x{code:04X} {code_to_category(code)}" + (f": {meaning}" if meaning else "")
-
-
-# A data set whose SOP Instance/Class UID is not the one the C-STORE request announced.
-UID_MISMATCH = "uid_mismatch"
-
-
-def status_for(reason: str) -> int:
-    return CANNOT_UNDERSTAND if reason in UNREADABLE else DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-
-
-def inflates_beyond(deflated: bytes | memoryview, cap: int, step: int = 2**20) -> bool:
-    """Whether a raw deflate stream inflates to more than `cap` bytes, found streaming:
-    at most `step` inflated bytes exist at any time. Streams that do not inflate at all
-    are left to the parser (False)."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    view, total = memoryview(deflated), 0
-    try:
-        # Input in 64 KiB pieces: the unconsumed tail (a copy) stays small as well.
-        for start in range(0, len(view), 2**16):
-            pending: bytes | memoryview = view[start:start + 2**16]
-            while pending:
-                total += len(inflater.decompress(pending, step))
-                if total > cap:
-                    return True
-                pending = inflater.unconsumed_tail
-            if inflater.eof:
-                break
-        total += len(inflater.flush())
-    except zlib.error:
-        return False
-    return total > cap
-
-
 def _nodelay(event: evt.Event) -> None:
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _check(data: bytes, encoded: memoryview, transfer_syntax: str, request: Any) -> tuple[str, str, int] | None:
-    """Why this data set is refused (reason, message, status), or None when it can be stored."""
-    if len(encoded) == 0:
-        return Reason.NOT_DICOM, "empty data set (0 bytes)", CANNOT_UNDERSTAND
-    if transfer_syntax == DeflatedExplicitVRLittleEndian and inflates_beyond(encoded, headers.MAX_INFLATED_BYTES):
-        limit = headers.MAX_INFLATED_BYTES // 2**20
-        return Reason.EXCEEDS_LIMITS, f"deflated data set inflates beyond {limit} MiB", CANNOT_UNDERSTAND
-    try:
-        if transfer_syntax == DeflatedExplicitVRLittleEndian:
-            with _INFLATE_LOCK:  # one inflated copy (≤ MAX_INFLATED_BYTES) at a time
-                header = parse_header(data)
-        else:
-            header = parse_header(data)
-    except Rejected as exc:
-        if exc.reason == Reason.MISSING_TAG and exc.sop_uid is None and exc.study_uid is None:
-            # Nothing that identifies an instance could be read: the parser's lenient path
-            # takes random bytes for one huge element; we do not understand such a data set.
-            return exc.reason, f"{exc.message} (no SOP Instance UID, no Study Instance UID: not understood)", \
-                CANNOT_UNDERSTAND
-        return exc.reason, exc.message, status_for(exc.reason)
-    mismatches = [
-        f"{keyword} in the data set {ours} differs from the C-STORE request's {affected} {theirs}"
-        for keyword, ours, affected, theirs in (
-            ("SOPInstanceUID", header.sop_instance_uid, "AffectedSOPInstanceUID", request.AffectedSOPInstanceUID),
-            ("SOPClassUID", header.sop_class_uid, "AffectedSOPClassUID", request.AffectedSOPClassUID),
-        )
-        if ours != str(theirs or "").strip()
-    ]
-    if mismatches:
-        return UID_MISMATCH, "; ".join(mismatches), DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-    return None
-
-
 def _store(event: evt.Event, journal: ReceiveJournal) -> int:
     calling = event.assoc.requestor.ae_title.strip()
     called = event.assoc.acceptor.ae_title.strip()
-    address = event.assoc.requestor.address
     request = cast(C_STORE, event.request)  # the EVT_C_STORE handler: always a C-STORE request
-    sop_uid = request.AffectedSOPInstanceUID
+    announced = Announced(str(request.AffectedSOPInstanceUID or ""), str(request.AffectedSOPClassUID or ""))
     transfer_syntax = str(event.context.transfer_syntax)
-    meta = file_meta_bytes(str(request.AffectedSOPClassUID or ""), str(sop_uid or ""), transfer_syntax,
+    meta = file_meta_bytes(announced.sop_class_uid, announced.sop_instance_uid, transfer_syntax,
                            pynetdicom.PYNETDICOM_IMPLEMENTATION_UID, pynetdicom.PYNETDICOM_IMPLEMENTATION_VERSION,
                            calling, called)
     stream = request.DataSet  # None when the request declared no data set at all
@@ -218,20 +130,8 @@ def _store(event: evt.Event, journal: ReceiveJournal) -> int:
             file_meta.SendingApplicationEntityTitle = calling
             file_meta.ReceivingApplicationEntityTitle = called
             data = part10_bytes(file_meta, encoded)
-        refusal = _check(data, encoded, transfer_syntax, request)
-    if refusal is not None:
-        reason, message, status = refusal
-        log.warning("refused %s from %s at %s: %s: %s; answered %s, nothing stored", sop_uid, calling, address,
-                    reason, message[:500], describe_status(status))
-        return status
-    try:
-        path = journal.store(journal.spool / safe_ae_title(calling), spool_name(sop_uid, data), data)
-    except OSError as exc:
-        log.error("could not store %s from %s at %s: %s; answered %s", sop_uid, calling, address, exc,
-                  describe_status(OUT_OF_RESOURCES))
-        return OUT_OF_RESOURCES
-    log.debug("stored %s from %s as %s", sop_uid, calling, path.name)
-    return SUCCESS
+        arrival = Arrival(data, encoded, transfer_syntax, announced, calling, str(event.assoc.requestor.address))
+        return admit(arrival, journal, log).status
 
 
 def _acse_received(event: evt.Event, allowed: set[str] | None) -> None:
