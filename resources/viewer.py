@@ -4,7 +4,7 @@ link their studies and SEGs into it."""
 import dagster as dg
 from pydantic import Field
 
-from kaapana_assets.dicomweb.links import viewer_url
+from kaapana_assets.dicomweb.links import SegView, viewer_url
 
 
 class ViewerResource(dg.ConfigurableResource):
@@ -15,6 +15,6 @@ class ViewerResource(dg.ConfigurableResource):
         """A link that opens the study in the viewer."""
         return dg.MetadataValue.url(viewer_url(self.url, study_uid))
 
-    def segmentation(self, study_uid: str, seg_series_uid: str) -> dg.UrlMetadataValue:
-        """A link that opens the study with this SEG overlaid, its segments listed."""
-        return dg.MetadataValue.url(viewer_url(self.url, study_uid, seg_series_uid))
+    def segmentation(self, study_uid: str, image_series_uid: str, seg_series_uid: str) -> dg.UrlMetadataValue:
+        """A link that opens the SEG over the series it segments, its segments listed."""
+        return dg.MetadataValue.url(viewer_url(self.url, study_uid, SegView(seg_series_uid, image_series_uid)))

@@ -49,8 +49,8 @@ def cases_markdown(cases: list[CaseResult], labels: list[str], viewer: ViewerRes
     lines = ["| patient | study | " + " | ".join(f"Dice {label}" for label in labels) + " | predicted | reference |",
              "|" + " --- |" * (len(labels) + 4)]
     for case in cases:
-        predicted = f"[open]({viewer.segmentation(case.study_uid, case.predicted_seg_series_uid).url})"
-        references = ", ".join(f"[open]({viewer.segmentation(case.study_uid, uid).url})"
+        predicted = f"[open]({viewer.segmentation(case.study_uid, case.series_uid, case.predicted_seg_series_uid).url})"
+        references = ", ".join(f"[open]({viewer.segmentation(case.study_uid, case.series_uid, uid).url})"
                                for uid in case.reference_seg_series_uids) or "–"
         patient = case.patient_id.replace("|", "\\|")  # a DICOM value: it must not end the cell
         lines.append(f"| {patient} | …{case.study_uid[-12:]} | "

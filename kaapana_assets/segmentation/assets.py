@@ -95,7 +95,7 @@ def segmentations(
                                    "volumes_ml": json.dumps({s["label"]: s["volume_ml"] for s in r.statistics})}
                                   for r in results], BURST_SCHEMA),
                 "study_count": dg.MetadataValue.int(len(results)),
-                "viewer": links_markdown([(r.study_uid, viewer.segmentation(r.study_uid, r.seg_series_uid))
+                "viewer": links_markdown([(r.study_uid, viewer.segmentation(r.study_uid, r.series_uid, r.seg_series_uid))
                                           for r in results]),
                 "delta_versions": dg.MetadataValue.json(results[-1].versions),
             },
@@ -105,7 +105,7 @@ def segmentations(
     study_uid = result.study_uid
     metadata: dict[str, dg.MetadataValue] = {
         "model": dg.MetadataValue.text(result.model),
-        "viewer": viewer.segmentation(study_uid, result.seg_series_uid),
+        "viewer": viewer.segmentation(study_uid, result.series_uid, result.seg_series_uid),
         "source_series_uid": dg.MetadataValue.text(result.series_uid),
         "seg_series_uid": dg.MetadataValue.text(result.seg_series_uid),
         "seg_sop_instance_uid": dg.MetadataValue.text(result.seg_sop_uid),

@@ -13,22 +13,25 @@ from starlette.testclient import TestClient
 from kaapana_assets.dicom.uids import InvalidUID
 from kaapana_assets.dicomweb.app import create_app
 from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
-from kaapana_assets.dicomweb.links import viewer_url
+from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.dicomweb.viewer import DICOMWEB_DATA_SOURCE, app_config
 from kaapana_assets.lake import Lake
 from tests.helpers import ViewerLink, viewer_link
 
-STUDY, SEG = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2"
+STUDY, CT, SEG = "1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.2", "1.2.826.0.1.3680043.8.498.3"
 INDEX = "<!doctype html><title>OHIF Viewer</title><script src=\"/app-config.js\"></script>"
 
 
 def test_a_study_link_and_a_seg_link() -> None:
     assert viewer_link(viewer_url("http://127.0.0.1:8080", STUDY)) == ViewerLink(
         "http://127.0.0.1:8080", "/viewer", {"StudyInstanceUIDs": [STUDY]})
+    # A SEG: segmentation mode, only the SEG and its images loaded, OHIF's SEG protocol hangs it.
     # Behind a path prefix, with or without its trailing slash: the same route under it.
-    assert viewer_url("https://pacs.example.org/ohif/", STUDY, SEG) == viewer_url("https://pacs.example.org/ohif", STUDY, SEG)
-    assert viewer_link(viewer_url("https://pacs.example.org/ohif", STUDY, SEG)) == ViewerLink(
-        "https://pacs.example.org", "/ohif/segmentation", {"StudyInstanceUIDs": [STUDY], "initialSeriesInstanceUID": [SEG]})
+    seg = SegView(seg_series_uid=SEG, image_series_uid=CT)
+    assert viewer_url("https://pacs.example.org/ohif/", STUDY, seg) == viewer_url("https://pacs.example.org/ohif", STUDY, seg)
+    assert viewer_link(viewer_url("https://pacs.example.org/ohif", STUDY, seg)) == ViewerLink(
+        "https://pacs.example.org", "/ohif/segmentation",
+        {"StudyInstanceUIDs": [STUDY], "SeriesInstanceUIDs": [f"{CT},{SEG}"], "hangingProtocolId": ["@ohif/seg"]})
 
 
 @pytest.mark.parametrize("study_uid", ["1.2.3&StudyInstanceUIDs=9", "../1.2", "", "1." + "2" * 70])
@@ -36,7 +39,9 @@ def test_a_uid_from_a_file_never_shapes_the_link(study_uid: str) -> None:
     with pytest.raises(InvalidUID, match="StudyInstanceUID"):
         viewer_url("http://127.0.0.1:8080", study_uid)
     with pytest.raises(InvalidUID, match="SeriesInstanceUID"):
-        viewer_url("http://127.0.0.1:8080", STUDY, study_uid)
+        viewer_url("http://127.0.0.1:8080", STUDY, SegView(seg_series_uid=study_uid, image_series_uid=CT))
+    with pytest.raises(InvalidUID, match="SeriesInstanceUID"):
+        viewer_url("http://127.0.0.1:8080", STUDY, SegView(seg_series_uid=SEG, image_series_uid=study_uid))
 
 
 @pytest.mark.parametrize("base", ["127.0.0.1:8080", "javascript:alert(1)", "http://", "http://h/?a=1", "ftp://h"])

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 
 from kaapana_assets.cohorts.references import SegInstance, choose_references
+from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.environment import DEFAULT_VIEWER_URL
 from kaapana_assets.evaluation.evaluate import evaluation_id
 from kaapana_assets.evaluation.metrics import case_metrics, label_metrics
 from kaapana_assets.evaluation.report import CaseResult, box_plot_png, case_results, gate, summarize
 from kaapana_assets.lake.schemas import EVALUATIONS
-from tests.helpers import ViewerLink, viewer_link
 
 # ---------------------------------------------------------------------------------------
 # Metrics on spheres of known radius
@@ -214,13 +214,11 @@ def test_evaluation_of_the_demo_federated_model(evaluated_demo) -> None:  # type
     assert set(rows["series_uid"]) == {s.series_uid for s in evaluated_demo.studies}
     # The per-case table links each case into the viewer, in series order: its study with the
     # model's SEG, then with its reference SEG.
-    links = [viewer_link(url) for url in re.findall(r"\]\(([^)]+)\)", md["cases_in_viewer"].value)]
+    links = re.findall(r"\]\(([^)]+)\)", md["cases_in_viewer"].value)
     cases = rows.filter(pl.col("label") == "liver").sort("series_uid")
-    expected = [ViewerLink(DEFAULT_VIEWER_URL, "/segmentation", {"StudyInstanceUIDs": [case["study_uid"]],
-                                                                 "initialSeriesInstanceUID": [seg]})
-                for case in cases.iter_rows(named=True)
-                for seg in (case["predicted_seg_series_uid"], case["reference_seg_series_uid"])]
-    assert links == expected
+    assert links == [viewer_url(DEFAULT_VIEWER_URL, case["study_uid"], SegView(seg, case["series_uid"]))
+                     for case in cases.iter_rows(named=True)
+                     for seg in (case["predicted_seg_series_uid"], case["reference_seg_series_uid"])]
     # Values in range: Dice in [0, 1]; distances ≥ 0, ASSD ≤ HD95 ≤ HD; spacing of the grid.
     liver = rows.filter(pl.col("label") == "liver")
     assert liver["dice"].is_between(0, 1).all() and liver["dice"].null_count() == 0

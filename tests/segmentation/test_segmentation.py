@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from kaapana_assets import nnunet
+from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.environment import DEFAULT_VIEWER_URL
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
@@ -26,7 +27,7 @@ from kaapana_assets.synthetic.generator import phantom_for
 from kaapana_assets.training.tracking import Tracking
 from resources import MlflowResource
 from sensors.incoming import incoming_studies
-from tests.helpers import TRAIN_GRID, ViewerLink, viewer_link
+from tests.helpers import TRAIN_GRID
 from tests.tools import dciodvfy_errors
 
 SEED = 77  # studies the model never saw
@@ -57,10 +58,10 @@ def test_new_study_is_segmented_as_valid_dicom_seg(trained_site) -> None:  # typ
     md = result.asset_materializations_for_node("segmentations")[0].metadata
     assert md["model"].value == "nnunet-liver-train:v1"
     assert "data:image/png;base64," in md["overlay"].value
-    # The link opens the study in the viewer's segmentation mode with the new SEG hung first.
+    # The link opens the new SEG over the CT it segments, in the viewer's segmentation mode.
     assert isinstance(md["viewer"], dg.UrlMetadataValue)
-    assert viewer_link(md["viewer"].value) == ViewerLink(DEFAULT_VIEWER_URL, "/segmentation", {
-        "StudyInstanceUIDs": [study.study_uid], "initialSeriesInstanceUID": [md["seg_series_uid"].value]})
+    assert md["viewer"].value == viewer_url(DEFAULT_VIEWER_URL, study.study_uid,
+                                            SegView(md["seg_series_uid"].value, study.series_uid))
     lake = Lake(trained_site.home.lake)
 
     # The SEG is archived and indexed: a series row with modality SEG pointing at the CT.
