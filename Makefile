@@ -100,7 +100,7 @@ dev: install viewer
 	@echo "Viewer (OHIF on DICOMweb): http://localhost:$(DICOMWEB_PORT)  (DICOMweb: http://localhost:$(DICOMWEB_PORT)/dicom-web)"
 	@echo "MLflow UI (another shell): $(BIN)/mlflow ui --backend-store-uri sqlite:///$(KAAPANA_HOME)/mlflow.db"
 	$(BIN)/kaapana dicomweb --home $(KAAPANA_HOME) --host 127.0.0.1 --port $(DICOMWEB_PORT) --viewer $(VIEWER_DIR)/dist & \
-	  dicomweb=$$!; trap 'kill $$dicomweb' EXIT INT TERM; \
+	  dicomweb=$$!; trap 'kill $$dicomweb 2>/dev/null' EXIT INT TERM; \
 	  KAAPANA_VIEWER_URL=http://localhost:$(DICOMWEB_PORT) KAAPANA_FEDERATION=$(KAAPANA_HOME)/federation.yaml \
 	  $(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
