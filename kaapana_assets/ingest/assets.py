@@ -171,6 +171,12 @@ def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str
         "series": table(summary.series_rows(), SERIES_SCHEMA),
         **_report_metadata(report),
     }
+    # Each SEG that references one of the study's series, over that series.
+    segs = [(seg_uid, s["series_uid"]) for s in summary.series for seg_uid in s.get("reference_seg_series_uids") or []]
+    if segs:
+        metadata["segs_in_viewer"] = links_markdown([(f"SEG …{seg_uid[-12:]} over …{series_uid[-12:]}",
+                                                      viewer.segmentation(study_uid, series_uid, seg_uid))
+                                                     for seg_uid, series_uid in segs])
     png = middle_slice_png(preview_series_paths(the_lake, archive.kaapana_home().archive, summary))
     if png:
         metadata["preview"] = dg.MetadataValue.md(png_markdown(png, f"middle slice of {study_uid}"))
