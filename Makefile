@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install tools lint test test-all check-runtime-install demo dev viewer bench-ingest bench-segment bench-receive bench-federated bench-arrival clean
+.PHONY: install tools lint test test-all check-runtime-install demo dev viewer bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -119,6 +119,10 @@ bench-ingest: install
 # The real daemon (`dagster dev`) on a prepared site: spool → SEG for 1 study and a burst of 10.
 bench-arrival: install
 	$(BIN)/python bench/arrival.py --burst 10
+
+# QIDO-RS study searches over 10,000 studies against Orthanc-DICOMweb (root: a private network namespace).
+bench-qido: install
+	$(BIN)/python bench/dicomweb_qido.py
 
 clean:
 	rm -rf $(KAAPANA_HOME) .pytest_cache

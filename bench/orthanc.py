@@ -22,14 +22,18 @@ TOOLS = ("Orthanc", str(PLUGIN))
 
 
 class Orthanc:
-    def __init__(self, workdir: Path, http_port: int = 8042, dicom_port: int = 4242, aet: str = "ORTHANC"):
+    def __init__(self, workdir: Path, http_port: int = 8042, dicom_port: int = 4242, aet: str = "ORTHANC",
+                 dicomweb_servers: dict[str, str] | None = None):
+        """`dicomweb_servers`: name → DICOMweb root URL that Orthanc's own DICOMweb client may
+        push to (`POST /dicom-web/servers/{name}/stow`)."""
         self.workdir, self.http_port, self.dicom_port, self.aet = workdir, http_port, dicom_port, aet
         workdir.mkdir(parents=True, exist_ok=True)
+        servers = {name: [url] for name, url in (dicomweb_servers or {}).items()}
         config = {
             "Name": "kaapana-test", "StorageDirectory": str(workdir / "db"), "IndexDirectory": str(workdir / "db"),
             "HttpPort": http_port, "DicomPort": dicom_port, "DicomAet": aet, "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "UnknownSopClassAccepted": True,
-            "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "Plugins": [str(PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": servers},
             "ConcurrentJobs": 2, "StorageCompression": False,
         }
         (workdir / "orthanc.json").write_text(json.dumps(config))

@@ -19,3 +19,4 @@ class DicomwebConfig:
     incoming: Path  # the spool STOW-RS stores into, as the C-STORE receiver does
     stow: bool = False  # read-only unless STOW-RS is enabled
     viewer_dir: Path | None = None  # OHIF's built dist/, served at "/" when given
+    stow_max_bytes: int = 4 * 2**30  # the largest STOW-RS body taken (413 beyond)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+MULTIPART = "multipart/related"
 CHUNK = 2**20  # files are streamed in 1 MiB reads
 
 
@@ -17,7 +18,7 @@ def new_boundary() -> str:
 
 def content_type(part_type: str, boundary: str, transfer_syntax: str | None = None) -> str:
     ts = f"; transfer-syntax={transfer_syntax}" if transfer_syntax else ""
-    return f'multipart/related; type="{part_type}"; boundary={boundary}{ts}'
+    return f'{MULTIPART}; type="{part_type}"; boundary={boundary}{ts}'
 
 
 def file_chunks(path: Path) -> Iterator[bytes]:

@@ -164,6 +164,17 @@ def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
     return [np.ascontiguousarray(array[n - 1]).astype(array.dtype.newbyteorder("<")).tobytes() for n in numbers]
 
 
+def native_pixel_data(path: Path) -> bytes:
+    """The whole native PixelData value, little endian (all frames, bit-packed ones as stored)."""
+    ds, pixel_layout = layout(path)
+    if pixel_layout.offset is not None:
+        raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
+        with open(path, "rb") as file:
+            file.seek(pixel_layout.offset)
+            return file.read(int(getattr(raw, "length", 0)))
+    return b"".join(native_frames(path, list(range(1, pixel_layout.frames + 1))))
+
+
 def _window(ds: Dataset, values: np.ndarray) -> tuple[float, float]:
     """The instance's first window (center, width), or the frame's min/max."""
     center, width = ds.get("WindowCenter"), ds.get("WindowWidth")

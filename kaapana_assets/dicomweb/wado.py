@@ -147,8 +147,15 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/").removesuffix(DICOMWEB_ROOT) + DICOMWEB_ROOT
+def base_url(request: Request) -> str:
+    """The service's DICOMweb root as the client reached it, for the URLs we answer with.
+    Some clients (dicomweb-client) send a Host header without the port: when that host is the
+    address the connection came in on (no proxy in between), the port is the server's."""
+    url = request.base_url
+    server = request.scope.get("server")
+    if url.port is None and server and server[0] == url.hostname and server[1] not in (80, 443):
+        url = url.replace(port=server[1])
+    return str(url).rstrip("/").removesuffix(DICOMWEB_ROOT) + DICOMWEB_ROOT
 
 
 def _multipart_response(parts: Iterable[multipart.Part], part_type: str) -> StreamingResponse:
@@ -185,7 +192,7 @@ class Wado:
         media_type = negotiate(request, [DICOM_JSON, JSON])
         selection = _selection(request)
         instances = self.index.find(selection)
-        base = _base_url(request)
+        base = base_url(request)
         encoded: list[bytes] = []
         by_series: dict[str, list[ArchivedInstance]] = {}
         for instance in instances:
@@ -240,9 +247,12 @@ class Wado:
                                      "item indices decimal") from None
         if not path or len(path) % 2 == 0:
             raise HTTPException(400, "a bulk data path names an attribute: tag[/item/tag...]")
-        if path == [PIXEL_DATA]:
-            frames = pixels.layout(instance.path)[1].frames
+        if path == [PIXEL_DATA] and pixels.is_encapsulated(instance.transfer_syntax_uid):
+            frames = pixels.layout(instance.path)[1].frames  # each frame as stored, one part each
             return self._frames_response(request, instance, list(range(1, frames + 1)))
+        if path == [PIXEL_DATA]:
+            return _multipart_response([multipart.Part(pixels.OCTET_STREAM, (pixels.native_pixel_data(instance.path),))],
+                                       pixels.OCTET_STREAM)
         ds = read_header(instance.path)
         element = None
         try:

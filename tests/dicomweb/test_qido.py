@@ -15,6 +15,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from starlette.testclient import TestClient
 
+from bench.dicomweb_server import DicomwebServer
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.dicomweb.app import create_app
 from kaapana_assets.dicomweb.config import DicomwebConfig
@@ -22,7 +23,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake.schemas import STUDIES
 from kaapana_assets.synthetic import GeneratedStudy, generate_site
-from tests.helpers import SMALL, DicomwebServer
+from tests.helpers import SMALL
 
 DICOM_JSON = {"Accept": "application/dicom+json"}
 STUDY_DEFAULTS = {"00080020", "00080030", "00080050", "00080061", "00080090", "00081190", "00100010", "00100020",
@@ -166,6 +167,9 @@ def test_includefield_and_paging(site: Site) -> None:
     assert both[0]["00080070"]["Value"] == [ds.Manufacturer]
     everything = _get(site, f"/studies/{study.study_uid}/series/{study.series_uid}/instances", includefield="all")
     assert everything[0]["00280030"]["Value"] == [float(v) for v in ds.PixelSpacing]  # PixelSpacing, DS as numbers
+    # universal matching: an empty value matches everything and returns the attribute
+    universal = _get(site, "/studies", StudyDescription="")
+    assert len(universal) == len(site.studies) and all(o["00081030"]["Value"] for o in universal)
     # a dictionary attribute the index does not hold: left out, with a Warning
     response = site.client.get("/dicom-web/studies", params={"includefield": "PatientWeight"}, headers=DICOM_JSON)
     assert response.status_code == 200 and "PatientWeight" in response.headers["warning"]

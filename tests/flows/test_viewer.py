@@ -22,13 +22,14 @@ import numpy as np
 import pydicom
 import pytest
 
+from bench.dicomweb_server import DicomwebServer
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.dicomweb.config import DICOMWEB_ROOT
 from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.synthetic import GeneratedStudy, generate_site
-from tests.helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO, DicomwebServer
+from tests.helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, REPO
 
 VIEWER_DIST = REPO / "build" / "ohif" / "dist"  # `make viewer`
 SCREENSHOT = REPO / "docs" / "images" / "viewer.png"

@@ -1,0 +1,51 @@
+"""`kaapana dicomweb` as a real process (uvicorn) over a home, for benchmarks and the test suite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class DicomwebServer:
+    """`kaapana dicomweb` as a real process (uvicorn) over a home, with its log."""
+
+    def __init__(self, home: Path, options: tuple[str, ...] = ()):
+        from kaapana_assets.federation.local import free_port
+
+        self.port = free_port()
+        self.log_path = home.parent / f"dicomweb-{self.port}.log"
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "kaapana_assets.cli", "dicomweb", "--home", str(home), "--port", str(self.port),
+                 *options], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{self.url}/studies?limit=1", timeout=5):
+                    return
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"kaapana dicomweb did not start: {self.log()}")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/dicom-web"
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
