@@ -41,4 +41,4 @@ def viewer_url(base: str, study_uid: str, seg: SegView | None = None) -> str:
         series = [require_uid(seg.image_series_uid, "SeriesInstanceUID"), require_uid(seg.seg_series_uid, "SeriesInstanceUID")]
         query += [("SeriesInstanceUIDs", ",".join(series)), ("hangingProtocolId", SEG_PROTOCOL)]
         mode = SEGMENTATION_MODE
-    return f"{base.rstrip('/')}/{mode}?{urlencode(query, safe=',@')}"
+    return f"{base.rstrip('/')}/{mode}?{urlencode(query, safe=',@/')}"
