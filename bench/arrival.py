@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,13 +38,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TRAIN_COHORT = """name: liver-train
-purpose: train
-required_labels: [liver]
-filter: {modality: CT, has_reference_segmentation: true}
-harmonization: {min_size: 4}
-"""
-TRAIN_GRID = {"slices": 16, "matrix": 48}
+from bench.training_site import TRAIN_COHORT, TRAIN_GRID  # noqa: E402  (after the sys.path line above)
+
 NEW_GRID = {"matrix": 48}  # the scanner's 48 slices at 48²: the issue's "48² CT studies"
 QUIET_S = 10.0  # ArchiveResource's default quiet period, which the daemon uses
 
@@ -88,12 +82,6 @@ def new_studies(out: Path, count: int, first_index: int) -> list[tuple[str, Path
     return [(s.study_uid, s.ct_files[0].parent) for s in studies]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def daemon_environment(home: Path, dagster_home: Path, code: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KAAPANA_", "DAGSTER_"))}
     env.update({
@@ -109,6 +97,8 @@ def running_daemon(home: Path, dagster_home: Path, code: Path, log: Path) -> Ite
     first sensor tick) when this yields; the whole group is stopped on exit."""
     import dagster as dg
     from dagster._core.instance.ref import InstanceRef
+
+    from kaapana_assets.federation.local import free_port
 
     dagster_home.mkdir(parents=True, exist_ok=True)
     shutil.copy(code / "dagster.yaml", dagster_home / "dagster.yaml")
@@ -178,13 +168,14 @@ def drop(studies: list[tuple[str, Path]], spool: Path, name: str, keep_mtimes: b
 def wait_for_segs(lake_path: Path, study_uids: list[str], since: float, timeout_s: float) -> dict[str, float]:
     """Seconds from `since` until each study's row shows in the segmentations table."""
     from kaapana_assets.lake import Lake
+    from kaapana_assets.lake.schemas import SEGMENTATIONS
 
     lake = Lake(lake_path)
     seen: dict[str, float] = {}
     deadline = since + timeout_s
     while len(seen) < len(study_uids) and time.monotonic() < deadline:
-        if lake.exists("segmentations"):
-            done = set(lake.read("segmentations")["study_uid"].to_list())
+        if lake.exists(SEGMENTATIONS):
+            done = set(lake.read(SEGMENTATIONS)["study_uid"].to_list())
             now = time.monotonic() - since
             for study_uid in study_uids:
                 if study_uid in done and study_uid not in seen:

@@ -38,6 +38,8 @@ LIVER = 1
 
 
 def main() -> int:
+    from kaapana_assets.federated.strategy import Strategy
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--train", type=int, default=6)
     parser.add_argument("--test", type=int, default=10)
@@ -50,7 +52,8 @@ def main() -> int:
     parser.add_argument("--matrix", type=int, default=48)
     parser.add_argument("--width", type=int, default=16)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--strategy", default="fedavg", help="the federation's Flower strategy")
+    parser.add_argument("--strategy", default=Strategy.FEDAVG.value, choices=[s.value for s in Strategy],
+                        help="the federation's Flower strategy")
     parser.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's server momentum")
     parser.add_argument("--no-baselines", action="store_true", help="the federated row only (the centralized "
                         "and site-alone rows depend only on the seed: tuning the federation needs them once)")

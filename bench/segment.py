@@ -40,12 +40,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-COHORT = """name: liver-train
-purpose: train
-required_labels: [liver]
-filter: {modality: CT, has_reference_segmentation: true}
-harmonization: {min_size: 4}
-"""
+from bench.training_site import TRAIN_COHORT  # noqa: E402  (after the sys.path line above)
+
 MODEL = "nnunet-liver-train"
 
 
@@ -106,7 +102,7 @@ def main() -> int:
         root = Path(tmp)
         home = KaapanaHome(root / "home").ensure()
         (root / "cohorts").mkdir()
-        (root / "cohorts" / "liver-train.yaml").write_text(COHORT)
+        (root / "cohorts" / "liver-train.yaml").write_text(TRAIN_COHORT)
         resources = site_resources(home.root, root / "cohorts", device=args.device, schedule=args.schedule, promotion_dice=0.0)
         quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 

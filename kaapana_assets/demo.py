@@ -42,6 +42,7 @@ from kaapana_assets.federation.sites import SiteEntry, read_sites, write_sites
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, FEDERATED_ROUNDS, QUARANTINE, SEGMENTATIONS, SERIES, STUDIES
 from kaapana_assets.synthetic import generate_site, get_profile
 from resources.federation import FederationResource
 from resources.nnunet import NnunetResource
@@ -212,9 +213,9 @@ def _a_seg_uid(home: KaapanaHome) -> str:
     from kaapana_assets.lake import Lake
 
     lake = Lake(home.lake)
-    if not lake.exists("segmentations"):
+    if not lake.exists(SEGMENTATIONS):
         return "<SEG SOPInstanceUID>"
-    return str(lake.read("segmentations")["seg_sop_instance_uid"][0])
+    return str(lake.read(SEGMENTATIONS)["seg_sop_instance_uid"][0])
 
 
 def _federation_file(home: KaapanaHome, site_homes: dict[str, KaapanaHome]) -> tuple[Path, list[LocalSite]]:
@@ -289,15 +290,15 @@ def _final_summary(console: Console, home: KaapanaHome) -> None:
     from kaapana_assets.lake import Lake
 
     lake = Lake(home.lake)
-    rounds = lake.read("federated_rounds", (pl.col("experiment") == EXPERIMENT) & (pl.col("site") == "global"))
+    rounds = lake.read(FEDERATED_ROUNDS, (pl.col("experiment") == EXPERIMENT) & (pl.col("site") == "global"))
     table = Table(title=f"Federated experiment {EXPERIMENT}")
     for column in ("round", "cases", "global liver Dice"):
         table.add_column(column, justify="right")
     for row in rounds.sort("round").iter_rows(named=True):
         table.add_row(str(row["round"]), str(row["cases"]), f"{row['dice']:.3f}" if row["dice"] is not None else "—")
     console.print(table)
-    if lake.exists("segmentations"):
-        segs = lake.read("segmentations", pl.col("label") == "liver").sort("study_uid")
+    if lake.exists(SEGMENTATIONS):
+        segs = lake.read(SEGMENTATIONS, pl.col("label") == "liver").sort("study_uid")
         table = Table(title="Automatic segmentations (DICOM SEG in the archive)")
         for column in ("study", "SEG SOPInstanceUID", "model", "liver volume (ml)", "mean HU"):
             table.add_column(column)
@@ -316,7 +317,7 @@ def _curate(console: Console, home: KaapanaHome) -> None:
     from kaapana_assets.lake import Lake
 
     lake = Lake(home.lake)
-    series = lake.read("series").filter(pl.col("modality") == "CT").sort("series_uid")
+    series = lake.read(SERIES).filter(pl.col("modality") == "CT").sort("series_uid")
     patients = series.group_by("institution").agg(pl.col("patient_id").first())["patient_id"].to_list()
     chosen = series.filter(pl.col("patient_id").is_in(patients))["series_uid"].to_list()
     add_tag(lake, "reviewed", chosen)
@@ -346,7 +347,7 @@ def _evaluate(console: Console, home: KaapanaHome, instance: dg.DagsterInstance,
     assert isinstance(version, int) and isinstance(dice, dict)
     lake = Lake(home.lake)
     tested = read_cohort(lake, cohort, version).patients
-    training = sorted({c for c in lake.read("cohort_members", pl.col("purpose") == "train")["cohort"].to_list()})
+    training = sorted({c for c in lake.read(COHORT_MEMBERS, pl.col("purpose") == "train")["cohort"].to_list()})
     shared = {}
     for name in training:
         found = cohort_patients(lake, name)
@@ -404,8 +405,8 @@ def _print_summary(console: Console, home: KaapanaHome, sites: list[str]) -> Non
     from kaapana_assets.lake import Lake
 
     lake = Lake(home.lake)
-    studies = lake.read("studies")
-    quarantine = lake.read("quarantine")
+    studies = lake.read(STUDIES)
+    quarantine = lake.read(QUARANTINE)
     table = Table(title="What the lake holds, per site")
     for column in ("site", "institution", "patients", "studies", "series", "instances", "quarantined"):
         table.add_column(column, justify="left" if column in ("site", "institution") else "right")

@@ -10,6 +10,7 @@ import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +29,23 @@ def _json(environ: Mapping[str, str], name: str, default: Any) -> Any:
         raise ValueError(f"{name} must be JSON: {exc}") from None
 
 
+class EnvironmentKind(StrEnum):
+    """KAAPANA_ENV: where the platform runs."""
+
+    LOCAL = "local"  # embedded defaults under KAAPANA_HOME
+    K8S = "k8s"  # a user-code deployment: URIs and pods from its environment
+
+    @classmethod
+    def parse(cls, value: str) -> EnvironmentKind:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"KAAPANA_ENV must be {' or '.join(repr(k.value) for k in cls)}, not {value!r}") from None
+
+
 @dataclass(frozen=True)
 class Environment:
-    env: str  # KAAPANA_ENV: local | k8s
+    env: EnvironmentKind  # KAAPANA_ENV
     home: Path  # KAAPANA_HOME
     site: str  # KAAPANA_SITE
     site_key_set: bool  # KAAPANA_SITE_KEY is a secret: only whether it is set is read here
@@ -58,9 +73,7 @@ class Environment:
     def read(cls, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Environment:
         """The environment (os.environ unless given); `home` overrides KAAPANA_HOME (a CLI --home)."""
         e = os.environ if environ is None else environ
-        env = e.get("KAAPANA_ENV", "local")
-        if env not in ("local", "k8s"):
-            raise ValueError(f"KAAPANA_ENV must be 'local' or 'k8s', not {env!r}")
+        env = EnvironmentKind.parse(e.get("KAAPANA_ENV", EnvironmentKind.LOCAL))
         home = (home or Path(e.get("KAAPANA_HOME", DEFAULT_HOME))).resolve()
         viewer_url = e.get("KAAPANA_VIEWER_URL") or DEFAULT_VIEWER_URL
         if not viewer_url.startswith(("http://", "https://")):
@@ -74,7 +87,7 @@ class Environment:
             superlink_ca=e.get("KAAPANA_SUPERLINK_CA", ""),
             federation_file=e.get("KAAPANA_FEDERATION", ""),
             cohorts=e.get("KAAPANA_COHORTS", ""),
-            training_schedule=e.get("KAAPANA_TRAINING_SCHEDULE", "full" if env == "k8s" else "short"),
+            training_schedule=e.get("KAAPANA_TRAINING_SCHEDULE", "full" if env is EnvironmentKind.K8S else "short"),
             segmentation_model=e.get("KAAPANA_SEGMENTATION_MODEL", "nnunet-liver-train"),
             resegment_cohort=e.get("KAAPANA_RESEGMENT_COHORT", ""),
             mlflow_tracking_uri=e.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
@@ -96,7 +109,7 @@ class Environment:
     @property
     def pod_home(self) -> str:
         """Where KAAPANA_HOME is mounted in step and extension pods."""
-        return str(self.home) if self.env == "k8s" else "/kaapana"
+        return str(self.home) if self.env is EnvironmentKind.K8S else "/kaapana"
 
 
 @contextmanager

@@ -22,6 +22,14 @@ import polars as pl
 
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import (
+    COHORT_MEMBERS,
+    EVALUATIONS,
+    FEDERATED_ROUNDS,
+    FEDERATED_SITE_ROUNDS,
+    INSTANCES,
+    SEGMENTATIONS,
+)
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.training.tracking import Tracking
 
@@ -48,7 +56,7 @@ def _series_node(parent: Node, lake: Lake, series_uid: str, label: str, show: in
                  version: int | None = None) -> None:
     """A series and its SOP instances, as `instances` lists them at `version` (a cohort version's
     pinned slices), or now."""
-    sops = lake.read("instances", pl.col("series_uid") == series_uid, version=version).sort(
+    sops = lake.read(INSTANCES, pl.col("series_uid") == series_uid, version=version).sort(
         "instance_number")["sop_instance_uid"]
     node = parent.add(f"{label} {series_uid}: {len(sops)} SOP instance(s)")
     for sop in sops.head(show).to_list():
@@ -58,7 +66,7 @@ def _series_node(parent: Node, lake: Lake, series_uid: str, label: str, show: in
 
 
 def _cohort_node(parent: Node, lake: Lake, cohort: str, version: int, label: str) -> None:
-    members = lake.read("cohort_members", (pl.col("cohort") == cohort) & (pl.col("cohort_version") == version))
+    members = lake.read(COHORT_MEMBERS, (pl.col("cohort") == cohort) & (pl.col("cohort_version") == version))
     if not members.height:
         parent.add(f"{label}: cohort {cohort} v{version} is not in this lake")
         return
@@ -73,9 +81,9 @@ def _cohort_node(parent: Node, lake: Lake, cohort: str, version: int, label: str
 
 
 def _segmentation(lake: Lake, uid: str) -> dict:
-    if not lake.exists("segmentations"):
+    if not lake.exists(SEGMENTATIONS):
         raise LineageNotFound("this site has no segmentations yet")
-    rows = lake.read("segmentations", (pl.col("seg_sop_instance_uid") == uid) | (pl.col("seg_series_uid") == uid)
+    rows = lake.read(SEGMENTATIONS, (pl.col("seg_sop_instance_uid") == uid) | (pl.col("seg_series_uid") == uid)
                      | (pl.col("series_uid") == uid))
     if not rows.height:
         raise LineageNotFound(f"{uid} is neither a SEG SOP Instance UID, a SEG series UID nor a segmented series here")
@@ -142,8 +150,8 @@ def _model_lineage(model: Node, home: KaapanaHome, lake: Lake, tracking: Trackin
         _cohort_node(run, lake, tags["kaapana.cohort"], int(tags.get("kaapana.cohort_version", 0)), "trained on")
     elif tags:
         model.add(f"registered without training lineage (imported): {tags.get('kaapana.source', 'unknown source')}")
-    if evaluations and lake.exists("evaluations"):
-        rows = lake.read("evaluations", (pl.col("model_name") == name) & (pl.col("model_version") == version))
+    if evaluations and lake.exists(EVALUATIONS):
+        rows = lake.read(EVALUATIONS, (pl.col("model_name") == name) & (pl.col("model_version") == version))
         for ident in rows.sort("cohort", "cohort_version")["evaluation_id"].unique(maintain_order=True).to_list():
             these = rows.filter(pl.col("evaluation_id") == ident)
             first = these.row(0, named=True)
@@ -158,9 +166,9 @@ def _dice_text(rows: pl.DataFrame) -> str:
 
 
 def _evaluation(lake: Lake, uid: str) -> pl.DataFrame | None:
-    if not re.fullmatch(r"[0-9a-f]{16}", uid) or not lake.exists("evaluations"):
+    if not re.fullmatch(r"[0-9a-f]{16}", uid) or not lake.exists(EVALUATIONS):
         return None
-    rows = lake.read("evaluations", pl.col("evaluation_id") == uid)
+    rows = lake.read(EVALUATIONS, pl.col("evaluation_id") == uid)
     return rows.sort("series_uid", "label_value") if rows.height else None
 
 
@@ -197,8 +205,8 @@ def _federated(model: Node, home: KaapanaHome, lake: Lake, tags: dict[str, str])
     node = model.add(f"federated experiment {experiment}: {tags.get('kaapana.rounds')} round(s), strategy "
                      f"{tags.get('kaapana.strategy')}, plan {tags.get('kaapana.plan_sha256', '')[:12]}, "
                      f"global weights {tags.get('kaapana.global_sha256', '')[:12]}")
-    if lake.exists("federated_rounds"):
-        rows = lake.read("federated_rounds", pl.col("experiment") == experiment).sort(["round", "site"])
+    if lake.exists(FEDERATED_ROUNDS):
+        rows = lake.read(FEDERATED_ROUNDS, pl.col("experiment") == experiment).sort(["round", "site"])
         for round_ in sorted(set(rows["round"].to_list())):
             these = rows.filter(pl.col("round") == round_)
             aggregated = these.filter(pl.col("status") == "aggregated")
@@ -214,8 +222,8 @@ def _federated(model: Node, home: KaapanaHome, lake: Lake, tags: dict[str, str])
     cohort = node.add(f"cohort {tags.get('kaapana.cohort')} at each site: "
                       + ", ".join(f"{site} {n} cases" for site, n in cases.items()))
     # This site's own record of the rounds it trained (federated_site_rounds), else its export's note.
-    trained = (lake.read("federated_site_rounds", pl.col("experiment") == experiment)
-               if lake.exists("federated_site_rounds") else pl.DataFrame())
+    trained = (lake.read(FEDERATED_SITE_ROUNDS, pl.col("experiment") == experiment)
+               if lake.exists(FEDERATED_SITE_ROUNDS) else pl.DataFrame())
     record = Path(home.root) / "nnunet" / "federated" / experiment / "cohort.json"
     if trained.height:
         for name, version in sorted(set(trained.select("cohort", "cohort_version").iter_rows())):

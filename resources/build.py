@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from kaapana_assets.environment import DEFAULT_VIEWER_URL, Environment
+from kaapana_assets.environment import DEFAULT_VIEWER_URL, Environment, EnvironmentKind
 from kaapana_assets.home import KaapanaHome
 from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource
@@ -24,7 +24,7 @@ def build_resources(environment: Environment) -> dict[str, dg.ConfigurableResour
     environment). Every value is explicit, so the UI shows what is in use; secrets stay
     `dg.EnvVar`s."""
     e = environment
-    k8s = e.env == "k8s"
+    k8s = e.env is EnvironmentKind.K8S
     return {
         "lake": LakeResource(uri=dg.EnvVar("KAAPANA_LAKE_URI") if k8s else e.lake_uri,
                              storage_options=e.s3_options if k8s else {}),

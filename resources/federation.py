@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import dagster as dg
 from pydantic import Field
 
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import Connection, run_step
 from kaapana_assets.federation.sites import FederationConfigError, SiteEntry, read_sites
 from kaapana_assets.federation.store import FederationStore, checked_name
@@ -70,6 +71,9 @@ class FederationResource(dg.ConfigurableResource):
     dp_epsilon: float = Field(default=1.0, description="Local DP: privacy budget per round")
     dp_delta: float = Field(default=1e-5, description="Local DP: failure probability")
     dp_sensitivity: float = Field(default=1.0, description="Local DP: sensitivity")
+    dp_max_epsilon: float | None = Field(default=None, description="Local DP: the experiment's privacy budget, "
+                                         "ε per site over all rounds at dp_delta; a round that would exceed it "
+                                         "is refused. None: ε is counted, nothing refused")
     seed: int = Field(default=0, description="Seed of the shared initial network and of each site's local training (derived per round and site)")
 
     def sites(self) -> list[SiteEntry]:
@@ -92,13 +96,20 @@ class FederationResource(dg.ConfigurableResource):
     def training_schedule(self) -> Schedule:
         return Schedule.preset(self.schedule or SchedulePreset.SHORT, epochs=self.local_epochs,
                                iterations_per_epoch=self.iterations_per_epoch, base_features=self.base_features,
-                               proximal_mu=self.proximal_mu if self.strategy == "fedprox" else None)
+                               proximal_mu=self.proximal_mu if self.aggregation_strategy() is Strategy.FEDPROX else None)
+
+    def aggregation_strategy(self) -> Strategy:
+        """The configured `strategy`, parsed (a clear error listing the strategies)."""
+        return Strategy.parse(self.strategy)
 
     def privacy(self) -> dict[str, float]:
         if self.dp_clipping_norm <= 0:
+            if self.dp_max_epsilon is not None:  # a budget without noise would run the rounds unprotected
+                raise dg.Failure(description="dp_max_epsilon is set but local DP is off: set dp_clipping_norm > 0")
             return {}
         return {"clipping_norm": self.dp_clipping_norm, "epsilon": self.dp_epsilon, "delta": self.dp_delta,
-                "sensitivity": self.dp_sensitivity}
+                "sensitivity": self.dp_sensitivity,
+                **({"max_epsilon": self.dp_max_epsilon} if self.dp_max_epsilon is not None else {})}
 
     def run_step(self, step: str, experiment: str, round_: int, log: Callable[[str], None]) -> dict:
         """One Flower run performing one step; the ServerApp's result."""

@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 
 from kaapana_assets.cohorts.membership import UnknownCohortVersion, read_cohort
+from kaapana_assets.lake.schemas import SERIES
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.segmentation.assets import segment_job
 from resources.mlflow import MlflowResource
@@ -39,7 +40,7 @@ def model_promotion(
         except UnknownCohortVersion as exc:
             return dg.SensorResult(skip_reason=str(exc.args[0]))
     else:
-        studies = sorted(set(lake.lake().read("series").filter(pl.col("modality") == "CT")["study_uid"].to_list()))
+        studies = sorted(set(lake.lake().read(SERIES).filter(pl.col("modality") == "CT")["study_uid"].to_list()))
     known = set(context.instance.get_dynamic_partitions("studies"))
     return dg.SensorResult(
         run_requests=[dg.RunRequest(partition_key=s, run_key=f"{current}:{s}") for s in studies if s in known],

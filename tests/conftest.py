@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.training_site import TRAIN_COHORT, TRAIN_GRID  # noqa: E402
 from kaapana_assets.archive.service import Archive  # noqa: E402
 from kaapana_assets.cohorts.membership import snapshot_cohort  # noqa: E402
 from kaapana_assets.federation.keys import generate_site_key  # noqa: E402
@@ -24,8 +25,6 @@ from tests.helpers import (  # noqa: E402
     COHORT,
     SITES,
     SMALL,
-    TRAIN_COHORT,
-    TRAIN_GRID,
     EncodedCorpus,
     Federation,
     TrainedSite,

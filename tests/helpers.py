@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import io
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
+import pyarrow as pa
+import pydicom
+import pydicom.data
+import pytest
+
 from kaapana_assets.cohorts.definitions import CohortDefinition
+from kaapana_assets.federation.local import free_port
 from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.home import KaapanaHome
+from kaapana_assets.ingest.spool import scan_spool
+from kaapana_assets.ingest.volume import assemble_volume, seg_labels
+from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, INSTANCES, QUARANTINE, SERIES, STUDIES, TableSpec
 from kaapana_assets.synthetic import GeneratedStudy
 
 SMALL = {"slices": 12, "matrix": 40}  # small grids: same scanners, fewer voxels
@@ -59,16 +76,12 @@ def dicom_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
 
-TRAIN_GRID = {"slices": 16, "matrix": 48}
-TRAIN_COHORT = """name: liver-train
-purpose: train
-required_labels: [liver]
-filter:
-  modality: CT
-  has_reference_segmentation: true
-harmonization:
-  min_size: 4
-"""
+# pydicom's shipped test files: DICOM written by others, in every shape pydicom knows.
+PYDICOM_DATA = Path(pydicom.data.__file__).parent
+
+
+def pydicom_files() -> list[Path]:
+    return sorted(p for p in PYDICOM_DATA.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
 
 
 class TrainedSite:
@@ -153,3 +166,142 @@ def can_unshare() -> bool:
         return False
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
+
+# -- DICOM networking against dcmtk (tests/network, tests/flows) ------------------------------
+
+needs_dcmtk = pytest.mark.tools("storescu", "storescp")  # the dcmtk tools the receiver's tests talk to
+
+
+class Receiver:
+    """`kaapana receive` as a real process, with its log."""
+
+    def __init__(self, home: Path, allow: list[str] | None = None, options: list[str] | None = None):
+        self.home, self.port = home, free_port()
+        self.log_path = home.parent / f"receiver-{self.port}.log"
+        cmd = [sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(home), "--port", str(self.port),
+               "--ae-title", "KAAPANA", *(options or [])] + (["--allow", *allow] if allow else [])
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.echo():
+                return
+            time.sleep(0.2)
+        raise RuntimeError(f"receiver did not start: {self.log()}")
+
+    def echo(self, calling: str = "ECHOSCU") -> bool:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", self.port, ae_title="KAAPANA")
+        if not assoc.is_established:
+            return False
+        status = assoc.send_c_echo()
+        assoc.release()
+        return bool(status) and status.Status == 0
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def spool_files(self) -> list[Path]:
+        return sorted(Path(f.path) for f in scan_spool(self.home / "incoming"))  # not the receive journal
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            raise AssertionError(f"receiver ignored SIGTERM: {self.log()}") from None
+
+
+def storescu(port: int, files: list[Path], calling: str = "STORESCU", propose: str | None = None) -> subprocess.CompletedProcess:
+    """dcmtk's storescu proposing only the files' SOP classes (-R), in `propose` (an -x... option,
+    e.g. -xs for JPEG Lossless SV1) with the uncompressed syntaxes as fallback; dcmtk converts
+    to the accepted syntax when it must, so the caller checks what arrived."""
+    env = {**os.environ, "TCP_NODELAY": "1"}
+    return subprocess.run(["storescu", "-R", *([propose] if propose else []), "-aet", calling, "-aec", "KAAPANA",
+                           "127.0.0.1", str(port), *map(str, files)], env=env, capture_output=True, text=True, timeout=120)
+
+
+def dataset_bytes(path: Path) -> bytes:
+    """The data set after the file meta, byte for byte."""
+    data = path.read_bytes()
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    meta_end = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
+    return data[meta_end:]
+
+
+# -- a site's lake, made by hand (monitoring's figures, the federation's statistics step) ----
+
+def merge_rows(lake: Lake, table: TableSpec, rows: list[dict]) -> None:
+    lake.merge(table, pa.Table.from_pylist(rows, schema=table.schema))
+
+
+def make_site_lake(root: Path) -> Lake:
+    """Seven patients (five F, two M; five aged 60-69, two 70-79), one CT study and series
+    each (six GE at 2.5 mm, one Philips at 0.8 mm, ten instances each), seven quarantined
+    files (six not_dicom, one truncated), cohort c1 v1 (3 series) and v2 (6 series)."""
+    lake = Lake(root)
+    studies, series, instances = [], [], []
+    for i in range(7):
+        patient = f"PAT-{i:04d}"
+        study, uid = f"1.2.3.{i}", f"1.2.3.{i}.1"
+        studies.append({"study_uid": study, "patient_id": patient, "patient_sex": "F" if i < 5 else "M",
+                        "patient_birth_date": "19600101" if i < 5 else "19500101", "study_date": "20250601"})
+        series.append({"series_uid": uid, "study_uid": study, "patient_id": patient, "modality": "CT",
+                       "body_part": "ABDOMEN", "manufacturer": "GE" if i < 6 else "Philips",
+                       "instance_count": 10, "slice_thickness": 2.5 if i < 6 else 0.8})
+        instances += [{"sop_instance_uid": f"{uid}.{k}", "series_uid": uid, "study_uid": study, "patient_id": patient,
+                       "patient_name": f"Doe^Jane{i}", "modality": "CT", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
+                       "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
+                       "ingested_at": dt.datetime(2026, 2, 27, 8, 30, 17 + k, tzinfo=dt.timezone.utc)} for k in range(10)]
+    merge_rows(lake, STUDIES, studies)
+    merge_rows(lake, SERIES, series)
+    merge_rows(lake, INSTANCES, instances)
+    merge_rows(lake, QUARANTINE, [{"sha256": f"{i:064x}", "reason": "not_dicom" if i < 6 else "truncated"}
+                                  for i in range(7)])
+    merge_rows(lake, COHORT_MEMBERS, [{"cohort": "c1", "cohort_version": v, "series_uid": f"1.2.3.{i}.1",
+                                       "patient_id": f"PAT-{i:04d}"} for v, n in ((1, 3), (2, 6)) for i in range(n)])
+    return lake
+
+
+# -- dcmqi, 3D Slicer's SEG converter: an independent reader of our SEGs ----------------------
+
+def segimage2itkimage() -> str:
+    """The converter beside this interpreter (the venv's bin), else on PATH; skip if it cannot run."""
+    found = Path(sys.executable).with_name("segimage2itkimage")
+    binary = str(found) if found.exists() else shutil.which("segimage2itkimage")
+    if binary is None:
+        pytest.skip("dcmqi's segimage2itkimage is not installed (pip install dcmqi: the dev extra)")
+    try:
+        probe = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        pytest.skip(f"dcmqi's segimage2itkimage cannot run on this machine: {exc}")
+    if probe.returncode != 0:
+        pytest.skip(f"dcmqi's segimage2itkimage cannot run on this machine: {probe.stderr.strip()[:200]}")
+    return binary
+
+
+def dcmqi_labels(binary: str, seg_file: Path, ct_files: list[Path], out: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(dcmqi's label volume resampled onto the CT's grid, our seg_labels on the same grid),
+    both with dcmqi's label numbers."""
+    import SimpleITK as sitk
+
+    out.mkdir(parents=True)
+    run = subprocess.run([binary, "--inputDICOM", str(seg_file), "--outputDirectory", str(out), "--outputType", "nifti",
+                          "--prefix", "seg", "--mergeSegments"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    meta = json.loads((out / "seg-meta.json").read_text())
+    images = sorted(out.glob("seg-*.nii.gz"))
+    assert len(images) == len(meta["segmentAttributes"]) == 1, "non-overlapping segments merge into one volume"
+    ids = {str(segment["SegmentLabel"]): int(segment["labelID"]) for segment in meta["segmentAttributes"][0]}
+    volume = assemble_volume(ct_files)
+    ours = seg_labels(seg_file, volume, ids)
+    reference = volume.sitk_image(np.zeros(volume.hu.shape, np.uint8))
+    # dcmqi writes the frames' extent in its own geometry: put it into the CT's voxels by patient
+    # coordinates (nearest neighbour; both grids share spacing and direction, so it is exact).
+    theirs = sitk.Resample(sitk.Cast(sitk.ReadImage(str(images[0])), sitk.sitkUInt8), reference,
+                           sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    return sitk.GetArrayFromImage(theirs), ours

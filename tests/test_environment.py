@@ -10,7 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from kaapana_assets.environment import Environment
+from kaapana_assets.environment import Environment, EnvironmentKind
 from resources import build_resources
 from tests.helpers import REPO
 
@@ -37,10 +37,11 @@ def test_local_resources_carry_the_values_in_use(tmp_path: Path) -> None:
 def test_k8s_resources() -> None:
     env = Environment.read({"KAAPANA_ENV": "k8s", "KAAPANA_HOME": "/data/kaapana", "KAAPANA_EXTENSION_IMAGE": "img:1"})
     resources = build_resources(env)
+    assert env.env is EnvironmentKind.K8S
     assert isinstance(resources["lake"].uri, dg.EnvVar)
     assert resources["nnunet_settings"].device == "cuda" and resources["nnunet_settings"].schedule == "full"
     assert resources["extensions"].mode == "k8s" and resources["extensions"].mount_path == "/data/kaapana"
-    with pytest.raises(ValueError, match="KAAPANA_ENV"):
+    with pytest.raises(ValueError, match="KAAPANA_ENV must be 'local' or 'k8s', not 'cloud'"):
         Environment.read({"KAAPANA_ENV": "cloud"})
 
 

@@ -129,3 +129,42 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path: Path) ->
     assert not may_import("lake", "client") and may_import("client", "lake")
     assert not may_import("resources", "ingest.assets") and may_import("sensors", "ingest.assets")
     assert not may_import("federated", "monitoring.steps") and may_import("federated.steps", "federated.assets")
+
+
+
+def _imported_modules(source: str, package: str) -> list[tuple[str, int]]:
+    """Every module `source` (a module of `package`) imports, absolute names (relative ones
+    resolved), with its line; `from tests.network import test_network` names
+    tests.network.test_network."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join([*base, node.module] if node.module else base)
+            found += [(module, node.lineno)] + [(f"{module}.{a.name}", node.lineno) for a in node.names]
+    return found
+
+
+def test_tests_share_helpers_not_test_modules_and_bench_stands_apart() -> None:
+    """A helper or fixture two test modules use lives in tests/helpers.py or a conftest.py: a
+    test module imports no other test module (the helper would hide among tests, and its
+    module's tests run wherever it is imported). bench/ imports nothing from tests/."""
+    wrong = []
+    for path in sorted([*REPO.glob("tests/**/*.py"), *REPO.glob("bench/**/*.py")]):
+        in_bench = path.relative_to(REPO).parts[0] == "bench"
+        for module, line in _imported_modules(path.read_text(), _module_name(path)[1]):
+            parts = module.split(".")
+            if parts[0] == "tests" and (in_bench or parts[-1].startswith("test_")) and _is_module(module):
+                wrong.append(f"{path.relative_to(REPO)}:{line} imports {module}")
+    assert wrong == []
+
+
+def test_the_test_import_check_sees_every_form_of_import() -> None:
+    source = ("from tests.network.test_network import Receiver\nfrom tests.network import test_network\n"
+              "def f():\n    from .test_network import storescu\n")
+    found = _imported_modules(source, "tests.network")
+    assert [m for m, _ in found if m.split(".")[-1].startswith("test_") and _is_module(m)] == [
+        "tests.network.test_network", "tests.network.test_network", "tests.network.test_network"]
+    assert [line for m, line in found if m == "tests.network.test_network"] == [1, 2, 4]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 
 from kaapana_assets.lake.digest import row_digest
-from kaapana_assets.lake.schemas import SERIES, STUDIES
+from kaapana_assets.lake.schemas import INSTANCES, SERIES, STUDIES, TableSpec
 
 AXIAL_TOLERANCE = 0.95  # |slice normal · z| above this counts as axial
 
@@ -79,6 +79,25 @@ def multiframe_issue(sop_class_uid: str | None, frames: int | None, modality: st
     )
 
 
+# Stamped when the row is written, not computed from the instances.
+STAMPS = ("row_digest", "updated_at")
+_INSTANCE_COLUMNS = frozenset(INSTANCES.schema.names)
+
+
+def index_row(table: TableSpec, instances: list[dict[str, Any]], computed: dict[str, Any]) -> dict[str, Any]:
+    """A row of `table` (series or studies) with exactly its columns but the stamps, in its
+    order: the `computed` values, and for every other column the first value the instances
+    carry under that name. The table's schema is the one list of its columns; a computed
+    column it lacks, or a column neither computed nor carried by instances, is an error."""
+    unknown = computed.keys() - set(table.schema.names)
+    uncarried = [n for n in table.schema.names if n not in computed and n not in STAMPS and n not in _INSTANCE_COLUMNS]
+    if unknown or uncarried:
+        raise ValueError(f"{table.name}: computed columns not in its schema {sorted(unknown)}; "
+                         f"schema columns neither computed nor carried by instances {uncarried}")
+    return {name: computed[name] if name in computed else _first(instances, name)
+            for name in table.schema.names if name not in STAMPS}
+
+
 def series_rows(instances: list[dict[str, Any]], now: dt.datetime) -> list[dict[str, Any]]:
     by_series: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in instances:
@@ -96,41 +115,25 @@ def series_rows(instances: list[dict[str, Any]], now: dt.datetime) -> list[dict[
         gaps = missing_instance_numbers(numbers)
         spacing = _first(rows, "pixel_spacing") or [None, None]
         orientation = _first(rows, "image_orientation")
-        row = {
+        row = index_row(SERIES, rows, {
             "series_uid": series_uid,
             "study_uid": rows[0]["study_uid"],
-            "patient_id": _first(rows, "patient_id"),
-            "modality": _first(rows, "modality"),
-            "series_number": _first(rows, "series_number"),
-            "series_description": _first(rows, "series_description"),
-            "body_part": _first(rows, "body_part"),
-            "manufacturer": _first(rows, "manufacturer"),
-            "manufacturer_model": _first(rows, "manufacturer_model"),
-            "institution": _first(rows, "institution"),
-            "study_date": _first(rows, "study_date"),
-            "sop_class_uid": _first(rows, "sop_class_uid"),
             "instance_count": len(rows),
-            "slice_thickness": _first(rows, "slice_thickness"),
             "row_spacing": spacing[0] if len(spacing) > 0 else None,
             "column_spacing": spacing[1] if len(spacing) > 1 else None,
-            "rows": _first(rows, "rows"),
-            "columns": _first(rows, "columns"),
             "orientation": orientation,
             "is_axial": is_axial(orientation),
             "min_instance_number": min(numbers) if numbers else None,
             "max_instance_number": max(numbers) if numbers else None,
             "missing_instance_numbers": gaps,
             "complete": not gaps,
-            "frame_of_reference_uid": _first(rows, "frame_of_reference_uid"),
             "referenced_series_uids": sorted({u for r in rows for u in r.get("referenced_series_uids") or []}),
             "reference_seg_series_uids": sorted(segs_of.get(series_uid, ())),
             "segment_labels": sorted({lab for r in rows for lab in r.get("segment_labels") or []}),
-            "series_date": _first(rows, "series_date"),
-            "series_time": _first(rows, "series_time"),
             "volume_issue": next(
                 (issue for r in rows if (issue := multiframe_issue(r.get("sop_class_uid"), r.get("number_of_frames"),
                                                                    r.get("modality")))), None),
-        }
+        })
         row["row_digest"] = row_digest(row)
         row["updated_at"] = now
         out.append(row)
@@ -146,25 +149,15 @@ def study_rows(instances: list[dict[str, Any]], series: list[dict[str, Any]], no
         series_count[s["study_uid"]] += 1
     out = []
     for study_uid, rows in sorted(by_study.items()):
-        row = {
+        row = index_row(STUDIES, rows, {
             "study_uid": study_uid,
-            "patient_id": _first(rows, "patient_id"),
-            "patient_name": _first(rows, "patient_name"),
-            "patient_sex": _first(rows, "patient_sex"),
-            "patient_birth_date": _first(rows, "patient_birth_date"),
-            "study_date": _first(rows, "study_date"),
-            "study_description": _first(rows, "study_description"),
-            "accession_number": _first(rows, "accession_number"),
             # The acquiring site: prefer the images' institution over a derived object's.
             "institution": _first([r for r in rows if r.get("modality") != "SEG"], "institution")
             or _first(rows, "institution"),
             "modalities": sorted({r["modality"] for r in rows if r.get("modality")}),
             "series_count": series_count[study_uid],
             "instance_count": len(rows),
-            "study_time": _first(rows, "study_time"),
-            "study_id": _first(rows, "study_id"),
-            "referring_physician_name": _first(rows, "referring_physician_name"),
-        }
+        })
         row["row_digest"] = row_digest(row)
         row["updated_at"] = now
         out.append(row)

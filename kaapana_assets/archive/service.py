@@ -28,7 +28,7 @@ from kaapana_assets.dicom.seg_segments import read_segment_rows
 from kaapana_assets.files import sync_filesystem
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake, WriteResult
-from kaapana_assets.lake.schemas import SEG_SEGMENTS
+from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE, SEG_SEGMENTS, SERIES, STUDIES
 
 log = logging.getLogger(__name__)
 
@@ -94,9 +94,9 @@ class Archive:
             result.segments = archived_segment_rows(
                 self.root, instances.select(["sop_instance_uid", "modality", "archive_path"]).to_pylist(), now)
             if result.segments:
-                result.writes.append(self.lake.merge("seg_segments", index.to_table(result.segments, SEG_SEGMENTS.schema)))
-            result.writes.append(self.lake.merge("instances", instances))
-        for table, rows in (("instance_encodings", encodings), ("quarantine", quarantined)):
+                result.writes.append(self.lake.merge(SEG_SEGMENTS, index.to_table(result.segments, SEG_SEGMENTS.schema)))
+            result.writes.append(self.lake.merge(INSTANCES, instances))
+        for table, rows in ((INSTANCE_ENCODINGS, encodings), (QUARANTINE, quarantined)):
             if rows is not None and rows.num_rows:
                 result.writes.append(self.lake.merge(table, rows))
         return result
@@ -110,26 +110,26 @@ class Archive:
         if not studies:
             return Indexed()
         now = dt.datetime.now(dt.timezone.utc)
-        instances = self.lake.read("instances", pl.col("study_uid").is_in(sorted(studies))).to_dicts()
+        instances = self.lake.read(INSTANCES, pl.col("study_uid").is_in(sorted(studies))).to_dicts()
         result = Indexed()
         if heal_segments:
             result.segments = missing_segment_rows(self.lake, self.root, instances, now)
         if result.segments:
-            result.writes.append(self.lake.merge("seg_segments", index.to_table(result.segments, SEG_SEGMENTS.schema)))
+            result.writes.append(self.lake.merge(SEG_SEGMENTS, index.to_table(result.segments, SEG_SEGMENTS.schema)))
         result.series = index.series_rows(instances, now)
         result.studies = index.study_rows(instances, result.series, now)
-        result.writes += [self.lake.merge("series", index.series_table(result.series)),
-                          self.lake.merge("studies", index.studies_table(result.studies))]
+        result.writes += [self.lake.merge(SERIES, index.series_table(result.series)),
+                          self.lake.merge(STUDIES, index.studies_table(result.studies))]
         return result
 
     def reindex_segments(self) -> int:
         """Record the segments of every indexed SEG that has none in `seg_segments`; the rows
         written. Until then such a SEG is no reference: its provenance is unknown."""
-        segs = self.lake.read("instances", pl.col("modality") == "SEG").select(
+        segs = self.lake.read(INSTANCES, pl.col("modality") == "SEG").select(
             "sop_instance_uid", "modality", "archive_path")
         rows = missing_segment_rows(self.lake, self.root, segs.to_dicts(), dt.datetime.now(dt.timezone.utc))
         if rows:
-            self.lake.merge("seg_segments", index.to_table(rows, SEG_SEGMENTS.schema))
+            self.lake.merge(SEG_SEGMENTS, index.to_table(rows, SEG_SEGMENTS.schema))
         return len(rows)
 
     def _make_durable(self) -> None:
@@ -172,5 +172,5 @@ def missing_segment_rows(lake: Lake, root: Path, instances: Iterable[dict[str, A
     if not segs:
         return []
     sops = sorted(r["sop_instance_uid"] for r in segs)
-    known = set(lake.read("seg_segments", pl.col("sop_instance_uid").is_in(sops))["sop_instance_uid"].to_list())
+    known = set(lake.read(SEG_SEGMENTS, pl.col("sop_instance_uid").is_in(sops))["sop_instance_uid"].to_list())
     return archived_segment_rows(root, [r for r in segs if r["sop_instance_uid"] not in known], now)

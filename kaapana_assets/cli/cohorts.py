@@ -16,10 +16,11 @@ def cmd_cohort_list(args: argparse.Namespace) -> int:
     import polars as pl
 
     from kaapana_assets.cohorts.definitions import EXAMPLES, load_definitions
+    from kaapana_assets.lake.schemas import COHORT_MEMBERS
 
     folder = Path(args.folder or Environment.read().cohorts or EXAMPLES)
     found, errors = load_definitions(folder)
-    members = lake_of(args).read("cohort_members")
+    members = lake_of(args).read(COHORT_MEMBERS)
     table = Table(title=f"cohorts in {folder}")
     for column in ("cohort", "purpose", "latest version", "series", "description"):
         table.add_column(column)

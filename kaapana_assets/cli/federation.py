@@ -153,18 +153,22 @@ def cmd_federation_supernode_command(args: argparse.Namespace) -> int:
 def cmd_federation_rounds(args: argparse.Namespace) -> int:
     import polars as pl
 
+    from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
+
     lake = lake_of(args)
-    if not lake.exists("federated_rounds"):
+    if not lake.exists(FEDERATED_ROUNDS):
         console.print("[yellow]no federated round has run at this hub yet")
         return 1
-    rows = lake.read("federated_rounds", pl.col("experiment") == args.experiment).sort(["round", "site"])
+    rows = lake.read(FEDERATED_ROUNDS, pl.col("experiment") == args.experiment).sort(["round", "site"])
     table = Table(title=f"federated rounds of {args.experiment}")
-    for column in ("round", "site", "status", "cases", "train loss", "Dice", "reason"):
+    for column in ("round", "site", "status", "cases", "train loss", "Dice", "ε so far", "reason"):
         table.add_column(column)
     for r in rows.iter_rows(named=True):
+        epsilon = r.get("epsilon")  # a table older than the column has none
         table.add_row(str(r["round"]), r["site"], r["status"], str(r["cases"] or ""),
                       f"{r['train_loss']:.4f}" if r["train_loss"] is not None else "",
-                      f"{r['dice']:.3f}" if r["dice"] is not None else "", r["reason"] or "")
+                      f"{r['dice']:.3f}" if r["dice"] is not None else "",
+                      f"{epsilon:.4g}" if epsilon is not None else "", r["reason"] or "")
     console.print(table)
     return 0 if rows.height else 1
 

@@ -31,6 +31,7 @@ from kaapana_assets.evaluation.evaluate import archive_paths
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.volume import Volume, assemble_volume, seg_labels
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, EVALUATIONS, INSTANCES, SEGMENTATIONS, SERIES
 from kaapana_assets.training.export import label_ids as cohort_label_ids
 
 
@@ -198,9 +199,9 @@ class Cohort:
             "membership_hash": self.snapshot.membership_hash,
             # The slices read: the version's pinned `instances`, or the table as it is for versions cut
             # before it was recorded.
-            "delta_versions": {**self.delta_versions, "cohort_members": lake.version("cohort_members"),
+            "delta_versions": {**self.delta_versions, "cohort_members": lake.version(COHORT_MEMBERS),
                                "instances": self.snapshot.instances_table_version
-                               if self.snapshot.instances_table_version is not None else lake.version("instances")},
+                               if self.snapshot.instances_table_version is not None else lake.version(INSTANCES)},
             "lake": lake.root, "labels": {"background": 0, **self.label_ids},
             "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(), "cases": cases,
         }
@@ -258,7 +259,7 @@ class Kaapana:
 
     def cohorts(self) -> pl.DataFrame:
         """Every cohort and its versions (size, membership hash, series table version)."""
-        names = sorted(set(self.lake.read("cohort_members")["cohort"].to_list()))
+        names = sorted(set(self.lake.read(COHORT_MEMBERS)["cohort"].to_list()))
         frames = [cohort_versions(self.lake, name).with_columns(pl.lit(name).alias("cohort")) for name in names]
         if not frames:
             return pl.DataFrame(schema={"cohort": pl.String, "cohort_version": pl.Int64})
@@ -291,9 +292,9 @@ class Kaapana:
     def segs(self, study_uid: str) -> pl.DataFrame:
         """The study's SEG series: UIDs, description, labels, the series they segment, and the
         model that wrote it (null for references)."""
-        series = self.lake.read("series", (pl.col("study_uid") == study_uid) & (pl.col("modality") == "SEG"))
-        written = self.lake.read("segmentations").select("seg_series_uid", "model_name", "model_version").unique(
-            "seg_series_uid") if self.lake.exists("segmentations") else pl.DataFrame(
+        series = self.lake.read(SERIES, (pl.col("study_uid") == study_uid) & (pl.col("modality") == "SEG"))
+        written = self.lake.read(SEGMENTATIONS).select("seg_series_uid", "model_name", "model_version").unique(
+            "seg_series_uid") if self.lake.exists(SEGMENTATIONS) else pl.DataFrame(
             schema={"seg_series_uid": pl.String, "model_name": pl.String, "model_version": pl.String})
         return series.join(written, left_on="series_uid", right_on="seg_series_uid", how="left").select(
             "series_uid", "series_description", "segment_labels", "referenced_series_uids", "model_name",
@@ -302,7 +303,7 @@ class Kaapana:
     def read_seg(self, uid: str, label_ids: Mapping[str, int] | None = None) -> SegArrays:
         """A SEG (its SOP Instance UID or series UID) as a label volume on its source CT.
         `label_ids`: label name → value; default: the SEG's segments in order, from 1."""
-        instances = self.lake.read("instances", ((pl.col("sop_instance_uid") == uid) | (pl.col("series_uid") == uid))
+        instances = self.lake.read(INSTANCES, ((pl.col("sop_instance_uid") == uid) | (pl.col("series_uid") == uid))
                                    & (pl.col("modality") == "SEG"))
         if not instances.height:
             raise NotFound(f"{uid} is neither a SEG SOP Instance UID nor a SEG series UID in {self.lake.root}")
@@ -324,16 +325,14 @@ class Kaapana:
     def evaluations(self, cohort: str | None = None, cohort_version: int | None = None,
                     model_name: str | None = None, model_version: str | int | None = None) -> pl.DataFrame:
         """Rows of the `evaluations` table (one per case and label), filtered."""
-        from kaapana_assets.lake.schemas import EVALUATIONS
-
-        if not self.lake.exists("evaluations"):
+        if not self.lake.exists(EVALUATIONS):
             return pl.from_arrow(EVALUATIONS.empty())  # type: ignore[return-value]
         conditions: Sequence[pl.Expr] = [
             pl.col(column) == value for column, value in (
                 ("cohort", cohort), ("cohort_version", cohort_version), ("model_name", model_name),
                 ("model_version", None if model_version is None else str(model_version))) if value is not None]
         where = pl.all_horizontal(conditions) if conditions else None
-        return self.lake.read("evaluations", where).sort("cohort", "cohort_version", "model_name", "model_version",
+        return self.lake.read(EVALUATIONS, where).sort("cohort", "cohort_version", "model_name", "model_version",
                                                          "series_uid", "label_value")
 
     def lineage(self, uid: str) -> str:

@@ -141,7 +141,7 @@ def site_statistics(lake: LakeResource, archive: ArchiveResource) -> dg.Material
     samples = compute_statistics(the_lake)
     now = dt.datetime.now(dt.timezone.utc)
     written = the_lake.merge(
-        "site_statistics",
+        SITE_STATISTICS,
         pa.Table.from_pylist(statistics_rows(samples, site, uuid.uuid4().hex, now), schema=SITE_STATISTICS.schema),
     )
     path = archive.kaapana_home().root / "metrics" / "kaapana.prom"

@@ -50,13 +50,13 @@ def record_check(lake: Lake, record: CheckRecord) -> int | None:
            "passed": record.passed, "description": record.description, "offending_count": record.offending_count,
            "definition_hash": record.definition_hash}
     row = {**row, "row_digest": row_digest(row), "checked_at": dt.datetime.now(dt.timezone.utc)}
-    return lake.merge("cohort_checks", pa.Table.from_pylist([row], schema=COHORT_CHECKS.schema)).version
+    return lake.merge(COHORT_CHECKS, pa.Table.from_pylist([row], schema=COHORT_CHECKS.schema)).version
 
 
 def check_records(lake: Lake, cohort: str, version: int) -> list[CheckRecord]:
-    if not lake.exists("cohort_checks"):
+    if not lake.exists(COHORT_CHECKS):
         return []
-    rows = lake.read("cohort_checks", (pl.col("cohort") == cohort) & (pl.col("cohort_version") == version))
+    rows = lake.read(COHORT_CHECKS, (pl.col("cohort") == cohort) & (pl.col("cohort_version") == version))
     return [CheckRecord(r["cohort"], int(r["cohort_version"]), r["check_name"], bool(r["passed"]),
                         r["description"] or "", int(r["offending_count"] or 0), r["definition_hash"] or "")
             for r in rows.sort("check_name").iter_rows(named=True)]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import COHORT_MEMBERS
 
 
 class UnknownExcludedCohort(LookupError):
@@ -26,9 +27,9 @@ class CohortPatients:
 
 def cohort_patients(lake: Lake, cohort: str, version: int | None = None) -> CohortPatients | None:
     """The patients of a cohort version (default: the latest); None when there is no such version."""
-    if not lake.exists("cohort_members"):
+    if not lake.exists(COHORT_MEMBERS):
         return None
-    rows = lake.read("cohort_members", pl.col("cohort") == cohort).select("cohort_version", "patient_id")
+    rows = lake.read(COHORT_MEMBERS, pl.col("cohort") == cohort).select("cohort_version", "patient_id")
     if rows.height == 0:
         return None
     version = version if version is not None else int(rows["cohort_version"].max())  # type: ignore[arg-type]

@@ -15,6 +15,7 @@ import polars as pl
 from kaapana_assets.cohorts.references import reference_sources
 from kaapana_assets.ingest.volume import LabelVolume, Volume, paint_labels, seg_masks
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES
 
 
 class MissingReference(LookupError):
@@ -30,7 +31,7 @@ def member_labels(lake: Lake, archive: Path, member: Mapping[str, Any], volume: 
     for source in reference_sources(dict(member)):
         if source.label in label_ids:
             by_sop[source.seg_sop_instance_uid].append(source.label)
-    paths = dict(lake.read("instances", pl.col("sop_instance_uid").is_in(sorted(by_sop)), version=instances_version)
+    paths = dict(lake.read(INSTANCES, pl.col("sop_instance_uid").is_in(sorted(by_sop)), version=instances_version)
                  .select("sop_instance_uid", "archive_path").iter_rows())
     masks: dict[str, np.ndarray] = {}
     for sop, labels in sorted(by_sop.items()):

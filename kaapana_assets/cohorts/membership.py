@@ -15,7 +15,7 @@ from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.cohorts.exclusion import excluded_cohorts, without_patients
 from kaapana_assets.cohorts.references import annotated, apply_reference_policy, references_digest
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import COHORT_MEMBERS
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, INSTANCES, SEG_SEGMENTS, SEGMENTATIONS, SERIES, TAGS
 
 
 class EmptyCohort(ValueError):
@@ -64,7 +64,7 @@ def with_references(lake: Lake, series: pl.DataFrame, definition: CohortDefiniti
     accepted reference SEGs listed, each label's source chosen. A study the automation
     segmented is not thereby annotated, and a model never trains on its own predictions."""
     listed = sorted({uid for uids in series["reference_seg_series_uids"].to_list() for uid in uids or []})
-    segments = lake.read("seg_segments", pl.col("series_uid").is_in(listed))
+    segments = lake.read(SEG_SEGMENTS, pl.col("series_uid").is_in(listed))
     return apply_reference_policy(series, segments, definition.reference_algorithm_types)
 
 
@@ -125,7 +125,7 @@ def membership_hash(members: pl.DataFrame, label_priority: list[str] | None = No
 
 
 def latest_version(lake: Lake, cohort: str) -> tuple[int, str] | None:
-    rows = lake.read("cohort_members", pl.col("cohort") == cohort).select("cohort_version", "membership_hash")
+    rows = lake.read(COHORT_MEMBERS, pl.col("cohort") == cohort).select("cohort_version", "membership_hash")
     if rows.height == 0:
         return None
     top = rows.sort("cohort_version").row(-1)
@@ -134,11 +134,11 @@ def latest_version(lake: Lake, cohort: str) -> tuple[int, str] | None:
 
 def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
     """Select members now; record a new version only if the membership changed."""
-    series_version, tags_version = lake.version("series"), lake.version("tags")
+    series_version, tags_version = lake.version(SERIES), lake.version(TAGS)
     # Read after `series`: ingest commits slices before the series rows computed from them.
-    instances_version, segmentations_version = lake.version("instances"), lake.version("segmentations")
-    series = with_references(lake, lake.read("series", version=series_version), definition)
-    tags = lake.read("tags", version=tags_version)
+    instances_version, segmentations_version = lake.version(INSTANCES), lake.version(SEGMENTATIONS)
+    series = with_references(lake, lake.read(SERIES, version=series_version), definition)
+    tags = lake.read(TAGS, version=tags_version)
     members = select_series(series, tags, definition)
     excluded = excluded_cohorts(lake, definition.name, definition.filter.exclude_cohorts)
     members, left_out = without_patients(members, excluded)
@@ -178,7 +178,7 @@ def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
         }
         for m in members.iter_rows(named=True)
     ]
-    written = lake.merge("cohort_members", pa.Table.from_pylist(rows, schema=COHORT_MEMBERS.schema))
+    written = lake.merge(COHORT_MEMBERS, pa.Table.from_pylist(rows, schema=COHORT_MEMBERS.schema))
     snapshot = read_cohort(lake, definition.name, version)
     snapshot.created = True
     snapshot.cohort_members_version = written.version
@@ -188,17 +188,17 @@ def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
 def read_cohort(lake: Lake, cohort: str, version: int | None = None) -> CohortSnapshot:
     """A cohort version exactly as it was snapshotted: its members, joined with the series
     rows at the series-table version the snapshot read (Delta time travel)."""
-    rows = lake.read("cohort_members", pl.col("cohort") == cohort)
+    rows = lake.read(COHORT_MEMBERS, pl.col("cohort") == cohort)
     if rows.height == 0:
         raise UnknownCohortVersion(f"cohort {cohort!r} has no snapshot yet; materialize it first")
     version = version if version is not None else int(rows["cohort_version"].max())  # type: ignore[arg-type]
     rows = rows.filter(pl.col("cohort_version") == version)
     if rows.height == 0:
-        known = sorted(set(lake.read("cohort_members", pl.col("cohort") == cohort)["cohort_version"].to_list()))
+        known = sorted(set(lake.read(COHORT_MEMBERS, pl.col("cohort") == cohort)["cohort_version"].to_list()))
         raise UnknownCohortVersion(f"cohort {cohort!r} has no version {version}; versions: {known}")
     first = rows.row(0, named=True)
     series_version = first["series_table_version"]
-    series = lake.read("series", pl.col("series_uid").is_in(rows["series_uid"].implode()), version=series_version)
+    series = lake.read(SERIES, pl.col("series_uid").is_in(rows["series_uid"].implode()), version=series_version)
     members = rows.join(
         series.drop("study_uid", "patient_id", "reference_seg_series_uids"), on="series_uid", how="left"
     ).sort("series_uid")
@@ -210,7 +210,7 @@ def read_cohort(lake: Lake, cohort: str, version: int | None = None) -> CohortSn
         members=members,
         series_table_version=series_version,
         tags_table_version=first["tags_table_version"],
-        cohort_members_version=lake.version("cohort_members"),
+        cohort_members_version=lake.version(COHORT_MEMBERS),
         instances_table_version=first.get("instances_table_version"),
         segmentations_table_version=first.get("segmentations_table_version"),
         excluded_cohorts={e["cohort"]: e["cohort_version"] for e in first.get("excluded_cohorts") or []},
@@ -219,7 +219,7 @@ def read_cohort(lake: Lake, cohort: str, version: int | None = None) -> CohortSn
 
 def cohort_versions(lake: Lake, cohort: str) -> pl.DataFrame:
     return (
-        lake.read("cohort_members", pl.col("cohort") == cohort)
+        lake.read(COHORT_MEMBERS, pl.col("cohort") == cohort)
         .group_by("cohort_version", "membership_hash", "series_table_version", "definition_hash")
         .agg(pl.len().alias("series"), pl.col("created_at").min())
         .sort("cohort_version")

@@ -15,6 +15,7 @@ from prometheus_client.openmetrics.exposition import generate_latest
 
 from kaapana_assets.files import write_atomically
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, QUARANTINE, SERIES, STUDIES
 
 # name -> help text; label names per metric below.
 METRICS = {
@@ -41,10 +42,10 @@ class Sample:
 
 
 def compute_statistics(lake: Lake) -> list[Sample]:
-    series = lake.read("series")
-    studies = lake.read("studies")
-    quarantine = lake.read("quarantine")
-    members = lake.read("cohort_members")
+    series = lake.read(SERIES)
+    studies = lake.read(STUDIES)
+    quarantine = lake.read(QUARANTINE)
+    members = lake.read(COHORT_MEMBERS)
     samples = [
         Sample("kaapana_dicom_patients_total", {}, float(studies["patient_id"].n_unique() if studies.height else 0)),
         Sample("kaapana_dicom_studies_total", {}, float(studies.height)),

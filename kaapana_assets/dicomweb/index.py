@@ -64,7 +64,7 @@ class InstanceIndex:
         with self._lock:
             if now - self._checked < self.recheck_s:
                 return self._version
-        version = self.lake.version(INSTANCES.name)
+        version = self.lake.version(INSTANCES)
         with self._lock:
             if version != self._version:
                 self._cache.clear()
@@ -94,7 +94,7 @@ class InstanceIndex:
             where &= pl.col("series_uid") == selection.series_uid
         if selection.sop_instance_uid is not None:
             where &= pl.col("sop_instance_uid") == selection.sop_instance_uid
-        rows = (self.lake.scan(INSTANCES.name).filter(where)
+        rows = (self.lake.scan(INSTANCES).filter(where)
                 .select("study_uid", "series_uid", "sop_instance_uid", "sop_class_uid", "archive_path",
                         "transfer_syntax_uid", "instance_number", "number_of_frames")
                 .sort("series_uid", "instance_number", "sop_instance_uid", nulls_last=True).collect())

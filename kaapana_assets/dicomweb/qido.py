@@ -11,7 +11,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from kaapana_assets.dicomweb.config import DicomwebConfig
-from kaapana_assets.dicomweb.http import DICOM_JSON, JSON, DicomJSONResponse, negotiate, require_uid
+from kaapana_assets.dicomweb.http import DICOM_JSON, JSON, negotiate, require_uid
 from kaapana_assets.dicomweb.search import Index, Level, NotFound, QueryError, Scope, parse_query, search
 
 # application/dicom+xml (the other media type PS3.18 defines for QIDO) is not offered: 406.
@@ -40,7 +40,7 @@ def routes(config: DicomwebConfig) -> list[BaseRoute]:
                 # PS3.18 8.3.4.3: say which requested attributes are not returned.
                 headers["Warning"] = (f'299 kaapana "includefield {",".join(query.ignored_fields)}: '
                                       'not held by the index, not returned"')
-            return DicomJSONResponse(found, media_type=media_type, headers=headers)
+            return Response(found, media_type=media_type, headers=headers)
 
         return handle
 

@@ -35,7 +35,7 @@ from kaapana_assets.evaluation.metrics import LabelMetrics, case_metrics
 from kaapana_assets.ingest.volume import VolumeError, assemble_volume, seg_labels
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.digest import row_digest
-from kaapana_assets.lake.schemas import EVALUATIONS
+from kaapana_assets.lake.schemas import EVALUATIONS, INSTANCES, SEGMENTATIONS
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.segmentation.segment import NothingToSegment, segment_study
 
@@ -73,7 +73,7 @@ class Evaluation:
 def archive_paths(lake: Lake, archive_root: Path, series_uid: str, version: int | None = None) -> list[Path]:
     """A series' files in the archive, as `instances` lists them at `version` (a cohort
     version's pinned slices), or now."""
-    rows = lake.read("instances", pl.col("series_uid") == series_uid, version=version).sort("instance_number")
+    rows = lake.read(INSTANCES, pl.col("series_uid") == series_uid, version=version).sort("instance_number")
     return [archive_root / p for p in rows["archive_path"].to_list()]
 
 
@@ -110,7 +110,7 @@ def evaluate_cohort(
                               f"reference SEG with any of these labels")
     lake = archive.lake
     ident = evaluation_id(snapshot.cohort, snapshot.version, model.name, model.version)
-    read_versions = lake.versions(("instances", "segmentations"))
+    read_versions = lake.versions((INSTANCES, SEGMENTATIONS))
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     now = dt.datetime.now(dt.timezone.utc)
@@ -129,7 +129,7 @@ def evaluate_cohort(
             pinned = snapshot.instances_table_version
             volume = assemble_volume(archive_paths(lake, archive.root, series_uid, pinned))
             predicted_path = archive.root / lake.read(
-                "instances", pl.col("sop_instance_uid") == result.seg_sop_uid)["archive_path"][0]
+                INSTANCES, pl.col("sop_instance_uid") == result.seg_sop_uid)["archive_path"][0]
             truth = member_labels(lake, archive.root, member, volume, labels, pinned).labels
             predicted = seg_labels(predicted_path, volume, labels)
         except (VolumeError, NothingToSegment, MissingReference) as exc:
@@ -152,7 +152,7 @@ def evaluate_cohort(
     if not rows:
         reasons = "; ".join(f"{s['series_uid']}: {s['reason']}" for s in skipped[:3])
         raise EvaluationError(f"no member of cohort {snapshot.cohort} v{snapshot.version} could be evaluated: {reasons}")
-    written = lake.merge("evaluations", pa.Table.from_pylist(rows, schema=EVALUATIONS.schema))
+    written = lake.merge(EVALUATIONS, pa.Table.from_pylist(rows, schema=EVALUATIONS.schema))
     return Evaluation(
         ident, snapshot.cohort, snapshot.version, model.name, model.version, labels,
         read_evaluation(lake, ident), skipped,
@@ -162,6 +162,6 @@ def evaluate_cohort(
 
 
 def read_evaluation(lake: Lake, ident: str) -> pl.DataFrame:
-    if not lake.exists("evaluations"):
+    if not lake.exists(EVALUATIONS):
         return pl.from_arrow(EVALUATIONS.empty())  # type: ignore[return-value]
-    return lake.read("evaluations", pl.col("evaluation_id") == ident).sort("series_uid", "label_value")
+    return lake.read(EVALUATIONS, pl.col("evaluation_id") == ident).sort("series_uid", "label_value")

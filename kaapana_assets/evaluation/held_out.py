@@ -22,6 +22,7 @@ import polars as pl
 from kaapana_assets.cohorts.exclusion import cohort_patients
 from kaapana_assets.cohorts.membership import CohortSnapshot
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import FEDERATED_SITE_ROUNDS
 
 
 class NotHeldOut(ValueError):
@@ -79,8 +80,8 @@ def training_data(lake: Lake, tags: Mapping[str, str]) -> TrainingData:
 def _federated(lake: Lake, tags: Mapping[str, str]) -> TrainingData:
     experiment = tags.get("kaapana.federated_experiment", "")
     last = int(tags.get("kaapana.rounds") or 0)
-    rows = (lake.read("federated_site_rounds", (pl.col("experiment") == experiment) & (pl.col("round") <= last))
-            if lake.exists("federated_site_rounds") else pl.DataFrame())
+    rows = (lake.read(FEDERATED_SITE_ROUNDS, (pl.col("experiment") == experiment) & (pl.col("round") <= last))
+            if lake.exists(FEDERATED_SITE_ROUNDS) else pl.DataFrame())
     if not rows.height:
         return TrainingData(f"federated experiment {experiment}: no round trained at this site", (), frozenset())
     versions = tuple(sorted({(c, int(v)) for c, v in rows.select("cohort", "cohort_version").iter_rows()}))

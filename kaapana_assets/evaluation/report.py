@@ -7,7 +7,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, TypedDict
 
 import polars as pl
 
@@ -25,10 +25,33 @@ def _median(values: pl.Series) -> float | None:
     return round(float(values.median()), 4) if len(values) else None  # type: ignore[arg-type]
 
 
-def summarize(rows: pl.DataFrame) -> list[dict[str, Any]]:
+class LabelSummary(TypedDict):
+    """One label's line of an evaluation's summary: a row of the metadata table, MLflow's
+    metrics, what the gate reads. None where no case defines the value."""
+
+    label: str
+    cases: int
+    cases_with_dice: int
+    dice_mean: float | None
+    dice_median: float | None
+    dice_std: float | None
+    dice_min: float | None
+    hd95_median_mm: float | None
+    hd95_mean_mm: float | None
+    assd_mean_mm: float | None
+    volume_difference_mean_ml: float | None
+    volume_difference_mean_abs_ml: float | None
+
+
+# The summary's values an evaluation logs to MLflow, per label.
+LoggedMetric = Literal["dice_mean", "hd95_median_mm", "assd_mean_mm", "volume_difference_mean_ml"]
+LOGGED_METRICS: tuple[LoggedMetric, ...] = ("dice_mean", "hd95_median_mm", "assd_mean_mm", "volume_difference_mean_ml")
+
+
+def summarize(rows: pl.DataFrame) -> list[LabelSummary]:
     """Per label: cases measured, Dice (mean, median, std, min), HD95 (median, mean), ASSD
     (mean), volume difference (mean, mean absolute). Undefined values (null) are left out."""
-    out = []
+    out: list[LabelSummary] = []
     for label in rows.sort("label_value")["label"].unique(maintain_order=True).to_list():
         these = rows.filter(pl.col("label") == label)
         dice = these["dice"].drop_nulls()
@@ -119,7 +142,7 @@ class GateOutcome:
     values: dict[str, float | None] = field(default_factory=dict)
 
 
-def gate(summary: Sequence[dict[str, Any]], labels: Sequence[str], min_dice: float = 0.0,
+def gate(summary: Sequence[LabelSummary], labels: Sequence[str], min_dice: float = 0.0,
          max_hd95_mm: float = 0.0) -> GateOutcome:
     """Mean Dice of each gated label ≥ `min_dice` and, when `max_hd95_mm` > 0, its median
     HD95 ≤ `max_hd95_mm`. Gated labels: `labels` (a cohort's required labels), else every

@@ -10,13 +10,12 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.membership import CohortSnapshot
 from kaapana_assets.evaluation.evaluate import Evaluation, evaluate_cohort
 from kaapana_assets.evaluation.held_out import HeldOutCheck, check_held_out
-from kaapana_assets.evaluation.report import box_plot_png, evaluation_title, summarize
+from kaapana_assets.evaluation.report import LOGGED_METRICS, LabelSummary, box_plot_png, evaluation_title, summarize
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.training.tracking import Tracking, code_version
@@ -27,7 +26,7 @@ EVALUATION_TAG = "kaapana.evaluated_on."  # + cohort name, on the model version
 @dataclass
 class EvaluationReport:
     evaluation: Evaluation
-    summary: list[dict[str, Any]]
+    summary: list[LabelSummary]
     plot_png: bytes
     held_out: HeldOutCheck
     mlflow_run_id: str | None = None
@@ -38,7 +37,7 @@ class EvaluationReport:
         return evaluation_title(e.model, e.cohort, e.cohort_version, e.cases, len(self.held_out.overlap))
 
 
-def record_in_mlflow(tracking: Tracking, evaluation: Evaluation, summary: list[dict[str, Any]], plot_png: bytes,
+def record_in_mlflow(tracking: Tracking, evaluation: Evaluation, summary: list[LabelSummary], plot_png: bytes,
                      held_out: HeldOutCheck, tags: dict[str, str] | None = None) -> str:
     import mlflow
 
@@ -55,9 +54,10 @@ def record_in_mlflow(tracking: Tracking, evaluation: Evaluation, summary: list[d
                            **{f"delta_version.{k}": v for k, v in e.versions.items()}, **code_version()})
         metrics: dict[str, float] = {}
         for row in summary:
-            for key in ("dice_mean", "hd95_median_mm", "assd_mean_mm", "volume_difference_mean_ml"):
-                if row[key] is not None:
-                    metrics[f"test_{key}_{row['label']}"] = float(row[key])
+            for key in LOGGED_METRICS:
+                value = row[key]
+                if value is not None:
+                    metrics[f"test_{key}_{row['label']}"] = float(value)
         mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "boxplot.png").write_bytes(plot_png)

@@ -16,13 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg
+from flwr.serverapp.strategy import Strategy as FlowerStrategy
 
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.channel import ARRAYS, WEIGHT_KEY, from_arrays
-
-# fedprox aggregates like FedAvg; its proximal term is in each site's local training
-# (Schedule.proximal_mu), which Flower's FedProx only sends as a config value.
-STRATEGIES = ("fedavg", "fedavgm", "fedprox", "median", "trimmed_mean")
 
 
 class QuorumNotMet(RuntimeError):
@@ -38,19 +36,20 @@ def require_quorum(sites: Sequence[str], expected: Sequence[str], min_sites: int
         )
 
 
-def flower_strategy(name: str, proximal_mu: float = 0.0, trim_beta: float = 0.2,
-                    server_momentum: float = 0.0) -> Strategy:
-    if name == "fedavg":
-        return FedAvg(weighted_by_key=WEIGHT_KEY)
-    if name == "fedavgm":
-        return FedAvgM(weighted_by_key=WEIGHT_KEY, server_momentum=server_momentum)
-    if name == "fedprox":
-        return FedProx(weighted_by_key=WEIGHT_KEY, proximal_mu=proximal_mu)
-    if name == "median":
-        return FedMedian(weighted_by_key=WEIGHT_KEY)
-    if name == "trimmed_mean":
-        return FedTrimmedAvg(weighted_by_key=WEIGHT_KEY, beta=trim_beta)
-    raise ValueError(f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}")
+def flower_strategy(strategy: Strategy, proximal_mu: float = 0.0, trim_beta: float = 0.2,
+                    server_momentum: float = 0.0) -> FlowerStrategy:
+    match strategy:
+        case Strategy.FEDAVG:
+            return FedAvg(weighted_by_key=WEIGHT_KEY)
+        case Strategy.FEDAVGM:
+            return FedAvgM(weighted_by_key=WEIGHT_KEY, server_momentum=server_momentum)
+        case Strategy.FEDPROX:
+            return FedProx(weighted_by_key=WEIGHT_KEY, proximal_mu=proximal_mu)
+        case Strategy.MEDIAN:
+            return FedMedian(weighted_by_key=WEIGHT_KEY)
+        case Strategy.TRIMMED_MEAN:
+            return FedTrimmedAvg(weighted_by_key=WEIGHT_KEY, beta=trim_beta)
+    raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(Strategy)}")
 
 
 @dataclass
@@ -59,14 +58,14 @@ class Aggregate:
     momentum: dict[str, torch.Tensor] | None = None  # FedAvgM's server momentum after this round
 
 
-def aggregate(replies: Sequence[Message], round_: int, strategy: str, proximal_mu: float = 0.0,
+def aggregate(replies: Sequence[Message], round_: int, strategy: Strategy, proximal_mu: float = 0.0,
               reference: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The strategy's aggregate of verified update replies, as a state dict (dtypes of
     `reference`, the global model the round started from, when given)."""
     return aggregate_round(replies, round_, strategy, proximal_mu, reference).weights
 
 
-def aggregate_round(replies: Sequence[Message], round_: int, strategy: str, proximal_mu: float = 0.0,
+def aggregate_round(replies: Sequence[Message], round_: int, strategy: Strategy, proximal_mu: float = 0.0,
                     reference: dict[str, torch.Tensor] | None = None, server_momentum: float = 0.0,
                     momentum: dict[str, torch.Tensor] | None = None) -> Aggregate:
     """`aggregate`, and for FedAvgM the server momentum carried from round to round: it needs

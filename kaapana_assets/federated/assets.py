@@ -25,8 +25,11 @@ import pyarrow as pa
 from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
+from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import FlowerRunFailed
-from kaapana_assets.lake.schemas import TABLES
+from kaapana_assets.federation.store import FederationStore
+from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.tracking import model_name_for
@@ -47,6 +50,7 @@ HUB_GROUP = "federated"
 ROUND_SCHEMA = columns(
     ("site", "string"), ("status", "string"), ("cases", "int"), ("train_loss", "float"),
     ("dice", "float", "Dice on the site's own validation patients"), ("reason", "string"),
+    ("epsilon", "float", "ε the site has spent so far (differential privacy)"),
 )
 DICE_BY_ROUND_SCHEMA = columns(("round", "int"), ("dice", "float", "global Dice across the sites"))
 
@@ -130,11 +134,12 @@ SITE_ASSETS = {"site_fingerprint": site_fingerprint, "site_update": site_update,
 def _spec(experiment: str, federation: FederationResource) -> "ExperimentSpec":
     from kaapana_assets.federated.hub import ExperimentSpec
 
+    strategy = federation.aggregation_strategy()
     return ExperimentSpec(experiment=experiment, cohort=federation.cohort, labels=list(federation.labels),
-                          rounds=federation.rounds, min_sites=federation.min_sites, strategy=federation.strategy,
+                          rounds=federation.rounds, min_sites=federation.min_sites, strategy=strategy,
                           schedule=dict(federation.training_schedule().__dict__), seed=federation.seed,
                           privacy=federation.privacy(),
-                          server_momentum=federation.server_momentum if federation.strategy == "fedavgm" else 0.0)
+                          server_momentum=federation.server_momentum if strategy is Strategy.FEDAVGM else 0.0)
 
 
 def _flower_step(federation: FederationResource, step: str, experiment: str, round_: int,
@@ -164,7 +169,7 @@ def federated_plan(context: dg.AssetExecutionContext, federation: FederationReso
     store = federation.store()
     publish_experiment(store, spec)
     sites = [site.name for site in federation.sites()]
-    result = _flower_step(federation, "plan", experiment, 0, context)
+    result = _flower_step(federation, PLAN_STEP, experiment, 0, context)
     if not result["ok"]:
         raise dg.Failure(description=f"the plan's Flower run failed: {result['error']}")
     fingerprints = [SiteFingerprint.from_json(v) for _, v in sorted(result["fingerprints"].items())]
@@ -238,17 +243,19 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
     spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
     if round_ > spec.rounds:
         raise dg.Failure(description=f"{experiment} has {spec.rounds} rounds; {round_} is beyond it")
-    result = _flower_step(federation, "round", experiment, round_, context)
+    _check_budget(store, spec, round_)
+    result = _flower_step(federation, ROUND_STEP, experiment, round_, context)
     table = lake.lake()
     rows = _rows(result.get("rows", []))
     if not result["ok"]:
         if rows:
-            table.merge("federated_rounds", _arrow(rows))
+            table.merge(FEDERATED_ROUNDS, _arrow(rows))
         raise dg.Failure(description=str(result["error"]), metadata={"sites": _round_table(rows)} if rows else {})
-    written = table.merge("federated_rounds", _arrow(rows))
+    written = table.merge(FEDERATED_ROUNDS, _arrow(rows))
     outcome = RoundResult(round_, str(result["global_sha256"]), list(result["aggregated"]),
                           {r["site"]: r["reason"] for r in result["rejected"]}, result["evaluations"],
-                          result["metrics"], rows)
+                          result["metrics"], rows,
+                          {r["site"]: r["epsilon"] for r in rows if r["site"] != "global" and r["epsilon"] is not None})
     tracking = mlflow.tracking()
     parent = _parent_run(mlflow, experiment)
     main = metric_name(spec.labels[0])
@@ -260,6 +267,10 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
                                **{f"dp.{k}": v for k, v in spec.privacy.items()},
                                "global_sha256": outcome.global_sha256})
         mlflow_api.log_metrics({f"global_{k}": v for k, v in outcome.metrics.items()}, step=round_)
+        if outcome.epsilon:
+            mlflow_api.log_metrics({"epsilon_max": max(outcome.epsilon.values()),
+                                    **{f"{site.replace('-', '_')}.epsilon": e for site, e in outcome.epsilon.items()}},
+                                   step=round_)
         for site, metrics in outcome.evaluations.items():
             mlflow_api.log_metrics({f"{site.replace('-', '_')}.{k}": v for k, v in metrics.items()}, step=round_)
     if parent and main in outcome.metrics:
@@ -271,6 +282,8 @@ def federated_rounds(context: dg.AssetExecutionContext, federation: FederationRe
             "rejected_sites": dg.MetadataValue.json(outcome.rejected),
             "aggregation": dg.MetadataValue.json(spec.aggregation),
             "differential_privacy": dg.MetadataValue.json(spec.privacy or {"enabled": False}),
+            **({"epsilon": dg.MetadataValue.json(outcome.epsilon),
+                "epsilon_max": dg.MetadataValue.float(max(outcome.epsilon.values()))} if outcome.epsilon else {}),
             f"global_{main}": dg.MetadataValue.float(float(outcome.metrics.get(main, float("nan")))),
             "sites": _round_table(outcome.rows),
             "global_sha256": outcome.global_sha256,
@@ -289,6 +302,29 @@ class RoundResult:
     evaluations: dict[str, dict[str, float]]
     metrics: dict[str, float]
     rows: list[dict]
+    epsilon: dict[str, float]  # site → ε spent so far; empty without differential privacy
+
+
+def _check_budget(store: FederationStore, spec: "ExperimentSpec", round_: int) -> None:
+    """Refuse round r before its Flower run starts when a participating site would spend more
+    than the experiment's budget: no run, no message to a site, no row, no model, no MLflow run.
+    Here, not in a blocking asset check: a check runs after the round has trained and sent."""
+    privacy = spec.dp
+    if not privacy.enabled or privacy.max_epsilon is None:
+        return
+    from kaapana_assets.federated import accounting
+
+    participants = store.read_json(spec.experiment, "participants")["sites"]
+    budget = accounting.budget_of(privacy)
+    assert budget is not None
+    try:
+        accounting.check_round(accounting.read_releases(store, spec.experiment), spec.experiment, round_,
+                               participants, accounting.round_mechanism(privacy), budget)
+    except accounting.BudgetExceeded as exc:
+        raise dg.Failure(description=str(exc), metadata={
+            "epsilon_so_far": dg.MetadataValue.json({s: before for s, (before, _) in exc.over.items()}),
+            "epsilon_after": dg.MetadataValue.json({s: after for s, (_, after) in exc.over.items()}),
+            "max_epsilon": dg.MetadataValue.float(budget.max_epsilon)}) from None
 
 
 def _rows(rows: list[dict]) -> list[dict]:
@@ -297,7 +333,7 @@ def _rows(rows: list[dict]) -> list[dict]:
 
 
 def _arrow(rows: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=TABLES["federated_rounds"].schema)
+    return pa.Table.from_pylist(rows, schema=FEDERATED_ROUNDS.schema)
 
 
 class FederatedModelConfig(dg.Config):
@@ -318,8 +354,8 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
     experiment = context.partition_key
     store = federation.store()
     spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
-    rows = lake.lake().read("federated_rounds", (pl.col("experiment") == experiment)) \
-        if lake.lake().exists("federated_rounds") else pl.DataFrame()
+    rows = lake.lake().read(FEDERATED_ROUNDS, (pl.col("experiment") == experiment)) \
+        if lake.lake().exists(FEDERATED_ROUNDS) else pl.DataFrame()
     done = rows.filter(pl.col("status") == "global").sort("round") if len(rows) else rows
     if not len(done):
         raise dg.Failure(description=f"no round of {experiment} has completed: materialize federated_rounds first")
@@ -343,7 +379,7 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
         "kaapana.sites_last_round": ",".join(aggregated),
         "kaapana.cases": json.dumps(participants["cases"], sort_keys=True),
         "kaapana.plan_sha256": str(last["plan_sha256"]), "kaapana.global_sha256": str(last["global_sha256"]),
-        "kaapana.strategy": spec.strategy, "kaapana.validation": "passed" if passed else "failed",
+        "kaapana.strategy": str(spec.strategy), "kaapana.validation": "passed" if passed else "failed",
         "kaapana.validation_dice": f"{dice:.4f}" if dice is not None else "nan",
     }
     with tracking.run(f"{experiment} model", parent_run_id=_parent_run(mlflow, experiment),

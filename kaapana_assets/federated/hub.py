@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
@@ -17,8 +18,9 @@ from typing import Protocol
 import torch
 
 from kaapana_assets import nnunet
-from kaapana_assets.federated.aggregation import STRATEGIES, QuorumNotMet, aggregate_round, require_quorum
+from kaapana_assets.federated.aggregation import QuorumNotMet, aggregate_round, require_quorum
 from kaapana_assets.federated.fingerprint import SiteFingerprint, aggregate_fingerprints, plan_at_hub
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.channel import Rejection, RejectionReason, Verified, metric_name
 from kaapana_assets.federation.store import FederationStore, checked_name
 from kaapana_assets.lake.digest import row_digest
@@ -29,16 +31,30 @@ HUB_DATASET_ID = 900
 @dataclass(frozen=True)
 class Privacy:
     """Client-side differential privacy (Flower's local DP: clip the update to
-    `clipping_norm`, add Gaussian noise for (epsilon, delta)); off when clipping_norm is 0."""
+    `clipping_norm`, add Gaussian noise for (epsilon, delta)); off when clipping_norm is 0.
+    `max_epsilon`: the experiment's budget over all its rounds at `delta` (accounting.py);
+    None: counted, never refused."""
 
     clipping_norm: float = 0.0
     sensitivity: float = 1.0
     epsilon: float = 1.0
     delta: float = 1e-5
+    max_epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_epsilon is not None and self.max_epsilon <= 0:
+            raise ValueError(f"max_epsilon must be positive, not {self.max_epsilon}")
+        if self.max_epsilon is not None and not self.enabled:
+            raise ValueError("a privacy budget (max_epsilon) needs local DP: set a clipping norm > 0")
 
     @property
     def enabled(self) -> bool:
         return self.clipping_norm > 0
+
+    @property
+    def noise_stdv(self) -> float:
+        """σ of the noise added to each weight: Flower's LocalDpMod formula."""
+        return float(self.sensitivity * math.sqrt(2 * math.log(1.25 / self.delta)) / self.epsilon)
 
 
 @dataclass(frozen=True)
@@ -50,7 +66,7 @@ class ExperimentSpec:
     labels: list[str]
     rounds: int
     min_sites: int
-    strategy: str
+    strategy: Strategy  # a name (config, the published JSON) is parsed on construction
     schedule: dict
     seed: int = 0
     privacy: dict = field(default_factory=dict)  # Privacy's fields; empty: off
@@ -58,11 +74,10 @@ class ExperimentSpec:
 
     def __post_init__(self) -> None:
         checked_name("experiment", self.experiment)
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown strategy {self.strategy!r}; one of {', '.join(STRATEGIES)}")
-        if self.strategy == "fedavgm" and not 0 < self.server_momentum < 1:
+        object.__setattr__(self, "strategy", Strategy.parse(self.strategy))
+        if self.strategy is Strategy.FEDAVGM and not 0 < self.server_momentum < 1:
             raise ValueError(f"fedavgm needs a server momentum in (0, 1), not {self.server_momentum}")
-        if self.strategy != "fedavgm" and self.server_momentum:
+        if self.strategy is not Strategy.FEDAVGM and self.server_momentum:
             raise ValueError(f"server momentum is fedavgm's; {self.strategy} has none")
         if self.rounds < 1 or self.min_sites < 1:
             raise ValueError("rounds and min_sites must be at least 1")
@@ -75,7 +90,7 @@ class ExperimentSpec:
     @property
     def aggregation(self) -> dict[str, str | float]:
         """The strategy and its settings, as the metadata and MLflow show them."""
-        return {"strategy": self.strategy, **({"server_momentum": self.server_momentum} if self.server_momentum else {})}
+        return {"strategy": str(self.strategy), **({"server_momentum": self.server_momentum} if self.server_momentum else {})}
 
 
 def publish_experiment(store: FederationStore, spec: ExperimentSpec) -> None:
@@ -178,15 +193,19 @@ def _row(spec: ExperimentSpec, round_: int, site: str, status: str, plan_sha: st
     row = {"experiment": spec.experiment, "round": round_, "site": site, "status": status, "reason": None,
            "message": None, "cases": None, "train_loss": None, "val_cases": None, "dice": None,
            "update_sha256": None, "global_sha256": None, "plan_sha256": plan_sha, "strategy": spec.strategy,
-           "committed_at": dt.datetime.now(dt.timezone.utc)}
+           "epsilon": None, "committed_at": dt.datetime.now(dt.timezone.utc)}
     row.update(values)
     # Rows go to Delta and to Dagster metadata: plain str, not the StrEnum (Dagster's serdes
     # refuses enums it does not know).
     return {k: str(v) if isinstance(v, StrEnum) else v for k, v in row.items()}
 
 
-def with_digests(rows: list[dict]) -> list[dict]:
-    """row_digest over the content (not the time), so an unchanged re-run commits nothing."""
+def with_digests(rows: list[dict], epsilons: Mapping[str, float] | None = None) -> list[dict]:
+    """row_digest over the content (not the time), so an unchanged re-run commits nothing.
+    `epsilons`: each site's ε so far (the global row: the largest), when the round is private."""
+    if epsilons:
+        rows = [{**row, "epsilon": max(epsilons.values()) if row["site"] == "global" else epsilons.get(row["site"])}
+                for row in rows]
     return [{**row, "row_digest": row_digest(row)} for row in rows]
 
 
@@ -201,9 +220,25 @@ def run_round(store: FederationStore, spec: ExperimentSpec, round_: int, partici
     if store.has_global(spec.experiment, round_ + 1):
         raise RoundSuperseded(f"round {round_ + 1} of {spec.experiment} was trained from this round's model; "
                               f"recomputing round {round_} would break that lineage — start a new experiment")
+    # dp-accounting (and scipy) load in the rounds that count a budget, not in every import of the hub.
+    from kaapana_assets.federated import accounting
+
+    privacy = spec.dp
+    mechanism = accounting.round_mechanism(privacy) if privacy.enabled else None
+    budget = accounting.budget_of(privacy) if privacy.enabled else None
+    if mechanism is not None and budget is not None:  # the asset checked already; this run refuses as well
+        accounting.check_round(accounting.read_releases(store, spec.experiment), spec.experiment, round_,
+                               participants, mechanism, budget)
     plan_sha = hashlib.sha256(json.dumps(store.read_json(spec.experiment, "plans"), sort_keys=True).encode()).hexdigest()
     start = store.read_global(spec.experiment, round_ - 1)
     updates, rejected = channel.train(participants, round_, start)
+    epsilons: dict[str, float] = {}
+    if mechanism is not None:
+        # Every update that reached the hub spent privacy, aggregated or not; a site without a reply spent nothing.
+        released = [u.site for u in updates] + [r.site for r in rejected if r.reason != RejectionReason.SITE_FAILED]
+        ledger = accounting.record_releases(store, spec.experiment,
+                                            [accounting.Release(site, round_, mechanism) for site in released])
+        epsilons = accounting.spent(ledger, participants, privacy.delta)
     for rejection in rejected:
         warn(f"{rejection.site}: update not aggregated ({rejection.reason}): {rejection.message}")
     rows = [_row(spec, round_, r.site, "failed" if r.reason == RejectionReason.SITE_FAILED else "rejected", plan_sha,
@@ -214,10 +249,10 @@ def run_round(store: FederationStore, spec: ExperimentSpec, round_: int, partici
     try:
         require_quorum([u.site for u in updates], participants, min_sites)
     except QuorumNotMet as exc:
-        raise RoundFailed(str(exc), with_digests(rows)) from None
+        raise RoundFailed(str(exc), with_digests(rows, epsilons)) from None
     mu = float(spec.schedule.get("proximal_mu") or 0.0)
     momentum = None
-    if spec.strategy == "fedavgm" and round_ > 1:
+    if spec.strategy is Strategy.FEDAVGM and round_ > 1:
         momentum = store.read_momentum(spec.experiment, round_ - 1)
     result = aggregate_round([u.message for u in updates if u.message is not None], round_, spec.strategy, mu, start,
                              spec.server_momentum, momentum)
@@ -246,4 +281,4 @@ def run_round(store: FederationStore, spec: ExperimentSpec, round_: int, partici
     rows.append(_row(spec, round_, "global", "global", plan_sha, cases=sum(u.cases for u in updates),
                      val_cases=sum(e.cases for e in evaluations), dice=metrics.get(main), global_sha256=global_sha))
     return RoundOutcome(round_, global_sha, [u.site for u in updates], rejected,
-                        {e.site: e.metrics for e in evaluations}, metrics, with_digests(rows))
+                        {e.site: e.metrics for e in evaluations}, metrics, with_digests(rows, epsilons))

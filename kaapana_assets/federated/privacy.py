@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import numpy as np
 import torch
 from flwr.supercore.differential_privacy import add_gaussian_noise_inplace, compute_clip_model_update
 
@@ -19,7 +18,7 @@ from kaapana_assets.federation.channel import repeats
 
 
 def noise_stdv(privacy: Privacy) -> float:
-    return float(privacy.sensitivity * np.sqrt(2 * np.log(1.25 / privacy.delta)) / privacy.epsilon)
+    return privacy.noise_stdv
 
 
 def privatize(trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor],

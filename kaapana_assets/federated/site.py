@@ -169,7 +169,7 @@ def record_round(ctx: SiteContext, experiment: str, round_: int, cases: int) -> 
     row = {"experiment": experiment, "round": round_, "site": ctx.site, "cohort": exported["cohort"],
            "cohort_version": int(exported["version"]), "cases": cases}
     row = {**row, "row_digest": row_digest(row), "trained_at": dt.datetime.now(dt.timezone.utc)}
-    ctx.lake.merge("federated_site_rounds", pa.Table.from_pylist([row], schema=FEDERATED_SITE_ROUNDS.schema))
+    ctx.lake.merge(FEDERATED_SITE_ROUNDS, pa.Table.from_pylist([row], schema=FEDERATED_SITE_ROUNDS.schema))
 
 
 def evaluate_global(ctx: SiteContext, experiment: str, round_: int) -> dict[str, float]:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from kaapana_assets.federated.fingerprint import SiteFingerprint
+from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
 from kaapana_assets.federation.channel import (
     ARRAYS,
     CONFIG,
@@ -141,6 +142,7 @@ def _rows(rows: list[dict]) -> list[dict]:
 
 
 def round_step(run: HubRun) -> dict:
+    from kaapana_assets.federated.accounting import BudgetExceeded
     from kaapana_assets.federated.hub import ExperimentSpec, RoundFailed, RoundSuperseded, run_round
 
     store, experiment = run.store, run.settings.experiment
@@ -152,7 +154,7 @@ def round_step(run: HubRun) -> dict:
                             RoundChannel(run.channel(), spec, published), run.log, run.log)
     except RoundFailed as exc:
         return {"ok": False, "error": str(exc), "kind": "below_quorum", "rows": _rows(exc.rows)}
-    except (FileNotFoundError, RoundSuperseded) as exc:
+    except (FileNotFoundError, RoundSuperseded, BudgetExceeded) as exc:
         return {"ok": False, "error": str(exc), "kind": "refused", "rows": []}
     return {"ok": True, "round": outcome.round, "global_sha256": outcome.global_sha256,
             "aggregated": outcome.aggregated, "rejected": [r.to_json() for r in outcome.rejected],
@@ -253,9 +255,9 @@ def evaluate(settings: SiteSettings, msg: Message) -> Message:
                            settings.key))
 
 
-PLAN = register_step(Step("plan", hub=plan_step, site={Kind.FINGERPRINT_REQUEST: fingerprint},
+PLAN = register_step(Step(PLAN_STEP, hub=plan_step, site={Kind.FINGERPRINT_REQUEST: fingerprint},
                           preload=SITE_IMPORTS))
-ROUND = register_step(Step("round", hub=round_step, site={Kind.TRAIN: train, Kind.EVALUATE: evaluate},
+ROUND = register_step(Step(ROUND_STEP, hub=round_step, site={Kind.TRAIN: train, Kind.EVALUATE: evaluate},
                            numbered=True, preload=SITE_IMPORTS))
 
 __all__ = ["PLAN", "ROUND", "RoundChannel", "evaluate", "fingerprint", "materialize_at_site", "plan_step",

@@ -40,6 +40,7 @@ from kaapana_assets.federation.registry import site_handler
 from kaapana_assets.federation.store import FederationStore, checked_name
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def identifier_guard(msg: Message, context: Context, call_next: ClientAppCallabl
         return reply
     settings = SiteSettings.from_context(context)
     lake = Lake(settings.home / "lake")
-    leaked = leaked_identifiers(content_bytes(reply.content), site_identifiers(lake)) if lake.exists("instances") else []
+    leaked = leaked_identifiers(content_bytes(reply.content), site_identifiers(lake)) if lake.exists(INSTANCES) else []
     if leaked:
         raise RuntimeError(f"{settings.site} refuses to send: {len(leaked)} identifier(s) of its data in the reply")
     return reply

@@ -5,6 +5,7 @@ threshold, which a site may raise for itself (its floor, node config `min-cell-s
 from __future__ import annotations
 
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES
 
 MIN_LENGTH = 4  # shorter values (e.g. sex "M") would match anywhere by chance
 DEFAULT_THRESHOLD = 5  # small cells: counts from 1 to threshold-1 never leave a site in the clear
@@ -12,7 +13,7 @@ MAX_THRESHOLD = 1000
 
 
 def site_identifiers(lake: Lake) -> set[str]:
-    instances = lake.read("instances")
+    instances = lake.read(INSTANCES)
     values: set[str] = set()
     for column in ("patient_id", "patient_name", "study_uid", "series_uid", "sop_instance_uid", "accession_number"):
         if column in instances.columns:

@@ -137,10 +137,12 @@ class LocalFederation:
         return (private, private.with_suffix(".pub")) if private.exists() else create_node_keys(private.parent, site)
 
     def start_superlink(self) -> None:
-        # Local mode starts a fresh SuperLink each time: its state (registered keys, runs) with it.
-        (self.folder / "superlink.db").unlink(missing_ok=True)
-        self.superlink = self._spawn(superlink_command(self.certificates, "127.0.0.1", self.port,
-                                                       self.folder / "superlink.db"), "superlink.log",
+        # Local mode starts a fresh SuperLink each time, its state (registered keys, runs) with it,
+        # so that state is kept in memory: Flower's SQLite state answers "database is locked"
+        # (its busy timeout is 5 s) when the machine's disk is saturated, and the ServerApp of
+        # the round dies of the 500 (seen with the demo on 2 cores under load).
+        self.superlink = self._spawn(superlink_command(self.certificates, "127.0.0.1", self.port, None),
+                                     "superlink.log",
                                      {"FLWR_HOME": str(self.folder / "flwr-superlink")})
         wait_for_port("127.0.0.1", self.port, process=self.superlink)
 

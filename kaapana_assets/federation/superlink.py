@@ -35,11 +35,19 @@ def flower_bin(name: str) -> str:
 
 # -- command lines ------------------------------------------------------------------------------
 
-def superlink_command(certificates: Mapping[str, Path], host: str, port: int, database: Path) -> list[str]:
+# Flower's name for its in-memory LinkState (flwr.supercore.constant.FLWR_IN_MEMORY_DB_NAME;
+# spelled here so that the code location does not import flwr, and checked by a test).
+IN_MEMORY_STATE = ":flwr-in-memory:"
+
+
+def superlink_command(certificates: Mapping[str, Path], host: str, port: int, database: Path | None) -> list[str]:
+    """`database`: the SuperLink's SQLite state; None keeps it in memory (a SuperLink that
+    lives only as long as its federation, as the local harness's)."""
     return [flower_bin("flower-superlink"), "--ssl-ca-certfile", str(certificates["ca"]),
             "--ssl-certfile", str(certificates["certificate"]), "--ssl-keyfile", str(certificates["key"]),
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", host, "--port", str(port), "--database", str(database)]
+            "--host", host, "--port", str(port),
+            "--database", IN_MEMORY_STATE if database is None else str(database)]
 
 
 def supernode_command(superlink: str, root_certificate: Path, private_key: Path, site: str, home: Path,

@@ -18,6 +18,7 @@ from kaapana_assets.ingest.study import (
     preview_series_paths,
     summarize_study,
 )
+from kaapana_assets.lake.schemas import QUARANTINE
 from kaapana_assets.metadata_table import columns, links_markdown, table
 from kaapana_assets.preload import warm_in_background
 from kaapana_assets.progress import Progress, throttled
@@ -200,7 +201,7 @@ def quarantine(
     for f in report.files:
         if f.status == "quarantined":
             context.log.warning(f"quarantined {f.source}: {f.reason}: {f.error}")
-    total = lake.lake().read("quarantine").height
+    total = lake.lake().read(QUARANTINE).height
     return dg.MaterializeResult(
         metadata={**_report_metadata(report), "quarantine_total": dg.MetadataValue.int(total)},
         data_version=dg.DataVersion(str(report.versions.get("quarantine"))),

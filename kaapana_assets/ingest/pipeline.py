@@ -45,7 +45,7 @@ from kaapana_assets.ingest.worker import (
     quarantine_copy,
 )
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE
+from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE, SEG_SEGMENTS, SERIES, STUDIES
 from kaapana_assets.lake.tables import WriteResult
 
 log = logging.getLogger(__name__)
@@ -107,12 +107,12 @@ def _resolve_conflicts(lake: Lake, results: list[FileResult], quarantine_root: P
     if not candidates:
         return []
     sops = sorted({r.sop_uid for r in candidates if r.sop_uid})
-    known = lake.read("instances", pl.col("sop_instance_uid").is_in(sops)).select(
+    known = lake.read(INSTANCES, pl.col("sop_instance_uid").is_in(sops)).select(
         "sop_instance_uid", "sha256", "archive_path")
     indexed: dict[str, str] = dict(zip(known["sop_instance_uid"].to_list(), known["sha256"].to_list(), strict=True))
     referenced = set(known["archive_path"].to_list())
     series = sorted({r.series_uid for r in candidates if r.series_uid})
-    known_series = lake.read("series", pl.col("series_uid").is_in(series)).select("series_uid", "study_uid")
+    known_series = lake.read(SERIES, pl.col("series_uid").is_in(series)).select("series_uid", "study_uid")
     for series_uid, study_uid in zip(known_series["series_uid"].to_list(), known_series["study_uid"].to_list(),
                                      strict=True):
         study_of.setdefault(series_uid, study_uid)
@@ -203,7 +203,7 @@ def _reconcile(archive: Archive, results: list[FileResult], report: IngestReport
 
 def _count(writes: list[WriteResult], report: IngestReport) -> None:
     for w in writes:
-        if w.table == "seg_segments":  # the report counts index rows; segments are read back from SEGs
+        if w.table == SEG_SEGMENTS.name:  # the report counts index rows; segments are read back from SEGs
             continue
         if w.inserted:
             report.inserted[w.table] = report.inserted.get(w.table, 0) + w.inserted
@@ -368,5 +368,5 @@ def ingest_files(
     if pending:
         committer.batch(pending)
     committer.reconcile()
-    report.versions = archive.lake.versions(("instances", "series", "studies", "quarantine"))
+    report.versions = archive.lake.versions((INSTANCES, SERIES, STUDIES, QUARANTINE))
     return report

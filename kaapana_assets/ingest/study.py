@@ -17,6 +17,7 @@ from PIL import Image
 from kaapana_assets.ingest.headers import is_native_failure
 from kaapana_assets.ingest.isolation import IsolatedFailure, run_isolated
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES, SERIES
 
 PREVIEW_SIZE = 160
 SOFT_TISSUE_WINDOW = (40.0, 400.0)  # centre, width in HU
@@ -49,8 +50,8 @@ class StudySummary:
 
 
 def summarize_study(lake: Lake, study_uid: str) -> StudySummary | None:
-    version = lake.version("instances")
-    instances = lake.read("instances", pl.col("study_uid") == study_uid, version=version)
+    version = lake.version(INSTANCES)
+    instances = lake.read(INSTANCES, pl.col("study_uid") == study_uid, version=version)
     if instances.height == 0:
         return None
     # The data version is the set of instances and their bytes: re-ingesting the same
@@ -58,7 +59,7 @@ def summarize_study(lake: Lake, study_uid: str) -> StudySummary | None:
     h = hashlib.sha256()
     for sop, sha in sorted(zip(instances["sop_instance_uid"].to_list(), instances["sha256"].to_list(), strict=True)):
         h.update(f"{sop}:{sha}\n".encode())
-    series = lake.read("series", pl.col("study_uid") == study_uid).sort("series_number", nulls_last=True).to_dicts()
+    series = lake.read(SERIES, pl.col("study_uid") == study_uid).sort("series_number", nulls_last=True).to_dicts()
     return StudySummary(
         study_uid=study_uid,
         patient_id=instances["patient_id"][0],
@@ -132,5 +133,5 @@ def preview_series_paths(lake: Lake, archive_root: Path, summary: StudySummary) 
         return []
     images.sort(key=lambda s: (s["modality"] != "CT", -s["instance_count"]))
     series_uid = images[0]["series_uid"]
-    rows = lake.read("instances", pl.col("series_uid") == series_uid).select("archive_path")
+    rows = lake.read(INSTANCES, pl.col("series_uid") == series_uid).select("archive_path")
     return [archive_root / p for p in rows["archive_path"].to_list()]

@@ -28,7 +28,8 @@ class MaintenanceConfig(dg.Config):
                       "still needs, keeping every version a cohort snapshot reads (time travel).")
 def lake_maintenance(context: dg.AssetExecutionContext, config: MaintenanceConfig,
                      lake: LakeResource) -> dg.MaterializeResult:
-    reports = maintain_lake(lake.lake(), sorted(TABLES), config.minimum_retention_hours)
+    reports = maintain_lake(lake.lake(), sorted(TABLES.values(), key=lambda spec: spec.name),
+                            config.minimum_retention_hours)
     for report in reports:
         context.log.info(f"{report.table}: {report.files_before} → {report.files_after} files, "
                          f"{report.vacuumed} vacuumed (retention {report.retention_hours:.0f} h)")

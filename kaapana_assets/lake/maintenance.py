@@ -12,8 +12,10 @@ the client and lineage read a version's slices at its pinned `instances` version
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, INSTANCES, SEGMENTATIONS, SERIES, TAGS, TableSpec
 from kaapana_assets.lake.tables import Lake
 
 HOUR_MS = 3_600_000
@@ -35,22 +37,22 @@ class MaintenanceReport:
 
 def protected_versions(lake: Lake) -> dict[str, int]:
     """table → the oldest version a cohort snapshot reads (time travel must keep working)."""
-    if not lake.exists("cohort_members"):
+    if not lake.exists(COHORT_MEMBERS):
         return {}
-    members = lake.read("cohort_members")
+    members = lake.read(COHORT_MEMBERS)
     protected = {}
-    for table, column in (("series", "series_table_version"), ("tags", "tags_table_version"),
-                          ("instances", "instances_table_version"),
-                          ("segmentations", "segmentations_table_version")):
+    for table, column in ((SERIES, "series_table_version"), (TAGS, "tags_table_version"),
+                          (INSTANCES, "instances_table_version"),
+                          (SEGMENTATIONS, "segmentations_table_version")):
         if column not in members.columns:  # a lake whose snapshots predate the column
             continue
         versions = members[column].drop_nulls()
         if len(versions):
-            protected[table] = int(versions.min())  # type: ignore[arg-type]
+            protected[table.name] = int(versions.min())  # type: ignore[arg-type]
     return protected
 
 
-def retention_hours(lake: Lake, table: str, minimum_hours: float, protected: int | None,
+def retention_hours(lake: Lake, table: TableSpec, minimum_hours: float, protected: int | None,
                     now_ms: int | None = None) -> float:
     """At least `minimum_hours`, and far enough back to reach the protected version's commit."""
     if protected is None:
@@ -63,7 +65,7 @@ def retention_hours(lake: Lake, table: str, minimum_hours: float, protected: int
     return max(minimum_hours, age + 1.0)  # an hour's margin against clock skew
 
 
-def _files_on_disk(lake: Lake, table: str) -> int:
+def _files_on_disk(lake: Lake, table: TableSpec) -> int:
     from pathlib import Path
 
     if not lake.is_local:
@@ -71,7 +73,7 @@ def _files_on_disk(lake: Lake, table: str) -> int:
     return sum(1 for p in Path(lake.uri(table)).rglob("*.parquet"))
 
 
-def maintain(lake: Lake, table: str, minimum_retention_hours: float = 168.0,
+def maintain(lake: Lake, table: TableSpec, minimum_retention_hours: float = 168.0,
              protected: int | None = None) -> MaintenanceReport:
     """Compact small files, checkpoint, vacuum (files only; the log stays for time travel)."""
     delta = lake.delta(table)
@@ -83,10 +85,11 @@ def maintain(lake: Lake, table: str, minimum_retention_hours: float = 168.0,
     retention = retention_hours(lake, table, minimum_retention_hours, protected)
     vacuumed = delta.vacuum(retention_hours=int(retention + 0.999), dry_run=False, enforce_retention_duration=False)
     delta = lake.delta(table)
-    return MaintenanceReport(table, before, len(delta.file_uris()), disk_before, _files_on_disk(lake, table),
+    return MaintenanceReport(table.name, before, len(delta.file_uris()), disk_before, _files_on_disk(lake, table),
                              version_before, delta.version(), retention, protected, len(vacuumed))
 
 
-def maintain_lake(lake: Lake, tables: list[str], minimum_retention_hours: float = 168.0) -> list[MaintenanceReport]:
+def maintain_lake(lake: Lake, tables: Sequence[TableSpec],
+                  minimum_retention_hours: float = 168.0) -> list[MaintenanceReport]:
     protected = protected_versions(lake)
-    return [maintain(lake, t, minimum_retention_hours, protected.get(t)) for t in tables if lake.exists(t)]
+    return [maintain(lake, t, minimum_retention_hours, protected.get(t.name)) for t in tables if lake.exists(t)]

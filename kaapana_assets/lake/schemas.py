@@ -49,6 +49,8 @@ INSTANCES = TableSpec(
     keys=("sop_instance_uid",),
 )
 
+# `series` and `studies` are computed from `instances` by archive/index.py, which fills exactly
+# these columns: each is either computed there or carried over from `instances` by its name.
 SERIES = TableSpec(
     "series",
     pa.schema(
@@ -334,6 +336,9 @@ FEDERATED_ROUNDS = TableSpec(
             ("global_sha256", pa.string()),
             ("plan_sha256", pa.string()),
             ("strategy", pa.string()),
+            # ε the site has spent so far (dp-accounting, at the experiment's δ), this round
+            # included; the global row: the largest. Null without differential privacy.
+            ("epsilon", pa.float64()),
             ("committed_at", TIMESTAMP),
             ("row_digest", pa.string()),
         ]
@@ -454,3 +459,11 @@ TABLES: dict[str, TableSpec] = {
                  FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES, COHORT_CHECKS,
                  FEDERATED_SITE_ROUNDS)
 }
+
+
+def table_named(name: str) -> TableSpec:
+    """The table a name from outside (a CLI argument, a URL, a metadata key) names."""
+    try:
+        return TABLES[name]
+    except KeyError:
+        raise ValueError(f"unknown lake table {name!r}; known: {', '.join(sorted(TABLES))}") from None

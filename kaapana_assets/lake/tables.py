@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,7 @@ MAX_COMMIT_ATTEMPTS = 12
 
 @dataclass(frozen=True)
 class WriteResult:
-    table: str
+    table: str  # the table's name, as materialization metadata records it
     version: int | None
     inserted: int = 0
     updated: int = 0
@@ -47,21 +48,14 @@ class Lake:
     def is_local(self) -> bool:
         return "://" not in self.root or self.root.startswith("file://")
 
-    def uri(self, table: str) -> str:
-        return f"{self.root}/{table}"
+    def uri(self, table: TableSpec) -> str:
+        return f"{self.root}/{table.name}"
 
-    def spec(self, table: str) -> TableSpec:
-        try:
-            return TABLES[table]
-        except KeyError:
-            raise KeyError(f"unknown lake table {table!r}; known: {sorted(TABLES)}") from None
-
-    def exists(self, table: str) -> bool:
+    def exists(self, table: TableSpec) -> bool:
         return DeltaTable.is_deltatable(self.uri(table), storage_options=self.storage_options)
 
-    def delta(self, table: str, version: int | None = None) -> DeltaTable:
+    def delta(self, table: TableSpec, version: int | None = None) -> DeltaTable:
         """Open a table, creating it empty with its schema on first use."""
-        spec = self.spec(table)
         try:
             return DeltaTable(self.uri(table), version=version, storage_options=self.storage_options)
         except TableNotFoundError:
@@ -70,32 +64,33 @@ class Lake:
         if self.is_local:
             Path(self.uri(table)).mkdir(parents=True, exist_ok=True)
         return DeltaTable.create(
-            self.uri(table), spec.schema, mode="ignore", storage_options=self.storage_options
+            self.uri(table), table.schema, mode="ignore", storage_options=self.storage_options
         )
 
-    def version(self, table: str) -> int | None:
+    def version(self, table: TableSpec) -> int | None:
         if not self.exists(table):
             return None
         return DeltaTable(self.uri(table), storage_options=self.storage_options).version()
 
-    def versions(self, tables: list[str] | tuple[str, ...] | None = None) -> dict[str, int | None]:
-        return {name: self.version(name) for name in (tables or TABLES)}
+    def versions(self, tables: Sequence[TableSpec] | None = None) -> dict[str, int | None]:
+        """Each table's current version (all tables when none are named), keyed by table
+        name as materialization metadata records it."""
+        return {spec.name: self.version(spec) for spec in (tables or TABLES.values())}
 
-    def merge(self, table: str, rows: pa.Table) -> WriteResult:
+    def merge(self, table: TableSpec, rows: pa.Table) -> WriteResult:
         """MERGE rows keyed on the table's keys: new keys are inserted; for mutable tables,
         rows whose row_digest changed are updated. A MERGE that changes nothing commits
         nothing, so re-running is free and leaves the version as it was."""
-        spec = self.spec(table)
-        rows = self._unique_keys(rows.select(spec.schema.names), spec).cast(spec.schema)
+        rows = self._unique_keys(rows.select(table.schema.names), table).cast(table.schema)
         if rows.num_rows == 0:
-            return WriteResult(table, self.version(table))
-        on = " AND ".join(f"t.{key} = s.{key}" for key in spec.keys)
+            return WriteResult(table.name, self.version(table))
+        on = " AND ".join(f"t.{key} = s.{key}" for key in table.keys)
         for attempt in range(MAX_COMMIT_ATTEMPTS):
             dt = self.delta(table)
             # merge_schema: a column added in a later release (series.volume_issue) evolves
             # tables that older homes already hold.
             merger = dt.merge(rows, on, source_alias="s", target_alias="t", merge_schema=True)
-            if spec.mutable:
+            if table.mutable:
                 merger = merger.when_matched_update_all(predicate="t.row_digest <> s.row_digest")
             try:
                 metrics = merger.when_not_matched_insert_all().execute()
@@ -105,7 +100,7 @@ class Lake:
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
                 continue
             return WriteResult(
-                table,
+                table.name,
                 dt.version(),
                 inserted=int(metrics.get("num_target_rows_inserted", 0)),
                 updated=int(metrics.get("num_target_rows_updated", 0)),
@@ -129,7 +124,7 @@ class Lake:
         keep = pa.compute.sort_indices(last["__row_max"])
         return rows.take(pa.compute.take(last["__row_max"], keep))
 
-    def delete(self, table: str, predicate: str) -> WriteResult:
+    def delete(self, table: TableSpec, predicate: str) -> WriteResult:
         """Delete rows matching a SQL predicate. Callers build predicates from validated
         values only (UIDs, tag names), never from free text."""
         for attempt in range(MAX_COMMIT_ATTEMPTS):
@@ -141,22 +136,22 @@ class Lake:
                     raise
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
                 continue
-            return WriteResult(table, dt.version(), deleted=int(metrics.get("num_deleted_rows", 0)))
+            return WriteResult(table.name, dt.version(), deleted=int(metrics.get("num_deleted_rows", 0)))
         raise AssertionError("unreachable")
 
-    def scan(self, table: str, version: int | None = None) -> pl.LazyFrame:
+    def scan(self, table: TableSpec, version: int | None = None) -> pl.LazyFrame:
         """A lazy polars scan; an absent table reads as empty (with its schema)."""
         if not self.exists(table):
             if version is not None:
                 raise TableNotFoundError(f"{self.uri(table)} does not exist")
             # from_batches, not Schema.empty_table(): the latter imports pandas (≈0.3 s, paid
             # by every cold ingest whose first read finds no table yet).
-            empty = pa.Table.from_batches([], schema=self.spec(table).schema)
+            empty = pa.Table.from_batches([], schema=table.schema)
             return pl.from_arrow(empty).lazy()  # type: ignore[union-attr]
         return pl.scan_delta(self.uri(table), version=version, storage_options=self.storage_options)
 
     def read(
-        self, table: str, where: pl.Expr | None = None, version: int | None = None
+        self, table: TableSpec, where: pl.Expr | None = None, version: int | None = None
     ) -> pl.DataFrame:
         frame = self.scan(table, version)
         if where is not None:

@@ -83,9 +83,9 @@ def network_statistics(context: dg.AssetExecutionContext, config: NetworkStatist
     collection = collect(str(request), collected_at, config.threshold, outcomes)
 
     the_lake = lake.lake()
-    written = the_lake.merge("network_statistics",
+    written = the_lake.merge(NETWORK_STATISTICS,
                              pa.Table.from_pylist(collection.cell_rows, schema=NETWORK_STATISTICS.schema))
-    sites_written = the_lake.merge("network_sites",
+    sites_written = the_lake.merge(NETWORK_SITES,
                                    pa.Table.from_pylist(collection.site_rows, schema=NETWORK_SITES.schema))
     for outcome in outcomes:
         if outcome.status != FRESH:

@@ -32,6 +32,7 @@ import polars as pl
 
 from kaapana_assets.federation.guard import MAX_THRESHOLD
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, INSTANCES, QUARANTINE, SERIES, STUDIES
 
 EXPERIMENT = "network-statistics"  # the channel's experiment name for statistics messages (hub folder too)
 STEP = "statistics"  # the step's name on the federation's transport (steps.py)
@@ -123,10 +124,10 @@ def _latest_cohorts(members: pl.DataFrame) -> pl.DataFrame:
 
 def compute_figures(lake: Lake) -> SiteFigures:
     """Every cell of the site's aggregates from its own lake (unsuppressed)."""
-    series = lake.read("series")
-    studies = lake.read("studies")
-    quarantine = lake.read("quarantine")
-    members = _latest_cohorts(lake.read("cohort_members"))
+    series = lake.read(SERIES)
+    studies = lake.read(STUDIES)
+    quarantine = lake.read(QUARANTINE)
+    members = _latest_cohorts(lake.read(COHORT_MEMBERS))
     cells: dict[CellKey, int] = {}
 
     cells[("patients", ALL, ALL)] = int(studies["patient_id"].n_unique()) if studies.height else 0
@@ -182,8 +183,8 @@ def compute_figures(lake: Lake) -> SiteFigures:
             cells[("cohort_patients", "cohort", category(cohort))] = int(patients)
 
     last = None
-    if lake.exists("instances"):
-        value = lake.scan("instances").select(pl.col("ingested_at").max()).collect().item()
+    if lake.exists(INSTANCES):
+        value = lake.scan(INSTANCES).select(pl.col("ingested_at").max()).collect().item()
         if isinstance(value, dt.datetime):
             # To the minute: when the site last ingested, not when a patient's file arrived.
             last = (value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)).replace(second=0, microsecond=0)

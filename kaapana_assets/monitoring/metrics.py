@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from kaapana_assets.cohorts.statistics import LABELS as SITE_LABELS
 from kaapana_assets.cohorts.statistics import METRICS as SITE_METRICS
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import FEDERATED_ROUNDS, NETWORK_SITES, NETWORK_STATISTICS, SITE_STATISTICS
 from kaapana_assets.monitoring.figures import METRICS
 from kaapana_assets.monitoring.network import FRESH, STALE, UNAVAILABLE
 
@@ -92,12 +93,12 @@ def _seconds(value: object) -> float | None:
 def latest_collection(lake: Lake) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(network_sites rows, network_statistics rows) of the latest collection; empty frames
     when there was none."""
-    sites = lake.read("network_sites")
+    sites = lake.read(NETWORK_SITES)
     if not sites.height:
-        return sites, lake.read("network_statistics").clear()
+        return sites, lake.read(NETWORK_STATISTICS).clear()
     snapshot = sites.sort("collected_at")["snapshot_id"][-1]
     return (sites.filter(pl.col("snapshot_id") == snapshot),
-            lake.read("network_statistics", pl.col("snapshot_id") == snapshot))
+            lake.read(NETWORK_STATISTICS, pl.col("snapshot_id") == snapshot))
 
 
 def network_families(lake: Lake) -> list[GaugeMetricFamily]:
@@ -130,7 +131,7 @@ def network_families(lake: Lake) -> list[GaugeMetricFamily]:
 
 def federated_families(lake: Lake) -> list[GaugeMetricFamily]:
     families = _families(FEDERATED_METRICS)
-    rounds = lake.read("federated_rounds")
+    rounds = lake.read(FEDERATED_ROUNDS)
     done = rounds.filter(pl.col("status") == "global")
     for experiment, latest in done.group_by("experiment").agg(pl.col("round").max()).sort("experiment").iter_rows():
         families["kaapana_federated_round"].add_metric([experiment], float(latest))
@@ -149,7 +150,7 @@ def federated_families(lake: Lake) -> list[GaugeMetricFamily]:
 def site_statistics_families(lake: Lake) -> list[GaugeMetricFamily]:
     """The latest snapshot of the site's `site_statistics` (what its textfile holds)."""
     families = _families(SITE_STATISTICS_METRICS)
-    table = lake.read("site_statistics")
+    table = lake.read(SITE_STATISTICS)
     if table.height:
         snapshot = table.sort("computed_at")["snapshot_id"][-1]
         for row in table.filter(pl.col("snapshot_id") == snapshot).iter_rows(named=True):

@@ -46,13 +46,22 @@ def _request_name(request: int) -> str:
     return f"request-{int(request)}"
 
 
+@dataclass(frozen=True)
+class StatisticsRequest:
+    """What a collection asks of the sites: the small-cell threshold, and how long it waits."""
+
+    threshold: int
+    timeout_s: float
+
+
 def write_request(store: FederationStore, request: int, threshold: int, timeout_s: float) -> None:
     """What the ServerApp sends (it runs in a process of its own and reads it from here)."""
     store.write_json(EXPERIMENT, _request_name(request), {"threshold": int(threshold), "timeout_s": float(timeout_s)})
 
 
-def read_request(store: FederationStore, request: int) -> dict[str, Any]:
-    return store.read_json(EXPERIMENT, _request_name(request))
+def read_request(store: FederationStore, request: int) -> StatisticsRequest:
+    written = store.read_json(EXPERIMENT, _request_name(request))
+    return StatisticsRequest(int(written["threshold"]), float(written["timeout_s"]))
 
 
 def remove_request(store: FederationStore, request: int) -> None:
@@ -193,5 +202,6 @@ def pivot(collection: Collection) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows, key=lambda k: (order.get(k[0], 99), k[1] != ALL, k[1], k[2]))]
 
 
-__all__ = ["NETWORK", "Collection", "SiteOutcome", "collect", "last_known", "network_totals", "new_request_id",
-           "outcomes_from_result", "pivot", "read_request", "remember", "remove_request", "write_request"]
+__all__ = ["NETWORK", "Collection", "SiteOutcome", "StatisticsRequest", "collect", "last_known", "network_totals",
+           "new_request_id", "outcomes_from_result", "pivot", "read_request", "remember", "remove_request",
+           "write_request"]

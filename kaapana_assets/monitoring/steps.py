@@ -45,8 +45,8 @@ def statistics_step(run: HubRun) -> dict:
     with a small count in the clear). A short wait and TTL: a site that does not answer is
     reported stale by the asset, and a request must not wait 24 h for a site to return."""
     request = read_request(run.store, run.settings.round)
-    threshold = int(request["threshold"])
-    timeout_s = min(run.settings.timeout_s, float(request["timeout_s"]))
+    threshold = request.threshold
+    timeout_s = min(run.settings.timeout_s, request.timeout_s)
     body = json.dumps({"threshold": threshold}, sort_keys=True)
     verified, rejected = run.channel(timeout_s, min(run.settings.ttl_s, timeout_s)).exchange(
         Kind.STATISTICS_REQUEST, Kind.STATISTICS, run.sites, run.settings.round,

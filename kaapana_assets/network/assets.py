@@ -5,6 +5,7 @@ import dagster as dg
 import polars as pl
 
 from kaapana_assets.ingest.partitions import studies_partitions
+from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS
 from kaapana_assets.network.sender import record_sent, send_files
 from kaapana_assets.segmentation.assets import segmentations
 from resources.dicom_node import DicomNodeResource
@@ -28,13 +29,13 @@ def sent_segmentations(
         node = dicom_node.node()
     except ValueError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
-    segs = the_lake.read("segmentations", pl.col("study_uid") == study_uid)
+    segs = the_lake.read(SEGMENTATIONS, pl.col("study_uid") == study_uid)
     if segs.height == 0:
         raise dg.Failure(description=f"study {study_uid} has no segmentation to send yet", allow_retries=False)
     series = set(segs["seg_series_uid"].to_list())
     if dicom_node.send_source_series:
         series |= set(segs["series_uid"].to_list())
-    paths = the_lake.read("instances", pl.col("series_uid").is_in(sorted(series)))["archive_path"].to_list()
+    paths = the_lake.read(INSTANCES, pl.col("series_uid").is_in(sorted(series)))["archive_path"].to_list()
     root = archive.kaapana_home().archive
     outcomes = send_files([root / p for p in paths], node, dicom_node.calling_ae_title, retries=dicom_node.retries)
     version = record_sent(the_lake, outcomes, node)

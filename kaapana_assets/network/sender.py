@@ -125,4 +125,4 @@ def record_sent(lake: Lake, outcomes: list[SendOutcome], node: DicomNode) -> int
                "dimse_status": o.dimse_status, "attempts": o.attempts, "error": o.error, "sent_at": now}
         row["row_digest"] = row_digest(row)  # not sent_at: an unchanged re-send rewrites nothing
         rows.append(row)
-    return lake.merge("sent", pa.Table.from_pylist(rows, schema=SENT.schema)).version
+    return lake.merge(SENT, pa.Table.from_pylist(rows, schema=SENT.schema)).version

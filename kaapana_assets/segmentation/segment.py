@@ -17,7 +17,7 @@ from kaapana_assets import nnunet
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.ingest.volume import assemble_volume, seg_labels
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS
+from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS, SERIES
 from kaapana_assets.segmentation.dicom_seg import encode_seg, model_seg, seg_instance_row, seg_uids
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.segmentation.statistics import label_statistics, overlay_png
@@ -42,7 +42,7 @@ class SegmentationResult:
 
 def source_series(lake: Lake, study_uid: str) -> dict[str, Any]:
     """The study's CT series to segment (pick_source_series's rule)."""
-    return pick_source_series(lake.read("series", pl.col("study_uid") == study_uid), study_uid)
+    return pick_source_series(lake.read(SERIES, pl.col("study_uid") == study_uid), study_uid)
 
 
 def pick_source_series(series: pl.DataFrame, study_uid: str) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def commit_segs(archive: Archive, instance_rows: list[dict[str, Any]],
         reconciled = archive.reconcile({r["study_uid"] for r in instance_rows}, heal_segments=False)
         versions.update(stored.versions, **reconciled.versions)
     if statistics_rows:
-        written = archive.lake.merge("segmentations", pa.Table.from_pylist(statistics_rows, schema=SEGMENTATIONS.schema))
+        written = archive.lake.merge(SEGMENTATIONS, pa.Table.from_pylist(statistics_rows, schema=SEGMENTATIONS.schema))
         versions[written.table] = written.version
     return versions
 
@@ -112,7 +112,7 @@ class _RunIndex:
 
     @classmethod
     def read(cls, lake: Lake, study_uids: list[str], model: LoadedModel) -> _RunIndex:
-        series = lake.read("series", pl.col("study_uid").is_in(study_uids))
+        series = lake.read(SERIES, pl.col("study_uid").is_in(study_uids))
         sources: dict[str, dict[str, Any] | NothingToSegment] = {}
         for study_uid in study_uids:
             try:
@@ -121,13 +121,13 @@ class _RunIndex:
                 sources[study_uid] = exc
         seg_sops = {row["series_uid"]: seg_uids(row["series_uid"], model.name, model.version)[1]
                     for row in sources.values() if isinstance(row, dict)}
-        statistics = lake.read("segmentations", pl.col("seg_sop_instance_uid").is_in(list(seg_sops.values())))
+        statistics = lake.read(SEGMENTATIONS, pl.col("seg_sop_instance_uid").is_in(list(seg_sops.values())))
         # Only series whose SEG has no statistics yet are read slice by slice.
         made = set(statistics["seg_sop_instance_uid"].to_list())
         to_segment = {series_uid: sop for series_uid, sop in seg_sops.items() if sop not in made}
-        instances = lake.read("instances", pl.col("series_uid").is_in(list(to_segment))
+        instances = lake.read(INSTANCES, pl.col("series_uid").is_in(list(to_segment))
                               | pl.col("sop_instance_uid").is_in(list(to_segment.values()))) if to_segment else None
-        versions = lake.versions(("segmentations",)) if statistics.height else {}
+        versions = lake.versions((SEGMENTATIONS,)) if statistics.height else {}
         return cls(sources, statistics, instances, versions)
 
 

@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TypedDict
 
 import polars as pl
 
@@ -28,6 +28,7 @@ from kaapana_assets.cohorts.membership import CohortSnapshot
 from kaapana_assets.cohorts.references import reference_sources
 from kaapana_assets.ingest.volume import assemble_volume
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES
 from kaapana_assets.nnunet import Case, require_patients, write_raw_dataset
 
 
@@ -35,14 +36,28 @@ class ExportError(ValueError):
     pass
 
 
+class ReferenceSourceEntry(TypedDict):
+    seg_series_uid: str
+    seg_sop_instance_uid: str
+
+
+class ExportedCase(TypedDict):
+    """One case of an export, as cases.json lists it."""
+
+    case: str  # the nnU-Net case name, case0000 ...
+    patient_id: str  # the member's patient, else its series (a patient's cases stay in one fold)
+    series_uid: str
+    reference_sources: dict[str, ReferenceSourceEntry]  # label → the reference SEG it was painted from
+    overlap_voxels: int  # voxels two or more reference labels claim
+    hidden_voxels: dict[str, int]  # label → its voxels a label on top took (labels with none left out)
+
+
 @dataclass
 class ExportedDataset:
     folder: Path
     dataset_json: dict
     labels: dict[str, int]
-    # case, patient_id, series_uid, reference_sources (label → seg_series_uid, seg_sop_instance_uid),
-    # overlap_voxels, hidden_voxels (label → its voxels a label on top took)
-    cases: list[dict[str, Any]]
+    cases: list[ExportedCase]
     overlap_voxels: int = 0  # all cases: voxels two or more reference labels claim
     hidden_voxels: dict[str, int] = field(default_factory=dict)  # all cases, per label
 
@@ -56,7 +71,7 @@ def label_ids(snapshot: CohortSnapshot, required: list[str]) -> dict[str, int]:
 
 
 def _archive_paths(lake: Lake, archive_root: Path, series_uid: str, version: int | None) -> list[Path]:
-    rows = lake.read("instances", pl.col("series_uid") == series_uid, version=version).select("archive_path")
+    rows = lake.read(INSTANCES, pl.col("series_uid") == series_uid, version=version).select("archive_path")
     return [archive_root / p for p in rows["archive_path"].to_list()]
 
 
@@ -72,7 +87,7 @@ def export_cohort(
     require_patients(snapshot.patients, f"cohort {snapshot.cohort} v{snapshot.version}")
     labels = label_ids(snapshot, required_labels)
     cases: list[Case] = []
-    manifest: list[dict[str, Any]] = []
+    manifest: list[ExportedCase] = []
     hidden: Counter[str] = Counter()
     members = snapshot.members.sort("series_uid").iter_rows(named=True)
     for index, member in enumerate(members):

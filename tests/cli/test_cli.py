@@ -8,6 +8,7 @@ import pytest
 
 from kaapana_assets.cli import main
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES
 from tests.helpers import dicom_files
 
 
@@ -18,7 +19,7 @@ def test_ingest_command_copies_by_default(tmp_path: Path, spool_copy: Path, caps
     out = capsys.readouterr().out
     assert "quarantined not_dicom: 1" in " ".join(out.split())
     assert dicom_files(spool_copy) == files  # a user's folder is left alone without --move
-    assert Lake(tmp_path / "home" / "lake").read("instances").height == len(files) - 1
+    assert Lake(tmp_path / "home" / "lake").read(INSTANCES).height == len(files) - 1
 
 
 def test_ingest_command_missing_folder(tmp_path: Path) -> None:

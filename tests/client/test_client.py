@@ -18,6 +18,7 @@ from kaapana_assets.cohorts.membership import snapshot_cohort
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import SERIES
 from kaapana_assets.synthetic import GeneratedStudy, get_profile
 from kaapana_assets.synthetic.generator import phantom_for
 from tests.helpers import SMALL
@@ -48,7 +49,7 @@ def moved_on(tmp_path_factory: pytest.TempPathFactory, corpus: dict[str, list[Ge
     assert late.seg_file is not None
     ingest_files([late.seg_file, *(f for s in corpus["site-b"] for f in s.files)], targets, remove_sources=False)
     v2 = snapshot_cohort(lake, CT_ALL)
-    assert (v1.version, v2.version) == (1, 2) and lake.version("series") > v1.series_table_version  # type: ignore[operator]
+    assert (v1.version, v2.version) == (1, 2) and lake.version(SERIES) > v1.series_table_version  # type: ignore[operator]
     return home, corpus, v1, v2
 
 
@@ -63,7 +64,7 @@ def test_a_cohort_version_reads_back_as_it_was_cut(moved_on) -> None:  # type: i
     # The member's series row as of version 1: no reference SEG yet (it has one now).
     row = old.members.filter(pl.col("series_uid") == late.series_uid).row(0, named=True)
     assert row["reference_seg_series_uids"] == [] and row["reference_labels"] == []
-    assert Lake(home.lake).read("series", pl.col("series_uid") == late.series_uid)["reference_seg_series_uids"][0].to_list() \
+    assert Lake(home.lake).read(SERIES, pl.col("series_uid") == late.series_uid)["reference_seg_series_uids"][0].to_list() \
         == [late.seg_series_uid]
     assert old.case(late.series_uid).labels is None
     new = k.cohort("ct-all")

@@ -27,6 +27,7 @@ from kaapana_assets.cohorts.tags import add_tag, remove_tag, tags_of
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import SERIES, SITE_STATISTICS, TAGS
 from tests.helpers import dicom_files
 
 
@@ -77,10 +78,10 @@ def odd(name: str) -> str:
 
 
 def members(lake: Lake, **fields: Any) -> set[str]:
-    series = lake.read("series")
+    series = lake.read(SERIES)
     from kaapana_assets.cohorts.membership import select_series
 
-    return set(select_series(series, lake.read("tags"), define(**fields))["series_uid"].to_list())
+    return set(select_series(series, lake.read(TAGS), define(**fields))["series_uid"].to_list())
 
 
 def ct_of(corpus: dict, site: str) -> set[str]:
@@ -135,7 +136,7 @@ def test_filter_fields(lake: Lake, corpus: dict) -> None:
     assert members(lake, filter={"body_part": "abdomen"}) == everything_ct | {odd("mr")}
     assert members(lake, filter={"manufacturer": "GE MEDICAL SYSTEMS"}) == site_b
     assert members(lake, filter={"institution": ["Essen University Hospital (synthetic)"]}) == site_b
-    thickness_a = lake.read("series", pl.col("series_uid").is_in(list(site_a)))["slice_thickness"][0]
+    thickness_a = lake.read(SERIES, pl.col("series_uid").is_in(list(site_a)))["slice_thickness"][0]
     assert members(lake, filter={"slice_thickness": {"min": thickness_a - 0.1, "max": thickness_a + 0.1}}) == site_a | odd_ct | {odd("mr")}
     assert members(lake, filter={"series_description": "(?i)portal"}) == site_b
     first_date = {corpus["site-a"][0].series_uid, corpus["site-b"][0].series_uid}
@@ -225,7 +226,7 @@ def test_a_model_written_seg_is_no_reference(tmp_path: Path, corpus: dict) -> No
     bare = everything.members.filter(pl.col("series_uid") == segmented_only.series_uid)
     assert bare["reference_seg_series_uids"].to_list() == [[]] and bare["reference_labels"].to_list() == [[]]
     # The series table keeps the raw fact: both SEGs point at the annotated series.
-    raw = targets.lake.read("series", pl.col("series_uid") == annotated_study.series_uid)
+    raw = targets.lake.read(SERIES, pl.col("series_uid") == annotated_study.series_uid)
     assert len(raw["reference_seg_series_uids"][0]) == 2
 
 
@@ -404,4 +405,4 @@ def test_site_statistics_asset(tmp_path: Path, corpus_root: Path) -> None:
         assert rows[("kaapana_dicom_series_total", "modality=CT")] == 6
         text = (home / "metrics" / "kaapana.prom").read_text()
         assert 'kaapana_dicom_studies_total{site="site-z"} 6.0' in text and text.rstrip().endswith("# EOF")
-        assert Lake(home / "lake").read("site_statistics").height > 0
+        assert Lake(home / "lake").read(SITE_STATISTICS).height > 0

@@ -15,6 +15,7 @@ import polars as pl
 import pydicom
 import pytest
 
+from bench.training_site import TRAIN_COHORT
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.cohorts.definitions import CohortDefinition, CohortDefinitionError, parse_definition
 from kaapana_assets.cohorts.membership import EmptyCohort, read_cohort, snapshot_cohort
@@ -22,9 +23,9 @@ from kaapana_assets.cohorts.tags import add_tag
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import COHORT_CHECKS, EVALUATIONS, FEDERATED_SITE_ROUNDS, INSTANCES, SERIES
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.synthetic import GeneratedStudy, generate_site
-from tests.helpers import TRAIN_COHORT
 
 GRID = {"slices": 8, "matrix": 32}
 SEED = 33
@@ -153,7 +154,7 @@ def test_segmentation_evaluation_refuses_patients_the_model_trained_on(tmp_path:
     assert f"cohort overlapping v1 is not held out from nnunet-liver-train:v{version.version}" in message
     assert "SITE-A-0000, SITE-A-0001, SITE-A-0002" in message and "(cohort liver-train v1)" in message
     assert "exclude_cohorts: [liver-train]" in message and "allow_overlap" in message
-    assert not lake.exists("evaluations") and not (home.root / "models").exists()  # nothing measured or fetched
+    assert not lake.exists(EVALUATIONS) and not (home.root / "models").exists()  # nothing measured or fetched
 
 
 def test_a_federated_model_is_held_to_this_sites_rounds(tmp_path: Path, site_a: list[GeneratedStudy]) -> None:
@@ -178,7 +179,7 @@ def test_a_federated_model_is_held_to_this_sites_rounds(tmp_path: Path, site_a: 
     snapshot_cohort(lake, COHORT)
     compute_fingerprint(ctx, "fed")
     record_round(ctx, "fed", 2, cases=4)
-    rounds = lake.read("federated_site_rounds").sort("round")
+    rounds = lake.read(FEDERATED_SITE_ROUNDS).sort("round")
     assert rounds.select("round", "cohort", "cohort_version").rows() == [(1, "liver-train", 1), (2, "liver-train", 2)]
 
     add_tag(lake, "new", [site_a[5].series_uid])
@@ -222,7 +223,7 @@ def test_a_cohort_version_that_failed_a_blocking_check_is_not_exported(
                                 resources=resources, raise_on_error=False)
     message = failure(result, "nnunet_dataset")
     assert f"cohort liver-train v1 failed its blocking check(s) {check} (" in message
-    recorded = lake.read("cohort_checks").filter(pl.col("check_name") == check).row(0, named=True)
+    recorded = lake.read(COHORT_CHECKS).filter(pl.col("check_name") == check).row(0, named=True)
     assert (recorded["cohort"], recorded["cohort_version"], recorded["passed"]) == ("liver-train", 1, False)
     assert not (home.root / "nnunet" / "liver-train").exists()  # nothing exported
 
@@ -285,7 +286,7 @@ def test_an_export_reads_the_slices_its_version_pinned(tmp_path: Path, site_a: l
         return sitk.GetArrayFromImage(image).shape[0]
 
     assert exported_slices(1) == GRID["slices"] - 1  # as version 1 was cut
-    assert lake.version("instances") > v1.instances_table_version  # type: ignore[operator]
+    assert lake.version(INSTANCES) > v1.instances_table_version  # type: ignore[operator]
     v2 = snapshot_cohort(lake, COHORT)  # the series row changed: a new version
     assert v2.version == 2 and exported_slices(2) == GRID["slices"]
     assert exported_slices(1) == GRID["slices"] - 1  # and version 1 still exports what it did
@@ -381,7 +382,7 @@ def test_the_segmented_series_does_not_depend_on_row_order(tmp_path: Path, site_
     study = site_a[2]
     home = KaapanaHome(tmp_path / "home").ensure()
     lake = ingest(home, [*study.ct_files, *_second_series(study, tmp_path / "copy", series_number=7)])
-    rows = lake.read("series", pl.col("study_uid") == study.study_uid).filter(pl.col("modality") == "CT")
+    rows = lake.read(SERIES, pl.col("study_uid") == study.study_uid).filter(pl.col("modality") == "CT")
     assert rows.height == 2
     assert rows.select("complete", "instance_count", "slice_thickness").unique().height == 1  # equal candidates
     by_number = dict(zip(rows["series_number"].to_list(), rows["series_uid"].to_list(), strict=True))

@@ -25,9 +25,10 @@ from kaapana_assets.dicom.seg_segments import PLATFORM_ALGORITHM_SOURCE
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.volume import assemble_volume, seg_labels
+from kaapana_assets.lake.schemas import SEG_SEGMENTS, SEGMENTATIONS, SERIES
 from kaapana_assets.synthetic import GeneratedStudy, generate_site, get_profile
 from kaapana_assets.synthetic.generator import phantom_for
-from kaapana_assets.training.export import export_cohort
+from kaapana_assets.training.export import ExportedCase, export_cohort
 from tests.helpers import SMALL
 
 SEED = 61
@@ -123,7 +124,7 @@ def labels_of(folder: Path, case: str) -> np.ndarray:
     return sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))
 
 
-def case_of(exported_cases: list[dict[str, Any]], series_uid: str) -> dict[str, Any]:
+def case_of(exported_cases: list[ExportedCase], series_uid: str) -> ExportedCase:
     return next(c for c in exported_cases if c["series_uid"] == series_uid)
 
 
@@ -205,8 +206,8 @@ def test_a_seg_of_another_ai_tool_is_no_reference(tmp_path: Path, site: Site) ->
     targets = ingest(tmp_path, [*ct_files(site, 0, 1, 2), auto, *manual])
     lake = targets.lake
     ct0 = site.studies[0].series_uid
-    assert lake.read("series", pl.col("series_uid") == ct0)["reference_seg_series_uids"][0].to_list() == ["2.25.40010"]
-    recorded = lake.read("seg_segments", pl.col("series_uid") == "2.25.40010").sort("segment_number")
+    assert lake.read(SERIES, pl.col("series_uid") == ct0)["reference_seg_series_uids"][0].to_list() == ["2.25.40010"]
+    recorded = lake.read(SEG_SEGMENTS, pl.col("series_uid") == "2.25.40010").sort("segment_number")
     assert recorded["algorithm_type"].to_list() == [AUTOMATIC, AUTOMATIC]
     assert recorded["algorithm_name"].to_list() == ["TotalSegmentator"] * 2
     assert recorded["manufacturer"].to_list() == ["Wasserthal"] * 2
@@ -243,8 +244,8 @@ def test_our_own_seg_is_no_reference_even_without_its_segmentations_row(tmp_path
                         f"2.25.5002{i}") for i in (1, 2)]
     targets = ingest(tmp_path, [*ct_files(site, 0, 1, 2), ours, *manual])
     lake = targets.lake
-    assert not lake.exists("segmentations") or lake.read("segmentations").height == 0
-    row = lake.read("seg_segments", pl.col("sop_instance_uid") == str(seg.SOPInstanceUID)).row(0, named=True)
+    assert not lake.exists(SEGMENTATIONS) or lake.read(SEGMENTATIONS).height == 0
+    row = lake.read(SEG_SEGMENTS, pl.col("sop_instance_uid") == str(seg.SOPInstanceUID)).row(0, named=True)
     assert (row["algorithm_source"], row["algorithm_type"]) == (PLATFORM_ALGORITHM_SOURCE, AUTOMATIC)
 
     annotated = {site.studies[1].series_uid, site.studies[2].series_uid}
@@ -319,7 +320,7 @@ def test_evaluation_reads_each_label_from_its_reference(tmp_path: Path, site: Si
     assert row["reference_voxels"] == row["predicted_voxels"] == int(site.livers[0].sum())
     assert row["reference_seg_series_uid"] == "2.25.70020"
 
-    ours = targets.lake.read("seg_segments", pl.col("sop_instance_uid") == row["predicted_seg_sop_instance_uid"])
+    ours = targets.lake.read(SEG_SEGMENTS, pl.col("sop_instance_uid") == row["predicted_seg_sop_instance_uid"])
     assert ours["algorithm_source"].to_list() == [PLATFORM_ALGORITHM_SOURCE]
     again = snapshot_cohort(targets.lake, definition)
     member = again.members.row(0, named=True)
@@ -334,7 +335,7 @@ def test_a_seg_indexed_without_its_segments_is_no_reference_until_they_are_recor
     segs = [write_seg(site.studies[i], [("liver", site.livers[i], MANUAL, None)], tmp_path / f"liver{i}.dcm",
                       f"2.25.8002{i}") for i in (0, 1)]
     targets = ingest(tmp_path, [*ct_files(site, 0, 1), *segs])
-    targets.lake.delete("seg_segments", "sop_instance_uid = '2.25.80020.1'")
+    targets.lake.delete(SEG_SEGMENTS, "sop_instance_uid = '2.25.80020.1'")
     assert snapshot_cohort(targets.lake, define()).members["series_uid"].to_list() == [site.studies[1].series_uid]
     assert targets.reindex_segments() == 1
     assert targets.reindex_segments() == 0

@@ -222,6 +222,14 @@ def test_status_codes(site: Site, path: str, params: dict, accept: str | None, s
         assert response.headers["content-type"].split(";")[0] in ("application/dicom+json", "application/json")
 
 
+def test_read_only_without_stow(site: Site) -> None:
+    """Without --stow the service has no STOW-RS route: a store is refused, nothing written."""
+    response = site.client.post("/dicom-web/studies", content=b"--x--", headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
+    assert response.status_code == 405
+    assert not any(site.home.incoming.rglob("*.dcm"))
+
+
 def test_answers_follow_the_index_and_read_an_older_lake(tmp_path: Path) -> None:
     """A study ingested while the service runs is found by the next search (the cache follows
     the Delta version); a `studies` table written before StudyTime/StudyID were indexed is
@@ -232,7 +240,7 @@ def test_answers_follow_the_index_and_read_an_older_lake(tmp_path: Path) -> None
     archive = Archive.for_home(home)
     old_schema = pa.schema([f for f in STUDIES.schema if f.name not in ("study_time", "study_id",
                                                                          "referring_physician_name")])
-    write_deltalake(archive.lake.uri("studies"), pa.Table.from_pylist(
+    write_deltalake(archive.lake.uri(STUDIES), pa.Table.from_pylist(
         [{"study_uid": "1.2.3", "patient_id": "OLD", "modalities": ["CT"], "series_count": 1, "instance_count": 1}],
         schema=old_schema))
     client = TestClient(create_app(DicomwebConfig(archive.lake, home.archive, home.incoming)))
@@ -273,3 +281,28 @@ def test_dicomweb_client_through_kaapana_dicomweb(site: Site) -> None:
             len(s.files) for s in site.studies if _header(s.ct_files[0]).PatientID == ds.PatientID)
     finally:
         server.stop()
+
+
+def test_values_are_encoded_as_dicom_json(tmp_path: Path) -> None:
+    """Person name groups, text that looks like JSON, absent values: PS3.18 F.2 as json.loads
+    reads it (the page is encoded by polars, nulls cut from the text)."""
+    from kaapana_assets.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    tricky = 'A "quoted", \\"Value\\":null, ,"Value":null\\ \u00e9'
+    lake.merge(STUDIES, pa.Table.from_pylist([
+        {"study_uid": "1.2.3", "patient_name": "Yamada^Tarou=山田^太郎=やまだ^たろう", "study_description": tricky,
+         "modalities": [], "series_count": 0, "instance_count": 0, "row_digest": "a"},
+        {"study_uid": "1.2.4", "patient_name": "=山田^太郎", "row_digest": "b"},
+    ], schema=STUDIES.schema))
+    client = TestClient(create_app(DicomwebConfig(lake, tmp_path / "archive", tmp_path / "incoming")))
+    found = client.get("/dicom-web/studies", params={"includefield": "StudyDescription"}, headers=DICOM_JSON).json()
+    first, second = found
+    assert first["00100010"]["Value"] == [{"Alphabetic": "Yamada^Tarou", "Ideographic": "山田^太郎",
+                                           "Phonetic": "やまだ^たろう"}]
+    assert first["00081030"]["Value"] == [tricky]
+    assert first["00080061"] == {"vr": "CS"} and first["00201206"] == {"vr": "IS", "Value": [0]}
+    assert second["00100010"]["Value"] == [{"Ideographic": "山田^太郎"}]
+    assert second["00081030"] == {"vr": "LO"} and second["00080020"] == {"vr": "DA"}
+    assert client.get("/dicom-web/studies", params={"PatientName": "yamada^*"}, headers=DICOM_JSON).json()[0][
+        "0020000D"]["Value"] == ["1.2.3"]

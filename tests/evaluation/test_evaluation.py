@@ -209,7 +209,7 @@ def test_evaluation_of_the_demo_federated_model(evaluated_demo) -> None:  # type
     assert production.tags["kaapana.source"] == "federated"
     assert md["model_version"].value == str(production.version)
 
-    rows = Lake(evaluated_demo.home.lake).read("evaluations", pl.col("evaluation_id") == md["evaluation_id"].value)
+    rows = Lake(evaluated_demo.home.lake).read(EVALUATIONS, pl.col("evaluation_id") == md["evaluation_id"].value)
     assert rows.height == 6 * len(md["labels"].value)
     assert set(rows["series_uid"]) == {s.series_uid for s in evaluated_demo.studies}
     # The per-case table links each case into the viewer, in series order: its study with the
@@ -271,7 +271,7 @@ def test_lineage_of_an_evaluation(evaluated_demo, capsys: pytest.CaptureFixture)
         out = " ".join(capsys.readouterr().out.replace("│", " ").split())
         assert f"evaluated on cohort liver-test v1 (evaluation {ident}): 6 case(s), mean Dice liver" in out
     # And on one of the SEGs it measured.
-    seg = Lake(evaluated_demo.home.lake).read("evaluations")["predicted_seg_sop_instance_uid"][0]
+    seg = Lake(evaluated_demo.home.lake).read(EVALUATIONS)["predicted_seg_sop_instance_uid"][0]
     assert main(["lineage", seg, "--home", home]) == 0
     assert "evaluated on cohort liver-test v1" in " ".join(capsys.readouterr().out.split())
     assert main(["lineage", "nnunet-liver-train:v99", "--home", home]) == 2  # not registered: a clear error
@@ -313,7 +313,7 @@ def test_gate_holds_back_promotion(evaluated_demo) -> None:  # type: ignore[no-u
         assert promoted["previous_version"].value == str(production.version)
         assert find_version(tracking, "nnunet-liver-train").version == candidate.version
         # The same weights score the same on the same cohort version.
-        rows = Lake(evaluated_demo.home.lake).read("evaluations", (pl.col("label") == "liver")
+        rows = Lake(evaluated_demo.home.lake).read(EVALUATIONS, (pl.col("label") == "liver")
                                                     & (pl.col("cohort") == "liver-test"))  # not the demo's own
         by_version = rows.group_by("model_version").agg(pl.col("dice").mean()).sort("model_version")
         assert by_version["dice"].to_list()[0] == pytest.approx(by_version["dice"].to_list()[1], abs=1e-6)
@@ -331,10 +331,10 @@ def test_the_client_evaluates_with_the_same_code(evaluated_demo) -> None:  # typ
 
     md = evaluated_demo.result.asset_materializations_for_node("segmentation_evaluation")[0].metadata
     lake = Lake(evaluated_demo.home.lake)
-    before = lake.version("evaluations")
+    before = lake.version(EVALUATIONS)
     rows = Kaapana(evaluated_demo.home.root, cohorts=evaluated_demo.cohorts).cohort("liver-test").evaluate(
         model_version=md["model_version"].value, device="cpu")
-    recorded = lake.read("evaluations", pl.col("evaluation_id") == md["evaluation_id"].value).sort(
+    recorded = lake.read(EVALUATIONS, pl.col("evaluation_id") == md["evaluation_id"].value).sort(
         "series_uid", "label_value")
     assert rows.drop("evaluated_at").equals(recorded.drop("evaluated_at"))
-    assert lake.version("evaluations") == before
+    assert lake.version(EVALUATIONS) == before

@@ -28,6 +28,7 @@ from kaapana_assets.federation.local import LocalFederation
 from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.training.tracking import Tracking
 from tests.helpers import SITES, Federation
@@ -77,7 +78,7 @@ def _latest_metadata(instance: dg.DagsterInstance, asset: str, partition: str) -
 def test_three_sites_three_rounds_improve(demo_home: Path) -> None:
     sites = _demo_sites(demo_home)
     hub = sites[SITES[0]]
-    table = Lake(hub.lake).read("federated_rounds").filter(pl.col("experiment") == "liver-fed")
+    table = Lake(hub.lake).read(FEDERATED_ROUNDS).filter(pl.col("experiment") == "liver-fed")
     global_rows = table.filter(pl.col("site") == "global").sort("round")
     assert global_rows["round"].to_list() == [1, 2, 3]
     per_site = table.filter(pl.col("status") == "aggregated")
@@ -184,12 +185,31 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
     model). Both come back: the retry of round 2 aggregates all three. This experiment
     also runs with local differential privacy on (clipping, and noise too small to matter),
     and with FedAvgM, whose server momentum the hub keeps from round 1 for the retried round 2.
-    A superseded round (round 1, once round 2 exists) is refused, not recomputed."""
+    A superseded round (round 1, once round 2 exists) is refused, not recomputed.
+
+    Local DP here is a real mechanism (noise multiplier ≈ 0.97 on an update clipped to 0.01,
+    harmless to weights this small), and its ε per site is counted over what each site sent:
+    site-a every attempt (round 1, the failed and the retried round 2), site-b round 1 and
+    the retry, site-c only the retry; equal to dp-accounting's for those compositions."""
     import threading
 
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from kaapana_assets.federated.accounting import read_releases, round_mechanism
+    from kaapana_assets.federated.hub import Privacy
+
+    privacy = Privacy(clipping_norm=0.01, sensitivity=0.01, epsilon=5.0, delta=1e-5, max_epsilon=100.0)
+
+    def reference(rounds: int) -> float:  # dp-accounting itself, for `rounds` releases of this mechanism
+        accountant = RdpAccountant()
+        accountant.compose(dp_accounting.GaussianDpEvent(round_mechanism(privacy).noise_multiplier), rounds)
+        return accountant.get_epsilon(privacy.delta)
+
     # Faults, not learning, are under test: the shortest local training that is still a round.
-    resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, dp_clipping_norm=50.0,
-                                                   dp_epsilon=1e6, strategy="fedavgm", server_momentum=0.5,
+    resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, dp_clipping_norm=0.01,
+                                                   dp_sensitivity=0.01, dp_epsilon=5.0, dp_delta=1e-5,
+                                                   dp_max_epsilon=100.0, strategy="fedavgm", server_momentum=0.5,
                                                    local_epochs=1, iterations_per_epoch=2))
     store = federation.hub_store
     sites = {s.name: s for s in federation.local_sites()}
@@ -201,10 +221,14 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         lost.start()
         first_round = _materialize([federated_plan, federated_rounds], "faults|1", instance, resources)
         lost.join()
-        privacy = _metadata(first_round)["differential_privacy"]
-        assert privacy["clipping_norm"] == 50.0 and privacy["epsilon"] == 1e6
+        declared = _metadata(first_round)["differential_privacy"]
+        assert declared["clipping_norm"] == 0.01 and declared["epsilon"] == 5.0 and declared["max_epsilon"] == 100.0
+        # site-c went away before it sent its update: it spent nothing in round 1.
+        assert _metadata(first_round)["epsilon"] == {"site-a": pytest.approx(reference(1)),
+                                                     "site-b": pytest.approx(reference(1)), "site-c": 0.0}
+        assert _metadata(first_round)["epsilon_max"] == pytest.approx(reference(1))
         assert _metadata(first_round)["aggregation"] == {"strategy": "fedavgm", "server_momentum": 0.5}
-        rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
+        rows = Lake(federation.root / "hub" / "lake").read(FEDERATED_ROUNDS, pl.col("experiment") == "faults")
         first = dict(zip(rows.filter(pl.col("round") == 1)["site"], rows.filter(pl.col("round") == 1)["status"],
                          strict=True))
         assert first == {"site-a": "aggregated", "site-b": "aggregated", "site-c": "failed", "global": "global"}
@@ -224,8 +248,14 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         flower.wait_connected(3)
         _materialize([federated_plan, federated_rounds], "faults|2", instance, resources)
         assert store.has_global("faults", 2) and store.momentum_path("faults", 2).exists()
-        rows = Lake(federation.root / "hub" / "lake").read("federated_rounds", pl.col("experiment") == "faults")
+        rows = Lake(federation.root / "hub" / "lake").read(FEDERATED_ROUNDS, pl.col("experiment") == "faults")
         assert set(rows.filter((pl.col("round") == 2) & (pl.col("status") == "aggregated"))["site"]) == set(SITES)
+        spent = dict(zip(*rows.filter(pl.col("round") == 2).select("site", "epsilon").get_columns(), strict=True))
+        print("ε per site after the fault scenario's rounds (δ 1e-05):", spent)
+        assert spent == {"site-a": pytest.approx(reference(3)), "site-b": pytest.approx(reference(2)),
+                         "site-c": pytest.approx(reference(1)), "global": pytest.approx(reference(3))}
+        assert sorted((r.round, r.site) for r in read_releases(store, "faults")) == [
+            (1, "site-a"), (1, "site-b"), (2, "site-a"), *sorted((2, s) for s in SITES)]
         beyond = _materialize([federated_plan, federated_rounds], "faults|3", instance, resources, raise_on_error=False)
         assert "faults has 2 rounds" in _failure(beyond)
 

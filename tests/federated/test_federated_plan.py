@@ -20,6 +20,7 @@ from kaapana_assets.federated.fingerprint import (
     plan_at_hub,
     site_fingerprint,
 )
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.training.export import export_cohort
@@ -136,7 +137,7 @@ def test_one_local_fedavg_round(site_datasets: dict[str, Path], tmp_path: Path) 
         verify(content, keys[site], Kind.UPDATE, "exp", 1, site)
         updates.append((update.cases, from_arrays(content[ARRAYS]), Message(content, 1, "train")))
     require_quorum(list(site_datasets), list(site_datasets), min_sites=2)
-    merged = aggregate([m for _, _, m in updates], 1, "fedavg", reference=start)
+    merged = aggregate([m for _, _, m in updates], 1, Strategy.FEDAVG, reference=start)
     key = next(k for k, v in start.items() if v.is_floating_point() and v.numel() > 10)
     assert not torch.equal(updates[0][1][key], start[key])  # the sites trained
     total = sum(cases for cases, _, _ in updates)

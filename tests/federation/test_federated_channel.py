@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from kaapana_assets.federated.aggregation import QuorumNotMet, aggregate, aggregate_round, require_quorum
 from kaapana_assets.federated.hub import ExperimentSpec, Privacy, publish_experiment
 from kaapana_assets.federated.privacy import noise_stdv, privatize
+from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.channel import (
     ALIASES,
     ARRAYS,
@@ -176,7 +177,7 @@ def test_flower_strategies_aggregate_as_their_definitions_say() -> None:
     one wild site. Same arithmetic as numpy on the stacked updates."""
     a, b = _update("site-a", value=0.0, cases=1), _update("site-b", value=4.0, cases=3)
     start = _weights(0.0)
-    averaged = aggregate([_reply(a), _reply(b)], 2, "fedavg", reference=start)
+    averaged = aggregate([_reply(a), _reply(b)], 2, Strategy.FEDAVG, reference=start)
     assert torch.allclose(averaged["conv.weight"], torch.full((2, 3), 3.0))  # (0·1 + 4·3) / 4
     assert averaged["conv.weight"].dtype == torch.float32
     assert torch.allclose(aggregate([_reply(_update("site-a", value=0.0, cases=1)), _reply(_update("site-b", value=4.0))],
@@ -190,29 +191,30 @@ def test_flower_strategies_aggregate_as_their_definitions_say() -> None:
                                    METRICS: metrics_record(1, {})})) for v in values]
 
     stacked = np.stack(values)
-    median = aggregate(replies(), 1, "median")["conv.weight"].numpy()
+    median = aggregate(replies(), 1, Strategy.MEDIAN)["conv.weight"].numpy()
     assert np.allclose(median, np.median(stacked, axis=0), atol=1e-6)
-    trimmed = aggregate(replies(), 1, "trimmed_mean")["conv.weight"].numpy()
+    trimmed = aggregate(replies(), 1, Strategy.TRIMMED_MEAN)["conv.weight"].numpy()
     ordered = np.sort(stacked, axis=0)[1:-1]  # beta 0.2 of 5 trims one at each end
     assert np.allclose(trimmed, ordered.mean(axis=0), atol=1e-5)
-    with pytest.raises(ValueError, match="unknown strategy"):
-        aggregate([_reply(a)], 1, "krum")
+    with pytest.raises(ValueError, match="unknown strategy 'krum'; one of fedavg, fedavgm, fedprox, median, "
+                                         "trimmed_mean"):
+        Strategy.parse("krum")
     with pytest.raises(ValueError, match="lacks"):
-        aggregate([_reply(a)], 1, "fedavg", reference={**start, "extra": torch.zeros(1)})
+        aggregate([_reply(a)], 1, Strategy.FEDAVG, reference={**start, "extra": torch.zeros(1)})
 
 
 def test_fedavgm_carries_the_server_momentum_from_round_to_round(tmp_path: Path) -> None:
     """FedAvgM (Hsu et al. 2019, Flower's implementation): v_r = m·v_{r-1} + (w_{r-1} − mean_r),
     w_r = w_{r-1} − v_r. The momentum lives one round in Flower's strategy; the hub hands it in."""
     start = _weights(0.0)
-    first = aggregate_round([_reply(_update("site-a", value=2.0)), _reply(_update("site-b", value=4.0))], 1, "fedavgm",
-                            reference=start, server_momentum=0.5)
+    first = aggregate_round([_reply(_update("site-a", value=2.0)), _reply(_update("site-b", value=4.0))], 1,
+                            Strategy.FEDAVGM, reference=start, server_momentum=0.5)
     assert torch.allclose(first.weights["conv.weight"], torch.full((2, 3), 3.0))  # no momentum yet: FedAvg
     assert first.momentum is not None and set(first.momentum) == set(start)
     assert torch.allclose(first.momentum["conv.weight"], torch.full((2, 3), -3.0))
     second = aggregate_round([_reply(_update("site-a", value=4.0, round_=2)), _reply(_update("site-b", value=4.0,
                                                                                            round_=2))],
-                             2, "fedavgm", reference=first.weights, server_momentum=0.5, momentum=first.momentum)
+                             2, Strategy.FEDAVGM, reference=first.weights, server_momentum=0.5, momentum=first.momentum)
     # v = 0.5·(−3) + (3 − 4) = −2.5 → w = 3 + 2.5
     assert torch.allclose(second.weights["conv.weight"], torch.full((2, 3), 5.5))
     assert second.momentum is not None and torch.allclose(second.momentum["conv.bias"], torch.full((3,), -2.5))
@@ -221,11 +223,11 @@ def test_fedavgm_carries_the_server_momentum_from_round_to_round(tmp_path: Path)
     assert all(torch.equal(store.read_momentum("exp1", 2)[k], v) for k, v in second.momentum.items())
     with pytest.raises(FileNotFoundError, match="not aggregated with fedavgm"):
         store.read_momentum("exp1", 1)
-    assert aggregate_round([_reply(_update("site-a"))], 1, "fedavg", reference=start).momentum is None
+    assert aggregate_round([_reply(_update("site-a"))], 1, Strategy.FEDAVG, reference=start).momentum is None
     with pytest.raises(ValueError, match="needs the global model"):
-        aggregate_round([_reply(_update("site-a"))], 1, "fedavgm", server_momentum=0.5)
+        aggregate_round([_reply(_update("site-a"))], 1, Strategy.FEDAVGM, server_momentum=0.5)
     with pytest.raises(ValueError, match="does not fit"):
-        aggregate_round([_reply(_update("site-a"))], 2, "fedavgm", reference=start, server_momentum=0.5,
+        aggregate_round([_reply(_update("site-a"))], 2, Strategy.FEDAVGM, reference=start, server_momentum=0.5,
                         momentum={"conv.weight": torch.zeros(2, 3)})
     with pytest.raises(ValueError, match=r"server momentum in \(0, 1\)"):
         ExperimentSpec(experiment="e", cohort="c", labels=["liver"], rounds=1, min_sites=1, strategy="fedavgm",

@@ -138,6 +138,15 @@ def test_register_at_a_real_superlink(tmp_path: Path, capsys: pytest.CaptureFixt
     finally:
         federation.close()
     assert federation.superlink is None
+    assert not list((tmp_path / "hub").rglob("*.db"))  # the local SuperLink's state lived in memory
+
+
+def test_the_in_memory_state_is_flowers() -> None:
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+
+    from kaapana_assets.federation.superlink import IN_MEMORY_STATE
+
+    assert IN_MEMORY_STATE == FLWR_IN_MEMORY_DB_NAME
 
 
 def _documents(name: str) -> list[dict]:

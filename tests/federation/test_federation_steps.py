@@ -14,6 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from kaapana_assets import flower_apps
 from kaapana_assets.federated import steps as training
+from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
 from kaapana_assets.federation import registry
 from kaapana_assets.federation.channel import CONFIG, IDENTITY_EXPERIMENT, Kind, seal, verify
 from kaapana_assets.federation.clientapp import answer
@@ -23,7 +24,8 @@ from kaapana_assets.federation.sites import SiteEntry, write_sites
 from kaapana_assets.federation.store import FederationStore
 from kaapana_assets.monitoring import steps as monitoring
 from kaapana_assets.monitoring.figures import EXPERIMENT as STATISTICS
-from tests.helpers import REPO
+from kaapana_assets.monitoring.figures import STEP as STATISTICS_STEP
+from tests.helpers import REPO, make_site_lake
 
 PACKAGE = REPO / "kaapana_assets"
 
@@ -61,11 +63,11 @@ def test_production_code_never_imports_the_local_federation() -> None:
 
 
 def test_the_domains_register_their_steps() -> None:
-    assert {"plan", "round", "statistics"} <= set(registry.steps())
+    assert {PLAN_STEP, ROUND_STEP, STATISTICS_STEP} <= set(registry.steps())
     assert flower_apps.STEP_MODULES == (training, monitoring)
-    assert registry.hub_step("plan") is training.PLAN and registry.hub_step("round") is training.ROUND
-    assert registry.hub_step("statistics") is monitoring.STATISTICS
-    assert registry.hub_step("round").numbered and not registry.hub_step("statistics").numbered  # type: ignore[union-attr]
+    assert registry.hub_step(PLAN_STEP) is training.PLAN and registry.hub_step(ROUND_STEP) is training.ROUND
+    assert registry.hub_step(STATISTICS_STEP) is monitoring.STATISTICS
+    assert registry.hub_step(ROUND_STEP).numbered and not registry.hub_step(STATISTICS_STEP).numbered  # type: ignore[union-attr]
     assert registry.site_handler(Kind.FINGERPRINT_REQUEST) is training.fingerprint
     assert (registry.site_handler(Kind.TRAIN), registry.site_handler(Kind.EVALUATE)) == (training.train,
                                                                                           training.evaluate)
@@ -75,7 +77,7 @@ def test_the_domains_register_their_steps() -> None:
 
     assert registry.register_step(training.PLAN) is training.PLAN  # the same step again: nothing changes
     with pytest.raises(ValueError, match="already registered"):
-        registry.register_step(registry.Step("plan", hub=monitoring.statistics_step))
+        registry.register_step(registry.Step(PLAN_STEP, hub=monitoring.statistics_step))
     with pytest.raises(ValueError, match="already answered"):
         registry.register_step(registry.Step("other", hub=monitoring.statistics_step,
                                              site={Kind.TRAIN: monitoring.statistics}))
@@ -87,8 +89,6 @@ def test_the_domains_register_their_steps() -> None:
 
 def test_the_clientapp_answers_by_the_registered_kind(tmp_path: Path, flower_run: None,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.monitoring.test_network_statistics import make_site_lake
-
     monkeypatch.delenv("KAAPANA_SITE_KEY", raising=False)
     key = generate_site_key()
     (tmp_path / "site.key").write_text(key)

@@ -10,6 +10,7 @@ import pytest
 
 from kaapana_assets.cli import main
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, FEDERATED_ROUNDS, QUARANTINE, SEGMENTATIONS, STUDIES
 
 
 @pytest.mark.slow  # the whole demo
@@ -18,15 +19,15 @@ def test_demo_end_to_end(demo_home: Path, capsys: pytest.CaptureFixture) -> None
     assert (demo_home / "exit_code").read_text() == "0"
     lake = Lake(demo_home / "kaapana" / "lake")
     # site-a's annotated studies + the new one; the truncated file in quarantine
-    assert lake.read("studies").height == 4
-    assert lake.read("quarantine")["reason"].to_list() == ["truncated"]
+    assert lake.read(STUDIES).height == 4
+    assert lake.read(QUARANTINE)["reason"].to_list() == ["truncated"]
     # site-b and site-c ingested at their own homes; nothing of theirs is in the hub's lake
     for site in ("site-b", "site-c"):
-        assert Lake(demo_home / "kaapana" / "sites" / site / "lake").read("studies").height == 3
-    rounds = lake.read("federated_rounds")
+        assert Lake(demo_home / "kaapana" / "sites" / site / "lake").read(STUDIES).height == 3
+    rounds = lake.read(FEDERATED_ROUNDS)
     assert sorted(rounds.filter(rounds["site"] == "global")["round"].to_list()) == [1, 2, 3]
     assert set(rounds.filter(rounds["status"] == "aggregated")["site"]) == {"site-a", "site-b", "site-c"}
-    segs = lake.read("segmentations")
+    segs = lake.read(SEGMENTATIONS)
     assert segs.height and set(segs["model_name"]) == {"nnunet-liver-train"}
     assert (demo_home / "dagster" / "dagster.yaml").exists()
     assert os.listdir(demo_home / "dagster" / "storage")  # runs recorded on the persistent instance
@@ -36,7 +37,7 @@ def test_demo_end_to_end(demo_home: Path, capsys: pytest.CaptureFixture) -> None
 @pytest.mark.timeout(1500)
 def test_lineage_of_a_demo_segmentation(demo_home: Path, capsys: pytest.CaptureFixture) -> None:
     lake = Lake(demo_home / "kaapana" / "lake")
-    seg = lake.read("segmentations").row(0, named=True)
+    seg = lake.read(SEGMENTATIONS).row(0, named=True)
     capsys.readouterr()
     assert main(["lineage", seg["seg_sop_instance_uid"], "--home", str(demo_home / "kaapana")]) == 0
     out = " ".join(capsys.readouterr().out.split())
@@ -45,7 +46,7 @@ def test_lineage_of_a_demo_segmentation(demo_home: Path, capsys: pytest.CaptureF
     assert "round 1: site-a" in out and "round 3: site-a" in out
     assert "this site: cohort liver-train v" in out and "Delta versions read: series v" in out
     assert "other sites: cohort versions and members stay at the sites" in out
-    sources = lake.read("cohort_members")["series_uid"].to_list()
+    sources = lake.read(COHORT_MEMBERS)["series_uid"].to_list()
     assert any(uid in out for uid in sources)  # source series UIDs …
     assert "SOP " in out and f"segmented series {seg['series_uid']}" in out  # … and SOP UIDs
     # by the segmented series UID too; an unknown UID is a clear error

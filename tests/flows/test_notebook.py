@@ -8,6 +8,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from kaapana_assets.lake.schemas import EVALUATIONS
 from tests.helpers import REPO
 
 NOTEBOOK = REPO / "notebooks" / "explore_cohort.ipynb"
@@ -41,7 +42,7 @@ def test_explore_cohort_notebook(evaluated_demo, tmp_path: Path, monkeypatch: py
 
     lake = Lake(evaluated_demo.home.lake)
     version = find_version(evaluated_demo.resources["mlflow"].tracking(), "nnunet-liver-train").version
-    rows = lake.read("evaluations", (pl.col("cohort") == "liver-test") & (pl.col("model_version") == str(version)))
+    rows = lake.read(EVALUATIONS, (pl.col("cohort") == "liver-test") & (pl.col("model_version") == str(version)))
     liver = rows.filter(pl.col("label") == "liver")
     assert "cohort liver-test v1: 6 series, labels {'liver': 1, 'lesion': 2}" in text
     assert f"evaluation {rows['evaluation_id'][0]}: nnunet-liver-train v{version} on liver-test v1" in text

@@ -20,7 +20,8 @@ import pydicom
 import pytest
 
 from bench import orthanc
-from tests.helpers import REPO, can_unshare
+from kaapana_assets.lake.schemas import INSTANCES
+from tests.helpers import REPO, Receiver, can_unshare, dataset_bytes
 from tests.tools import dciodvfy_errors
 
 # slow tier (`make test-all`): a real Orthanc and the receiver
@@ -40,7 +41,6 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     from kaapana_assets.lake import Lake
     from kaapana_assets.segmentation.assets import segmentations
     from kaapana_assets.synthetic.transcode import transcode
-    from tests.network.test_network import _dataset_bytes
 
     site_a = corpus["site-a"]  # unsigned pixels: every lossless codec takes them
     studies: dict[str, list[Path]] = {"uncompressed": site_a[0].files}  # CT slices and their SEG
@@ -72,7 +72,7 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
         syntax, stored = by_sop[original.SOPInstanceUID]
         assert syntax == original.file_meta.TransferSyntaxUID  # not transcoded on the way
         # Orthanc sends a stored file's data set as it is when the receiver accepts its syntax.
-        assert _dataset_bytes(stored) == _dataset_bytes(f)
+        assert dataset_bytes(stored) == dataset_bytes(f)
     by_sop = {uid: syntax for uid, (syntax, _) in by_sop.items()}
     assert {str(ts) for ts in by_sop.values()} == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.70",
                                                   "1.2.840.10008.1.2.4.90"}
@@ -96,7 +96,7 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
     assert burst.asset_materializations_for_node("dicom_studies")[0].metadata["study_count"].value == len(study_uids)
     assert set(study_uids) <= instance.get_materialized_partitions(dg.AssetKey("dicom_studies"))
     lake = Lake(trained_site.home.lake)
-    indexed = lake.read("instances").filter(pl.col("study_uid").is_in(study_uids))
+    indexed = lake.read(INSTANCES).filter(pl.col("study_uid").is_in(study_uids))
     assert indexed.height == len(sent)
     evaluation = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
     requested = evaluation.get_requested_partitions(dg.AssetKey("segmentations"))
@@ -106,7 +106,7 @@ def test_orthanc_pushes_compressed_studies_into_receiver(tmp_path: Path, corpus:
                              resources=trained_site.resources)
         assert run.success
         md = run.asset_materializations_for_node("segmentations")[0].metadata
-        seg = lake.read("instances", pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)
+        seg = lake.read(INSTANCES, pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)
         errors = dciodvfy_errors(trained_site.home.archive / seg["archive_path"][0])
         assert errors == [], (study_uid, errors)
 
@@ -117,7 +117,6 @@ def _in_namespace(workdir: Path, manifest: Path) -> None:
     sys.path.insert(0, str(REPO))
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     from bench.orthanc import Orthanc
-    from tests.network.test_network import Receiver
 
     studies = {name: [Path(f) for f in files] for name, files in json.loads(manifest.read_text()).items()}
     receiver = Receiver(workdir / "home")

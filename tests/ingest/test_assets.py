@@ -12,6 +12,7 @@ import polars as pl
 from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE
 from resources.storage import ArchiveResource, LakeResource
 from resources.viewer import ViewerResource
 from tests.helpers import ViewerLink, viewer_link
@@ -56,7 +57,7 @@ def test_dicom_studies_materializes_with_versions_and_preview(tmp_path: Path, co
             viewer_url(VIEWER, study.study_uid, SegView(study.seg_series_uid, study.series_uid))]
         versions = md["delta_versions"].value
         lake = Lake(home / "lake")
-        assert versions["instances"] == lake.version("instances") is not None
+        assert versions["instances"] == lake.version(INSTANCES) is not None
         series = md["series"]
         assert isinstance(series, dg.TableMetadataValue)
         by_modality = {r.data["modality"]: r.data for r in series.records}
@@ -72,7 +73,7 @@ def test_dicom_studies_materializes_with_versions_and_preview(tmp_path: Path, co
         m2 = _materialization(again)
         assert m2.tags["dagster/data_version"] == first_version
         assert m2.metadata["new_instances"].value == 0
-        assert lake.read("instances", pl.col("study_uid") == study.study_uid).height == len(study.files)
+        assert lake.read(INSTANCES, pl.col("study_uid") == study.study_uid).height == len(study.files)
 
 
 def test_study_that_cannot_be_indexed_fails_clearly(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_study_that_cannot_be_indexed_fails_clearly(tmp_path: Path) -> None:
         assert not result.success
         failure = result.failure_data_for_node("dicom_studies")
         assert "No instance of study 1.2.3 is indexed" in failure.error.message  # type: ignore[union-attr]
-        assert Lake(home / "lake").read("quarantine").height == 1  # and the file was kept
+        assert Lake(home / "lake").read(QUARANTINE).height == 1  # and the file was kept
 
 
 def test_quarantine_asset(tmp_path: Path) -> None:

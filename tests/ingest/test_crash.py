@@ -16,13 +16,14 @@ from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES, SERIES, STUDIES, TableSpec
 from tests.helpers import dicom_files
 
 VOLATILE = {"ingested_at", "updated_at", "source_path"}
 
 
-def _table(lake: Lake, name: str, key: str) -> pl.DataFrame:
-    frame = lake.read(name)
+def _table(lake: Lake, table: TableSpec, key: str) -> pl.DataFrame:
+    frame = lake.read(table)
     return frame.drop([c for c in frame.columns if c in VOLATILE]).sort(key)
 
 
@@ -66,11 +67,11 @@ def test_kill_mid_ingest_then_rerun_equals_clean_run(tmp_path: Path, corpus_root
     assert not dicom_files(spool)  # everything committed and removed from the spool
 
     crashed, clean = Lake(home / "lake"), Lake(clean_home.lake)
-    for name, key in (("instances", "sop_instance_uid"), ("series", "series_uid"), ("studies", "study_uid")):
-        got, want = _table(crashed, name, key), _table(clean, name, key)
-        assert got.height == want.height, name
-        assert got[key].n_unique() == got.height, f"duplicate keys in {name}"
-        assert got.equals(want), name
-    assert _table(crashed, "instances", "sop_instance_uid").height == expected_files
+    for table, key in ((INSTANCES, "sop_instance_uid"), (SERIES, "series_uid"), (STUDIES, "study_uid")):
+        got, want = _table(crashed, table, key), _table(clean, table, key)
+        assert got.height == want.height, table.name
+        assert got[key].n_unique() == got.height, f"duplicate keys in {table.name}"
+        assert got.equals(want), table.name
+    assert _table(crashed, INSTANCES, "sop_instance_uid").height == expected_files
     archived = [p for p in (home / "archive").rglob("*.dcm")]
     assert len(archived) == expected_files

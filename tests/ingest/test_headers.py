@@ -11,12 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kaapana_assets.ingest.headers import Reason, Rejected, _pydicom_values, parse_header, validate
-
-PYDICOM_DATA = Path(pydicom.data.__file__).parent
-
-
-def pydicom_files() -> list[Path]:
-    return sorted(p for p in PYDICOM_DATA.rglob("*") if p.is_file() and p.suffix not in (".py", ".pyc"))
+from tests.helpers import pydicom_files
 
 
 def _both(data: bytes):  # type: ignore[no-untyped-def]

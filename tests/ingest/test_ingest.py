@@ -15,8 +15,8 @@ from kaapana_assets.archive.service import Archive
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.ingest.pipeline import ingest_files
-from tests.helpers import dicom_files
-from tests.ingest.test_headers import pydicom_files
+from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE, SERIES, STUDIES
+from tests.helpers import dicom_files, pydicom_files
 
 
 def test_rows_match_files_and_reingest_adds_nothing(targets: Archive, spool_copy: Path, corpus: dict) -> None:
@@ -25,26 +25,26 @@ def test_rows_match_files_and_reingest_adds_nothing(targets: Archive, spool_copy
     studies = [s for site in corpus.values() for s in site]
     assert report.summary() == {"indexed": len(files), "already_indexed": 0, "quarantined": 0, "failed": 0}
     lake = targets.lake
-    assert lake.read("instances").height == len(files)
-    assert lake.read("studies").height == len(studies)
-    assert lake.read("series").height == 2 * len(studies)  # CT + reference SEG each
+    assert lake.read(INSTANCES).height == len(files)
+    assert lake.read(STUDIES).height == len(studies)
+    assert lake.read(SERIES).height == 2 * len(studies)  # CT + reference SEG each
     assert report.inserted == {"instances": len(files), "series": 2 * len(studies), "studies": len(studies)}
     assert all(isinstance(v, int) for k, v in report.versions.items() if k != "quarantine")
     for f in files:  # archived byte for byte
-        row = lake.read("instances", pl.col("sha256") == report.files[files.index(f)].sha256)
+        row = lake.read(INSTANCES, pl.col("sha256") == report.files[files.index(f)].sha256)
         assert (targets.root / row["archive_path"][0]).read_bytes() == f.read_bytes()
 
     again = ingest_files(files, targets, remove_sources=False)
     assert again.summary()["already_indexed"] == len(files)
     assert again.inserted == {} and again.updated == {}
     assert again.versions == report.versions  # nothing committed
-    assert lake.read("instances").height == len(files)
+    assert lake.read(INSTANCES).height == len(files)
 
 
 def test_series_and_study_fields(targets: Archive, spool_copy: Path, corpus: dict) -> None:
     ingest_files(dicom_files(spool_copy), targets)
     study = corpus["site-b"][1]
-    series = targets.lake.read("series", pl.col("study_uid") == study.study_uid)
+    series = targets.lake.read(SERIES, pl.col("study_uid") == study.study_uid)
     ct = series.filter(pl.col("modality") == "CT").row(0, named=True)
     seg = series.filter(pl.col("modality") == "SEG").row(0, named=True)
     assert ct["instance_count"] == len(study.ct_files)
@@ -54,7 +54,7 @@ def test_series_and_study_fields(targets: Archive, spool_copy: Path, corpus: dic
     assert ct["reference_seg_series_uids"] == [study.seg_series_uid]
     assert seg["referenced_series_uids"] == [study.series_uid]
     assert seg["segment_labels"] == sorted(study.labels_present)
-    row = targets.lake.read("studies", pl.col("study_uid") == study.study_uid).row(0, named=True)
+    row = targets.lake.read(STUDIES, pl.col("study_uid") == study.study_uid).row(0, named=True)
     assert row["modalities"] == ["CT", "SEG"] and row["series_count"] == 2
     assert row["instance_count"] == len(study.files) and row["patient_id"] == study.patient_id
 
@@ -66,11 +66,11 @@ def test_partial_study_then_rest(targets: Archive, spool_copy: Path, corpus: dic
     files = sorted(root.iterdir())
     first, rest = files[:3] + files[5:], files[3:5]
     ingest_files(first, targets)
-    series = targets.lake.read("series", pl.col("series_uid") == study.series_uid).row(0, named=True)
+    series = targets.lake.read(SERIES, pl.col("series_uid") == study.series_uid).row(0, named=True)
     assert not series["complete"] and series["missing_instance_numbers"] == [4, 5]
     report = ingest_files(first + rest, targets, remove_sources=False)  # `first` already left the spool
     assert report.count("indexed") == 2
-    series = targets.lake.read("series", pl.col("series_uid") == study.series_uid).row(0, named=True)
+    series = targets.lake.read(SERIES, pl.col("series_uid") == study.series_uid).row(0, named=True)
     assert series["complete"] and series["instance_count"] == len(files)
 
 
@@ -80,7 +80,7 @@ def test_sources_leave_the_spool_only_when_committed(targets: Archive, spool_cop
     junk.write_bytes(b"not dicom at all")
     report = ingest_files([*files, junk], targets)
     assert not any(Path(f).exists() for f in files) and not junk.exists()
-    q = targets.lake.read("quarantine")
+    q = targets.lake.read(QUARANTINE)
     assert q.height == 1 and q["reason"][0] == Reason.NOT_DICOM
     assert Path(q["quarantine_path"][0]).read_bytes() == b"not dicom at all"
     assert report.count("quarantined") == 1
@@ -95,7 +95,7 @@ def test_sop_conflict_is_quarantined_not_overwritten(targets: Archive, spool_cop
     ds.save_as(changed, enforce_file_format=True)
     report = ingest_files([changed], targets)
     assert report.files[0].status == "quarantined" and report.files[0].reason == Reason.SOP_CONFLICT
-    row = targets.lake.read("instances", pl.col("sop_instance_uid") == ds.SOPInstanceUID).row(0, named=True)
+    row = targets.lake.read(INSTANCES, pl.col("sop_instance_uid") == ds.SOPInstanceUID).row(0, named=True)
     assert (targets.root / row["archive_path"]).read_bytes() == original.read_bytes()
 
 
@@ -115,7 +115,7 @@ def test_hostile_uid_stays_inside_the_lake(home: KaapanaHome, targets: Archive, 
     after = {p for p in tmp_path.parent.rglob("*")} - {p for p in home.root.rglob("*")}
     assert after - before == set()  # nothing new outside KAAPANA_HOME
     assert not list(targets.root.rglob("*.dcm"))
-    q = targets.lake.read("quarantine")
+    q = targets.lake.read(QUARANTINE)
     assert sorted(q["study_uid"].to_list()) == sorted(["../../etc", "1.2/../../../escape", "/etc/passwd"])
 
 
@@ -137,11 +137,11 @@ def test_pydicom_corpus_indexed_or_quarantined(targets: Archive, tmp_path: Path)
     assert s["indexed"] > 50 and s["quarantined"] > 10
     assert all(f.reason and f.error for f in report.files if f.status == "quarantined")
     assert not any(p.exists() for p in copies)  # every file accounted for, none left behind
-    q = targets.lake.read("quarantine")
+    q = targets.lake.read(QUARANTINE)
     distinct_bad = len({f.sha256 for f in report.files if f.status == "quarantined"})
     assert q.height == distinct_bad
     assert {Reason.NOT_DICOM, Reason.TRUNCATED} <= set(q["reason"].to_list())
-    assert targets.lake.read("instances").height == s["indexed"]
+    assert targets.lake.read(INSTANCES).height == s["indexed"]
 
 
 @pytest.fixture(scope="module")
@@ -206,8 +206,9 @@ def test_small_batches_and_reconciles_equal_one_batch(tmp_path: Path, spool_copy
     report = ingest_files(files, batched, batch_size=3)
     assert sum(reconciled) == len(files) and len(reconciled) > 2
     assert report.count("indexed") == len(files) and not any(Path(f).exists() for f in files)
-    for name, key in (("instances", "sop_instance_uid"), ("series", "series_uid"), ("studies", "study_uid")):
-        assert _without_times(batched.lake.read(name), key).equals(_without_times(whole.lake.read(name), key)), name
+    for table, key in ((INSTANCES, "sop_instance_uid"), (SERIES, "series_uid"), (STUDIES, "study_uid")):
+        assert _without_times(batched.lake.read(table), key).equals(_without_times(whole.lake.read(table), key)), \
+            table.name
 
 
 def test_series_conflict_across_batches_of_one_ingest(tmp_path: Path, targets: Archive,
@@ -225,7 +226,7 @@ def test_series_conflict_across_batches_of_one_ingest(tmp_path: Path, targets: A
         ds.save_as(path, enforce_file_format=True)
     report = ingest_files([first, second], targets, remove_sources=False, batch_size=1, workers=1)
     assert report.reasons == {Reason.SERIES_CONFLICT: 1}
-    series = targets.lake.read("series")
+    series = targets.lake.read(SERIES)
     assert series.height == 1 and series["instance_count"][0] == 1
 
 
@@ -279,4 +280,4 @@ def test_large_ingests_parse_in_a_process_pool(tmp_path: Path, spool_copy: Path,
     finally:
         pipeline._drop_pool()
     assert report.count("indexed") == len(files)
-    assert targets.lake.read("instances").height == len(files)
+    assert targets.lake.read(INSTANCES).height == len(files)

@@ -21,6 +21,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest import elements
 from kaapana_assets.ingest.headers import Reason
 from kaapana_assets.ingest.pipeline import ingest_files
+from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE, SERIES
 from tests.helpers import EncodedCorpus
 
 
@@ -76,7 +77,7 @@ def test_a_huge_instance_number_costs_no_memory(tmp_path: Path, targets: Archive
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert report.summary()["indexed"] == 2
-    series = targets.lake.read("series").row(0, named=True)
+    series = targets.lake.read(SERIES).row(0, named=True)
     assert series["complete"] is False and len(series["missing_instance_numbers"]) == 1000
     assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MiB"
 
@@ -131,7 +132,7 @@ def test_file_name_that_is_not_utf8(tmp_path: Path, targets: Archive, original: 
     (spool / os.fsdecode(b"junk-\xff.dcm")).write_bytes(b"not dicom at all")
     report = ingest_files(list(spool.iterdir()), targets, remove_sources=True)
     assert report.summary()["indexed"] == 1 and report.summary()["quarantined"] == 1
-    q = targets.lake.read("quarantine")
+    q = targets.lake.read(QUARANTINE)
     assert q["source_path"][0].endswith("junk-\\xff.dcm")
     assert list(spool.iterdir()) == []
 
@@ -152,8 +153,8 @@ def test_links_in_the_spool_are_never_followed(tmp_path: Path, home: KaapanaHome
     assert list(spool.iterdir()) == []
     archived = [p for p in home.archive.rglob("*") if not p.is_dir()]
     assert all(p.is_file() and not p.is_symlink() for p in archived)
-    assert targets.lake.read("instances").height == 0
-    q = targets.lake.read("quarantine")
+    assert targets.lake.read(INSTANCES).height == 0
+    q = targets.lake.read(QUARANTINE)
     assert q["quarantine_path"].is_null().all() and "symbolic link" in " ".join(q["error"].to_list())
 
 
@@ -163,7 +164,7 @@ def test_series_under_a_second_study_is_a_conflict(tmp_path: Path, targets: Arch
     second = _variant(original, tmp_path / "b.dcm", StudyInstanceUID="1.2.826.0.1.3680043.10.5.1")
     report = ingest_files([second], targets, remove_sources=False)
     assert report.reasons == {Reason.SERIES_CONFLICT: 1}
-    series = targets.lake.read("series")
+    series = targets.lake.read(SERIES)
     assert series.height == 1 and series["instance_count"][0] == 1
     assert series["study_uid"][0] == pydicom.dcmread(original).StudyInstanceUID
 
@@ -177,7 +178,7 @@ def test_sop_conflict_under_another_study_leaves_no_orphan(tmp_path: Path, home:
     ds.save_as(tmp_path / "moved.dcm")
     report = ingest_files([tmp_path / "moved.dcm"], targets, remove_sources=False)
     assert report.reasons == {Reason.SOP_CONFLICT: 1}
-    referenced = {home.archive / p for p in targets.lake.read("instances")["archive_path"].to_list()}
+    referenced = {home.archive / p for p in targets.lake.read(INSTANCES)["archive_path"].to_list()}
     archived = {p for p in home.archive.rglob("*.dcm")}
     assert archived == referenced
 

@@ -19,10 +19,10 @@ from kaapana_assets.archive.service import Archive
 from kaapana_assets.ingest.headers import Reason, Rejected, _pydicom_values, parse_header, validate
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.volume import VolumeError, assemble_volume
+from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE, SERIES
 from kaapana_assets.synthetic.transcode import BY_NAME, ENCODINGS
-from tests.helpers import EncodedCorpus
+from tests.helpers import PYDICOM_DATA, EncodedCorpus
 
-PYDICOM_DATA = Path(pydicom.__file__).parent / "data"
 LOSSLESS = [e.name for e in ENCODINGS if e.lossless]
 
 
@@ -101,11 +101,11 @@ def test_every_syntax_is_indexed_and_assembles(tmp_path: Path, encoded_corpus: E
         report = ingest_files(files, targets, remove_sources=False)
         if encoding == "jpeg_extended":
             assert report.reasons == {Reason.NO_CODEC: len(files)}
-            q = targets.lake.read("quarantine")
+            q = targets.lake.read(QUARANTINE)
             assert all("1.2.840.10008.1.2.4.51" in e for e in q["error"].to_list())
             continue
         assert report.summary()["indexed"] == len(files), (encoding, report.reasons)
-        rows = targets.lake.read("instances")
+        rows = targets.lake.read(INSTANCES)
         assert set(rows["transfer_syntax_uid"].to_list()) == {BY_NAME[encoding].transfer_syntax}
         volume = assemble_volume([targets.root / p for p in rows["archive_path"].to_list()])
         assert volume.hu.shape == original.hu.shape
@@ -127,11 +127,11 @@ def test_same_instance_in_another_encoding(tmp_path: Path, encoded_corpus: Encod
     again = ingest_files(encoded_corpus.series["jpeg_lossless_sv1"] + encoded_corpus.series["jpeg2000_lossless"],
                          targets, remove_sources=False)
     assert again.summary() == {"indexed": 0, "already_indexed": 12, "quarantined": 0, "failed": 0}
-    alternates = targets.lake.read("instance_encodings")
+    alternates = targets.lake.read(INSTANCE_ENCODINGS)
     assert alternates.height == 12
     assert set(alternates["transfer_syntax_uid"].to_list()) == {"1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90"}
     assert set(alternates["archived_transfer_syntax_uid"].to_list()) == {"1.2.840.10008.1.2.1"}
-    assert targets.lake.read("instances").height == 6  # the archive keeps the first encoding
+    assert targets.lake.read(INSTANCES).height == 6  # the archive keeps the first encoding
 
     changed = pydicom.dcmread(encoded_corpus.series["rle"][0])
     pixels = changed.pixel_array.copy()
@@ -163,12 +163,12 @@ def test_enhanced_multiframe_is_refused_with_a_reason(tmp_path: Path, encoded_co
     targets = Archive.for_home(KaapanaHome(tmp_path / "home").ensure())
     report = ingest_files([path], targets, remove_sources=False)
     assert report.summary()["indexed"] == 1
-    issue = targets.lake.read("series")["volume_issue"][0]
+    issue = targets.lake.read(SERIES)["volume_issue"][0]
     assert issue and "Legacy Converted Enhanced CT" in issue and "6 frames" in issue
     with pytest.raises(NothingToSegment, match="Legacy Converted Enhanced CT"):
         source_series(targets.lake, encoded_corpus.study.study_uid)
     with pytest.raises(VolumeError, match="Legacy Converted Enhanced CT"):
-        assemble_volume([targets.root / targets.lake.read("instances")["archive_path"][0]])
+        assemble_volume([targets.root / targets.lake.read(INSTANCES)["archive_path"][0]])
 
 
 DCM2NIIX_SYNTAXES = ["explicit_le", "implicit_le", "explicit_be", "jpeg_lossless", "jpeg_lossless_sv1", "rle",

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pytest
 
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import QUARANTINE, STUDIES
+from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE, SERIES, STUDIES, TABLES, table_named
 
 
 def _quarantine_rows(*shas: str) -> pa.Table:
@@ -19,11 +20,18 @@ def _quarantine_rows(*shas: str) -> pa.Table:
 
 def test_merge_is_idempotent_and_deduplicates(tmp_path: Path) -> None:
     lake = Lake(tmp_path / "lake")
-    assert lake.version("quarantine") is None and lake.read("quarantine").height == 0
-    first = lake.merge("quarantine", _quarantine_rows("a", "b", "a"))
-    assert first.inserted == 2 and lake.read("quarantine").height == 2
-    again = lake.merge("quarantine", _quarantine_rows("a", "b"))
+    assert lake.version(QUARANTINE) is None and lake.read(QUARANTINE).height == 0
+    first = lake.merge(QUARANTINE, _quarantine_rows("a", "b", "a"))
+    assert first.inserted == 2 and lake.read(QUARANTINE).height == 2
+    again = lake.merge(QUARANTINE, _quarantine_rows("a", "b"))
     assert again.inserted == 0 and again.version == first.version
+
+
+def test_a_table_named_from_outside_resolves_to_its_spec_or_a_clear_error() -> None:
+    assert table_named("series") is SERIES
+    assert all(table_named(name) is spec for name, spec in TABLES.items())
+    with pytest.raises(ValueError, match=r"unknown lake table 'serie'; known: .*\bseries\b.*\bstudies\b"):
+        table_named("serie")
 
 
 def test_mutable_rows_update_only_when_changed(tmp_path: Path) -> None:
@@ -34,14 +42,14 @@ def test_mutable_rows_update_only_when_changed(tmp_path: Path) -> None:
             [{"study_uid": "1.2", "series_count": count, "row_digest": f"d{count}"}], schema=STUDIES.schema
         )
 
-    v1 = lake.merge("studies", rows(1)).version
-    same = lake.merge("studies", rows(1))
+    v1 = lake.merge(STUDIES, rows(1)).version
+    same = lake.merge(STUDIES, rows(1))
     assert same.version == v1 and same.updated == 0
-    changed = lake.merge("studies", rows(2))
+    changed = lake.merge(STUDIES, rows(2))
     assert changed.updated == 1 and changed.version == v1 + 1  # type: ignore[operator]
     # Time travel: the old version still reads as it was.
-    assert lake.read("studies", version=v1)["series_count"].to_list() == [1]
-    assert lake.read("studies")["series_count"].to_list() == [2]
+    assert lake.read(STUDIES, version=v1)["series_count"].to_list() == [1]
+    assert lake.read(STUDIES)["series_count"].to_list() == [2]
 
 
 def test_maintenance_compacts_and_keeps_cohort_time_travel(tmp_path: Path, corpus) -> None:  # type: ignore[no-untyped-def]
@@ -62,16 +70,16 @@ def test_maintenance_compacts_and_keeps_cohort_time_travel(tmp_path: Path, corpu
     cohort = snapshot_cohort(lake, COHORT)
     for study in studies[3:]:  # the index moves on after the cohort was cut
         ingest_files(study.files, Archive.for_home(home), remove_sources=False)
-    assert lake.version("series") > cohort.series_table_version
+    assert lake.version(SERIES) > cohort.series_table_version
     before = read_cohort(lake, COHORT.name, cohort.version).members
 
-    reports = {r.table: r for r in maintain_lake(lake, ["instances", "series", "studies"], minimum_retention_hours=0)}
+    reports = {r.table: r for r in maintain_lake(lake, [INSTANCES, SERIES, STUDIES], minimum_retention_hours=0)}
     assert protected_versions(lake)["series"] == cohort.series_table_version
     instances = reports["instances"]
     assert instances.files_before > 1 and instances.files_after == 1  # compacted to one file
     # The cohort version pins its slices: the instances files its version reads are kept ...
     assert instances.protected_version == cohort.instances_table_version
-    pinned = lake.read("instances", version=cohort.instances_table_version)
+    pinned = lake.read(INSTANCES, version=cohort.instances_table_version)
     assert pinned.height == sum(len(s.files) for s in studies[:3])
     # ... while an unprotected table's removed files go.
     assert reports["studies"].files_on_disk_after < reports["studies"].files_on_disk_before
@@ -79,7 +87,7 @@ def test_maintenance_compacts_and_keeps_cohort_time_travel(tmp_path: Path, corpu
     assert reports["series"].protected_version == cohort.series_table_version
     after = read_cohort(lake, COHORT.name, cohort.version).members
     assert after.drop("created_at").equals(before.drop("created_at"))
-    assert lake.read("instances").height == sum(len(s.files) for s in studies)
+    assert lake.read(INSTANCES).height == sum(len(s.files) for s in studies)
 
 
 def test_maintenance_asset_reports_file_counts(tmp_path: Path) -> None:
@@ -90,12 +98,12 @@ def test_maintenance_asset_reports_file_counts(tmp_path: Path) -> None:
 
     lake = Lake(tmp_path / "lake")
     for i in range(5):  # five commits, five small files
-        lake.merge("quarantine", _quarantine_rows(f"{i:064x}"))
+        lake.merge(QUARANTINE, _quarantine_rows(f"{i:064x}"))
     result = dg.materialize([lake_maintenance], resources={"lake": LakeResource(uri=str(tmp_path / "lake"))},
                             run_config={"ops": {"lake_maintenance": {"config": {"minimum_retention_hours": 0}}}})
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
     assert metadata["files_before"].value == 5 and metadata["files_after"].value == 1
-    assert lake.read("quarantine").height == 5
+    assert lake.read(QUARANTINE).height == 5
 
 
 def test_merge_evolves_a_table_written_before_columns_were_added(tmp_path: Path) -> None:
@@ -117,11 +125,11 @@ def test_merge_evolves_a_table_written_before_columns_were_added(tmp_path: Path)
     ):
         old_schema = pa.schema([f for f in spec.schema if f.name not in added])
         assert len(old_schema) < len(spec.schema)
-        write_deltalake(lake.uri(spec.name), pa.Table.from_pylist([old_row], schema=old_schema))
-        assert set(lake.read(spec.name).columns) == set(old_schema.names)  # read as it is
+        write_deltalake(lake.uri(spec), pa.Table.from_pylist([old_row], schema=old_schema))
+        assert set(lake.read(spec).columns) == set(old_schema.names)  # read as it is
 
-        lake.merge(spec.name, pa.Table.from_pylist([new_row], schema=spec.schema))
-        rows = {r[spec.keys[0]]: r for r in lake.read(spec.name).to_dicts()}
-        assert set(lake.read(spec.name).columns) == set(spec.schema.names)
+        lake.merge(spec, pa.Table.from_pylist([new_row], schema=spec.schema))
+        rows = {r[spec.keys[0]]: r for r in lake.read(spec).to_dicts()}
+        assert set(lake.read(spec).columns) == set(spec.schema.names)
         assert rows[old_row[spec.keys[0]]]["study_time"] is None
         assert rows[new_row[spec.keys[0]]]["study_time"] == "093000"

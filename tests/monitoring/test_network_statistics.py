@@ -15,7 +15,6 @@ from pathlib import Path
 
 import dagster as dg
 import polars as pl
-import pyarrow as pa
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
@@ -24,7 +23,12 @@ from kaapana_assets.federation.guard import leaked_identifiers, site_identifiers
 from kaapana_assets.federation.keys import generate_site_key
 from kaapana_assets.federation.local import LocalFederation
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import TABLES
+from kaapana_assets.lake.schemas import (
+    INSTANCES,
+    NETWORK_SITES,
+    NETWORK_STATISTICS,
+    SERIES,
+)
 from kaapana_assets.monitoring.assets import network_statistics
 from kaapana_assets.monitoring.exporter import build_registry, serve
 from kaapana_assets.monitoring.figures import (
@@ -39,44 +43,10 @@ from kaapana_assets.monitoring.figures import (
 from kaapana_assets.monitoring.network import NETWORK, SiteOutcome, collect, pivot
 from resources.storage import LakeResource
 from tests import prometheus
-from tests.helpers import SITES, Federation
+from tests.helpers import SITES, Federation, make_site_lake, merge_rows
 
 UTC = dt.timezone.utc
 NOW = dt.datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-
-
-# -- a site's lake, made by hand ---------------------------------------------------------------
-
-def _write(lake: Lake, table: str, rows: list[dict]) -> None:
-    lake.merge(table, pa.Table.from_pylist(rows, schema=TABLES[table].schema))
-
-
-def make_site_lake(root: Path) -> Lake:
-    """Seven patients (five F, two M; five aged 60-69, two 70-79), one CT study and series
-    each (six GE at 2.5 mm, one Philips at 0.8 mm, ten instances each), seven quarantined
-    files (six not_dicom, one truncated), cohort c1 v1 (3 series) and v2 (6 series)."""
-    lake = Lake(root)
-    studies, series, instances = [], [], []
-    for i in range(7):
-        patient = f"PAT-{i:04d}"
-        study, uid = f"1.2.3.{i}", f"1.2.3.{i}.1"
-        studies.append({"study_uid": study, "patient_id": patient, "patient_sex": "F" if i < 5 else "M",
-                        "patient_birth_date": "19600101" if i < 5 else "19500101", "study_date": "20250601"})
-        series.append({"series_uid": uid, "study_uid": study, "patient_id": patient, "modality": "CT",
-                       "body_part": "ABDOMEN", "manufacturer": "GE" if i < 6 else "Philips",
-                       "instance_count": 10, "slice_thickness": 2.5 if i < 6 else 0.8})
-        instances += [{"sop_instance_uid": f"{uid}.{k}", "series_uid": uid, "study_uid": study, "patient_id": patient,
-                       "patient_name": f"Doe^Jane{i}", "modality": "CT", "transfer_syntax_uid": "1.2.840.10008.1.2.1",
-                       "sop_class_uid": "1.2.840.10008.5.1.4.1.1.2",
-                       "ingested_at": dt.datetime(2026, 2, 27, 8, 30, 17 + k, tzinfo=UTC)} for k in range(10)]
-    _write(lake, "studies", studies)
-    _write(lake, "series", series)
-    _write(lake, "instances", instances)
-    _write(lake, "quarantine", [{"sha256": f"{i:064x}", "reason": "not_dicom" if i < 6 else "truncated"}
-                                for i in range(7)])
-    _write(lake, "cohort_members", [{"cohort": "c1", "cohort_version": v, "series_uid": f"1.2.3.{i}.1",
-                                     "patient_id": f"PAT-{i:04d}"} for v, n in ((1, 3), (2, 6)) for i in range(n)])
-    return lake
 
 
 def test_site_figures_and_suppression(tmp_path: Path) -> None:
@@ -167,7 +137,7 @@ def test_a_free_text_identifier_is_caught_by_the_guard(tmp_path: Path) -> None:
     """Categories are DICOM free text: if a manufacturer field held a patient ID, the answer
     would carry it, and the ClientApp's identifier guard refuses to send it."""
     lake = make_site_lake(tmp_path / "lake")
-    _write(lake, "series", [{"series_uid": "9.9.9", "study_uid": "1.2.3.0", "patient_id": "PAT-0000",
+    merge_rows(lake, SERIES, [{"series_uid": "9.9.9", "study_uid": "1.2.3.0", "patient_id": "PAT-0000",
                              "modality": "CT", "manufacturer": "PAT-0000", "instance_count": 1}])
     answer = site_answer(lake, "site-x", 5)
     assert leaked_identifiers(answer.dumps().encode(), site_identifiers(lake)) == ["PAT-0000"]
@@ -232,7 +202,7 @@ def _collect(hub: Hub, threshold: int = 5, timeout_s: float = 60.0) -> dict:
 
 
 def _snapshot(lake: Lake, snapshot_id: str) -> pl.DataFrame:
-    return lake.read("network_statistics", pl.col("snapshot_id") == snapshot_id)
+    return lake.read(NETWORK_STATISTICS, pl.col("snapshot_id") == snapshot_id)
 
 
 def _reported(rows: pl.DataFrame, site: str) -> dict[tuple[str, str, str], str]:
@@ -279,10 +249,10 @@ def test_hub_table_is_the_sum_of_the_sites_tables(federation: Federation, hub: H
     instances = network.filter((pl.col("metric") == "instances") & (pl.col("dimension") == "all"))
     assert instances["count"].to_list() == [sum(raw[s][("instances", "all", "all")] for s in SITES)]
 
-    sites = hub.lake.read("network_sites", pl.col("snapshot_id") == first["snapshot_id"])
+    sites = hub.lake.read(NETWORK_SITES, pl.col("snapshot_id") == first["snapshot_id"])
     assert sorted(sites["site"]) == list(SITES) and set(sites["status"]) == {"fresh"}
     for row in sites.iter_rows(named=True):
-        last = Lake(federation.homes[row["site"]].lake).read("instances")["ingested_at"].max()
+        last = Lake(federation.homes[row["site"]].lake).read(INSTANCES)["ingested_at"].max()
         assert row["last_ingest_at"] == last.replace(second=0, microsecond=0)  # type: ignore[union-attr]
 
 
@@ -330,7 +300,7 @@ def test_prometheus_reads_back_the_hub_table(hub: Hub, first: dict, tmp_path: Pa
 @pytest.mark.slow
 def test_a_site_taken_down_is_stale_with_its_last_figures(federation: Federation, flower: LocalFederation,
                                                           hub: Hub, first: dict) -> None:
-    previous = hub.lake.read("network_sites").sort("collected_at")["snapshot_id"][-1]
+    previous = hub.lake.read(NETWORK_SITES).sort("collected_at")["snapshot_id"][-1]
     before = _snapshot(hub.lake, previous)
     flower.stop_site("site-c")
     try:
@@ -339,7 +309,7 @@ def test_a_site_taken_down_is_stale_with_its_last_figures(federation: Federation
         flower.start_site(next(s for s in federation.local_sites() if s.name == "site-c"))
         flower.wait_connected(3)
     assert metadata["fresh_sites"] == 2 and metadata["stale_sites"] == ["site-c"]
-    sites = hub.lake.read("network_sites", pl.col("snapshot_id") == metadata["snapshot_id"])
+    sites = hub.lake.read(NETWORK_SITES, pl.col("snapshot_id") == metadata["snapshot_id"])
     stale = sites.filter(pl.col("site") == "site-c").row(0, named=True)
     assert stale["status"] == "stale" and stale["reason"] == "site_failed"
     rows = _snapshot(hub.lake, metadata["snapshot_id"])
@@ -420,9 +390,9 @@ def test_with_the_superlink_down_every_site_is_reported(tmp_path: Path) -> None:
     metadata = {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
     assert metadata["fresh_sites"] == 0 and metadata["stale_sites"] == ["site-a", "site-b"]
     assert "left no result" in metadata["channel_error"]
-    sites = {r["site"]: r for r in lake.read("network_sites").iter_rows(named=True)}
+    sites = {r["site"]: r for r in lake.read(NETWORK_SITES).iter_rows(named=True)}
     assert (sites["site-a"]["status"], sites["site-a"]["reason"]) == ("stale", "channel")
     assert sites["site-b"]["status"] == "unavailable"  # never answered: nothing known
-    rows = lake.read("network_statistics")
+    rows = lake.read(NETWORK_STATISTICS)
     assert _reported(rows, "site-a") == {k: str(v) for k, v in known.cells.items()}
     assert set(rows.filter(pl.col("site") == "site-a")["figures_at"]) == {NOW}

@@ -191,8 +191,8 @@ def _instance_with_history(instance: dg.DagsterInstance) -> None:
 
 
 def _write_collection(lake: Lake, collection: Collection) -> None:
-    lake.merge("network_statistics", pa.Table.from_pylist(collection.cell_rows, schema=NETWORK_STATISTICS.schema))
-    lake.merge("network_sites", pa.Table.from_pylist(collection.site_rows, schema=NETWORK_SITES.schema))
+    lake.merge(NETWORK_STATISTICS, pa.Table.from_pylist(collection.cell_rows, schema=NETWORK_STATISTICS.schema))
+    lake.merge(NETWORK_SITES, pa.Table.from_pylist(collection.site_rows, schema=NETWORK_SITES.schema))
 
 
 def _hub_lake(federation: Federation, root: Path) -> tuple[Lake, Collection]:
@@ -213,7 +213,7 @@ def _hub_lake(federation: Federation, root: Path) -> tuple[Lake, Collection]:
               for site, status, dice in (("site-a", "aggregated", 0.5 + r / 10), ("site-b", "aggregated", 0.4 + r / 10),
                                          ("site-c", "failed" if r == 2 else "aggregated", None if r == 2 else 0.3),
                                          ("global", "global", 0.45 + r / 10))]
-    lake.merge("federated_rounds", pa.Table.from_pylist(rounds, schema=FEDERATED_ROUNDS.schema))
+    lake.merge(FEDERATED_ROUNDS, pa.Table.from_pylist(rounds, schema=FEDERATED_ROUNDS.schema))
     return lake, collection
 
 
@@ -222,7 +222,7 @@ def _site_lake(federation: Federation, root: Path) -> Lake:
     lake = Lake(root)
     samples = compute_statistics(Lake(federation.homes["site-a"].lake))
     rows = statistics_rows(samples, "site-a", uuid.uuid4().hex, dt.datetime.now(UTC))
-    lake.merge("site_statistics", pa.Table.from_pylist(rows, schema=SITE_STATISTICS.schema))
+    lake.merge(SITE_STATISTICS, pa.Table.from_pylist(rows, schema=SITE_STATISTICS.schema))
     return lake
 
 
@@ -314,12 +314,12 @@ def test_a_real_prometheus_reads_back_what_the_tables_hold(federation: Federatio
 
     for labels in [*network, *health, *federated, *at_site]:  # no label of ours clashes with a target label
         assert not any(name.startswith("exported_") for name, _ in labels), labels
-    latest = hub_lake.read("network_statistics", pl.col("snapshot_id") == "2")
+    latest = hub_lake.read(NETWORK_STATISTICS, pl.col("snapshot_id") == "2")
     expected = {tuple(sorted({"__name__": f"kaapana_network_{r['metric']}", "site": r["site"],
                               "dimension": r["dimension"], "category": r["category"]}.items())): float(r["count"])
                 for r in latest.iter_rows(named=True) if r["count"] is not None}
     assert expected and {k: v for k, v in network.items() if k in expected} == expected
-    sites = hub_lake.read("network_sites", pl.col("snapshot_id") == "2")
+    sites = hub_lake.read(NETWORK_SITES, pl.col("snapshot_id") == "2")
     for row in sites.iter_rows(named=True):
         up = network[(("__name__", "kaapana_network_site_up"), ("site", row["site"]))]
         assert up == (1.0 if row["status"] == "fresh" else 0.0)
@@ -328,12 +328,12 @@ def test_a_real_prometheus_reads_back_what_the_tables_hold(federation: Federatio
     assert health[(("__name__", "kaapana_dagster_failed_runs"), ("dagster_job", "__ephemeral_asset_job__"))] == 1.0
     assert health[(("__name__", "kaapana_dagster_queued_runs"), ("dagster_job", "network_statistics_job"))] == 1.0
     assert health[(("__name__", "kaapana_dagster_sensor_tick_age_seconds"), ("sensor", "incoming_studies"))] >= 42
-    statistics = Lake(site_lake.root).read("site_statistics")
+    statistics = Lake(site_lake.root).read(SITE_STATISTICS)
     for row in statistics.iter_rows(named=True):
         key = tuple(sorted({"__name__": row["metric"], "site": "site-a", **json.loads(row["labels"])}.items()))
         assert at_site[key] == row["value"]
     assert health[(("__name__", "kaapana_dagster_sensor_running"), ("sensor", "incoming_studies"))] == 1.0
-    rounds = hub_lake.read("federated_rounds", pl.col("round") == 2)
+    rounds = hub_lake.read(FEDERATED_ROUNDS, pl.col("round") == 2)
     assert federated[(("__name__", "kaapana_federated_round"), ("experiment", "liver-fed"))] == 2.0
     assert {dict(k)["site"]: v for k, v in federated.items() if dict(k)["__name__"] == "kaapana_federated_dice"} \
         == {r["site"]: r["dice"] for r in rounds.iter_rows(named=True) if r["dice"] is not None}

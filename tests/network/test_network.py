@@ -18,7 +18,6 @@ import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from bench import orthanc
 from kaapana_assets.archive.service import Archive
@@ -27,79 +26,19 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.spool import plan_spool, scan_spool, wait_until_quiet
 from kaapana_assets.lake import Lake
-from tests.helpers import REPO, can_unshare
+from kaapana_assets.lake.schemas import INSTANCES, SENT
+from tests.helpers import REPO, Receiver, can_unshare, dataset_bytes, needs_dcmtk, storescu
 from tests.tools import dciodvfy_errors
 
 # slow tier (`make test-all`): receiver, storescp and Orthanc processes; the encoders and the
 # in-process receiver below run in the fast tier
 slow = pytest.mark.slow
 
-needs_dcmtk = pytest.mark.tools("storescu", "storescp")
-
-
-class Receiver:
-    """`kaapana receive` as a real process, with its log."""
-
-    def __init__(self, home: Path, allow: list[str] | None = None, options: list[str] | None = None):
-        self.home, self.port = home, free_port()
-        self.log_path = home.parent / f"receiver-{self.port}.log"
-        cmd = [sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(home), "--port", str(self.port),
-               "--ae-title", "KAAPANA", *(options or [])] + (["--allow", *allow] if allow else [])
-        self.proc = subprocess.Popen(cmd, stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.echo():
-                return
-            time.sleep(0.2)
-        raise RuntimeError(f"receiver did not start: {self.log()}")
-
-    def echo(self, calling: str = "ECHOSCU") -> bool:
-        ae = AE(ae_title=calling)
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", self.port, ae_title="KAAPANA")
-        if not assoc.is_established:
-            return False
-        status = assoc.send_c_echo()
-        assoc.release()
-        return bool(status) and status.Status == 0
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def spool_files(self) -> list[Path]:
-        return sorted(Path(f.path) for f in scan_spool(self.home / "incoming"))  # not the receive journal
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            raise AssertionError(f"receiver ignored SIGTERM: {self.log()}") from None
-
-
 @pytest.fixture
 def receiver(tmp_path: Path):  # type: ignore[no-untyped-def]
     r = Receiver(tmp_path / "home", allow=["STORESCU", "ECHOSCU", "KAAPANA_TEST"])
     yield r
     r.stop()
-
-
-def storescu(port: int, files: list[Path], calling: str = "STORESCU", propose: str | None = None) -> subprocess.CompletedProcess:
-    """dcmtk's storescu proposing only the files' SOP classes (-R), in `propose` (an -x... option,
-    e.g. -xs for JPEG Lossless SV1) with the uncompressed syntaxes as fallback; dcmtk converts
-    to the accepted syntax when it must, so the caller checks what arrived."""
-    env = {**os.environ, "TCP_NODELAY": "1"}
-    return subprocess.run(["storescu", "-R", *([propose] if propose else []), "-aet", calling, "-aec", "KAAPANA",
-                           "127.0.0.1", str(port), *map(str, files)], env=env, capture_output=True, text=True, timeout=120)
-
-
-def _dataset_bytes(path: Path) -> bytes:
-    """The data set after the file meta, byte for byte."""
-    data = path.read_bytes()
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-    meta_end = 132 + 12 + int(ds.file_meta.FileMetaInformationGroupLength)
-    return data[meta_end:]
 
 
 @slow
@@ -126,10 +65,10 @@ def test_storescu_into_receiver_then_ingest(receiver: Receiver, corpus: dict, tm
     by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in received}
     for original in study.files:
         ds = pydicom.dcmread(original, stop_before_pixels=True)
-        assert _dataset_bytes(by_sop[ds.SOPInstanceUID]) == _dataset_bytes(original)  # identical content
+        assert dataset_bytes(by_sop[ds.SOPInstanceUID]) == dataset_bytes(original)  # identical content
     report = ingest_files(received, Archive.for_home(KaapanaHome(receiver.home)))
     assert report.count("indexed") == len(study.files)
-    rows = Lake(receiver.home / "lake").read("instances")
+    rows = Lake(receiver.home / "lake").read(INSTANCES)
     assert set(rows["calling_ae_title"].to_list()) == {"STORESCU"} and set(rows["called_ae_title"].to_list()) == {"KAAPANA"}
 
 
@@ -213,7 +152,7 @@ def test_compressed_study_via_storescu_then_ingest(receiver: Receiver, corpus: d
         stored = by_sop[ds.SOPInstanceUID]
         syntax = pydicom.dcmread(stored, stop_before_pixels=True).file_meta.TransferSyntaxUID
         assert syntax == ds.file_meta.TransferSyntaxUID
-        assert _dataset_bytes(stored) == _dataset_bytes(original)  # byte for byte
+        assert dataset_bytes(stored) == dataset_bytes(original)  # byte for byte
         syntaxes.add(str(syntax))
     assert syntaxes == {BY_NAME[e].transfer_syntax for e in encodings} | {ExplicitVRLittleEndian}
     # What a run started as the study arrived would ingest: every file the receiver wrote.
@@ -312,7 +251,7 @@ def test_send_seg_to_storescp(tmp_path: Path, corpus: dict) -> None:
     [received] = list(out.iterdir())
     assert pydicom.dcmread(received).SOPInstanceUID == pydicom.dcmread(seg).SOPInstanceUID
     assert dciodvfy_errors(received) == []
-    sent = Lake(home / "lake").read("sent")
+    sent = Lake(home / "lake").read(SENT)
     assert sent.height == 1 and sent["status"][0] == "success" and sent["destination"][0].startswith("STORESCP@")
 
 
@@ -325,7 +264,7 @@ def test_send_retries_then_records_failure(tmp_path: Path, corpus: dict) -> None
     assert all(o.status == "failed" and o.attempts == 2 and "no association" in (o.error or "") for o in outcomes)
     lake = Lake(tmp_path / "lake")
     record_sent(lake, outcomes, node)
-    assert lake.read("sent").filter(pl.col("status") == "failed").height == 2
+    assert lake.read(SENT).filter(pl.col("status") == "failed").height == 2
 
 
 @slow
@@ -451,6 +390,6 @@ def test_event_driven_receiver_stores_parallel_associations(tmp_path: Path, corp
     for f in files:
         ds = pydicom.dcmread(f)
         copy = spool / "PARALLEL" / f"{ds.SOPInstanceUID}.dcm"
-        assert _dataset_bytes(copy) == encode(ds, False, True)  # what send_c_store sent
+        assert dataset_bytes(copy) == encode(ds, False, True)  # what send_c_store sent
         meta = pydicom.dcmread(copy, stop_before_pixels=True).file_meta
         assert (meta.SendingApplicationEntityTitle, meta.ReceivingApplicationEntityTitle) == ("PARALLEL", "KAAPANA")

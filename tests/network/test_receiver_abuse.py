@@ -25,7 +25,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.network.test_network import Receiver, _dataset_bytes, needs_dcmtk, storescu
+from tests.helpers import Receiver, dataset_bytes, needs_dcmtk, storescu
 
 # slow tier (`make test-all`): receiver processes under abuse
 pytestmark = pytest.mark.slow
@@ -129,8 +129,8 @@ def test_idle_associations_from_one_caller_do_not_starve_others(receiver: Receiv
         assert len(received) == len(study.files) == 13
         by_sop = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID: p for p in received}
         for original in study.files:
-            assert _dataset_bytes(by_sop[pydicom.dcmread(original, stop_before_pixels=True).SOPInstanceUID]) == \
-                _dataset_bytes(original)
+            assert dataset_bytes(by_sop[pydicom.dcmread(original, stop_before_pixels=True).SOPInstanceUID]) == \
+                dataset_bytes(original)
         assert receiver.echo()
     finally:
         for a in held:
@@ -178,7 +178,7 @@ def test_data_set_with_other_uids_than_the_request_is_refused(receiver: Receiver
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     original = corpus["site-a"][0].ct_files[0]
     real = pydicom.dcmread(original, stop_before_pixels=True)
-    payload = _dataset_bytes(original)  # a valid CT data set, explicit VR little endian
+    payload = dataset_bytes(original)  # a valid CT data set, explicit VR little endian
 
     announced = minimal_dataset("1.2.826.0.1.3680043.10.99")  # another SOP Instance UID
     assert c_store_bytes(monkeypatch, receiver.port, announced, payload) == DOES_NOT_MATCH
@@ -237,7 +237,7 @@ def test_deflated_data_set_is_stored(receiver: Receiver, monkeypatch: pytest.Mon
     payload = compressor.compress(encode(ds, False, True)) + compressor.flush()
     assert c_store_bytes(monkeypatch, receiver.port, ds, payload, DeflatedExplicitVRLittleEndian) == 0
     [stored] = receiver.spool_files()
-    assert _dataset_bytes(stored) == payload
+    assert dataset_bytes(stored) == payload
 
 
 def test_silent_connections_and_idle_associations_time_out(tmp_path: Path) -> None:

@@ -15,11 +15,13 @@ import polars as pl
 import pytest
 import torch
 
+from bench.training_site import TRAIN_GRID
 from kaapana_assets import nnunet
 from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.environment import DEFAULT_VIEWER_URL
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
+from kaapana_assets.lake.schemas import INSTANCES, SEG_SEGMENTS, SEGMENTATIONS, SERIES, STUDIES, TableSpec
 from kaapana_assets.nnunet.registry import ModelVersionNotFound, find_version
 from kaapana_assets.segmentation.assets import segmentations
 from kaapana_assets.synthetic import generate_site, get_profile
@@ -27,7 +29,7 @@ from kaapana_assets.synthetic.generator import phantom_for
 from kaapana_assets.training.tracking import Tracking
 from resources import MlflowResource
 from sensors.incoming import incoming_studies
-from tests.helpers import TRAIN_GRID
+from tests.helpers import dcmqi_labels, segimage2itkimage
 from tests.tools import dciodvfy_errors
 
 SEED = 77  # studies the model never saw
@@ -65,11 +67,11 @@ def test_new_study_is_segmented_as_valid_dicom_seg(trained_site) -> None:  # typ
     lake = Lake(trained_site.home.lake)
 
     # The SEG is archived and indexed: a series row with modality SEG pointing at the CT.
-    seg_series = lake.read("series", pl.col("series_uid") == md["seg_series_uid"].value).row(0, named=True)
+    seg_series = lake.read(SERIES, pl.col("series_uid") == md["seg_series_uid"].value).row(0, named=True)
     assert seg_series["modality"] == "SEG" and seg_series["referenced_series_uids"] == [study.series_uid]
-    ct_series = lake.read("series", pl.col("series_uid") == study.series_uid).row(0, named=True)
+    ct_series = lake.read(SERIES, pl.col("series_uid") == study.series_uid).row(0, named=True)
     assert ct_series["reference_seg_series_uids"] == [md["seg_series_uid"].value]
-    path = lake.read("instances", pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)["archive_path"][0]
+    path = lake.read(INSTANCES, pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)["archive_path"][0]
     seg_file = trained_site.home.archive / path
 
     seg = hd.seg.segread(seg_file)
@@ -81,7 +83,7 @@ def test_new_study_is_segmented_as_valid_dicom_seg(trained_site) -> None:  # typ
     assert dciodvfy_errors(seg_file) == []
 
     # Statistics per label, in the segmentations table.
-    stats = lake.read("segmentations", pl.col("study_uid") == study.study_uid)
+    stats = lake.read(SEGMENTATIONS, pl.col("study_uid") == study.study_uid)
     liver = stats.filter(pl.col("label") == "liver").row(0, named=True)
     assert liver["voxel_count"] > 0 and liver["volume_ml"] > 0 and len(liver["bbox"]) == 6
     assert 0 < liver["mean_hu"] < 150  # the phantom liver is ~60 HU
@@ -202,7 +204,7 @@ def test_model_promotion_requests_resegmentation(trained_site) -> None:  # type:
     tracking.promote("nnunet-liver-train", newest)
     try:
         moved = tick(first.cursor)
-        segmented = set(Lake(trained_site.home.lake).read("segmentations")["study_uid"].to_list())
+        segmented = set(Lake(trained_site.home.lake).read(SEGMENTATIONS)["study_uid"].to_list())
         requested = {r.partition_key for r in moved.run_requests}
         assert segmented <= requested and moved.cursor == f"nnunet-liver-train:{newest}"
         assert all(r.run_key.startswith(f"nnunet-liver-train:{newest}:") for r in moved.run_requests)
@@ -225,12 +227,12 @@ def test_compressed_study_is_segmented(trained_site) -> None:  # type: ignore[no
         result = _segment(trained_site, study)
         assert result.success, (encoding, result.all_events)
         lake = Lake(trained_site.home.lake)
-        syntaxes = lake.read("instances", pl.col("series_uid") == study.series_uid)["transfer_syntax_uid"].unique()
+        syntaxes = lake.read(INSTANCES, pl.col("series_uid") == study.series_uid)["transfer_syntax_uid"].unique()
         assert syntaxes.to_list() == [{"jpeg_lossless_sv1": "1.2.840.10008.1.2.4.70",
                                        "jpeg2000_lossless": "1.2.840.10008.1.2.4.90"}[encoding]]
         md = result.asset_materializations_for_node("segmentations")[0].metadata
-        path = lake.read("instances", pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)["archive_path"][0]
-        liver = lake.read("segmentations", (pl.col("study_uid") == study.study_uid) & (pl.col("label") == "liver"))
+        path = lake.read(INSTANCES, pl.col("sop_instance_uid") == md["seg_sop_instance_uid"].value)["archive_path"][0]
+        liver = lake.read(SEGMENTATIONS, (pl.col("study_uid") == study.study_uid) & (pl.col("label") == "liver"))
         assert liver["voxel_count"][0] > 0
         assert dciodvfy_errors(trained_site.home.archive / path) == []
 
@@ -311,7 +313,7 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     assert not result.reused and model.predictor.calls == 1
     assert set(result.versions) == {"instances", "seg_segments", "series", "studies", "segmentations"}
     lake = targets.lake
-    seg_row = lake.read("instances", pl.col("sop_instance_uid") == result.seg_sop_uid).row(0, named=True)
+    seg_row = lake.read(INSTANCES, pl.col("sop_instance_uid") == result.seg_sop_uid).row(0, named=True)
     seg_file = targets.root / seg_row["archive_path"]
 
     # The same study and the same SEG bytes through ingest, in another home.
@@ -320,12 +322,12 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     report = ingest_files([seg_file], other, remove_sources=False)
     assert report.count("indexed") == 1
 
-    def rows(t: Archive, table: str, key: str, stamp: str) -> list[dict[str, Any]]:
+    def rows(t: Archive, table: TableSpec, key: str, stamp: str) -> list[dict[str, Any]]:
         return t.lake.read(table, pl.col("study_uid") == study.study_uid).drop(stamp).sort(key).to_dicts()
 
-    for table, key, stamp in (("instances", "sop_instance_uid", "ingested_at"), ("series", "series_uid", "updated_at"),
-                              ("studies", "study_uid", "updated_at"), ("seg_segments", "segment_number", "indexed_at")):
-        assert rows(targets, table, key, stamp) == rows(other, table, key, stamp), table
+    for table, key, stamp in ((INSTANCES, "sop_instance_uid", "ingested_at"), (SERIES, "series_uid", "updated_at"),
+                              (STUDIES, "study_uid", "updated_at"), (SEG_SEGMENTS, "segment_number", "indexed_at")):
+        assert rows(targets, table, key, stamp) == rows(other, table, key, stamp), table.name
     assert (targets.root / seg_row["archive_path"]).read_bytes() == (other.root / seg_row["archive_path"]).read_bytes()
 
     # The SEG reads back as the prediction; the statistics are the prediction's.
@@ -337,7 +339,6 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     assert liver["voxel_count"] == int((truth == 1).sum())
     # Valid for dciodvfy, and dcmqi (3D Slicer's reader) reads the same labels as ours.
     assert dciodvfy_errors(seg_file) == []
-    from tests.segmentation.test_dcmqi import dcmqi_labels, segimage2itkimage
 
     try:
         binary = segimage2itkimage()
@@ -368,19 +369,19 @@ def test_segment_study_recovers_from_a_stop_between_archive_index_and_statistics
     orphan.parent.mkdir(parents=True)
     orphan.write_bytes(b"a SEG archived by a run that stopped before indexing it")
     first = segment_study(targets, study.study_uid, model)
-    row = targets.lake.read("instances", pl.col("sop_instance_uid") == seg_sop_uid).row(0, named=True)
+    row = targets.lake.read(INSTANCES, pl.col("sop_instance_uid") == seg_sop_uid).row(0, named=True)
     import hashlib
 
     assert hashlib.sha256(orphan.read_bytes()).hexdigest() == row["sha256"]
     assert hd.seg.segread(orphan).SOPInstanceUID == seg_sop_uid
 
-    targets.lake.delete("segmentations", f"seg_sop_instance_uid = '{seg_sop_uid}'")  # stopped before statistics
+    targets.lake.delete(SEGMENTATIONS, f"seg_sop_instance_uid = '{seg_sop_uid}'")  # stopped before statistics
     archived = orphan.read_bytes()
     model.predictor.calls = 0
     second = segment_study(targets, study.study_uid, model)
     assert model.predictor.calls == 0 and not second.reused
     assert second.statistics == first.statistics and orphan.read_bytes() == archived
-    assert targets.lake.read("segmentations", pl.col("seg_sop_instance_uid") == seg_sop_uid).height == len(first.statistics)
+    assert targets.lake.read(SEGMENTATIONS, pl.col("seg_sop_instance_uid") == seg_sop_uid).height == len(first.statistics)
 
 
 def test_loaded_models_are_cached_per_name_version_and_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -468,7 +469,7 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
 
     targets, uids, truth = _ingested_burst(tmp_path, 3)
     lake = targets.lake
-    tables = ("instances", "seg_segments", "series", "studies", "segmentations")
+    tables = (INSTANCES, SEG_SEGMENTS, SERIES, STUDIES, SEGMENTATIONS)
     before = lake.versions(tables)
 
     seen: list[str] = []
@@ -477,11 +478,11 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
     assert [r.study_uid for r in results] == uids[:2] and "2.25.1" in skipped
     assert seen == [f"1/3 {uids[0]}", f"2/3 {uids[1]}"]
     after = lake.versions(tables)
-    assert all(after[t] == (before[t] or 0) + 1 for t in tables if before[t] is not None), (before, after)
+    assert all(after[t] == (before[t] or 0) + 1 for t in before if before[t] is not None), (before, after)
     assert all(r.versions == after for r in results)
-    segs = lake.read("segmentations")
+    segs = lake.read(SEGMENTATIONS)
     assert set(segs["study_uid"].to_list()) == set(uids[:2])
-    assert lake.read("instances", pl.col("sop_instance_uid").is_in([r.seg_sop_uid for r in results])).height == 2
+    assert lake.read(INSTANCES, pl.col("sop_instance_uid").is_in([r.seg_sop_uid for r in results])).height == 2
 
     class FailsSecond(PhantomPredictor):
         def predict_single_npy_array(self, image: np.ndarray, properties: dict[str, Any], *args: Any) -> np.ndarray:
@@ -494,9 +495,9 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
     failing = LoadedModel("nnunet-liver-test", "4", Path("unused"), FailsSecond(truth), LABEL_NAMES)
     with pytest.raises(RuntimeError, match="out of memory"):
         segment_studies(targets, uids, failing)
-    committed = lake.read("segmentations", pl.col("model_version") == "4")
+    committed = lake.read(SEGMENTATIONS, pl.col("model_version") == "4")
     assert set(committed["study_uid"].to_list()) == {uids[0]}  # the one before the failure is kept
-    reads: list[str] = []
+    reads: list[TableSpec] = []
     read = lake.read
     monkeypatch.setattr(lake, "read", lambda table, *args, **kwargs: reads.append(table) or read(table, *args, **kwargs))
     rerun = segment_studies(targets, uids, LoadedModel("nnunet-liver-test", "4", Path("unused"),
@@ -504,7 +505,7 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
     assert [r.reused for r in rerun] == [True, False, False]
     # Three reads for the run's three studies (their series, the statistics already made, the
     # source slices), and the one that recomputes series/studies for the commit.
-    assert reads == ["series", "segmentations", "instances", "instances"]
+    assert reads == [SERIES, SEGMENTATIONS, INSTANCES, INSTANCES]
 
 
 def test_a_burst_reports_in_study_order_and_a_seg_that_cannot_be_archived_stops_it(
@@ -537,6 +538,6 @@ def test_a_burst_reports_in_study_order_and_a_seg_that_cannot_be_archived_stops_
     with pytest.raises(OSError, match="No space left"):
         segment_studies(targets, uids[2:], _model(truth, version="4"))
     assert archived == [uids[2]]  # the last study was predicted, but never archived
-    committed = lake.read("segmentations", pl.col("model_version") == "4")
+    committed = lake.read(SEGMENTATIONS, pl.col("model_version") == "4")
     assert set(committed["study_uid"].to_list()) == {uids[2]}
-    assert lake.read("instances", pl.col("modality") == "SEG").height == 3
+    assert lake.read(INSTANCES, pl.col("modality") == "SEG").height == 3

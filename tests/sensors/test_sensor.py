@@ -16,6 +16,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PART
 
 from kaapana_assets.ingest.arrivals import BURST_JOIN_S
 from kaapana_assets.ingest.spool import UNREADABLE, plan_spool, scan_spool, study_of_file, wait_until_quiet
+from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE, STUDIES
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
@@ -187,8 +188,8 @@ def test_sensor_handles_odd_names_and_links(tmp_path: Path, corpus: dict) -> Non
                                                     "lake": LakeResource(uri=str(home / "lake"))})
             assert run.success
     lake = Lake(home / "lake")
-    assert lake.read("instances")["sop_instance_uid"].to_list() == [pydicom_uid(study.ct_files[0])]
-    q = lake.read("quarantine").filter(pl.col("reason") == "not_regular_file")
+    assert lake.read(INSTANCES)["sop_instance_uid"].to_list() == [pydicom_uid(study.ct_files[0])]
+    q = lake.read(QUARANTINE).filter(pl.col("reason") == "not_regular_file")
     assert q.height == 1
     assert outside.read_bytes() == study.ct_files[1].read_bytes()
     assert list(spool.iterdir()) == []
@@ -269,7 +270,7 @@ def test_a_burst_is_one_run_and_a_failed_burst_is_split(tmp_path: Path, corpus_r
         assert result.success
         materialized = instance.get_materialized_partitions(dg.AssetKey("dicom_studies"))
         assert materialized == set(studies)
-        assert set(Lake(home / "lake").read("studies")["study_uid"].to_list()) == set(studies)
+        assert set(Lake(home / "lake").read(STUDIES)["study_uid"].to_list()) == set(studies)
         metadata = result.asset_materializations_for_node("dicom_studies")[0].metadata
         assert metadata["study_count"].value == len(studies)
         assert BURST_TAG in burst.tags
@@ -368,7 +369,7 @@ def test_a_new_study_gets_its_run_as_it_arrives(tmp_path: Path, corpus: dict) ->
         result = _run_request(instance, home, request)
         assert result.success
         assert instance.get_materialized_partitions(dg.AssetKey("dicom_studies")) == set(added)
-        assert set(Lake(home / "lake").read("studies")["study_uid"].to_list()) == set(added)
+        assert set(Lake(home / "lake").read(STUDIES)["study_uid"].to_list()) == set(added)
         assert not [p for p in spool.rglob("*") if p.is_file()]
         after = _tick(instance, home, during.cursor, early_start=True)
         assert not after.run_requests and json.loads(after.cursor or "{}")["early"] == {}
@@ -473,16 +474,17 @@ def test_an_early_run_finds_its_study_in_every_encoding_among_foreign_and_broken
     Extended) — and pydicom's shipped files (another writer) form their own studies. Those
     undecodable files and mutated ones (header cut, pixel data cut, garbage) never join a
     run's study: they are the sensor's unreadable group, quarantined with their reason."""
-    import pydicom.data
+    import pydicom
 
     from kaapana_assets.ingest.headers import Rejected, parse_header
+    from tests.helpers import PYDICOM_DATA
 
     spool = tmp_path / "incoming"
     sent: dict[str, list[str]] = {}
     for name, files in encoded_corpus.series.items():
         (spool / name).mkdir(parents=True)
         sent[name] = [str(shutil.copy(f, spool / name / f.name)) for f in files]
-    pydicom_data = Path(pydicom.data.__file__).parent / "test_files"
+    pydicom_data = PYDICOM_DATA / "test_files"
     foreign = {name: str(pydicom.dcmread(pydicom_data / name, stop_before_pixels=True).StudyInstanceUID)
                for name in ("CT_small.dcm", "MR_small_RLE.dcm", "JPEG2000.dcm")}
     for name in foreign:

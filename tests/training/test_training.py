@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from bench.training_site import TRAIN_GRID
 from kaapana_assets import nnunet
 from kaapana_assets.ingest.volume import assemble_volume
 from kaapana_assets.nnunet import Schedule, SchedulePreset, patient_split, with_width
 from kaapana_assets.nnunet.registry import find_version
 from kaapana_assets.synthetic import get_profile
 from kaapana_assets.synthetic.generator import phantom_for
-from tests.helpers import TRAIN_GRID
 
 # slow tier (`make test-all`): trains nnU-Net (the session trained_site)
 pytestmark = pytest.mark.slow

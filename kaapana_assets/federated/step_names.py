@@ -1,0 +1,6 @@
+"""The names federated training's steps go by on the federation's transport: steps.py
+registers its handlers under them, assets.py asks the transport to run them. A light module:
+the code location loads the assets without Flower."""
+
+PLAN_STEP = "plan"  # every site's fingerprint → the experiment's one plan and initial network
+ROUND_STEP = "round"  # local updates → the aggregate → the global model scored at every site
