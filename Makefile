@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install tools lint test test-all check-runtime-install demo dev viewer bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido clean
+.PHONY: install tools lint test test-all check-runtime-install demo dev viewer bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -123,6 +123,10 @@ bench-arrival: install
 # QIDO-RS study searches over 10,000 studies against Orthanc-DICOMweb (root: a private network namespace).
 bench-qido: install
 	$(BIN)/python bench/dicomweb_qido.py
+
+# WADO-RS metadata and frames of a 300-slice series against Orthanc-DICOMweb (root: a private network namespace).
+bench-wado: install
+	$(BIN)/python bench/dicomweb_wado.py
 
 clean:
 	rm -rf $(KAAPANA_HOME) .pytest_cache

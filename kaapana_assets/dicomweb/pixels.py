@@ -12,6 +12,7 @@ What we give without re-encoding anything we cannot decode losslessly:
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -23,7 +24,12 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_rescale, get_decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from kaapana_assets.dicomweb.metadata import PIXEL_DATA, read_header
 
@@ -90,12 +96,35 @@ def explicit_le_bytes(path: Path) -> bytes:
     return buffer.getvalue()
 
 
+def read_full(path: Path) -> Dataset:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(path)
+
+
 @dataclass(frozen=True)
 class PixelLayout:
     frames: int
     frame_bytes: int  # of one native frame (0 for BitsAllocated 1: frames are not byte-aligned)
-    offset: int | None  # where the native pixel data starts in the file (little endian syntaxes)
+    offset: int | None  # where the PixelData value starts in the file (see `layout`)
     transfer_syntax: str
+
+    @property
+    def native_in_place(self) -> bool:
+        """Uncompressed frames that are read from the file as they are."""
+        return self.offset is not None and self.transfer_syntax in LITTLE_ENDIAN_NATIVE
+
+
+def cached_layout(path: Path) -> PixelLayout:
+    """`layout` without the data set, cached by the file's identity (archived files are written
+    once; the size and modification time guard against a replaced one)."""
+    stat = path.stat()
+    return _cached_layout(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16384)
+def _cached_layout(path: Path, size: int, mtime_ns: int) -> PixelLayout:
+    return layout(path)[1]
 
 
 def layout(path: Path) -> tuple[Dataset, PixelLayout]:
@@ -109,7 +138,9 @@ def layout(path: Path) -> tuple[Dataset, PixelLayout]:
     samples = int(ds.get("SamplesPerPixel") or 1)
     pixels = int(ds.Rows) * int(ds.Columns) * samples
     frame_bytes = pixels * bits // 8 if bits % 8 == 0 else 0
-    offset = getattr(raw, "value_tell", None) if syntax in LITTLE_ENDIAN_NATIVE else None
+    # where the value starts in the file: native little endian (frames read in place) and
+    # encapsulated (items read in place); None for deflated and big endian files
+    offset = getattr(raw, "value_tell", None) if syntax in LITTLE_ENDIAN_NATIVE or UID(syntax).is_encapsulated else None
     return ds, PixelLayout(frames, frame_bytes, offset, syntax)
 
 
@@ -121,9 +152,14 @@ def check_frames(numbers: list[int], frames: int) -> None:
 
 def stored_frames(path: Path, numbers: list[int]) -> list[bytes]:
     """Frames of an encapsulated instance, each as stored (its compressed codestream)."""
-    ds, pixel_layout = layout(path)
+    pixel_layout = cached_layout(path)
     check_frames(numbers, pixel_layout.frames)
-    value = ds.PixelData
+    if pixel_layout.offset is not None:  # the items from the file, up to its end (the delimiter ends them)
+        with open(path, "rb") as file:
+            file.seek(pixel_layout.offset)
+            value = file.read()
+    else:
+        value = read_full(path).PixelData
     wanted = set(numbers)
     found: dict[int, bytes] = {}
     for number, frame in enumerate(generate_frames(value, number_of_frames=pixel_layout.frames), start=1):
@@ -137,14 +173,15 @@ def stored_frames(path: Path, numbers: list[int]) -> list[bytes]:
 def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
     """Frames as uncompressed little-endian bytes: read in place from a little-endian native
     file; decoded (or byte-swapped, inflated) with pydicom otherwise."""
-    ds, pixel_layout = layout(path)
+    pixel_layout = cached_layout(path)
     check_frames(numbers, pixel_layout.frames)
-    if pixel_layout.offset is not None and pixel_layout.frame_bytes:
+    offset = pixel_layout.offset
+    if offset is not None and pixel_layout.native_in_place and pixel_layout.frame_bytes:
         size = pixel_layout.frame_bytes
         out = []
         with open(path, "rb") as file:
             for n in numbers:
-                file.seek(pixel_layout.offset + (n - 1) * size)
+                file.seek(offset + (n - 1) * size)
                 out.append(file.read(size))
         return out
     with warnings.catch_warnings():
@@ -167,7 +204,7 @@ def native_frames(path: Path, numbers: list[int]) -> list[bytes]:
 def native_pixel_data(path: Path) -> bytes:
     """The whole native PixelData value, little endian (all frames, bit-packed ones as stored)."""
     ds, pixel_layout = layout(path)
-    if pixel_layout.offset is not None:
+    if pixel_layout.offset is not None and pixel_layout.native_in_place:
         raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
         with open(path, "rb") as file:
             file.seek(pixel_layout.offset)

@@ -13,9 +13,11 @@ set that does not match what its request announced).
 
 Durability: the service holds a receive journal segment of its own in the spool
 (`ReceiveJournal`, which lets several writers share a spool, each with its own flock'd
-segment) and answers only once every stored instance is in it and flushed; after a crash,
-the next receiver or service to open the spool replays it. Spool files are written before
-the journal record (not by a writer thread): a response means the files are in the spool.
+segment), used as the receiver uses its own: an instance is stored once its record is
+appended and flushed, its spool file written by the journal's writer thread (retried at every
+checkpoint on a full disk, 0xA700 once the segment is full), and the answer waits for the
+spool files as the receiver holds an association's release. After a crash, the next receiver
+or service to open the spool writes back what the journal holds.
 
 Answer (application/dicom+json): ReferencedSOPSequence for the stored instances (with their
 RetrieveURL), FailedSOPSequence with the FailureReason the receiver would have answered for
@@ -58,6 +60,7 @@ from kaapana_assets.network.intake import (
     admit,
 )
 from kaapana_assets.network.journal import ReceiveJournal
+from kaapana_assets.network.receiver import DIMSE_TIMEOUT_S
 from kaapana_assets.network.spool_writer import PREAMBLE, file_meta_bytes, part10_bytes
 
 log = logging.getLogger("kaapana.stow")
@@ -67,6 +70,7 @@ SENDER = "STOW-RS"  # the Sending Application Entity Title we record, and the sp
 RECEIVER = "DICOMWEB"  # the Receiving Application Entity Title
 STUDY_MISMATCH = "study_mismatch"
 MAX_PART_BYTES = 2**30  # one instance is held in memory while it is checked
+SPOOL_WAIT_S = DIMSE_TIMEOUT_S  # the receiver's bound on waiting for the spool writer
 
 
 # --- a part as a Part 10 file --------------------------------------------------------------
@@ -159,7 +163,7 @@ class Stow:
         with self._lock:
             if self.journal is None:
                 self.config.incoming.mkdir(parents=True, exist_ok=True)
-                journal = ReceiveJournal(self.config.incoming, async_spool=False)
+                journal = ReceiveJournal(self.config.incoming, async_spool=True)
                 journal.open()
                 self.journal = journal
 
@@ -204,6 +208,12 @@ class Stow:
             raise HTTPException(413, f"{exc}; {len(stored)} instance(s) of the parts before it were stored") from None
         except multipart.MalformedBody as exc:
             raise HTTPException(400, f"malformed multipart body: {exc}") from None
+        if stored:
+            # as the receiver holds an association's release: the spool files written (bounded;
+            # the instances are durable in the journal whatever happens to their files)
+            journal = self.journal
+            if journal is not None:
+                await run_in_threadpool(journal.wait_written, SPOOL_WAIT_S)
         if not stored and not failed:
             raise HTTPException(400, "the body holds no part")
         answer: dict[str, Any] = {}

@@ -42,7 +42,7 @@ from kaapana_assets.dicomweb import multipart, pixels
 from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
 from kaapana_assets.dicomweb.http import DICOM_JSON, JSON, MediaRange, accepted, negotiate, require_uid
 from kaapana_assets.dicomweb.index import ArchivedInstance, InstanceIndex, Selection
-from kaapana_assets.dicomweb.metadata import PIXEL_DATA, dataset_json, read_header
+from kaapana_assets.dicomweb.metadata import PIXEL_DATA, instance_json, read_header
 
 DICOM = "application/dicom"
 MULTIPART = "multipart/related"
@@ -164,6 +164,12 @@ def _multipart_response(parts: Iterable[multipart.Part], part_type: str) -> Stre
                              media_type=multipart.content_type(part_type, boundary))
 
 
+def _multipart_in_memory(parts: list[multipart.Part], part_type: str) -> Response:
+    """A multipart body already in memory (frames, bulk values): one send, no stream."""
+    boundary = multipart.new_boundary()
+    return Response(b"".join(multipart.stream(parts, boundary)), media_type=multipart.content_type(part_type, boundary))
+
+
 class Wado:
     def __init__(self, config: DicomwebConfig) -> None:
         self.config = config
@@ -233,7 +239,7 @@ class Wado:
             # tags (8 hex digits) and item indices (decimal) alternate along the path
             return url + "/".join(f"{p:08X}" if position % 2 == 0 else str(p) for position, p in enumerate(path))
 
-        return dataset_json(read_header(instance.path), bulk_uri)
+        return instance_json(instance.path, bulk_uri)
 
     # bulk data -----------------------------------------------------------------------------
 
@@ -248,11 +254,11 @@ class Wado:
         if not path or len(path) % 2 == 0:
             raise HTTPException(400, "a bulk data path names an attribute: tag[/item/tag...]")
         if path == [PIXEL_DATA] and pixels.is_encapsulated(instance.transfer_syntax_uid):
-            frames = pixels.layout(instance.path)[1].frames  # each frame as stored, one part each
+            frames = pixels.cached_layout(instance.path).frames  # each frame as stored, one part each
             return self._frames_response(request, instance, list(range(1, frames + 1)))
         if path == [PIXEL_DATA]:
-            return _multipart_response([multipart.Part(pixels.OCTET_STREAM, (pixels.native_pixel_data(instance.path),))],
-                                       pixels.OCTET_STREAM)
+            return _multipart_in_memory([multipart.Part(pixels.OCTET_STREAM, (pixels.native_pixel_data(instance.path),))],
+                                        pixels.OCTET_STREAM)
         ds = read_header(instance.path)
         element = None
         try:
@@ -266,7 +272,7 @@ class Wado:
         value = element.value if element is not None else None
         if not isinstance(value, bytes):
             raise HTTPException(404, f"{request.path_params['path']} is not bulk data")
-        return _multipart_response([multipart.Part(pixels.OCTET_STREAM, (value,))], pixels.OCTET_STREAM)
+        return _multipart_in_memory([multipart.Part(pixels.OCTET_STREAM, (value,))], pixels.OCTET_STREAM)
 
     # frames --------------------------------------------------------------------------------
 
@@ -285,7 +291,7 @@ class Wado:
         except pixels.FrameOutOfRange as exc:
             raise HTTPException(404, str(exc)) from None
         part_type = delivery.content_type.split(";")[0]
-        return _multipart_response([multipart.Part(delivery.content_type, (d,)) for d in data], part_type)
+        return _multipart_in_memory([multipart.Part(delivery.content_type, (d,)) for d in data], part_type)
 
     # rendered ------------------------------------------------------------------------------
 

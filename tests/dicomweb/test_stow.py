@@ -10,7 +10,7 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -88,7 +88,7 @@ def test_dicomweb_client_stores_a_study_that_the_ingest_indexes(
     server.stop()  # its journal's last checkpoint: every stored instance durable in the spool
     report = ingest_files([p for p, _ in spooled], Archive.for_home(home))
     assert report.count("indexed") == len(study.files), report.summary()
-    indexed = Archive.for_home(home).lake.read(INSTANCES.name, pl.col("study_uid") == study.study_uid)
+    indexed = Archive.for_home(home).lake.read(INSTANCES, pl.col("study_uid") == study.study_uid)
     assert indexed.height == len(study.files) and set(indexed["calling_ae_title"]) == {SENDER}
 
 
@@ -151,6 +151,29 @@ def test_a_body_beyond_the_limit_gets_413(corpus: dict[str, list[GeneratedStudy]
     assert _spool(home) == []
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_parts_are_read_wherever_the_stream_splits_them(chunk: int) -> None:
+    """dicomweb-client's own encoding (a CRLF before the first delimiter, none after the last)
+    and ours, cut into chunks of every size: the same parts, bytes that look like a delimiter
+    inside a part included."""
+    import asyncio
+
+    from kaapana_assets.dicomweb.multipart import read_parts
+
+    payloads = [b"one\r\n--BOUNDAR", b"", bytes(range(256)) * 8]
+    bodies = [DICOMwebClient._encode_multipart_message(payloads, MULTIPART), _body(*payloads)]
+
+    async def parts(body: bytes) -> list[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
+            for start in range(0, len(body), chunk):
+                yield body[start:start + chunk]
+
+        return [p.body async for p in read_parts(chunks(), "BOUNDARY", 2**20, 2**20)]
+
+    for body in bodies:
+        assert asyncio.run(parts(body)) == payloads
+
+
 # --- Orthanc pushes to us (slow: a real Orthanc in a private network namespace) -------------------
 
 
@@ -178,7 +201,7 @@ def test_orthanc_pushes_a_study_with_stow_rs_and_it_is_indexed(corpus: dict[str,
         assert _dataset_bytes(arrived) == _dataset_bytes(original)
     report = ingest_files([p for p, _ in spooled], Archive.for_home(home))
     assert report.count("indexed") == len(study.files), report.summary()
-    indexed = Archive.for_home(home).lake.read(INSTANCES.name, pl.col("study_uid") == study.study_uid)
+    indexed = Archive.for_home(home).lake.read(INSTANCES, pl.col("study_uid") == study.study_uid)
     assert sorted(indexed["sop_instance_uid"]) == sorted(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
                                                          for f in study.files)
 

@@ -27,6 +27,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from bench import orthanc
 from bench.dicomweb_server import DicomwebServer
 from kaapana_assets.archive.service import Archive
+from kaapana_assets.dicomweb.metadata import instance_json
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake.schemas import INSTANCES
@@ -49,7 +50,7 @@ class Served:
     client: DICOMwebClient
 
     def archived(self, study_uid: str) -> pl.DataFrame:
-        return (Archive.for_home(self.home).lake.read(INSTANCES.name, pl.col("study_uid") == study_uid)
+        return (Archive.for_home(self.home).lake.read(INSTANCES, pl.col("study_uid") == study_uid)
                 .sort("series_uid", "instance_number"))
 
     def path(self, row: dict) -> Path:
@@ -127,6 +128,18 @@ def test_series_metadata_carries_every_attribute_and_its_bulk_data(served: Serve
             for element in expected:
                 if element.tag != 0x7FE00010:
                     assert ds[element.tag].value == element.value, element.tag
+
+
+def test_metadata_encoder_equals_pydicoms_json(served: Served) -> None:
+    """Our DICOM JSON, read straight from the bytes (or through pydicom for other syntaxes), is
+    pydicom's own `to_json_dict` of the file, wherever binary values are aside."""
+    rows = Archive.for_home(served.home).lake.read(INSTANCES)
+    for row in rows.iter_rows(named=True):
+        path = served.path(row)
+        ours = instance_json(path, lambda tag_path: "bulk")
+        pydicoms = pydicom.dcmread(path).to_json_dict(1024, lambda element: "bulk")
+        assert {tag: _comparable(e) for tag, e in ours.items()} == \
+            {tag: _comparable(e) for tag, e in pydicoms.items()}, row["archive_path"]
 
 
 def test_frames_native_and_as_stored(served: Served) -> None:
@@ -213,7 +226,7 @@ def _comparable(element: dict) -> dict:
 @pytest.mark.skipif(not can_unshare(), reason="needs root and unshare -n to confine Orthanc to a private loopback")
 @pytest.mark.tools(*orthanc.TOOLS)
 def test_metadata_equals_orthancs_for_every_instance(served: Served, tmp_path: Path) -> None:
-    rows = Archive.for_home(served.home).lake.read(INSTANCES.name)
+    rows = Archive.for_home(served.home).lake.read(INSTANCES)
     files = [str(served.home.archive / p) for p in rows["archive_path"]]
     series = sorted(set(zip(rows["study_uid"], rows["series_uid"], strict=True)))
     manifest = tmp_path / "manifest.json"
