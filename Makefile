@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install tools lint test test-all check-runtime-install demo dev bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado clean
+.PHONY: install tools lint test test-all check-runtime-install demo dev viewer bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -54,7 +54,8 @@ test: tools lint
 # Both tiers: what CI runs, in two workers (pytest-xdist): the tests that share a costly
 # session fixture (the demo, a trained model, a federation) run in one worker each, so each
 # is built once. The slowest tests are listed at the end: CI must stay under 15 minutes.
-test-all: tools lint
+# The browser test of the viewer needs OHIF's build: fetched here, before the tests, not by them.
+test-all: tools lint viewer
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20
 
 # What deploy/ builds: `pip install .` without extras, in a clean venv, must import the code
@@ -75,13 +76,33 @@ check-runtime-install:
 demo: install
 	$(BIN)/kaapana demo
 
-# The demo's data (made first if missing), then the UI with the sensors running.
-dev: install
+# The OHIF viewer's published build (MIT), fetched from the npm registry at install time and
+# served by `kaapana dicomweb --viewer`. The stamp names the version: a new one refetches.
+OHIF_VERSION := 3.13.2
+VIEWER_DIR   := build/ohif
+$(VIEWER_DIR)/.version-$(OHIF_VERSION):
+	rm -rf $(VIEWER_DIR) && mkdir -p $(VIEWER_DIR)
+	cd $(VIEWER_DIR) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
+	tar -xzf $(VIEWER_DIR)/ohif-app-$(OHIF_VERSION).tgz -C $(VIEWER_DIR) package/dist package/LICENSE
+	mv $(VIEWER_DIR)/package/dist $(VIEWER_DIR)/package/LICENSE $(VIEWER_DIR)/ && rm -rf $(VIEWER_DIR)/package $(VIEWER_DIR)/*.tgz
+	test -f $(VIEWER_DIR)/dist/index.html
+	touch $@
+
+viewer: $(VIEWER_DIR)/.version-$(OHIF_VERSION)
+
+# The demo's data (made first if missing), the DICOMweb service with the viewer in the
+# background (stopped by its PID when the UI stops), then the UI with the sensors running.
+DICOMWEB_PORT ?= 8080
+dev: install viewer
 	test -d $(KAAPANA_HOME)/lake/studies || $(BIN)/kaapana demo
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml || true
 	@echo "Dagster UI: http://localhost:3000"
+	@echo "Viewer (OHIF on DICOMweb): http://localhost:$(DICOMWEB_PORT)  (DICOMweb: http://localhost:$(DICOMWEB_PORT)/dicom-web)"
 	@echo "MLflow UI (another shell): $(BIN)/mlflow ui --backend-store-uri sqlite:///$(KAAPANA_HOME)/mlflow.db"
-	KAAPANA_FEDERATION=$(KAAPANA_HOME)/federation.yaml $(BIN)/dagster dev -h 127.0.0.1 -p 3000
+	$(BIN)/kaapana dicomweb --home $(KAAPANA_HOME) --host 127.0.0.1 --port $(DICOMWEB_PORT) --viewer $(VIEWER_DIR)/dist & \
+	  dicomweb=$$!; trap 'kill $$dicomweb 2>/dev/null' EXIT INT TERM; \
+	  KAAPANA_VIEWER_URL=http://localhost:$(DICOMWEB_PORT) KAAPANA_FEDERATION=$(KAAPANA_HOME)/federation.yaml \
+	  $(BIN)/dagster dev -h 127.0.0.1 -p 3000
 
 bench-receive: install
 	$(BIN)/python bench/receive.py

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_HOME = ".kaapana"
+# Where `kaapana dicomweb --viewer` answers by default (`make dev`): the links in the UI open it.
+DEFAULT_VIEWER_URL = "http://127.0.0.1:8080"
 
 
 def _json(environ: Mapping[str, str], name: str, default: Any) -> Any:
@@ -65,6 +67,7 @@ class Environment:
     home_claim: str  # KAAPANA_HOME_PVC
     gpu_node_selector: dict[str, str]  # KAAPANA_GPU_NODE_SELECTOR (JSON)
     gpu_tolerations: list[dict[str, str]]  # KAAPANA_GPU_TOLERATIONS (JSON)
+    viewer_url: str  # KAAPANA_VIEWER_URL: the DICOMweb service with the OHIF viewer, as a browser reaches it
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Environment:
@@ -72,6 +75,9 @@ class Environment:
         e = os.environ if environ is None else environ
         env = EnvironmentKind.parse(e.get("KAAPANA_ENV", EnvironmentKind.LOCAL))
         home = (home or Path(e.get("KAAPANA_HOME", DEFAULT_HOME))).resolve()
+        viewer_url = e.get("KAAPANA_VIEWER_URL") or DEFAULT_VIEWER_URL
+        if not viewer_url.startswith(("http://", "https://")):
+            raise ValueError(f"KAAPANA_VIEWER_URL must be an http(s) URL, not {viewer_url!r}")
         return cls(
             env=env,
             home=home,
@@ -97,6 +103,7 @@ class Environment:
             gpu_node_selector=_json(e, "KAAPANA_GPU_NODE_SELECTOR", {"nvidia.com/gpu.present": "true"}),
             gpu_tolerations=_json(e, "KAAPANA_GPU_TOLERATIONS",
                                   [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
+            viewer_url=viewer_url,
         )
 
     @property

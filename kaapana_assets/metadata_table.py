@@ -45,3 +45,9 @@ def table(rows: Iterable[Mapping[str, object]], schema: dg.TableSchema) -> dg.Ta
     return dg.MetadataValue.table(
         records=[dg.TableRecord({name: _cell(row.get(name)) for name in names}) for row in rows], schema=schema
     )
+
+
+def links_markdown(links: Iterable[tuple[str, dg.UrlMetadataValue]]) -> dg.MarkdownMetadataValue:
+    """(text, URL) pairs as a Markdown list of links: the UI shows table cells as plain text,
+    Markdown links it makes clickable."""
+    return dg.MetadataValue.md("\n".join(f"- [{text}]({link.url})" for text, link in links))

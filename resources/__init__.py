@@ -7,6 +7,7 @@ from resources.federation import FederatedSiteResource, FederationResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
+from resources.viewer import ViewerResource
 
 __all__ = [
     "ArchiveResource",
@@ -18,6 +19,7 @@ __all__ = [
     "LakeResource",
     "MlflowResource",
     "NnunetResource",
+    "ViewerResource",
     "build_resources",
     "site_resources",
 ]

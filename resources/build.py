@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from kaapana_assets.environment import Environment, EnvironmentKind
+from kaapana_assets.environment import DEFAULT_VIEWER_URL, Environment, EnvironmentKind
 from kaapana_assets.home import KaapanaHome
 from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource
@@ -15,6 +15,7 @@ from resources.federation import FederatedSiteResource, FederationResource
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
+from resources.viewer import ViewerResource
 
 
 def build_resources(environment: Environment) -> dict[str, dg.ConfigurableResource]:
@@ -43,6 +44,7 @@ def build_resources(environment: Environment) -> dict[str, dg.ConfigurableResour
         "extensions": ExtensionRunner(mode="k8s", image=e.extension_image, home_claim=e.home_claim,
                                       mount_path=e.pod_home) if k8s else ExtensionRunner(),
         "dicom_node": DicomNodeResource(ae_title=e.dicom_node_aet, host=e.dicom_node_host, port=e.dicom_node_port),
+        "viewer": ViewerResource(url=e.viewer_url),
     }
 
 
@@ -60,4 +62,5 @@ def site_resources(home: Path, cohorts: Path | None = None, site: str = "",
         "federation": FederationResource(folder=str(KaapanaHome(home).hub_federation)),
         "federated_site": FederatedSiteResource(name=site, folder=str(KaapanaHome(home).site_federation)),
         "extensions": ExtensionRunner(),
+        "viewer": ViewerResource(url=DEFAULT_VIEWER_URL),
     }

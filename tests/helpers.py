@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pyarrow as pa
@@ -35,6 +36,16 @@ from kaapana_assets.synthetic import GeneratedStudy
 SMALL = {"slices": 12, "matrix": 40}  # small grids: same scanners, fewer voxels
 REPO = Path(__file__).resolve().parents[1]  # the repository root, whichever folder of tests/ asks
 
+# The browser tests: Debian's chromium, headless, loopback only, nothing phoning home.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-default-apps", "--disable-domain-reliability", "--disable-client-side-phishing-detection",
+    "--disable-breakpad", "--metrics-recording-only", "--no-first-run", "--no-pings", "--disable-extensions",
+    "--proxy-server=direct://", "--proxy-bypass-list=*", "--disable-gpu", "--disable-quic",
+]
+ARTIFACTS = Path(os.environ.get("KAAPANA_TEST_ARTIFACTS", REPO / "test-artifacts"))  # their screenshots
+
 
 @dataclass
 class EncodedCorpus:
@@ -45,6 +56,20 @@ class EncodedCorpus:
     root: Path
     series: dict[str, list[Path]]  # encoding name -> the CT series' files in that encoding
     segs: dict[str, Path]  # encoding name -> the reference SEG in that encoding (native syntaxes)
+
+
+@dataclass(frozen=True)
+class ViewerLink:
+    """A link into the OHIF viewer, taken apart: where it points, OHIF's route, its query."""
+
+    origin: str  # scheme://host:port
+    route: str  # "/viewer", "/segmentation"
+    query: dict[str, list[str]]
+
+
+def viewer_link(url: str) -> ViewerLink:
+    parts = urlsplit(url)
+    return ViewerLink(f"{parts.scheme}://{parts.netloc}", parts.path, parse_qs(parts.query, strict_parsing=True))
 
 
 def dicom_files(root: Path) -> list[Path]:

@@ -26,6 +26,7 @@ TOOLS: dict[str, str] = {
     "prometheus": "prometheus",
     "promtool": "prometheus",
     "chromium": "chromium",
+    "node": "nodejs",
 }
 
 

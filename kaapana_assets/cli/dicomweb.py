@@ -14,6 +14,7 @@ def cmd_dicomweb(args: argparse.Namespace) -> int:
 
     from kaapana_assets.dicomweb.app import create_app
     from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
+    from kaapana_assets.environment import Environment, EnvironmentKind
     from kaapana_assets.lake import Lake
 
     home = home_of(args).ensure()
@@ -21,7 +22,11 @@ def cmd_dicomweb(args: argparse.Namespace) -> int:
     if viewer is not None and not (viewer / "index.html").is_file():
         console.print(f"[red]--viewer {viewer}: no index.html there (the OHIF build's dist/ folder)")
         return 2
-    config = DicomwebConfig(Lake(home.lake), home.archive, home.incoming, stow=args.stow, viewer_dir=viewer)
+    # The lake where the code location writes it: KAAPANA_LAKE_URI (on k8s an object store, with
+    # its options) when set, else the home's own (as build_resources does).
+    environment = Environment.read(home=home.root)
+    lake = Lake(environment.lake_uri, environment.s3_options if environment.env is EnvironmentKind.K8S else None)
+    config = DicomwebConfig(lake, home.archive, home.incoming, stow=args.stow, viewer_dir=viewer)
     base = f"http://{args.host}:{args.port}"
     console.print(f"DICOMweb on {base}{DICOMWEB_ROOT} ({'STOW-RS enabled' if args.stow else 'read-only'}) over {home.root}"
                   + (f"; viewer on {base}/" if viewer else "") + " (Ctrl-C stops)")

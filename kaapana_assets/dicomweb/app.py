@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.routing import BaseRoute, Mount
 
-from kaapana_assets.dicomweb import qido, stow, wado
+from kaapana_assets.dicomweb import qido, stow, viewer, wado
 from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
 
 
@@ -18,7 +18,11 @@ def create_app(config: DicomwebConfig) -> Starlette:
     storing = stow.Stow(config) if config.stow else None
     if storing is not None:
         routes += stow.routes(config, storing)
-    return Starlette(routes=[Mount(DICOMWEB_ROOT, routes=routes)], lifespan=_lifespan(storing))
+    app_routes: list[BaseRoute] = [Mount(DICOMWEB_ROOT, routes=routes)]
+    if config.viewer_dir is not None:
+        # After the DICOMweb mount: the viewer's catch-all never answers for /dicom-web.
+        app_routes += viewer.routes(config.viewer_dir, DICOMWEB_ROOT)
+    return Starlette(routes=app_routes, lifespan=_lifespan(storing))
 
 
 def _lifespan(storing: stow.Stow | None) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:

@@ -15,7 +15,7 @@ from kaapana_assets.cohorts.partitions import cohorts_partitions
 from kaapana_assets.evaluation.evaluate import EvaluationError, read_evaluation
 from kaapana_assets.evaluation.held_out import NotHeldOut, check_held_out
 from kaapana_assets.evaluation.models import resolve_version
-from kaapana_assets.evaluation.report import GateOutcome, gate, summarize
+from kaapana_assets.evaluation.report import CaseResult, GateOutcome, case_results, gate, summarize
 from kaapana_assets.evaluation.run import run_evaluation
 from kaapana_assets.ingest.study import png_markdown
 from kaapana_assets.lake import Lake
@@ -29,6 +29,7 @@ from resources.location import GPU_OP_TAGS
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
+from resources.viewer import ViewerResource
 
 GATE_CHECK = "evaluation_gate"
 SUMMARY_SCHEMA = columns(
@@ -37,6 +38,24 @@ SUMMARY_SCHEMA = columns(
     ("volume_difference_mean_ml", "float", "predicted − reference"), ("volume_difference_mean_abs_ml", "float"),
 )
 SKIPPED_SCHEMA = columns(("series_uid", "string"), ("reason", "string"))
+
+
+def cases_markdown(cases: list[CaseResult], labels: list[str], viewer: ViewerResource) -> dg.MarkdownMetadataValue:
+    """The per-case table, each case linked into the viewer: its study with the model's SEG, and
+    with each reference SEG. Markdown, not a Dagster table: the UI makes links clickable only there."""
+    def dice(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = ["| patient | study | " + " | ".join(f"Dice {label}" for label in labels) + " | predicted | reference |",
+             "|" + " --- |" * (len(labels) + 4)]
+    for case in cases:
+        predicted = f"[open]({viewer.segmentation(case.study_uid, case.series_uid, case.predicted_seg_series_uid).url})"
+        references = ", ".join(f"[open]({viewer.segmentation(case.study_uid, case.series_uid, uid).url})"
+                               for uid in case.reference_seg_series_uids) or "–"
+        patient = case.patient_id.replace("|", "\\|")  # a DICOM value: it must not end the cell
+        lines.append(f"| {patient} | …{case.study_uid[-12:]} | "
+                     + " | ".join(dice(case.dice.get(label)) for label in labels) + f" | {predicted} | {references} |")
+    return dg.MetadataValue.md("\n".join(lines))
 
 
 class EvaluationConfig(dg.Config):
@@ -91,6 +110,7 @@ def segmentation_evaluation(
     archive: ArchiveResource,
     nnunet_settings: NnunetResource,
     mlflow: MlflowResource,
+    viewer: ViewerResource,
 ) -> dg.MaterializeResult:
     name = context.partition_key
     the_lake, tracking = lake.lake(), mlflow.tracking()
@@ -123,6 +143,7 @@ def segmentation_evaluation(
         "cases": dg.MetadataValue.int(e.cases),
         "labels": dg.MetadataValue.json(e.labels),
         "summary": table(report.summary, SUMMARY_SCHEMA),
+        "cases_in_viewer": cases_markdown(case_results(e.rows), list(e.labels), viewer),
         "boxplot": dg.MetadataValue.md(png_markdown(report.plot_png, report.title)),
         "held_out": dg.MetadataValue.bool(held_out.held_out),
         "training_data": dg.MetadataValue.text(held_out.summary),

@@ -72,6 +72,33 @@ def summarize(rows: pl.DataFrame) -> list[LabelSummary]:
     return out
 
 
+@dataclass(frozen=True)
+class CaseResult:
+    """One evaluated case: where it is (patient, study, the CT series), the SEG the model made
+    and the reference SEGs it was measured against, and its Dice per label."""
+
+    patient_id: str
+    study_uid: str
+    series_uid: str
+    predicted_seg_series_uid: str
+    reference_seg_series_uids: tuple[str, ...]
+    dice: dict[str, float | None]  # label → Dice (null: undefined, both masks empty)
+
+
+def case_results(rows: pl.DataFrame) -> list[CaseResult]:
+    """The rows of one evaluation (a row per case and label) as one result per case, in series order."""
+    out = []
+    for (series_uid,), these in rows.sort("series_uid", "label_value").group_by("series_uid", maintain_order=True):
+        first = these.row(0, named=True)
+        out.append(CaseResult(
+            patient_id=first["patient_id"] or "", study_uid=first["study_uid"], series_uid=str(series_uid),
+            predicted_seg_series_uid=first["predicted_seg_series_uid"],
+            reference_seg_series_uids=tuple(dict.fromkeys(u for u in these["reference_seg_series_uid"] if u)),
+            dice=dict(zip(these["label"].to_list(), these["dice"].to_list(), strict=True)),
+        ))
+    return out
+
+
 def evaluation_title(model: str, cohort: str, cohort_version: int, cases: int | None = None,
                      in_sample_patients: int = 0) -> str:
     """The report's title. An in-sample evaluation (allow_overlap: patients of the cohort version

@@ -19,10 +19,11 @@ from kaapana_assets.ingest.study import (
     summarize_study,
 )
 from kaapana_assets.lake.schemas import QUARANTINE
-from kaapana_assets.metadata_table import columns, table
+from kaapana_assets.metadata_table import columns, links_markdown, table
 from kaapana_assets.preload import warm_in_background
 from kaapana_assets.progress import Progress, throttled
 from resources.storage import ArchiveResource, LakeResource
+from resources.viewer import ViewerResource
 
 SERIES_SCHEMA = columns(
     ("series", "string", "series description, else the tail of its SeriesInstanceUID"),
@@ -99,7 +100,8 @@ STUDIES_PER_RUN = 10
     description="A DICOM study: validated, archived and indexed in the instances/series/studies Delta tables.",
 )
 def dicom_studies(
-    context: dg.AssetExecutionContext, config: IngestConfig, lake: LakeResource, archive: ArchiveResource
+    context: dg.AssetExecutionContext, config: IngestConfig, lake: LakeResource, archive: ArchiveResource,
+    viewer: ViewerResource,
 ) -> Iterator[dg.MaterializeResult]:
     study_uids = list(context.partition_keys)
     label = study_uids[0] if len(study_uids) == 1 else f"{len(study_uids)} studies"
@@ -119,11 +121,11 @@ def dicom_studies(
                          "of waiting")
     else:
         files = config.files or [f for study_uid in study_uids for f in find_study_files(archive.spool, study_uid)]
-    yield from _ingest(context, study_uids, label, files, lake, archive)
+    yield from _ingest(context, study_uids, label, files, lake, archive, viewer)
 
 
 def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str, files: list[str],
-            lake: LakeResource, archive: ArchiveResource) -> Iterator[dg.MaterializeResult]:
+            lake: LakeResource, archive: ArchiveResource, viewer: ViewerResource) -> Iterator[dg.MaterializeResult]:
     the_lake = lake.lake()
     context.log.info(f"{label}: {len(files)} spool file(s)")
     # One ingest for the whole run: its commits are per batch of files, not per study.
@@ -152,6 +154,7 @@ def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str
                                    "modalities": ", ".join(s.modalities)} for s in indexed], STUDIES_SCHEMA),
                 "study_count": dg.MetadataValue.int(len(indexed)),
                 "instances": dg.MetadataValue.int(sum(s.instance_count for s in indexed)),
+                "viewer": links_markdown([(s.study_uid, viewer.study(s.study_uid)) for s in indexed]),
                 **_report_metadata(report),
             },
             data_version=dg.DataVersion(combined_version([s.data_version for s in indexed])),
@@ -161,6 +164,7 @@ def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str
     study_uid = summary.study_uid
     metadata: dict[str, dg.MetadataValue] = {
         "study_uid": dg.MetadataValue.text(study_uid),
+        "viewer": viewer.study(study_uid),
         "patient_id": dg.MetadataValue.text(summary.patient_id or ""),
         "instances": dg.MetadataValue.int(summary.instance_count),
         "series_count": dg.MetadataValue.int(len(summary.series)),
@@ -168,6 +172,12 @@ def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str
         "series": table(summary.series_rows(), SERIES_SCHEMA),
         **_report_metadata(report),
     }
+    # Each SEG that references one of the study's series, over that series.
+    segs = [(seg_uid, s["series_uid"]) for s in summary.series for seg_uid in s.get("reference_seg_series_uids") or []]
+    if segs:
+        metadata["segs_in_viewer"] = links_markdown([(f"SEG …{seg_uid[-12:]} over …{series_uid[-12:]}",
+                                                      viewer.segmentation(study_uid, series_uid, seg_uid))
+                                                     for seg_uid, series_uid in segs])
     png = middle_slice_png(preview_series_paths(the_lake, archive.kaapana_home().archive, summary))
     if png:
         metadata["preview"] = dg.MetadataValue.md(png_markdown(png, f"middle slice of {study_uid}"))

@@ -9,7 +9,7 @@ from pydantic import Field
 from kaapana_assets.ingest.assets import STUDIES_PER_RUN, dicom_studies
 from kaapana_assets.ingest.partitions import studies_partitions
 from kaapana_assets.ingest.study import combined_version, png_markdown
-from kaapana_assets.metadata_table import columns, table
+from kaapana_assets.metadata_table import columns, links_markdown, table
 from kaapana_assets.nnunet.registry import ModelVersionNotFound
 from kaapana_assets.segmentation.models import pinned_model, production_model
 from kaapana_assets.segmentation.segment import SegmentationResult, segment_studies
@@ -18,6 +18,7 @@ from resources.location import GPU_OP_TAGS
 from resources.mlflow import MlflowResource
 from resources.nnunet import NnunetResource
 from resources.storage import ArchiveResource, LakeResource
+from resources.viewer import ViewerResource
 
 # The label_statistics rows, less the bounding box (in the Delta table).
 STATISTICS_SCHEMA = columns(
@@ -59,6 +60,7 @@ def segmentations(
     archive: ArchiveResource,
     nnunet_settings: NnunetResource,
     mlflow: MlflowResource,
+    viewer: ViewerResource,
 ) -> dg.MaterializeResult:
     the_lake = lake.lake()
     study_uids = list(context.partition_keys)
@@ -93,6 +95,8 @@ def segmentations(
                                    "volumes_ml": json.dumps({s["label"]: s["volume_ml"] for s in r.statistics})}
                                   for r in results], BURST_SCHEMA),
                 "study_count": dg.MetadataValue.int(len(results)),
+                "viewer": links_markdown([(r.study_uid, viewer.segmentation(r.study_uid, r.series_uid, r.seg_series_uid))
+                                          for r in results]),
                 "delta_versions": dg.MetadataValue.json(results[-1].versions),
             },
             data_version=dg.DataVersion(combined_version([f"{r.model}:{r.seg_sop_uid[-12:]}" for r in results])),
@@ -101,6 +105,7 @@ def segmentations(
     study_uid = result.study_uid
     metadata: dict[str, dg.MetadataValue] = {
         "model": dg.MetadataValue.text(result.model),
+        "viewer": viewer.segmentation(study_uid, result.series_uid, result.seg_series_uid),
         "source_series_uid": dg.MetadataValue.text(result.series_uid),
         "seg_series_uid": dg.MetadataValue.text(result.seg_series_uid),
         "seg_sop_instance_uid": dg.MetadataValue.text(result.seg_sop_uid),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 
 import dagster as dg
 import numpy as np
@@ -14,9 +15,11 @@ import pyarrow as pa
 import pytest
 
 from kaapana_assets.cohorts.references import SegInstance, choose_references
+from kaapana_assets.dicomweb.links import SegView, viewer_url
+from kaapana_assets.environment import DEFAULT_VIEWER_URL
 from kaapana_assets.evaluation.evaluate import evaluation_id
 from kaapana_assets.evaluation.metrics import case_metrics, label_metrics
-from kaapana_assets.evaluation.report import box_plot_png, gate, summarize
+from kaapana_assets.evaluation.report import CaseResult, box_plot_png, case_results, gate, summarize
 from kaapana_assets.lake.schemas import EVALUATIONS
 
 # ---------------------------------------------------------------------------------------
@@ -153,6 +156,22 @@ def test_summary_and_gate() -> None:
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
 
+def test_rows_per_case_and_label_become_one_result_per_case() -> None:
+    """What the per-case table (and its viewer links) is made of: one result per CT series, with
+    the SEG the model made, the distinct reference SEGs, and Dice per label (null kept)."""
+    row = {"patient_id": "P1", "study_uid": "1.1", "predicted_seg_series_uid": "1.1.9"}
+    rows = pl.DataFrame([
+        {**row, "series_uid": "1.1.1", "label": "spleen", "label_value": 2, "dice": None, "reference_seg_series_uid": "1.1.7"},
+        {**row, "series_uid": "1.1.1", "label": "liver", "label_value": 1, "dice": 0.9, "reference_seg_series_uid": "1.1.7"},
+        {"patient_id": None, "study_uid": "1.0", "predicted_seg_series_uid": "1.0.9", "series_uid": "1.0.1",
+         "label": "liver", "label_value": 1, "dice": 0.5, "reference_seg_series_uid": "1.0.7"},
+    ])
+    assert case_results(rows) == [
+        CaseResult("", "1.0", "1.0.1", "1.0.9", ("1.0.7",), {"liver": 0.5}),
+        CaseResult("P1", "1.1", "1.1.1", "1.1.9", ("1.1.7",), {"liver": 0.9, "spleen": None}),
+    ]
+
+
 def test_reference_is_never_a_model_output() -> None:
     """The policy the evaluation reads its references by (cohorts/references.py): our own
     model's SEG is none, whatever its algorithm type; the others give their labels."""
@@ -193,6 +212,13 @@ def test_evaluation_of_the_demo_federated_model(evaluated_demo) -> None:  # type
     rows = Lake(evaluated_demo.home.lake).read(EVALUATIONS, pl.col("evaluation_id") == md["evaluation_id"].value)
     assert rows.height == 6 * len(md["labels"].value)
     assert set(rows["series_uid"]) == {s.series_uid for s in evaluated_demo.studies}
+    # The per-case table links each case into the viewer, in series order: its study with the
+    # model's SEG, then with its reference SEG.
+    links = re.findall(r"\]\(([^)]+)\)", md["cases_in_viewer"].value)
+    cases = rows.filter(pl.col("label") == "liver").sort("series_uid")
+    assert links == [viewer_url(DEFAULT_VIEWER_URL, case["study_uid"], SegView(seg, case["series_uid"]))
+                     for case in cases.iter_rows(named=True)
+                     for seg in (case["predicted_seg_series_uid"], case["reference_seg_series_uid"])]
     # Values in range: Dice in [0, 1]; distances ≥ 0, ASSD ≤ HD95 ≤ HD; spacing of the grid.
     liver = rows.filter(pl.col("label") == "liver")
     assert liver["dice"].is_between(0, 1).all() and liver["dice"].null_count() == 0

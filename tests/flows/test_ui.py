@@ -6,7 +6,6 @@ under test-artifacts/ (or $KAAPANA_TEST_ARTIFACTS)."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -20,17 +19,8 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from tests.dagster_site import SiteWebserver
-from tests.helpers import REPO
+from tests.helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
 
-CHROMIUM = Path("/usr/bin/chromium")
-ARTIFACTS = Path(os.environ.get("KAAPANA_TEST_ARTIFACTS", REPO / "test-artifacts"))
-# Headless, loopback only, nothing phoning home.
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-default-apps", "--disable-domain-reliability", "--disable-client-side-phishing-detection",
-    "--disable-breakpad", "--metrics-recording-only", "--no-first-run", "--no-pings", "--disable-extensions",
-    "--proxy-server=direct://", "--proxy-bypass-list=*",
-]
 GROUPS = ("ingest", "cohorts", "training", "segmentation", "federated", "federated_site", "extensions")
 
 pytestmark = [pytest.mark.slow,  # slow tier: a webserver and a browser

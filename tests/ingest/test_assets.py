@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import dagster as dg
 import polars as pl
 
+from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE
 from resources.storage import ArchiveResource, LakeResource
+from resources.viewer import ViewerResource
+from tests.helpers import ViewerLink, viewer_link
+
+VIEWER = "http://viewer.example.org:8080"
 
 
 def _resources(home: Path) -> dict:
-    return {"lake": LakeResource(uri=str(home / "lake")), "archive": ArchiveResource(home=str(home), ingest_workers=1)}
+    return {"lake": LakeResource(uri=str(home / "lake")), "archive": ArchiveResource(home=str(home), ingest_workers=1),
+            "viewer": ViewerResource(url=VIEWER)}
 
 
 def _materialization(result: dg.ExecuteInProcessResult) -> dg.AssetMaterialization:
@@ -42,6 +49,12 @@ def test_dicom_studies_materializes_with_versions_and_preview(tmp_path: Path, co
         assert md["new_instances"].value == len(study.files)
         assert md["quarantined"].value == 0
         assert md["modalities"].value == "CT, SEG"
+        # The link that opens the study in the viewer, parsed back: OHIF's route and the study's UID.
+        assert isinstance(md["viewer"], dg.UrlMetadataValue)
+        assert viewer_link(md["viewer"].value) == ViewerLink(VIEWER, "/viewer", {"StudyInstanceUIDs": [study.study_uid]})
+        # Its reference SEG, over the CT it segments.
+        assert re.findall(r"\]\(([^)]+)\)", md["segs_in_viewer"].value) == [
+            viewer_url(VIEWER, study.study_uid, SegView(study.seg_series_uid, study.series_uid))]
         versions = md["delta_versions"].value
         lake = Lake(home / "lake")
         assert versions["instances"] == lake.version(INSTANCES) is not None

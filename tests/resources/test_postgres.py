@@ -14,8 +14,9 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from kaapana_assets.environment import DEFAULT_VIEWER_URL
 from kaapana_assets.ingest.assets import dicom_studies
-from resources import ArchiveResource, LakeResource
+from resources import ArchiveResource, LakeResource, ViewerResource
 
 # slow tier (`make test-all`): a Postgres server
 pytestmark = pytest.mark.slow
@@ -50,7 +51,8 @@ def test_materialization_on_postgres(postgres_url: str, tmp_path: Path, corpus: 
         instance.add_dynamic_partitions("studies", [study.study_uid])
         result = dg.materialize(
             [dicom_studies], partition_key=study.study_uid, instance=instance,
-            resources={"lake": LakeResource(uri=str(home / "lake")), "archive": ArchiveResource(home=str(home))},
+            resources={"lake": LakeResource(uri=str(home / "lake")), "archive": ArchiveResource(home=str(home)),
+                       "viewer": ViewerResource(url=DEFAULT_VIEWER_URL)},
         )
         assert result.success
         event = instance.get_latest_materialization_event(dg.AssetKey("dicom_studies"))

@@ -17,6 +17,8 @@ import torch
 
 from bench.training_site import TRAIN_GRID
 from kaapana_assets import nnunet
+from kaapana_assets.dicomweb.links import SegView, viewer_url
+from kaapana_assets.environment import DEFAULT_VIEWER_URL
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import INSTANCES, SEG_SEGMENTS, SEGMENTATIONS, SERIES, STUDIES, TableSpec
@@ -58,6 +60,10 @@ def test_new_study_is_segmented_as_valid_dicom_seg(trained_site) -> None:  # typ
     md = result.asset_materializations_for_node("segmentations")[0].metadata
     assert md["model"].value == "nnunet-liver-train:v1"
     assert "data:image/png;base64," in md["overlay"].value
+    # The link opens the new SEG over the CT it segments, in the viewer's segmentation mode.
+    assert isinstance(md["viewer"], dg.UrlMetadataValue)
+    assert md["viewer"].value == viewer_url(DEFAULT_VIEWER_URL, study.study_uid,
+                                            SegView(md["seg_series_uid"].value, study.series_uid))
     lake = Lake(trained_site.home.lake)
 
     # The SEG is archived and indexed: a series row with modality SEG pointing at the CT.
