@@ -78,14 +78,14 @@ demo: install
 
 # The OHIF viewer's published build (MIT), fetched from the npm registry at install time and
 # served by `kaapana dicomweb --viewer`. The stamp names the version: a new one refetches.
-OHIF_VERSION := 3.13.2
-VIEWER_DIR   := build/ohif
+# No npm needed: a stdlib script downloads the tarball and checks it against the integrity
+# pinned with the version (for a new version: `npm view @ohif/app@<version> dist.integrity`);
+# the previous build stays until the new one is complete.
+OHIF_VERSION   := 3.13.2
+OHIF_INTEGRITY := sha512-WZdxmpmG7rqFgW9ZJLcbgr3XCtLi1KDNPoMaeY5PPe6j4G4fjEjjkycZM6C6Zk2F87BKxFfpq+jd5xXZB9E8EA==
+VIEWER_DIR     := build/ohif
 $(VIEWER_DIR)/.version-$(OHIF_VERSION):
-	rm -rf $(VIEWER_DIR) && mkdir -p $(VIEWER_DIR)
-	cd $(VIEWER_DIR) && npm pack --silent @ohif/app@$(OHIF_VERSION) >/dev/null
-	tar -xzf $(VIEWER_DIR)/ohif-app-$(OHIF_VERSION).tgz -C $(VIEWER_DIR) package/dist package/LICENSE
-	mv $(VIEWER_DIR)/package/dist $(VIEWER_DIR)/package/LICENSE $(VIEWER_DIR)/ && rm -rf $(VIEWER_DIR)/package $(VIEWER_DIR)/*.tgz
-	test -f $(VIEWER_DIR)/dist/index.html
+	$(PYTHON) -m kaapana_assets.dicomweb.fetch_viewer --ohif-version $(OHIF_VERSION) --integrity $(OHIF_INTEGRITY) $(VIEWER_DIR)
 	touch $@
 
 viewer: $(VIEWER_DIR)/.version-$(OHIF_VERSION)

@@ -64,7 +64,7 @@ def service(site: ViewedSite) -> Iterator[str]:
     """`kaapana dicomweb --viewer` as a process of its own (stopped by its process group); the
     URL of the viewer (the service's root)."""
     if not (VIEWER_DIST / "index.html").is_file():
-        pytest.fail(f"OHIF's build is not in {VIEWER_DIST}: run `make viewer` (npm pack at install time)", pytrace=False)
+        pytest.fail(f"OHIF's build is not in {VIEWER_DIST}: run `make viewer` (fetched at install time)", pytrace=False)
     server = DicomwebServer(site.home.root, ("--viewer", str(VIEWER_DIST)))
     try:
         yield server.url.removesuffix(DICOMWEB_ROOT)
