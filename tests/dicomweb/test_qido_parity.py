@@ -2,7 +2,7 @@
 files in both, the same queries (each level, each kind of matching, includefield, paging) to
 both, and for every object returned the same attributes with the same values.
 
-Set aside, on purpose (docs/qido.md): RetrieveURL values (each server names itself; the
+Set aside, on purpose (docs/dicomweb.md): RetrieveURL values (each server names itself; the
 attribute must be in both); Orthanc's SpecificCharacterSet (DICOM JSON is UTF-8 whatever the
 files' character set, so we do not return one); includefield=all, which Orthanc answers with
 its defaults only while we return every attribute the index holds (ours must then hold all of
