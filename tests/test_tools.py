@@ -1,5 +1,7 @@
 """The Debian tools the tests name are the ones `make tools` installs."""
 
+import pytest
+
 from tests.helpers import REPO
 from tests.tools import TOOLS, listed_packages, missing_message
 
@@ -18,6 +20,8 @@ def test_a_missing_tool_is_named_with_its_package_and_the_install_command() -> N
     assert "apt-get install -y --no-install-recommends dcmtk" in message and "\n" not in message
 
 
+# slow: runs pytest itself in two xdist workers (≈9 s); it guards test-all's grouping
+@pytest.mark.slow
 def test_tests_sharing_a_costly_session_fixture_run_in_one_worker(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """`make test-all` runs two pytest-xdist workers with --dist loadgroup; conftest's hook puts
     every test that uses the demo, the trained model or the federation in one group. If an

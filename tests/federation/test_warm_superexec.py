@@ -144,6 +144,8 @@ def test_flowers_superexec_loop_gets_the_forking_executor() -> None:
         del run_superexec._flower_get_executor  # type: ignore[attr-defined]
 
 
+# slow: a fresh interpreter importing torch, nnU-Net and Flower (≈9 s)
+@pytest.mark.slow
 def test_the_preload_leaves_cuda_alone() -> None:
     """What kaapana-superexec imports must not initialise CUDA: a forked child could not
     use the GPU (checked in a fresh interpreter, as the SuperExec starts)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from kaapana_assets.preload import preload, warm_in_background
 
 
@@ -25,6 +27,8 @@ def test_preload_imports_calls_and_reports_failures() -> None:
     assert not thread.is_alive()
 
 
+# slow: a fresh interpreter loading nnU-Net's predictor (≈7 s)
+@pytest.mark.slow
 def test_the_prediction_warmup_loads_in_a_fresh_interpreter() -> None:
     """Every name the incoming sensor asks an early run to warm exists in the installed
     versions (a renamed module would silently cost the run its head start)."""
