@@ -9,7 +9,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from bench.orthanc import Orthanc
 
 
 class DicomwebServer:
@@ -49,3 +53,21 @@ class DicomwebServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+
+
+@contextmanager
+def beside_orthanc(home: Path, files: Iterable[Path | str], workdir: Path) -> Iterator[tuple[DicomwebServer, Orthanc]]:
+    """Our service over `home` and an Orthanc holding `files` (uploaded over REST), both on this
+    network namespace's loopback (brought up here): the peers of the parity tests and benches."""
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    ours = DicomwebServer(home)
+    pacs = None
+    try:
+        pacs = Orthanc(workdir)
+        for path in files:
+            pacs.upload(Path(path))
+        yield ours, pacs
+    finally:
+        if pacs is not None:
+            pacs.stop()
+        ours.stop()

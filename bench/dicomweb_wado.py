@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -168,12 +167,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--encoding", default=None, help="re-encode the series first (synthetic/transcode.py names)")
     args = parser.parse_args()
-    if os.environ.get("KAAPANA_BENCH_NETNS") != "1":
-        if os.geteuid() != 0 or not shutil.which("unshare"):
-            print("needs root and unshare (Orthanc must not listen outside a private namespace)")
-            return 2
-        env = {**os.environ, "KAAPANA_BENCH_NETNS": "1"}
-        return subprocess.call(["unshare", "-n", sys.executable, __file__, *sys.argv[1:]], env=env)
+    from bench.orthanc import reexec_in_private_network
+
+    code = reexec_in_private_network()
+    if code is not None:
+        return code
     run(args.slices, args.matrix, args.repeats, args.encoding)
     return 0
 

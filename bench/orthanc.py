@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -91,3 +93,15 @@ class Orthanc:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.log.close()
+
+
+def reexec_in_private_network() -> int | None:
+    """Run this script again inside `unshare -n`, so that Orthanc (and our servers beside it)
+    listen on a private loopback only: the exit code of that run, or None when this already is it."""
+    if os.environ.get("KAAPANA_BENCH_NETNS") == "1":
+        return None
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        print("needs root and unshare (Orthanc must not listen outside a private namespace)")
+        return 2
+    env = {**os.environ, "KAAPANA_BENCH_NETNS": "1"}
+    return subprocess.call(["unshare", "-n", sys.executable, sys.argv[0], *sys.argv[1:]], env=env)

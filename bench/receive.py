@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -157,12 +156,11 @@ def main() -> int:
     if args.serve_floor:
         serve_floor(args.serve_floor)
         return 0
-    if os.environ.get("KAAPANA_BENCH_NETNS") != "1":
-        if os.geteuid() != 0 or not shutil.which("unshare"):
-            print("needs root and unshare (Orthanc must not listen outside a private namespace)")
-            return 2
-        env = {**os.environ, "KAAPANA_BENCH_NETNS": "1"}
-        return subprocess.call(["unshare", "-n", sys.executable, __file__, *sys.argv[1:]], env=env)
+    from bench.orthanc import reexec_in_private_network
+
+    code = reexec_in_private_network()
+    if code is not None:
+        return code
     run(args.instances, args.parallel, args.code.resolve())
     return 0
 

@@ -159,27 +159,16 @@ def _in_namespace(workdir: Path, manifest: Path) -> None:
     """Inside `unshare -n`: Orthanc and `kaapana dicomweb` on the namespace's own loopback,
     the files uploaded to Orthanc over REST, every query asked of both. Prints the answers."""
     sys.path.insert(0, str(REPO))
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    from bench.dicomweb_server import DicomwebServer
-    from bench.orthanc import Orthanc
+    from bench.dicomweb_server import beside_orthanc
 
     spec = json.loads(manifest.read_text())
-    ours = DicomwebServer(Path(spec["home"]))
-    pacs = None
-    try:
-        pacs = Orthanc(workdir / "orthanc")
-        for path in spec["files"]:
-            pacs.upload(Path(path))
+    with beside_orthanc(Path(spec["home"]), spec["files"], workdir / "orthanc") as (ours, pacs):
         answers = {
             query: {"ours": _fetch(ours.url, query), "orthanc": _fetch(pacs.url + "/dicom-web", query),
                     "orthanc_unpaged": _fetch(pacs.url + "/dicom-web", _unpaged(query))}
             for query in spec["queries"]
         }
         print(json.dumps(answers))
-    finally:
-        if pacs is not None:
-            pacs.stop()
-        ours.stop()
 
 
 if __name__ == "__main__":

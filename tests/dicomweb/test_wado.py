@@ -274,16 +274,10 @@ def _in_namespace(workdir: Path, manifest: Path) -> None:
     """Inside `unshare -n`: Orthanc with the files uploaded and our service over the home, each
     asked for every series' metadata."""
     sys.path.insert(0, str(REPO))
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    from bench.orthanc import Orthanc
+    from bench.dicomweb_server import beside_orthanc
 
     spec = json.loads(manifest.read_text())
-    ours = DicomwebServer(Path(spec["home"]))
-    pacs = None
-    try:
-        pacs = Orthanc(workdir / "orthanc")
-        for f in spec["files"]:
-            pacs.upload(Path(f))
+    with beside_orthanc(Path(spec["home"]), spec["files"], workdir / "orthanc") as (ours, pacs):
         answers: dict[str, list] = {"ours": [], "orthanc": []}
         for study_uid, series_uid in spec["series"]:
             path = f"/studies/{study_uid}/series/{series_uid}/metadata"
@@ -292,10 +286,6 @@ def _in_namespace(workdir: Path, manifest: Path) -> None:
                 response.raise_for_status()
                 answers[name].append(response.json())
         (workdir / "answers.json").write_text(json.dumps(answers))
-    finally:
-        if pacs is not None:
-            pacs.stop()
-        ours.stop()
 
 
 if __name__ == "__main__":
