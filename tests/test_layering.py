@@ -19,7 +19,7 @@ OURS = ("kaapana_assets", "resources", "sensors", "definitions")
 LAYERS: list[set[str]] = [
     {"kaapana_assets", "environment", "files", "progress", "dicom"},
     {"home", "lake", "preload"},
-    {"archive", "nnunet", "federation"},
+    {"archive", "nnunet", "federation", "projects"},
     {"ingest", "extensions"},
     {"cohorts", "network"},
     {"training", "dicomweb"},

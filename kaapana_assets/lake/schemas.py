@@ -453,11 +453,62 @@ NETWORK_SITES = TableSpec(
     keys=("snapshot_id", "site"),
 )
 
+# Research projects (Kaapana's data separation): which projects exist, and which series belong
+# to which project. A series may belong to several projects (shared explicitly); a user only
+# ever reads the series of their projects. Membership changes are logged in `project_changes`.
+PROJECTS = TableSpec(
+    "projects",
+    pa.schema(
+        [
+            ("project", pa.string()),  # lower-case name: "lung", "liver"; Kaapana's AE title is KP-<PROJECT>
+            ("title", pa.string()),
+            ("description", pa.string()),
+            ("created_at", TIMESTAMP),
+            ("row_digest", pa.string()),
+            ("updated_at", TIMESTAMP),
+        ]
+    ),
+    keys=("project",),
+    mutable=True,
+)
+
+SERIES_PROJECTS = TableSpec(
+    "series_projects",
+    pa.schema(
+        [
+            ("series_uid", pa.string()),
+            ("study_uid", pa.string()),
+            ("project", pa.string()),
+            ("assigned_by", pa.string()),  # called-ae | spool-folder | stow-path | default | operator
+            ("assigned_at", TIMESTAMP),
+        ]
+    ),
+    keys=("series_uid", "project"),
+)
+
+# One row per explicit move or share of series between projects (`kaapana project add-series /
+# remove-series`): who, what, when and why. Insert-only.
+PROJECT_CHANGES = TableSpec(
+    "project_changes",
+    pa.schema(
+        [
+            ("change_id", pa.string()),
+            ("series_uid", pa.string()),
+            ("project", pa.string()),
+            ("action", pa.string()),  # add | remove
+            ("operator", pa.string()),
+            ("reason", pa.string()),
+            ("changed_at", TIMESTAMP),
+        ]
+    ),
+    keys=("change_id", "series_uid", "project"),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, INSTANCE_ENCODINGS, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SEG_SEGMENTS, SENT,
                  FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES, COHORT_CHECKS,
-                 FEDERATED_SITE_ROUNDS)
+                 FEDERATED_SITE_ROUNDS, PROJECTS, SERIES_PROJECTS, PROJECT_CHANGES)
 }
 
 
