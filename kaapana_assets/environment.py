@@ -68,6 +68,9 @@ class Environment:
     gpu_node_selector: dict[str, str]  # KAAPANA_GPU_NODE_SELECTOR (JSON)
     gpu_tolerations: list[dict[str, str]]  # KAAPANA_GPU_TOLERATIONS (JSON)
     viewer_url: str  # KAAPANA_VIEWER_URL: the DICOMweb service with the OHIF viewer, as a browser reaches it
+    # KAAPANA_PROJECT_AE_TITLES (JSON): called AE title → project, beside Kaapana's KP-<PROJECT>
+    project_ae_titles: dict[str, str]
+    operator: str  # KAAPANA_OPERATOR, else USER: who `kaapana project add-series / remove-series` logs
 
     @classmethod
     def read(cls, environ: Mapping[str, str] | None = None, home: Path | None = None) -> Environment:
@@ -104,6 +107,8 @@ class Environment:
             gpu_tolerations=_json(e, "KAAPANA_GPU_TOLERATIONS",
                                   [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]),
             viewer_url=viewer_url,
+            project_ae_titles=_json(e, "KAAPANA_PROJECT_AE_TITLES", {}),
+            operator=e.get("KAAPANA_OPERATOR") or e.get("USER", ""),
         )
 
     @property

@@ -31,6 +31,8 @@ from kaapana_assets.lake.schemas import (
     SEGMENTATIONS,
 )
 from kaapana_assets.nnunet.registry import find_version
+from kaapana_assets.projects.assignment import projects_of_series
+from kaapana_assets.projects.membership import DEFAULT_PROJECT
 from kaapana_assets.training.tracking import Tracking
 
 
@@ -71,11 +73,14 @@ def _cohort_node(parent: Node, lake: Lake, cohort: str, version: int, label: str
         parent.add(f"{label}: cohort {cohort} v{version} is not in this lake")
         return
     first = members.row(0, named=True)
-    node = parent.add(f"{label}: cohort {cohort} v{version}, {members.height} series, membership "
-                      f"{first['membership_hash'][:12]}")
+    project = first.get("project") or DEFAULT_PROJECT
+    node = parent.add(f"{label}: cohort {cohort} v{version} of project {project}, {members.height} series, "
+                      f"membership {first['membership_hash'][:12]}")
     pinned = first.get("instances_table_version")
+    scope = first.get("series_projects_table_version")
     node.add(f"Delta versions read: series v{first['series_table_version']}, tags v{first['tags_table_version']}"
-             + (f", instances v{pinned}" if pinned is not None else ""))
+             + (f", instances v{pinned}" if pinned is not None else "")
+             + (f", series_projects v{scope}" if scope is not None else ""))
     for series_uid in members.sort("series_uid")["series_uid"].to_list():
         _series_node(node, lake, series_uid, "source series", version=pinned)
 
@@ -122,6 +127,8 @@ def trace(home: KaapanaHome, tracking: Tracking, uid: str) -> Node:
     name, version = seg["model_name"], str(seg["model_version"])
     _model_lineage(root.add(f"model {name} v{version}"), home, lake, tracking, name, version)
     _series_node(root, lake, seg["series_uid"], "segmented series")
+    projects = projects_of_series(lake, [seg["series_uid"]]).get(seg["series_uid"], [])
+    root.add(f"project(s) of the segmented series: {', '.join(projects) or 'none'}")
     return root
 
 

@@ -216,12 +216,13 @@ class Receiver:
             raise AssertionError(f"receiver ignored SIGTERM: {self.log()}") from None
 
 
-def storescu(port: int, files: list[Path], calling: str = "STORESCU", propose: str | None = None) -> subprocess.CompletedProcess:
+def storescu(port: int, files: list[Path], calling: str = "STORESCU", propose: str | None = None,
+             called: str = "KAAPANA") -> subprocess.CompletedProcess:
     """dcmtk's storescu proposing only the files' SOP classes (-R), in `propose` (an -x... option,
     e.g. -xs for JPEG Lossless SV1) with the uncompressed syntaxes as fallback; dcmtk converts
     to the accepted syntax when it must, so the caller checks what arrived."""
     env = {**os.environ, "TCP_NODELAY": "1"}
-    return subprocess.run(["storescu", "-R", *([propose] if propose else []), "-aet", calling, "-aec", "KAAPANA",
+    return subprocess.run(["storescu", "-R", *([propose] if propose else []), "-aet", calling, "-aec", called,
                            "127.0.0.1", str(port), *map(str, files)], env=env, capture_output=True, text=True, timeout=120)
 
 

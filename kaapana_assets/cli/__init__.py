@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kaapana_assets.cli import cohorts, demo, dicomweb, federation, ingest, lineage, models, network
+from kaapana_assets.cli import cohorts, demo, dicomweb, federation, ingest, lineage, models, network, projects
 from kaapana_assets.cli.common import console
 
 __all__ = ["build_parser", "console", "main"]
@@ -17,9 +17,9 @@ __all__ = ["build_parser", "console", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kaapana", description="kaapana_assets: federated medical-imaging platform")
     sub = parser.add_subparsers(dest="command", required=True)
-    # The order of `kaapana --help`: data in, curation, models, DICOM network and DICOMweb, federation,
-    # lineage, demo.
-    for subject in (ingest, cohorts, models, network, dicomweb, federation, lineage, demo):
+    # The order of `kaapana --help`: data in, projects, curation, models, DICOM network and DICOMweb,
+    # federation, lineage, demo.
+    for subject in (ingest, projects, cohorts, models, network, dicomweb, federation, lineage, demo):
         subject.add_parsers(sub)
     return parser
 

@@ -47,8 +47,8 @@ def cmd_cohort_show(args: argparse.Namespace) -> int:
     versions = cohort_versions(lake, args.name)
     console.print(
         f"[bold]{snapshot.cohort}[/] version {snapshot.version} of {versions.height} "
-        f"({snapshot.purpose}): {snapshot.size} series, membership {snapshot.membership_hash}, "
-        f"read series table version {snapshot.series_table_version}"
+        f"({snapshot.purpose}) of project {snapshot.project}: {snapshot.size} series, membership "
+        f"{snapshot.membership_hash}, read series table version {snapshot.series_table_version}"
     )
     table = Table()
     for column in ("series_uid", "patient_id", "site", "thickness", "spacing", "instances", "labels"):

@@ -31,6 +31,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from kaapana_assets.archive.service import Archive
     from kaapana_assets.ingest.pipeline import DEFAULT_BATCH, ingest_files
     from kaapana_assets.progress import throttled
+    from kaapana_assets.projects.assignment import ProjectSource
+    from kaapana_assets.projects.catalog import UnknownProject, require_project
+    from kaapana_assets.projects.membership import ProjectNameError
 
     root = Path(args.directory)
     if not root.exists():
@@ -38,11 +41,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         return 2
     files = [str(p) for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file()]
     archive = Archive.for_home(home_of(args))
+    try:
+        project = require_project(archive.lake, args.project) if args.project else None
+    except (ProjectNameError, UnknownProject) as exc:
+        console.print(f"[red]--project: {exc}")
+        return 2
+    # Without --project, a folder laid out as the spool assigns by its projects/<name>/ folders.
+    projects = ProjectSource(spool=root if root.is_dir() else None, project=project)
     with progress_bar() as progress:
         task = progress.add_task("ingesting", total=len(files))
         report = ingest_files(
             files, archive, workers=args.workers, batch_size=args.batch_size or DEFAULT_BATCH,
-            remove_sources=args.move,
+            remove_sources=args.move, projects=projects,
             # The bar redraws ten times a second: more frequent updates would never be seen.
             progress=throttled(lambda done, total: progress.update(task, completed=done), interval_s=0.1),
         )
@@ -78,4 +88,7 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="files per committed batch (default 2,000: each costs one Delta MERGE)")
     p.add_argument("--move", action="store_true", help="delete each source file once it is committed")
+    p.add_argument("--project", default=None,
+                   help="the research project of every series (default: a file under projects/<name>/ of the "
+                   "folder goes to <name>, any other to the default project)")
     p.set_defaults(func=cmd_ingest)

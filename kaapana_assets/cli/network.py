@@ -14,17 +14,25 @@ def cmd_receive(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from kaapana_assets.environment import Environment
     from kaapana_assets.network.receiver import start_receiver, stop_receiver
+    from kaapana_assets.projects.routing import AeTitleRouting
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     spool = Path(args.spool) if args.spool else home_of(args).ensure().incoming
+    mapping = Environment.read().project_ae_titles  # a value that is no JSON: ValueError naming the variable
+    try:
+        routing = AeTitleRouting.parse(mapping)
+    except ValueError as exc:
+        console.print(f"[red]KAAPANA_PROJECT_AE_TITLES: {exc}")
+        return 2
     server = start_receiver(
         spool, args.host, args.port, args.ae_title, args.allow or None, block=False,
         acse_timeout=args.acse_timeout, dimse_timeout=args.dimse_timeout, idle_timeout=args.idle_timeout,
         max_associations=args.max_associations, max_per_caller=args.max_per_caller,
-        checkpoint_s=args.checkpoint_interval,
+        checkpoint_s=args.checkpoint_interval, routing=routing,
     )
     assert server is not None
     stop = threading.Event()

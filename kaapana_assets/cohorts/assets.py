@@ -71,6 +71,7 @@ def cohorts(
             "cohort_version": dg.MetadataValue.int(snapshot.version),
             "new_version": dg.MetadataValue.bool(snapshot.created),
             "purpose": dg.MetadataValue.text(definition.purpose),
+            "project": dg.MetadataValue.text(snapshot.project),
             "series": dg.MetadataValue.int(snapshot.size),
             "patients": dg.MetadataValue.int(snapshot.members["patient_id"].n_unique()),
             "sites": table(({"site": s, "series": n} for s, n in per_site.iter_rows()), SITES_SCHEMA),
@@ -79,7 +80,8 @@ def cohorts(
             "delta_versions_read": dg.MetadataValue.json(
                 {"series": snapshot.series_table_version, "tags": snapshot.tags_table_version,
                  "instances": snapshot.instances_table_version,
-                 "segmentations": snapshot.segmentations_table_version}
+                 "segmentations": snapshot.segmentations_table_version,
+                 "series_projects": snapshot.series_projects_table_version}
             ),
             "excluded_cohorts": dg.MetadataValue.json(snapshot.excluded_cohorts),
             "delta_version": dg.MetadataValue.int(snapshot.cohort_members_version or 0),

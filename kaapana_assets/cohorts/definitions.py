@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from kaapana_assets.dicom.seg_segments import AlgorithmType
 from kaapana_assets.dicom.uids import is_valid_uid
+from kaapana_assets.projects.membership import DEFAULT_PROJECT, ProjectNameError, project_name
 
 EXAMPLES = Path(__file__).parent / "examples"
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
@@ -128,6 +129,8 @@ class CohortDefinition(BaseModel):
     name: str
     description: str = ""
     purpose: Literal["train", "test", "inference"]
+    # The research project whose series the cohort selects from (and only from).
+    project: str = DEFAULT_PROJECT
     required_labels: StrList = Field(default_factory=list)
     filter: CohortFilter = Field(default_factory=CohortFilter)
     harmonization: Harmonization = Field(default_factory=Harmonization)
@@ -153,6 +156,14 @@ class CohortDefinition(BaseModel):
             raise ValueError("use lowercase letters, digits, '.', '_' and '-' (at most 63)")
         return value
 
+    @field_validator("project")
+    @classmethod
+    def valid_project(cls, value: str) -> str:
+        try:
+            return project_name(value)
+        except ProjectNameError as exc:
+            raise ValueError(str(exc)) from None
+
     @model_validator(mode="after")
     def not_excluding_itself(self) -> "CohortDefinition":
         if self.name in self.filter.exclude_cohorts:
@@ -160,7 +171,9 @@ class CohortDefinition(BaseModel):
         return self
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        # A definition of the default project hashes as it did before cohorts had projects.
+        dumped = self.model_dump(mode="json", exclude={"project"} if self.project == DEFAULT_PROJECT else None)
+        return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def validate_tag(tag: str) -> str:

@@ -15,7 +15,16 @@ from kaapana_assets.cohorts.definitions import CohortDefinition
 from kaapana_assets.cohorts.exclusion import excluded_cohorts, without_patients
 from kaapana_assets.cohorts.references import annotated, apply_reference_policy, references_digest
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import COHORT_MEMBERS, INSTANCES, SEG_SEGMENTS, SEGMENTATIONS, SERIES, TAGS
+from kaapana_assets.lake.schemas import (
+    COHORT_MEMBERS,
+    INSTANCES,
+    SEG_SEGMENTS,
+    SEGMENTATIONS,
+    SERIES,
+    SERIES_PROJECTS,
+    TAGS,
+)
+from kaapana_assets.projects.membership import DEFAULT_PROJECT, scope_of
 
 
 class EmptyCohort(ValueError):
@@ -42,6 +51,8 @@ class CohortSnapshot:
     instances_table_version: int | None = None
     segmentations_table_version: int | None = None
     excluded_cohorts: dict[str, int] = field(default_factory=dict)  # cohort → version whose patients were left out
+    project: str = DEFAULT_PROJECT  # the research project whose series it selected from
+    series_projects_table_version: int | None = None  # the project's series as of then (scope_of at this version)
 
     @property
     def size(self) -> int:
@@ -112,10 +123,13 @@ def select_series(series: pl.DataFrame, tags: pl.DataFrame, definition: CohortDe
     return frame.sort("series_uid")
 
 
-def membership_hash(members: pl.DataFrame, label_priority: list[str] | None = None) -> str:
-    """Hash of who is in, of what their rows say, of the references chosen for them and of the
-    overlap rule: unchanged data, unchanged hash."""
+def membership_hash(members: pl.DataFrame, label_priority: list[str] | None = None,
+                    project: str = DEFAULT_PROJECT) -> str:
+    """Hash of who is in, of what their rows say, of the references chosen for them, of the
+    overlap rule and of the project: unchanged data, unchanged hash."""
     h = hashlib.sha256()
+    if project != DEFAULT_PROJECT:  # a default-project cohort hashes as before projects
+        h.update(f"project:{project}\n".encode())
     references = references_digest(members)
     for uid, digest in sorted(zip(members["series_uid"].to_list(), members["row_digest"].to_list(), strict=True)):
         h.update(f"{uid}:{digest}:{references[uid]}\n".encode())
@@ -133,11 +147,16 @@ def latest_version(lake: Lake, cohort: str) -> tuple[int, str] | None:
 
 
 def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
-    """Select members now; record a new version only if the membership changed."""
+    """Select members now, from the series of the definition's project only; record a new
+    version only if the membership changed."""
     series_version, tags_version = lake.version(SERIES), lake.version(TAGS)
-    # Read after `series`: ingest commits slices before the series rows computed from them.
+    # Read after `series`: ingest commits slices before the series rows computed from them, and
+    # the series' projects after the series rows (a series not yet in a project is left out).
     instances_version, segmentations_version = lake.version(INSTANCES), lake.version(SEGMENTATIONS)
-    series = with_references(lake, lake.read(SERIES, version=series_version), definition)
+    scope = scope_of(lake, [definition.project], lake.version(SERIES_PROJECTS))
+    # The scope first: `include_series` and every filter see only the project's series.
+    in_project = pl.col("series_uid").is_in(sorted(scope.series_uids))
+    series = with_references(lake, lake.read(SERIES, in_project, version=series_version), definition)
     tags = lake.read(TAGS, version=tags_version)
     members = select_series(series, tags, definition)
     excluded = excluded_cohorts(lake, definition.name, definition.filter.exclude_cohorts)
@@ -146,10 +165,11 @@ def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
         held_out = (f" after leaving out {left_out} series of patients in "
                     + ", ".join(f"{e.cohort} v{e.version}" for e in excluded)) if left_out else ""
         raise EmptyCohort(
-            f"cohort {definition.name!r} matches no series in the index (series table version "
-            f"{series_version}){held_out}; check its filter or ingest data first"
+            f"cohort {definition.name!r} matches no series of project {definition.project!r} in the index "
+            f"(series table version {series_version}, series_projects version {scope.version}){held_out}; check its "
+            "filter or project, or ingest data first"
         )
-    digest = membership_hash(members, definition.label_priority)
+    digest = membership_hash(members, definition.label_priority, definition.project)
     previous = latest_version(lake, definition.name)
     if previous and previous[1] == digest:
         return read_cohort(lake, definition.name, previous[0])
@@ -175,6 +195,8 @@ def snapshot_cohort(lake: Lake, definition: CohortDefinition) -> CohortSnapshot:
             "segmentations_table_version": segmentations_version,
             "excluded_cohorts": [{"cohort": e.cohort, "cohort_version": e.version} for e in excluded],
             "created_at": now,
+            "project": definition.project,
+            "series_projects_table_version": scope.version,
         }
         for m in members.iter_rows(named=True)
     ]
@@ -214,6 +236,8 @@ def read_cohort(lake: Lake, cohort: str, version: int | None = None) -> CohortSn
         instances_table_version=first.get("instances_table_version"),
         segmentations_table_version=first.get("segmentations_table_version"),
         excluded_cohorts={e["cohort"]: e["cohort_version"] for e in first.get("excluded_cohorts") or []},
+        project=first.get("project") or DEFAULT_PROJECT,
+        series_projects_table_version=first.get("series_projects_table_version"),
     )
 
 

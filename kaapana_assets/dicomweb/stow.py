@@ -9,7 +9,9 @@ Entity Title "STOW-RS", so the index records how the instance came; spool folder
 `incoming/STOW-RS/`). The file meta's MediaStorageSOPInstanceUID/ClassUID play the C-STORE
 request's Affected* UIDs: a data set that differs from them is refused as the receiver
 refuses it. With a study in the path, a part of another study is refused (0xA900, as any data
-set that does not match what its request announced).
+set that does not match what its request announced). `POST /projects/{project}/studies[/{study}]`
+stores into that research project's spool folder (`incoming/projects/{project}/STOW-RS/`), and
+the ingest assigns the series to it; an unknown project answers 404, a malformed name 400.
 
 Durability: the service holds a receive journal segment of its own in the spool
 (`ReceiveJournal`, which lets several writers share a spool, each with its own flock'd
@@ -62,11 +64,14 @@ from kaapana_assets.network.intake import (
 from kaapana_assets.network.journal import ReceiveJournal
 from kaapana_assets.network.receiver import DIMSE_TIMEOUT_S
 from kaapana_assets.network.spool_writer import PREAMBLE, file_meta_bytes, part10_bytes
+from kaapana_assets.projects.catalog import UnknownProject, require_project
+from kaapana_assets.projects.membership import ProjectNameError
+from kaapana_assets.projects.routing import STOW_RS_SENDER
 
 log = logging.getLogger("kaapana.stow")
 
 DICOM = "application/dicom"
-SENDER = "STOW-RS"  # the Sending Application Entity Title we record, and the spool folder
+SENDER = STOW_RS_SENDER  # the Sending Application Entity Title we record, and the spool folder
 RECEIVER = "DICOMWEB"  # the Receiving Application Entity Title
 STUDY_MISMATCH = "study_mismatch"
 MAX_PART_BYTES = 2**30  # one instance is held in memory while it is checked
@@ -110,7 +115,7 @@ def _text(value: bytes | None) -> str:
     return (value or b"").rstrip(b"\x00 ").decode("ascii", "replace").strip()
 
 
-def arrival(part: bytes, address: str) -> Arrival | Refusal:
+def arrival(part: bytes, address: str, project: str | None = None) -> Arrival | Refusal:
     """The part as the intake takes it: its data set after a file meta group of ours."""
     meta = _file_meta(part)
     if isinstance(meta, Refusal):
@@ -137,7 +142,7 @@ def arrival(part: bytes, address: str) -> Arrival | Refusal:
             return Refusal(Reason.NO_FILE_META, f"file meta that cannot be written: {exc}", CANNOT_UNDERSTAND)
     announced = Announced(sop_instance, sop_class, "part's file meta", "MediaStorageSOPInstanceUID",
                           "MediaStorageSOPClassUID")
-    return Arrival(data, encoded, syntax, announced, SENDER, address)
+    return Arrival(data, encoded, syntax, announced, SENDER, address, project)
 
 
 # --- the service ---------------------------------------------------------------------------
@@ -184,6 +189,7 @@ class Stow:
     async def store(self, request: Request) -> Response:
         study_uid = require_uid(str(request.path_params["study"]), "StudyInstanceUID") \
             if "study" in request.path_params else None
+        project = self._project(request)
         boundary = self._boundary(request)
         limit = self.config.stow_max_bytes
         declared = request.headers.get("content-length")
@@ -196,7 +202,7 @@ class Stow:
         base = base_url(request)
         try:
             async for part in multipart.read_parts(request.stream(), boundary, limit, min(limit, MAX_PART_BYTES)):
-                item, status, header = await run_in_threadpool(self._admit, part, address, study_uid)
+                item, status, header = await run_in_threadpool(self._admit, part, address, study_uid, project)
                 if status == SUCCESS and header is not None:
                     item["00081190"] = {"vr": "UR", "Value": [f"{base}/studies/{header.study_uid}/series/"
                                                               f"{header.series_uid}/instances/{header.sop_instance_uid}"]}
@@ -226,6 +232,19 @@ class Stow:
         status = 200 if not failed else 202 if stored else 409
         return DicomJSONResponse(answer, status_code=status, media_type=DICOM_JSON)
 
+    def _project(self, request: Request) -> str | None:
+        """The project of `/projects/{project}/studies`: checked before any part is read, so an
+        unknown one stores nothing (the client still holds its data; the receiver, which reads
+        no lake, lets the ingest put such series in the default project instead)."""
+        if "project" not in request.path_params:
+            return None
+        try:
+            return require_project(self.config.lake, str(request.path_params["project"]))
+        except ProjectNameError as exc:
+            raise HTTPException(400, str(exc)) from None
+        except UnknownProject as exc:
+            raise HTTPException(404, str(exc)) from None
+
     @staticmethod
     def _boundary(request: Request) -> str:
         header = request.headers.get("content-type", "")
@@ -242,7 +261,7 @@ class Stow:
             raise HTTPException(400, f"Content-Type {header[:200]!r}: no boundary")
         return boundary
 
-    def _admit(self, part: multipart.ReceivedPart, address: str, study_uid: str | None
+    def _admit(self, part: multipart.ReceivedPart, address: str, study_uid: str | None, project: str | None = None
                ) -> tuple[dict[str, Any], int, InstanceHeader | None]:
         """The response item of one part, its DICOM status, and the header of what was stored."""
         assert self.journal is not None
@@ -251,7 +270,7 @@ class Stow:
             log.warning("refused a part of type %s from %s at %s; answered 0x%04X, nothing stored", part_type[:80],
                         SENDER, address, CANNOT_UNDERSTAND)
             return {}, CANNOT_UNDERSTAND, None
-        made = arrival(part.body, address)
+        made = arrival(part.body, address, project)
         if isinstance(made, Refusal):
             log.warning("refused a part from %s at %s: %s: %s; answered 0x%04X, nothing stored", SENDER, address,
                         made.reason, made.message, made.status)
@@ -269,5 +288,7 @@ class Stow:
 
 def routes(config: DicomwebConfig, stow: Stow | None = None) -> list[BaseRoute]:
     service = stow or Stow(config)
-    return [Route("/studies", service.store, methods=["POST"]),
-            Route("/studies/{study}", service.store, methods=["POST"])]
+    # /projects/{project}/…: the instances go into that project (as Kaapana's per-project STOW-RS).
+    return [Route(path, service.store, methods=["POST"])
+            for path in ("/studies", "/studies/{study}", "/projects/{project}/studies",
+                         "/projects/{project}/studies/{study}")]

@@ -22,6 +22,7 @@ from kaapana_assets.lake.schemas import QUARANTINE
 from kaapana_assets.metadata_table import columns, links_markdown, table
 from kaapana_assets.preload import warm_in_background
 from kaapana_assets.progress import Progress, throttled
+from kaapana_assets.projects.assignment import ProjectSource
 from resources.storage import ArchiveResource, LakeResource
 from resources.viewer import ViewerResource
 
@@ -134,6 +135,7 @@ def _ingest(context: dg.AssetExecutionContext, study_uids: list[str], label: str
         archive.open(the_lake),
         workers=archive.ingest_workers,
         progress=_progress(context, label),
+        projects=ProjectSource(spool=archive.spool),
     )
     summaries = {study_uid: summarize_study(the_lake, study_uid) for study_uid in study_uids}
     missing = [study_uid for study_uid, summary in summaries.items() if summary is None]
@@ -197,7 +199,8 @@ def quarantine(
     context: dg.AssetExecutionContext, config: QuarantineConfig, lake: LakeResource, archive: ArchiveResource
 ) -> dg.MaterializeResult:
     # The same code path as any ingest: it indexes what it can and quarantines the rest.
-    report = ingest_files(config.files, archive.open(lake.lake()), workers=1)
+    report = ingest_files(config.files, archive.open(lake.lake()), workers=1,
+                          projects=ProjectSource(spool=archive.spool))
     for f in report.files:
         if f.status == "quarantined":
             context.log.warning(f"quarantined {f.source}: {f.reason}: {f.error}")

@@ -45,8 +45,17 @@ from kaapana_assets.ingest.worker import (
     quarantine_copy,
 )
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import INSTANCE_ENCODINGS, INSTANCES, QUARANTINE, SEG_SEGMENTS, SERIES, STUDIES
+from kaapana_assets.lake.schemas import (
+    INSTANCE_ENCODINGS,
+    INSTANCES,
+    QUARANTINE,
+    SEG_SEGMENTS,
+    SERIES,
+    SERIES_PROJECTS,
+    STUDIES,
+)
 from kaapana_assets.lake.tables import WriteResult
+from kaapana_assets.projects.assignment import Arrived, ProjectSource, assign_ingested
 
 log = logging.getLogger(__name__)
 
@@ -262,8 +271,10 @@ class _Committer:
     archive: Archive
     remove_sources: bool
     report: IngestReport
+    projects: ProjectSource = field(default_factory=ProjectSource)
     study_of: dict[str, str] = field(default_factory=dict)  # series → study, this ingest
     unreconciled: list[FileResult] = field(default_factory=list)
+    arrived: dict[tuple[str, str | None], Arrived] = field(default_factory=dict)  # (series, project) → arrival
 
     def batch(self, results: list[FileResult]) -> None:
         orphans = _resolve_conflicts(self.archive.lake, results, self.archive.quarantine, self.study_of)
@@ -271,6 +282,11 @@ class _Committer:
         for relpath in orphans:  # their quarantine copies are durable and recorded
             (self.archive.root / relpath).unlink(missing_ok=True)
         for r in results:
+            if r.status in (INDEXED, ALREADY_INDEXED) and r.series_uid and r.study_uid:
+                row = r.row or {}
+                a = self.projects.arrived(r.source, r.series_uid, r.study_uid, row.get("calling_ae_title"),
+                                          row.get("called_ae_title"))
+                self.arrived.setdefault((a.series_uid, a.project), a)
             r.row = None  # keep the report small
         self.unreconciled.extend(results)
         if sum(1 for r in self.unreconciled if r.status == INDEXED) >= RECONCILE_EVERY:
@@ -279,6 +295,12 @@ class _Committer:
     def reconcile(self) -> None:
         results, self.unreconciled = self.unreconciled, []
         _reconcile(self.archive, results, self.report)
+        # The series' projects in the same run as their series rows, before the spool files go:
+        # a crash in between leaves the files, and the re-run assigns (a MERGE: idempotent).
+        arrived, self.arrived = list(self.arrived.values()), {}
+        assigned = assign_ingested(self.archive.lake, arrived)
+        if assigned is not None:
+            _count([assigned], self.report)
         if self.remove_sources:
             for r in results:
                 if r.status != FAILED:
@@ -312,6 +334,7 @@ def ingest_files(
     batch_size: int = DEFAULT_BATCH,
     remove_sources: bool = True,
     progress: Progress | None = None,
+    projects: ProjectSource | None = None,
 ) -> IngestReport:
     """Ingest files through the one code path that the asset, the CLI and the sensor's
     runs share. Returns what happened to every file, and the Delta versions written.
@@ -320,7 +343,11 @@ def ingest_files(
     thread commits a batch, the next chunks are already being parsed. Parsing runs on one
     thread of this process (no start-up cost; the Delta commits run in Rust without the
     GIL, so both proceed at once); only ingests large enough to repay the start-up of a
-    process pool (POOL_THRESHOLD files and at least 3 `workers`) parse in worker processes."""
+    process pool (POOL_THRESHOLD files and at least 3 `workers`) parse in worker processes.
+
+    `projects`: where each file's research project is read from (its project folder in the
+    spool, or one project for all); the series of files that name none go to the default
+    project unless they have one already (`projects/assignment.py`)."""
     paths = sorted({str(Path(s)) for s in sources})
     report = IngestReport()
     archive.root.mkdir(parents=True, exist_ok=True)
@@ -336,7 +363,7 @@ def ingest_files(
     batch_size = -(-len(paths) // max(1, -(-len(paths) // batch_size))) if paths else batch_size
     pending: list[FileResult] = []
     received = 0  # jobs whose results arrived
-    committer = _Committer(archive, remove_sources, report)
+    committer = _Committer(archive, remove_sources, report, projects or ProjectSource())
 
     def take(part: list[FileResult]) -> None:
         nonlocal pending, received
@@ -368,5 +395,5 @@ def ingest_files(
     if pending:
         committer.batch(pending)
     committer.reconcile()
-    report.versions = archive.lake.versions((INSTANCES, SERIES, STUDIES, QUARANTINE))
+    report.versions = archive.lake.versions((INSTANCES, SERIES, STUDIES, QUARANTINE, SERIES_PROJECTS))
     return report

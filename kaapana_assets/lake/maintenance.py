@@ -15,7 +15,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kaapana_assets.lake.schemas import COHORT_MEMBERS, INSTANCES, SEGMENTATIONS, SERIES, TAGS, TableSpec
+from kaapana_assets.lake.schemas import (
+    COHORT_MEMBERS,
+    INSTANCES,
+    SEGMENTATIONS,
+    SERIES,
+    SERIES_PROJECTS,
+    TAGS,
+    TableSpec,
+)
 from kaapana_assets.lake.tables import Lake
 
 HOUR_MS = 3_600_000
@@ -43,7 +51,8 @@ def protected_versions(lake: Lake) -> dict[str, int]:
     protected = {}
     for table, column in ((SERIES, "series_table_version"), (TAGS, "tags_table_version"),
                           (INSTANCES, "instances_table_version"),
-                          (SEGMENTATIONS, "segmentations_table_version")):
+                          (SEGMENTATIONS, "segmentations_table_version"),
+                          (SERIES_PROJECTS, "series_projects_table_version")):
         if column not in members.columns:  # a lake whose snapshots predate the column
             continue
         versions = members[column].drop_nulls()

@@ -197,6 +197,11 @@ COHORT_MEMBERS = TableSpec(
             # filter.exclude_cohorts: each excluded cohort and the version whose patients were left out.
             ("excluded_cohorts", EXCLUDED_COHORTS),
             ("created_at", TIMESTAMP),
+            # The research project the cohort belongs to and the `series_projects` version its
+            # members were chosen from (its scope, time-travelled). Null in versions cut before
+            # projects: the default project, at no pinned version.
+            ("project", pa.string()),
+            ("series_projects_table_version", pa.int64()),
         ]
     ),
     keys=("cohort", "cohort_version", "series_uid"),

@@ -21,6 +21,7 @@ from kaapana_assets.ingest import headers
 from kaapana_assets.ingest.headers import InstanceHeader, Reason, Rejected, parse_header
 from kaapana_assets.network.journal import ReceiveJournal
 from kaapana_assets.network.spool_writer import safe_ae_title, spool_name
+from kaapana_assets.projects.routing import project_spool
 
 # C-STORE response statuses (PS3.4 B.2.3; pynetdicom lists them in
 # pynetdicom.status.STORAGE_SERVICE_CLASS_STATUS but names none of them).
@@ -78,6 +79,9 @@ class Arrival:
     announced: Announced
     calling: str  # who sent it: the calling AE title, or the service's own name (STOW-RS)
     address: str  # where from, for the log
+    # The research project it was sent to (a KP-<PROJECT> called AE title, a STOW-RS project
+    # path): it waits in that project's spool folder, which the ingest assigns from. None: the plain spool.
+    project: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,7 @@ def check(arrival: Arrival) -> Refusal | InstanceHeader:
 def admit(arrival: Arrival, journal: ReceiveJournal, log: logging.Logger,
           require: Callable[[InstanceHeader], Refusal | None] | None = None) -> Outcome:
     """Check the data set (and the caller's own `require`ment of a readable one), then store it
-    durably into the spool folder of its sender, or refuse it: nothing of a refused data set
+    durably into the spool folder of its sender (within its project's, when it names one), or refuse it: nothing of a refused data set
     reaches the spool. Durable when this returns SUCCESS (see `ReceiveJournal.store`)."""
     sop_uid, calling, address = arrival.announced.sop_instance_uid, arrival.calling, arrival.address
     checked = check(arrival)
@@ -160,7 +164,8 @@ def admit(arrival: Arrival, journal: ReceiveJournal, log: logging.Logger,
         return Outcome(refusal.status, refusal)
     assert isinstance(checked, InstanceHeader)
     try:
-        path = journal.store(journal.spool / safe_ae_title(calling), spool_name(sop_uid, arrival.data), arrival.data)
+        spool = journal.spool if arrival.project is None else project_spool(journal.spool, arrival.project)
+        path = journal.store(spool / safe_ae_title(calling), spool_name(sop_uid, arrival.data), arrival.data)
     except OSError as exc:
         log.error("could not store %s from %s at %s: %s; answered %s", sop_uid, calling, address, exc,
                   describe_status(OUT_OF_RESOURCES))

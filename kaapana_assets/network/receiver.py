@@ -13,6 +13,10 @@ What is stored
   table. (Files written before this carry the calling AE title in (0002,0016), which the
   ingest still reads as a fallback.)
 - An optional allow-list of calling AE titles; anyone else is refused.
+- The called AE title names the research project (`KP-<PROJECT>`, or an explicit mapping:
+  `projects/routing.py`): the instance waits in `<spool>/projects/<project>/<calling AE>/`,
+  and the ingest assigns its series to that project. Any other called AE title: the plain
+  spool, `<spool>/<calling AE>/` (the default project).
 
 What is refused (`network/intake.py` `admit`, which STOW-RS shares; nothing reaches the
 spool; the peer gets a failure status; a `refused ...` line names the SOP Instance UID,
@@ -88,6 +92,7 @@ from kaapana_assets.network.spool_writer import (
     file_meta_bytes,
     part10_bytes,
 )
+from kaapana_assets.projects.routing import AeTitleRouting
 
 log = logging.getLogger("kaapana.receiver")
 
@@ -112,7 +117,7 @@ def _nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _store(event: evt.Event, journal: ReceiveJournal) -> int:
+def _store(event: evt.Event, journal: ReceiveJournal, routing: AeTitleRouting) -> int:
     calling = event.assoc.requestor.ae_title.strip()
     called = event.assoc.acceptor.ae_title.strip()
     request = cast(C_STORE, event.request)  # the EVT_C_STORE handler: always a C-STORE request
@@ -130,7 +135,8 @@ def _store(event: evt.Event, journal: ReceiveJournal) -> int:
             file_meta.SendingApplicationEntityTitle = calling
             file_meta.ReceivingApplicationEntityTitle = called
             data = part10_bytes(file_meta, encoded)
-        arrival = Arrival(data, encoded, transfer_syntax, announced, calling, str(event.assoc.requestor.address))
+        arrival = Arrival(data, encoded, transfer_syntax, announced, calling, str(event.assoc.requestor.address),
+                          routing.project_of(called))
         return admit(arrival, journal, log).status
 
 
@@ -289,6 +295,7 @@ def start_receiver(
     max_associations: int = MAX_ASSOCIATIONS,
     max_per_caller: int = MAX_PER_CALLER,
     checkpoint_s: float = CHECKPOINT_S,
+    routing: AeTitleRouting | None = None,
 ) -> ReceiverServer | None:
     """Start the SCP. Non-blocking returns the server (stop it with `stop_receiver`);
     blocking serves until KeyboardInterrupt. Before serving, what a crashed receiver
@@ -305,7 +312,7 @@ def start_receiver(
     handlers: list[Any] = [
         (evt.EVT_CONN_OPEN, _nodelay),
         (evt.EVT_ACSE_RECV, _acse_received, [allowed]),
-        (evt.EVT_C_STORE, _store, [journal]),
+        (evt.EVT_C_STORE, _store, [journal, routing or AeTitleRouting()]),
         (evt.EVT_ABORTED, _aborted),
     ]
     log.info("receiving as %s on %s:%d into %s%s", ae_title, host, port, spool,

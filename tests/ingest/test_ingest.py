@@ -28,7 +28,9 @@ def test_rows_match_files_and_reingest_adds_nothing(targets: Archive, spool_copy
     assert lake.read(INSTANCES).height == len(files)
     assert lake.read(STUDIES).height == len(studies)
     assert lake.read(SERIES).height == 2 * len(studies)  # CT + reference SEG each
-    assert report.inserted == {"instances": len(files), "series": 2 * len(studies), "studies": len(studies)}
+    # Every series in the default project: nothing named another.
+    assert report.inserted == {"instances": len(files), "series": 2 * len(studies), "studies": len(studies),
+                               "series_projects": 2 * len(studies)}
     assert all(isinstance(v, int) for k, v in report.versions.items() if k != "quarantine")
     for f in files:  # archived byte for byte
         row = lake.read(INSTANCES, pl.col("sha256") == report.files[files.index(f)].sha256)
