@@ -71,18 +71,16 @@ def cmd_remove_series(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
     from kaapana_assets.projects.assignment import history
 
     rows = history(lake_of(args), args.series_uid)
-    table = Table(title="project changes")
-    for column in ("changed_at", "series_uid", "project", "action", "operator", "reason"):
-        table.add_column(column)
+    # One line per change, never wrapped: a UID and a reason stay whole for copying and grep.
     for r in rows.iter_rows(named=True):
-        table.add_row(r["changed_at"].strftime("%Y-%m-%d %H:%M:%S"), r["series_uid"], r["project"], r["action"],
-                      r["operator"], r["reason"])
-    console.print(table)
+        console.print(f"{r['changed_at']:%Y-%m-%d %H:%M:%S} {r['action']} {r['series_uid']} "
+                      f"{'to' if r['action'] == 'add' else 'from'} {r['project']} by {r['operator']}: {r['reason']}",
+                      soft_wrap=True, highlight=False)
+    if not rows.height:
+        console.print("no changes of project membership logged")
     return 0
 
 

@@ -117,9 +117,17 @@ def _nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def _called_ae_title(assoc: Association) -> str:
+    """The AE title the peer called, as its A-ASSOCIATE-RQ names it: any title is accepted, and
+    it names the project (KP-<PROJECT>). `acceptor.ae_title` is only our own title."""
+    request = getattr(assoc.requestor, "primitive", None)
+    called = getattr(request, "called_ae_title", None)
+    return str(called or assoc.acceptor.ae_title).strip()
+
+
 def _store(event: evt.Event, journal: ReceiveJournal, routing: AeTitleRouting) -> int:
     calling = event.assoc.requestor.ae_title.strip()
-    called = event.assoc.acceptor.ae_title.strip()
+    called = _called_ae_title(event.assoc)
     request = cast(C_STORE, event.request)  # the EVT_C_STORE handler: always a C-STORE request
     announced = Announced(str(request.AffectedSOPInstanceUID or ""), str(request.AffectedSOPClassUID or ""))
     transfer_syntax = str(event.context.transfer_syntax)

@@ -261,7 +261,8 @@ def test_lineage_of_an_evaluation(evaluated_demo, capsys: pytest.CaptureFixture)
     assert main(["lineage", ident, "--home", home]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"evaluation {ident}: model nnunet-liver-train v{version} on cohort liver-test v1, 6 case(s)" in out
-    assert "measured on: cohort liver-test v1, 6 series" in out and "Delta versions read: series v" in out
+    assert "measured on: cohort liver-test v1 of project admin, 6 series" in out
+    assert "Delta versions read: series v" in out and ", series_projects v" in out
     assert "federated experiment liver-fed" in out
     assert all(s.series_uid in out for s in evaluated_demo.studies)
     # On the model, by version or alias: which cohort version it was measured on.

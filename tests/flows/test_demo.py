@@ -49,6 +49,7 @@ def test_lineage_of_a_demo_segmentation(demo_home: Path, capsys: pytest.CaptureF
     sources = lake.read(COHORT_MEMBERS)["series_uid"].to_list()
     assert any(uid in out for uid in sources)  # source series UIDs …
     assert "SOP " in out and f"segmented series {seg['series_uid']}" in out  # … and SOP UIDs
+    assert "project(s) of the segmented series: admin" in out
     # by the segmented series UID too; an unknown UID is a clear error
     assert main(["lineage", seg["series_uid"], "--home", str(demo_home / "kaapana")]) == 0
     assert main(["lineage", "1.2.3.4", "--home", str(demo_home / "kaapana")]) == 2
