@@ -46,6 +46,7 @@ class AssignedBy(StrEnum):
     STOW_PATH = "stow-path"
     DEFAULT = "default"
     OPERATOR = "operator"
+    DERIVED = "derived"  # a SEG this platform made: the projects of the series it segments
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,28 @@ def assign_ingested(lake: Lake, arrived: Iterable[Arrived]) -> WriteResult | Non
         if a.project is None and a.series_uid not in with_project and a.series_uid not in named:
             wanted.setdefault((a.series_uid, DEFAULT_PROJECT), (a.study_uid, AssignedBy.DEFAULT))
     new = [(s, st, p, str(by)) for (s, p), (st, by) in sorted(wanted.items()) if (s, p) not in have]
+    if not new:
+        return None
+    return lake.merge(SERIES_PROJECTS, _rows(new, dt.datetime.now(dt.timezone.utc)))
+
+
+def inherit_projects(lake: Lake, derived: Mapping[str, tuple[str, str]]) -> WriteResult | None:
+    """Derived series (a model's SEG: series → (study, the series it was made from)) join the
+    projects of their source series, so whoever may see a series sees its segmentations; a
+    source in no project gives the default project."""
+    if not derived:
+        return None
+    # One read for sources and derived series alike: this runs in every segmentation commit.
+    uids = sorted({*derived, *(source for _, source in derived.values())})
+    rows = lake.read(SERIES_PROJECTS, pl.col("series_uid").is_in(uids)).select("series_uid", "project")
+    have = set(zip(rows["series_uid"].to_list(), rows["project"].to_list(), strict=True))
+    projects_of: dict[str, set[str]] = {}
+    for series_uid, project in have:
+        projects_of.setdefault(series_uid, set()).add(project)
+    new = [(series_uid, study_uid, project, str(AssignedBy.DERIVED))
+           for series_uid, (study_uid, source) in sorted(derived.items())
+           for project in sorted(projects_of.get(source) or {DEFAULT_PROJECT})
+           if (series_uid, project) not in have]
     if not new:
         return None
     return lake.merge(SERIES_PROJECTS, _rows(new, dt.datetime.now(dt.timezone.utc)))

@@ -18,6 +18,7 @@ from kaapana_assets.archive.service import Archive
 from kaapana_assets.ingest.volume import assemble_volume, seg_labels
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS, SERIES
+from kaapana_assets.projects.assignment import inherit_projects
 from kaapana_assets.segmentation.dicom_seg import encode_seg, model_seg, seg_instance_row, seg_uids
 from kaapana_assets.segmentation.models import LoadedModel
 from kaapana_assets.segmentation.statistics import label_statistics, overlay_png
@@ -88,6 +89,11 @@ def commit_segs(archive: Archive, instance_rows: list[dict[str, Any]],
         reconciled = archive.reconcile({r["study_uid"] for r in instance_rows}, heal_segments=False)
         versions.update(stored.versions, **reconciled.versions)
     if statistics_rows:
+        # Each SEG series in the projects of the series it segments, with its series row.
+        inherited = inherit_projects(archive.lake, {r["seg_series_uid"]: (r["study_uid"], r["series_uid"])
+                                                    for r in statistics_rows})
+        if inherited is not None:
+            versions[inherited.table] = inherited.version
         written = archive.lake.merge(SEGMENTATIONS, pa.Table.from_pylist(statistics_rows, schema=SEGMENTATIONS.schema))
         versions[written.table] = written.version
     return versions

@@ -21,8 +21,18 @@ from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.environment import DEFAULT_VIEWER_URL
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import INSTANCES, SEG_SEGMENTS, SEGMENTATIONS, SERIES, STUDIES, TableSpec
+from kaapana_assets.lake.schemas import (
+    INSTANCES,
+    SEG_SEGMENTS,
+    SEGMENTATIONS,
+    SERIES,
+    SERIES_PROJECTS,
+    STUDIES,
+    TableSpec,
+)
 from kaapana_assets.nnunet.registry import ModelVersionNotFound, find_version
+from kaapana_assets.projects.assignment import projects_of_series
+from kaapana_assets.projects.membership import DEFAULT_PROJECT
 from kaapana_assets.segmentation.assets import segmentations
 from kaapana_assets.synthetic import generate_site, get_profile
 from kaapana_assets.synthetic.generator import phantom_for
@@ -469,7 +479,7 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
 
     targets, uids, truth = _ingested_burst(tmp_path, 3)
     lake = targets.lake
-    tables = (INSTANCES, SEG_SEGMENTS, SERIES, STUDIES, SEGMENTATIONS)
+    tables = (INSTANCES, SEG_SEGMENTS, SERIES, STUDIES, SEGMENTATIONS, SERIES_PROJECTS)
     before = lake.versions(tables)
 
     seen: list[str] = []
@@ -482,6 +492,9 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
     assert all(r.versions == after for r in results)
     segs = lake.read(SEGMENTATIONS)
     assert set(segs["study_uid"].to_list()) == set(uids[:2])
+    # Each SEG series joins the projects of the series it segments (here the default project).
+    assert projects_of_series(lake, segs["seg_series_uid"].unique().to_list()) == {
+        seg_series: [DEFAULT_PROJECT] for seg_series in segs["seg_series_uid"].to_list()}
     assert lake.read(INSTANCES, pl.col("sop_instance_uid").is_in([r.seg_sop_uid for r in results])).height == 2
 
     class FailsSecond(PhantomPredictor):
@@ -504,8 +517,9 @@ def test_a_burst_commits_its_segs_once_and_keeps_what_was_archived_when_a_study_
                                                              PhantomPredictor(truth), LABEL_NAMES))[0]
     assert [r.reused for r in rerun] == [True, False, False]
     # Three reads for the run's three studies (their series, the statistics already made, the
-    # source slices), and the one that recomputes series/studies for the commit.
-    assert reads == [SERIES, SEGMENTATIONS, INSTANCES, INSTANCES]
+    # source slices), the one that recomputes series/studies for the commit, and the projects
+    # of the SEG series and their sources.
+    assert reads == [SERIES, SEGMENTATIONS, INSTANCES, INSTANCES, SERIES_PROJECTS]
 
 
 def test_a_burst_reports_in_study_order_and_a_seg_that_cannot_be_archived_stops_it(
