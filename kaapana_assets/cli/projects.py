@@ -43,14 +43,19 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _change(args: argparse.Namespace, remove: bool) -> int:
     from kaapana_assets.environment import Environment
-    from kaapana_assets.projects.assignment import ChangeRefused, add_series, remove_series
+    from kaapana_assets.projects.assignment import ChangeRefused, add_series, remove_series, unassigned_series
     from kaapana_assets.projects.catalog import UnknownProject
     from kaapana_assets.projects.membership import ProjectNameError
 
     operator = args.operator or Environment.read().operator
     change = remove_series if remove else add_series
+    lake = lake_of(args)
+    series_uids = [*args.series_uids, *(unassigned_series(lake) if getattr(args, "unassigned", False) else [])]
+    if not series_uids:
+        console.print("no series given" + (" (and none is unassigned)" if getattr(args, "unassigned", False) else ""))
+        return 0 if getattr(args, "unassigned", False) else 2
     try:
-        done = change(lake_of(args), args.project, args.series_uids, operator=operator, reason=args.reason)
+        done = change(lake, args.project, series_uids, operator=operator, reason=args.reason)
     except (ChangeRefused, UnknownProject, ProjectNameError) as exc:
         console.print(f"[red]{exc}")
         return 2
@@ -104,7 +109,10 @@ def add_parsers(sub: SubParsers) -> None:
     ):
         p = commands.add_parser(name, help=help_text)
         p.add_argument("project")
-        p.add_argument("series_uids", nargs="+", metavar="series_uid")
+        p.add_argument("series_uids", nargs="*", metavar="series_uid")
+        if name == "add-series":
+            p.add_argument("--unassigned", action="store_true",
+                           help="also every indexed series in no project (a home indexed before projects)")
         p.add_argument("--reason", required=True, help="why (kept in project_changes)")
         p.add_argument("--operator", default=None, help="who (default: $KAAPANA_OPERATOR, else $USER)")
         p.set_defaults(func=func)

@@ -241,6 +241,14 @@ def remove_series(lake: Lake, project: str, series_uids: Sequence[str], *, opera
                   tuple(last))
 
 
+def unassigned_series(lake: Lake) -> list[str]:
+    """Indexed series in no project: a home indexed before projects existed (`kaapana project
+    add-series admin --unassigned` gives them one)."""
+    assigned = lake.read(SERIES_PROJECTS).select("series_uid").unique()
+    rows = lake.read(SERIES).select("series_uid").join(assigned, on="series_uid", how="anti")
+    return sorted(rows["series_uid"].to_list())
+
+
 def history(lake: Lake, series_uid: str | None = None) -> pl.DataFrame:
     """The `project_changes` rows (of one series), oldest first."""
     where = pl.col("series_uid") == series_uid if series_uid else None

@@ -156,3 +156,16 @@ def test_bad_moves_are_refused_and_change_nothing(lake: Lake, tmp_path: Path, ca
     assert "no project 'kidney'" in capsys.readouterr().out
     assert lake.version(SERIES_PROJECTS) == version + 2  # the one accepted change: its default row, its removal
     assert lake.read(PROJECT_CHANGES).height == 2
+
+
+def test_series_indexed_before_projects_are_given_one(lake: Lake, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    older = "1.2.826.0.1.7"
+    merge_rows(lake, SERIES, [{"series_uid": older, "study_uid": "1.2.826.0.1", "modality": "CT"}])
+    assert older not in scope_of(lake, [DEFAULT_PROJECT]).series_uids
+    args = ["project", "add-series", DEFAULT_PROJECT, "--unassigned", "--reason", "indexed before projects",
+            "--operator", "dr.who", "--home", str(tmp_path / "home")]
+    assert main(args) == 0
+    assert "1 series added to 'admin'" in capsys.readouterr().out
+    assert scope_of(lake, [DEFAULT_PROJECT]).series_uids == {older}
+    assert main(args) == 0 and "no series given (and none is unassigned)" in capsys.readouterr().out
