@@ -321,7 +321,8 @@ def test_segment_study_indexes_the_seg_as_ingest_would(tmp_path: Path) -> None:
     model = _model(truth)
     result = segment_study(targets, study.study_uid, model)
     assert not result.reused and model.predictor.calls == 1
-    assert set(result.versions) == {"instances", "seg_segments", "series", "studies", "segmentations"}
+    assert set(result.versions) == {"instances", "seg_segments", "series", "studies", "segmentations",
+                                    "series_projects"}
     lake = targets.lake
     seg_row = lake.read(INSTANCES, pl.col("sop_instance_uid") == result.seg_sop_uid).row(0, named=True)
     seg_file = targets.root / seg_row["archive_path"]
