@@ -21,7 +21,7 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.ingest.spool import scan_spool
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import SERIES_PROJECTS
+from kaapana_assets.lake.schemas import INSTANCES, SERIES_PROJECTS
 from kaapana_assets.projects.assignment import ProjectSource
 from kaapana_assets.projects.catalog import create_project
 from kaapana_assets.projects.membership import DEFAULT_PROJECT
@@ -72,6 +72,10 @@ def test_called_ae_titles_land_series_in_their_projects(project_home: KaapanaHom
         liver.series_uid: ("liver", "called-ae"),
         stray.series_uid: (DEFAULT_PROJECT, "default"),  # KP-<no project>: stored, then the default project
     }
+    # The called AE title as the peer called it, in the file meta and the index (not our own title).
+    called = Lake(project_home.lake).read(INSTANCES).group_by("series_uid").agg(pl.col("called_ae_title").unique())
+    assert {r["series_uid"]: r["called_ae_title"] for r in called.iter_rows(named=True)} == {
+        lung.series_uid: ["KP-LUNG"], liver.series_uid: ["KP-LIVER"], stray.series_uid: ["KP-NOSUCH"]}
 
 
 def test_a_per_project_spool_folder_assigns_its_project(project_home: KaapanaHome,
