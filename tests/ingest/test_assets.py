@@ -12,7 +12,8 @@ import polars as pl
 from kaapana_assets.dicomweb.links import SegView, viewer_url
 from kaapana_assets.ingest.assets import dicom_studies, quarantine
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE
+from kaapana_assets.lake.schemas import INSTANCES, QUARANTINE, SERIES_PROJECTS
+from kaapana_assets.projects.catalog import create_project
 from resources.storage import ArchiveResource, LakeResource
 from resources.viewer import ViewerResource
 from tests.helpers import ViewerLink, viewer_link
@@ -34,7 +35,8 @@ def _materialization(result: dg.ExecuteInProcessResult) -> dg.AssetMaterializati
 def test_dicom_studies_materializes_with_versions_and_preview(tmp_path: Path, corpus: dict) -> None:
     home = tmp_path / "home"
     study = corpus["site-a"][0]
-    spool = home / "incoming" / "s1"
+    create_project(Lake(home / "lake"), "lung", "Lung nodules")
+    spool = home / "incoming" / "projects" / "lung" / "s1"  # a user's drop into the lung project's folder
     spool.mkdir(parents=True)
     for f in study.files:
         shutil.copy(f, spool / f"{f.parent.name}-{f.name}")
@@ -58,6 +60,9 @@ def test_dicom_studies_materializes_with_versions_and_preview(tmp_path: Path, co
         versions = md["delta_versions"].value
         lake = Lake(home / "lake")
         assert versions["instances"] == lake.version(INSTANCES) is not None
+        assert versions["series_projects"] == lake.version(SERIES_PROJECTS) is not None
+        assert sorted(lake.read(SERIES_PROJECTS).select("series_uid", "project", "assigned_by").rows()) == sorted(
+            [(study.series_uid, "lung", "spool-folder"), (study.seg_series_uid, "lung", "spool-folder")])
         series = md["series"]
         assert isinstance(series, dg.TableMetadataValue)
         by_modality = {r.data["modality"]: r.data for r in series.records}
