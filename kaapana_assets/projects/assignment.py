@@ -119,7 +119,8 @@ def assign_ingested(lake: Lake, arrived: Iterable[Arrived]) -> WriteResult | Non
     arrived = list(arrived)
     if not arrived:
         return None
-    known = known_projects(lake)
+    # The catalog only when an arrival names a project: a plain ingest reads one table, not two.
+    known = known_projects(lake) if any(a.project is not None for a in arrived) else frozenset()
     series = sorted({a.series_uid for a in arrived})
     existing = lake.read(SERIES_PROJECTS, pl.col("series_uid").is_in(series)).select("series_uid", "project")
     have = set(zip(existing["series_uid"].to_list(), existing["project"].to_list(), strict=True))
