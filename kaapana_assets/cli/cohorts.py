@@ -22,13 +22,14 @@ def cmd_cohort_list(args: argparse.Namespace) -> int:
     found, errors = load_definitions(folder)
     members = lake_of(args).read(COHORT_MEMBERS)
     table = Table(title=f"cohorts in {folder}")
-    for column in ("cohort", "purpose", "latest version", "series", "description"):
+    for column in ("cohort", "project", "purpose", "latest version", "series", "description"):
         table.add_column(column)
     for name, definition in sorted(found.items()):
         mine = members.filter(pl.col("cohort") == name)
         version = int(mine.select(pl.col("cohort_version").max()).item()) if mine.height else None
         size = mine.filter(pl.col("cohort_version") == version).height if version else 0
-        table.add_row(name, definition.purpose, str(version or "—"), str(size or "—"), definition.description)
+        table.add_row(name, definition.project, definition.purpose, str(version or "—"), str(size or "—"),
+                      definition.description)
     console.print(table)
     for error in errors:
         console.print(f"[red]invalid:[/] {error}")
