@@ -431,6 +431,7 @@ NETWORK_STATISTICS = TableSpec(
             ("reported", pa.string()),  # as sent: "12", "<5", ">=5"; network: "36", or ">=38" (a lower bound)
             ("suppressed_sites", pa.int64()),  # network: sites whose cell was suppressed
             ("threshold", pa.int64()),  # small-cell threshold the site applied
+            ("project", pa.string()),  # the research project counted; null: whole sites
         ]
     ),
     keys=("snapshot_id", "site", "metric", "dimension", "category"),
@@ -453,6 +454,7 @@ NETWORK_SITES = TableSpec(
             ("threshold", pa.int64()),
             ("cells", pa.int64()),
             ("suppressed_cells", pa.int64()),
+            ("project", pa.string()),  # the research project counted; null: whole sites
         ]
     ),
     keys=("snapshot_id", "site"),

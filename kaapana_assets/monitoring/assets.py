@@ -26,6 +26,7 @@ from kaapana_assets.monitoring.network import (
     remove_request,
     write_request,
 )
+from kaapana_assets.projects.membership import ProjectNameError, project_name
 from resources.federation import FederationResource
 from resources.storage import LakeResource
 
@@ -44,6 +45,8 @@ class NetworkStatisticsConfig(dg.Config):
                                        "'<threshold' (a site may apply a higher floor of its own)")
     timeout_s: float = Field(default=120.0, gt=0, description="How long the hub waits for the sites' answers; "
                                                               "a site that does not answer is reported stale")
+    project: str = Field(default="", description="Count only this research project's series, studies and cohorts "
+                                                 "at every site (empty: whole sites, which the exporter shows)")
 
 
 def _network_table(rows: list[dict], sites: list[str]) -> dg.TableMetadataValue:
@@ -67,9 +70,13 @@ def network_statistics(context: dg.AssetExecutionContext, config: NetworkStatist
     sites = [site.name for site in federation.sites()]
     if NETWORK in sites:
         raise dg.Failure(description=f"a site may not be called {NETWORK!r}: that is the network total's name")
+    try:
+        project = project_name(config.project) if config.project.strip() else None
+    except ProjectNameError as exc:
+        raise dg.Failure(description=f"project: {exc}") from None
     store = federation.store()
     request = new_request_id()
-    write_request(store, request, config.threshold, config.timeout_s)
+    write_request(store, request, config.threshold, config.timeout_s, project)
     try:
         result = federation.run_step(STEP, EXPERIMENT, request, context.log.info)
     except FlowerRunFailed as exc:  # the channel itself failed: every site is reported stale
@@ -78,9 +85,9 @@ def network_statistics(context: dg.AssetExecutionContext, config: NetworkStatist
     finally:
         remove_request(store, request)
     collected_at = dt.datetime.now(dt.timezone.utc)
-    outcomes = outcomes_from_result(result, sites, config.threshold, store)
+    outcomes = outcomes_from_result(result, sites, config.threshold, store, project)
     remember(store, {o.site: o.answer for o in outcomes if o.status == FRESH and o.answer is not None})
-    collection = collect(str(request), collected_at, config.threshold, outcomes)
+    collection = collect(str(request), collected_at, config.threshold, outcomes, project)
 
     the_lake = lake.lake()
     written = the_lake.merge(NETWORK_STATISTICS,
@@ -92,6 +99,7 @@ def network_statistics(context: dg.AssetExecutionContext, config: NetworkStatist
             context.log.warning(f"{outcome.site} is {outcome.status}: {outcome.reason}: {outcome.message}")
     return dg.MaterializeResult(metadata={
         "snapshot_id": dg.MetadataValue.text(collection.snapshot_id),
+        "project": dg.MetadataValue.text(project or "(whole sites)"),
         "fresh_sites": dg.MetadataValue.int(len(collection.fresh)),
         "stale_sites": dg.MetadataValue.json(collection.stale),
         "threshold": dg.MetadataValue.int(config.threshold),

@@ -33,6 +33,7 @@ import polars as pl
 from kaapana_assets.federation.guard import MAX_THRESHOLD
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import COHORT_MEMBERS, INSTANCES, QUARANTINE, SERIES, STUDIES
+from kaapana_assets.projects.membership import DEFAULT_PROJECT, scope_of
 
 EXPERIMENT = "network-statistics"  # the channel's experiment name for statistics messages (hub folder too)
 STEP = "statistics"  # the step's name on the federation's transport (steps.py)
@@ -122,12 +123,22 @@ def _latest_cohorts(members: pl.DataFrame) -> pl.DataFrame:
     return members.join(latest, on="cohort").filter(pl.col("cohort_version") == pl.col("_latest"))
 
 
-def compute_figures(lake: Lake) -> SiteFigures:
-    """Every cell of the site's aggregates from its own lake (unsuppressed)."""
+def compute_figures(lake: Lake, project: str | None = None) -> SiteFigures:
+    """Every cell of the site's aggregates from its own lake (unsuppressed); of one research
+    project's series, studies and cohorts only when `project` is given (quarantined files
+    were never indexed, so they belong to no project: 0 there)."""
     series = lake.read(SERIES)
     studies = lake.read(STUDIES)
     quarantine = lake.read(QUARANTINE)
     members = _latest_cohorts(lake.read(COHORT_MEMBERS))
+    if project is not None:
+        scope = scope_of(lake, [project])
+        series = series.filter(pl.col("series_uid").is_in(sorted(scope.series_uids)))
+        studies = studies.filter(pl.col("study_uid").is_in(sorted(scope.study_uids)))
+        quarantine = quarantine.clear()
+        # Versions cut before cohorts had projects belong to the default project.
+        members = members.filter(pl.col("project").fill_null(DEFAULT_PROJECT) == project) \
+            if "project" in members.columns else members.clear()
     cells: dict[CellKey, int] = {}
 
     cells[("patients", ALL, ALL)] = int(studies["patient_id"].n_unique()) if studies.height else 0
@@ -228,11 +239,13 @@ class SiteAnswer:
     threshold: int
     last_ingest_at: dt.datetime | None
     cells: dict[CellKey, Reported]
+    project: str | None = None  # the research project the figures count; None: the whole site
 
     def to_json(self) -> dict[str, Any]:
-        return {"version": FORMAT_VERSION, "site": self.site, "computed_at": _iso(self.computed_at),
-                "threshold": self.threshold, "last_ingest_at": _iso(self.last_ingest_at),
-                "cells": [[m, d, c, v] for (m, d, c), v in sorted(self.cells.items())]}
+        answer = {"version": FORMAT_VERSION, "site": self.site, "computed_at": _iso(self.computed_at),
+                  "threshold": self.threshold, "last_ingest_at": _iso(self.last_ingest_at),
+                  "cells": [[m, d, c, v] for (m, d, c), v in sorted(self.cells.items())]}
+        return answer if self.project is None else {**answer, "project": self.project}
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
@@ -246,11 +259,13 @@ class SiteAnswer:
         return sum(1 for v in self.cells.values() if isinstance(v, str))
 
 
-def site_answer(lake: Lake, site: str, threshold: int, now: dt.datetime | None = None) -> SiteAnswer:
-    """The site's aggregates with small cells suppressed: all that leaves the site."""
-    figures = compute_figures(lake)
+def site_answer(lake: Lake, site: str, threshold: int, now: dt.datetime | None = None,
+                project: str | None = None) -> SiteAnswer:
+    """The site's aggregates (of one project's series, when given) with small cells
+    suppressed: all that leaves the site."""
+    figures = compute_figures(lake, project)
     return SiteAnswer(site, (now or dt.datetime.now(dt.timezone.utc)).replace(microsecond=0), threshold,
-                      figures.last_ingest_at, suppress(figures.cells, threshold))
+                      figures.last_ingest_at, suppress(figures.cells, threshold), project)
 
 
 def _timestamp(value: object, name: str) -> dt.datetime:
@@ -263,9 +278,9 @@ def _timestamp(value: object, name: str) -> dt.datetime:
     return parsed
 
 
-def parse_answer(data: str | Mapping[str, Any], site: str, threshold: int) -> SiteAnswer:
-    """A site's answer, checked: AnswerRefused unless it is well-formed, from `site`, and
-    suppressed with at least the requested threshold."""
+def parse_answer(data: str | Mapping[str, Any], site: str, threshold: int, project: str | None = None) -> SiteAnswer:
+    """A site's answer, checked: AnswerRefused unless it is well-formed, from `site`, of the
+    requested project (or the whole site) and suppressed with at least the requested threshold."""
     try:
         answer = json.loads(data) if isinstance(data, str) else dict(data)
     except ValueError as exc:
@@ -274,6 +289,9 @@ def parse_answer(data: str | Mapping[str, Any], site: str, threshold: int) -> Si
         raise AnswerRefused(f"not a version {FORMAT_VERSION} statistics answer")
     if answer.get("site") != site:
         raise AnswerRefused(f"answer claims site {str(answer.get('site'))[:80]!r}, expected {site!r}")
+    if answer.get("project") != project:
+        raise AnswerRefused(f"answer counts project {str(answer.get('project'))[:80]!r}, the hub asked for "
+                            f"{project!r}")
     applied = answer.get("threshold")
     if not isinstance(applied, int) or isinstance(applied, bool) or not threshold <= applied <= MAX_THRESHOLD:
         raise AnswerRefused(f"suppressed with threshold {applied!r}, the hub asked for at least {threshold}")
@@ -300,7 +318,7 @@ def parse_answer(data: str | Mapping[str, Any], site: str, threshold: int) -> Si
         if (metric, dimension, label) in cells:
             raise AnswerRefused(f"cell {metric}/{dimension}/{label} twice")
         cells[(metric, dimension, label)] = value
-    return SiteAnswer(site, computed_at, applied, last_ingest_at, cells)
+    return SiteAnswer(site, computed_at, applied, last_ingest_at, cells, project)
 
 
 __all__ = ["ALL", "EXPERIMENT", "METRICS", "STEP", "AnswerRefused", "SiteAnswer",

@@ -91,9 +91,11 @@ def _seconds(value: object) -> float | None:
 # -- hub: the network ---------------------------------------------------------------------------
 
 def latest_collection(lake: Lake) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(network_sites rows, network_statistics rows) of the latest collection; empty frames
-    when there was none."""
+    """(network_sites rows, network_statistics rows) of the latest collection of whole sites
+    (a research project's collections are the asset's to show); empty frames when there was none."""
     sites = lake.read(NETWORK_SITES)
+    if "project" in sites.columns:  # tables written before projects have no such column
+        sites = sites.filter(pl.col("project").is_null())
     if not sites.height:
         return sites, lake.read(NETWORK_STATISTICS).clear()
     snapshot = sites.sort("collected_at")["snapshot_id"][-1]

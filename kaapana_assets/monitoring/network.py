@@ -52,39 +52,43 @@ class StatisticsRequest:
 
     threshold: int
     timeout_s: float
+    project: str | None = None  # count one research project's series only; None: the whole site
 
 
-def write_request(store: FederationStore, request: int, threshold: int, timeout_s: float) -> None:
+def write_request(store: FederationStore, request: int, threshold: int, timeout_s: float,
+                  project: str | None = None) -> None:
     """What the ServerApp sends (it runs in a process of its own and reads it from here)."""
-    store.write_json(EXPERIMENT, _request_name(request), {"threshold": int(threshold), "timeout_s": float(timeout_s)})
+    written: dict[str, Any] = {"threshold": int(threshold), "timeout_s": float(timeout_s)}
+    store.write_json(EXPERIMENT, _request_name(request), written if project is None else {**written, "project": project})
 
 
 def read_request(store: FederationStore, request: int) -> StatisticsRequest:
     written = store.read_json(EXPERIMENT, _request_name(request))
-    return StatisticsRequest(int(written["threshold"]), float(written["timeout_s"]))
+    return StatisticsRequest(int(written["threshold"]), float(written["timeout_s"]), written.get("project"))
 
 
 def remove_request(store: FederationStore, request: int) -> None:
     (store.experiment_dir(EXPERIMENT) / f"{_request_name(request)}.json").unlink(missing_ok=True)
 
 
-def _last_name(site: str) -> str:
-    return f"last-answer-{checked_name('site', site)}"
+def _last_name(site: str, project: str | None = None) -> str:
+    # A project's figures are remembered apart: a stale site never shows another view's counts.
+    return f"last-answer-{checked_name('site', site)}" + ("" if project is None else f"-project-{project}")
 
 
 def remember(store: FederationStore, answers: Mapping[str, SiteAnswer]) -> None:
-    """Keep each accepted answer as the site's last known figures."""
+    """Keep each accepted answer as the site's last known figures (of its project)."""
     for site, answer in answers.items():
-        store.write_json(EXPERIMENT, _last_name(site), answer.to_json())
+        store.write_json(EXPERIMENT, _last_name(site, answer.project), answer.to_json())
 
 
-def last_known(store: FederationStore, site: str) -> SiteAnswer | None:
-    path = store.experiment_dir(EXPERIMENT) / f"{_last_name(site)}.json"
+def last_known(store: FederationStore, site: str, project: str | None = None) -> SiteAnswer | None:
+    path = store.experiment_dir(EXPERIMENT) / f"{_last_name(site, project)}.json"
     if not path.exists():
         return None
-    data = store.read_json(EXPERIMENT, _last_name(site))
+    data = store.read_json(EXPERIMENT, _last_name(site, project))
     try:
-        return parse_answer(data, site, int(data.get("threshold", 1)))
+        return parse_answer(data, site, int(data.get("threshold", 1)), project)
     except AnswerRefused:
         return None
 
@@ -120,7 +124,7 @@ class Collection:
 
 
 def outcomes_from_result(result: Mapping[str, Any], sites: Sequence[str], threshold: int,
-                         store: FederationStore) -> list[SiteOutcome]:
+                         store: FederationStore, project: str | None = None) -> list[SiteOutcome]:
     """The ServerApp's result (answers verified on the channel) → one outcome per site of
     the federation, falling back to the last known figures of a site without an answer."""
     answers = result.get("answers", {}) if result.get("ok") else {}
@@ -129,14 +133,14 @@ def outcomes_from_result(result: Mapping[str, Any], sites: Sequence[str], thresh
     for site in sites:
         if site in answers:
             try:
-                outcomes.append(SiteOutcome(site, FRESH, parse_answer(answers[site], site, threshold)))
+                outcomes.append(SiteOutcome(site, FRESH, parse_answer(answers[site], site, threshold, project)))
                 continue
             except AnswerRefused as exc:
                 problems[site] = ("bad_payload", str(exc))
         if not result.get("ok"):
             problems.setdefault(site, ("channel", str(result.get("error", "the statistics run failed"))[:1000]))
         reason, message = problems.get(site, ("missing", "no answer"))
-        known = last_known(store, site)
+        known = last_known(store, site, project)
         outcomes.append(SiteOutcome(site, STALE if known else UNAVAILABLE, known, reason, message))
     return outcomes
 
@@ -156,12 +160,13 @@ def network_totals(answers: Sequence[SiteAnswer]) -> dict[CellKey, tuple[int, in
 
 
 def collect(snapshot_id: str, collected_at: dt.datetime, threshold: int,
-            outcomes: Sequence[SiteOutcome]) -> Collection:
-    """Rows of `network_statistics` and `network_sites` for one collection."""
+            outcomes: Sequence[SiteOutcome], project: str | None = None) -> Collection:
+    """Rows of `network_statistics` and `network_sites` for one collection (of one research
+    project's series, or of whole sites: `project` None)."""
     if any(o.site == NETWORK for o in outcomes):
         raise ValueError(f"a site may not be called {NETWORK!r}: that is the network total's name")
     collection = Collection(snapshot_id, collected_at, threshold, list(outcomes))
-    base = {"snapshot_id": snapshot_id, "collected_at": collected_at}
+    base = {"snapshot_id": snapshot_id, "collected_at": collected_at, "project": project}
     reporting = [o.answer for o in outcomes if o.answer is not None]
     for outcome in outcomes:
         answer = outcome.answer

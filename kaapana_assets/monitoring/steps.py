@@ -38,6 +38,7 @@ from kaapana_assets.monitoring.figures import (
     site_answer,
 )
 from kaapana_assets.monitoring.network import read_request
+from kaapana_assets.projects.membership import ProjectNameError, project_name
 
 
 def statistics_step(run: HubRun) -> dict:
@@ -45,9 +46,10 @@ def statistics_step(run: HubRun) -> dict:
     with a small count in the clear). A short wait and TTL: a site that does not answer is
     reported stale by the asset, and a request must not wait 24 h for a site to return."""
     request = read_request(run.store, run.settings.round)
-    threshold = request.threshold
+    threshold, project = request.threshold, request.project
     timeout_s = min(run.settings.timeout_s, request.timeout_s)
-    body = json.dumps({"threshold": threshold}, sort_keys=True)
+    body = json.dumps({"threshold": threshold, **({"project": project} if project is not None else {})},
+                      sort_keys=True)
     verified, rejected = run.channel(timeout_s, min(run.settings.ttl_s, timeout_s)).exchange(
         Kind.STATISTICS_REQUEST, Kind.STATISTICS, run.sites, run.settings.round,
         lambda site: RecordDict({CONFIG: ConfigRecord({"request": body})}))
@@ -56,7 +58,7 @@ def statistics_step(run: HubRun) -> dict:
         assert verified_reply.message is not None
         try:
             answer = parse_answer(str(verified_reply.message.content[CONFIG]["statistics"]), verified_reply.site,
-                                  threshold)
+                                  threshold, project)
         except (KeyError, AnswerRefused) as exc:
             rejected.append(Rejection(verified_reply.site, RejectionReason.BAD_PAYLOAD, f"statistics refused: {exc}"))
             continue
@@ -78,7 +80,15 @@ def statistics(settings: SiteSettings, msg: Message) -> Message:
     requested = request.get("threshold", DEFAULT_THRESHOLD)
     if not isinstance(requested, int) or isinstance(requested, bool) or not 1 <= requested <= MAX_THRESHOLD:
         raise RuntimeError(f"{settings.site} refuses a statistics request with threshold {requested!r}")
-    answer = site_answer(Lake(settings.home / "lake"), settings.site, max(requested, settings.min_cell_size))
+    project = request.get("project")
+    if project is not None:
+        try:
+            project = project_name(str(project))
+        except ProjectNameError:
+            raise RuntimeError(f"{settings.site} refuses a statistics request for project {str(project)[:80]!r}") \
+                from None
+    answer = site_answer(Lake(settings.home / "lake"), settings.site, max(requested, settings.min_cell_size),
+                         project=project)
     content = RecordDict({CONFIG: ConfigRecord({"statistics": answer.dumps()})})
     # The manifest's case count is 0: a count there would bypass the suppression.
     return reply(msg, seal(content, Kind.STATISTICS, EXPERIMENT, manifest.round, settings.site, 0, settings.key))

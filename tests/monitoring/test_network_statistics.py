@@ -41,6 +41,8 @@ from kaapana_assets.monitoring.figures import (
     suppress,
 )
 from kaapana_assets.monitoring.network import NETWORK, SiteOutcome, collect, pivot
+from kaapana_assets.projects.assignment import Arrived, AssignedBy, assign_ingested
+from kaapana_assets.projects.catalog import create_project
 from resources.storage import LakeResource
 from tests import prometheus
 from tests.helpers import SITES, Federation, make_site_lake, merge_rows
@@ -103,8 +105,10 @@ def test_the_hub_refuses_small_cells_in_the_clear(tmp_path: Path) -> None:
 
 
 
-def _request(key: str, threshold: object, kind: Kind = Kind.STATISTICS_REQUEST, round_: int = 42) -> Message:
-    content = RecordDict({CONFIG: ConfigRecord({"request": json.dumps({"threshold": threshold})})})
+def _request(key: str, threshold: object, kind: Kind = Kind.STATISTICS_REQUEST, round_: int = 42,
+             project: str | None = None) -> Message:
+    body = {"threshold": threshold, **({"project": project} if project is not None else {})}
+    content = RecordDict({CONFIG: ConfigRecord({"request": json.dumps(body)})})
     return Message(seal(content, kind, EXPERIMENT, round_, "site-x", 0, key), 1, "query")
 
 
@@ -145,6 +149,41 @@ def test_a_free_text_identifier_is_caught_by_the_guard(tmp_path: Path) -> None:
 
 def _answer(site: str, cells: dict, at: dt.datetime = NOW) -> SiteAnswer:
     return SiteAnswer(site, at, 5, at - dt.timedelta(hours=1), cells)
+
+
+def test_a_projects_figures_count_its_series_only(tmp_path: Path, flower_run: None) -> None:
+    """Statistics of one research project: only its series, studies, patients and cohorts, asked
+    by the hub, answered and checked for that project, remembered apart from whole sites."""
+    from kaapana_assets.federation.clientapp import SiteSettings
+    from kaapana_assets.federation.store import FederationStore
+    from kaapana_assets.monitoring.network import last_known, remember
+    from kaapana_assets.monitoring.steps import statistics
+
+    lake = make_site_lake(tmp_path / "home" / "lake")
+    create_project(lake, "lung", "Lung nodules")
+    assign_ingested(lake, [Arrived(f"1.2.3.{i}.1", f"1.2.3.{i}", "lung", AssignedBy.CALLED_AE) for i in range(3)])
+    whole, lung = compute_figures(lake).cells, compute_figures(lake, "lung").cells
+    assert (whole[("series", "all", "all")], whole[("quarantined", "all", "all")]) == (7, 7)
+    assert [lung[(metric, "all", "all")] for metric in ("patients", "studies", "series", "instances", "quarantined")] \
+        == [3, 3, 3, 30, 0]
+    assert ("cohort_series", "cohort", "c1") in whole and ("cohort_series", "cohort", "c1") not in lung
+    assert compute_figures(lake, "liver").cells[("series", "all", "all")] == 0  # no such project here
+
+    key = generate_site_key()
+    settings = SiteSettings("site-x", tmp_path / "home", key, min_cell_size=1)  # a site without a floor of its own
+    reply = statistics(settings, _request(key, 2, project="lung"))
+    answer = parse_answer(str(reply.content[CONFIG]["statistics"]), "site-x", 2, "lung")
+    assert answer.project == "lung" and answer.cells[("series", "all", "all")] == 3
+    with pytest.raises(AnswerRefused, match="counts project 'lung', the hub asked for None"):
+        parse_answer(str(reply.content[CONFIG]["statistics"]), "site-x", 2)
+    with pytest.raises(RuntimeError, match="refuses a statistics request for project 'Lung Nodules'"):
+        statistics(settings, _request(key, 2, project="Lung Nodules"))
+
+    store = FederationStore(tmp_path / "hub")
+    remember(store, {"site-x": answer})
+    assert last_known(store, "site-x", "lung") == answer and last_known(store, "site-x") is None
+    rows = collect("1", NOW, 2, [SiteOutcome("site-x", "fresh", answer)], "lung")
+    assert {r["project"] for r in rows.cell_rows + rows.site_rows} == {"lung"}
 
 
 def test_merge_sums_the_sites_and_keeps_stale_figures() -> None:
