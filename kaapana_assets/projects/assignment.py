@@ -3,10 +3,10 @@
 
 Rules (docs/projects.md):
 - a series gets every project its arrivals named (sent to KP-LUNG and to KP-LIVER: both);
-- a name that is no project (`KP-TYPO`, `incoming/projects/typo/`) assigns the default
-  project instead, with a warning: nothing is lost, and an operator moves it;
 - an arrival that names no project assigns the default project, but only to a series that
   has no project yet (sending a lung series again through the plain spool keeps it in lung);
+- a name that is no project (`KP-TYPO`, `incoming/projects/typo/`) counts as none, with a
+  warning: nothing is lost, and an operator moves it;
 - every row is a MERGE keyed on (series_uid, project): a re-run commits nothing.
 - an operator's change writes its `project_changes` rows before it touches `series_projects`,
   so no change is ever unlogged; a series never leaves its last project for none: removing
@@ -126,17 +126,19 @@ def assign_ingested(lake: Lake, arrived: Iterable[Arrived]) -> WriteResult | Non
     have = set(zip(existing["series_uid"].to_list(), existing["project"].to_list(), strict=True))
     with_project = {s for s, _ in have}
     wanted: dict[tuple[str, str], tuple[str, str]] = {}  # (series, project) → (study, assigned_by)
+    unnamed: list[Arrived] = []  # named no project, or one that does not exist
     for a in arrived:
         if a.project is not None and a.project not in known:
-            log.warning("series %s arrived for project %r, which does not exist: assigned to the default project "
-                        "%r (create the project, then `kaapana project add-series`)", a.series_uid, a.project,
-                        DEFAULT_PROJECT)
-            wanted.setdefault((a.series_uid, DEFAULT_PROJECT), (a.study_uid, AssignedBy.DEFAULT))
-        elif a.project is not None:
+            log.warning("series %s arrived for project %r, which does not exist: it goes to the default project "
+                        "%r unless it has a project (create the project, then `kaapana project add-series`)",
+                        a.series_uid, a.project, DEFAULT_PROJECT)
+        if a.project is None or a.project not in known:
+            unnamed.append(a)
+        else:
             wanted.setdefault((a.series_uid, a.project), (a.study_uid, a.assigned_by))
     named = {s for s, _ in wanted}
-    for a in arrived:
-        if a.project is None and a.series_uid not in with_project and a.series_uid not in named:
+    for a in unnamed:
+        if a.series_uid not in with_project and a.series_uid not in named:
             wanted.setdefault((a.series_uid, DEFAULT_PROJECT), (a.study_uid, AssignedBy.DEFAULT))
     new = [(s, st, p, str(by)) for (s, p), (st, by) in sorted(wanted.items()) if (s, p) not in have]
     if not new:

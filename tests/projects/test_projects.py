@@ -102,6 +102,8 @@ def test_ingest_assignments_follow_the_rules(lake: Lake, caplog: pytest.LogCaptu
     assert _projects(lake, d) == {DEFAULT_PROJECT}
     assert _projects(lake, e) == {DEFAULT_PROJECT}  # an unknown project: the default one, with a warning
     assert "project 'nosuch', which does not exist" in caplog.text
+    # An unknown project for a series that has one already: no default beside it.
+    assert assign_ingested(lake, [Arrived(c, study, "nosuch", AssignedBy.CALLED_AE)]) is None
     # Sent again without a project: it keeps its project; again with one: shared. Re-runs commit nothing.
     assert assign_ingested(lake, [Arrived(SERIES_A, "1.2.826.0.1", None, AssignedBy.DEFAULT)]) is None
     assign_ingested(lake, [Arrived(SERIES_A, "1.2.826.0.1", "liver", AssignedBy.CALLED_AE)])
