@@ -26,7 +26,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -57,8 +57,8 @@ class Denied(Exception):
     response: Response
 
 
-def _browser_navigation(request: Request) -> bool:
-    return request.method in ("GET", "HEAD") and "text/html" in request.headers.get("accept", "")
+def _browser_navigation(connection: HTTPConnection) -> bool:
+    return connection.scope.get("method") in ("GET", "HEAD") and "text/html" in connection.headers.get("accept", "")
 
 
 class Gateway:
@@ -74,7 +74,7 @@ class Gateway:
 
     # identity ------------------------------------------------------------------------------
 
-    async def identity(self, request: Request) -> Identity:
+    async def identity(self, request: HTTPConnection) -> Identity:
         """The request's identity: a bearer token (validated), else the session; Denied with
         401, or a redirect to the login for a browser's navigation, when there is none."""
         authorization = request.headers.get("authorization", "")
@@ -226,9 +226,8 @@ class Gateway:
     # websockets (Dagster's GraphQL subscriptions) ------------------------------------------
 
     async def websocket(self, socket: WebSocket) -> None:
-        request = Request(socket.scope)
         try:
-            identity = await self.identity(request)
+            identity = await self.identity(socket)
         except Denied:
             await socket.close(code=4401)
             return
