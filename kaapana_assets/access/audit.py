@@ -14,9 +14,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+import polars as pl
 import pyarrow as pa
 
 from kaapana_assets.access.identity import Identity
@@ -135,3 +136,33 @@ class AuditLog:
             with self._flushed:
                 self._pending -= len(events)
                 self._flushed.notify_all()
+
+
+@dataclass(frozen=True)
+class AuditFigures:
+    """The audit table at one version: its size, and who did what over the last `window`."""
+
+    version: int | None
+    rows: int
+    latest_at: datetime | None
+    window_rows: int
+    window_users: int
+    by_user_action: list[dict[str, object]]  # user, action, accesses, projects, last_at; most first
+
+
+def audit_figures(lake: Lake, window: timedelta = timedelta(hours=24), now: datetime | None = None) -> AuditFigures:
+    if not lake.exists(AUDIT):
+        return AuditFigures(None, 0, None, 0, 0, [])
+    version = lake.version(AUDIT)
+    frame = lake.read(AUDIT, version=version)
+    since = (now or datetime.now(UTC)) - window
+    recent = frame.filter(pl.col("at") >= since)
+    grouped = (recent.group_by("user", "action")
+               .agg(pl.len().alias("accesses"), pl.col("projects").list.explode().unique().sort().alias("projects"),
+                    pl.col("at").max().alias("last_at"))
+               .sort(["accesses", "user", "action"], descending=[True, False, False]))
+    return AuditFigures(
+        version, frame.height, frame["at"].max() if frame.height else None, recent.height,  # type: ignore[arg-type]
+        recent["user"].n_unique(),
+        [dict(row, projects=", ".join(row["projects"]), last_at=row["last_at"].isoformat())
+         for row in grouped.iter_rows(named=True)])
