@@ -45,8 +45,8 @@ class GatewayConfig:
     session_secret: str  # signs the session cookie
     identity_secret: bytes  # signs the identity header the services read (shared with them)
     session_max_age_s: int = 8 * 3600
-    # A scientist may launch runs of these assets only (asset key paths, by their first part).
-    evaluation_assets: frozenset[str] = frozenset({"evaluation", "evaluations", "held_out_evaluation"})
+    # A scientist may launch runs of these only: assets (by their key's first part) or jobs.
+    evaluation_assets: frozenset[str] = frozenset({"segmentation_evaluation", "site_evaluation", "evaluate_model"})
     audit: AuditLog | None = None
     # A cohort partition's project (policy.CohortProjects reads the definitions' `project:`).
     project_of_cohort: Callable[[str], str | None] = lambda cohort: None

@@ -46,7 +46,8 @@ def decide(identity: Identity, op: Operation, project_of_cohort: Callable[[str],
     allowed = []
     for launch in op.launches:
         project = launch_project(launch, project_of_cohort)
-        evaluation = bool(launch.asset_roots) and launch.asset_roots <= evaluation_assets
+        names = launch.asset_roots or ({launch.job} if launch.job else set())
+        evaluation = bool(names) and names <= evaluation_assets
         if not identity.may_launch_for(project, evaluation=evaluation):
             what = f"{launch.job or 'assets ' + ','.join(sorted(launch.asset_roots)) or 'a run'}"
             partitions = ",".join(sorted(launch.partitions)) or "no partition"
