@@ -97,3 +97,40 @@ def test_the_graphql_websocket_passes_subscriptions_and_refuses_a_viewers_mutati
     assert messages[0]["type"] == "connection_ack" and closed is None
     _, closed = asyncio.run(session(VIEWER_A, _launch(dagster_behind_gateway, COHORT_A)))
     assert closed == 4403
+
+
+@pytest.mark.tools("chromium")
+@pytest.mark.timeout(120)
+def test_the_login_in_a_browser_reaches_the_dagster_ui_and_the_viewer(
+        gateway_site: GatewaySite, dagster_behind_gateway: str, tmp_path: Path) -> None:
+    """Headless Chromium: the gateway sends it to the provider's login page, the login brings it
+    back to the Dagster UI; the viewer's origin takes the same session and OHIF's study list shows
+    project A's study, not project B's."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from kaapana_assets.lake.schemas import STUDIES
+    from tests.helpers import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+    from tests.oidc import SCIENTIST_A
+
+    if not (REPO / "build" / "ohif" / "dist" / "index.html").is_file():
+        pytest.fail("OHIF's build is not in build/ohif/dist: run `make viewer` (fetched at install time)", pytrace=False)
+    studies = Lake(Path(gateway_site.home) / "lake").read(STUDIES)
+    accession = {row["study_uid"]: row["accession_number"] for row in studies.iter_rows(named=True)}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(gateway_site.gateway_url + "/runs")
+        assert page.url.startswith(gateway_site.provider.issuer)  # the provider's login page
+        page.fill("input[name=login]", SCIENTIST_A)
+        page.fill("input[name=password]", "any")
+        page.click("button[type=submit]")
+        page.wait_for_url(gateway_site.gateway_url + "/runs")
+        expect(page.get_by_text("Runs").first).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "gateway-dagster.png"))
+
+        page.goto(gateway_site.viewer_url + "/")
+        expect(page.get_by_role("cell", name=accession[gateway_site.study_a])).to_be_visible(timeout=30_000)
+        expect(page.get_by_role("cell", name=accession[gateway_site.study_b])).to_have_count(0)
+        page.screenshot(path=str(ARTIFACTS / "gateway-viewer.png"))
+        browser.close()
