@@ -45,10 +45,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         https_only=args.https_only)
     metadata = discover(args.issuer)
     servers = [uvicorn.Server(uvicorn.Config(create_app(config, Origin.PLATFORM, metadata), host=args.host,
-                                             port=args.port, log_level="warning", proxy_headers=True))]
+                                             port=args.port, log_level="warning", access_log=False, proxy_headers=True))]
     if args.viewer_port:
         servers.append(uvicorn.Server(uvicorn.Config(create_app(config, Origin.VIEWER, metadata), host=args.host,
-                                                     port=args.viewer_port, log_level="warning", proxy_headers=True)))
+                                                     port=args.viewer_port, log_level="warning", access_log=False,
+                                                     proxy_headers=True)))
     console.print(f"gateway on http://{args.host}:{args.port} (login at {args.issuer})"
                   + (f"; viewer on http://{args.host}:{args.viewer_port}" if args.viewer_port else ""))
 

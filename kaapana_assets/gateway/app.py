@@ -1,5 +1,5 @@
 """The gateway as one ASGI app: the login flow (authlib's OpenID Connect client), the identity of
-every request (a session cookie or a bearer token), and a reverse proxy (httpx; websockets for
+every request (a session cookie or a bearer token), and a reverse proxy (aiohttp's client; websockets for
 Dagster's GraphQL subscriptions) to the services on loopback, each request carrying the
 identity in a header the gateway signs.
 
@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
+import aiohttp
 import httpx
 import websockets
 from authlib.integrations.starlette_client import OAuth, OAuthError
@@ -43,6 +44,7 @@ SESSION_COOKIE = "kaapana_session"
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "host"})
 DROPPED = HOP_BY_HOP | {IDENTITY_HEADER, "authorization", "cookie"}
+BUFFERED_BYTES = 1 << 20  # answers up to this size are passed on whole, larger ones streamed
 
 
 class Origin(StrEnum):
@@ -70,7 +72,7 @@ class Gateway:
         self.oauth.register("provider", client_id=oidc.client_id, client_secret=oidc.client_secret,
                             server_metadata_url=f"{oidc.issuer.rstrip('/')}/.well-known/openid-configuration",
                             client_kwargs={"scope": oidc.scope})
-        self.client: httpx.AsyncClient | None = None
+        self.session: aiohttp.ClientSession | None = None
 
     # identity ------------------------------------------------------------------------------
 
@@ -79,8 +81,13 @@ class Gateway:
         401, or a redirect to the login for a browser's navigation, when there is none."""
         authorization = request.headers.get("authorization", "")
         if authorization.lower().startswith("bearer "):
+            token = authorization[7:].strip()
             try:
-                claims = await run_in_threadpool(self.tokens.claims, authorization[7:].strip())
+                # A token seen before is checked inline; a new one (an RSA check, perhaps a
+                # fetch of the provider's keys) off the event loop.
+                claims = self.tokens.cached(token)
+                if claims is None:
+                    claims = await run_in_threadpool(self.tokens.claims, token)
                 return Identity.from_claims(claims, self.config.oidc.claims)
             except (TokenError, IdentityError, ValueError) as exc:
                 raise Denied(_unauthorized(f"bearer token refused: {exc}")) from None
@@ -174,21 +181,33 @@ class Gateway:
             if not allowed.allowed:
                 return JSONResponse({"errors": [{"message": f"refused by the gateway: {allowed.reason}"}]},
                                     status_code=403)
-        assert self.client is not None
+        assert self.session is not None
         url = base.rstrip("/") + request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = self.forwarded_headers(request.headers, identity, request.client.host if request.client else "",
                                          request.url.scheme, request.headers.get("host", ""))
-        upstream_request = self.client.build_request(request.method, url, headers=headers,
-                                                     content=body if body is not None else request.stream())
+        data: Any = body if body is not None else (None if request.method in ("GET", "HEAD") else request.stream())
         try:
-            answer = await self.client.send(upstream_request, stream=True)
-        except httpx.TransportError as exc:
+            answer = await self.session.request(request.method, url, headers=headers, data=data,
+                                                allow_redirects=False)
+        except aiohttp.ClientError as exc:
             return PlainTextResponse(f"the service behind {request.url.path} does not answer: {exc}", status_code=502)
-        if allowed is not None and allowed.launches and answer.status_code == 200:
+        if allowed is not None and allowed.launches and answer.status == 200:
             self.audit_launches(identity, allowed)
-        return StreamingResponse(answer.aiter_raw(), status_code=answer.status_code,
-                                 headers={k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP},
-                                 background=BackgroundTask(answer.aclose))
+        # Raw headers: several Set-Cookie lines stay several.
+        raw_headers = [(k.lower(), v) for k, v in answer.raw_headers if k.decode("latin-1").lower() not in HOP_BY_HOP]
+        response: Response
+        if answer.content_length is not None and answer.content_length <= BUFFERED_BYTES:
+            # A small answer in one piece: cheaper than a stream of chunks.
+            try:
+                content = await answer.read()
+            finally:
+                answer.release()
+            response = Response(content, status_code=answer.status)
+        else:
+            response = StreamingResponse(answer.content.iter_any(), status_code=answer.status,
+                                         background=BackgroundTask(answer.release))
+        response.raw_headers = raw_headers
+        return response
 
     def graphql_decision(self, identity: Identity, request: Request, body: bytes) -> policy.Decision:
         """Every operation of the request (a batch is a list) decided; the first refusal wins."""
@@ -304,9 +323,10 @@ def create_app(config: GatewayConfig, origin: Origin = Origin.PLATFORM, metadata
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Connections to the services are kept open: the proxy adds no handshake per request.
-        async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10),
-                                     limits=httpx.Limits(max_keepalive_connections=64)) as client:
-            gateway.client = client
+        # auto_decompress off: the bytes pass through as the service encoded them.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256), auto_decompress=False,
+                                         timeout=aiohttp.ClientTimeout(total=None, connect=10)) as session:
+            gateway.session = session
             if config.audit is None:
                 yield
             else:

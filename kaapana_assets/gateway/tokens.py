@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from joserfc.jwk import KeySet
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
 
 REFRESH_S = 60.0
+CACHED_TOKENS = 4096
 
 
 class TokenError(ValueError):
@@ -30,6 +32,9 @@ class TokenValidator:
         self._lock = threading.Lock()
         self._keys: KeySet | None = None
         self._refreshed_at = float("-inf")
+        # Tokens already validated → their claims: a script's next request skips the signature
+        # check; expiry is still checked every time.
+        self._valid: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     def _may_refresh(self) -> bool:
         """At most one re-read of the keys per REFRESH_S: tokens with made-up key ids cannot
@@ -47,9 +52,24 @@ class TokenValidator:
                 self._keys = KeySet.import_key_set(self._fetch(self.jwks_uri))  # type: ignore[arg-type]
             return self._keys
 
+    def cached(self, token: str) -> dict[str, Any] | None:
+        """The claims of a token validated before and not expired since; None otherwise."""
+        with self._lock:
+            claims = self._valid.get(token)
+            if claims is None:
+                return None
+            if float(claims["exp"]) + self.leeway_s <= time.time():
+                del self._valid[token]
+                return None
+            self._valid.move_to_end(token)
+            return claims
+
     def claims(self, token: str) -> dict[str, Any]:
         """The claims of a valid token; TokenError naming what is wrong otherwise. An unknown key
         id re-reads the provider's keys once (a rotated key)."""
+        cached = self.cached(token)
+        if cached is not None:
+            return cached
         try:
             try:
                 decoded = jwt.decode(token, self._key_set(), algorithms=ALGORITHMS)
@@ -67,4 +87,9 @@ class TokenValidator:
             raise TokenError(f"{type(exc).__name__}: {exc}") from None
         except ValueError as exc:
             raise TokenError(f"not a JWT: {exc}") from None
-        return dict(decoded.claims)
+        claims = dict(decoded.claims)
+        with self._lock:
+            self._valid[token] = claims
+            while len(self._valid) > CACHED_TOKENS:
+                self._valid.popitem(last=False)
+        return claims
