@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install tools lint test test-all check-runtime-install demo dev viewer oidc-provider bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado clean
+.PHONY: install tools lint test test-all check-runtime-install demo dev viewer oidc-provider bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado bench-gateway clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -139,6 +139,10 @@ bench-qido: install
 # WADO-RS metadata and frames of a 300-slice series against Orthanc-DICOMweb (root: a private network namespace).
 bench-wado: install
 	$(BIN)/python bench/dicomweb_wado.py
+
+# QIDO-RS and a Dagster GraphQL query through `kaapana gateway` and straight to the service, alternating.
+bench-gateway: install oidc-provider
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(KAAPANA_HOME) .pytest_cache
