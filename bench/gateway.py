@@ -3,7 +3,7 @@ query, each sent straight to the service and through `kaapana gateway`, alternat
 
     python bench/gateway.py [--studies 500] [--repeats 200]
 
-Sets up what the tests use (tests/oidc.py): panva's oidc-provider under Node (`make
+Sets up what the tests use (bench/oidc_provider.py): panva's oidc-provider under Node (`make
 oidc-provider`), a home of `--studies` single-slice CT studies (bench/dicomweb_qido.py's) all in
 one project, `kaapana dicomweb` behind the identity header, a Dagster webserver over a one-asset
 code location, and the gateway in front of both. A scientist of the project sends every request
@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import secrets
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,8 +33,44 @@ GRAPHQL = {"query": "{ runsOrError { ... on Runs { results { runId status } } } 
 QIDO = "/dicom-web/studies?limit=100"
 
 
-def _time(call, n: int) -> list[float]:  # type: ignore[no-untyped-def]
-    return [call() for _ in range(n)]
+class Webserver:
+    """`dagster-webserver` over bench/gateway_location.py, in its own DAGSTER_HOME."""
+
+    def __init__(self, workdir: Path) -> None:
+        import httpx
+
+        from kaapana_assets.federation.local import free_port
+
+        (workdir / "home").mkdir(parents=True)
+        (workdir / "home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+        self.url = f"127.0.0.1:{free_port()}"
+        host, port = self.url.split(":")
+        self.log = (workdir / "webserver.log").open("wb")
+        self.proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "dagster-webserver"), "-h", host, "-p", port,
+             "-f", str(ROOT / "bench" / "gateway_location.py")], cwd=workdir, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "DAGSTER_HOME": str(workdir / "home"), "DAGSTER_DISABLE_TELEMETRY": "1"})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                if httpx.post(f"http://{self.url}/graphql", json={"query": "{ version }"}, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"dagster-webserver did not start: {(workdir / 'webserver.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
 
 
 def main() -> int:
@@ -46,14 +85,13 @@ def main() -> int:
     from bench.dicomweb_qido import generate
     from bench.dicomweb_server import DicomwebServer
     from bench.gateway_server import GatewayServer
+    from bench.oidc_provider import AUDIENCE, CLIENT_ID, CLIENT_SECRET, PROJECT_A, SCIENTIST_A, SCOPE, running_provider
     from kaapana_assets.access.identity import IDENTITY_HEADER, Identity, Role, sign_header
     from kaapana_assets.archive.service import Archive
     from kaapana_assets.home import KaapanaHome
     from kaapana_assets.ingest.pipeline import ingest_files
     from kaapana_assets.lake import Lake
     from kaapana_assets.lake.schemas import SERIES, SERIES_PROJECTS
-    from tests.dagster_site import SiteWebserver
-    from tests.oidc import AUDIENCE, CLIENT_ID, CLIENT_SECRET, PROJECT_A, SCIENTIST_A, SCOPE, running_provider
 
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as tmp, running_provider() as provider:
         root = Path(tmp)
@@ -71,10 +109,9 @@ def main() -> int:
         secret_file.write_text(secrets.token_urlsafe(32))
         secret = secret_file.read_text().encode()
         dicomweb = DicomwebServer(home.root, ("--identity-secret-file", str(secret_file)))
-        webserver = SiteWebserver(root / "dagster", {}, ("-f", str(ROOT / "tests" / "gateway" / "dagster_location.py")))
+        webserver = Webserver(root / "dagster")
         gateway = None
         try:
-            webserver.wait_ready(180)
             gateway = GatewayServer(root / "gateway", home.root, provider.issuer, CLIENT_ID, CLIENT_SECRET, AUDIENCE,
                                     {"dagster": f"http://{webserver.url}",
                                      "dicomweb": f"http://127.0.0.1:{dicomweb.port}"}, secret_file, scope=SCOPE)

@@ -18,13 +18,12 @@ import websockets
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import AUDIT
 from tests.dagster_site import SiteWebserver
-from tests.gateway.test_gateway import LAUNCH
 from tests.helpers import REPO
-from tests.oidc import COHORT_A, COHORT_B, MANAGER_A, PROJECT_A, VIEWER_A, GatewaySite
+from tests.oidc import COHORT_A, COHORT_B, LAUNCH, MANAGER_A, PROJECT_A, VIEWER_A, GatewaySite
 
 pytestmark = pytest.mark.slow
 
-LOCATION = REPO / "tests" / "gateway" / "dagster_location.py"
+LOCATION = REPO / "bench" / "gateway_location.py"
 
 
 @pytest.fixture(scope="module")

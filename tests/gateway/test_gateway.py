@@ -25,6 +25,7 @@ from tests.oidc import (
     ADMIN,
     COHORT_A,
     COHORT_B,
+    LAUNCH,
     MANAGER_A,
     PROJECT_A,
     SCIENTIST_A,
@@ -37,9 +38,6 @@ from tests.oidc import (
 STUDY_UID = "0020000D"
 SERIES_UID = "0020000E"
 SURFACES = ("/", "/graphql", "/runs", "/dicom-web/studies", "/mlflow/", "/metrics")
-LAUNCH = """mutation Launch($executionParams: ExecutionParams!) {
-  launchRun(executionParams: $executionParams) { __typename ... on LaunchRunSuccess { run { runId } } }
-}"""
 
 
 def _launch(partition: str) -> dict:

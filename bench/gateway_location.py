@@ -1,6 +1,7 @@
-"""A small Dagster code location for the gateway's tests: one asset partitioned by cohort, so a
-launch names a cohort partition as the platform's cohort runs do. (The platform's own code
-location takes a minute to load on CI's two cores; the gateway decides by the partition alone.)"""
+"""A small Dagster code location behind the gateway (bench/gateway.py, tests/gateway): one asset
+partitioned by cohort, so a launch names a cohort partition as the platform's cohort runs do.
+(The platform's own code location takes a minute to load on CI's two cores; the gateway decides
+by the partition alone.)"""
 
 import dagster as dg
 
