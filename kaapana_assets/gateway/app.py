@@ -143,15 +143,20 @@ class Gateway:
 
     def upstream(self, path: str, identity: Identity) -> str | None:
         """The base URL of the service that answers `path` for this identity."""
+        return self.surface(path, identity)[1]
+
+    def surface(self, path: str, identity: Identity) -> tuple[str, str | None]:
+        """Which surface answers `path` (dagster, dicomweb, mlflow, metrics) and its base URL."""
         ups = self.config.upstreams
         if self.origin is Origin.VIEWER:
-            return ups.dicomweb
-        for prefix, base in (("/dicom-web", ups.dicomweb), ("/mlflow", ups.mlflow), ("/metrics", ups.metrics)):
+            return "dicomweb", ups.dicomweb
+        for prefix, name, base in (("/dicom-web", "dicomweb", ups.dicomweb), ("/mlflow", "mlflow", ups.mlflow),
+                                   ("/metrics", "metrics", ups.metrics)):
             if path == prefix or path.startswith(prefix + "/"):
-                return base
+                return name, base
         if not identity.may_launch and ups.dagster_read_only:
-            return ups.dagster_read_only  # `--read-only`: the UI offers no launch at all
-        return ups.dagster
+            return "dagster", ups.dagster_read_only  # `--read-only`: the UI offers no launch at all
+        return "dagster", ups.dagster
 
     def forwarded_headers(self, request_headers: Mapping[str, str], identity: Identity, client: str,
                           scheme: str, host: str) -> dict[str, str]:
@@ -167,12 +172,16 @@ class Gateway:
             identity = await self.identity(request)
         except Denied as denied:
             return denied.response
-        base = self.upstream(request.url.path, identity)
+        surface, base = self.surface(request.url.path, identity)
         if base is None:
             return PlainTextResponse(f"no service behind {request.url.path}", status_code=404)
+        is_graphql = request.url.path.rstrip("/") == "/graphql" and self.origin is Origin.PLATFORM
+        refusal = None if is_graphql else policy.write_refusal(identity, surface, request.method)
+        if refusal:
+            return PlainTextResponse(f"refused by the gateway: {refusal}", status_code=403)
         body: bytes | None = None
         allowed: policy.Decision | None = None
-        if request.url.path.rstrip("/") == "/graphql" and self.origin is Origin.PLATFORM:
+        if is_graphql:
             body = await request.body()
             try:
                 allowed = self.graphql_decision(identity, request, body)

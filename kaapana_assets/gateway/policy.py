@@ -20,6 +20,21 @@ from kaapana_assets.access.identity import Identity
 from kaapana_assets.gateway.graphql import Launch, Operation
 from kaapana_assets.projects.membership import DEFAULT_PROJECT, ProjectNameError, project_name
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def write_refusal(identity: Identity, surface: str, method: str) -> str | None:
+    """Why a request that writes (any method but GET, HEAD, OPTIONS) outside Dagster's GraphQL
+    is refused, or None. Dagster's REST writes (`/report_asset_materialization/…` and the like)
+    are an admin's; MLflow's UI and STOW-RS need a role that may launch."""
+    if method.upper() in SAFE_METHODS or identity.is_admin:
+        return None
+    if surface == "dagster":
+        return f"{identity.user} may not write to Dagster outside GraphQL"
+    if not identity.may_launch:
+        return f"{identity.user} ({', '.join(sorted(identity.roles)) or 'no role'}) may read only"
+    return None
+
 
 @dataclass(frozen=True)
 class Decision:

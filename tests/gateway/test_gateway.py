@@ -111,6 +111,11 @@ def test_a_scientist_of_a_sees_only_project_a_over_dicomweb(gateway_site: Gatewa
     with pytest.raises(requests.HTTPError) as refused:
         scientist.retrieve_instance(gateway_site.study_b, gateway_site.series_b[0], b_instance)
     assert refused.value.response.status_code == 404
+    # An identity header from outside is dropped by the gateway, whoever signed it.
+    admin = sign_header(Identity(SCIENTIST_A, frozenset({Role.ADMIN}), frozenset()), gateway_site.identity_secret)
+    smuggled = requests.get(f"{gateway_site.gateway_url}/dicom-web/studies",
+                            headers={**gateway_site.bearer(SCIENTIST_A), IDENTITY_HEADER: admin})
+    assert [s[STUDY_UID]["Value"][0] for s in smuggled.json()] == [gateway_site.study_a]
     # The admin sees both projects.
     admin_studies = {s[STUDY_UID]["Value"][0] for s in _dicomweb(gateway_site, ADMIN).search_for_studies()}
     assert admin_studies == {gateway_site.study_a, gateway_site.study_b}
@@ -127,6 +132,12 @@ def test_a_viewer_may_not_send_a_mutation_and_a_manager_launches_only_for_their_
     other = httpx.post(graphql, json=_launch(COHORT_B), headers=gateway_site.bearer(MANAGER_A))
     assert other.status_code == 403
     assert "of project proj-b" in other.json()["errors"][0]["message"]
+    # Writes outside GraphQL: Dagster's REST reports are an admin's, STOW-RS needs a role that launches.
+    report = httpx.post(f"{gateway_site.gateway_url}/report_asset_materialization/cohort_snapshot",
+                        headers=gateway_site.bearer(MANAGER_A))
+    assert report.status_code == 403
+    stow = httpx.post(f"{gateway_site.gateway_url}/dicom-web/studies", headers=gateway_site.bearer(VIEWER_A))
+    assert stow.status_code == 403 and "may read only" in stow.text
     # A scientist launches evaluations only; a cohort job is not one.
     assert httpx.post(graphql, json=_launch(COHORT_A), headers=gateway_site.bearer(SCIENTIST_A)).status_code == 403
     # Over the websocket too: a graphql-ws message carrying a mutation closes it (tests/gateway/test_dagster.py
