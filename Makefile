@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install tools lint test test-all check-runtime-install demo dev viewer bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado clean
+.PHONY: install tools lint test test-all check-runtime-install demo dev viewer oidc-provider bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado bench-gateway clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -55,7 +55,7 @@ test: tools lint
 # session fixture (the demo, a trained model, a federation) run in one worker each, so each
 # is built once. The slowest tests are listed at the end: CI must stay under 15 minutes.
 # The browser test of the viewer needs OHIF's build: fetched here, before the tests, not by them.
-test-all: tools lint viewer
+test-all: tools lint viewer oidc-provider
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=20
 
 # What deploy/ builds: `pip install .` without extras, in a clean venv, must import the code
@@ -89,6 +89,19 @@ $(VIEWER_DIR)/.version-$(OHIF_VERSION):
 	touch $@
 
 viewer: $(VIEWER_DIR)/.version-$(OHIF_VERSION)
+
+# The OpenID Connect provider the gateway's tests start (panva's oidc-provider, MIT, under
+# Node), installed at install time from the lock in tests/gateway/oidc (exact versions and
+# integrity hashes), never at test time; a new lock reinstalls.
+OIDC_PROVIDER_DIR := build/oidc-provider
+$(OIDC_PROVIDER_DIR)/.installed: tests/gateway/oidc/package.json tests/gateway/oidc/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: it comes with Node (NodeSource's nodejs, or Debian's npm)"; exit 1; }
+	rm -rf $(OIDC_PROVIDER_DIR) && mkdir -p $(OIDC_PROVIDER_DIR)
+	cp tests/gateway/oidc/package.json tests/gateway/oidc/package-lock.json $(OIDC_PROVIDER_DIR)/
+	cd $(OIDC_PROVIDER_DIR) && npm ci --ignore-scripts --no-audit --no-fund --silent
+	touch $@
+
+oidc-provider: $(OIDC_PROVIDER_DIR)/.installed
 
 # The demo's data (made first if missing), the DICOMweb service with the viewer in the
 # background (stopped by its PID when the UI stops), then the UI with the sensors running.
@@ -127,6 +140,10 @@ bench-qido: install
 # WADO-RS metadata and frames of a 300-slice series against Orthanc-DICOMweb (root: a private network namespace).
 bench-wado: install
 	$(BIN)/python bench/dicomweb_wado.py
+
+# QIDO-RS and a Dagster GraphQL query through `kaapana gateway` and straight to the service, alternating.
+bench-gateway: install oidc-provider
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(KAAPANA_HOME) .pytest_cache

@@ -5,6 +5,7 @@ it when they import); the resources are built here from that same reading."""
 
 import dagster as dg
 
+from kaapana_assets.access import assets as access
 from kaapana_assets.cohorts import assets as cohorts
 from kaapana_assets.environment import Environment
 from kaapana_assets.evaluation import assets as evaluation
@@ -39,6 +40,7 @@ def definitions_for(environment: Environment) -> dg.Definitions:
         evaluation.defs,
         lake.defs,
         monitoring.defs,
+        access.defs,
         dg.Definitions(sensors=[incoming_studies, cohort_definitions, model_promotion, segmentation_automation,
                                 federated_round_chain],
                        resources=build_resources(environment)),

@@ -33,6 +33,8 @@ class DicomwebServer:
             try:
                 with urllib.request.urlopen(f"{self.url}/studies?limit=1", timeout=5):
                     return
+            except urllib.error.HTTPError:
+                return  # it answers (401 behind the gateway: no identity here)
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.2)
         self.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from kaapana_assets.lake import Lake  # noqa: E402
 from kaapana_assets.synthetic import GeneratedStudy, generate_site  # noqa: E402
 from tests.helpers import (  # noqa: E402
     COHORT,
+    REPO,
     SITES,
     SMALL,
     EncodedCorpus,
@@ -37,7 +39,7 @@ from tests.tools import require  # noqa: E402
 # that uses one runs in the same worker, so each is built once per run.
 def _shared_fixture_group(item: pytest.Item) -> str | None:
     names = getattr(item, "fixturenames", ())
-    for fixture in ("demo_home", "trained_site", "federation"):
+    for fixture in ("demo_home", "trained_site", "federation", "gateway_site"):
         if fixture in names:
             return "demo" if fixture == "demo_home" else fixture
     return None
@@ -273,3 +275,68 @@ def flower_run() -> None:
     TaskIdentity.run_id = 1  # type: ignore[misc]
     TaskIdentity.node_id = 1  # type: ignore[misc]
     TaskIdentity.task_id = 1  # type: ignore[misc]
+
+
+@pytest.fixture(scope="session")
+def gateway_site(corpus: dict[str, list[GeneratedStudy]], tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """tests/oidc.py GatewaySite: the provider, DICOMweb and the gateway, once per session."""
+    import secrets
+
+    import pyarrow as pa
+
+    from bench.dicomweb_server import DicomwebServer
+    from bench.gateway_server import GatewayServer
+    from kaapana_assets.federation.local import free_port
+    from kaapana_assets.lake.schemas import SERIES, SERIES_PROJECTS
+    from tests.oidc import (
+        AUDIENCE,
+        CLIENT_ID,
+        CLIENT_SECRET,
+        COHORT_A,
+        COHORT_B,
+        PROJECT_A,
+        PROJECT_B,
+        SCOPE,
+        GatewaySite,
+        cohort_yaml,
+        running_provider,
+    )
+
+    root = tmp_path_factory.mktemp("gateway")
+    with running_provider() as provider:
+        home = KaapanaHome(root / "home").ensure()
+        study_a, study_b = corpus["site-a"][:2]
+        report = ingest_files(study_a.files + study_b.files, Archive.for_home(home), remove_sources=False)
+        assert report.count("indexed") == len(study_a.files + study_b.files), report.summary()
+        lake = Lake(home.lake)
+        series = lake.read(SERIES)
+        by_study = {uid: sorted(series.filter(series["study_uid"] == uid)["series_uid"].to_list())
+                    for uid in (study_a.study_uid, study_b.study_uid)}
+        lake.merge(SERIES_PROJECTS, pa.Table.from_pylist([
+            {"series_uid": s, "study_uid": study, "project": project, "assigned_by": "operator",
+             "assigned_at": dt.datetime.now(dt.UTC)}
+            for study, project in ((study_a.study_uid, PROJECT_A), (study_b.study_uid, PROJECT_B))
+            for s in by_study[study]], schema=SERIES_PROJECTS.schema))
+        cohorts = root / "cohorts"
+        cohorts.mkdir()
+        for name, project in ((COHORT_A, PROJECT_A), (COHORT_B, PROJECT_B)):
+            (cohorts / f"{name}.yaml").write_text(cohort_yaml(name, project))
+        identity_secret = root / "identity-secret"
+        identity_secret.write_text(secrets.token_urlsafe(32))
+        viewer = REPO / "build" / "ohif" / "dist"
+        dicomweb = DicomwebServer(home.root, ("--identity-secret-file", str(identity_secret),
+                                              *(("--viewer", str(viewer)) if (viewer / "index.html").is_file() else ())))
+        dagster_port = free_port()
+        try:
+            gateway = GatewayServer(root / "gateway", home.root, provider.issuer, CLIENT_ID, CLIENT_SECRET, AUDIENCE,
+                                    {"dagster": f"http://127.0.0.1:{dagster_port}",
+                                     "dicomweb": f"http://127.0.0.1:{dicomweb.port}"},
+                                    identity_secret, scope=SCOPE, viewer=True, cohorts=cohorts)
+            try:
+                yield GatewaySite(provider, home.root, study_a.study_uid, study_b.study_uid,
+                                  by_study[study_a.study_uid], by_study[study_b.study_uid], dicomweb.url, gateway.url,
+                                  gateway.viewer_url, dagster_port, cohorts, identity_secret.read_text().encode(), {})
+            finally:
+                gateway.stop()
+        finally:
+            dicomweb.stop()

@@ -17,7 +17,8 @@ from kaapana_assets.federation.local import free_port
 class SiteWebserver:
     """`dagster-webserver -m definitions` with the site's own DAGSTER_HOME and KAAPANA_HOME."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]):
+    def __init__(self, workdir: Path, env: dict[str, str], target: tuple[str, ...] = ("-m", "definitions"),
+                 port: int | None = None):
         self.workdir = workdir
         self.dagster_home = workdir / "dagster_home"
         self.dagster_home.mkdir(parents=True, exist_ok=True)
@@ -25,13 +26,13 @@ class SiteWebserver:
         (self.dagster_home / "dagster.yaml").write_text(
             "telemetry:\n  enabled: false\nrun_coordinator:\n  module: dagster.core.run_coordinator\n"
             "  class: DefaultRunCoordinator\n")
-        self.port = free_port()
+        self.port = port or free_port()
         self.log = (workdir / "webserver.log").open("wb")
         tmp = workdir / "tmp"
         tmp.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(self.port),
-             "-m", "definitions"],
+             *target],
             cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "DAGSTER_HOME": str(self.dagster_home), "TMPDIR": str(tmp),
                  "DAGSTER_DISABLE_TELEMETRY": "1", **env},

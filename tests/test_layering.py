@@ -20,13 +20,14 @@ LAYERS: list[set[str]] = [
     {"kaapana_assets", "environment", "files", "progress", "dicom"},
     {"home", "lake", "preload"},
     {"archive", "nnunet", "federation", "projects"},
-    {"ingest", "extensions"},
+    {"ingest", "extensions", "access"},
     {"cohorts", "network"},
     {"training", "dicomweb"},
     {"segmentation"},
     {"synthetic", "evaluation", "lineage"},
     {"federated", "monitoring"},
     {"client"},
+    {"gateway"},
 ]
 DAGSTER = {"metadata_table", "resources", "sensors", "definitions"}  # and every domain's `assets`
 WIRING = ("assets", "steps")  # a domain's Dagster assets; its federation steps (Flower's apps import them)

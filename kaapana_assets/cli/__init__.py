@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kaapana_assets.cli import cohorts, demo, dicomweb, federation, ingest, lineage, models, network, projects
+from kaapana_assets.cli import cohorts, demo, dicomweb, federation, gateway, ingest, lineage, models, network, projects
 from kaapana_assets.cli.common import console
 
 __all__ = ["build_parser", "console", "main"]
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     # The order of `kaapana --help`: data in, projects, curation, models, DICOM network and DICOMweb,
     # federation, lineage, demo.
-    for subject in (ingest, projects, cohorts, models, network, dicomweb, federation, lineage, demo):
+    for subject in (ingest, projects, cohorts, models, network, dicomweb, gateway, federation, lineage, demo):
         subject.add_parsers(sub)
     return parser
 

@@ -12,6 +12,7 @@ from kaapana_assets.cli.common import SubParsers, console, home_of
 def cmd_dicomweb(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from kaapana_assets.access.audit import AuditLog
     from kaapana_assets.dicomweb.app import create_app
     from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
     from kaapana_assets.environment import Environment, EnvironmentKind
@@ -26,7 +27,11 @@ def cmd_dicomweb(args: argparse.Namespace) -> int:
     # its options) when set, else the home's own (as build_resources does).
     environment = Environment.read(home=home.root)
     lake = Lake(environment.lake_uri, environment.s3_options if environment.env is EnvironmentKind.K8S else None)
-    config = DicomwebConfig(lake, home.archive, home.incoming, stow=args.stow, viewer_dir=viewer)
+    identity_secret = Path(args.identity_secret_file).read_text().strip().encode() if args.identity_secret_file else None
+    # Behind the gateway: every request carries its signed identity, and each access is audited.
+    audit = AuditLog(lake) if identity_secret else None
+    config = DicomwebConfig(lake, home.archive, home.incoming, stow=args.stow, viewer_dir=viewer,
+                            identity_secret=identity_secret, audit=audit)
     base = f"http://{args.host}:{args.port}"
     console.print(f"DICOMweb on {base}{DICOMWEB_ROOT} ({'STOW-RS enabled' if args.stow else 'read-only'}) over {home.root}"
                   + (f"; viewer on {base}/" if viewer else "") + " (Ctrl-C stops)")
@@ -46,4 +51,7 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--stow", action="store_true", help="accept STOW-RS (POST /studies) into the spool; read-only otherwise")
     p.add_argument("--viewer", default=None, metavar="DIR", help="the OHIF viewer's built dist/ folder, served at /")
+    p.add_argument("--identity-secret-file", default=None, metavar="FILE",
+                   help="behind `kaapana gateway`: the secret of its signed identity header; every request must "
+                        "then carry one and sees only its projects' series (docs/access.md)")
     p.set_defaults(func=cmd_dicomweb)

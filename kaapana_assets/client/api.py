@@ -9,10 +9,14 @@ KAAPANA_HOME (its lake, archive and MLflow store) directly.
     cohort = k.cohort("liver-train", version=1)
     for image, labels, geometry, series in cohort.cases():
         print(series["series_uid"], image.shape, geometry.spacing_zyx, (labels == 1).sum())
+
+Given an `identity` (a user, their roles and projects), it reads only the series of that
+user's projects (an admin's: all) and records every read of images in the `audit` table.
 """
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +27,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from kaapana_assets.access.audit import Action, AuditEvent, AuditLog, Via
+from kaapana_assets.access.identity import Identity
+from kaapana_assets.access.scopes import ScopeCache
 from kaapana_assets.cohorts.definitions import EXAMPLES
 from kaapana_assets.cohorts.labels import member_labels
 from kaapana_assets.cohorts.membership import CohortSnapshot, cohort_versions, read_cohort
@@ -121,7 +128,7 @@ class Cohort:
         return f"Cohort({self.name!r}, version={self.version}, series={len(self)})"
 
     def __len__(self) -> int:
-        return self.snapshot.size
+        return self.snapshot.size if self.client.identity is None else self.members.height
 
     @property
     def name(self) -> str:
@@ -133,8 +140,9 @@ class Cohort:
 
     @property
     def members(self) -> pl.DataFrame:
-        """cohort_members rows joined with the series rows as of the snapshot."""
-        return self.snapshot.members
+        """cohort_members rows joined with the series rows as of the snapshot (those of the
+        reader's projects only)."""
+        return self.client.in_scope(self.snapshot.members)
 
     @property
     def series_uids(self) -> list[str]:
@@ -158,6 +166,7 @@ class Cohort:
             yield self._case(member)
 
     def _case(self, member: dict[str, Any]) -> Case:
+        self.client.audit_read(member["study_uid"], member["series_uid"], f"{self.name}:v{self.version}")
         lake, archive = self.client.lake, self.client.home.archive
         volume = assemble_volume(archive_paths(lake, archive, member["series_uid"], self.snapshot.instances_table_version))
         sources = {s.label: s.seg_series_uid for s in reference_sources(member)}
@@ -237,7 +246,8 @@ class Kaapana:
     cohort definitions (for their required labels) from `cohorts`, else $KAAPANA_COHORTS, else
     the shipped examples."""
 
-    def __init__(self, home: str | Path | None = None, cohorts: str | Path | None = None):
+    def __init__(self, home: str | Path | None = None, cohorts: str | Path | None = None,
+                 identity: Identity | None = None):
         from kaapana_assets.environment import Environment
 
         environment = Environment.read(home=Path(home) if home else None)  # the client's top: read once
@@ -248,9 +258,38 @@ class Kaapana:
         self.lake = Lake(self.home.lake)
         self.definitions = Path(cohorts or environment.cohorts or EXAMPLES)
         self.segmentation_model = environment.segmentation_model  # what `evaluate` measures by default
+        self.identity = identity
+        self._scopes = ScopeCache(self.lake)
+        self._audit = AuditLog(self.lake) if identity is not None else None
+        if self._audit is not None:
+            self._audit.start()
+            atexit.register(self.close)  # a notebook's kernel ending appends what is left
 
     def __repr__(self) -> str:
-        return f"Kaapana({str(self.home.root)!r})"
+        return f"Kaapana({str(self.home.root)!r}" + (f", identity={self.identity.user!r})" if self.identity else ")")
+
+    def __enter__(self) -> Kaapana:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Append the audit rows still queued."""
+        if self._audit is not None:
+            self._audit.close()
+
+    def in_scope(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """The rows of `frame` (with a series_uid column) of the reader's projects."""
+        if self.identity is None:
+            return frame
+        scope = self._scopes.scope(self.identity)
+        return frame if scope.everything else frame.filter(pl.col("series_uid").is_in(sorted(scope.series_uids)))
+
+    def audit_read(self, study_uid: str | None, series_uid: str | None, target: str | None = None) -> None:
+        if self._audit is not None and self.identity is not None:
+            self._audit.record(AuditEvent(self.identity, Action.CLIENT_READ, Via.CLIENT, study_uid, series_uid,
+                                          target=target))
 
     def tracking(self) -> Any:
         from kaapana_assets.training.tracking import default_tracking
@@ -292,7 +331,7 @@ class Kaapana:
     def segs(self, study_uid: str) -> pl.DataFrame:
         """The study's SEG series: UIDs, description, labels, the series they segment, and the
         model that wrote it (null for references)."""
-        series = self.lake.read(SERIES, (pl.col("study_uid") == study_uid) & (pl.col("modality") == "SEG"))
+        series = self.in_scope(self.lake.read(SERIES, (pl.col("study_uid") == study_uid) & (pl.col("modality") == "SEG")))
         written = self.lake.read(SEGMENTATIONS).select("seg_series_uid", "model_name", "model_version").unique(
             "seg_series_uid") if self.lake.exists(SEGMENTATIONS) else pl.DataFrame(
             schema={"seg_series_uid": pl.String, "model_name": pl.String, "model_version": pl.String})
@@ -303,11 +342,12 @@ class Kaapana:
     def read_seg(self, uid: str, label_ids: Mapping[str, int] | None = None) -> SegArrays:
         """A SEG (its SOP Instance UID or series UID) as a label volume on its source CT.
         `label_ids`: label name → value; default: the SEG's segments in order, from 1."""
-        instances = self.lake.read(INSTANCES, ((pl.col("sop_instance_uid") == uid) | (pl.col("series_uid") == uid))
-                                   & (pl.col("modality") == "SEG"))
+        instances = self.in_scope(self.lake.read(
+            INSTANCES, ((pl.col("sop_instance_uid") == uid) | (pl.col("series_uid") == uid)) & (pl.col("modality") == "SEG")))
         if not instances.height:
             raise NotFound(f"{uid} is neither a SEG SOP Instance UID nor a SEG series UID in {self.lake.root}")
         seg = instances.sort("sop_instance_uid").row(0, named=True)
+        self.audit_read(seg["study_uid"], seg["series_uid"])
         import highdicom as hd
 
         path = self.home.archive / seg["archive_path"]
@@ -332,7 +372,7 @@ class Kaapana:
                 ("cohort", cohort), ("cohort_version", cohort_version), ("model_name", model_name),
                 ("model_version", None if model_version is None else str(model_version))) if value is not None]
         where = pl.all_horizontal(conditions) if conditions else None
-        return self.lake.read(EVALUATIONS, where).sort("cohort", "cohort_version", "model_name", "model_version",
+        return self.in_scope(self.lake.read(EVALUATIONS, where)).sort("cohort", "cohort_version", "model_name", "model_version",
                                                          "series_uid", "label_value")
 
     def lineage(self, uid: str) -> str:

@@ -10,6 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from kaapana_assets.access.audit import Action
+from kaapana_assets.dicomweb.access import audit, project_scope
 from kaapana_assets.dicomweb.config import DicomwebConfig
 from kaapana_assets.dicomweb.http import DICOM_JSON, JSON, negotiate, require_uid
 from kaapana_assets.dicomweb.search import Index, Level, NotFound, QueryError, Scope, parse_query, search
@@ -30,11 +32,12 @@ def routes(config: DicomwebConfig) -> list[BaseRoute]:
                           series_uid and require_uid(series_uid, "SeriesInstanceUID"))
             try:
                 query = parse_query(request.query_params.multi_items(), level)
-                found = search(index, level, query, scope, str(request.base_url))
+                found = search(index, level, query, scope, str(request.base_url), project_scope(request))
             except QueryError as exc:
                 raise HTTPException(400, str(exc)) from None
             except NotFound as exc:
                 raise HTTPException(404, str(exc)) from None
+            audit(config.audit, request, Action.SEARCH, scope.study_uid, scope.series_uid)
             headers = {}
             if query.ignored_fields:
                 # PS3.18 8.3.4.3: say which requested attributes are not returned.

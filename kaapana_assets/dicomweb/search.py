@@ -26,6 +26,7 @@ from kaapana_assets.dicomweb.config import DICOMWEB_ROOT
 from kaapana_assets.dicomweb.http import PN_GROUPS, tag_hex
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import INSTANCES, SERIES, STUDIES, TableSpec
+from kaapana_assets.projects.membership import ProjectScope, everything
 
 
 class Level(StrEnum):
@@ -355,15 +356,28 @@ class Scope:
     series_uid: str | None = None
 
 
-def search(index: Index, level: Level, query: Query, scope: Scope, base_url: str) -> bytes:
-    """The page of `level` objects matching `query` under `scope`: a DICOM JSON array."""
-    frame = index.frame(level)
+def _allowed(frame: pl.DataFrame, level: Level, allowed: ProjectScope) -> pl.DataFrame:
+    """The rows of `frame` the reader's projects hold: studies with a series of theirs, their series
+    and those series' instances."""
+    if allowed.everything:
+        return frame
+    if level is S:
+        return frame.filter(pl.col("study_uid").is_in(sorted(allowed.study_uids)))
+    return frame.filter(pl.col("series_uid").is_in(sorted(allowed.series_uids)))
+
+
+def search(index: Index, level: Level, query: Query, scope: Scope, base_url: str,
+           allowed: ProjectScope | None = None) -> bytes:
+    """The page of `level` objects matching `query` under `scope`: a DICOM JSON array. With
+    `allowed`, only what the reader's projects hold; anything else is as absent (404 or none)."""
+    allowed = everything() if allowed is None else allowed
+    frame = _allowed(index.frame(level), level, allowed)
     if scope.study_uid is not None:
-        if index.frame(S).filter(pl.col("study_uid") == scope.study_uid).height == 0:
+        if _allowed(index.frame(S), S, allowed).filter(pl.col("study_uid") == scope.study_uid).height == 0:
             raise NotFound(f"no study {scope.study_uid} in the index")
         frame = frame.filter(pl.col("study_uid") == scope.study_uid)
     if scope.series_uid is not None:
-        series = index.frame(R).filter(pl.col("series_uid") == scope.series_uid)
+        series = _allowed(index.frame(R), R, allowed).filter(pl.col("series_uid") == scope.series_uid)
         if series.height == 0 or series["study_uid"][0] != scope.study_uid:
             raise NotFound(f"no series {scope.series_uid} in study {scope.study_uid} in the index")
         frame = frame.filter(pl.col("series_uid") == scope.series_uid)

@@ -38,7 +38,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from kaapana_assets.access.audit import Action
 from kaapana_assets.dicomweb import multipart, pixels
+from kaapana_assets.dicomweb.access import audit, project_scope
 from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
 from kaapana_assets.dicomweb.http import DICOM_JSON, JSON, MediaRange, accepted, negotiate, require_uid
 from kaapana_assets.dicomweb.index import ArchivedInstance, InstanceIndex, Selection
@@ -178,10 +180,22 @@ class Wado:
         # (base URL, study, series) → (index version, each instance's DICOM JSON, encoded)
         self._metadata: OrderedDict[tuple[str, str, str], tuple[int | None, list[bytes]]] = OrderedDict()
 
+    def _find(self, request: Request, selection: Selection | None = None) -> list[ArchivedInstance]:
+        """The instances a request selects, of the reader's projects only (404, as if absent,
+        when none is: whether a study exists is not for others to learn); audited."""
+        selection = _selection(request) if selection is None else selection
+        allowed = project_scope(request)
+        found = [i for i in self.index.find(selection) if allowed.allows_series(i.series_uid)]
+        if not found:
+            raise HTTPException(404, f"no {selection.describe()} in the archive")
+        audit(self.config.audit, request, Action.RETRIEVE, selection.study_uid, selection.series_uid,
+              selection.sop_instance_uid)
+        return found
+
     # retrieve ------------------------------------------------------------------------------
 
     def retrieve(self, request: Request) -> Response:
-        instances = self.index.find(_selection(request))
+        instances = self._find(request)
         deliveries = _instance_deliveries(request, instances)
 
         def parts() -> Iterator[multipart.Part]:
@@ -197,7 +211,7 @@ class Wado:
     def metadata(self, request: Request) -> Response:
         media_type = negotiate(request, [DICOM_JSON, JSON])
         selection = _selection(request)
-        instances = self.index.find(selection)
+        instances = self._find(request, selection)
         base = base_url(request)
         encoded: list[bytes] = []
         by_series: dict[str, list[ArchivedInstance]] = {}
@@ -244,7 +258,7 @@ class Wado:
     # bulk data -----------------------------------------------------------------------------
 
     def bulk(self, request: Request) -> Response:
-        [instance] = self.index.find(_selection(request))
+        [instance] = self._find(request)
         segments = [s for s in str(request.path_params["path"]).split("/") if s]
         try:
             path = [int(s, 16) if position % 2 == 0 else int(s) for position, s in enumerate(segments)]
@@ -277,7 +291,7 @@ class Wado:
     # frames --------------------------------------------------------------------------------
 
     def frames(self, request: Request) -> Response:
-        [instance] = self.index.find(_selection(request))
+        [instance] = self._find(request)
         return self._frames_response(request, instance, _frame_numbers(str(request.path_params["frames"])))
 
     def _frames_response(self, request: Request, instance: ArchivedInstance, numbers: list[int]) -> Response:
@@ -303,8 +317,7 @@ class Wado:
 
     def _render(self, request: Request, size: int | None) -> Response:
         media_type = negotiate(request, ["image/jpeg", "image/png"])
-        selection = _selection(request)
-        instances = self.index.find(selection)
+        instances = self._find(request)
         instance = instances[len(instances) // 2]  # a series: its middle instance
         frame = _frame_numbers(str(request.path_params.get("frames", "1")))[0]
         viewport = request.query_params.get("viewport")

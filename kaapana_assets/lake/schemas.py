@@ -511,11 +511,34 @@ PROJECT_CHANGES = TableSpec(
     keys=("change_id", "series_uid", "project"),
 )
 
+# The audit trail (kaapana_assets/access/audit.py): one row per authenticated access to patient
+# data, appended in batches. Insert-only.
+AUDIT = TableSpec(
+    "audit",
+    pa.schema(
+        [
+            ("event_id", pa.string()),
+            ("user", pa.string()),
+            ("roles", STRINGS),
+            ("projects", STRINGS),  # the user's projects when the access was made
+            ("project", pa.string()),  # the project the access was for, when one is named (a run's)
+            ("action", pa.string()),  # search | retrieve | client-read | run-launch
+            ("via", pa.string()),  # dicomweb | client | gateway
+            ("study_uid", pa.string()),
+            ("series_uid", pa.string()),
+            ("sop_instance_uid", pa.string()),
+            ("target", pa.string()),  # a run's job and partition
+            ("at", TIMESTAMP),
+        ]
+    ),
+    keys=("event_id",),
+)
+
 TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, INSTANCE_ENCODINGS, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SEG_SEGMENTS, SENT,
                  FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES, COHORT_CHECKS,
-                 FEDERATED_SITE_ROUNDS, PROJECTS, SERIES_PROJECTS, PROJECT_CHANGES)
+                 FEDERATED_SITE_ROUNDS, PROJECTS, SERIES_PROJECTS, PROJECT_CHANGES, AUDIT)
 }
 
 

@@ -151,3 +151,24 @@ def test_read_a_seg_back(moved_on) -> None:  # type: ignore[no-untyped-def]
         k.read_seg(study.series_uid)  # a CT series is no SEG
     with pytest.raises(NotFound, match="holds no lake"):
         Kaapana(home.root / "nowhere")
+
+
+def test_a_reader_of_project_a_reads_only_project_a(gateway_site) -> None:  # type: ignore[no-untyped-def]
+    """The home of tests/oidc.py GatewaySite: a study of project A, one of project B."""
+    from kaapana_assets.access.identity import Identity, Role
+    from kaapana_assets.lake.schemas import AUDIT
+    from tests.oidc import PROJECT_A
+
+    scientist = Identity("client-scientist", frozenset({Role.SCIENTIST}), frozenset({PROJECT_A}))
+    lake = Lake(gateway_site.home / "lake")
+    seg_b = lake.read(SERIES, (pl.col("study_uid") == gateway_site.study_b) & (pl.col("modality") == "SEG"))
+    with Kaapana(gateway_site.home, identity=scientist) as k:
+        assert k.segs(gateway_site.study_b).height == 0
+        with pytest.raises(NotFound):
+            k.read_seg(seg_b["series_uid"][0])
+        [seg_a] = k.segs(gateway_site.study_a)["series_uid"].to_list()
+        assert k.read_seg(seg_a).study_uid == gateway_site.study_a
+    # Without an identity (the site's own operator) the client reads everything, as before.
+    assert Kaapana(gateway_site.home).segs(gateway_site.study_b).height == 1
+    reads = lake.read(AUDIT, where=pl.col("user") == "client-scientist")
+    assert reads.select("action", "via", "series_uid").rows() == [("client-read", "client", seg_a)]

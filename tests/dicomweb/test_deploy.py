@@ -26,7 +26,7 @@ def test_the_deployment_serves_the_code_locations_archive_and_lake_read_only() -
     assert command[0] == "kaapana"
     args = build_parser().parse_args(command[1:])
     assert args.command == "dicomweb" and not args.stow and args.viewer == "/opt/ohif/dist"
-    (mount,) = container["volumeMounts"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "kaapana-home"]
     assert mount["mountPath"] == args.home and mount["readOnly"] is True
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     (home_volume,) = [v for v in user_code["volumes"] if v["name"] == "kaapana-home"]
