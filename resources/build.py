@@ -26,8 +26,7 @@ def build_resources(environment: Environment) -> dict[str, dg.ConfigurableResour
     e = environment
     k8s = e.env is EnvironmentKind.K8S
     return {
-        "lake": LakeResource(uri=dg.EnvVar("KAAPANA_LAKE_URI") if k8s else e.lake_uri,
-                             storage_options=e.s3_options if k8s else {}),
+        "lake": lake_resource(e),
         "archive": ArchiveResource(home=str(e.home), site=e.site),
         "cohort_definitions": CohortDefinitionsResource(folder=e.cohorts),
         "nnunet_settings": NnunetResource(device="cuda", schedule=e.training_schedule, threads=8,
@@ -46,6 +45,19 @@ def build_resources(environment: Environment) -> dict[str, dg.ConfigurableResour
         "dicom_node": DicomNodeResource(ae_title=e.dicom_node_aet, host=e.dicom_node_host, port=e.dicom_node_port),
         "viewer": ViewerResource(url=e.viewer_url),
     }
+
+
+def lake_resource(e: Environment) -> LakeResource:
+    """The lake the environment names; on an object store its settings, the credentials as
+    `dg.EnvVar`s (the UI shows their names, not their values)."""
+    k8s = e.env is EnvironmentKind.K8S
+    uri: str | dg.EnvVar = dg.EnvVar("KAAPANA_LAKE_URI") if k8s else e.lake_uri
+    options = {key: value for key, value in e.lake_storage_options.items() if not key.startswith("AWS_SECRET")
+               and key != "AWS_ACCESS_KEY_ID"}
+    return LakeResource(uri=uri, storage_options=options,
+                        access_key_id=dg.EnvVar("AWS_ACCESS_KEY_ID") if e.s3_access_key_id else "",
+                        secret_access_key=dg.EnvVar("AWS_SECRET_ACCESS_KEY") if e.s3_secret_access_key else "",
+                        unsafe_store_allowed=e.lake_unsafe_store)
 
 
 def site_resources(home: Path, cohorts: Path | None = None, site: str = "",

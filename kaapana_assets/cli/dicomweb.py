@@ -14,7 +14,7 @@ def cmd_dicomweb(args: argparse.Namespace) -> int:
 
     from kaapana_assets.dicomweb.app import create_app
     from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
-    from kaapana_assets.environment import Environment, EnvironmentKind
+    from kaapana_assets.environment import Environment
     from kaapana_assets.lake import Lake
 
     home = home_of(args).ensure()
@@ -25,7 +25,7 @@ def cmd_dicomweb(args: argparse.Namespace) -> int:
     # The lake where the code location writes it: KAAPANA_LAKE_URI (on k8s an object store, with
     # its options) when set, else the home's own (as build_resources does).
     environment = Environment.read(home=home.root)
-    lake = Lake(environment.lake_uri, environment.s3_options if environment.env is EnvironmentKind.K8S else None)
+    lake = Lake.of(environment)
     config = DicomwebConfig(lake, home.archive, home.incoming, stow=args.stow, viewer_dir=viewer)
     base = f"http://{args.host}:{args.port}"
     console.print(f"DICOMweb on {base}{DICOMWEB_ROOT} ({'STOW-RS enabled' if args.stow else 'read-only'}) over {home.root}"
