@@ -6,7 +6,10 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing
 import time
+import uuid
+from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pytest
 from deltalake.exceptions import CommitFailedError
@@ -14,7 +17,7 @@ from deltalake.exceptions import CommitFailedError
 from bench.s3_server import IgnoringConditionalWrites, S3Server
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake import tables as lake_tables
-from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS, SERIES, TABLES, TableSpec
+from kaapana_assets.lake.schemas import INSTANCES, SEGMENTATIONS, SERIES, STUDIES, TABLES, TableSpec
 from kaapana_assets.lake.store import UnsafeStoreError
 from kaapana_assets.lake.tables import CommitConflictError
 
@@ -108,3 +111,44 @@ def test_commit_retries_are_bounded_logged_and_end_in_a_clear_error(
     assert len(attempts) == lake_tables.MAX_COMMIT_ATTEMPTS == 8
     assert [r.getMessage().split(" (")[1].split(")")[0] for r in caplog.records] == [
         f"attempt {n} of 8" for n in range(1, 8)]
+
+
+def test_a_site_on_s3_ingests_cuts_a_cohort_vacuums_and_reads_back(
+        s3_server: S3Server, corpus, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Ingest → cohort → more ingest → maintenance with vacuum → the client and lineage,
+    every table on the S3 server (the archive's files in the home's folder)."""
+    from kaapana_assets.archive.service import Archive
+    from kaapana_assets.client import Kaapana
+    from kaapana_assets.cohorts.membership import read_cohort, snapshot_cohort
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.ingest.pipeline import ingest_files
+    from kaapana_assets.lake.maintenance import maintain_lake
+    from tests.helpers import COHORT
+
+    prefix = uuid.uuid4().hex
+    home, lake = KaapanaHome(tmp_path / "home").ensure(), s3_server.lake(prefix)
+    studies = corpus["site-a"]
+    ingest_files([f for s in studies[:2] for f in s.files], Archive.for_home(home, lake), remove_sources=False)
+    cohort = snapshot_cohort(lake, COHORT)
+    ingest_files([f for s in studies[2:] for f in s.files], Archive.for_home(home, lake), remove_sources=False)
+    assert lake.version(SERIES) > cohort.series_table_version  # type: ignore[operator]
+    assert not any(home.lake.iterdir())  # nothing of the lake on local disk
+
+    reports = {r.table: r for r in maintain_lake(lake, [INSTANCES, SERIES, STUDIES], minimum_retention_hours=0)}
+    assert reports["instances"].files_after == 1  # compacted (and vacuumed) on the object store
+    assert read_cohort(lake, COHORT.name, cohort.version).members.equals(cohort.members)  # time travel survives
+
+    seg_uid = "1.2.826.0.1.3680043.10.999.1"
+    segmented = cohort.members["series_uid"][0]
+    lake.merge(SEGMENTATIONS, pa.Table.from_pylist(
+        [{"seg_sop_instance_uid": seg_uid, "label": "liver", "series_uid": segmented, "seg_series_uid": seg_uid + ".1",
+          "study_uid": cohort.members["study_uid"][0], "model_name": "nnunet-liver", "model_version": "1"}],
+        schema=SEGMENTATIONS.schema))
+    for key, value in s3_server.environment(prefix).items():
+        monkeypatch.setenv(key, value)
+    client = Kaapana(home.root)  # reads KAAPANA_LAKE_URI and the S3 settings, as a notebook does
+    assert client.lake.root == lake.root
+    versions = client.cohorts()
+    assert versions.filter(pl.col("cohort") == COHORT.name)["cohort_version"].to_list() == [cohort.version]
+    lineage = client.lineage(seg_uid)
+    assert f"SEG {seg_uid}" in lineage and f"series {segmented}" in lineage
