@@ -8,6 +8,7 @@ import dagster as dg
 
 from kaapana_assets.environment import DEFAULT_VIEWER_URL, Environment, EnvironmentKind
 from kaapana_assets.home import KaapanaHome
+from kaapana_assets.lake import Lake
 from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource
 from resources.extensions import ExtensionRunner
@@ -60,12 +61,15 @@ def lake_resource(e: Environment) -> LakeResource:
                         unsafe_store_allowed=e.lake_unsafe_store)
 
 
-def site_resources(home: Path, cohorts: Path | None = None, site: str = "",
+def site_resources(home: Path, cohorts: Path | None = None, site: str = "", lake: Lake | None = None,
                    **nnunet: object) -> dict[str, dg.ConfigurableResource]:
     """Every resource of one site pinned to its own home (tests, benchmarks, and sites run
-    side by side on one machine): lake, archive, MLflow and nnU-Net work all under `home`."""
+    side by side on one machine): lake, archive, MLflow and nnU-Net work all under `home`;
+    the lake elsewhere when `lake` is given (an object store)."""
     return {
-        "lake": LakeResource(uri=str(home / "lake")),
+        "lake": LakeResource(uri=lake.root, storage_options=lake.storage_options or {},
+                             unsafe_store_allowed=lake.unsafe_store_allowed) if lake
+        else LakeResource(uri=str(home / "lake")),
         "archive": ArchiveResource(home=str(home), site=site),
         "cohort_definitions": CohortDefinitionsResource(folder=str(cohorts) if cohorts else ""),
         "nnunet_settings": NnunetResource(workdir=str(home / "nnunet"), **nnunet),  # type: ignore[arg-type]

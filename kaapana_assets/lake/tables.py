@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 MAX_COMMIT_ATTEMPTS = 8
 BACKOFF_S = 0.05  # doubled per attempt, jittered ×0.5–1.5, at most BACKOFF_MAX_S
 BACKOFF_MAX_S = 2.0
+# A MERGE of up to this many keys names them as a target-only predicate, so deltalake skips
+# the data files whose key statistics exclude them: on an object store every file read is a
+# request, and a burst of small commits would otherwise read every file of the table each time.
+PRUNE_MAX_KEYS = 256
 
 
 class CommitConflictError(RuntimeError):
@@ -60,6 +64,9 @@ class Lake:
             storage_options = {**CONDITIONAL_PUT, **(storage_options or {})}
         self.storage_options = storage_options or None
         self.unsafe_store_allowed = unsafe_store_allowed
+        # The latest state of each table this lake wrote, brought up to date before each write
+        # (update_incremental reads only the new log entries, not the whole log again).
+        self._handles: dict[str, DeltaTable] = {}
 
     @classmethod
     def of(cls, environment: Environment) -> Lake:
@@ -120,8 +127,10 @@ class Lake:
             return WriteResult(table.name, self.version(table))
         on = " AND ".join(f"t.{key} = s.{key}" for key in table.keys)
 
+        on += self._key_filter(rows, table)
+
         def attempt() -> WriteResult:
-            dt = self.delta(table)
+            dt = self._current(table)
             # merge_schema: a column added in a later release (series.volume_issue) evolves
             # tables that older homes already hold.
             merger = dt.merge(rows, on, source_alias="s", target_alias="t", merge_schema=True)
@@ -136,6 +145,26 @@ class Lake:
             )
 
         return self._committed(table, "MERGE", attempt)
+
+    def _current(self, table: TableSpec) -> DeltaTable:
+        handle = self._handles.get(table.name)
+        if handle is None:
+            handle = self._handles[table.name] = self.delta(table)
+        else:
+            handle.update_incremental()
+        return handle
+
+    @staticmethod
+    def _key_filter(rows: pa.Table, table: TableSpec) -> str:
+        """` AND t.<first key> IN (…)` for a small batch with a string key, else nothing."""
+        key = table.keys[0]
+        if not pa.types.is_string(table.schema.field(key).type):
+            return ""
+        values = pl.from_arrow(rows.select([key]))[key].drop_nulls().unique()  # type: ignore[index]
+        if not 0 < len(values) <= PRUNE_MAX_KEYS:
+            return ""
+        quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values.sort())
+        return f" AND t.{key} IN ({quoted})"
 
     def _committed(self, table: TableSpec, operation: str, attempt: Callable[[], Any]) -> Any:
         """Run one commit, again on a conflict with a concurrent writer, at most
@@ -177,7 +206,7 @@ class Lake:
         """Delete rows matching a SQL predicate. Callers build predicates from validated
         values only (UIDs, tag names), never from free text."""
         def attempt() -> WriteResult:
-            dt = self.delta(table)
+            dt = self._current(table)
             metrics = dt.delete(predicate)
             return WriteResult(table.name, dt.version(), deleted=int(metrics.get("num_deleted_rows", 0)))
 

@@ -29,7 +29,6 @@ from kaapana_assets.federation.clientapp import SiteSettings, reply
 from kaapana_assets.federation.guard import DEFAULT_THRESHOLD, MAX_THRESHOLD
 from kaapana_assets.federation.registry import Step, register_step
 from kaapana_assets.federation.serverapp import HubRun
-from kaapana_assets.lake import Lake
 from kaapana_assets.monitoring.figures import (
     EXPERIMENT,
     STEP,
@@ -78,7 +77,7 @@ def statistics(settings: SiteSettings, msg: Message) -> Message:
     requested = request.get("threshold", DEFAULT_THRESHOLD)
     if not isinstance(requested, int) or isinstance(requested, bool) or not 1 <= requested <= MAX_THRESHOLD:
         raise RuntimeError(f"{settings.site} refuses a statistics request with threshold {requested!r}")
-    answer = site_answer(Lake(settings.home / "lake"), settings.site, max(requested, settings.min_cell_size))
+    answer = site_answer(settings.site_lake(), settings.site, max(requested, settings.min_cell_size))
     content = RecordDict({CONFIG: ConfigRecord({"statistics": answer.dumps()})})
     # The manifest's case count is 0: a count there would bypass the suppression.
     return reply(msg, seal(content, Kind.STATISTICS, EXPERIMENT, manifest.round, settings.site, 0, settings.key))
