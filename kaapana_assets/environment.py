@@ -122,8 +122,11 @@ class Environment:
     def lake_storage_options(self) -> dict[str, str]:
         """deltalake's storage options for the lake: none for a folder; endpoint, region,
         AWS_ALLOW_HTTP and credentials for s3://."""
-        if not self.lake_uri.startswith(("s3://", "s3a://")):
-            return {}
+        return self.s3_storage_options if self.lake_uri.startswith(("s3://", "s3a://")) else {}
+
+    @property
+    def s3_storage_options(self) -> dict[str, str]:
+        """deltalake's storage options for any s3:// URI: endpoint, region, AWS_ALLOW_HTTP, credentials."""
         options = {key: value for key, value in self.s3_options.items() if value}
         if self.s3_access_key_id:
             options["AWS_ACCESS_KEY_ID"] = self.s3_access_key_id

@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     environment = Environment.read(home=args.home)
-    lake = Lake(args.lake, environment.lake_storage_options) if args.lake else Lake.of(environment)
+    lake = Lake(args.lake, environment.s3_storage_options if "://" in args.lake else None) if args.lake \
+        else Lake.of(environment)
     instance = None if args.no_dagster else _instance(args.dagster_home)
     server = serve(build_registry(args.role, lake, instance, args.failed_window_hours * 3600), args.host, args.port)
     print(f"kaapana {args.role} metrics on http://{args.host}:{server.server_port}/metrics", flush=True)
