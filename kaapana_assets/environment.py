@@ -100,7 +100,11 @@ class Environment:
             segmentation_model=e.get("KAAPANA_SEGMENTATION_MODEL", "nnunet-liver-train"),
             resegment_cohort=e.get("KAAPANA_RESEGMENT_COHORT", ""),
             mlflow_tracking_uri=e.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
-            mlflow_artifacts=e.get("KAAPANA_MLFLOW_ARTIFACTS") or (home / "mlartifacts").as_uri(),
+            # With a tracking server its --artifacts-destination decides (proxied: pods need no
+            # credentials for models); with a local store, the home's folder.
+            mlflow_artifacts=e.get("KAAPANA_MLFLOW_ARTIFACTS") or (
+                "" if e.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://"))
+                else (home / "mlartifacts").as_uri()),
             lake_uri=e.get("KAAPANA_LAKE_URI") or str(home / "lake"),
             s3_options={"AWS_ENDPOINT_URL": e.get("AWS_ENDPOINT_URL", ""), "AWS_REGION": e.get("AWS_REGION", "us-east-1"),
                         "AWS_ALLOW_HTTP": e.get("AWS_ALLOW_HTTP", "false")},

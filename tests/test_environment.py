@@ -162,3 +162,8 @@ def test_a_lake_on_s3_gets_its_settings_and_the_ui_no_secret() -> None:
     assert Environment.read({"KAAPANA_HOME": "/data"}).lake_storage_options == {}  # a folder needs none
     with pytest.raises(ValueError, match="KAAPANA_LAKE_UNSAFE_STORE must be 'allow' or 'refuse', not 'yes'"):
         Environment.read({"KAAPANA_LAKE_UNSAFE_STORE": "yes"})
+
+
+def test_a_tracking_server_keeps_the_models_where_its_artifacts_destination_says(tmp_path: Path) -> None:
+    assert Environment.read({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}).mlflow_artifacts == ""
+    assert Environment.read({"KAAPANA_HOME": str(tmp_path)}).mlflow_artifacts == (tmp_path / "mlartifacts").as_uri()

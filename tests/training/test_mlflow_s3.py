@@ -1,6 +1,6 @@
 """MLflow's artifacts on the lake's object store: a tracking server with
 --artifacts-destination s3://… (MLFLOW_S3_ENDPOINT_URL: moto's S3 server), a model
-registered through it and loaded back into a pod's model cache."""
+logged and registered through it and loaded back into a pod's model cache."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from bench.s3_server import REGION, S3Server
 from kaapana_assets.federation.local import free_port
 from kaapana_assets.nnunet.registry import find_version
-from kaapana_assets.segmentation.models import import_model, production_model
+from kaapana_assets.segmentation.models import production_model
 from kaapana_assets.training.tracking import Tracking
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,10 @@ def test_a_model_goes_to_the_object_store_and_back_into_the_model_cache(
                 time.sleep(0.3)
         # No artifact root of our own: the server proxies artifacts to its destination.
         tracking = Tracking(f"http://127.0.0.1:{port}", "")
-        version = import_model(tracking, folder, "nnunet-liver-train", promote=True)
+        with tracking.run("train liver-train") as run:  # as training/run.py logs and registers a model
+            mlflow.log_artifacts(str(folder), "model")
+        version = tracking.register(run.info.run_id, "model", "nnunet-liver-train", tags={"kaapana.cohort": "liver-train"})
+        tracking.promote("nnunet-liver-train", version.version)
         stored = s3_server.client().list_objects_v2(Bucket=s3_server.bucket, Prefix="mlartifacts/")
         keys = [item["Key"] for item in stored.get("Contents", [])]
         assert any(k.endswith("model/dataset.json") for k in keys) and any(k.endswith(".pth") for k in keys), keys
