@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,8 +66,16 @@ class Lake:
         self.storage_options = storage_options or None
         self.unsafe_store_allowed = unsafe_store_allowed
         # The latest state of each table this lake wrote, brought up to date before each write
-        # (update_incremental reads only the new log entries, not the whole log again).
-        self._handles: dict[str, DeltaTable] = {}
+        # (update_incremental reads only the new log entries, not the whole log again). One set
+        # per thread, and none across pickling (ingest's worker processes get the lake).
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     @classmethod
     def of(cls, environment: Environment) -> Lake:
@@ -147,9 +156,10 @@ class Lake:
         return self._committed(table, "MERGE", attempt)
 
     def _current(self, table: TableSpec) -> DeltaTable:
-        handle = self._handles.get(table.name)
+        handles: dict[str, DeltaTable] = self._local.__dict__.setdefault("handles", {})
+        handle = handles.get(table.name)
         if handle is None:
-            handle = self._handles[table.name] = self.delta(table)
+            handle = handles[table.name] = self.delta(table)
         else:
             handle.update_incremental()
         return handle
