@@ -148,6 +148,11 @@ class IgnoringConditionalWrites:
             self.proc.wait(timeout=10)
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    """SIGTERM as Ctrl-C: moto's server (its own process group) ends with this process."""
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=9000)
@@ -158,6 +163,7 @@ def main() -> None:
     if args.proxy_to:
         ThreadingHTTPServer(("127.0.0.1", args.port), _proxy_handler(args.proxy_to)).serve_forever()
         return
+    signal.signal(signal.SIGTERM, _interrupted)
     server = S3Server(args.port, args.bucket)
     print(f"S3 API on {server.endpoint}, bucket {args.bucket}. A lake on it:")
     for key, value in server.environment("lake").items():
