@@ -8,7 +8,7 @@ export DAGSTER_HOME ?= $(KAAPANA_HOME)/dagster
 export DAGSTER_DISABLE_TELEMETRY = 1
 export HF_HUB_OFFLINE = 1
 
-.PHONY: install tools lint test test-all check-runtime-install demo dev viewer oidc-provider bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado bench-gateway clean
+.PHONY: install tools lint test test-all check-runtime-install demo dev viewer oidc-provider bench-ingest bench-segment bench-receive bench-federated bench-arrival bench-qido bench-wado bench-gateway bench-lake-s3 s3-server clean
 
 # The stamp is rebuilt when the dependency list changes. torch comes first and pinned:
 # the machine carries the 2.13.0 CPU wheel; anything unpinned would pull CUDA builds.
@@ -73,8 +73,15 @@ check-runtime-install:
 	cd $(RUNTIME_VENV) && DAGSTER_HOME= $(RUNTIME_VENV)/bin/python -c "import definitions; print('definitions imports without dev extras:', len(list(definitions.defs.resolve_all_asset_keys())), 'assets')"
 	rm -rf $(RUNTIME_VENV)
 
+# The lake on S3: `make s3-server` in one shell, then
+# `make demo KAAPANA_LAKE_URI=s3://kaapana/demo AWS_ENDPOINT_URL=http://127.0.0.1:9000 AWS_ALLOW_HTTP=true
+#  AWS_ACCESS_KEY_ID=kaapana-test AWS_SECRET_ACCESS_KEY=kaapana-test-secret` (docs/deployment.md#storage-the-object-store-and-the-volume).
 demo: install
 	$(BIN)/kaapana demo
+
+# moto's S3 API on 127.0.0.1:9000, bucket `kaapana`, until Ctrl-C.
+s3-server: install
+	$(BIN)/python -m bench.s3_server --port 9000
 
 # The OHIF viewer's published build (MIT), fetched from the npm registry at install time and
 # served by `kaapana dicomweb --viewer`. The stamp names the version: a new one refetches.
@@ -144,6 +151,10 @@ bench-wado: install
 # QIDO-RS and a Dagster GraphQL query through `kaapana gateway` and straight to the service, alternating.
 bench-gateway: install oidc-provider
 	$(BIN)/python bench/gateway.py
+
+# Ingest and a burst of segmentation commits with the lake on moto's S3 server vs local disk.
+bench-lake-s3: install
+	$(BIN)/python bench/lake_s3.py
 
 clean:
 	rm -rf $(KAAPANA_HOME) .pytest_cache

@@ -123,6 +123,11 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
 
     console.rule(f"1 · annotated studies of {len(sites)} sites")
     site_homes = {sites[0]: home, **{s: KaapanaHome(home.root / "sites" / s).ensure() for s in sites[1:]}}
+    lakes = _site_lakes(environment, site_homes)
+    lake = lakes[sites[0]]
+    if not lake.is_local:
+        console.print(f"the lakes on the object store: {lake.root} (the hub and {sites[0]}), "
+                      f"{lake.root}/sites/<site> (the other sites)")
     with tempfile.TemporaryDirectory() as tmp:
         for site in sites:
             with console.status(f"synthesizing {studies} annotated studies of {site}"):
@@ -136,23 +141,23 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
                 # The other sites ingest on their own platforms; their data never comes here.
                 with console.status(f"{site} ingests at its own site"):
                     ingest_files([f for g in generated for f in g.files],
-                                 Archive.for_home(site_homes[site]), remove_sources=False)
+                                 Archive.for_home(site_homes[site], lakes[site]), remove_sources=False)
                 console.print(f"{site}: {sum(len(g.files) for g in generated)} files ingested at "
                               f"{site_homes[site].root} (its own lake and archive)")
     ingest_failed, cursor = _spool_and_ingest(console, defs, instance, resources)
     failed += ingest_failed
-    _print_summary(console, home, sites[:1])
+    _print_summary(console, lake, sites[:1])
 
     console.rule("2 · cohorts and their harmonization checks")
-    _curate(console, home)
+    _curate(console, lake)
     failed += _cohorts(console, defs, instance, resources)
     train_cohort = resources["cohort_definitions"].get("liver-train")
     for site in sites[1:]:
-        snapshot = snapshot_cohort(Lake(site_homes[site].lake), train_cohort)
+        snapshot = snapshot_cohort(lakes[site], train_cohort)
         console.print(f"{site}: cohort liver-train v{snapshot.version} ({snapshot.size} series) at its own site")
 
     console.rule(f"3 · federated nnU-Net across {len(sites)} sites, {rounds} rounds")
-    federation_file, local_sites = _federation_file(home, site_homes)
+    federation_file, local_sites = _federation_file(home, site_homes, lakes)
     with console.status("starting a Flower SuperLink and one SuperNode per site"):
         network = LocalFederation(home.root / "flower", local_sites).start()
     try:
@@ -174,7 +179,7 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
     if federated:
         console.print("  [yellow]no model was promoted: nothing to evaluate")
     else:
-        failed += _evaluate(console, home, instance, resources)
+        failed += _evaluate(console, lake, instance, resources)
 
     console.rule("5 · new, unannotated studies arrive and are segmented automatically")
     before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
@@ -196,34 +201,45 @@ def run_demo(console: Console, sites: list[str], studies: int, seed: int, rounds
         _print_outcome(console, outcome, "segmentations")
 
     console.rule("summary")
-    _final_summary(console, home)
+    _final_summary(console, lake)
     console.print(
         "\n[bold]Where to look next[/]\n"
         "  make dev                                   Dagster UI on http://localhost:3000 with these runs\n"
         f"  .venv/bin/mlflow ui --backend-store-uri sqlite:///{home.root / 'mlflow.db'}   MLflow on :5000\n"
         f"  kaapana federation rounds {EXPERIMENT}          every site's part in every round\n"
-        f"  kaapana lineage {_a_seg_uid(home)}\n"
+        f"  kaapana lineage {_a_seg_uid(lake)}\n"
         "      the chain of that SEG: model → rounds → cohorts → Delta versions → source UIDs\n"
-        f"  Delta tables under {home.lake}"
+        f"  Delta tables under {lake.root}"
     )
     return 1 if failed else 0
 
 
-def _a_seg_uid(home: KaapanaHome) -> str:
-    from kaapana_assets.lake import Lake
+def _site_lakes(environment: Environment, site_homes: dict[str, KaapanaHome]) -> dict[str, Lake]:
+    """Each site's lake: in its home's folder; on the object store when KAAPANA_LAKE_URI names
+    one (the first site's at that URI, the others' under <URI>/sites/<site>)."""
+    first, *others = site_homes
+    hub = Lake.of(environment)
+    if hub.is_local:
+        return {site: Lake(home.lake) for site, home in site_homes.items()}
+    return {first: hub, **{site: Lake(f"{hub.root}/sites/{site}", environment.lake_storage_options,
+                                      environment.lake_unsafe_store) for site in others}}
 
-    lake = Lake(home.lake)
+
+def _a_seg_uid(lake: Lake) -> str:
     if not lake.exists(SEGMENTATIONS):
         return "<SEG SOPInstanceUID>"
     return str(lake.read(SEGMENTATIONS)["seg_sop_instance_uid"][0])
 
 
-def _federation_file(home: KaapanaHome, site_homes: dict[str, KaapanaHome]) -> tuple[Path, list[LocalSite]]:
+def _federation_file(home: KaapanaHome, site_homes: dict[str, KaapanaHome],
+                     lakes: dict[str, Lake]) -> tuple[Path, list[LocalSite]]:
     """federation.yaml (so `make dev` shows the same federation) and the sites' local
-    processes; a rerun keeps each site's signing key."""
+    processes, each told its own lake when they lie on the object store; a rerun keeps each
+    site's signing key."""
     path = home.root / "federation.yaml"
     known = {s.name: s.key for s in read_sites(path)} if path.exists() else {}
-    sites = [LocalSite(name, site_home.root, known.get(name) or generate_site_key(), "auto")
+    sites = [LocalSite(name, site_home.root, known.get(name) or generate_site_key(), "auto",
+                       environment={} if lakes[name].is_local else {"KAAPANA_LAKE_URI": lakes[name].root})
              for name, site_home in site_homes.items()]
     # Demo only: keys inline. In production each key lives in a secret (key_env or key_file).
     write_sites(path, [SiteEntry(s.name, key=s.key) for s in sites])
@@ -286,10 +302,7 @@ def _federate(console: Console, instance: dg.DagsterInstance, resources: dict[st
     return 0 if md["promoted"].value else 1
 
 
-def _final_summary(console: Console, home: KaapanaHome) -> None:
-    from kaapana_assets.lake import Lake
-
-    lake = Lake(home.lake)
+def _final_summary(console: Console, lake: Lake) -> None:
     rounds = lake.read(FEDERATED_ROUNDS, (pl.col("experiment") == EXPERIMENT) & (pl.col("site") == "global"))
     table = Table(title=f"Federated experiment {EXPERIMENT}")
     for column in ("round", "cases", "global liver Dice"):
@@ -309,14 +322,12 @@ def _final_summary(console: Console, home: KaapanaHome) -> None:
         console.print(table)
 
 
-def _curate(console: Console, home: KaapanaHome) -> None:
+def _curate(console: Console, lake: Lake) -> None:
     """A radiologist reviews one patient per site for testing and tags their CT series (the
     reviewed-test cohort). Every series of the patient: held out is per patient, and liver-train
     leaves tagged series out."""
     from kaapana_assets.cohorts.tags import add_tag
-    from kaapana_assets.lake import Lake
 
-    lake = Lake(home.lake)
     series = lake.read(SERIES).filter(pl.col("modality") == "CT").sort("series_uid")
     patients = series.group_by("institution").agg(pl.col("patient_id").first())["patient_id"].to_list()
     chosen = series.filter(pl.col("patient_id").is_in(patients))["series_uid"].to_list()
@@ -325,7 +336,7 @@ def _curate(console: Console, home: KaapanaHome) -> None:
                   "--series ...): liver-train leaves them out, reviewed-test holds them")
 
 
-def _evaluate(console: Console, home: KaapanaHome, instance: dg.DagsterInstance, resources: dict[str, Any]) -> int:
+def _evaluate(console: Console, lake: Lake, instance: dg.DagsterInstance, resources: dict[str, Any]) -> int:
     """segmentation_evaluation[reviewed-test] of the production model, with its gate; the
     asset refuses a cohort version with patients the model trained on. Says what it is
     disjoint from: every training cohort of this site, and the model's training data."""
@@ -345,7 +356,6 @@ def _evaluate(console: Console, home: KaapanaHome, instance: dg.DagsterInstance,
     md = result.asset_materializations_for_node("segmentation_evaluation")[0].metadata
     version, dice = md["cohort_version"].value, md["dice_mean"].value
     assert isinstance(version, int) and isinstance(dice, dict)
-    lake = Lake(home.lake)
     tested = read_cohort(lake, cohort, version).patients
     training = sorted({c for c in lake.read(COHORT_MEMBERS, pl.col("purpose") == "train")["cohort"].to_list()})
     shared = {}
@@ -401,10 +411,7 @@ def _cohorts(console: Console, defs: dg.Definitions, instance: dg.DagsterInstanc
     return errors
 
 
-def _print_summary(console: Console, home: KaapanaHome, sites: list[str]) -> None:
-    from kaapana_assets.lake import Lake
-
-    lake = Lake(home.lake)
+def _print_summary(console: Console, lake: Lake, sites: list[str]) -> None:
     studies = lake.read(STUDIES)
     quarantine = lake.read(QUARANTINE)
     table = Table(title="What the lake holds, per site")

@@ -9,7 +9,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,12 @@ def _json(environ: Mapping[str, str], name: str, default: Any) -> Any:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name} must be JSON: {exc}") from None
+
+
+def _unsafe_store(value: str) -> bool:
+    if value not in ("", "allow", "refuse"):
+        raise ValueError(f"KAAPANA_LAKE_UNSAFE_STORE must be 'allow' or 'refuse', not {value!r}")
+    return value == "allow"
 
 
 class EnvironmentKind(StrEnum):
@@ -59,7 +65,10 @@ class Environment:
     mlflow_tracking_uri: str  # MLFLOW_TRACKING_URI
     mlflow_artifacts: str  # KAAPANA_MLFLOW_ARTIFACTS
     lake_uri: str  # KAAPANA_LAKE_URI
-    s3_options: dict[str, str]  # AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP
+    s3_options: dict[str, str]  # AWS_ENDPOINT_URL, AWS_REGION, AWS_ALLOW_HTTP (no secrets: the UI shows them)
+    s3_access_key_id: str  # AWS_ACCESS_KEY_ID
+    s3_secret_access_key: str = field(repr=False)  # AWS_SECRET_ACCESS_KEY
+    lake_unsafe_store: bool  # KAAPANA_LAKE_UNSAFE_STORE=allow: write to a store without conditional writes
     dicom_node_aet: str  # KAAPANA_DICOM_NODE_AET
     dicom_node_host: str  # KAAPANA_DICOM_NODE_HOST
     dicom_node_port: int  # KAAPANA_DICOM_NODE_PORT
@@ -94,10 +103,17 @@ class Environment:
             segmentation_model=e.get("KAAPANA_SEGMENTATION_MODEL", "nnunet-liver-train"),
             resegment_cohort=e.get("KAAPANA_RESEGMENT_COHORT", ""),
             mlflow_tracking_uri=e.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow.db'}",
-            mlflow_artifacts=e.get("KAAPANA_MLFLOW_ARTIFACTS") or (home / "mlartifacts").as_uri(),
+            # With a tracking server its --artifacts-destination decides (proxied: pods need no
+            # credentials for models); with a local store, the home's folder.
+            mlflow_artifacts=e.get("KAAPANA_MLFLOW_ARTIFACTS") or (
+                "" if e.get("MLFLOW_TRACKING_URI", "").startswith(("http://", "https://"))
+                else (home / "mlartifacts").as_uri()),
             lake_uri=e.get("KAAPANA_LAKE_URI") or str(home / "lake"),
             s3_options={"AWS_ENDPOINT_URL": e.get("AWS_ENDPOINT_URL", ""), "AWS_REGION": e.get("AWS_REGION", "us-east-1"),
                         "AWS_ALLOW_HTTP": e.get("AWS_ALLOW_HTTP", "false")},
+            s3_access_key_id=e.get("AWS_ACCESS_KEY_ID", ""),
+            s3_secret_access_key=e.get("AWS_SECRET_ACCESS_KEY", ""),
+            lake_unsafe_store=_unsafe_store(e.get("KAAPANA_LAKE_UNSAFE_STORE", "")),
             dicom_node_aet=e.get("KAAPANA_DICOM_NODE_AET", ""),
             dicom_node_host=e.get("KAAPANA_DICOM_NODE_HOST", "127.0.0.1"),
             dicom_node_port=int(e.get("KAAPANA_DICOM_NODE_PORT", "104")),
@@ -110,6 +126,22 @@ class Environment:
             project_ae_titles=_json(e, "KAAPANA_PROJECT_AE_TITLES", {}),
             operator=e.get("KAAPANA_OPERATOR") or e.get("USER", ""),
         )
+
+    @property
+    def lake_storage_options(self) -> dict[str, str]:
+        """deltalake's storage options for the lake: none for a folder; endpoint, region,
+        AWS_ALLOW_HTTP and credentials for s3://."""
+        return self.s3_storage_options if self.lake_uri.startswith(("s3://", "s3a://")) else {}
+
+    @property
+    def s3_storage_options(self) -> dict[str, str]:
+        """deltalake's storage options for any s3:// URI: endpoint, region, AWS_ALLOW_HTTP, credentials."""
+        options = {key: value for key, value in self.s3_options.items() if value}
+        if self.s3_access_key_id:
+            options["AWS_ACCESS_KEY_ID"] = self.s3_access_key_id
+        if self.s3_secret_access_key:
+            options["AWS_SECRET_ACCESS_KEY"] = self.s3_secret_access_key
+        return options
 
     @property
     def pod_home(self) -> str:

@@ -98,10 +98,11 @@ def _segmentation(lake: Lake, uid: str) -> dict:
 MODEL_REF = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*):(?:v(?P<version>\d+)|(?P<alias>[A-Za-z][A-Za-z0-9_-]*))")
 
 
-def trace(home: KaapanaHome, tracking: Tracking, uid: str) -> Node:
+def trace(home: KaapanaHome, tracking: Tracking, uid: str, lake: Lake | None = None) -> Node:
     """The lineage of a SEG (SOP Instance UID, SEG series UID or segmented series UID), of a
-    model version (`name:vN`, or `name:production` for an alias) or of an evaluation (its id)."""
-    lake = Lake(home.lake)
+    model version (`name:vN`, or `name:production` for an alias) or of an evaluation (its id).
+    `lake`: where the home's tables live, when not in its own folder (an object store)."""
+    lake = lake or Lake(home.lake)
     evaluation = _evaluation(lake, uid)
     if evaluation is not None:
         return _evaluation_trace(home, lake, tracking, evaluation)

@@ -8,6 +8,7 @@ import dagster as dg
 
 from kaapana_assets.environment import DEFAULT_VIEWER_URL, Environment, EnvironmentKind
 from kaapana_assets.home import KaapanaHome
+from kaapana_assets.lake import Lake
 from resources.cohorts import CohortDefinitionsResource
 from resources.dicom_node import DicomNodeResource
 from resources.extensions import ExtensionRunner
@@ -26,8 +27,7 @@ def build_resources(environment: Environment) -> dict[str, dg.ConfigurableResour
     e = environment
     k8s = e.env is EnvironmentKind.K8S
     return {
-        "lake": LakeResource(uri=dg.EnvVar("KAAPANA_LAKE_URI") if k8s else e.lake_uri,
-                             storage_options=e.s3_options if k8s else {}),
+        "lake": lake_resource(e),
         "archive": ArchiveResource(home=str(e.home), site=e.site),
         "cohort_definitions": CohortDefinitionsResource(folder=e.cohorts),
         "nnunet_settings": NnunetResource(device="cuda", schedule=e.training_schedule, threads=8,
@@ -48,12 +48,28 @@ def build_resources(environment: Environment) -> dict[str, dg.ConfigurableResour
     }
 
 
-def site_resources(home: Path, cohorts: Path | None = None, site: str = "",
+def lake_resource(e: Environment) -> LakeResource:
+    """The lake the environment names; on an object store its settings, the credentials as
+    `dg.EnvVar`s (the UI shows their names, not their values)."""
+    k8s = e.env is EnvironmentKind.K8S
+    uri: str | dg.EnvVar = dg.EnvVar("KAAPANA_LAKE_URI") if k8s else e.lake_uri
+    options = {key: value for key, value in e.lake_storage_options.items() if not key.startswith("AWS_SECRET")
+               and key != "AWS_ACCESS_KEY_ID"}
+    return LakeResource(uri=uri, storage_options=options,
+                        access_key_id=dg.EnvVar("AWS_ACCESS_KEY_ID") if e.s3_access_key_id else "",
+                        secret_access_key=dg.EnvVar("AWS_SECRET_ACCESS_KEY") if e.s3_secret_access_key else "",
+                        unsafe_store_allowed=e.lake_unsafe_store)
+
+
+def site_resources(home: Path, cohorts: Path | None = None, site: str = "", lake: Lake | None = None,
                    **nnunet: object) -> dict[str, dg.ConfigurableResource]:
     """Every resource of one site pinned to its own home (tests, benchmarks, and sites run
-    side by side on one machine): lake, archive, MLflow and nnU-Net work all under `home`."""
+    side by side on one machine): lake, archive, MLflow and nnU-Net work all under `home`;
+    the lake elsewhere when `lake` is given (an object store)."""
     return {
-        "lake": LakeResource(uri=str(home / "lake")),
+        "lake": LakeResource(uri=lake.root, storage_options=lake.storage_options or {},
+                             unsafe_store_allowed=lake.unsafe_store_allowed) if lake
+        else LakeResource(uri=str(home / "lake")),
         "archive": ArchiveResource(home=str(home), site=site),
         "cohort_definitions": CohortDefinitionsResource(folder=str(cohorts) if cohorts else ""),
         "nnunet_settings": NnunetResource(workdir=str(home / "nnunet"), **nnunet),  # type: ignore[arg-type]

@@ -16,11 +16,21 @@ class LakeResource(dg.ConfigurableResource):
 
     uri: str = Field(description="Root of the Delta tables, e.g. /data/kaapana/lake or s3://bucket/lake")
     storage_options: dict[str, str] = Field(
-        default_factory=dict, description="deltalake storage options (credentials, endpoint) for object stores"
+        default_factory=dict, description="deltalake storage options (endpoint, region) for object stores"
     )
+    access_key_id: str = Field(default="", description="AWS_ACCESS_KEY_ID of the object store")
+    secret_access_key: str = Field(default="", description="AWS_SECRET_ACCESS_KEY of the object store")
+    unsafe_store_allowed: bool = Field(
+        default=False, description="KAAPANA_LAKE_UNSAFE_STORE=allow: write even where the store ignores conditional "
+        "writes (one writer only)")
 
     def lake(self) -> Lake:
-        return Lake(self.uri, self.storage_options or None)
+        options = dict(self.storage_options)
+        if self.access_key_id:
+            options["AWS_ACCESS_KEY_ID"] = self.access_key_id
+        if self.secret_access_key:
+            options["AWS_SECRET_ACCESS_KEY"] = self.secret_access_key
+        return Lake(self.uri, options or None, self.unsafe_store_allowed)
 
 
 class ArchiveResource(dg.ConfigurableResource):

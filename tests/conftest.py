@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from bench.s3_server import S3Server  # noqa: E402
 from bench.training_site import TRAIN_COHORT, TRAIN_GRID  # noqa: E402
 from kaapana_assets.archive.service import Archive  # noqa: E402
 from kaapana_assets.cohorts.membership import snapshot_cohort  # noqa: E402
@@ -39,7 +41,7 @@ from tests.tools import require  # noqa: E402
 # that uses one runs in the same worker, so each is built once per run.
 def _shared_fixture_group(item: pytest.Item) -> str | None:
     names = getattr(item, "fixturenames", ())
-    for fixture in ("demo_home", "trained_site", "federation", "gateway_site"):
+    for fixture in ("demo_home", "trained_site", "federation", "gateway_site", "s3_server"):
         if fixture in names:
             return "demo" if fixture == "demo_home" else fixture
     return None
@@ -57,6 +59,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """`@pytest.mark.tools("storescu", …)`: the test fails in one line when a tool is missing."""
     for marker in item.iter_markers("tools"):
         require(*marker.args)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 API (moto's server) on loopback, one bucket; each test takes its own prefix."""
+    server = S3Server(log=tmp_path_factory.mktemp("s3") / "moto.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

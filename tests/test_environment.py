@@ -145,3 +145,25 @@ def test_mlflow_activation_leaves_the_environment_alone(tmp_path: Path, monkeypa
     assert mlflow.get_tracking_uri() == uri  # the fluent API still logs to this store
     home = tmp_path / "other"
     assert Environment.read(home=home).mlflow_tracking_uri == f"sqlite:///{home / 'mlflow.db'}"
+
+
+def test_a_lake_on_s3_gets_its_settings_and_the_ui_no_secret() -> None:
+    env = Environment.read({"KAAPANA_LAKE_URI": "s3://lake/site-a", "AWS_ENDPOINT_URL": "http://minio:9000",
+                            "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "id", "AWS_SECRET_ACCESS_KEY": "secret",
+                            "KAAPANA_LAKE_UNSAFE_STORE": "allow"})
+    assert env.lake_storage_options == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "us-east-1",
+                                        "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "id",
+                                        "AWS_SECRET_ACCESS_KEY": "secret"}
+    assert "secret" not in repr(env) and env.lake_unsafe_store
+    lake = build_resources(env)["lake"]
+    assert lake.storage_options == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "us-east-1",
+                                    "AWS_ALLOW_HTTP": "true"}
+    assert isinstance(lake.secret_access_key, dg.EnvVar) and lake.unsafe_store_allowed
+    assert Environment.read({"KAAPANA_HOME": "/data"}).lake_storage_options == {}  # a folder needs none
+    with pytest.raises(ValueError, match="KAAPANA_LAKE_UNSAFE_STORE must be 'allow' or 'refuse', not 'yes'"):
+        Environment.read({"KAAPANA_LAKE_UNSAFE_STORE": "yes"})
+
+
+def test_a_tracking_server_keeps_the_models_where_its_artifacts_destination_says(tmp_path: Path) -> None:
+    assert Environment.read({"MLFLOW_TRACKING_URI": "http://mlflow:5000"}).mlflow_artifacts == ""
+    assert Environment.read({"KAAPANA_HOME": str(tmp_path)}).mlflow_artifacts == (tmp_path / "mlartifacts").as_uri()

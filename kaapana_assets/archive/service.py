@@ -57,9 +57,10 @@ class Archive:
     quarantine: Path
 
     @classmethod
-    def for_home(cls, home: KaapanaHome) -> Archive:
+    def for_home(cls, home: KaapanaHome, lake: Lake | None = None) -> Archive:
+        """The home's archive, indexed in `lake` (default: the home's own lake folder)."""
         home.ensure()
-        return cls(Lake(home.lake), home.archive, home.quarantine)
+        return cls(lake or Lake(home.lake), home.archive, home.quarantine)
 
     def write(self, data: bytes, row: dict[str, Any], *, replace_unindexed: bool = False) -> dict[str, Any]:
         """Put one instance, given as its bytes and its `instances` row (built from the data

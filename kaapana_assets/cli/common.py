@@ -42,9 +42,11 @@ def home_of(args: argparse.Namespace) -> KaapanaHome:
 
 
 def lake_of(args: argparse.Namespace) -> Lake:
+    """KAAPANA_LAKE_URI (with its S3 settings), else the lake of --home."""
+    from kaapana_assets.environment import Environment
     from kaapana_assets.lake import Lake
 
-    return Lake(home_of(args).lake)
+    return Lake.of(Environment.read(home=home_of(args).root))
 
 
 def tracking_of(args: argparse.Namespace) -> Tracking:

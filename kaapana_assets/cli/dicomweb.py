@@ -15,7 +15,7 @@ def cmd_dicomweb(args: argparse.Namespace) -> int:
     from kaapana_assets.access.audit import AuditLog
     from kaapana_assets.dicomweb.app import create_app
     from kaapana_assets.dicomweb.config import DICOMWEB_ROOT, DicomwebConfig
-    from kaapana_assets.environment import Environment, EnvironmentKind
+    from kaapana_assets.environment import Environment
     from kaapana_assets.lake import Lake
 
     home = home_of(args).ensure()
@@ -26,7 +26,7 @@ def cmd_dicomweb(args: argparse.Namespace) -> int:
     # The lake where the code location writes it: KAAPANA_LAKE_URI (on k8s an object store, with
     # its options) when set, else the home's own (as build_resources does).
     environment = Environment.read(home=home.root)
-    lake = Lake(environment.lake_uri, environment.s3_options if environment.env is EnvironmentKind.K8S else None)
+    lake = Lake.of(environment)
     identity_secret = Path(args.identity_secret_file).read_text().strip().encode() if args.identity_secret_file else None
     # Behind the gateway: every request carries its signed identity, and each access is audited.
     audit = AuditLog(lake) if identity_secret else None

@@ -24,7 +24,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     from kaapana_assets.access.audit import AuditLog
     from kaapana_assets.access.identity import ClaimNames
-    from kaapana_assets.environment import Environment, EnvironmentKind
+    from kaapana_assets.environment import Environment
     from kaapana_assets.gateway.app import Origin, create_app, discover
     from kaapana_assets.gateway.config import GatewayConfig, OidcSettings, Upstreams
     from kaapana_assets.gateway.policy import CohortProjects
@@ -32,7 +32,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     home = home_of(args).ensure()
     environment = Environment.read(home=home.root)
-    lake = Lake(environment.lake_uri, environment.s3_options if environment.env is EnvironmentKind.K8S else None)
+    lake = Lake.of(environment)
     claims = ClaimNames(roles=tuple(args.roles_claim or ClaimNames.roles),
                         projects=tuple(args.projects_claim or ClaimNames.projects))
     oidc = OidcSettings(args.issuer, args.client_id, _secret(args.client_secret_file, "the client secret"),

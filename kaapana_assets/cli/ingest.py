@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kaapana_assets.cli.common import SubParsers, console, home_of, progress_bar
+from kaapana_assets.cli.common import SubParsers, console, home_of, lake_of, progress_bar
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -40,7 +40,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         console.print(f"[red]no such file or folder: {root}")
         return 2
     files = [str(p) for p in (root.rglob("*") if root.is_dir() else [root]) if p.is_file()]
-    archive = Archive.for_home(home_of(args))
+    archive = Archive.for_home(home_of(args), lake_of(args))
     try:
         project = require_project(archive.lake, args.project) if args.project else None
     except (ProjectNameError, UnknownProject) as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kaapana_assets.cli.common import SubParsers, console, home_of, tracking_of
+from kaapana_assets.cli.common import SubParsers, console, home_of, lake_of, tracking_of
 
 
 def cmd_lineage(args: argparse.Namespace) -> int:
@@ -13,7 +13,7 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     from kaapana_assets.lineage import LineageNotFound, Node, trace
 
     try:
-        root = trace(home_of(args), tracking_of(args), args.uid)
+        root = trace(home_of(args), tracking_of(args), args.uid, lake_of(args))
     except LineageNotFound as exc:
         console.print(f"[red]{exc}")
         return 2

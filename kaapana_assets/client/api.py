@@ -236,7 +236,7 @@ class Cohort:
         tracking = self.client.tracking()
         model = load_model(tracking, model_name or self.client.segmentation_model, model_version,
                            self.client.home.root / "models", device)
-        report = run_evaluation(Archive.for_home(self.client.home), tracking, self.snapshot,
+        report = run_evaluation(Archive.for_home(self.client.home, self.client.lake), tracking, self.snapshot,
                                 model, allow_overlap=allow_overlap)
         return report.evaluation.rows
 
@@ -253,9 +253,9 @@ class Kaapana:
         environment = Environment.read(home=Path(home) if home else None)  # the client's top: read once
         self._environment = environment
         self.home = KaapanaHome(environment.home)
-        if not self.home.lake.exists():
+        self.lake = Lake.of(environment)  # KAAPANA_LAKE_URI (an object store), else <home>/lake
+        if self.lake.is_local and not Path(self.lake.root).exists():
             raise NotFound(f"{self.home.root} holds no lake: run `make demo` or ingest data first")
-        self.lake = Lake(self.home.lake)
         self.definitions = Path(cohorts or environment.cohorts or EXAMPLES)
         self.segmentation_model = environment.segmentation_model  # what `evaluate` measures by default
         self.identity = identity
@@ -379,4 +379,4 @@ class Kaapana:
         """`kaapana lineage` as text: a SEG, a model (`name:vN`) or an evaluation id."""
         from kaapana_assets.lineage import trace
 
-        return "\n".join(trace(self.home, self.tracking(), uid).lines())
+        return "\n".join(trace(self.home, self.tracking(), uid, self.lake).lines())

@@ -179,7 +179,8 @@ def materialize_at_site(settings: SiteSettings, asset: str, experiment: str, par
         raise RuntimeError(f"site home {home} does not exist")
     (home / "dagster").mkdir(parents=True, exist_ok=True)
     (home / "dagster" / "dagster.yaml").touch()  # the site instance: sqlite storage beside it
-    resources = {**site_resources(home, site=settings.site, device=settings.device, threads=settings.threads),
+    resources = {**site_resources(home, site=settings.site, lake=settings.site_lake(),
+                                  device=settings.device, threads=settings.threads),
                  "federated_site": FederatedSiteResource(name=settings.site, folder=str(settings.store.root))}
     instance = dg.DagsterInstance.local_temp(str(home / "dagster"))
     try:

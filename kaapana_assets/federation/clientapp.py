@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
+from kaapana_assets.environment import Environment
 from kaapana_assets.federation.channel import (
     CONFIG,
     IDENTITY_EXPERIMENT,
@@ -51,6 +52,10 @@ class SiteSettings:
     device: str = "auto"
     threads: int = 2
     min_cell_size: int = DEFAULT_THRESHOLD  # the site's own floor for small-cell suppression
+    lake: Lake | None = None  # KAAPANA_LAKE_URI of the site's platform; None: <home>/lake
+
+    def site_lake(self) -> Lake:
+        return self.lake or Lake(self.home / "lake")
 
     @classmethod
     def from_context(cls, context: Context) -> SiteSettings:
@@ -67,8 +72,10 @@ class SiteSettings:
         floor = int(str(config.get("min-cell-size", DEFAULT_THRESHOLD)))
         if not 1 <= floor <= MAX_THRESHOLD:
             raise RuntimeError(f"min-cell-size {floor} of site {site} is outside 1..{MAX_THRESHOLD}")
-        return cls(site, Path(str(config["kaapana-home"])), validate_site_key(key, site),
-                   str(config.get("device", "auto")), int(str(config.get("threads", 2))), floor)
+        home = Path(str(config["kaapana-home"]))
+        lake = Lake.of(Environment.read(home=home))  # the site's KAAPANA_LAKE_URI and S3 settings
+        return cls(site, home, validate_site_key(key, site),
+                   str(config.get("device", "auto")), int(str(config.get("threads", 2))), floor, lake)
 
     @property
     def store(self) -> FederationStore:
@@ -92,7 +99,7 @@ def identifier_guard(msg: Message, context: Context, call_next: ClientAppCallabl
     if reply.has_error():
         return reply
     settings = SiteSettings.from_context(context)
-    lake = Lake(settings.home / "lake")
+    lake = settings.site_lake()
     leaked = leaked_identifiers(content_bytes(reply.content), site_identifiers(lake)) if lake.exists(INSTANCES) else []
     if leaked:
         raise RuntimeError(f"{settings.site} refuses to send: {len(leaked)} identifier(s) of its data in the reply")

@@ -98,6 +98,9 @@ class LocalSite:
     key: str  # the site's signing key (base64)
     device: str = "cpu"
     threads: int = 2
+    # Variables of the site's own platform for its SuperExec, e.g. its KAAPANA_LAKE_URI when
+    # the sites' lakes share one object store.
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,7 +167,7 @@ class LocalFederation:
             return process  # e.g. a refused key: the SuperNode exited; the caller looks at it
         # Only the SuperExec (its ClientApps sign replies) gets the site's signing key.
         self.superexecs[site.name] = self._spawn(superexec_command(runtime_port, process.pid),
-                                                 f"supernode-{site.name}.log", {**flwr_home, "KAAPANA_SITE_KEY": site.key})
+                                                 f"supernode-{site.name}.log", {**flwr_home, **site.environment, "KAAPANA_SITE_KEY": site.key})
         return process
 
     def site_pids(self, name: str) -> list[int]:

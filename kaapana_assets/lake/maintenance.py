@@ -85,6 +85,7 @@ def _files_on_disk(lake: Lake, table: TableSpec) -> int:
 def maintain(lake: Lake, table: TableSpec, minimum_retention_hours: float = 168.0,
              protected: int | None = None) -> MaintenanceReport:
     """Compact small files, checkpoint, vacuum (files only; the log stays for time travel)."""
+    lake.check_writable()
     delta = lake.delta(table)
     before, version_before, disk_before = len(delta.file_uris()), delta.version(), _files_on_disk(lake, table)
     if before > 1:

@@ -6,11 +6,14 @@ records the exact Delta version it wrote, and readers time-travel to versions th
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 import pyarrow as pa
@@ -19,10 +22,27 @@ from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from kaapana_assets.lake.schemas import TABLES, TableSpec
+from kaapana_assets.lake.store import CONDITIONAL_PUT, check_store, is_s3
 
-# Concurrent runs (one per study) may commit to the same table; Delta's optimistic
-# concurrency rejects the loser, which simply re-runs its MERGE against the new state.
-MAX_COMMIT_ATTEMPTS = 12
+if TYPE_CHECKING:
+    from kaapana_assets.environment import Environment
+
+log = logging.getLogger(__name__)
+
+# Concurrent runs (one per study, from several pods) may commit to the same table; Delta's
+# optimistic concurrency rejects the loser, which re-runs its MERGE against the new state.
+# Bounded: a writer that loses this often is starved, and says so rather than spin.
+MAX_COMMIT_ATTEMPTS = 8
+BACKOFF_S = 0.05  # doubled per attempt, jittered ×0.5–1.5, at most BACKOFF_MAX_S
+BACKOFF_MAX_S = 2.0
+# A MERGE of up to this many keys names them as a target-only predicate, so deltalake skips
+# the data files whose key statistics exclude them: on an object store every file read is a
+# request, and a burst of small commits would otherwise read every file of the table each time.
+PRUNE_MAX_KEYS = 256
+
+
+class CommitConflictError(RuntimeError):
+    """Every attempt to commit lost against concurrent writers."""
 
 
 @dataclass(frozen=True)
@@ -37,12 +57,38 @@ class WriteResult:
 class Lake:
     """The Delta tables of one site. `root` is a local folder or an object-store URI."""
 
-    def __init__(self, root: str | Path, storage_options: dict[str, str] | None = None):
+    def __init__(self, root: str | Path, storage_options: dict[str, str] | None = None,
+                 unsafe_store_allowed: bool = False):
         self.root = str(root).rstrip("/")
+        if is_s3(self.root):
+            # Commits by put-if-absent: safe against concurrent writers without a lock table.
+            storage_options = {**CONDITIONAL_PUT, **(storage_options or {})}
         self.storage_options = storage_options or None
+        self.unsafe_store_allowed = unsafe_store_allowed
+        # The latest state of each table this lake wrote, brought up to date before each write
+        # (update_incremental reads only the new log entries, not the whole log again). One set
+        # per thread, and none across pickling (ingest's worker processes get the lake).
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {key: value for key, value in self.__dict__.items() if key != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @classmethod
+    def of(cls, environment: Environment) -> Lake:
+        """The lake the environment names: KAAPANA_LAKE_URI with its S3 settings, else <home>/lake."""
+        return cls(environment.lake_uri, environment.lake_storage_options, environment.lake_unsafe_store)
 
     def __repr__(self) -> str:
         return f"Lake({self.root!r})"
+
+    def check_writable(self) -> None:
+        """On an object store, refuse to write where commits are unsafe (once per process)."""
+        if is_s3(self.root):
+            check_store(self.root, self.storage_options or {}, self.unsafe_store_allowed)
 
     @property
     def is_local(self) -> bool:
@@ -61,11 +107,15 @@ class Lake:
         except TableNotFoundError:
             if version is not None:
                 raise
+        self.check_writable()
         if self.is_local:
             Path(self.uri(table)).mkdir(parents=True, exist_ok=True)
-        return DeltaTable.create(
-            self.uri(table), table.schema, mode="ignore", storage_options=self.storage_options
-        )
+        try:
+            return DeltaTable.create(
+                self.uri(table), table.schema, mode="ignore", storage_options=self.storage_options
+            )
+        except CommitFailedError:  # another writer created it meanwhile: version 0 is taken
+            return DeltaTable(self.uri(table), storage_options=self.storage_options)
 
     def version(self, table: TableSpec) -> int | None:
         if not self.exists(table):
@@ -85,26 +135,64 @@ class Lake:
         if rows.num_rows == 0:
             return WriteResult(table.name, self.version(table))
         on = " AND ".join(f"t.{key} = s.{key}" for key in table.keys)
-        for attempt in range(MAX_COMMIT_ATTEMPTS):
-            dt = self.delta(table)
+
+        on += self._key_filter(rows, table)
+
+        def attempt() -> WriteResult:
+            dt = self._current(table)
             # merge_schema: a column added in a later release (series.volume_issue) evolves
             # tables that older homes already hold.
             merger = dt.merge(rows, on, source_alias="s", target_alias="t", merge_schema=True)
             if table.mutable:
                 merger = merger.when_matched_update_all(predicate="t.row_digest <> s.row_digest")
-            try:
-                metrics = merger.when_not_matched_insert_all().execute()
-            except CommitFailedError:
-                if attempt == MAX_COMMIT_ATTEMPTS - 1:
-                    raise
-                time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
-                continue
+            metrics = merger.when_not_matched_insert_all().execute()
             return WriteResult(
                 table.name,
                 dt.version(),
                 inserted=int(metrics.get("num_target_rows_inserted", 0)),
                 updated=int(metrics.get("num_target_rows_updated", 0)),
             )
+
+        return self._committed(table, "MERGE", attempt)
+
+    def _current(self, table: TableSpec) -> DeltaTable:
+        handles: dict[str, DeltaTable] = self._local.__dict__.setdefault("handles", {})
+        handle = handles.get(table.name)
+        if handle is None:
+            handle = handles[table.name] = self.delta(table)
+        else:
+            handle.update_incremental()
+        return handle
+
+    @staticmethod
+    def _key_filter(rows: pa.Table, table: TableSpec) -> str:
+        """` AND t.<first key> IN (…)` for a small batch with a string key, else nothing."""
+        key = table.keys[0]
+        if not pa.types.is_string(table.schema.field(key).type):
+            return ""
+        values = pl.from_arrow(rows.select([key]))[key].drop_nulls().unique()  # type: ignore[index]
+        if not 0 < len(values) <= PRUNE_MAX_KEYS:
+            return ""
+        quoted = ", ".join("'" + str(v).replace("'", "''") + "'" for v in values.sort())
+        return f" AND t.{key} IN ({quoted})"
+
+    def _committed(self, table: TableSpec, operation: str, attempt: Callable[[], Any]) -> Any:
+        """Run one commit, again on a conflict with a concurrent writer, at most
+        MAX_COMMIT_ATTEMPTS times with jittered exponential backoff; each retry is logged."""
+        self.check_writable()
+        for number in range(1, MAX_COMMIT_ATTEMPTS + 1):
+            try:
+                return attempt()
+            except CommitFailedError as exc:
+                if number == MAX_COMMIT_ATTEMPTS:
+                    raise CommitConflictError(
+                        f"{operation} into {self.uri(table)} lost against concurrent writers "
+                        f"{MAX_COMMIT_ATTEMPTS} times; last conflict: {exc}") from exc
+                delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (number - 1)) * random.uniform(0.5, 1.5)
+                log.warning("%s into %s conflicted with a concurrent commit (attempt %d of %d), "
+                            "retrying in %.2f s: %s", operation, self.uri(table), number,
+                            MAX_COMMIT_ATTEMPTS, delay, exc)
+                time.sleep(delay)
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -127,17 +215,12 @@ class Lake:
     def delete(self, table: TableSpec, predicate: str) -> WriteResult:
         """Delete rows matching a SQL predicate. Callers build predicates from validated
         values only (UIDs, tag names), never from free text."""
-        for attempt in range(MAX_COMMIT_ATTEMPTS):
-            dt = self.delta(table)
-            try:
-                metrics = dt.delete(predicate)
-            except CommitFailedError:
-                if attempt == MAX_COMMIT_ATTEMPTS - 1:
-                    raise
-                time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))
-                continue
+        def attempt() -> WriteResult:
+            dt = self._current(table)
+            metrics = dt.delete(predicate)
             return WriteResult(table.name, dt.version(), deleted=int(metrics.get("num_deleted_rows", 0)))
-        raise AssertionError("unreachable")
+
+        return self._committed(table, "DELETE", attempt)
 
     def scan(self, table: TableSpec, version: int | None = None) -> pl.LazyFrame:
         """A lazy polars scan; an absent table reads as empty (with its schema)."""

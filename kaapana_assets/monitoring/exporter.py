@@ -97,7 +97,7 @@ def _instance(dagster_home: str | None) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kaapana_assets.environment import Environment, EnvironmentKind
+    from kaapana_assets.environment import Environment
 
     parser = argparse.ArgumentParser(prog="python -m kaapana_assets.monitoring.exporter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     environment = Environment.read(home=args.home)
-    lake = Lake(args.lake or environment.lake_uri, environment.s3_options if environment.env is EnvironmentKind.K8S else None)
+    lake = Lake(args.lake, environment.s3_storage_options if "://" in args.lake else None) if args.lake \
+        else Lake.of(environment)
     instance = None if args.no_dagster else _instance(args.dagster_home)
     server = serve(build_registry(args.role, lake, instance, args.failed_window_hours * 3600), args.host, args.port)
     print(f"kaapana {args.role} metrics on http://{args.host}:{server.server_port}/metrics", flush=True)

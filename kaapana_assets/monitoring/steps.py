@@ -29,7 +29,6 @@ from kaapana_assets.federation.clientapp import SiteSettings, reply
 from kaapana_assets.federation.guard import DEFAULT_THRESHOLD, MAX_THRESHOLD
 from kaapana_assets.federation.registry import Step, register_step
 from kaapana_assets.federation.serverapp import HubRun
-from kaapana_assets.lake import Lake
 from kaapana_assets.monitoring.figures import (
     EXPERIMENT,
     STEP,
@@ -87,7 +86,7 @@ def statistics(settings: SiteSettings, msg: Message) -> Message:
         except ProjectNameError:
             raise RuntimeError(f"{settings.site} refuses a statistics request for project {str(project)[:80]!r}") \
                 from None
-    answer = site_answer(Lake(settings.home / "lake"), settings.site, max(requested, settings.min_cell_size),
+    answer = site_answer(settings.site_lake(), settings.site, max(requested, settings.min_cell_size),
                          project=project)
     content = RecordDict({CONFIG: ConfigRecord({"statistics": answer.dumps()})})
     # The manifest's case count is 0: a count there would bypass the suppression.

@@ -49,8 +49,11 @@ class Tracking:
         existing = client.get_experiment_by_name(self.experiment)
         if existing is not None:
             return existing.experiment_id
-        Path(self.artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
-        return client.create_experiment(self.experiment, artifact_location=self.artifact_root)
+        if self.artifact_root and "://" not in self.artifact_root.removeprefix("file://") \
+                and not self.artifact_root.startswith("mlflow-artifacts:"):
+            Path(self.artifact_root.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+        # Empty: the tracking server's own --artifacts-destination (an object store, proxied by it).
+        return client.create_experiment(self.experiment, artifact_location=self.artifact_root or None)
 
     def client(self):
         import mlflow

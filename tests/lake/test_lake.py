@@ -133,3 +133,15 @@ def test_merge_evolves_a_table_written_before_columns_were_added(tmp_path: Path)
         assert set(lake.read(spec).columns) == set(spec.schema.names)
         assert rows[old_row[spec.keys[0]]]["study_time"] is None
         assert rows[new_row[spec.keys[0]]]["study_time"] == "093000"
+
+
+def test_a_lake_that_wrote_still_pickles_for_worker_processes(tmp_path: Path) -> None:
+    """The lake keeps its tables' handles between writes; a copy in another process opens its own."""
+    import pickle
+
+    lake = Lake(tmp_path / "lake")
+    lake.merge(QUARANTINE, _quarantine_rows("a"))
+    copy = pickle.loads(pickle.dumps(lake))
+    assert copy.merge(QUARANTINE, _quarantine_rows("a", "b")).inserted == 1
+    assert lake.merge(QUARANTINE, _quarantine_rows("c")).version == 3  # brought up to date first
+    assert sorted(lake.read(QUARANTINE)["sha256"].to_list()) == ["a", "b", "c"]
