@@ -25,11 +25,11 @@ import pyarrow as pa
 from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
-from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
+from kaapana_assets.federated.step_names import EVALUATION_STEP, PLAN_STEP, ROUND_STEP
 from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import FlowerRunFailed
 from kaapana_assets.federation.store import FederationStore
-from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
+from kaapana_assets.lake.schemas import FEDERATED_EVALUATIONS, FEDERATED_ROUNDS
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.tracking import model_name_for
@@ -51,6 +51,11 @@ ROUND_SCHEMA = columns(
     ("site", "string"), ("status", "string"), ("cases", "int"), ("train_loss", "float"),
     ("dice", "float", "Dice on the site's own validation patients"), ("reason", "string"),
     ("epsilon", "float", "ε the site has spent so far (differential privacy)"),
+)
+EVALUATION_SCHEMA = columns(
+    ("site", "string"), ("label", "string"), ("metric", "string"),
+    ("reported", "string", "cases measured; \"<5\" when suppressed"), ("mean", "float"), ("median", "float"),
+    ("q1", "float"), ("q3", "float"), ("minimum", "float"), ("maximum", "float"),
 )
 DICE_BY_ROUND_SCHEMA = columns(("round", "int"), ("dice", "float", "global Dice across the sites"))
 
@@ -410,12 +415,81 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
     )
 
 
+def _completed_round(lake: LakeResource, experiment: str) -> int:
+    """The experiment's last completed round: the model federated_model registers."""
+    rows = lake.lake().read(FEDERATED_ROUNDS, (pl.col("experiment") == experiment) & (pl.col("status") == "global")) \
+        if lake.lake().exists(FEDERATED_ROUNDS) else pl.DataFrame()
+    if not len(rows):
+        raise dg.Failure(description=f"no round of {experiment} has completed: materialize federated_rounds first")
+    return int(rows["round"].max())  # type: ignore[arg-type]
+
+
+class FederatedEvaluationConfig(dg.Config):
+    cohort: str = "liver-test"  # the held-out cohort every site evaluates on (its own version of it)
+    round: int | None = None  # the global model of this round; None: the experiment's federated model (its last round)
+    min_cell_size: int = 5  # small cells: fewer cases than this leave no site (a site may raise it)
+
+
+@dg.asset(partitions_def=experiments_partitions, group_name=HUB_GROUP, kinds={"delta", "nnunet"},
+          deps=[federated_model],
+          description="The federated model evaluated at every site on the site's own held-out cohort (#33's rules: "
+                      "a site refuses a cohort that shares a patient with what it trained on) with "
+                      "segmentation_evaluation's metrics (Dice, HD95, ASSD, volumes), over one Flower run; only "
+                      "per-label aggregates leave a site, suppressed below the small-cell threshold. Writes "
+                      "federated_evaluations rows and one box plot per site.")
+def federated_evaluation(context: dg.AssetExecutionContext, config: FederatedEvaluationConfig,
+                         federation: FederationResource, lake: LakeResource) -> dg.MaterializeResult:
+    from kaapana_assets.federated import evaluation_hub
+    from kaapana_assets.federated.site_evaluation import GLOBAL, ModelEvaluation, parse_evaluation
+    from kaapana_assets.ingest.study import png_markdown
+
+    experiment = context.partition_key
+    round_ = config.round if config.round is not None else _completed_round(lake, experiment)
+    store = federation.store()
+    if not store.has_global(experiment, round_):
+        raise dg.Failure(description=f"{experiment} has no global model of round {round_}")
+    request = evaluation_hub.EvaluationRequest(evaluation_hub.new_request_id(), config.cohort, round_, (GLOBAL,), config.min_cell_size)
+    evaluation_hub.write_request(store, experiment, request)
+    try:
+        result = _flower_step(federation, EVALUATION_STEP, experiment, request.request, context)
+    finally:
+        evaluation_hub.remove_request(store, experiment, request.request)
+    if not result["ok"]:
+        raise dg.Failure(description=f"the evaluation's Flower run failed: {result['error']}")
+    # Checked in the ServerApp already; parsed again here into the types the report reads.
+    evaluations: list[ModelEvaluation] = [
+        parse_evaluation(json.dumps(answer), site, GLOBAL, request.threshold)
+        for site, answer in sorted(result["evaluations"].get(GLOBAL, {}).items())]
+    refused = {r["site"]: f"{r['reason']}: {r['message']}" for r in result["rejected"]}
+    for site, why in refused.items():
+        context.log.warning(f"{site} did not evaluate {experiment} round {round_}: {why}")
+    if not evaluations:
+        raise dg.Failure(description=f"no site evaluated {experiment} round {round_}",
+                         metadata={"refused_sites": dg.MetadataValue.json(refused)})
+    rows = evaluation_hub.evaluation_rows(experiment, round_, evaluations)
+    written = lake.lake().merge(FEDERATED_EVALUATIONS, pa.Table.from_pylist(rows, schema=FEDERATED_EVALUATIONS.schema))
+    name = evaluation_hub.model_name(experiment, round_)
+    plots = {f"boxplot_{e.site}": dg.MetadataValue.md(png_markdown(evaluation_hub.box_plot_png(e), f"{name} at {e.site}"))
+             for e in evaluations}
+    return dg.MaterializeResult(
+        metadata={
+            "model": name, "round": round_, "cohort": config.cohort, "min_cell_size": request.threshold,
+            "sites": dg.MetadataValue.json(sorted(e.site for e in evaluations)),
+            "refused_sites": dg.MetadataValue.json(refused),
+            "held_out": dg.MetadataValue.json({e.site: e.held_out for e in evaluations}),
+            "summaries": table(rows, EVALUATION_SCHEMA),
+            **plots,
+            "delta_version": dg.MetadataValue.int(written.version or 0),
+        },
+    )
+
+
 federated_round_job = dg.define_asset_job("federated_round", selection=[federated_rounds],
                                           description="One round of a federated experiment.")
 federated_model_job = dg.define_asset_job("register_federated_model", selection=[federated_model],
                                           description="Register (and promote) a federated experiment's model.")
 
 
-hub_assets = [federated_plan, federated_rounds, federated_model]
+hub_assets = [federated_plan, federated_rounds, federated_model, federated_evaluation]
 defs = dg.Definitions(assets=[*hub_assets, *SITE_ASSETS.values()],
                       jobs=[federated_round_job, federated_model_job])

@@ -5,6 +5,9 @@ kaapana_assets/federation/registry.py):
          site: compute the fingerprint (fingerprint_request)
   round  hub: from global r-1 to global r (hub.run_round over RoundChannel)
          site: train from global r-1 (train), score global r (evaluate)
+  evaluation  hub: each model of an evaluation request to every site, their aggregates checked
+         site: the model on the site's own held-out cohort (site_evaluation.py), aggregates
+               only, small cells suppressed (model_evaluation; no Dagster run)
 
 At the site this is the wiring layer (as assets.py is the hub's): what the hub's message
 carries is verified with the site's key and put into the site's own federation folder, and
@@ -24,9 +27,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.typing import ConfigRecordValues
 
 from kaapana_assets.federated.fingerprint import SiteFingerprint
-from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
+from kaapana_assets.federated.step_names import EVALUATION_STEP, PLAN_STEP, ROUND_STEP
 from kaapana_assets.federation.channel import (
     ARRAYS,
     CONFIG,
@@ -45,6 +49,7 @@ from kaapana_assets.federation.channel import (
     weights_of,
 )
 from kaapana_assets.federation.clientapp import SiteSettings, reply
+from kaapana_assets.federation.guard import MAX_THRESHOLD
 from kaapana_assets.federation.registry import Step, register_step
 from kaapana_assets.federation.serverapp import GridChannel, HubRun
 from kaapana_assets.federation.store import checked_name
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
     import torch
 
     from kaapana_assets.federated.hub import ExperimentSpec
+    from kaapana_assets.federated.site import SiteContext
 
 EXPERIMENTS = "federated_experiments"  # the site's partitions of its federated assets
 # What the site handlers import when they run (kaapana-superexec imports it ahead).
@@ -65,6 +71,7 @@ SITE_IMPORTS = (
     "kaapana_assets.federation.payload",
     "kaapana_assets.federated.privacy",
     "kaapana_assets.federated.site",
+    "kaapana_assets.federated.site_evaluation",
     "nnunetv2.experiment_planning.plan_and_preprocess_api",
     "nnunetv2.inference.predict_from_raw_data",
     "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
@@ -255,10 +262,97 @@ def evaluate(settings: SiteSettings, msg: Message) -> Message:
                            settings.key))
 
 
+PUBLISHED = ("experiment", "plans", "fingerprint", "dataset")  # what a site needs of an experiment besides weights
+
+
+def evaluation_step(run: HubRun) -> dict:
+    """Each model of the evaluation request to every site, one exchange per model; every
+    answer checked (aggregates only, nothing in the clear below the threshold)."""
+    from kaapana_assets.federated.evaluation_hub import read_request
+    from kaapana_assets.federated.site_evaluation import GLOBAL, EvaluationRefused, parse_evaluation
+
+    store, experiment = run.store, run.settings.experiment
+    request = read_request(store, experiment, run.settings.round)
+    published = {name: json.dumps(store.read_json(experiment, name), sort_keys=True) for name in PUBLISHED}
+    channel = run.channel()
+    answers: dict[str, dict[str, dict]] = {}
+    rejected: list[dict] = []
+    for model in request.models:
+        weights = (store.read_global(experiment, request.round) if model == GLOBAL
+                   else store.read_local(experiment, model))
+        records = weight_records(weights)
+        body = json.dumps({"cohort": request.cohort, "model": model, "round": request.round,
+                           "threshold": request.threshold}, sort_keys=True)
+        verified, refused = channel.exchange(
+            Kind.MODEL_EVALUATION_REQUEST, Kind.MODEL_EVALUATION, run.sites, request.message_round(model),
+            lambda site, records=records, body=body: RecordDict(  # type: ignore[misc]
+                {**records, CONFIG: ConfigRecord({"request": body, **published})}))
+        for answer in verified:
+            assert answer.message is not None
+            config = answer.message.content[CONFIG]
+            if "refused" in config:
+                refused.append(Rejection(answer.site, RejectionReason.REFUSED, str(config["refused"])[:500]))
+                continue
+            try:
+                evaluation = parse_evaluation(str(config["evaluation"]), answer.site, model, request.threshold)
+            except (KeyError, EvaluationRefused) as exc:
+                refused.append(Rejection(answer.site, RejectionReason.BAD_PAYLOAD, f"evaluation refused: {exc}"))
+                continue
+            answers.setdefault(model, {})[answer.site] = evaluation.to_json()
+        for rejection in refused:
+            run.log(f"{model} model at {rejection.site}: {rejection.reason}: {rejection.message}")
+            rejected.append({"model": model, **rejection.to_json()})
+    return {"ok": True, "evaluations": answers, "rejected": rejected}
+
+
+def site_context(settings: SiteSettings) -> SiteContext:
+    """The site's own data as its Dagster resources would give it (resources/build.py)."""
+    from kaapana_assets.federated.site import SiteContext
+    from kaapana_assets.home import KaapanaHome
+    from kaapana_assets.lake import Lake
+
+    home = KaapanaHome(settings.home)
+    return SiteContext(settings.site, settings.store, Lake(home.lake), home.archive, settings.home / "nnunet",
+                       settings.device, settings.threads)
+
+
+def model_evaluation(settings: SiteSettings, msg: Message) -> Message:
+    """A model on this site's own held-out cohort: the held-out check (a refusal says how
+    many patients overlap, never which), per-case metrics kept here, aggregates sent."""
+    from kaapana_assets.evaluation.held_out import NotHeldOut
+    from kaapana_assets.federated.site_evaluation import evaluate_at_site
+
+    manifest, _ = read_manifest(msg.content)
+    try:
+        verify(msg.content, settings.key, Kind.MODEL_EVALUATION_REQUEST, manifest.experiment, manifest.round,
+               settings.site)
+    except UpdateRejected as exc:
+        raise RuntimeError(f"{settings.site} refuses the hub's evaluation request: {exc.reason}: {exc.message}") from None
+    experiment, config = checked_name("experiment", manifest.experiment), msg.content[CONFIG]
+    for name in PUBLISHED:
+        settings.store.write_json(experiment, name, json.loads(str(config[name])))
+    request = json.loads(str(config["request"]))
+    requested = request.get("threshold")
+    if not isinstance(requested, int) or isinstance(requested, bool) or not 1 <= requested <= MAX_THRESHOLD:
+        raise RuntimeError(f"{settings.site} refuses an evaluation request with threshold {requested!r}")
+    try:
+        evaluation = evaluate_at_site(site_context(settings), experiment, checked_name("cohort", request["cohort"]),
+                                      checked_name("model", request["model"]), int(request["round"]),
+                                      weights_of(msg.content), max(requested, settings.min_cell_size))
+        answer: dict[str, ConfigRecordValues] = {"evaluation": evaluation.dumps()}
+    except NotHeldOut as exc:
+        answer = {"refused": str(exc)}
+    # The manifest's case count is 0: a count there would bypass the suppression.
+    return reply(msg, seal(RecordDict({CONFIG: ConfigRecord(answer)}), Kind.MODEL_EVALUATION, experiment,
+                           manifest.round, settings.site, 0, settings.key))
+
+
 PLAN = register_step(Step(PLAN_STEP, hub=plan_step, site={Kind.FINGERPRINT_REQUEST: fingerprint},
                           preload=SITE_IMPORTS))
 ROUND = register_step(Step(ROUND_STEP, hub=round_step, site={Kind.TRAIN: train, Kind.EVALUATE: evaluate},
                            numbered=True, preload=SITE_IMPORTS))
+EVALUATION = register_step(Step(EVALUATION_STEP, hub=evaluation_step,
+                                site={Kind.MODEL_EVALUATION_REQUEST: model_evaluation}, preload=SITE_IMPORTS))
 
-__all__ = ["PLAN", "ROUND", "RoundChannel", "evaluate", "fingerprint", "materialize_at_site", "plan_step",
-           "round_step", "train"]
+__all__ = ["EVALUATION", "PLAN", "ROUND", "RoundChannel", "evaluate", "evaluation_step", "fingerprint",
+           "materialize_at_site", "model_evaluation", "plan_step", "round_step", "site_context", "train"]

@@ -45,6 +45,25 @@ def flower(federation: Federation) -> Iterator[LocalFederation]:
         yield network
 
 
+FAULTS_PRIVACY = {"dp_clipping_norm": 0.01, "dp_sensitivity": 0.01, "dp_epsilon": 5.0, "dp_delta": 1e-5,
+                  "dp_max_epsilon": 100.0}
+
+
+@pytest.fixture(scope="module")
+def faults_plan(federation: Federation, flower: LocalFederation) -> dict:
+    """The hub's resources for experiment `faults`, planned over the module's network (its
+    global model 0 published): the fault scenario trains it, the evaluation test evaluates
+    its initial network (which no site trained on, whatever ran before)."""
+    # Faults, not learning, are under test: the shortest local training that is still a round.
+    resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, **FAULTS_PRIVACY,
+                                                   strategy="fedavgm", server_momentum=0.5,
+                                                   local_epochs=1, iterations_per_epoch=2))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("federated_experiments", ["faults"])
+        _materialize([federated_plan], "faults", instance, resources)
+    return resources
+
+
 def _materialize(assets: list, partition: str, instance: dg.DagsterInstance, resources: dict,
                  raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
     return dg.materialize(assets, partition_key=partition, instance=instance, resources=resources,
@@ -179,7 +198,8 @@ def _wait_for_clientapp(flower: LocalFederation, site: str, timeout_s: float = 1
     raise TimeoutError("the site never started its ClientApp")
 
 
-def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: LocalFederation) -> None:
+def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: LocalFederation,
+                                               faults_plan: dict) -> None:
     """Quorum 2 of 3. site-c goes away while it trains: round 1 completes with site-a and
     site-b. With site-b gone as well, round 2 fails cleanly (nothing aggregated, no global
     model). Both come back: the retry of round 2 aggregates all three. This experiment
@@ -206,16 +226,11 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         accountant.compose(dp_accounting.GaussianDpEvent(round_mechanism(privacy).noise_multiplier), rounds)
         return accountant.get_epsilon(privacy.delta)
 
-    # Faults, not learning, are under test: the shortest local training that is still a round.
-    resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, dp_clipping_norm=0.01,
-                                                   dp_sensitivity=0.01, dp_epsilon=5.0, dp_delta=1e-5,
-                                                   dp_max_epsilon=100.0, strategy="fedavgm", server_momentum=0.5,
-                                                   local_epochs=1, iterations_per_epoch=2))
+    resources = faults_plan
     store = federation.hub_store
     sites = {s.name: s for s in federation.local_sites()}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("federated_experiments", ["faults"])
-        _materialize([federated_plan], "faults", instance, resources)
         lost = threading.Thread(target=lambda: (_wait_for_clientapp(flower, "site-c"),
                                                 flower.stop_site("site-c")))
         lost.start()
@@ -288,3 +303,47 @@ def test_sites_only_dial_out(flower: LocalFederation) -> None:
         peer = int(fields[4].rsplit(":", 1)[1])
         local_port = int(fields[3].rsplit(":", 1)[1])
         assert peer == port or peer in own_ports or local_port in own_ports, line
+
+
+def test_federated_evaluation_at_every_site(federation: Federation, flower: LocalFederation,
+                                           faults_plan: dict) -> None:
+    """federated_evaluation over the real SuperLink and SuperNodes: the model to every site,
+    each site's aggregates back. The model is the plan's initial network (round 0, which no
+    site trained on: liver-train is held out from it everywhere); with four cases per site
+    every statistic is suppressed (below 5). Nothing identifying in any message the hub
+    received. A site's own local model on its own training cohort is refused (#33's rules)."""
+    from kaapana_assets.cohorts.membership import read_cohort
+    from kaapana_assets.evaluation.held_out import NotHeldOut
+    from kaapana_assets.federated.assets import federated_evaluation
+    from kaapana_assets.federated.site import SiteContext
+    from kaapana_assets.federated.site_evaluation import Metric, check_model
+    from kaapana_assets.lake.schemas import FEDERATED_EVALUATIONS
+
+    store, experiment = federation.hub_store, "faults"
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("federated_experiments", [experiment])
+        result = dg.materialize([federated_evaluation], partition_key=experiment, instance=instance,
+                                resources=faults_plan, run_config={"ops": {"federated_evaluation": {"config": {
+                                    "cohort": "liver-train", "round": 0}}}})
+    metadata = _metadata(result)
+    assert metadata["sites"] == list(SITES) and metadata["refused_sites"] == {}
+    assert all(line.startswith("held out: no patient of liver-train v1") for line in metadata["held_out"].values())
+    assert {f"boxplot_{site}" for site in SITES} <= set(metadata)
+    rows = Lake(federation.root / "hub" / "lake").read(
+        FEDERATED_EVALUATIONS, pl.col("model") == "faults:global@round0")
+    assert rows.height == len(SITES) * len(Metric) * rows["label"].n_unique() and set(rows["site"]) == set(SITES)
+    assert rows["suppressed"].all() and rows["cases"].null_count() == rows.height and set(rows["reported"]) == {"<5"}
+
+    received = [p for p in store.files(experiment) if "received" in p.parts and "model_evaluation" in p.parts]
+    assert len(received) >= len(SITES)
+    for site, site_home in federation.homes.items():
+        identifiers = site_identifiers(Lake(site_home.lake))
+        for path in received:
+            assert not leaked_identifiers(path.read_bytes(), identifiers), f"{path} leaks {site}'s identifiers"
+
+    home = federation.homes["site-a"]
+    site_a = SiteContext("site-a", FederationStore(home.site_federation), Lake(home.lake), home.archive,
+                         home.root / "nnunet")
+    with pytest.raises(NotHeldOut, match=r"site-a refuses to evaluate faults:site-a on liver-train v1: IN-SAMPLE: "
+                                         r"4 patient\(s\)"):
+        check_model(site_a, experiment, read_cohort(site_a.lake, "liver-train"), "site-a", 0)
