@@ -5,6 +5,9 @@ kaapana_assets/federation/registry.py):
          site: compute the fingerprint (fingerprint_request)
   round  hub: from global r-1 to global r (hub.run_round over RoundChannel)
          site: train from global r-1 (train), score global r (evaluate)
+  baseline  hub: the initial network to every site; consenting sites' local models kept (cross-site)
+         site: train a local-only baseline if the site consented (node config share-local-model),
+               else decline (baseline; no Dagster run)
   evaluation  hub: each model of an evaluation request to every site, their aggregates checked
          site: the model on the site's own held-out cohort (site_evaluation.py), aggregates
                only, small cells suppressed (model_evaluation; no Dagster run)
@@ -30,7 +33,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.app.typing import ConfigRecordValues
 
 from kaapana_assets.federated.fingerprint import SiteFingerprint
-from kaapana_assets.federated.step_names import EVALUATION_STEP, PLAN_STEP, ROUND_STEP
+from kaapana_assets.federated.step_names import BASELINE_STEP, EVALUATION_STEP, PLAN_STEP, ROUND_STEP
 from kaapana_assets.federation.channel import (
     ARRAYS,
     CONFIG,
@@ -40,6 +43,7 @@ from kaapana_assets.federation.channel import (
     RejectionReason,
     UpdateRejected,
     Verified,
+    from_arrays,
     full_arrays,
     metrics_record,
     read_manifest,
@@ -80,6 +84,33 @@ SITE_IMPORTS = (
 # -- hub ------------------------------------------------------------------------------------------
 
 
+def checked_weights(verified: list[Verified], rejected: list[Rejection],
+                    weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
+    """The verified replies whose arrays are a state dict of the experiment's network (same
+    names, same shapes as `weights`), with every name restored; the others rejected."""
+    accepted = []
+    for update in verified:
+        assert update.message is not None
+        try:
+            arrays = full_arrays(update.message.content) if ARRAYS in update.message.content else None
+        except ValueError as exc:
+            rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, str(exc)))
+            continue
+        if arrays is None or set(arrays.keys()) != set(weights):
+            rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD,
+                                      "the update is not a state dict of the experiment's network"))
+            continue
+        bad = [k for k in weights if tuple(arrays[k].shape) != tuple(weights[k].shape)]
+        if bad:
+            rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, f"tensor {bad[0]} has shape "
+                                      f"{tuple(arrays[bad[0]].shape)}, expected {tuple(weights[bad[0]].shape)}"))
+            continue
+        # Verified already: the strategies now see every name of the state dict.
+        update.message.content[ARRAYS] = arrays
+        accepted.append(update)
+    return accepted, rejected
+
+
 class RoundChannel:
     """hub.SiteChannel over the Grid: what a round sends with the weights."""
 
@@ -95,27 +126,7 @@ class RoundChannel:
     def train(self, sites: list[str], round_: int,
               weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
         verified, rejected = self.channel.exchange(Kind.TRAIN, Kind.UPDATE, sites, round_, self._content(weights))
-        accepted = []
-        for update in verified:
-            assert update.message is not None
-            try:
-                arrays = full_arrays(update.message.content) if ARRAYS in update.message.content else None
-            except ValueError as exc:
-                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, str(exc)))
-                continue
-            if arrays is None or set(arrays.keys()) != set(weights):
-                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD,
-                                          "the update is not a state dict of the experiment's network"))
-                continue
-            bad = [k for k in weights if tuple(arrays[k].shape) != tuple(weights[k].shape)]
-            if bad:
-                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, f"tensor {bad[0]} has shape "
-                                          f"{tuple(arrays[bad[0]].shape)}, expected {tuple(weights[bad[0]].shape)}"))
-                continue
-            # Verified already: the strategies now see every name of the state dict.
-            update.message.content[ARRAYS] = arrays
-            accepted.append(update)
-        return accepted, rejected
+        return checked_weights(verified, rejected, weights)
 
     def evaluate(self, sites: list[str], round_: int,
                  weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
@@ -305,6 +316,58 @@ def evaluation_step(run: HubRun) -> dict:
     return {"ok": True, "evaluations": answers, "rejected": rejected}
 
 
+def baseline_step(run: HubRun) -> dict:
+    """The experiment's initial network to every site; each consenting site trains its local
+    baseline and sends it, the others decline. The hub keeps each baseline it verified."""
+    store, experiment = run.store, run.settings.experiment
+    initial = store.read_global(experiment, 0)
+    published = {name: json.dumps(store.read_json(experiment, name), sort_keys=True) for name in PUBLISHED}
+    records = weight_records(initial)
+    verified, rejected = run.channel().exchange(
+        Kind.BASELINE_REQUEST, Kind.BASELINE, run.sites, run.settings.round,
+        lambda site: RecordDict({**records, CONFIG: ConfigRecord(dict(published))}))
+    declined = {}
+    for answer in list(verified):
+        assert answer.message is not None
+        if CONFIG in answer.message.content and "declined" in answer.message.content[CONFIG]:
+            declined[answer.site] = str(answer.message.content[CONFIG]["declined"])[:500]
+            verified.remove(answer)
+    accepted, rejected = checked_weights(verified, rejected, initial)
+    for baseline in accepted:
+        assert baseline.message is not None
+        # checked_weights restored every name in place: the record is the full state dict now.
+        store.write_local(experiment, baseline.site, from_arrays(baseline.message.content.array_records[ARRAYS]))
+        run.log(f"{baseline.site}: local baseline of {baseline.cases} training cases kept")
+    for rejection in rejected:
+        run.log(f"{rejection.site}: no local baseline ({rejection.reason}): {rejection.message}")
+    return {"ok": True, "trained": {b.site: b.cases for b in accepted}, "declined": declined,
+            "rejected": [r.to_json() for r in rejected]}
+
+
+def baseline(settings: SiteSettings, msg: Message) -> Message:
+    """Train this site's local-only baseline from the hub's initial network, if the site
+    consented to share it (its weights go to every other site through the hub); else decline."""
+    from kaapana_assets.federated.site import train_baseline
+
+    manifest, _ = read_manifest(msg.content)
+    try:
+        verify(msg.content, settings.key, Kind.BASELINE_REQUEST, manifest.experiment, manifest.round, settings.site)
+    except UpdateRejected as exc:
+        raise RuntimeError(f"{settings.site} refuses the hub's baseline request: {exc.reason}: {exc.message}") from None
+    experiment = checked_name("experiment", manifest.experiment)
+    if not settings.share_local_model:
+        content = RecordDict({CONFIG: ConfigRecord({"declined": f"{settings.site} does not share a local model "
+                                                                "(node config share-local-model is off)"})})
+        return reply(msg, seal(content, Kind.BASELINE, experiment, manifest.round, settings.site, 0, settings.key))
+    config = msg.content[CONFIG]
+    for name in PUBLISHED:
+        settings.store.write_json(experiment, name, json.loads(str(config[name])))
+    update = train_baseline(site_context(settings), experiment, weights_of(msg.content))
+    content = RecordDict({**weight_records(update.weights), METRICS: metrics_record(update.cases, update.metrics)})
+    return reply(msg, seal(content, Kind.BASELINE, experiment, manifest.round, settings.site, update.cases,
+                           settings.key))
+
+
 def site_context(settings: SiteSettings) -> SiteContext:
     """The site's own data as its Dagster resources would give it (resources/build.py)."""
     from kaapana_assets.federated.site import SiteContext
@@ -351,8 +414,11 @@ PLAN = register_step(Step(PLAN_STEP, hub=plan_step, site={Kind.FINGERPRINT_REQUE
                           preload=SITE_IMPORTS))
 ROUND = register_step(Step(ROUND_STEP, hub=round_step, site={Kind.TRAIN: train, Kind.EVALUATE: evaluate},
                            numbered=True, preload=SITE_IMPORTS))
+BASELINE = register_step(Step(BASELINE_STEP, hub=baseline_step, site={Kind.BASELINE_REQUEST: baseline},
+                              preload=SITE_IMPORTS))
 EVALUATION = register_step(Step(EVALUATION_STEP, hub=evaluation_step,
                                 site={Kind.MODEL_EVALUATION_REQUEST: model_evaluation}, preload=SITE_IMPORTS))
 
-__all__ = ["EVALUATION", "PLAN", "ROUND", "RoundChannel", "evaluate", "evaluation_step", "fingerprint",
+__all__ = ["BASELINE", "EVALUATION", "PLAN", "ROUND", "RoundChannel", "baseline", "baseline_step", "checked_weights",
+           "evaluate", "evaluation_step", "fingerprint",
            "materialize_at_site", "model_evaluation", "plan_step", "round_step", "site_context", "train"]

@@ -98,6 +98,7 @@ class LocalSite:
     key: str  # the site's signing key (base64)
     device: str = "cpu"
     threads: int = 2
+    share_local_model: bool = False  # consents to cross-site evaluation (node config share-local-model)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class LocalFederation:
         runtime_port = free_port()
         command = supernode_command(self.connection.address, self.certificates["ca"],
                                     private_key or self.node_keys(site.name)[0], site.name, site.home,
-                                    runtime_port, site.device, site.threads)
+                                    runtime_port, site.device, site.threads, site.share_local_model)
         flwr_home = {"FLWR_HOME": str(site.home / "flwr")}
         process = self._spawn(command, f"supernode-{site.name}.log", flwr_home)
         self.supernodes[site.name] = process

@@ -8,6 +8,7 @@ superseded round. Tampered and replayed messages: tests/federation/test_federate
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -52,8 +53,8 @@ FAULTS_PRIVACY = {"dp_clipping_norm": 0.01, "dp_sensitivity": 0.01, "dp_epsilon"
 @pytest.fixture(scope="module")
 def faults_plan(federation: Federation, flower: LocalFederation) -> dict:
     """The hub's resources for experiment `faults`, planned over the module's network (its
-    global model 0 published): the fault scenario trains it, the evaluation test evaluates
-    its initial network (which no site trained on, whatever ran before)."""
+    global model 0 published): the fault scenario trains it, the cross-site evaluation test
+    evaluates its initial network (which no site trained on, whatever ran before)."""
     # Faults, not learning, are under test: the shortest local training that is still a round.
     resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, **FAULTS_PRIVACY,
                                                    strategy="fedavgm", server_momentum=0.5,
@@ -305,45 +306,45 @@ def test_sites_only_dial_out(flower: LocalFederation) -> None:
         assert peer == port or peer in own_ports or local_port in own_ports, line
 
 
-def test_federated_evaluation_at_every_site(federation: Federation, flower: LocalFederation,
-                                           faults_plan: dict) -> None:
-    """federated_evaluation over the real SuperLink and SuperNodes: the model to every site,
-    each site's aggregates back. The model is the plan's initial network (round 0, which no
-    site trained on: liver-train is held out from it everywhere); with four cases per site
-    every statistic is suppressed (below 5). Nothing identifying in any message the hub
-    received. A site's own local model on its own training cohort is refused (#33's rules)."""
-    from kaapana_assets.cohorts.membership import read_cohort
-    from kaapana_assets.evaluation.held_out import NotHeldOut
-    from kaapana_assets.federated.assets import federated_evaluation
-    from kaapana_assets.federated.site import SiteContext
-    from kaapana_assets.federated.site_evaluation import Metric, check_model
-    from kaapana_assets.lake.schemas import FEDERATED_EVALUATIONS
+def test_cross_site_evaluation_with_one_consenting_site(federation: Federation, flower: LocalFederation,
+                                                        faults_plan: dict) -> None:
+    """cross_site_evaluation over the real SuperLink and SuperNodes. site-a alone consents
+    (node config share-local-model): it trains a local baseline from the plan's initial
+    network, site-b and site-c decline. Every site then evaluates the global model (round 0,
+    trained on nobody) and site-a's model on its own liver-train: site-a refuses its own
+    model there (its training cohort: not held out), the others evaluate both. With four
+    cases a site, every cell is suppressed, so no site has a comparison to state. The
+    matrix is in Delta and in NVFlare's layout; nothing identifying reached the hub."""
+    from kaapana_assets.federated.assets import cross_site_evaluation
+    from kaapana_assets.lake.schemas import CROSS_SITE_EVALUATIONS
 
     store, experiment = federation.hub_store, "faults"
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("federated_experiments", [experiment])
-        result = dg.materialize([federated_evaluation], partition_key=experiment, instance=instance,
-                                resources=faults_plan, run_config={"ops": {"federated_evaluation": {"config": {
-                                    "cohort": "liver-train", "round": 0}}}})
+        result = dg.materialize([cross_site_evaluation], partition_key=experiment, instance=instance,
+                                resources=faults_plan, run_config={"ops": {"cross_site_evaluation": {"config": {
+                                    "cohort": "liver-train", "round": 0, "retrain": True}}}})
     metadata = _metadata(result)
-    assert metadata["sites"] == list(SITES) and metadata["refused_sites"] == {}
-    assert all(line.startswith("held out: no patient of liver-train v1") for line in metadata["held_out"].values())
-    assert {f"boxplot_{site}" for site in SITES} <= set(metadata)
-    rows = Lake(federation.root / "hub" / "lake").read(
-        FEDERATED_EVALUATIONS, pl.col("model") == "faults:global@round0")
-    assert rows.height == len(SITES) * len(Metric) * rows["label"].n_unique() and set(rows["site"]) == set(SITES)
-    assert rows["suppressed"].all() and rows["cases"].null_count() == rows.height and set(rows["reported"]) == {"<5"}
+    assert metadata["model_owners"] == ["global", "site-a"]
+    assert set(metadata["declined"]) == {"site-b", "site-c"}
+    assert "share-local-model is off" in metadata["declined"]["site-b"]
+    assert list(metadata["refused"]) == ["site-a@site-a"]
+    assert "refused: site-a refuses to evaluate faults:site-a on liver-train v1: IN-SAMPLE" in \
+        metadata["refused"]["site-a@site-a"]
+    layout = json.loads((store.experiment_dir(experiment) / "cross_val_results.json").read_text())
+    assert layout == metadata["cross_val_results"]
+    assert set(layout) == set(SITES) and set(layout["site-a"]) == {"global"}
+    assert set(layout["site-b"]) == {"global", "site-a"} and layout["site-b"]["site-a"]["dice_liver"] is None
+    assert metadata["global_worse_at"] == [] and "heat_map" in metadata
+    rows = Lake(federation.root / "hub" / "lake").read(CROSS_SITE_EVALUATIONS, pl.col("experiment") == experiment)
+    assert set(zip(rows["data_site"], rows["model_owner"], strict=True)) == {
+        ("site-a", "global"), ("site-b", "global"), ("site-b", "site-a"), ("site-c", "global"), ("site-c", "site-a")}
+    assert rows["suppressed"].all() and rows["value"].null_count() == rows.height
 
-    received = [p for p in store.files(experiment) if "received" in p.parts and "model_evaluation" in p.parts]
-    assert len(received) >= len(SITES)
+    received = [p for p in store.files(experiment) if "received" in p.parts
+                and ({"model_evaluation", "baseline"} & set(p.parts))]
+    assert len(received) == 3 + 3 * 2  # baselines (or declines), then two models at three sites
     for site, site_home in federation.homes.items():
         identifiers = site_identifiers(Lake(site_home.lake))
         for path in received:
             assert not leaked_identifiers(path.read_bytes(), identifiers), f"{path} leaks {site}'s identifiers"
-
-    home = federation.homes["site-a"]
-    site_a = SiteContext("site-a", FederationStore(home.site_federation), Lake(home.lake), home.archive,
-                         home.root / "nnunet")
-    with pytest.raises(NotHeldOut, match=r"site-a refuses to evaluate faults:site-a on liver-train v1: IN-SAMPLE: "
-                                         r"4 patient\(s\)"):
-        check_model(site_a, experiment, read_cohort(site_a.lake, "liver-train"), "site-a", 0)
