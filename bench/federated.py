@@ -1,7 +1,7 @@
 """Federated vs centralized vs site-alone nnU-Net, Dice on every site's held-out data.
 
     python bench/federated.py [--train 6] [--test 10] [--rounds 16] [--local-epochs 1] [--iterations 12]
-        [--strategy fedavg] [--seed 0] [--no-baselines] [--threads N]
+        [--strategy fedavg] [--seed 0] [--no-baselines] [--no-cross-site] [--threads N]
 
 Three synthetic non-IID sites (three scanner profiles). Each site has `--train` annotated
 studies in its own KAAPANA_HOME and `--test` held-out studies no model ever trains on.
@@ -17,6 +17,13 @@ studies in its own KAAPANA_HOME and `--test` held-out studies no model ever trai
 Every model predicts every site's held-out studies; the table shows Dice of the liver per
 site and the mean, and the ratios federated / centralized and federated / centralized ×3
 (the same total gradient steps; goal ≥ 0.98).
+
+Then the platform's own answer (unless --no-cross-site): each site's held-out studies are
+also in its own lake as cohort liver-test, every site consents to cross-site evaluation,
+and cross_site_evaluation trains each site's local baseline over Flower (the federation's
+plan, initial network and schedule) and has every site evaluate the global model and
+every baseline on its liver-test. The matrix (data site × model owner, mean Dice of the
+liver) is printed with every row where the global model is worse than the site's own.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ def main() -> int:
     parser.add_argument("--server-momentum", type=float, default=0.9, help="fedavgm's server momentum")
     parser.add_argument("--no-baselines", action="store_true", help="the federated row only (the centralized "
                         "and site-alone rows depend only on the seed: tuning the federation needs them once)")
+    parser.add_argument("--no-cross-site", action="store_true", help="skip cross_site_evaluation")
     parser.add_argument("--seed", type=int, default=0, help="seeds every training (the federation's initial "
                         "network and each site's rounds; the centralized and site-alone models)")
     parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // len(SITES)),
@@ -70,7 +78,8 @@ def main() -> int:
     from kaapana_assets.archive.service import Archive
     from kaapana_assets.cohorts.definitions import CohortDefinition
     from kaapana_assets.cohorts.membership import snapshot_cohort
-    from kaapana_assets.federated.assets import federated_model, federated_plan, federated_rounds
+    from kaapana_assets.cohorts.tags import add_tag
+    from kaapana_assets.federated.assets import cross_site_evaluation, federated_model, federated_plan, federated_rounds
     from kaapana_assets.federated.partitions import round_key
     from kaapana_assets.federation.keys import generate_site_key
     from kaapana_assets.federation.local import LocalFederation, LocalSite
@@ -87,6 +96,9 @@ def main() -> int:
 
     cohort = CohortDefinition.model_validate({"name": "liver-train", "purpose": "train", "required_labels": ["liver"],
                                               "filter": {"modality": "CT", "has_reference_segmentation": True}})
+    test_cohort = CohortDefinition.model_validate({
+        "name": "liver-test", "purpose": "test", "required_labels": ["liver"],
+        "filter": {"modality": "CT", "tags": ["held-out"], "has_reference_segmentation": True}})
     grid = {"slices": args.slices, "matrix": args.matrix}
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
     schedule = nnunet.Schedule.preset(nnunet.SchedulePreset.TINY, epochs=args.rounds * args.local_epochs,
@@ -109,6 +121,13 @@ def main() -> int:
                 ingest_files(files, Archive.for_home(home), remove_sources=False)
             snapshot_cohort(Lake(homes[site].lake), cohort)
         snapshot_cohort(Lake(pooled.lake), cohort)
+        # Each site's held-out studies in its own lake too, after liver-train was cut (its
+        # version 1 is what the federation trains on), as the tagged cohort liver-test.
+        for site in SITES:
+            site_lake = Lake(homes[site].lake)
+            ingest_files([f for s in test[site] for f in s.files], Archive.for_home(homes[site]), remove_sources=False)
+            add_tag(site_lake, "held-out", [s.series_uid for s in test[site]])
+            snapshot_cohort(site_lake, test_cohort)
 
         # Held-out volumes and reference labels, straight from the DICOM files.
         held_out = {}
@@ -128,8 +147,8 @@ def main() -> int:
         # Federated, through the assets: a SuperLink for the hub, one SuperNode per site.
         t0 = time.perf_counter()
         hub = root / "hub"
-        flower = LocalFederation(hub / "flower", [LocalSite(s, homes[s].root, keys[s], args.device, args.threads)
-                                                   for s in SITES])
+        flower = LocalFederation(hub / "flower", [LocalSite(s, homes[s].root, keys[s], args.device, args.threads,
+                                                             share_local_model=True) for s in SITES])
         try:
             flower.start()
             print(f"federation up: SuperLink {flower.connection.address}, {len(SITES)} SuperNodes "
@@ -153,9 +172,17 @@ def main() -> int:
                     print(f"federated round {r}/{args.rounds} done ({time.perf_counter() - t0:.0f}s)", flush=True)
                 dg.materialize([federated_rounds, federated_model], partition_key="bench", instance=instance,
                                resources=resources, selection=[federated_model], run_config=quiet)
+                timings["federated"] = time.perf_counter() - t0
+                if not args.no_cross_site:
+                    t1 = time.perf_counter()
+                    cross_site = dg.materialize(
+                        [federated_model, cross_site_evaluation], partition_key="bench", instance=instance,
+                        resources=resources, selection=[cross_site_evaluation],
+                        run_config={**quiet, "ops": {"cross_site_evaluation": {"config": {"cohort": "liver-test"}}}})
+                    matrix = cross_site.get_asset_materialization_events()[0].materialization.metadata
+                    timings["cross-site"] = time.perf_counter() - t1
         finally:
             flower.close()
-        timings["federated"] = time.perf_counter() - t0
         store = FederationStore(KaapanaHome(hub).hub_federation)
         folder = nnunet.model_folder_from_weights(root / "models" / "federated", store.read_json("bench", "plans"),
                                                   store.read_json("bench", "dataset"),
@@ -188,6 +215,8 @@ def main() -> int:
             print(f"\nfederated ({args.strategy}, seed {args.seed}): "
                   + "  ".join(f"{s} {d:.3f}" for s, d in results["federated"].items())
                   + f"  mean {np.mean(list(results['federated'].values())):.3f}")
+            if not args.no_cross_site:
+                print_cross_site(matrix, timings["cross-site"])
             return 0
         results["centralized"] = score(train_alone("centralized", pooled))
         # The federation made len(SITES)× the gradient steps (every site trained the full
@@ -211,7 +240,28 @@ def main() -> int:
     central3 = float(np.mean(list(results["centralized ×3"].values())))
     print(f"\nfederated / centralized = {fed / central:.3f}   (same epochs per site)")
     print(f"federated / centralized ×3 = {fed / central3:.3f}   (same total gradient steps; goal ≥ 0.98)")
+    if not args.no_cross_site:
+        print_cross_site(matrix, timings["cross-site"])
     return 0
+
+
+def print_cross_site(metadata: dict, seconds: float) -> None:
+    """cross_site_evaluation's matrix (mean liver Dice, data site × model owner) and its answer."""
+    layout = metadata["cross_val_results"].value
+    owners = [*SITES, "global"]
+    print(f"\ncross_site_evaluation ({seconds:.0f}s): mean liver Dice on each site's liver-test, "
+          "data site (rows) × model owner (columns)")
+    header = f"{'data site':12s}" + "".join(f"{o + ' model':>15s}" for o in owners)
+    print(header)
+    print("-" * len(header))
+    for site in SITES:
+        values = [layout.get(site, {}).get(owner, {}).get("dice_liver") for owner in owners]
+        print(f"{site:12s}" + "".join(f"{'–' if v is None else f'{v:.3f}':>15s}" for v in values))
+    print()
+    for line in metadata["answer"].value.splitlines():
+        print(line.removeprefix("- "))
+    worse = metadata["global_worse_at"].value
+    print("global model worse than the site's own model at: " + (", ".join(worse) if worse else "no site"))
 
 
 if __name__ == "__main__":

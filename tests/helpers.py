@@ -119,8 +119,10 @@ class Federation:
     def local_sites(self, sites: tuple[str, ...] = SITES, devices: dict[str, str] | None = None) -> list:
         from kaapana_assets.federation.local import LocalSite
 
-        # One torch thread each: three sites share two cores.
-        return [LocalSite(s, self.homes[s].root, self.keys[s], (devices or {}).get(s, "cpu"), threads=1) for s in sites]
+        # One torch thread each: three sites share two cores. site-a alone consents to
+        # cross-site evaluation (its local baseline may travel to the others).
+        return [LocalSite(s, self.homes[s].root, self.keys[s], (devices or {}).get(s, "cpu"), threads=1,
+                          share_local_model=s == SITES[0]) for s in sites]
 
     def federation_file(self, sites: tuple[str, ...] = SITES, keys: dict[str, str] | None = None) -> Path:
         from kaapana_assets.federation.sites import SiteEntry, write_sites

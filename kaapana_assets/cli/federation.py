@@ -139,7 +139,8 @@ def cmd_federation_supernode_command(args: argparse.Namespace) -> int:
     if site is None:
         return 2
     print(shlex.join(supernode_command(args.superlink, Path(args.ca), Path(args.node_key), site, Path(args.home),
-                                       runtime_port=args.runtime_port, device=args.device, threads=args.threads)))
+                                       runtime_port=args.runtime_port, device=args.device, threads=args.threads,
+                                       share_local_model=args.share_local_model)))
     print(shlex.join(superexec_command(args.runtime_port)))
     _say("Two services on the site's machine: the SuperNode (first line) and its SuperExec (second line), "
          "which starts the ClientApp processes that train.", stderr=True)
@@ -222,6 +223,9 @@ def add_parsers(sub: SubParsers) -> None:
     q.add_argument("--node-key", required=True, metavar="SITE.key", help="the site's SuperNode private key")
     q.add_argument("--device", default="auto", help="training device: auto, cpu, cuda (default auto)")
     q.add_argument("--threads", type=int, default=2, help="CPU threads of local training (default 2)")
+    q.add_argument("--share-local-model", action="store_true",
+                   help="consent to cross-site evaluation: a local-only baseline of this site goes, through the "
+                        "hub, to every other site (default off)")
     q.add_argument("--runtime-port", type=int, default=9094,
                    help="loopback port of the SuperNode's runtime API, for its SuperExec (default 9094)")
     q.set_defaults(func=cmd_federation_supernode_command)

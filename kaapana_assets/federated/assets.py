@@ -25,11 +25,12 @@ import pyarrow as pa
 from kaapana_assets import nnunet
 from kaapana_assets.federated.fingerprint import SiteFingerprint
 from kaapana_assets.federated.partitions import experiments_partitions, rounds_partitions
-from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
+from kaapana_assets.federated.step_names import BASELINE_STEP, EVALUATION_STEP, PLAN_STEP, ROUND_STEP
 from kaapana_assets.federated.strategy import Strategy
 from kaapana_assets.federation.runs import FlowerRunFailed
 from kaapana_assets.federation.store import FederationStore
-from kaapana_assets.lake.schemas import FEDERATED_ROUNDS
+from kaapana_assets.files import write_atomically
+from kaapana_assets.lake.schemas import CROSS_SITE_EVALUATIONS, FEDERATED_EVALUATIONS, FEDERATED_ROUNDS
 from kaapana_assets.metadata_table import columns, table
 from kaapana_assets.training.k8s import GPU_POOL
 from kaapana_assets.training.tracking import model_name_for
@@ -42,8 +43,10 @@ from resources.storage import ArchiveResource, LakeResource
 # The hub's and the sites' federation modules bring torch and Flower (≈1.5 s of imports):
 # they load inside the federated assets' bodies, not in every run of the code location.
 if TYPE_CHECKING:
+    from kaapana_assets.federated.evaluation_hub import EvaluationRequest
     from kaapana_assets.federated.hub import ExperimentSpec
     from kaapana_assets.federated.site import SiteContext
+    from kaapana_assets.federated.site_evaluation import ModelEvaluation
 
 SITE_GROUP = "federated_site"
 HUB_GROUP = "federated"
@@ -52,6 +55,17 @@ ROUND_SCHEMA = columns(
     ("dice", "float", "Dice on the site's own validation patients"), ("reason", "string"),
     ("epsilon", "float", "ε the site has spent so far (differential privacy)"),
 )
+EVALUATION_SCHEMA = columns(
+    ("site", "string"), ("label", "string"), ("metric", "string"),
+    ("reported", "string", "cases measured; \"<5\" when suppressed"), ("mean", "float"), ("median", "float"),
+    ("q1", "float"), ("q3", "float"), ("minimum", "float"), ("maximum", "float"),
+)
+MATRIX_SCHEMA = columns(
+    ("data_site", "string"), ("model_owner", "string"), ("label", "string"), ("metric", "string"),
+    ("value", "float", "mean over the data site's held-out cases"), ("reported", "string", "cases; \"<5\" when suppressed"),
+)
+VERDICT_SCHEMA = columns(("site", "string"), ("global_value", "float"), ("own_value", "float"),
+                         ("global_not_worse", "bool"), ("reason", "string"))
 DICE_BY_ROUND_SCHEMA = columns(("round", "int"), ("dice", "float", "global Dice across the sites"))
 
 
@@ -410,12 +424,174 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
     )
 
 
+def _completed_round(lake: LakeResource, experiment: str) -> int:
+    """The experiment's last completed round: the model federated_model registers."""
+    rows = lake.lake().read(FEDERATED_ROUNDS, (pl.col("experiment") == experiment) & (pl.col("status") == "global")) \
+        if lake.lake().exists(FEDERATED_ROUNDS) else pl.DataFrame()
+    if not len(rows):
+        raise dg.Failure(description=f"no round of {experiment} has completed: materialize federated_rounds first")
+    return int(rows["round"].max())  # type: ignore[arg-type]
+
+
+class FederatedEvaluationConfig(dg.Config):
+    cohort: str = "liver-test"  # the held-out cohort every site evaluates on (its own version of it)
+    round: int | None = None  # the global model of this round; None: the experiment's federated model (its last round)
+    min_cell_size: int = 5  # small cells: fewer cases than this leave no site (a site may raise it)
+
+
+@dg.asset(partitions_def=experiments_partitions, group_name=HUB_GROUP, kinds={"delta", "nnunet"},
+          deps=[federated_model],
+          description="The federated model evaluated at every site on the site's own held-out cohort (#33's rules: "
+                      "a site refuses a cohort that shares a patient with what it trained on) with "
+                      "segmentation_evaluation's metrics (Dice, HD95, ASSD, volumes), over one Flower run; only "
+                      "per-label aggregates leave a site, suppressed below the small-cell threshold. Writes "
+                      "federated_evaluations rows and one box plot per site.")
+def federated_evaluation(context: dg.AssetExecutionContext, config: FederatedEvaluationConfig,
+                         federation: FederationResource, lake: LakeResource) -> dg.MaterializeResult:
+    from kaapana_assets.federated import evaluation_hub
+    from kaapana_assets.federated.site_evaluation import GLOBAL
+    from kaapana_assets.ingest.study import png_markdown
+
+    experiment = context.partition_key
+    round_ = config.round if config.round is not None else _completed_round(lake, experiment)
+    store = federation.store()
+    if not store.has_global(experiment, round_):
+        raise dg.Failure(description=f"{experiment} has no global model of round {round_}")
+    request = evaluation_hub.EvaluationRequest(evaluation_hub.new_request_id(), config.cohort, round_, (GLOBAL,),
+                                               config.min_cell_size)
+    evaluations, refused_models = _evaluate(federation, experiment, request, context)
+    refused = {key.split("@", 1)[1]: why for key, why in refused_models.items()}
+    if not evaluations:
+        raise dg.Failure(description=f"no site evaluated {experiment} round {round_}",
+                         metadata={"refused_sites": dg.MetadataValue.json(refused)})
+    rows = evaluation_hub.evaluation_rows(experiment, round_, evaluations)
+    written = lake.lake().merge(FEDERATED_EVALUATIONS, pa.Table.from_pylist(rows, schema=FEDERATED_EVALUATIONS.schema))
+    name = evaluation_hub.model_name(experiment, round_)
+    plots = {f"boxplot_{e.site}": dg.MetadataValue.md(png_markdown(evaluation_hub.box_plot_png(e), f"{name} at {e.site}"))
+             for e in evaluations}
+    return dg.MaterializeResult(
+        metadata={
+            "model": name, "round": round_, "cohort": config.cohort, "min_cell_size": request.threshold,
+            "sites": dg.MetadataValue.json(sorted(e.site for e in evaluations)),
+            "refused_sites": dg.MetadataValue.json(refused),
+            "held_out": dg.MetadataValue.json({e.site: e.held_out for e in evaluations}),
+            "summaries": table(rows, EVALUATION_SCHEMA),
+            **plots,
+            "delta_version": dg.MetadataValue.int(written.version or 0),
+        },
+    )
+
+
+def _evaluate(federation: FederationResource, experiment: str, request: "EvaluationRequest",
+              context: dg.AssetExecutionContext) -> tuple[list["ModelEvaluation"], dict[str, str]]:
+    """One `evaluation` Flower run: every model of the request at every site. Returns the
+    answers (checked once more here) and, per model and site, why one is missing."""
+    from kaapana_assets.federated import evaluation_hub
+    from kaapana_assets.federated.site_evaluation import parse_evaluation
+
+    store = federation.store()
+    evaluation_hub.write_request(store, experiment, request)
+    try:
+        result = _flower_step(federation, EVALUATION_STEP, experiment, request.request, context)
+    finally:
+        evaluation_hub.remove_request(store, experiment, request.request)
+    if not result["ok"]:
+        raise dg.Failure(description=f"the evaluation's Flower run failed: {result['error']}")
+    evaluations = [parse_evaluation(json.dumps(answer), site, model, request.threshold)
+                   for model in request.models for site, answer in sorted(result["evaluations"].get(model, {}).items())]
+    refused = {f"{r['model']}@{r['site']}": f"{r['reason']}: {r['message']}" for r in result["rejected"]}
+    for key, why in refused.items():
+        context.log.warning(f"{key.replace('@', ' model at ')}: not evaluated: {why}")
+    return evaluations, refused
+
+
+class CrossSiteEvaluationConfig(dg.Config):
+    cohort: str = "liver-test"  # the held-out cohort every site evaluates on (its own version of it)
+    min_cell_size: int = 5  # small cells: fewer cases than this leave no site (a site may raise it)
+    round: int | None = None  # the global model of this round; None: the experiment's federated model (its last round)
+    retrain: bool = False  # train the consenting sites' baselines again (else: those the hub keeps are reused)
+
+
+@dg.asset(partitions_def=experiments_partitions, group_name=HUB_GROUP, kinds={"delta", "nnunet", "mlflow"},
+          deps=[federated_model],
+          description="NVIDIA FLARE's cross-site model evaluation for the federation: every consenting site (node "
+                      "config share-local-model) trains a local-only baseline with the experiment's plan, initial "
+                      "network and schedule; every site evaluates the global model and each consenting site's model "
+                      "on its own held-out cohort (aggregates only, suppressed below the small-cell threshold). "
+                      "Writes cross_site_evaluations rows, cross_val_results.json (data site × model owner), a heat "
+                      "map (also to the federated model's MLflow run), and answers per site: global vs own model.")
+def cross_site_evaluation(context: dg.AssetExecutionContext, config: CrossSiteEvaluationConfig,
+                          federation: FederationResource, lake: LakeResource,
+                          mlflow: MlflowResource) -> dg.MaterializeResult:
+    from kaapana_assets.federated import evaluation_hub
+    from kaapana_assets.federated.hub import ExperimentSpec
+    from kaapana_assets.federated.site_evaluation import GLOBAL
+    from kaapana_assets.ingest.study import png_markdown
+
+    experiment = context.partition_key
+    store = federation.store()
+    spec = ExperimentSpec(**store.read_json(experiment, "experiment"))
+    round_ = config.round if config.round is not None else _completed_round(lake, experiment)
+    sites = [site.name for site in federation.sites()]
+    declined: dict[str, str] = {}
+    if config.retrain or not all(store.has_local(experiment, site) for site in sites):
+        result = _flower_step(federation, BASELINE_STEP, experiment, evaluation_hub.new_request_id(), context)
+        if not result["ok"]:
+            raise dg.Failure(description=f"the baselines' Flower run failed: {result['error']}")
+        declined = dict(result["declined"]) | {r["site"]: f"{r['reason']}: {r['message']}" for r in result["rejected"]}
+        for site, why in declined.items():
+            context.log.info(f"{site}: no local baseline: {why}")
+    owners = [site for site in sites if store.has_local(experiment, site) and site not in declined]
+    request = evaluation_hub.EvaluationRequest(evaluation_hub.new_request_id(), config.cohort, round_,
+                                               (GLOBAL, *owners), config.min_cell_size)
+    evaluations, refused = _evaluate(federation, experiment, request, context)
+    if not evaluations:
+        raise dg.Failure(description=f"no site evaluated a model of {experiment}",
+                         metadata={"refused": dg.MetadataValue.json(refused)})
+    matrix = evaluation_hub.cells(evaluations)
+    written = lake.lake().merge(CROSS_SITE_EVALUATIONS, pa.Table.from_pylist(
+        evaluation_hub.matrix_rows(experiment, matrix), schema=CROSS_SITE_EVALUATIONS.schema))
+    label = spec.labels[0]
+    answer = evaluation_hub.answer(matrix, sites, label)
+    context.log.info(f"cross-site evaluation of {experiment} (Dice of {label}, each site's own held-out data):\n"
+                     + answer.text())
+    layout = evaluation_hub.cross_val_results(matrix)
+    layout_path = store.write_json(experiment, "cross_val_results", layout)
+    heat_map = evaluation_hub.heat_map_png(matrix, label, title=f"{experiment}: cross-site Dice of {label}")
+    heat_map_path = store.experiment_dir(experiment) / "cross_site_heat_map.png"
+    write_atomically(heat_map_path, heat_map)
+    model_run = mlflow.tracking().find_run({"kaapana.federated_experiment": experiment, "kaapana.role": "model"})
+    if model_run:  # beside the federated model it judges
+        client = mlflow.tracking().client()
+        client.log_artifact(model_run, str(layout_path), "cross_site")
+        client.log_artifact(model_run, str(heat_map_path), "cross_site")
+    dice = [c for c in matrix if c.metric == "dice" and c.label == label]
+    return dg.MaterializeResult(
+        metadata={
+            "round": round_, "cohort": config.cohort, "min_cell_size": request.threshold,
+            "model_owners": dg.MetadataValue.json([GLOBAL, *owners]),
+            "declined": dg.MetadataValue.json(declined),
+            "refused": dg.MetadataValue.json(refused),
+            "answer": dg.MetadataValue.md("\n".join(f"- {line}" for line in answer.text().splitlines())),
+            "global_worse_at": dg.MetadataValue.json(answer.worse),
+            "verdicts": table(({**vars(v), "global_not_worse": v.global_not_worse} for v in answer.verdicts),
+                              VERDICT_SCHEMA),
+            "matrix": table(({**vars(c), "metric": str(c.metric)} for c in dice), MATRIX_SCHEMA),
+            "cross_val_results": dg.MetadataValue.json(layout),
+            "cross_val_results_path": dg.MetadataValue.path(str(layout_path)),
+            "heat_map": dg.MetadataValue.md(png_markdown(heat_map, f"cross-site Dice of {label}")),
+            "mlflow_run_id": model_run or "",
+            "delta_version": dg.MetadataValue.int(written.version or 0),
+        },
+    )
+
+
 federated_round_job = dg.define_asset_job("federated_round", selection=[federated_rounds],
                                           description="One round of a federated experiment.")
 federated_model_job = dg.define_asset_job("register_federated_model", selection=[federated_model],
                                           description="Register (and promote) a federated experiment's model.")
 
 
-hub_assets = [federated_plan, federated_rounds, federated_model]
+hub_assets = [federated_plan, federated_rounds, federated_model, federated_evaluation, cross_site_evaluation]
 defs = dg.Definitions(assets=[*hub_assets, *SITE_ASSETS.values()],
                       jobs=[federated_round_job, federated_model_job])

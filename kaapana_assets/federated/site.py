@@ -4,6 +4,7 @@ site's own lake and archive, reads what the hub sent from the site's own federat
 
   compute_fingerprint  export the cohort locally, summarise it (aggregates only)
   train_update         preprocess with the hub's plans, train from global r-1 (tensors, counts, metrics)
+  train_baseline       the same plan, initial network and schedule, trained at this site alone
   evaluate_global      score global r on the site's own validation patients (metrics only)
 
 Every payload passes the identifier guard before it reaches the outbox; the ClientApp
@@ -138,19 +139,40 @@ def training_seed(experiment_seed: int, round_: int, site: str) -> int:
     return int.from_bytes(digest[:4], "big")
 
 
-def train_update(ctx: SiteContext, experiment: str, round_: int) -> dict[str, object]:
-    """Round r at this site: train from global r-1, send the sealed update."""
+def _prepared(ctx: SiteContext, experiment: str) -> Path:
+    """The site's export, preprocessed with the hub's plans (once per plan); its raw folder."""
     raw = ctx.raw(experiment)
     if not (raw / "cases.json").exists():
         raise FileNotFoundError(f"{ctx.site} has no export for {experiment}: site_fingerprint must run first")
     plans = ctx.store.read_json(experiment, "plans")
-    spec = ctx.store.read_json(experiment, "experiment")
     paths = ctx.paths(experiment)
     marker = paths.preprocessed / DATASET / ".kaapana-plans"
     if not marker.exists() or marker.read_text() != _plans_digest(plans):
         ctx.log(f"{ctx.site}: preprocessing with the hub's plans")
         prepare_site(paths, raw, DATASET_ID, plans, ctx.store.read_json(experiment, "fingerprint"))
         marker.write_text(_plans_digest(plans))
+    return raw
+
+
+def train_baseline(ctx: SiteContext, experiment: str, initial: dict[str, torch.Tensor]) -> SiteUpdate:
+    """This site's local-only baseline for cross-site evaluation: the experiment's plan, its
+    initial network and its schedule, trained here alone for as many local epochs as the
+    site trained in all the experiment's rounds together (the same steps, no averaging)."""
+    raw = _prepared(ctx, experiment)
+    spec = ctx.store.read_json(experiment, "experiment")
+    schedule = nnunet.Schedule(**spec["schedule"])
+    schedule = dataclasses.replace(schedule, epochs=schedule.epochs * int(spec["rounds"]),
+                                   seed=training_seed(int(spec.get("seed", 0)), 0, ctx.site))
+    ctx.log(f"{ctx.site}: local baseline of {experiment}, {schedule.epochs} epochs × "
+            f"{schedule.iterations_per_epoch} iterations")
+    return local_update(ctx.site, ctx.paths(experiment), raw, DATASET_ID, initial, schedule, ctx.device, ctx.threads)
+
+
+def train_update(ctx: SiteContext, experiment: str, round_: int) -> dict[str, object]:
+    """Round r at this site: train from global r-1, send the sealed update."""
+    raw = _prepared(ctx, experiment)
+    spec = ctx.store.read_json(experiment, "experiment")
+    paths = ctx.paths(experiment)
     start = ctx.store.read_global(experiment, round_ - 1)
     seed = training_seed(int(spec.get("seed", 0)), round_, ctx.site)
     schedule = dataclasses.replace(nnunet.Schedule(**spec["schedule"]), seed=seed)

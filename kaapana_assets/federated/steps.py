@@ -5,6 +5,12 @@ kaapana_assets/federation/registry.py):
          site: compute the fingerprint (fingerprint_request)
   round  hub: from global r-1 to global r (hub.run_round over RoundChannel)
          site: train from global r-1 (train), score global r (evaluate)
+  baseline  hub: the initial network to every site; consenting sites' local models kept (cross-site)
+         site: train a local-only baseline if the site consented (node config share-local-model),
+               else decline (baseline; no Dagster run)
+  evaluation  hub: each model of an evaluation request to every site, their aggregates checked
+         site: the model on the site's own held-out cohort (site_evaluation.py), aggregates
+               only, small cells suppressed (model_evaluation; no Dagster run)
 
 At the site this is the wiring layer (as assets.py is the hub's): what the hub's message
 carries is verified with the site's key and put into the site's own federation folder, and
@@ -24,9 +30,10 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app.typing import ConfigRecordValues
 
 from kaapana_assets.federated.fingerprint import SiteFingerprint
-from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
+from kaapana_assets.federated.step_names import BASELINE_STEP, EVALUATION_STEP, PLAN_STEP, ROUND_STEP
 from kaapana_assets.federation.channel import (
     ARRAYS,
     CONFIG,
@@ -36,6 +43,7 @@ from kaapana_assets.federation.channel import (
     RejectionReason,
     UpdateRejected,
     Verified,
+    from_arrays,
     full_arrays,
     metrics_record,
     read_manifest,
@@ -45,6 +53,7 @@ from kaapana_assets.federation.channel import (
     weights_of,
 )
 from kaapana_assets.federation.clientapp import SiteSettings, reply
+from kaapana_assets.federation.guard import MAX_THRESHOLD
 from kaapana_assets.federation.registry import Step, register_step
 from kaapana_assets.federation.serverapp import GridChannel, HubRun
 from kaapana_assets.federation.store import checked_name
@@ -53,6 +62,7 @@ if TYPE_CHECKING:
     import torch
 
     from kaapana_assets.federated.hub import ExperimentSpec
+    from kaapana_assets.federated.site import SiteContext
 
 EXPERIMENTS = "federated_experiments"  # the site's partitions of its federated assets
 # What the site handlers import when they run (kaapana-superexec imports it ahead).
@@ -65,12 +75,40 @@ SITE_IMPORTS = (
     "kaapana_assets.federation.payload",
     "kaapana_assets.federated.privacy",
     "kaapana_assets.federated.site",
+    "kaapana_assets.federated.site_evaluation",
     "nnunetv2.experiment_planning.plan_and_preprocess_api",
     "nnunetv2.inference.predict_from_raw_data",
     "nnunetv2.training.nnUNetTrainer.nnUNetTrainer",
 )
 
 # -- hub ------------------------------------------------------------------------------------------
+
+
+def checked_weights(verified: list[Verified], rejected: list[Rejection],
+                    weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
+    """The verified replies whose arrays are a state dict of the experiment's network (same
+    names, same shapes as `weights`), with every name restored; the others rejected."""
+    accepted = []
+    for update in verified:
+        assert update.message is not None
+        try:
+            arrays = full_arrays(update.message.content) if ARRAYS in update.message.content else None
+        except ValueError as exc:
+            rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, str(exc)))
+            continue
+        if arrays is None or set(arrays.keys()) != set(weights):
+            rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD,
+                                      "the update is not a state dict of the experiment's network"))
+            continue
+        bad = [k for k in weights if tuple(arrays[k].shape) != tuple(weights[k].shape)]
+        if bad:
+            rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, f"tensor {bad[0]} has shape "
+                                      f"{tuple(arrays[bad[0]].shape)}, expected {tuple(weights[bad[0]].shape)}"))
+            continue
+        # Verified already: the strategies now see every name of the state dict.
+        update.message.content[ARRAYS] = arrays
+        accepted.append(update)
+    return accepted, rejected
 
 
 class RoundChannel:
@@ -88,27 +126,7 @@ class RoundChannel:
     def train(self, sites: list[str], round_: int,
               weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
         verified, rejected = self.channel.exchange(Kind.TRAIN, Kind.UPDATE, sites, round_, self._content(weights))
-        accepted = []
-        for update in verified:
-            assert update.message is not None
-            try:
-                arrays = full_arrays(update.message.content) if ARRAYS in update.message.content else None
-            except ValueError as exc:
-                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, str(exc)))
-                continue
-            if arrays is None or set(arrays.keys()) != set(weights):
-                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD,
-                                          "the update is not a state dict of the experiment's network"))
-                continue
-            bad = [k for k in weights if tuple(arrays[k].shape) != tuple(weights[k].shape)]
-            if bad:
-                rejected.append(Rejection(update.site, RejectionReason.BAD_PAYLOAD, f"tensor {bad[0]} has shape "
-                                          f"{tuple(arrays[bad[0]].shape)}, expected {tuple(weights[bad[0]].shape)}"))
-                continue
-            # Verified already: the strategies now see every name of the state dict.
-            update.message.content[ARRAYS] = arrays
-            accepted.append(update)
-        return accepted, rejected
+        return checked_weights(verified, rejected, weights)
 
     def evaluate(self, sites: list[str], round_: int,
                  weights: Mapping[str, torch.Tensor]) -> tuple[list[Verified], list[Rejection]]:
@@ -256,10 +274,151 @@ def evaluate(settings: SiteSettings, msg: Message) -> Message:
                            settings.key))
 
 
+PUBLISHED = ("experiment", "plans", "fingerprint", "dataset")  # what a site needs of an experiment besides weights
+
+
+def evaluation_step(run: HubRun) -> dict:
+    """Each model of the evaluation request to every site, one exchange per model; every
+    answer checked (aggregates only, nothing in the clear below the threshold)."""
+    from kaapana_assets.federated.evaluation_hub import read_request
+    from kaapana_assets.federated.site_evaluation import GLOBAL, EvaluationRefused, parse_evaluation
+
+    store, experiment = run.store, run.settings.experiment
+    request = read_request(store, experiment, run.settings.round)
+    published = {name: json.dumps(store.read_json(experiment, name), sort_keys=True) for name in PUBLISHED}
+    channel = run.channel()
+    answers: dict[str, dict[str, dict]] = {}
+    rejected: list[dict] = []
+    for model in request.models:
+        weights = (store.read_global(experiment, request.round) if model == GLOBAL
+                   else store.read_local(experiment, model))
+        records = weight_records(weights)
+        body = json.dumps({"cohort": request.cohort, "model": model, "round": request.round,
+                           "threshold": request.threshold}, sort_keys=True)
+        verified, refused = channel.exchange(
+            Kind.MODEL_EVALUATION_REQUEST, Kind.MODEL_EVALUATION, run.sites, request.message_round(model),
+            lambda site, records=records, body=body: RecordDict(  # type: ignore[misc]
+                {**records, CONFIG: ConfigRecord({"request": body, **published})}))
+        for answer in verified:
+            assert answer.message is not None
+            config = answer.message.content[CONFIG]
+            if "refused" in config:
+                refused.append(Rejection(answer.site, RejectionReason.REFUSED, str(config["refused"])[:500]))
+                continue
+            try:
+                evaluation = parse_evaluation(str(config["evaluation"]), answer.site, model, request.threshold)
+            except (KeyError, EvaluationRefused) as exc:
+                refused.append(Rejection(answer.site, RejectionReason.BAD_PAYLOAD, f"evaluation refused: {exc}"))
+                continue
+            answers.setdefault(model, {})[answer.site] = evaluation.to_json()
+        for rejection in refused:
+            run.log(f"{model} model at {rejection.site}: {rejection.reason}: {rejection.message}")
+            rejected.append({"model": model, **rejection.to_json()})
+    return {"ok": True, "evaluations": answers, "rejected": rejected}
+
+
+def baseline_step(run: HubRun) -> dict:
+    """The experiment's initial network to every site; each consenting site trains its local
+    baseline and sends it, the others decline. The hub keeps each baseline it verified."""
+    store, experiment = run.store, run.settings.experiment
+    initial = store.read_global(experiment, 0)
+    published = {name: json.dumps(store.read_json(experiment, name), sort_keys=True) for name in PUBLISHED}
+    records = weight_records(initial)
+    verified, rejected = run.channel().exchange(
+        Kind.BASELINE_REQUEST, Kind.BASELINE, run.sites, run.settings.round,
+        lambda site: RecordDict({**records, CONFIG: ConfigRecord(dict(published))}))
+    declined = {}
+    for answer in list(verified):
+        assert answer.message is not None
+        if CONFIG in answer.message.content and "declined" in answer.message.content[CONFIG]:
+            declined[answer.site] = str(answer.message.content[CONFIG]["declined"])[:500]
+            verified.remove(answer)
+    accepted, rejected = checked_weights(verified, rejected, initial)
+    for baseline in accepted:
+        assert baseline.message is not None
+        # checked_weights restored every name in place: the record is the full state dict now.
+        store.write_local(experiment, baseline.site, from_arrays(baseline.message.content.array_records[ARRAYS]))
+        run.log(f"{baseline.site}: local baseline of {baseline.cases} training cases kept")
+    for rejection in rejected:
+        run.log(f"{rejection.site}: no local baseline ({rejection.reason}): {rejection.message}")
+    return {"ok": True, "trained": {b.site: b.cases for b in accepted}, "declined": declined,
+            "rejected": [r.to_json() for r in rejected]}
+
+
+def baseline(settings: SiteSettings, msg: Message) -> Message:
+    """Train this site's local-only baseline from the hub's initial network, if the site
+    consented to share it (its weights go to every other site through the hub); else decline."""
+    from kaapana_assets.federated.site import train_baseline
+
+    manifest, _ = read_manifest(msg.content)
+    try:
+        verify(msg.content, settings.key, Kind.BASELINE_REQUEST, manifest.experiment, manifest.round, settings.site)
+    except UpdateRejected as exc:
+        raise RuntimeError(f"{settings.site} refuses the hub's baseline request: {exc.reason}: {exc.message}") from None
+    experiment = checked_name("experiment", manifest.experiment)
+    if not settings.share_local_model:
+        content = RecordDict({CONFIG: ConfigRecord({"declined": f"{settings.site} does not share a local model "
+                                                                "(node config share-local-model is off)"})})
+        return reply(msg, seal(content, Kind.BASELINE, experiment, manifest.round, settings.site, 0, settings.key))
+    config = msg.content[CONFIG]
+    for name in PUBLISHED:
+        settings.store.write_json(experiment, name, json.loads(str(config[name])))
+    update = train_baseline(site_context(settings), experiment, weights_of(msg.content))
+    content = RecordDict({**weight_records(update.weights), METRICS: metrics_record(update.cases, update.metrics)})
+    return reply(msg, seal(content, Kind.BASELINE, experiment, manifest.round, settings.site, update.cases,
+                           settings.key))
+
+
+def site_context(settings: SiteSettings) -> SiteContext:
+    """The site's own data as its Dagster resources would give it (resources/build.py)."""
+    from kaapana_assets.federated.site import SiteContext
+    from kaapana_assets.home import KaapanaHome
+
+    home = KaapanaHome(settings.home)
+    return SiteContext(settings.site, settings.store, settings.site_lake(), home.archive, settings.home / "nnunet",
+                       settings.device, settings.threads)
+
+
+def model_evaluation(settings: SiteSettings, msg: Message) -> Message:
+    """A model on this site's own held-out cohort: the held-out check (a refusal says how
+    many patients overlap, never which), per-case metrics kept here, aggregates sent."""
+    from kaapana_assets.evaluation.held_out import NotHeldOut
+    from kaapana_assets.federated.site_evaluation import evaluate_at_site
+
+    manifest, _ = read_manifest(msg.content)
+    try:
+        verify(msg.content, settings.key, Kind.MODEL_EVALUATION_REQUEST, manifest.experiment, manifest.round,
+               settings.site)
+    except UpdateRejected as exc:
+        raise RuntimeError(f"{settings.site} refuses the hub's evaluation request: {exc.reason}: {exc.message}") from None
+    experiment, config = checked_name("experiment", manifest.experiment), msg.content[CONFIG]
+    for name in PUBLISHED:
+        settings.store.write_json(experiment, name, json.loads(str(config[name])))
+    request = json.loads(str(config["request"]))
+    requested = request.get("threshold")
+    if not isinstance(requested, int) or isinstance(requested, bool) or not 1 <= requested <= MAX_THRESHOLD:
+        raise RuntimeError(f"{settings.site} refuses an evaluation request with threshold {requested!r}")
+    try:
+        evaluation = evaluate_at_site(site_context(settings), experiment, checked_name("cohort", request["cohort"]),
+                                      checked_name("model", request["model"]), int(request["round"]),
+                                      weights_of(msg.content), max(requested, settings.min_cell_size))
+        answer: dict[str, ConfigRecordValues] = {"evaluation": evaluation.dumps()}
+    except NotHeldOut as exc:
+        answer = {"refused": str(exc)}
+    # The manifest's case count is 0: a count there would bypass the suppression.
+    return reply(msg, seal(RecordDict({CONFIG: ConfigRecord(answer)}), Kind.MODEL_EVALUATION, experiment,
+                           manifest.round, settings.site, 0, settings.key))
+
+
 PLAN = register_step(Step(PLAN_STEP, hub=plan_step, site={Kind.FINGERPRINT_REQUEST: fingerprint},
                           preload=SITE_IMPORTS))
 ROUND = register_step(Step(ROUND_STEP, hub=round_step, site={Kind.TRAIN: train, Kind.EVALUATE: evaluate},
                            numbered=True, preload=SITE_IMPORTS))
+BASELINE = register_step(Step(BASELINE_STEP, hub=baseline_step, site={Kind.BASELINE_REQUEST: baseline},
+                              preload=SITE_IMPORTS))
+EVALUATION = register_step(Step(EVALUATION_STEP, hub=evaluation_step,
+                                site={Kind.MODEL_EVALUATION_REQUEST: model_evaluation}, preload=SITE_IMPORTS))
 
-__all__ = ["PLAN", "ROUND", "RoundChannel", "evaluate", "fingerprint", "materialize_at_site", "plan_step",
-           "round_step", "train"]
+__all__ = ["BASELINE", "EVALUATION", "PLAN", "ROUND", "RoundChannel", "baseline", "baseline_step", "checked_weights",
+           "evaluate", "evaluation_step", "fingerprint",
+           "materialize_at_site", "model_evaluation", "plan_step", "round_step", "site_context", "train"]

@@ -45,18 +45,22 @@ IDENTITY_EXPERIMENT = "federation"  # identity messages belong to no experiment
 
 
 class Kind(StrEnum):
-    """Message kinds; the first five go hub → site, the rest come back."""
+    """Message kinds; the first seven go hub → site, the rest come back."""
 
     IDENTIFY = "identify"
     FINGERPRINT_REQUEST = "fingerprint_request"
     TRAIN = "train"
     EVALUATE = "evaluate"
     STATISTICS_REQUEST = "statistics_request"  # the network monitor asks for a site's aggregates
+    MODEL_EVALUATION_REQUEST = "model_evaluation_request"  # evaluate a model on the site's held-out cohort
+    BASELINE_REQUEST = "baseline_request"  # train a local-only baseline (cross-site evaluation), if consented
     IDENTITY = "identity"
     FINGERPRINT = "fingerprint"
     UPDATE = "update"
     EVALUATION = "evaluation"
     STATISTICS = "statistics"  # a site's aggregates, small cells suppressed
+    MODEL_EVALUATION = "model_evaluation"  # a model's metrics at a site, aggregates only, small cells suppressed
+    BASELINE = "baseline"  # a consenting site's local-only model (or its refusal)
 
 
 class RejectionReason(StrEnum):
@@ -70,6 +74,7 @@ class RejectionReason(StrEnum):
     DIGEST_MISMATCH = "digest_mismatch"
     BAD_PAYLOAD = "bad_payload"
     SITE_FAILED = "site_failed"
+    REFUSED = "refused"  # the site declined the request (an evaluation on a cohort not held out from the model)
 
 
 class UpdateRejected(ValueError):

@@ -8,10 +8,13 @@ reply; the identifier guard, the outermost mod, refuses any reply that carries o
 site's identifiers. kaapana_assets/flower_apps.py makes the app, with the steps registered.
 
 The site's own floor for small-cell suppression (node config `min-cell-size`, default 5)
-is a setting of the site, not of a request: no step may send counts below it.
+is a setting of the site, not of a request: no step may send counts below it. Likewise its
+consent to cross-site evaluation (node config `share-local-model`, default false): a
+consenting site trains a local-only baseline whose weights go to the hub and from there
+to every other site, to be evaluated on their data; a site that has not consented declines.
 
 SuperNode node config: `kaapana-home` (the site's home), `site` (its name), optionally
-`device`, `threads` and `min-cell-size`. The site key comes from $KAAPANA_SITE_KEY or node
+`device`, `threads`, `min-cell-size` and `share-local-model`. The site key comes from $KAAPANA_SITE_KEY or node
 config `key-file`.
 """
 
@@ -52,6 +55,7 @@ class SiteSettings:
     device: str = "auto"
     threads: int = 2
     min_cell_size: int = DEFAULT_THRESHOLD  # the site's own floor for small-cell suppression
+    share_local_model: bool = False  # consent: its local baseline's weights may travel to the other sites
     lake: Lake | None = None  # KAAPANA_LAKE_URI of the site's platform; None: <home>/lake
 
     def site_lake(self) -> Lake:
@@ -72,10 +76,14 @@ class SiteSettings:
         floor = int(str(config.get("min-cell-size", DEFAULT_THRESHOLD)))
         if not 1 <= floor <= MAX_THRESHOLD:
             raise RuntimeError(f"min-cell-size {floor} of site {site} is outside 1..{MAX_THRESHOLD}")
+        consent = str(config.get("share-local-model", "false")).lower()
+        if consent not in {"true", "false"}:
+            raise RuntimeError(f"share-local-model of site {site} must be true or false, not {consent!r}")
         home = Path(str(config["kaapana-home"]))
         lake = Lake.of(Environment.read(home=home))  # the site's KAAPANA_LAKE_URI and S3 settings
         return cls(site, home, validate_site_key(key, site),
-                   str(config.get("device", "auto")), int(str(config.get("threads", 2))), floor, lake)
+                   str(config.get("device", "auto")), int(str(config.get("threads", 2))), floor,
+                   share_local_model=consent == "true", lake=lake)
 
     @property
     def store(self) -> FederationStore:

@@ -101,6 +101,7 @@ class LocalSite:
     # Variables of the site's own platform for its SuperExec, e.g. its KAAPANA_LAKE_URI when
     # the sites' lakes share one object store.
     environment: dict[str, str] = field(default_factory=dict)
+    share_local_model: bool = False  # consents to cross-site evaluation (node config share-local-model)
 
 
 @dataclass
@@ -157,7 +158,7 @@ class LocalFederation:
         runtime_port = free_port()
         command = supernode_command(self.connection.address, self.certificates["ca"],
                                     private_key or self.node_keys(site.name)[0], site.name, site.home,
-                                    runtime_port, site.device, site.threads)
+                                    runtime_port, site.device, site.threads, site.share_local_model)
         flwr_home = {"FLWR_HOME": str(site.home / "flwr")}
         process = self._spawn(command, f"supernode-{site.name}.log", flwr_home)
         self.supernodes[site.name] = process

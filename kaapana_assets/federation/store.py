@@ -89,6 +89,21 @@ class FederationStore:
         return _read_tensors(self.momentum_path(experiment, round_), f"no server momentum for {experiment} round "
                              f"{round_}: the round was not aggregated with fedavgm")
 
+    def local_path(self, experiment: str, site: str) -> Path:
+        return self.experiment_dir(experiment) / "local" / f"{checked_name('site', site)}.safetensors"
+
+    def write_local(self, experiment: str, site: str, weights: dict[str, torch.Tensor]) -> Path:
+        """A consenting site's local-only baseline (cross-site evaluation): kept at the hub to
+        go out to the other sites for evaluation."""
+        return _write_tensors(self.local_path(experiment, site), weights)
+
+    def read_local(self, experiment: str, site: str) -> dict[str, torch.Tensor]:
+        return _read_tensors(self.local_path(experiment, site), f"no local model of {site} for {experiment}: "
+                             "it did not consent to share one, or its baseline has not been trained")
+
+    def has_local(self, experiment: str, site: str) -> bool:
+        return self.local_path(experiment, site).exists()
+
     # -- what a site will send (site side) and what the hub received (hub side) ---------------
     def message_path(self, experiment: str, round_: int, kind: str, site: str, box: str = "outbox") -> Path:
         if box not in {"outbox", "received"}:

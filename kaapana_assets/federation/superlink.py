@@ -51,10 +51,13 @@ def superlink_command(certificates: Mapping[str, Path], host: str, port: int, da
 
 
 def supernode_command(superlink: str, root_certificate: Path, private_key: Path, site: str, home: Path,
-                      runtime_port: int = 9094, device: str = "auto", threads: int = 2) -> list[str]:
+                      runtime_port: int = 9094, device: str = "auto", threads: int = 2,
+                      share_local_model: bool = False) -> list[str]:
     """The site's SuperNode. `--isolation process`: its ClientApps are started by the
-    site's `kaapana-superexec` (superexec_command), not by a SuperExec of Flower's own."""
-    node_config = f'kaapana-home="{home}" site="{site}" device="{device}" threads={threads}'
+    site's `kaapana-superexec` (superexec_command), not by a SuperExec of Flower's own.
+    `share_local_model`: the site's consent to cross-site evaluation (clientapp.py)."""
+    node_config = f'kaapana-home="{home}" site="{site}" device="{device}" threads={threads}' + (
+        ' share-local-model="true"' if share_local_model else "")
     return [flower_bin("flower-supernode"), "--superlink", superlink, "--root-certificates", str(root_certificate),
             "--auth-supernode-private-key", str(private_key), "--node-config", node_config,
             "--isolation", "process", "--host", "127.0.0.1", "--port", str(runtime_port)]

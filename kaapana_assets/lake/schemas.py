@@ -373,6 +373,65 @@ FEDERATED_SITE_ROUNDS = TableSpec(
     mutable=True,  # a retried round replaces its row
 )
 
+# A federated model measured at every site on the site's own held-out cohort (hub; from
+# the aggregates the sites sent, federated/site_evaluation.py): one row per site, label and
+# metric. A label and metric measured on fewer cases than the threshold is suppressed:
+# `cases` and every statistic null, `reported` "<5".
+FEDERATED_EVALUATIONS = TableSpec(
+    "federated_evaluations",
+    pa.schema(
+        [
+            ("experiment", pa.string()),
+            ("model", pa.string()),  # "experiment:global@roundN", the model version evaluated
+            ("round", pa.int64()),  # the global model's round
+            ("site", pa.string()),
+            ("cohort", pa.string()),  # the site's held-out cohort (its own version of it)
+            ("cohort_version", pa.int64()),
+            ("label", pa.string()),
+            ("metric", pa.string()),  # dice | hd95_mm | assd_mm | reference_ml | predicted_ml | volume_difference_ml
+            ("cases", pa.int64()),
+            ("reported", pa.string()),  # the case count as published: "12", or "<5" when suppressed
+            ("mean", pa.float64()),
+            ("median", pa.float64()),
+            ("q1", pa.float64()),
+            ("q3", pa.float64()),
+            ("whislo", pa.float64()),
+            ("whishi", pa.float64()),
+            ("minimum", pa.float64()),
+            ("maximum", pa.float64()),
+            ("suppressed", pa.bool_()),
+            ("evaluated_at", TIMESTAMP),
+            ("row_digest", pa.string()),
+        ]
+    ),
+    keys=("experiment", "model", "site", "label", "metric"),
+    mutable=True,  # evaluating the same model again replaces its rows
+)
+
+# The cross-site matrix (hub): every site's local baseline and the global model, each
+# evaluated by every site on its own held-out cohort (data_site × model_owner), the mean
+# of a metric over the cases; null with `reported` "<5" below the small-cell threshold.
+CROSS_SITE_EVALUATIONS = TableSpec(
+    "cross_site_evaluations",
+    pa.schema(
+        [
+            ("experiment", pa.string()),
+            ("data_site", pa.string()),
+            ("model_owner", pa.string()),  # a site (its local baseline) or "global"
+            ("label", pa.string()),
+            ("metric", pa.string()),
+            ("value", pa.float64()),
+            ("cases", pa.int64()),
+            ("reported", pa.string()),
+            ("suppressed", pa.bool_()),
+            ("evaluated_at", TIMESTAMP),
+            ("row_digest", pa.string()),
+        ]
+    ),
+    keys=("experiment", "data_site", "model_owner", "label", "metric"),
+    mutable=True,
+)
+
 # A model version measured on a cohort version against its reference SEGs: one row per case
 # (series) and label. Recomputing an evaluation updates its rows (Delta history keeps both).
 EVALUATIONS = TableSpec(
@@ -538,7 +597,8 @@ TABLES: dict[str, TableSpec] = {
     spec.name: spec
     for spec in (INSTANCES, SERIES, STUDIES, QUARANTINE, INSTANCE_ENCODINGS, COHORT_MEMBERS, TAGS, SITE_STATISTICS, SEGMENTATIONS, SEG_SEGMENTS, SENT,
                  FEDERATED_ROUNDS, EVALUATIONS, NETWORK_STATISTICS, NETWORK_SITES, COHORT_CHECKS,
-                 FEDERATED_SITE_ROUNDS, PROJECTS, SERIES_PROJECTS, PROJECT_CHANGES, AUDIT)
+                 FEDERATED_SITE_ROUNDS, PROJECTS, SERIES_PROJECTS, PROJECT_CHANGES, AUDIT, FEDERATED_EVALUATIONS,
+                 CROSS_SITE_EVALUATIONS)
 }
 
 

@@ -8,6 +8,7 @@ superseded round. Tampered and replayed messages: tests/federation/test_federate
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections.abc import Iterator
@@ -43,6 +44,25 @@ def flower(federation: Federation) -> Iterator[LocalFederation]:
     """The SuperLink and three SuperNodes, for this module."""
     with federation.network("flower") as network:
         yield network
+
+
+FAULTS_PRIVACY = {"dp_clipping_norm": 0.01, "dp_sensitivity": 0.01, "dp_epsilon": 5.0, "dp_delta": 1e-5,
+                  "dp_max_epsilon": 100.0}
+
+
+@pytest.fixture(scope="module")
+def faults_plan(federation: Federation, flower: LocalFederation) -> dict:
+    """The hub's resources for experiment `faults`, planned over the module's network (its
+    global model 0 published): the fault scenario trains it, the cross-site evaluation test
+    evaluates its initial network (which no site trained on, whatever ran before)."""
+    # Faults, not learning, are under test: the shortest local training that is still a round.
+    resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, **FAULTS_PRIVACY,
+                                                   strategy="fedavgm", server_momentum=0.5,
+                                                   local_epochs=1, iterations_per_epoch=2))
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("federated_experiments", ["faults"])
+        _materialize([federated_plan], "faults", instance, resources)
+    return resources
 
 
 def _materialize(assets: list, partition: str, instance: dg.DagsterInstance, resources: dict,
@@ -179,7 +199,8 @@ def _wait_for_clientapp(flower: LocalFederation, site: str, timeout_s: float = 1
     raise TimeoutError("the site never started its ClientApp")
 
 
-def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: LocalFederation) -> None:
+def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: LocalFederation,
+                                               faults_plan: dict) -> None:
     """Quorum 2 of 3. site-c goes away while it trains: round 1 completes with site-a and
     site-b. With site-b gone as well, round 2 fails cleanly (nothing aggregated, no global
     model). Both come back: the retry of round 2 aggregates all three. This experiment
@@ -206,16 +227,11 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         accountant.compose(dp_accounting.GaussianDpEvent(round_mechanism(privacy).noise_multiplier), rounds)
         return accountant.get_epsilon(privacy.delta)
 
-    # Faults, not learning, are under test: the shortest local training that is still a round.
-    resources = federation.hub(federation.resource(flower, min_sites=2, rounds=2, dp_clipping_norm=0.01,
-                                                   dp_sensitivity=0.01, dp_epsilon=5.0, dp_delta=1e-5,
-                                                   dp_max_epsilon=100.0, strategy="fedavgm", server_momentum=0.5,
-                                                   local_epochs=1, iterations_per_epoch=2))
+    resources = faults_plan
     store = federation.hub_store
     sites = {s.name: s for s in federation.local_sites()}
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("federated_experiments", ["faults"])
-        _materialize([federated_plan], "faults", instance, resources)
         lost = threading.Thread(target=lambda: (_wait_for_clientapp(flower, "site-c"),
                                                 flower.stop_site("site-c")))
         lost.start()
@@ -288,3 +304,47 @@ def test_sites_only_dial_out(flower: LocalFederation) -> None:
         peer = int(fields[4].rsplit(":", 1)[1])
         local_port = int(fields[3].rsplit(":", 1)[1])
         assert peer == port or peer in own_ports or local_port in own_ports, line
+
+
+def test_cross_site_evaluation_with_one_consenting_site(federation: Federation, flower: LocalFederation,
+                                                        faults_plan: dict) -> None:
+    """cross_site_evaluation over the real SuperLink and SuperNodes. site-a alone consents
+    (node config share-local-model): it trains a local baseline from the plan's initial
+    network, site-b and site-c decline. Every site then evaluates the global model (round 0,
+    trained on nobody) and site-a's model on its own liver-train: site-a refuses its own
+    model there (its training cohort: not held out), the others evaluate both. With four
+    cases a site, every cell is suppressed, so no site has a comparison to state. The
+    matrix is in Delta and in NVFlare's layout; nothing identifying reached the hub."""
+    from kaapana_assets.federated.assets import cross_site_evaluation
+    from kaapana_assets.lake.schemas import CROSS_SITE_EVALUATIONS
+
+    store, experiment = federation.hub_store, "faults"
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("federated_experiments", [experiment])
+        result = dg.materialize([cross_site_evaluation], partition_key=experiment, instance=instance,
+                                resources=faults_plan, run_config={"ops": {"cross_site_evaluation": {"config": {
+                                    "cohort": "liver-train", "round": 0, "retrain": True}}}})
+    metadata = _metadata(result)
+    assert metadata["model_owners"] == ["global", "site-a"]
+    assert set(metadata["declined"]) == {"site-b", "site-c"}
+    assert "share-local-model is off" in metadata["declined"]["site-b"]
+    assert list(metadata["refused"]) == ["site-a@site-a"]
+    assert "refused: site-a refuses to evaluate faults:site-a on liver-train v1: IN-SAMPLE" in \
+        metadata["refused"]["site-a@site-a"]
+    layout = json.loads((store.experiment_dir(experiment) / "cross_val_results.json").read_text())
+    assert layout == metadata["cross_val_results"]
+    assert set(layout) == set(SITES) and set(layout["site-a"]) == {"global"}
+    assert set(layout["site-b"]) == {"global", "site-a"} and layout["site-b"]["site-a"]["dice_liver"] is None
+    assert metadata["global_worse_at"] == [] and "heat_map" in metadata
+    rows = Lake(federation.root / "hub" / "lake").read(CROSS_SITE_EVALUATIONS, pl.col("experiment") == experiment)
+    assert set(zip(rows["data_site"], rows["model_owner"], strict=True)) == {
+        ("site-a", "global"), ("site-b", "global"), ("site-b", "site-a"), ("site-c", "global"), ("site-c", "site-a")}
+    assert rows["suppressed"].all() and rows["value"].null_count() == rows.height
+
+    received = [p for p in store.files(experiment) if "received" in p.parts
+                and ({"model_evaluation", "baseline"} & set(p.parts))]
+    assert len(received) == 3 + 3 * 2  # baselines (or declines), then two models at three sites
+    for site, site_home in federation.homes.items():
+        identifiers = site_identifiers(Lake(site_home.lake))
+        for path in received:
+            assert not leaked_identifiers(path.read_bytes(), identifiers), f"{path} leaks {site}'s identifiers"

@@ -91,7 +91,7 @@ def test_supernode_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     home = tmp_path / "site home"  # a space: the printed line must still be one shell word per argument
     assert main(["federation", "supernode-command", "--site", "site-a", "--home", str(home),
                  "--superlink", "hub.example.org:9092", "--ca", "/secrets/ca.pem", "--node-key", "/secrets/site-a.key",
-                 "--device", "cpu", "--threads", "4"]) == 0
+                 "--device", "cpu", "--threads", "4", "--share-local-model"]) == 0
     captured = capsys.readouterr()
     command, superexec = (shlex.split(line) for line in captured.out.strip().splitlines())
     assert Path(command[0]).name == "flower-supernode"
@@ -104,6 +104,7 @@ def test_supernode_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     node_config = command[command.index("--node-config") + 1]
     assert f'kaapana-home="{home}"' in node_config and 'site="site-a"' in node_config
     assert 'device="cpu"' in node_config and "threads=4" in node_config
+    assert 'share-local-model="true"' in node_config  # the site's consent to cross-site evaluation
     assert command[command.index("--host") + 1] == "127.0.0.1"  # the runtime API stays on loopback
     assert "--insecure" not in command
     notes = " ".join(captured.err.split())

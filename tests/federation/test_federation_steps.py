@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from kaapana_assets import flower_apps
 from kaapana_assets.federated import steps as training
-from kaapana_assets.federated.step_names import PLAN_STEP, ROUND_STEP
+from kaapana_assets.federated.step_names import EVALUATION_STEP, PLAN_STEP, ROUND_STEP
 from kaapana_assets.federation import registry
 from kaapana_assets.federation.channel import CONFIG, IDENTITY_EXPERIMENT, Kind, seal, verify
 from kaapana_assets.federation.clientapp import answer
@@ -72,6 +72,8 @@ def test_the_domains_register_their_steps() -> None:
     assert (registry.site_handler(Kind.TRAIN), registry.site_handler(Kind.EVALUATE)) == (training.train,
                                                                                           training.evaluate)
     assert registry.site_handler(Kind.STATISTICS_REQUEST) is monitoring.statistics
+    assert registry.hub_step(EVALUATION_STEP) is training.EVALUATION
+    assert registry.site_handler(Kind.MODEL_EVALUATION_REQUEST) is training.model_evaluation
     assert registry.site_handler(Kind.UPDATE) is None and registry.site_handler("no-such-kind") is None
     assert "nnunetv2.training.nnUNetTrainer.nnUNetTrainer" in registry.site_preloads()
 
