@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +202,8 @@ DEMO_GRID = {"slices": 16, "matrix": 40}  # what demo_home passes to `kaapana de
 
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`kaapana demo` once on small grids with the tiny schedule: the whole story."""
+    """`kaapana demo` once on small grids with the tiny schedule: the whole story; what it
+    printed in demo.out."""
     from kaapana_assets.cli import main
     from kaapana_assets.cohorts.definitions import EXAMPLES
 
@@ -216,9 +218,11 @@ def demo_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
         mp.setenv("KAAPANA_HOME", str(root / "kaapana"))
         mp.setenv("DAGSTER_HOME", str(root / "dagster"))
         mp.delenv("KAAPANA_FEDERATION", raising=False)
-        code = main(["demo", "--studies", "3", "--rounds", "3", "--new-studies", "1",
-                     "--slices", str(DEMO_GRID["slices"]), "--matrix", str(DEMO_GRID["matrix"]),
-                     "--schedule", "tiny", "--promotion-dice", "0.2"])
+        # What the demo prints is kept beside its home (demo.out), for the tests that read it.
+        with (root / "demo.out").open("w") as out, redirect_stdout(out):
+            code = main(["demo", "--studies", "3", "--rounds", "3", "--new-studies", "1",
+                         "--slices", str(DEMO_GRID["slices"]), "--matrix", str(DEMO_GRID["matrix"]),
+                         "--schedule", "tiny", "--promotion-dice", "0.2"])
     (root / "exit_code").write_text(str(code))
     return root
 

@@ -8,6 +8,7 @@ superseded round. Tampered and replayed messages: tests/federation/test_federate
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 import torch
 from dagster._core.instance.ref import InstanceRef
 
+from kaapana_assets.demo import DEMO_PRIVACY
 from kaapana_assets.federated.assets import federated_plan, federated_rounds
 from kaapana_assets.federated.partitions import round_key
 from kaapana_assets.federation.credentials import create_node_keys
@@ -95,7 +97,7 @@ def test_three_sites_three_rounds_improve(demo_home: Path) -> None:
         first_round = _latest_metadata(instance, "federated_rounds", round_key("liver-fed", 1))
         meta = _latest_metadata(instance, "federated_model", "liver-fed")
     assert plan_meta["cases"] == 2 + 3 + 3 and not plan_meta["excluded_sites"]
-    assert first_round["differential_privacy"] == {"enabled": False}
+    assert first_round["differential_privacy"] == dataclasses.asdict(DEMO_PRIVACY)  # the demo's local DP
     assert meta["rounds"] == 3 and meta["promoted"]
     tracking = Tracking(f"sqlite:///{hub.root / 'mlflow.db'}", str(hub.root / "mlartifacts"))
     version = find_version(tracking, "nnunet-liver-train")
