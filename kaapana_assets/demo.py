@@ -239,7 +239,10 @@ def _federation_file(home: KaapanaHome, site_homes: dict[str, KaapanaHome]) -> t
     processes; a rerun keeps each site's signing key."""
     path = home.root / "federation.yaml"
     known = {s.name: s.key for s in read_sites(path)} if path.exists() else {}
-    sites = [LocalSite(name, site_home.root, known.get(name) or generate_site_key(), "auto")
+    # The sites train at once on this machine: torch threads that share its cores, at most two
+    # each (more threads than cores makes each site's training slower, not faster).
+    threads = min(2, max(1, (os.cpu_count() or 1) // len(site_homes)))
+    sites = [LocalSite(name, site_home.root, known.get(name) or generate_site_key(), "auto", threads)
              for name, site_home in site_homes.items()]
     # Demo only: keys inline. In production each key lives in a secret (key_env or key_file).
     write_sites(path, [SiteEntry(s.name, key=s.key) for s in sites])

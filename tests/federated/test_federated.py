@@ -245,8 +245,7 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         assert "1 of 3 site updates arrived, 2 needed" in _failure(result) and "nothing aggregated" in _failure(result)
         assert not store.has_global("faults", 2) and not store.momentum_path("faults", 2).exists()
 
-        flower.start_site(sites["site-b"])
-        flower.start_site(sites["site-c"])
+        flower.start_sites([sites["site-b"], sites["site-c"]])
         flower.wait_connected(3)
         _materialize([federated_plan, federated_rounds], "faults|2", instance, resources)
         assert store.has_global("faults", 2) and store.momentum_path("faults", 2).exists()
