@@ -12,7 +12,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(console, sites=args.sites, studies=args.studies, seed=args.seed, rounds=args.rounds,
                     new_studies=args.new_studies, grid={"slices": args.slices, "matrix": args.matrix},
-                    schedule=args.schedule, promotion_dice=args.promotion_dice)
+                    schedule=args.schedule, promotion_dice=args.promotion_dice, local_epochs=args.local_epochs)
 
 
 def add_parsers(sub: SubParsers) -> None:
@@ -26,6 +26,7 @@ def add_parsers(sub: SubParsers) -> None:
                    help="slices per CT (default: the scanner's; fewer means thicker slices, which the "
                         "liver-train cohort's 5 mm limit excludes)")
     p.add_argument("--schedule", default="short", choices=["tiny", "short", "full"], help="local training preset")
+    p.add_argument("--local-epochs", type=int, default=2, help="epochs each site trains per round")
     p.add_argument("--promotion-dice", type=float, default=0.7,
                    help="cross-site Dice the federated model needs to become production (demo: 0.7)")
     p.add_argument("--seed", type=int, default=0)

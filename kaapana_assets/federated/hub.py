@@ -47,6 +47,16 @@ class Privacy:
         if self.max_epsilon is not None and not self.enabled:
             raise ValueError("a privacy budget (max_epsilon) needs local DP: set a clipping norm > 0")
 
+    @classmethod
+    def calibrated(cls, clipping_norm: float, noise_multiplier: float, delta: float,
+                   max_epsilon: float | None = None) -> Privacy:
+        """The settings whose noise per weight is `noise_multiplier` × `clipping_norm`: the
+        sensitivity is the clipping norm, and ε per round follows from the multiplier."""
+        if not clipping_norm > 0 or not noise_multiplier > 0:
+            raise ValueError(f"clipping norm {clipping_norm} and noise multiplier {noise_multiplier} must be > 0")
+        return cls(clipping_norm=clipping_norm, sensitivity=clipping_norm, delta=delta, max_epsilon=max_epsilon,
+                   epsilon=math.sqrt(2 * math.log(1.25 / delta)) / noise_multiplier)
+
     @property
     def enabled(self) -> bool:
         return self.clipping_norm > 0

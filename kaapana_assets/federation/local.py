@@ -75,17 +75,29 @@ def _signal_all(pids: list[int], sig: signal.Signals) -> None:
 def stop(process: subprocess.Popen, grace_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> None:
     """End a process we started and every process it started, by process group and PID
     (never by name). SIGTERM lets a SuperNode or SuperLink deactivate itself first."""
-    children = descendants(process.pid)
-    if process.poll() is None:
+    stop_all([process], grace_s, sig)
+
+
+def stop_all(processes: list[subprocess.Popen], grace_s: float = 10.0, sig: signal.Signals = signal.SIGTERM) -> None:
+    """stop() for several processes at once: every group is signalled before any is waited
+    for, so their shutdowns overlap and the grace period runs once."""
+    children = [pid for process in processes for pid in descendants(process.pid)]
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
         try:
             os.killpg(process.pid, sig)
-            process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + grace_s
+    for process in running:
+        try:
+            process.wait(max(deadline - time.monotonic(), 0.0))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
     while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal_all([pid for pid in children if Path(f"/proc/{pid}").exists()], signal.SIGKILL)
@@ -155,21 +167,32 @@ class LocalFederation:
 
     def start_site(self, site: LocalSite, private_key: Path | None = None) -> subprocess.Popen:
         """The site's SuperNode, then its SuperExec once the SuperNode's runtime API listens."""
-        runtime_port = free_port()
-        command = supernode_command(self.connection.address, self.certificates["ca"],
-                                    private_key or self.node_keys(site.name)[0], site.name, site.home,
-                                    runtime_port, site.device, site.threads, site.share_local_model)
-        flwr_home = {"FLWR_HOME": str(site.home / "flwr")}
-        process = self._spawn(command, f"supernode-{site.name}.log", flwr_home)
-        self.supernodes[site.name] = process
-        try:
-            wait_for_port("127.0.0.1", runtime_port, process=process)
-        except (RuntimeError, TimeoutError):
-            return process  # e.g. a refused key: the SuperNode exited; the caller looks at it
-        # Only the SuperExec (its ClientApps sign replies) gets the site's signing key.
-        self.superexecs[site.name] = self._spawn(superexec_command(runtime_port, process.pid),
-                                                 f"supernode-{site.name}.log", {**flwr_home, **site.environment, "KAAPANA_SITE_KEY": site.key})
-        return process
+        return self.start_sites([site], {site.name: private_key} if private_key else None)[site.name]
+
+    def start_sites(self, sites: list[LocalSite],
+                    private_keys: Mapping[str, Path] | None = None) -> dict[str, subprocess.Popen]:
+        """Every site's SuperNode at once (each spends seconds importing Flower before its
+        runtime API listens), then each one's SuperExec as that API comes up."""
+        runtime_ports = {}
+        for site in sites:
+            runtime_ports[site.name] = free_port()
+            command = supernode_command(self.connection.address, self.certificates["ca"],
+                                        (private_keys or {}).get(site.name) or self.node_keys(site.name)[0],
+                                        site.name, site.home, runtime_ports[site.name], site.device, site.threads,
+                                        site.share_local_model)
+            self.supernodes[site.name] = self._spawn(command, f"supernode-{site.name}.log",
+                                                     {"FLWR_HOME": str(site.home / "flwr")})
+        for site in sites:
+            process = self.supernodes[site.name]
+            try:
+                wait_for_port("127.0.0.1", runtime_ports[site.name], process=process)
+            except (RuntimeError, TimeoutError):
+                continue  # e.g. a refused key: the SuperNode exited; the caller looks at it
+            # Only the SuperExec (its ClientApps sign replies) gets the site's signing key.
+            self.superexecs[site.name] = self._spawn(
+                superexec_command(runtime_ports[site.name], process.pid), f"supernode-{site.name}.log",
+                {"FLWR_HOME": str(site.home / "flwr"), **site.environment, "KAAPANA_SITE_KEY": site.key})
+        return {site.name: self.supernodes[site.name] for site in sites}
 
     def site_pids(self, name: str) -> list[int]:
         """Every process of a site: SuperNode, SuperExec and their ClientApps."""
@@ -177,10 +200,12 @@ class LocalFederation:
         return [pid for root in roots for pid in (root, *descendants(root))]
 
     def stop_site(self, name: str) -> None:
+        self.stop_sites([name])
+
+    def stop_sites(self, names: list[str]) -> None:
+        """The sites' SuperExecs (and their ClientApps), then their SuperNodes, each set at once."""
         for processes in (self.superexecs, self.supernodes):
-            process = processes.pop(name, None)
-            if process is not None:
-                stop(process)
+            stop_all([p for p in (processes.pop(name, None) for name in names) if p is not None])
 
     def wait_connected(self, count: int, timeout_s: float = 60.0) -> None:
         """Until `count` SuperNodes are online (`flwr supernode ls`)."""
@@ -206,7 +231,7 @@ class LocalFederation:
             self.start_superlink()
             for site in self.sites:
                 self.register(site.name)
-                self.start_site(site)
+            self.start_sites(self.sites)
             self.wait_connected(len(self.sites))
         except BaseException:
             self.close()  # nothing we started outlives a failed start
@@ -214,8 +239,7 @@ class LocalFederation:
         return self
 
     def close(self) -> None:
-        for name in list(self.supernodes):
-            self.stop_site(name)
+        self.stop_sites(list(self.supernodes))
         if self.superlink is not None:
             stop(self.superlink)
             self.superlink = None

@@ -8,6 +8,7 @@ superseded round. Tampered and replayed messages: tests/federation/test_federate
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import time
@@ -20,6 +21,7 @@ import pytest
 import torch
 from dagster._core.instance.ref import InstanceRef
 
+from kaapana_assets.demo import DEMO_PRIVACY
 from kaapana_assets.federated.assets import federated_plan, federated_rounds
 from kaapana_assets.federated.partitions import round_key
 from kaapana_assets.federation.credentials import create_node_keys
@@ -115,7 +117,7 @@ def test_three_sites_three_rounds_improve(demo_home: Path) -> None:
         first_round = _latest_metadata(instance, "federated_rounds", round_key("liver-fed", 1))
         meta = _latest_metadata(instance, "federated_model", "liver-fed")
     assert plan_meta["cases"] == 2 + 3 + 3 and not plan_meta["excluded_sites"]
-    assert first_round["differential_privacy"] == {"enabled": False}
+    assert first_round["differential_privacy"] == dataclasses.asdict(DEMO_PRIVACY)  # the demo's local DP
     assert meta["rounds"] == 3 and meta["promoted"]
     tracking = Tracking(f"sqlite:///{hub.root / 'mlflow.db'}", str(hub.root / "mlartifacts"))
     version = find_version(tracking, "nnunet-liver-train")
@@ -259,8 +261,7 @@ def test_site_lost_mid_round_quorum_then_retry(federation: Federation, flower: L
         assert "1 of 3 site updates arrived, 2 needed" in _failure(result) and "nothing aggregated" in _failure(result)
         assert not store.has_global("faults", 2) and not store.momentum_path("faults", 2).exists()
 
-        flower.start_site(sites["site-b"])
-        flower.start_site(sites["site-c"])
+        flower.start_sites([sites["site-b"], sites["site-c"]])
         flower.wait_connected(3)
         _materialize([federated_plan, federated_rounds], "faults|2", instance, resources)
         assert store.has_global("faults", 2) and store.momentum_path("faults", 2).exists()

@@ -31,6 +31,25 @@ def _bench() -> ModuleType:
     return module
 
 
+def _wait_for_automation_ticks(dagster_home: Path, count: int, timeout_s: float) -> None:
+    """Until every run has ended and the segmentation_automation sensor has finished `count`
+    ticks that started after that (each could have asked for the studies again)."""
+    from dagster._core.scheduler.instigation import InstigatorType, TickStatus
+
+    deadline = time.monotonic() + timeout_s
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
+        while not all(run.is_finished for run in instance.get_runs()):
+            assert time.monotonic() < deadline, f"runs still in progress after {timeout_s:.0f} s"
+            time.sleep(0.5)
+        ended = time.time()
+        [state] = [s for s in instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+                   if s.name == "segmentation_automation"]
+        while sum(tick.status != TickStatus.STARTED for tick in instance.get_ticks(
+                state.instigator_origin_id, state.selector_id, after=ended)) < count:
+            assert time.monotonic() < deadline, f"fewer than {count} automation ticks in {timeout_s:.0f} s"
+            time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_a_study_dropped_into_the_spool_is_segmented_by_the_running_daemon(trained_site, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     arrival = _bench()
@@ -48,8 +67,8 @@ def test_a_study_dropped_into_the_spool_is_segmented_by_the_running_daemon(train
         since, _ = arrival.drop(burst, home / "incoming", "burst")
         seen = arrival.wait_for_segs(home / "lake", burst_uids, since, timeout_s=600)
         assert set(seen) == set(burst_uids), f"burst: SEGs for {sorted(seen)} only; see {log}"
-        # Two automation ticks (10 s apart) after the run: neither may segment the study again.
-        time.sleep(25)
+        # Two automation ticks after the runs: neither may segment the studies again.
+        _wait_for_automation_ticks(dagster_home, count=2, timeout_s=120)
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_home))) as instance:
         runs = [(r.job_name, r.tags.get("dagster/partition") or
                  (r.tags.get("dagster/asset_partition_range_start"), r.tags.get("dagster/asset_partition_range_end")),

@@ -53,3 +53,35 @@ def test_lineage_of_a_demo_segmentation(demo_home: Path, capsys: pytest.CaptureF
     # by the segmented series UID too; an unknown UID is a clear error
     assert main(["lineage", seg["series_uid"], "--home", str(demo_home / "kaapana")]) == 0
     assert main(["lineage", "1.2.3.4", "--home", str(demo_home / "kaapana")]) == 2
+
+
+@pytest.mark.slow  # the whole demo
+@pytest.mark.timeout(1500)
+def test_the_demo_prints_the_epsilon_dp_accounting_gives(demo_home: Path) -> None:
+    """The demo's mechanism, per site and round: the update clipped to L2 norm 40, Gaussian
+    noise of multiplier 5e-5 (σ 0.002), on all of the site's training cases (sampling fraction
+    1); three rounds, each site sending in each. ε at δ 1e-5 is dp-accounting's RDP accountant's
+    for that composition: in the rounds table, in what the demo printed, under the budget."""
+    import dp_accounting
+    from dp_accounting.rdp import RdpAccountant
+
+    from kaapana_assets.demo import DEMO_PRIVACY
+
+    clipping_norm, noise_multiplier, delta, rounds = 40.0, 5e-5, 1e-5, 3
+    assert (DEMO_PRIVACY.clipping_norm, DEMO_PRIVACY.delta) == (clipping_norm, delta)
+    assert DEMO_PRIVACY.noise_stdv == pytest.approx(noise_multiplier * clipping_norm, rel=1e-12)
+    accountant = RdpAccountant()
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(1.0, dp_accounting.GaussianDpEvent(noise_multiplier)),
+                       rounds)
+    reference = accountant.get_epsilon(delta)
+
+    rounds_table = Lake(demo_home / "kaapana" / "lake").read(FEDERATED_ROUNDS)
+    last = rounds_table.filter(rounds_table["round"] == rounds)
+    spent = dict(zip(last["site"], last["epsilon"], strict=True))
+    assert spent == {site: pytest.approx(reference, rel=1e-9) for site in ("site-a", "site-b", "site-c", "global")}
+    assert reference <= DEMO_PRIVACY.max_epsilon
+    printed = " ".join((demo_home / "demo.out").read_text().split())
+    print(f"ε per site after the demo's {rounds} rounds (δ {delta:g}): {reference:.6g}")
+    assert (f"privacy spent (RDP accountant, δ {delta:g}, budget {DEMO_PRIVACY.max_epsilon:g}): "
+            + ", ".join(f"{site} ε {reference:.4g} after round {rounds}" for site in ("site-a", "site-b", "site-c"))
+            in printed)
