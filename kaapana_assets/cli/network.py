@@ -71,7 +71,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 RECEIVE_DESCRIPTION = (
     "A DICOM Storage SCP (every storage SOP class and transfer syntax, and C-ECHO) that writes\n"
     "each instance byte for byte into the spool and acknowledges it once it is on disk\n"
-    "(appended to the receive journal, $SPOOL/.journal, and flushed; the journal's checkpoints\n"
+    "(appended to the receive journal, $SPOOL-journal beside the spool, and flushed; the journal's checkpoints\n"
     "make the spool files durable, and a restart after a crash writes back what they lost).\n\n"
     "Refused with a failure status, nothing stored, a 'refused ...' log line:\n"
     "  0xC210 Cannot Understand: empty, garbage, malformed or truncated data sets, and\n"

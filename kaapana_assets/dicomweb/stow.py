@@ -11,7 +11,7 @@ request's Affected* UIDs: a data set that differs from them is refused as the re
 refuses it. With a study in the path, a part of another study is refused (0xA900, as any data
 set that does not match what its request announced).
 
-Durability: the service holds a receive journal segment of its own in the spool
+Durability: the service holds a receive journal segment of its own beside the spool
 (`ReceiveJournal`, which lets several writers share a spool, each with its own flock'd
 segment), used as the receiver uses its own: an instance is stored once its record is
 appended and flushed, its spool file written by the journal's writer thread (retried at every
