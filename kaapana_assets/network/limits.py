@@ -9,7 +9,12 @@ connection until the association has ended; when a worker dies, the supervisor c
 (`forget`), so a dead worker's associations stop counting. The table is changed under a POSIX
 record lock (`lockf`) on the file, which the kernel releases when its holder dies: a worker
 killed at any moment never leaves the table locked. Threads of one process take a
-threading.Lock first (record locks belong to the process, not to the thread)."""
+threading.Lock first (record locks belong to the process, not to the thread).
+
+The same table spreads the associations: a worker waits in accept() only while it serves no
+more associations than the least busy worker that is accepting (`my_turn`). A burst of
+connections would otherwise go to the first worker awake: it takes every connection already
+queued before the others run."""
 
 from __future__ import annotations
 
@@ -65,11 +70,15 @@ class AssociationLimits:
         # Every counted address holds at least one association: max_associations columns suffice.
         self.slots = max_associations
         self._file = tempfile.TemporaryFile(prefix="kaapana-receive-limits-")
-        size = self.slots * KEY_BYTES + workers * self.slots * 4
+        counts_at = self.slots * KEY_BYTES
+        accepting_at = counts_at + workers * self.slots * 4
+        size = accepting_at + workers * 4
         self._file.truncate(size)
         self._map = mmap.mmap(self._file.fileno(), size)  # MAP_SHARED: the forked workers see one table
-        self._keys = np.frombuffer(self._map, dtype=np.uint8, count=self.slots * KEY_BYTES).reshape(self.slots, KEY_BYTES)
-        self._counts = np.frombuffer(self._map, dtype=np.int32, offset=self.slots * KEY_BYTES).reshape(workers, self.slots)
+        self._keys = np.frombuffer(self._map, dtype=np.uint8, count=counts_at).reshape(self.slots, KEY_BYTES)
+        self._counts = np.frombuffer(self._map, dtype=np.int32, offset=counts_at,
+                                     count=workers * self.slots).reshape(workers, self.slots)
+        self._accepting = np.frombuffer(self._map, dtype=np.int32, offset=accepting_at, count=workers)
         self._thread_lock = threading.Lock()
 
     def for_worker(self, worker: int) -> AssociationLimits:
@@ -121,7 +130,19 @@ class AssociationLimits:
     def forget(self, worker: int) -> None:
         """A worker died: its associations ended with it (the supervisor, before replacing it)."""
         with self._locked():
+            self._accepting[worker] = 0
             self._counts[worker] = 0
+
+    def accepting(self) -> None:
+        """This worker accepts connections from now on (its journal is open)."""
+        self._accepting[self.worker] = 1
+
+    def my_turn(self) -> bool:
+        """Whether this worker serves no more associations than the least busy accepting one
+        (read without the lock: a hint, not a count)."""
+        busy = self._counts.sum(axis=1)
+        others = busy[self._accepting != 0]
+        return others.size == 0 or busy[self.worker] <= others.min()
 
     def running(self, host: str | None = None) -> int:
         """Associations counted from `host`, or in all."""

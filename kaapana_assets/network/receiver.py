@@ -64,6 +64,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +101,8 @@ MAX_PER_CALLER = 16
 # PDU instead of three or more, and every PDU costs a pass through pynetdicom's reactor
 # (≈0.4 ms of CPU per instance saved). A peer may send smaller ones.
 MAX_PDU_SIZE = 2**20
+# How often a worker busier than another looks whether it is its turn to accept again.
+TURN_WAIT_S = 0.005
 
 # A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 2 rejected-transient,
 # source 3 service-provider (presentation), reason 2 local-limit-exceeded.
@@ -246,9 +249,13 @@ class ReceiverServer(ThreadedAssociationServer):
 
     def accept_forever(self) -> None:
         """Serve the inherited listening socket: wait in accept() (blocking, in the kernel's
-        queue of waiters), check the limits, hand the connection to a thread; until an
-        exception (the worker's stop signal) or the socket is closed."""
+        queue of waiters) whenever no other worker is less busy, check the limits, hand the
+        connection to a thread; until an exception (the worker's stop signal) or the socket
+        is closed."""
+        self.limits.accepting()
         while True:
+            while not self.limits.my_turn():
+                time.sleep(TURN_WAIT_S)
             try:
                 request, client_address = self.get_request()
             except OSError:

@@ -32,41 +32,45 @@ def associate(port: int, calling: str, *contexts: str, address: str = "127.0.0.1
 
 
 def test_workers_share_the_port_and_one_per_address_limit(tmp_path: Path, corpus: dict) -> None:
-    """Three associations held from one address land on both workers; the fourth is refused
-    (the limit of three counts over the workers, not per worker); then three parallel
-    associations from another address store every instance byte for byte, served by both
-    workers."""
-    receiver = Receiver(tmp_path / "home", options=["--workers", "2", "--max-per-caller", "3"])
+    """Four associations opened at once store every instance byte for byte, served by both
+    workers; then four associations held from another address land on both workers, and the
+    fifth is refused (the limit of four counts over the workers, not per worker)."""
+    receiver = Receiver(tmp_path / "home", options=["--workers", "2", "--max-per-caller", "4"])
     try:
         workers = receiver.accepting(2)
-        held = [associate(receiver.port, "HOLDER") for _ in range(3)]
-        try:
-            assert all(a.is_established for a in held)
-            refused = associate(receiver.port, "HOLDER")
-            assert not refused.is_established and (refused.is_rejected or refused.is_aborted)  # A-ASSOCIATE-RJ
-            assert len(set(receiver.served_by("HOLDER"))) == 2  # the three are spread over both workers
-        finally:
-            for a in held:
-                a.release()
-        assert "refused association from 127.0.0.1: it holds 3 concurrent associations (limit 3 per address)" \
-            in receiver.log()
-
         files = [f for study in corpus["site-a"] for f in study.ct_files][:24]
 
-        # Modalities connect one after another, then send at once: each connection goes to a
-        # worker waiting in accept (a burst of connections may all go to the first one awake).
-        parallel = [associate(receiver.port, "PARALLEL", CTImageStorage, address="127.0.0.2") for _ in range(3)]
-        assert all(a.is_established for a in parallel)
+        all_open = threading.Barrier(4, timeout=30)
 
-        def send(assoc: Association, share: list[Path]) -> list[int]:
+        def send(share: list[Path]) -> list[int]:
+            assoc = associate(receiver.port, "PARALLEL", CTImageStorage, address="127.0.0.2")
+            assert assoc.is_established
+            all_open.wait()  # four running at once, however the threads were scheduled
             statuses = [assoc.send_c_store(pydicom.dcmread(f)).Status for f in share]
             assoc.release()
             return statuses
 
-        with ThreadPoolExecutor(3) as pool:
-            statuses = [s for part in pool.map(send, parallel, [files[i::3] for i in range(3)]) for s in part]
+        with ThreadPoolExecutor(4) as pool:  # four connections in one burst
+            statuses = [s for part in pool.map(send, [files[i::4] for i in range(4)]) for s in part]
         assert statuses == [0] * len(files)
+        # The busier worker leaves the next connection to the other (a burst would otherwise
+        # go to the first worker awake).
         assert set(receiver.served_by("PARALLEL")) == set(workers)
+
+        held = [associate(receiver.port, "HOLDER") for _ in range(4)]
+        try:
+            assert all(a.is_established for a in held)
+            refused = associate(receiver.port, "HOLDER")
+            assert not refused.is_established and (refused.is_rejected or refused.is_aborted)  # A-ASSOCIATE-RJ
+            assert len(set(receiver.served_by("HOLDER"))) == 2  # the four are spread over both workers
+        finally:
+            for a in held:
+                a.release()
+        assert "refused association from 127.0.0.1: it holds 4 concurrent associations (limit 4 per address)" \
+            in receiver.log()
+    except BaseException:
+        print(receiver.log())
+        raise
     finally:
         receiver.stop()
     spool = tmp_path / "home" / "incoming" / "PARALLEL"
