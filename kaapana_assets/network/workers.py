@@ -6,7 +6,8 @@ lock), so the receiver runs as N worker processes behind one port:
 - The supervisor (this module's `supervise`) binds and listens once, then forks the workers;
   each inherits the listening socket and waits in a blocking `accept()` on it. The kernel
   hands each new connection to one process waiting in accept (not by a hash of addresses,
-  as SO_REUSEPORT would: an idle worker gets the next connection, a busy one does not).
+  as SO_REUSEPORT would), and a worker waits there only while it serves no more associations
+  than the least busy one (`AssociationLimits.my_turn`): a burst of connections spreads too.
 - Each worker is a complete receiver (`receiver.make_receiver`): its own receive journal
   segment (flock'd), its own threads per association, every check and guarantee of the
   single-process receiver per instance (durable before the acknowledgement, refusals,
