@@ -49,10 +49,18 @@ def storescu(port: int, aec: str, files: list[Path], parallel: int = 1) -> float
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a running process (Linux /proc): less disturbed by other
-    load on a shared machine than the wall clock."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    """User + system CPU time of a running process and of its running child processes (the
+    workers of `kaapana receive`; Linux /proc): less disturbed by other load on a shared
+    machine than the wall clock."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            own, fields = stat.parent.name, stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if own == str(pid) or fields[1] == str(pid):  # the process, or its child (ppid)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Sent(NamedTuple):
@@ -85,7 +93,8 @@ def serve_floor(port: int) -> None:
     checked or stored."""
     from pynetdicom import evt
 
-    from kaapana_assets.network.receiver import SUCCESS, ReceiverServer, _nodelay, build_receiver
+    from kaapana_assets.network.intake import SUCCESS
+    from kaapana_assets.network.receiver import ReceiverServer, _nodelay, build_receiver
 
     ae = build_receiver("FLOOR")
     handlers: list[Any] = [(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_C_STORE, lambda event: SUCCESS)]
@@ -97,7 +106,7 @@ def count(folder: Path) -> int:
     return sum(1 for _ in folder.rglob("*.dcm"))
 
 
-def run(instances: int, parallelism: list[int], code: Path) -> None:
+def run(instances: int, parallelism: list[int], code: Path, workers: list[str]) -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     from bench.orthanc import Orthanc
     from kaapana_assets.synthetic import generate_site
@@ -118,7 +127,7 @@ def run(instances: int, parallelism: list[int], code: Path) -> None:
         for parallel in parallelism:
             home = root / f"home-{parallel}"
             ours = serve_and_send([sys.executable, "-m", "kaapana_assets.cli", "receive", "--home", str(home),
-                                   "--port", "11112"], code, 11112, "KAAPANA", files, parallel)
+                                   "--port", "11112", *workers], code, 11112, "KAAPANA", files, parallel)
             received = count(home / "incoming")
             floor = serve_and_send([sys.executable, str(Path(__file__).resolve()), "--serve-floor", "11113"], code,
                                    11113, "FLOOR", files, parallel)
@@ -131,7 +140,8 @@ def run(instances: int, parallelism: list[int], code: Path) -> None:
             rows.append((parallel, ours, received, floor, theirs, stored))
 
     print(f"{len(files)} CT instances ({size_mb:.0f} MB), storescu with TCP_NODELAY=1, loopback; "
-          f"kaapana receive from {code}: durable before every acknowledgement; Orthanc 1.10 (Debian)")
+          f"kaapana receive {' '.join(workers) or '(default workers: ' + str(os.cpu_count()) + ')'} from {code}: durable "
+          "before every acknowledgement; Orthanc 1.10 (Debian)")
     n = len(files)
     print(f"{'':12s} {'instances/s':>32s} {'ratio to Orthanc':>18s} {'CPU ms per instance':>28s}")
     print(f"{'associations':>12s} {'kaapana':>10s} {'floor':>10s} {'Orthanc':>10s} {'kaapana':>9s} {'floor':>8s}"
@@ -142,7 +152,7 @@ def run(instances: int, parallelism: list[int], code: Path) -> None:
               f" {1000 * ours.cpu / n:9.2f} {1000 * floor.cpu / n:8.2f} {1000 * theirs.cpu / n:9.2f}  {received}/{stored}")
     print("goal: kaapana's ratio ≥ 1.5. floor: pynetdicom alone (the receiver's AE, settings and reactors; every\n"
           "C-STORE acknowledged unread, nothing stored): what any receiver built on pynetdicom can reach at most.\n"
-          "CPU: the server process's user + system time while the corpus was sent (all its threads).")
+          "CPU: the server's user + system time while the corpus was sent (all its threads and worker processes).")
 
 
 def main() -> int:
@@ -151,6 +161,8 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, nargs="+", default=[1, 2, 4],
                         help="numbers of parallel associations (storescu processes) to measure")
     parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose `kaapana receive` runs (default: this one)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="`kaapana receive --workers` (default: the receiver's, the number of cores)")
     parser.add_argument("--serve-floor", type=int, metavar="PORT", help=argparse.SUPPRESS)  # the floor's server process
     args = parser.parse_args()
     if args.serve_floor:
@@ -161,7 +173,7 @@ def main() -> int:
     code = reexec_in_private_network()
     if code is not None:
         return code
-    run(args.instances, args.parallel, args.code.resolve())
+    run(args.instances, args.parallel, args.code.resolve(), [] if args.workers is None else ["--workers", str(args.workers)])
     return 0
 
 

@@ -28,6 +28,12 @@ class KaapanaHome:
         return self.root / "incoming"
 
     @property
+    def receive_journal(self) -> Path:
+        """The receive journal of `incoming`: beside the spool, never in it, so that ingesting
+        the spool folder reads nothing of the receiver's (`network/journal.py` `journal_folder`)."""
+        return self.root / "incoming-journal"
+
+    @property
     def quarantine(self) -> Path:
         return self.root / "quarantine"
 

@@ -6,6 +6,7 @@ import datetime as dt
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -205,6 +206,20 @@ class Receiver:
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def accepting(self, count: int, timeout: float = 30) -> list[int]:
+        """The PIDs of the worker processes that have started accepting, once `count` have."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pids = [int(pid) for pid in re.findall(r"worker \d+ \(pid (\d+)\) accepting", self.log())]
+            if len(pids) >= count:
+                return pids
+            time.sleep(0.05)
+        raise AssertionError(f"{count} workers did not start accepting: {self.log()}")
+
+    def served_by(self, calling: str) -> list[int]:
+        """The PID of the worker that accepted each association from `calling`, in log order."""
+        return [int(pid) for pid in re.findall(rf"\[(\d+)\]: association from {calling} at \S+ accepted", self.log())]
 
     def spool_files(self) -> list[Path]:
         return sorted(Path(f.path) for f in scan_spool(self.home / "incoming"))  # not the receive journal

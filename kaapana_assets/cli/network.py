@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from kaapana_assets.cli.common import SubParsers, console, home_of, lake_of
@@ -11,15 +12,14 @@ from kaapana_assets.cli.common import SubParsers, console, home_of, lake_of
 
 def cmd_receive(args: argparse.Namespace) -> int:
     import logging
-    import signal
-    import threading
 
     from kaapana_assets.environment import Environment
-    from kaapana_assets.network.receiver import start_receiver, stop_receiver
+    from kaapana_assets.network.receiver import ReceiverSettings
+    from kaapana_assets.network.workers import supervise
     from kaapana_assets.projects.routing import AeTitleRouting
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     spool = Path(args.spool) if args.spool else home_of(args).ensure().incoming
     mapping = Environment.read().project_ae_titles  # a value that is no JSON: ValueError naming the variable
@@ -28,21 +28,16 @@ def cmd_receive(args: argparse.Namespace) -> int:
     except ValueError as exc:
         console.print(f"[red]KAAPANA_PROJECT_AE_TITLES: {exc}")
         return 2
-    server = start_receiver(
-        spool, args.host, args.port, args.ae_title, args.allow or None, block=False,
-        acse_timeout=args.acse_timeout, dimse_timeout=args.dimse_timeout, idle_timeout=args.idle_timeout,
-        max_associations=args.max_associations, max_per_caller=args.max_per_caller,
-        checkpoint_s=args.checkpoint_interval, routing=routing,
+    settings = ReceiverSettings(
+        spool, args.host, args.port, args.ae_title, tuple(args.allow or ()), acse_timeout=args.acse_timeout,
+        dimse_timeout=args.dimse_timeout, idle_timeout=args.idle_timeout, max_associations=args.max_associations,
+        max_per_caller=args.max_per_caller, checkpoint_s=args.checkpoint_interval, routing=routing,
     )
-    assert server is not None
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    console.print(f"receiving as {args.ae_title} on {args.host}:{args.port} → {spool} (Ctrl-C stops)")
-    while not stop.wait(0.5):  # a timed wait lets the signal handler run
-        pass
-    stop_receiver(server)  # aborts running associations: a stalled peer must not hold up shutdown
-    return 0
+    console.print(f"receiving as {args.ae_title} on {args.host}:{args.port} → {spool} with {args.workers} worker(s) "
+                  "(Ctrl-C stops)")
+    # Stops on SIGTERM/SIGINT: each worker aborts its running associations (a stalled peer
+    # must not hold up shutdown) and makes every acknowledged instance durable in the spool.
+    return supervise(settings, args.workers)
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -79,7 +74,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 RECEIVE_DESCRIPTION = (
     "A DICOM Storage SCP (every storage SOP class and transfer syntax, and C-ECHO) that writes\n"
     "each instance byte for byte into the spool and acknowledges it once it is on disk\n"
-    "(appended to the receive journal, $SPOOL/.journal, and flushed; the journal's checkpoints\n"
+    "(appended to the receive journal, $SPOOL-journal beside the spool, and flushed; the journal's checkpoints\n"
     "make the spool files durable, and a restart after a crash writes back what they lost).\n\n"
     "Refused with a failure status, nothing stored, a 'refused ...' log line:\n"
     "  0xC210 Cannot Understand: empty, garbage, malformed or truncated data sets, and\n"
@@ -90,7 +85,11 @@ RECEIVE_DESCRIPTION = (
     "Abuse limits: a connection must send its A-ASSOCIATE-RQ within --acse-timeout; an\n"
     "association silent for --idle-timeout is aborted; at most --max-associations run at once,\n"
     "and at most --max-per-caller from one IP address (checked on accept: an excess connection\n"
-    "gets A-ASSOCIATE-RJ 'local limit exceeded' and the refusal is logged)."
+    "gets A-ASSOCIATE-RJ 'local limit exceeded' and the refusal is logged).\n\n"
+    "Workers: --workers processes accept on the one port (the kernel hands each connection to\n"
+    "one waiting in accept), each with its own journal segment; the limits count over all of\n"
+    "them. A worker that dies is replaced, and its journal segment replayed before the\n"
+    "replacement accepts. SIGTERM/SIGINT stops every worker cleanly."
 )
 
 
@@ -105,10 +104,12 @@ def add_parsers(sub: SubParsers) -> None:
     p.add_argument("--allow", nargs="*", help="calling AE titles allowed (default: any)")
     p.add_argument("--spool", default=None, help="default: $KAAPANA_HOME/incoming")
     p.add_argument("--home", default=None)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="receiver processes accepting on the one port (default: the number of cores, %(default)s)")
     p.add_argument("--max-per-caller", type=int, default=16, metavar="N",
-                   help="concurrent associations allowed from one IP address (default: %(default)s)")
+                   help="concurrent associations allowed from one IP address, over all workers (default: %(default)s)")
     p.add_argument("--max-associations", type=int, default=256, metavar="N",
-                   help="concurrent associations in all (default: %(default)s)")
+                   help="concurrent associations in all, over all workers (default: %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="S",
                    help="abort an association that sends nothing for S seconds (default: %(default)s)")
     p.add_argument("--acse-timeout", type=float, default=30.0, metavar="S",

@@ -13,7 +13,7 @@ set that does not match what its request announced). `POST /projects/{project}/s
 stores into that research project's spool folder (`incoming/projects/{project}/STOW-RS/`), and
 the ingest assigns the series to it; an unknown project answers 404, a malformed name 400.
 
-Durability: the service holds a receive journal segment of its own in the spool
+Durability: the service holds a receive journal segment of its own beside the spool
 (`ReceiveJournal`, which lets several writers share a spool, each with its own flock'd
 segment), used as the receiver uses its own: an instance is stored once its record is
 appended and flushed, its spool file written by the journal's writer thread (retried at every

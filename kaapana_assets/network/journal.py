@@ -25,9 +25,16 @@ never acknowledged: any later record's flush would have flushed it too.
 Instances larger than a quarter of a segment bypass the journal (fsync, rename, fsync of
 the folder, as before): for them the flush is small beside the transfer.
 
-Several receivers may share a spool: each holds an exclusive `flock` on its own segment
-(`.journal/segment-<k>.wal`); a segment nobody holds is replayed by the next receiver that
-starts. Linux: `syncfs(2)` through libc; elsewhere `os.sync()`.
+The journal lives beside the spool, never in it (`journal_folder`: `<spool>-journal/`, for a
+home `<home>/incoming-journal/`), so that an ingest of the spool folder reads nothing of the
+receiver's. A journal that an earlier version kept inside the spool (`<spool>/.journal/`) is
+replayed and removed when a journal opens.
+
+Several receivers may share a spool (the workers of `kaapana receive`, STOW-RS): each holds
+an exclusive `flock` on its own segment (`segment-<k>.wal`); a segment nobody holds is
+replayed by the next receiver that opens the journal. Journals open one at a time (a `flock`
+on `open.lock`), so two starting together never take or create the same segment.
+Linux: `syncfs(2)` through libc; elsewhere `os.sync()`.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import fcntl
 import logging
 import os
 import queue
+import shutil
 import struct
 import threading
 import zlib
@@ -54,6 +62,12 @@ _HEADER = struct.Struct("<8sQI")  # magic, generation, CRC-32 of the two
 _HEADER_MAGIC = b"KAAPJRNL"
 _RECORD = struct.Struct("<4sQIQI")  # magic, generation, path length, data length, CRC-32
 _RECORD_MAGIC = b"KREC"
+LEGACY_FOLDER = ".journal"  # where the journal lived inside the spool, before it moved beside it
+
+
+def journal_folder(spool: Path) -> Path:
+    """Where the receive journal of `spool` lives: beside it, `<spool>-journal`."""
+    return spool.with_name(f"{spool.name}-journal")
 
 
 def _random_generation() -> int:
@@ -85,7 +99,7 @@ class ReceiveJournal:
         if segment_bytes < 4 * HEADER_BYTES:
             raise ValueError(f"a journal segment needs at least {4 * HEADER_BYTES} bytes")
         self.spool = spool
-        self.folder = spool / ".journal"
+        self.folder = journal_folder(spool)
         self.segment_bytes = segment_bytes
         self.max_record = segment_bytes // 4
         self.checkpoint_s = checkpoint_s
@@ -113,6 +127,59 @@ class ReceiveJournal:
         """Take a segment, replay what crashed receivers left, start checkpointing.
         Returns the number of instances written back into the spool."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.folder / "open.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one opening at a time: released when closed, or its process dies
+            replayed = self._replay_legacy() + self._open_segments()
+        finally:
+            os.close(lock)
+        if replayed:
+            log.warning("replayed %d acknowledged instance(s) from the receive journal into %s", replayed, self.spool)
+        self._threads = [threading.Thread(target=self._checkpoint_loop, name="journal-checkpoint", daemon=True)]
+        if self.async_spool:
+            self._threads.append(threading.Thread(target=self._write_loop, name="journal-spool-writer", daemon=True))
+        for thread in self._threads:
+            thread.start()
+        return replayed
+
+    def _replay_legacy(self) -> int:
+        """Replay and remove the segments of a journal kept inside the spool (`<spool>/.journal`)."""
+        legacy = self.spool / LEGACY_FOLDER
+        if not legacy.is_dir():
+            return 0
+        replayed, kept = 0, 0
+        for path in sorted(legacy.iterdir()):
+            if not (path.name.startswith("segment-") and path.name.endswith(".wal")):
+                continue
+            fd = os.open(path, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                kept += 1  # a receiver of the earlier version still writes into it
+                continue
+            try:
+                replayed += self._replay(fd, path)[1]  # durable in the spool when this returns
+                path.unlink()
+            finally:
+                os.close(fd)
+        if kept:
+            log.warning("%d segment(s) of the receive journal in %s are held by a running receiver; they are replayed "
+                        "when it has stopped and a receiver opens the journal again", kept, legacy)
+        else:
+            try:
+                shutil.rmtree(legacy)  # every record is in the spool now; nothing else in there was data
+            except OSError as exc:
+                log.warning("could not remove %s after replaying it: %s", legacy, exc)
+            else:
+                log.info("moved the receive journal out of the spool: %s replayed and removed; it lives in %s",
+                         legacy, self.folder)
+        return replayed
+
+    def _open_segments(self) -> int:
+        """Replay every segment nobody holds; take the first of them (or a new one)."""
         replayed = 0
         index = 0
         while True:
@@ -140,13 +207,6 @@ class ReceiveJournal:
                 self._write_header(fd, generation + 1)
                 os.close(fd)
             index += 1
-        if replayed:
-            log.warning("replayed %d acknowledged instance(s) from the receive journal into %s", replayed, self.spool)
-        self._threads = [threading.Thread(target=self._checkpoint_loop, name="journal-checkpoint", daemon=True)]
-        if self.async_spool:
-            self._threads.append(threading.Thread(target=self._write_loop, name="journal-spool-writer", daemon=True))
-        for thread in self._threads:
-            thread.start()
         return replayed
 
     def close(self) -> None:

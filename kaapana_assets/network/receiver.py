@@ -36,12 +36,10 @@ Abuse resistance (pynetdicom settings, chosen deliberately; `kaapana receive --h
 - ACSE timeout 30 s: a connection that sends no A-ASSOCIATE-RQ is dropped after 30 s.
 - DIMSE timeout 30 s: the longest wait for a DIMSE message within an operation.
 - Network (idle) timeout 60 s, configurable: an association silent that long is aborted.
-- At most 256 concurrent associations in all (`maximum_associations`; beyond it pynetdicom
-  answers A-ASSOCIATE-RJ "local limit exceeded").
-- At most 16 concurrent associations per peer IP address, configurable; connections still
-  negotiating count. This is enforced when the TCP connection is accepted, before any
-  thread serves it (`ReceiverServer.verify_request`, counting the server's running
-  associations from that address plus those accepted but not yet started): an excess
+- At most 256 concurrent associations in all and 16 per peer IP address, both configurable,
+  counted once over all worker processes of `kaapana receive` (`network/limits.py`);
+  connections still negotiating count. They are enforced when the TCP connection is
+  accepted, before any thread serves it (`ReceiverServer.verify_request`): an excess
   connection gets an A-ASSOCIATE-RJ (transient, local limit exceeded), is closed, and the
   refusal is logged. One caller hoarding idle associations cannot starve the others.
 - Deflated data sets are inflated by one association at a time (a legitimate one may
@@ -70,8 +68,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections import Counter
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -86,6 +85,7 @@ from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 from kaapana_assets.network.intake import Announced, Arrival, admit
 from kaapana_assets.network.intake import inflates_beyond as inflates_beyond  # where the tests look for it
 from kaapana_assets.network.journal import CHECKPOINT_S, ReceiveJournal
+from kaapana_assets.network.limits import AssociationLimits, Limit
 from kaapana_assets.network.pynetdicom_internals import EVENT_DRIVEN, EventAssociation, event_driven
 from kaapana_assets.network.spool_writer import (
     PREAMBLE,
@@ -106,6 +106,8 @@ MAX_PER_CALLER = 16
 # PDU instead of three or more, and every PDU costs a pass through pynetdicom's reactor
 # (≈0.4 ms of CPU per instance saved). A peer may send smaller ones.
 MAX_PDU_SIZE = 2**20
+# How often a worker busier than another looks whether it is its turn to accept again.
+TURN_WAIT_S = 0.005
 
 # A-ASSOCIATE-RJ PDU (PS3.8 9.3.4): type 0x03, length 4; result 2 rejected-transient,
 # source 3 service-provider (presentation), reason 2 local-limit-exceeded.
@@ -160,15 +162,20 @@ def _acse_received(event: evt.Event, allowed: set[str] | None) -> None:
                     event.assoc.requestor.address)
 
 
+def _accepted(event: evt.Event) -> None:
+    """One line per association (the log format names the worker process that serves it)."""
+    requestor = event.assoc.requestor
+    log.info("association from %s at %s:%s accepted", requestor.ae_title.strip(), requestor.address, requestor.port)
+
+
 def _aborted(event: evt.Event) -> None:
     log.warning("association from %s at %s aborted; instances not completely received were not stored",
                 event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address)
 
 
 class _CountingRequestHandler(RequestHandler):
-    """pynetdicom's handler (create the association, EVT_CONN_OPEN, start it), except that the
-    connection stops counting as 'starting' in the same instant its association starts
-    counting as running: the per-address count is exact, never counts one twice."""
+    """pynetdicom's handler (create the association, EVT_CONN_OPEN, start it); then it waits
+    for the association to end and stops counting it in the limits (counted since accept)."""
 
     server: ReceiverServer
 
@@ -184,55 +191,65 @@ class _CountingRequestHandler(RequestHandler):
         return made
 
     def handle(self) -> None:
-        counted = False
         try:
             assoc = self._create_association()
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-            with self.server.count_lock:
-                try:
-                    assoc.start()
-                finally:
-                    self.server.started(self.client_address)
-                    counted = True
+            assoc.start()
+            assoc.join()
         finally:
-            if not counted:
-                self.server.started(self.client_address)
+            self.server.limits.release(str(self.client_address[0]))
 
 
 class ReceiverServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with a limit on concurrent associations per peer IP
-    address, enforced on accept (in the serving thread, before any thread is started)."""
+    """pynetdicom's threaded server with the association limits (`network/limits.py`: per peer
+    IP address and in all, shared by every worker process) enforced on accept, in the serving
+    thread, before any thread is started. Given a `listening` socket (a worker of `kaapana
+    receive`: bound and listening in the supervisor, inherited), it serves that socket
+    instead of binding one, and leaves it as it is for the other workers when it stops."""
 
     request_queue_size = 128  # listen backlog (socketserver's default is 5)
     daemon_threads = True
-    max_per_caller = MAX_PER_CALLER
     journal: ReceiveJournal | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.starting: Counter[str] = Counter()  # accepted, association not yet started
-        self.count_lock = threading.RLock()
+    def __init__(self, *args: Any, limits: AssociationLimits | None = None, listening: socket.socket | None = None,
+                 **kwargs: Any) -> None:
+        self.limits = limits if limits is not None else AssociationLimits(MAX_PER_CALLER, MAX_ASSOCIATIONS)
+        self.listening = listening
         kwargs.setdefault("request_handler", _CountingRequestHandler)
         super().__init__(*args, **kwargs)
 
-    def associations_from(self, host: str) -> int:
-        with self.count_lock:
-            running = 0
-            for assoc in self.active_associations:
-                try:
-                    running += assoc.requestor.address == host
-                except ValueError:  # no address information
-                    continue
-            return running + self.starting[host]
+    def server_bind(self) -> None:
+        if self.listening is None:
+            super().server_bind()
+            return
+        if self.socket is not None:
+            self.socket.close()  # the one socketserver made: the inherited one is served instead
+        # Left blocking, without a timeout: every worker waits in accept() and the kernel
+        # hands each connection to one of those waiting.
+        self.socket = self.listening
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self.listening is None:
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self.listening is None:
+            super().server_close()
+        elif self.socket is not None:
+            self.socket.close()  # only this process's descriptor: shutdown() would stop every worker's accept
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         host = str(client_address[0])
-        with self.count_lock:
-            busy = self.associations_from(host)
-            if busy < self.max_per_caller:
-                self.starting[host] += 1
-                return True
-        log.warning("refused association from %s: it holds %d concurrent associations (limit %d per address)",
-                    host, busy, self.max_per_caller)
+        refused = self.limits.acquire(host)
+        if refused is None:
+            return True
+        if refused.limit is Limit.PER_CALLER:
+            log.warning("refused association from %s: it holds %d concurrent associations (limit %d per address)",
+                        host, refused.busy, refused.allowed)
+        else:
+            log.warning("refused association from %s: %d concurrent associations in all (limit %d)",
+                        host, refused.busy, refused.allowed)
         _reject_connection(request)
         return False  # socketserver closes the connection
 
@@ -240,16 +257,33 @@ class ReceiverServer(ThreadedAssociationServer):
         try:
             super().process_request(request, client_address)  # a thread runs the request handler
         except RuntimeError:  # no thread could be started
-            self.started(client_address)
+            self.limits.release(str(client_address[0]))
             self.shutdown_request(request)
             raise
 
-    def started(self, client_address: Any) -> None:
-        host = str(client_address[0])
-        with self.count_lock:
-            self.starting[host] -= 1
-            if self.starting[host] <= 0:
-                del self.starting[host]
+    def accept_forever(self) -> None:
+        """Serve the inherited listening socket: wait in accept() (blocking, in the kernel's
+        queue of waiters) whenever no other worker is less busy, check the limits, hand the
+        connection to a thread; until an exception (the worker's stop signal) or the socket
+        is closed."""
+        self.limits.accepting()
+        while True:
+            while not self.limits.my_turn():
+                time.sleep(TURN_WAIT_S)
+            try:
+                request, client_address = self.get_request()
+            except OSError:
+                if self.socket is None or self.socket.fileno() < 0:
+                    return  # closed
+                continue  # the peer gave up before we accepted (ECONNABORTED...)
+            if self.verify_request(request, client_address):
+                try:
+                    self.process_request(request, client_address)
+                except Exception:
+                    self.handle_error(request, client_address)
+                    self.shutdown_request(request)
+            else:
+                self.shutdown_request(request)
 
 
 def _reject_connection(sock: socket.socket) -> None:
@@ -289,6 +323,62 @@ def build_receiver(
     return ae
 
 
+@dataclass(frozen=True)
+class ReceiverSettings:
+    """What `kaapana receive` is told (see the module docstring and `kaapana receive --help`)."""
+
+    spool: Path
+    host: str = "127.0.0.1"
+    port: int = 11112
+    ae_title: str = "KAAPANA"
+    allowed_calling: tuple[str, ...] = ()
+    acse_timeout: float = ACSE_TIMEOUT_S
+    dimse_timeout: float = DIMSE_TIMEOUT_S
+    idle_timeout: float = IDLE_TIMEOUT_S
+    max_associations: int = MAX_ASSOCIATIONS
+    max_per_caller: int = MAX_PER_CALLER
+    checkpoint_s: float = CHECKPOINT_S
+    routing: AeTitleRouting = field(default_factory=AeTitleRouting)  # called AE title → project spool folder
+
+    def limits(self, workers: int = 1) -> AssociationLimits:
+        return AssociationLimits(self.max_per_caller, self.max_associations, workers)
+
+
+def make_receiver(settings: ReceiverSettings, *, limits: AssociationLimits | None = None,
+                  listening: socket.socket | None = None) -> ReceiverServer:
+    """The SCP's server, not yet serving: the receive journal is open (what a crashed
+    receiver acknowledged but the machine did not keep is written back first), the socket
+    bound (or the inherited `listening` one taken)."""
+    if settings.max_per_caller < 1:
+        raise ValueError("max_per_caller must be at least 1")
+    # Spool files written after the acknowledgement only where our reactor can hold an
+    # association's release until they are there (pynetdicom 3.0.x).
+    journal = ReceiveJournal(settings.spool, checkpoint_s=settings.checkpoint_s, async_spool=EVENT_DRIVEN)
+    journal.open()
+    allowed = set(settings.allowed_calling) or None
+    ae = build_receiver(settings.ae_title, settings.allowed_calling or None, acse_timeout=settings.acse_timeout,
+                        dimse_timeout=settings.dimse_timeout, idle_timeout=settings.idle_timeout,
+                        max_associations=settings.max_associations)
+    handlers: list[Any] = [
+        (evt.EVT_CONN_OPEN, _nodelay),
+        (evt.EVT_ACSE_RECV, _acse_received, [allowed]),
+        (evt.EVT_C_STORE, _store, [journal, settings.routing]),
+        (evt.EVT_ACCEPTED, _accepted),
+        (evt.EVT_ABORTED, _aborted),
+    ]
+    # As AE.start_server(block=False) does, but with our server class, so that the
+    # limits hold from the first connection on.
+    try:
+        server = cast(ReceiverServer, ae.make_server(
+            (settings.host, settings.port), evt_handlers=handlers, server_class=ReceiverServer,
+            limits=limits if limits is not None else settings.limits(), listening=listening))
+    except BaseException:
+        journal.close()
+        raise
+    server.journal = journal
+    return server
+
+
 def start_receiver(
     spool: Path,
     host: str = "127.0.0.1",
@@ -305,40 +395,17 @@ def start_receiver(
     checkpoint_s: float = CHECKPOINT_S,
     routing: AeTitleRouting | None = None,
 ) -> ReceiverServer | None:
-    """Start the SCP. Non-blocking returns the server (stop it with `stop_receiver`);
-    blocking serves until KeyboardInterrupt. Before serving, what a crashed receiver
-    acknowledged but the machine did not keep is written back from the receive journal."""
-    if max_per_caller < 1:
-        raise ValueError("max_per_caller must be at least 1")
-    # Spool files written after the acknowledgement only where our reactor can hold an
-    # association's release until they are there (pynetdicom 3.0.x).
-    journal = ReceiveJournal(spool, checkpoint_s=checkpoint_s, async_spool=EVENT_DRIVEN)
-    journal.open()
-    ae = build_receiver(ae_title, allowed_calling, acse_timeout=acse_timeout, dimse_timeout=dimse_timeout,
-                        idle_timeout=idle_timeout, max_associations=max_associations)
-    allowed = set(allowed_calling) if allowed_calling else None
-    handlers: list[Any] = [
-        (evt.EVT_CONN_OPEN, _nodelay),
-        (evt.EVT_ACSE_RECV, _acse_received, [allowed]),
-        (evt.EVT_C_STORE, _store, [journal, routing or AeTitleRouting()]),
-        (evt.EVT_ABORTED, _aborted),
-    ]
-    log.info("receiving as %s on %s:%d into %s%s", ae_title, host, port, spool,
-             f" (allowed: {', '.join(sorted(allowed))})" if allowed else "")
-    log.info("limits: %d associations, %d per address; timeouts: ACSE %gs, DIMSE %gs, idle %gs",
-             max_associations, max_per_caller, acse_timeout, dimse_timeout, idle_timeout)
-    # As AE.start_server(block=False) does, but with our server class, so that the
-    # per-address limit holds from the first connection on.
-    try:
-        server = cast(ReceiverServer, ae.make_server((host, port), evt_handlers=handlers, server_class=ReceiverServer))
-    except BaseException:
-        journal.close()
-        raise
-    server.max_per_caller = max_per_caller
-    server.journal = journal
+    """Start the SCP in this process (`kaapana receive` runs it in worker processes:
+    `network/workers.py`). Non-blocking returns the server (stop it with `stop_receiver`);
+    blocking serves until KeyboardInterrupt."""
+    settings = ReceiverSettings(spool, host, port, ae_title, tuple(allowed_calling or ()), acse_timeout,
+                                dimse_timeout, idle_timeout, max_associations, max_per_caller, checkpoint_s,
+                                routing or AeTitleRouting())
+    server = make_receiver(settings)
+    log_start(settings)
     thread = threading.Thread(target=server.serve_forever, name=f"AcceptorServer@{host}:{port}", daemon=True)
     thread.start()
-    ae._servers.append(server)  # AssociationServer.shutdown() removes itself from there
+    server.ae._servers.append(server)  # AssociationServer.shutdown() removes itself from there
     if not block:
         return server
     try:
@@ -351,10 +418,22 @@ def start_receiver(
     return None
 
 
+def log_start(settings: ReceiverSettings, workers: int = 1) -> None:
+    allowed = sorted(settings.allowed_calling)
+    log.info("receiving as %s on %s:%d into %s%s%s", settings.ae_title, settings.host, settings.port, settings.spool,
+             f" (allowed: {', '.join(allowed)})" if allowed else "", f" with {workers} workers" if workers > 1 else "")
+    log.info("limits: %d associations, %d per address; timeouts: ACSE %gs, DIMSE %gs, idle %gs",
+             settings.max_associations, settings.max_per_caller, settings.acse_timeout, settings.dimse_timeout,
+             settings.idle_timeout)
+
+
 def stop_receiver(server: ReceiverServer) -> None:
     """Abort running associations (a stalled peer must not hold up shutdown), then stop."""
     for assoc in list(server.active_associations):
         assoc.abort()
-    server.shutdown()
+    if server.listening is None:
+        server.shutdown()  # ends serve_forever, closes the socket
+    else:
+        server.server_close()  # a worker: the listening socket stays open for the others
     if server.journal is not None:
         server.journal.close()  # a last checkpoint: every acknowledged instance durable in the spool

@@ -393,3 +393,32 @@ def test_event_driven_receiver_stores_parallel_associations(tmp_path: Path, corp
         assert dataset_bytes(copy) == encode(ds, False, True)  # what send_c_store sent
         meta = pydicom.dcmread(copy, stop_before_pixels=True).file_meta
         assert (meta.SendingApplicationEntityTitle, meta.ReceivingApplicationEntityTitle) == ("PARALLEL", "KAAPANA")
+
+
+def test_ingest_of_the_spool_reads_nothing_of_the_receiver(tmp_path: Path, corpus: dict) -> None:
+    """What a user runs after `kaapana receive`: `kaapana ingest <home>/incoming`. The receive
+    journal lives beside the spool, so the ingest indexes the instances and nothing else:
+    no quarantine row, nothing copied into quarantine/."""
+    from kaapana_assets.cli import main
+    from kaapana_assets.lake.schemas import QUARANTINE
+    from kaapana_assets.network import receiver as receiver_module
+    from kaapana_assets.network.journal import journal_folder
+
+    home, port = KaapanaHome(tmp_path / "home").ensure(), free_port()
+    assert journal_folder(home.incoming) == home.receive_journal
+    files = corpus["site-b"][0].ct_files[:4]
+    server = receiver_module.start_receiver(home.incoming, port=port)
+    assert server is not None
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", port, ae_title="KAAPANA")
+        assert [assoc.send_c_store(pydicom.dcmread(f)).Status for f in files] == [0] * len(files)
+        assoc.release()
+    finally:
+        receiver_module.stop_receiver(server)
+    assert [p.name for p in home.receive_journal.glob("segment-*.wal")] == ["segment-0.wal"]
+    assert main(["ingest", str(home.incoming), "--home", str(home.root)]) == 0
+    assert Lake(home.lake).read(INSTANCES).height == len(files)
+    assert Lake(home.lake).read(QUARANTINE).height == 0
+    assert not any(home.quarantine.rglob("*"))

@@ -115,7 +115,7 @@ def test_a_checkpoint_spends_the_records_only_once_their_files_are_durable(tmp_p
 def test_replay_stops_at_a_torn_record(tmp_path: Path) -> None:
     spool = tmp_path / "incoming"
     crashed_writer(spool, 4)
-    segment = spool / ".journal" / "segment-0.wal"
+    segment = journal_module.journal_folder(spool) / "segment-0.wal"
     data = bytearray(segment.read_bytes())
     # the third record was being written when the power went: its last bytes never arrived
     third = data.find(instance(2)[:200], HEADER_BYTES)
@@ -138,7 +138,7 @@ def test_a_full_segment_checkpoints_and_starts_over(tmp_path: Path) -> None:
             journal.store(spool / "CT", f"1.2.{i}.dcm", instance(i))
         assert journal._generation >= first + 2 and journal._offset <= SMALL
     assert len(spool_contents(spool)) == 120
-    assert (spool / ".journal" / "segment-0.wal").stat().st_size == SMALL  # never grows
+    assert (journal_module.journal_folder(spool) / "segment-0.wal").stat().st_size == SMALL  # never grows
 
 
 def test_an_instance_larger_than_a_quarter_segment_is_flushed_on_its_own(tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def test_two_receivers_on_one_spool_each_take_a_segment_and_replay_an_orphan(tmp
     with ReceiveJournal(spool, segment_bytes=SMALL) as held:
         crashed_writer(spool, 3)  # a second receiver, which dies: it wrote into segment-1
         assert held.segment is not None and held.segment.name == "segment-0.wal"
-        assert (spool / ".journal" / "segment-1.wal").exists()
+        assert (journal_module.journal_folder(spool) / "segment-1.wal").exists()
         for path in (spool / "MODALITY").iterdir():
             path.unlink()
         with ReceiveJournal(spool, segment_bytes=SMALL) as third:
@@ -204,3 +204,18 @@ def test_a_journal_that_is_not_open_refuses_to_store(tmp_path: Path) -> None:
     journal = ReceiveJournal(tmp_path / "incoming", segment_bytes=SMALL)
     with pytest.raises(OSError, match="not open"):
         journal.store(tmp_path / "incoming" / "CT", "1.dcm", b"x")
+
+
+def test_a_journal_kept_inside_the_spool_is_replayed_and_removed(tmp_path: Path) -> None:
+    """A receiver of the earlier layout crashed with its journal in `<spool>/.journal`: the next
+    journal replays it into the spool, removes it, and lives beside the spool."""
+    spool = tmp_path / "incoming"
+    crashed_writer(spool, 4)
+    written = spool_contents(spool)
+    journal_module.journal_folder(spool).rename(spool / journal_module.LEGACY_FOLDER)  # the earlier layout
+    for path in (spool / "MODALITY").iterdir():
+        path.unlink()  # never reached the disk
+    with ReceiveJournal(spool, segment_bytes=SMALL) as journal:
+        assert journal.segment == tmp_path / "incoming-journal" / "segment-0.wal"
+    assert spool_contents(spool) == written
+    assert sorted(p.name for p in spool.iterdir()) == ["MODALITY"]  # nothing of the journal left in the spool
