@@ -18,13 +18,14 @@ import argparse
 import datetime as dt
 import os
 import secrets
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from kaapana_assets.federation.local import stop as stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -63,13 +64,7 @@ class Webserver:
         raise RuntimeError(f"dagster-webserver did not start: {(workdir / 'webserver.log').read_text()[-2000:]}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, grace_s=30)
         self.log.close()
 
 

@@ -3,15 +3,15 @@ benchmark and the test suite; its secrets written to files as Kubernetes mounts 
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from kaapana_assets.federation.local import stop as stop_process
 
 
 class GatewayServer:
@@ -62,10 +62,4 @@ class GatewayServer:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, grace_s=30)

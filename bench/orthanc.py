@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+from kaapana_assets.federation.local import stop as stop_process
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -85,13 +86,7 @@ class Orthanc:
             return json.loads(response.read())
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)  # Orthanc takes 3–5 s to stop
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, grace_s=15)  # Orthanc takes 3–5 s to stop
         self.log.close()
 
 

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from kaapana_assets.federation.local import free_port
+from kaapana_assets.federation.local import stop as stop_process
 from kaapana_assets.lake import Lake
 
 BUCKET = "kaapana"
@@ -77,13 +78,7 @@ class S3Server:
                             aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, grace_s=10)
 
 
 def _proxy_handler(upstream_port: int) -> type[BaseHTTPRequestHandler]:

@@ -31,7 +31,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kaapana_assets.federation.guard import DEFAULT_THRESHOLD, MAX_THRESHOLD
+from kaapana_assets.federation.guard import DEFAULT_THRESHOLD, MAX_THRESHOLD, small_cell_marker
 from kaapana_assets.federation.store import checked_name
 
 if TYPE_CHECKING:
@@ -61,10 +61,6 @@ STATISTICS = ("mean", "median", "q1", "q3", "whislo", "whishi", "minimum", "maxi
 
 class EvaluationRefused(ValueError):
     """A site's answer that breaks the format or the small-cell rule (the hub does not use it)."""
-
-
-def suppression_marker(threshold: int) -> str:
-    return f"<{threshold}"
 
 
 @dataclass(frozen=True)
@@ -102,7 +98,7 @@ class MetricSummary:
 def summarize(values: Sequence[float], label: str, metric: Metric, threshold: int) -> MetricSummary:
     """The aggregates of one label's metric over the cases it is defined for."""
     if len(values) < threshold:
-        return MetricSummary(label, metric, None, suppression_marker(threshold))
+        return MetricSummary(label, metric, None, small_cell_marker(threshold))
     import numpy as np
 
     data = np.sort(np.asarray(values, dtype=np.float64))
@@ -178,7 +174,7 @@ def parse_evaluation(data: str, site: str, model: str, threshold: int) -> ModelE
         except (KeyError, TypeError, ValueError) as exc:
             raise EvaluationRefused(f"malformed summary: {exc}") from None
         if cases is None:
-            if any(v is not None for v in values.values()) or summary.reported != suppression_marker(applied):
+            if any(v is not None for v in values.values()) or summary.reported != small_cell_marker(applied):
                 raise EvaluationRefused(f"{summary.label} {metric}: a suppressed cell carries values")
         elif isinstance(cases, bool) or not isinstance(cases, int) or cases < applied or summary.reported != str(cases):
             raise EvaluationRefused(f"{summary.label} {metric}: {cases!r} cases in the clear, below {applied}")
@@ -278,4 +274,4 @@ def evaluate_at_site(ctx: SiteContext, experiment: str, cohort: str, model: str,
 
 __all__ = ["GLOBAL", "EvaluationRefused", "Metric", "MetricSummary", "ModelEvaluation", "case_rows", "check_model",
            "evaluate_at_site", "export_held_out", "parse_evaluation", "summarize", "summarize_rows",
-           "suppression_marker", "training_tags"]
+           "training_tags"]

@@ -12,6 +12,11 @@ DEFAULT_THRESHOLD = 5  # small cells: counts from 1 to threshold-1 never leave a
 MAX_THRESHOLD = 1000
 
 
+def small_cell_marker(threshold: int) -> str:
+    """What a site publishes instead of a count below the small-cell threshold: "<5"."""
+    return f"<{threshold}"
+
+
 def site_identifiers(lake: Lake) -> set[str]:
     instances = lake.read(INSTANCES)
     values: set[str] = set()

@@ -30,7 +30,7 @@ from typing import Any
 
 import polars as pl
 
-from kaapana_assets.federation.guard import MAX_THRESHOLD
+from kaapana_assets.federation.guard import MAX_THRESHOLD, small_cell_marker
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import COHORT_MEMBERS, INSTANCES, QUARANTINE, SERIES, STUDIES
 from kaapana_assets.projects.membership import DEFAULT_PROJECT, scope_of
@@ -72,7 +72,7 @@ class AnswerRefused(ValueError):
 
 
 def primary_marker(threshold: int) -> str:
-    return f"<{threshold}"
+    return small_cell_marker(threshold)
 
 
 def complementary_marker(threshold: int) -> str:

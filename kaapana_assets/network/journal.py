@@ -151,13 +151,8 @@ class ReceiveJournal:
         for path in sorted(legacy.iterdir()):
             if not (path.name.startswith("segment-") and path.name.endswith(".wal")):
                 continue
-            fd = os.open(path, os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise
+            fd = _lock_segment(path)
+            if fd is None:
                 kept += 1  # a receiver of the earlier version still writes into it
                 continue
             try:
@@ -189,13 +184,8 @@ class ReceiveJournal:
                     self._create(path)
                     self._take(path)
                 break
-            fd = os.open(path, os.O_RDWR)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise
+            fd = _lock_segment(path)
+            if fd is None:
                 index += 1  # another receiver's segment
                 continue
             generation, count = self._replay(fd, path)
@@ -434,3 +424,16 @@ class ReceiveJournal:
             pass
         write_atomically(target, data, durable=False)  # the replay ends with one syncfs
         return 1
+
+
+def _lock_segment(path: Path) -> int | None:
+    """The segment open and locked for this receiver; None where another receiver holds it."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            raise
+        return None
+    return fd
