@@ -259,7 +259,8 @@ def test_lineage_of_an_evaluation(evaluated_demo, capsys: pytest.CaptureFixture)
     home = str(evaluated_demo.home.root)
     capsys.readouterr()
     assert main(["lineage", ident, "--home", home]) == 0
-    out = " ".join(capsys.readouterr().out.split())
+    # The tree's guides out: rich wraps a long line and prefixes its continuation with them.
+    out = " ".join(re.sub("[│├└─]", " ", capsys.readouterr().out).split())
     assert f"evaluation {ident}: model nnunet-liver-train v{version} on cohort liver-test v1, 6 case(s)" in out
     assert "measured on: cohort liver-test v1 of project admin, 6 series" in out
     assert "Delta versions read: series v" in out and ", series_projects v" in out
