@@ -101,7 +101,7 @@ viewer: $(VIEWER_DIR)/.version-$(OHIF_VERSION)
 # Node), installed at install time from the lock in tests/gateway/oidc (exact versions and
 # integrity hashes), never at test time; a new lock reinstalls.
 OIDC_PROVIDER_DIR := build/oidc-provider
-$(OIDC_PROVIDER_DIR)/.installed: tests/gateway/oidc/package.json tests/gateway/oidc/package-lock.json
+$(OIDC_PROVIDER_DIR)/.installed: tests/gateway/oidc/package.json tests/gateway/oidc/package-lock.json | tools
 	@command -v npm >/dev/null || { echo "npm not found: it comes with Node (NodeSource's nodejs, or Debian's npm)"; exit 1; }
 	rm -rf $(OIDC_PROVIDER_DIR) && mkdir -p $(OIDC_PROVIDER_DIR)
 	cp tests/gateway/oidc/package.json tests/gateway/oidc/package-lock.json $(OIDC_PROVIDER_DIR)/
