@@ -26,7 +26,7 @@ def audit_trail(lake: LakeResource) -> dg.MaterializeResult:
         "accesses_24h": figures.window_rows,
         "users_24h": figures.window_users,
         "by_user_and_action": table(figures.by_user_action, BY_USER_SCHEMA),
-    })
+    }, data_version=dg.DataVersion(f"audit v{figures.version}"))
 
 
 audit_trail_job = dg.define_asset_job("audit_trail_job", selection=[audit_trail])

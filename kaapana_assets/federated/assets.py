@@ -11,6 +11,7 @@ partitions), so the round checks it and the federated_round_chain sensor
 """
 
 import datetime as dt
+import hashlib
 import json
 import tempfile
 from collections.abc import Mapping
@@ -424,10 +425,14 @@ def federated_model(context: dg.AssetExecutionContext, config: FederatedModelCon
     )
 
 
+def _digest(value: object) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def _completed_round(lake: LakeResource, experiment: str) -> int:
     """The experiment's last completed round: the model federated_model registers."""
-    rows = lake.lake().read(FEDERATED_ROUNDS, (pl.col("experiment") == experiment) & (pl.col("status") == "global")) \
-        if lake.lake().exists(FEDERATED_ROUNDS) else pl.DataFrame()
+    # An absent table reads as empty.
+    rows = lake.lake().read(FEDERATED_ROUNDS, (pl.col("experiment") == experiment) & (pl.col("status") == "global"))
     if not len(rows):
         raise dg.Failure(description=f"no round of {experiment} has completed: materialize federated_rounds first")
     return int(rows["round"].max())  # type: ignore[arg-type]
@@ -479,6 +484,8 @@ def federated_evaluation(context: dg.AssetExecutionContext, config: FederatedEva
             **plots,
             "delta_version": dg.MetadataValue.int(written.version or 0),
         },
+        # The summaries as written: the same answers again are the same data.
+        data_version=dg.DataVersion(_digest(sorted(row["row_digest"] for row in rows))),
     )
 
 
@@ -583,6 +590,7 @@ def cross_site_evaluation(context: dg.AssetExecutionContext, config: CrossSiteEv
             "mlflow_run_id": model_run or "",
             "delta_version": dg.MetadataValue.int(written.version or 0),
         },
+        data_version=dg.DataVersion(_digest(layout)),  # the matrix as NVFlare's layout holds it
     )
 
 

@@ -315,9 +315,10 @@ def test_cross_site_evaluation_with_one_consenting_site(federation: Federation, 
     trained on nobody) and site-a's model on its own liver-train: site-a refuses its own
     model there (its training cohort: not held out), the others evaluate both. With four
     cases a site, every cell is suppressed, so no site has a comparison to state. The
-    matrix is in Delta and in NVFlare's layout; nothing identifying reached the hub."""
-    from kaapana_assets.federated.assets import cross_site_evaluation
-    from kaapana_assets.lake.schemas import CROSS_SITE_EVALUATIONS
+    matrix is in Delta and in NVFlare's layout; nothing identifying reached the hub. Then
+    federated_evaluation of the same model: every site's summaries, suppressed."""
+    from kaapana_assets.federated.assets import cross_site_evaluation, federated_evaluation
+    from kaapana_assets.lake.schemas import CROSS_SITE_EVALUATIONS, FEDERATED_EVALUATIONS
 
     store, experiment = federation.hub_store, "faults"
     with dg.instance_for_test() as instance:
@@ -349,3 +350,19 @@ def test_cross_site_evaluation_with_one_consenting_site(federation: Federation, 
         identifiers = site_identifiers(Lake(site_home.lake))
         for path in received:
             assert not leaked_identifiers(path.read_bytes(), identifiers), f"{path} leaks {site}'s identifiers"
+
+    # federated_evaluation: the same global model with the distance metrics, one table and one
+    # box plot per site; four cases a site are below the threshold, so every cell leaves suppressed.
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions("federated_experiments", [experiment])
+        result = dg.materialize([federated_evaluation], partition_key=experiment, instance=instance,
+                                resources=faults_plan, run_config={"ops": {"federated_evaluation": {"config": {
+                                    "cohort": "liver-train", "round": 0}}}})
+    metadata = _metadata(result)
+    assert metadata["sites"] == sorted(SITES) and metadata["refused_sites"] == {}
+    assert {f"boxplot_{site}" for site in SITES} <= set(metadata)
+    summaries = Lake(federation.root / "hub" / "lake").read(FEDERATED_EVALUATIONS, pl.col("experiment") == experiment)
+    assert set(summaries["site"]) == set(SITES) and {"dice", "hd95_mm", "assd_mm"} <= set(summaries["metric"])
+    assert summaries["suppressed"].all() and set(summaries["reported"]) == {"<5"} and summaries["mean"].null_count() == summaries.height
+    data_version = result.get_asset_materialization_events()[0].materialization.tags["dagster/data_version"]
+    assert data_version and len(data_version) == 16
