@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
-from deltalake import DeltaTable
+from deltalake import CommitProperties, DeltaTable
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from kaapana_assets.lake.schemas import TABLES, TableSpec
@@ -111,8 +111,11 @@ class Lake:
         if self.is_local:
             Path(self.uri(table)).mkdir(parents=True, exist_ok=True)
         try:
+            # No retry: a create that lost version 0 would otherwise commit again as version 1,
+            # a second CREATE TABLE in the log and one version more than the writes made.
             return DeltaTable.create(
-                self.uri(table), table.schema, mode="ignore", storage_options=self.storage_options
+                self.uri(table), table.schema, mode="ignore", storage_options=self.storage_options,
+                commit_properties=CommitProperties(max_commit_retries=0),
             )
         except CommitFailedError:  # another writer created it meanwhile: version 0 is taken
             return DeltaTable(self.uri(table), storage_options=self.storage_options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import multiprocessing
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -74,6 +75,34 @@ def test_concurrent_writers_lose_no_commit(s3_server: S3Server, caplog: pytest.L
         assert sorted(lake.read(spec)[column].to_list()) == sorted(f"{prefix}{n}" for n in range(expected))
         # One commit per MERGE: none overwrote another.
         assert lake.version(spec) == WRITERS * BATCHES, spec.name
+
+
+def test_racing_writers_create_a_table_once(s3_server: S3Server, tmp_path: Path) -> None:
+    """Six writers open a table that does not exist yet, at the same moment, on S3 and on a
+    folder: one CREATE TABLE at version 0, none re-committed as version 1 (a version the
+    writes did not make, which materializations would record)."""
+    for attempt in range(5):
+        for root, options in ((s3_server.lake().root, s3_server.options()), (str(tmp_path / str(attempt)), None)):
+            start = threading.Barrier(6)
+            failures: list[BaseException] = []
+
+            def create(root: str = root, options: dict[str, str] | None = options,
+                       start: threading.Barrier = start, failures: list[BaseException] = failures) -> None:
+                lake = Lake(root, options)
+                lake.check_writable()
+                start.wait()
+                try:
+                    lake.delta(INSTANCES)
+                except BaseException as exc:  # noqa: BLE001  (reported below, with the store)
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=create) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+            assert failures == [], root
+            assert Lake(root, options).version(INSTANCES) == 0, root
 
 
 def test_a_store_ignoring_conditional_writes_is_refused_unless_allowed(s3_server: S3Server) -> None:
