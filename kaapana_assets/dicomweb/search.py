@@ -356,14 +356,28 @@ class Scope:
     series_uid: str | None = None
 
 
-def _allowed(frame: pl.DataFrame, level: Level, allowed: ProjectScope) -> pl.DataFrame:
-    """The rows of `frame` the reader's projects hold: studies with a series of theirs, their series
-    and those series' instances."""
+STUDY_AGGREGATES = ("modalities", "study_series_count", "study_instance_count")
+
+
+def _allowed(index: Index, level: Level, allowed: ProjectScope) -> pl.DataFrame:
+    """The rows of `level` the reader's projects hold: studies with a series of theirs, their series
+    and those series' instances. A study's counts and modalities are over those series alone: a
+    study shared with another project neither lists nor counts (nor matches on) what that
+    project's series add."""
+    frame = index.frame(level)
     if allowed.everything:
         return frame
-    if level is S:
-        return frame.filter(pl.col("study_uid").is_in(sorted(allowed.study_uids)))
-    return frame.filter(pl.col("series_uid").is_in(sorted(allowed.series_uids)))
+    if level is not S:
+        return frame.filter(pl.col("series_uid").is_in(sorted(allowed.series_uids)))
+    studies = frame.filter(pl.col("study_uid").is_in(sorted(allowed.study_uids)))
+    series = index.frame(R).filter(pl.col("series_uid").is_in(sorted(allowed.series_uids)))
+    aggregates = series.group_by("study_uid").agg(
+        pl.col("modality").drop_nulls().unique().sort().alias("modalities"),
+        pl.len().alias("study_series_count"),
+        pl.col("series_instance_count").sum().alias("study_instance_count"),
+    )
+    return studies.drop(STUDY_AGGREGATES).join(aggregates, on="study_uid", how="left").select(
+        [pl.col(name).cast(dtype) for name, dtype in studies.schema.items()])
 
 
 def search(index: Index, level: Level, query: Query, scope: Scope, base_url: str,
@@ -371,13 +385,14 @@ def search(index: Index, level: Level, query: Query, scope: Scope, base_url: str
     """The page of `level` objects matching `query` under `scope`: a DICOM JSON array. With
     `allowed`, only what the reader's projects hold; anything else is as absent (404 or none)."""
     allowed = everything() if allowed is None else allowed
-    frame = _allowed(index.frame(level), level, allowed)
+    frame = _allowed(index, level, allowed)
     if scope.study_uid is not None:
-        if _allowed(index.frame(S), S, allowed).filter(pl.col("study_uid") == scope.study_uid).height == 0:
+        if not allowed.allows_study(scope.study_uid) or \
+                index.frame(S).filter(pl.col("study_uid") == scope.study_uid).height == 0:
             raise NotFound(f"no study {scope.study_uid} in the index")
         frame = frame.filter(pl.col("study_uid") == scope.study_uid)
     if scope.series_uid is not None:
-        series = _allowed(index.frame(R), R, allowed).filter(pl.col("series_uid") == scope.series_uid)
+        series = _allowed(index, R, allowed).filter(pl.col("series_uid") == scope.series_uid)
         if series.height == 0 or series["study_uid"][0] != scope.study_uid:
             raise NotFound(f"no series {scope.series_uid} in study {scope.study_uid} in the index")
         frame = frame.filter(pl.col("series_uid") == scope.series_uid)

@@ -5,6 +5,7 @@ its status code."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +20,12 @@ from bench.dicomweb_server import DicomwebServer
 from kaapana_assets.archive.service import Archive
 from kaapana_assets.dicomweb.app import create_app
 from kaapana_assets.dicomweb.config import DicomwebConfig
+from kaapana_assets.dicomweb.search import Index, S, Scope, parse_query, search
 from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
+from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import STUDIES
+from kaapana_assets.projects.membership import ProjectScope
 from kaapana_assets.synthetic import GeneratedStudy, generate_site
 from tests.helpers import SMALL
 
@@ -82,6 +86,34 @@ def test_studies_carry_the_default_attributes_as_the_files_hold_them(site: Site)
         assert got["00201206"] == {"vr": "IS", "Value": [2]}
         assert got["00201208"] == {"vr": "IS", "Value": [len(study.files)]}
         assert got["00081190"]["Value"] == [f"http://testserver/dicom-web/studies/{study.study_uid}"]
+
+
+def test_a_study_shared_between_projects_counts_only_the_readers_series(site: Site) -> None:
+    """Project A holds a study's CT series, project B its SEG: A's reader gets the study with
+    one series, the CT's instances and modality CT, and a search on SEG does not find it.
+    The admin's answer counts both."""
+    study = site.studies[0]
+    lake = Lake(site.home.lake)
+    ct_only = ProjectScope(projects=frozenset({"a"}), series_uids=frozenset({study.series_uid}),
+                           study_uids=frozenset({study.study_uid}), version=None)
+    index = Index(lake)
+
+    def studies(allowed: ProjectScope | None, *filters: tuple[str, str]) -> dict[str, dict]:
+        query = parse_query([*filters, ("includefield", "all")], S)
+        return {o["0020000D"]["Value"][0]: o for o in json.loads(
+            search(index, S, query, Scope(), "http://testserver", allowed))}
+
+    ct_modalities = {_header(f).Modality for f in study.ct_files}
+    seen = studies(ct_only)[study.study_uid]
+    assert seen["00080061"]["Value"] == sorted(ct_modalities) == ["CT"]
+    assert seen["00201206"]["Value"] == [1]
+    assert seen["00201208"]["Value"] == [len(study.ct_files)]
+    assert studies(ct_only, ("ModalitiesInStudy", "SEG")) == {}
+    assert set(studies(ct_only)) == {study.study_uid}
+    full = studies(None)[study.study_uid]
+    assert full["00080061"]["Value"] == ["CT", "SEG"] and full["00201206"]["Value"] == [2]
+    assert full["00201208"]["Value"] == [len(study.files)]
+    assert study.study_uid in studies(None, ("ModalitiesInStudy", "SEG"))
 
 
 def test_series_and_instances_of_a_study(site: Site) -> None:
