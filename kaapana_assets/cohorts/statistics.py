@@ -15,7 +15,8 @@ from prometheus_client.openmetrics.exposition import generate_latest
 
 from kaapana_assets.files import write_atomically
 from kaapana_assets.lake import Lake
-from kaapana_assets.lake.schemas import COHORT_MEMBERS, QUARANTINE, SERIES, STUDIES
+from kaapana_assets.lake.schemas import COHORT_MEMBERS, QUARANTINE, SERIES, SERIES_PROJECTS, STUDIES
+from kaapana_assets.projects.membership import DEFAULT_PROJECT
 
 # name -> help text; label names per metric below.
 METRICS = {
@@ -24,13 +25,22 @@ METRICS = {
     "kaapana_dicom_series_total": "Series in the index, by modality",
     "kaapana_dicom_instances_total": "Instances in the index, by modality",
     "kaapana_dicom_quarantined_total": "Files in quarantine, by reason",
-    "kaapana_cohort_series": "Series in the latest version of each cohort",
+    "kaapana_cohort_series": "Series in the latest version of each cohort, with its project",
+    # A series shared between projects counts in each: these do not add up to the totals above.
+    "kaapana_project_patients": "Distinct patients with a series in the project",
+    "kaapana_project_studies": "Studies with a series in the project",
+    "kaapana_project_series": "Series in the project, by modality",
+    "kaapana_project_instances": "Instances of the project's series, by modality",
 }
 LABELS = {
     "kaapana_dicom_series_total": ("modality",),
     "kaapana_dicom_instances_total": ("modality",),
     "kaapana_dicom_quarantined_total": ("reason",),
-    "kaapana_cohort_series": ("cohort", "version"),
+    "kaapana_cohort_series": ("cohort", "version", "project"),
+    "kaapana_project_patients": ("project",),
+    "kaapana_project_studies": ("project",),
+    "kaapana_project_series": ("project", "modality"),
+    "kaapana_project_instances": ("project", "modality"),
 }
 
 
@@ -59,8 +69,33 @@ def compute_statistics(lake: Lake) -> list[Sample]:
     if members.height:
         latest = members.group_by("cohort").agg(pl.col("cohort_version").max().alias("v"))
         sizes = members.join(latest, on="cohort").filter(pl.col("cohort_version") == pl.col("v"))
-        for cohort, version, count in sizes.group_by("cohort", "v").len().sort("cohort").iter_rows():
-            samples.append(Sample("kaapana_cohort_series", {"cohort": cohort, "version": str(version)}, float(count)))
+        # Versions cut before projects carry none: they belong to the default project.
+        project = pl.col("project").fill_null(DEFAULT_PROJECT) if "project" in sizes.columns else pl.lit(DEFAULT_PROJECT)
+        for cohort, version, owner, count in (sizes.with_columns(project.alias("project"))
+                                              .group_by("cohort", "v", "project").len().sort("cohort").iter_rows()):
+            samples.append(Sample("kaapana_cohort_series", {"cohort": cohort, "version": str(version),
+                                                            "project": owner}, float(count)))
+    return samples + _project_samples(lake.read(SERIES_PROJECTS), series, studies)
+
+
+def _project_samples(assigned: pl.DataFrame, series: pl.DataFrame, studies: pl.DataFrame) -> list[Sample]:
+    """Each project's patients, studies, and series and instances by modality: over the indexed
+    series it holds now."""
+    held = assigned.select("series_uid", "project").join(
+        series.select("series_uid", "study_uid", "modality", "instance_count"), on="series_uid", how="inner").join(
+        studies.select("study_uid", "patient_id"), on="study_uid", how="left")
+    samples: list[Sample] = []
+    for row in held.group_by("project").agg(pl.col("patient_id").drop_nulls().n_unique().alias("patients"),
+                                            pl.col("study_uid").n_unique().alias("studies")).sort("project").iter_rows(
+            named=True):
+        samples.append(Sample("kaapana_project_patients", {"project": row["project"]}, float(row["patients"])))
+        samples.append(Sample("kaapana_project_studies", {"project": row["project"]}, float(row["studies"])))
+    for row in held.group_by("project", "modality").agg(pl.len().alias("series"), pl.col("instance_count").sum()
+                                                        .alias("instances")).sort("project", "modality").iter_rows(
+            named=True):
+        labels = {"project": row["project"], "modality": row["modality"]}
+        samples.append(Sample("kaapana_project_series", labels, float(row["series"])))
+        samples.append(Sample("kaapana_project_instances", labels, float(row["instances"])))
     return samples
 
 

@@ -28,6 +28,8 @@ from kaapana_assets.home import KaapanaHome
 from kaapana_assets.ingest.pipeline import ingest_files
 from kaapana_assets.lake import Lake
 from kaapana_assets.lake.schemas import SERIES, SITE_STATISTICS, TAGS
+from kaapana_assets.projects.assignment import add_series
+from kaapana_assets.projects.catalog import create_project
 from tests.helpers import dicom_files
 
 
@@ -371,7 +373,24 @@ def test_statistics_match_the_corpus_and_parse_back(tmp_path: Path, corpus: dict
     assert samples[("kaapana_dicom_instances_total", (("modality", "CT"),))] == sum(len(s.ct_files) for s in studies)
     assert samples[("kaapana_dicom_instances_total", (("modality", "SEG"),))] == len(studies)
     assert samples[("kaapana_dicom_quarantined_total", (("reason", "not_dicom"),))] == 1
-    assert samples[("kaapana_cohort_series", (("cohort", "all-ct"), ("version", "1")))] == len(studies)
+    assert samples[("kaapana_cohort_series", (("cohort", "all-ct"), ("project", "admin"), ("version", "1")))] \
+        == len(studies)
+    # Everything ingested without a project is the default project's ...
+    assert samples[("kaapana_project_studies", (("project", "admin"),))] == len(studies)
+    assert samples[("kaapana_project_instances", (("modality", "CT"), ("project", "admin")))] \
+        == sum(len(s.ct_files) for s in studies)
+    # ... until one study's CT is shared with project "liver": counted in both, its SEG only in admin.
+    shared = studies[0]
+    create_project(targets.lake, "liver", "Liver study")
+    add_series(targets.lake, "liver", [shared.series_uid], operator="test", reason="shared for the liver study")
+    samples = {(s.metric, tuple(sorted(s.labels.items()))): s.value for s in compute_statistics(targets.lake)}
+    assert samples[("kaapana_project_patients", (("project", "liver"),))] == 1
+    assert samples[("kaapana_project_studies", (("project", "liver"),))] == 1
+    assert samples[("kaapana_project_series", (("modality", "CT"), ("project", "liver")))] == 1
+    assert samples[("kaapana_project_instances", (("modality", "CT"), ("project", "liver")))] == len(shared.ct_files)
+    assert ("kaapana_project_series", (("modality", "SEG"), ("project", "liver"))) not in samples
+    assert samples[("kaapana_project_series", (("modality", "CT"), ("project", "admin")))] == len(studies)
+    assert samples[("kaapana_dicom_series_total", (("modality", "CT"),))] == len(studies)
 
     text = openmetrics_text(compute_statistics(targets.lake), site="site-x")
     parsed = {
