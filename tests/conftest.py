@@ -341,16 +341,17 @@ def gateway_site(corpus: dict[str, list[GeneratedStudy]], tmp_path_factory: pyte
         viewer = REPO / "build" / "ohif" / "dist"
         dicomweb = DicomwebServer(home.root, ("--identity-secret-file", str(identity_secret),
                                               *(("--viewer", str(viewer)) if (viewer / "index.html").is_file() else ())))
-        dagster_port = free_port()
+        dagster_port, dagster_read_only_port = free_port(), free_port()
         try:
             gateway = GatewayServer(root / "gateway", home.root, provider.issuer, CLIENT_ID, CLIENT_SECRET, AUDIENCE,
                                     {"dagster": f"http://127.0.0.1:{dagster_port}",
+                                     "dagster-read-only": f"http://127.0.0.1:{dagster_read_only_port}",
                                      "dicomweb": f"http://127.0.0.1:{dicomweb.port}"},
                                     identity_secret, scope=SCOPE, viewer=True, cohorts=cohorts)
             try:
                 yield GatewaySite(provider, home.root, study_a.study_uid, study_b.study_uid,
                                   by_study[study_a.study_uid], by_study[study_b.study_uid], dicomweb.url, gateway.url,
-                                  gateway.viewer_url, dagster_port, cohorts, identity_secret.read_text().encode(), {})
+                                  gateway.viewer_url, dagster_port, dagster_read_only_port, cohorts, identity_secret.read_text().encode(), {})
             finally:
                 gateway.stop()
         finally:

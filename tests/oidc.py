@@ -67,6 +67,7 @@ class GatewaySite:
     gateway_url: str
     viewer_url: str
     dagster_port: int
+    dagster_read_only_port: int  # `--read-only`, where the gateway sends those who may not launch
     cohorts: Path
     identity_secret: bytes
     _tokens: dict[tuple[str, str], Tokens]

@@ -28,14 +28,23 @@ LOCATION = REPO / "bench" / "gateway_location.py"
 
 @pytest.fixture(scope="module")
 def dagster_behind_gateway(gateway_site: GatewaySite, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The webserver on the port the gateway sends Dagster's surfaces to; its location's name."""
+    """The webservers on the ports the gateway sends Dagster's surfaces to (one `--read-only`, on
+    the same instance); the location's name."""
     webserver = SiteWebserver(tmp_path_factory.mktemp("dagster"), {}, ("-f", str(LOCATION)), gateway_site.dagster_port)
+    read_only: SiteWebserver | None = None
     try:
         webserver.wait_ready(120)
+        # Started once the instance's storage exists: two webservers creating it at once race.
+        read_only = SiteWebserver(tmp_path_factory.mktemp("dagster-read-only"),
+                                  {"DAGSTER_HOME": str(webserver.dagster_home)}, ("--read-only", "-f", str(LOCATION)),
+                                  gateway_site.dagster_read_only_port)
+        read_only.wait_ready(120)
         names = httpx.post(f"http://{webserver.url}/graphql", json={
             "query": "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }"}).json()
         yield names["data"]["workspaceOrError"]["locationEntries"][0]["name"]
     finally:
+        if read_only is not None:
+            read_only.stop()
         webserver.stop()
 
 
@@ -55,6 +64,15 @@ def test_roles_over_a_real_dagster_webserver(gateway_site: GatewaySite, dagster_
     assert runs.status_code == 200 and "results" in runs.text
     refused = httpx.post(graphql, json=_launch(dagster_behind_gateway, COHORT_A), headers=gateway_site.bearer(VIEWER_A))
     assert refused.status_code == 403
+    # The viewer is served by the read-only webserver (no launch anywhere in its UI), the manager
+    # by the one that launches; both see the same instance.
+    permissions = "{ permissions { permission value } }"
+
+    def may_launch(user: str) -> bool:
+        answer = httpx.post(graphql, json={"query": permissions}, headers=gateway_site.bearer(user)).json()
+        return {p["permission"]: p["value"] for p in answer["data"]["permissions"]}["launch_pipeline_execution"]
+
+    assert not may_launch(VIEWER_A) and may_launch(MANAGER_A)
     # The project manager of A launches a run of cohort A, not one of cohort B.
     launched = httpx.post(graphql, json=_launch(dagster_behind_gateway, COHORT_A), headers=gateway_site.bearer(MANAGER_A),
                           timeout=60)
@@ -71,6 +89,10 @@ def test_roles_over_a_real_dagster_webserver(gateway_site: GatewaySite, dagster_
             break
         time.sleep(0.2)
     assert rows.select("project", "target", "via").rows() == [(PROJECT_A, f"cohort_job:{COHORT_A}", "gateway")]
+    run_id = launched.json()["data"]["launchRun"]["run"]["runId"]
+    seen = httpx.post(graphql, json={"query": "{ runsOrError { ... on Runs { results { runId } } } }"},
+                      headers=gateway_site.bearer(VIEWER_A)).json()
+    assert run_id in [r["runId"] for r in seen["data"]["runsOrError"]["results"]]
 
 
 def test_the_graphql_websocket_passes_subscriptions_and_refuses_a_viewers_mutation(
