@@ -323,3 +323,60 @@ def dcmqi_labels(binary: str, seg_file: Path, ct_files: list[Path], out: Path) -
     theirs = sitk.Resample(sitk.Cast(sitk.ReadImage(str(images[0])), sitk.sitkUInt8), reference,
                            sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     return sitk.GetArrayFromImage(theirs), ours
+
+
+@dataclass(frozen=True)
+class Deployed:
+    """One `kaapana` service of deploy/: its Deployment, Service, container and command line as
+    `kaapana` parses it, beside the user code's Helm values it must agree with."""
+
+    user_code: dict
+    deployment: dict
+    service: dict
+    container: dict
+    args: object  # argparse.Namespace
+
+    @property
+    def pod(self) -> dict:
+        return self.deployment["spec"]["template"]["spec"]
+
+    def home_mount(self) -> dict:
+        """The `kaapana-home` mount, checked to be the user code's claim at the command's --home."""
+        (mount,) = [m for m in self.container["volumeMounts"] if m["name"] == "kaapana-home"]
+        assert mount["mountPath"] == self.args.home  # type: ignore[attr-defined]
+        (volume,) = [v for v in self.pod["volumes"] if v["name"] == mount["name"]]
+        (home_volume,) = [v for v in self.user_code["volumes"] if v["name"] == "kaapana-home"]
+        assert volume["persistentVolumeClaim"] == home_volume["persistentVolumeClaim"]
+        return mount
+
+    def assert_environment_of_user_code(self, *names: str) -> None:
+        env = {e["name"]: e["value"] for e in self.container["env"]}
+        user_env = {e["name"]: e["value"] for e in self.user_code["env"]}
+        for name in names:
+            assert env[name] == user_env[name], name
+
+    def assert_service_reaches_the_port(self) -> None:
+        """The Service selects the pod and targets the port the command binds."""
+        (port,) = self.container["ports"]
+        assert port["containerPort"] == self.args.port  # type: ignore[attr-defined]
+        assert self.service["spec"]["selector"].items() <= \
+            self.deployment["spec"]["template"]["metadata"]["labels"].items()
+        assert [p["targetPort"] for p in self.service["spec"]["ports"]] == [port["name"]]
+
+
+def deployed(manifest: str) -> Deployed:
+    """deploy/<manifest>, from the user code's image, its command parsed by `kaapana`'s parser."""
+    import yaml
+
+    from kaapana_assets.cli import build_parser
+
+    values = yaml.safe_load((REPO / "deploy" / "values.yaml").read_text())
+    (user_code,) = values["dagster-user-deployments"]["deployments"]
+    documents = [d for d in yaml.safe_load_all((REPO / "deploy" / manifest).read_text()) if d]
+    (deployment,) = [d for d in documents if d["kind"] == "Deployment"]
+    (service,) = [d for d in documents if d["kind"] == "Service"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == f"{user_code['image']['repository']}:{user_code['image']['tag']}"
+    command = container["command"] + container["args"]
+    assert command[0] == "kaapana"
+    return Deployed(user_code, deployment, service, container, build_parser().parse_args(command[1:]))
