@@ -77,7 +77,7 @@ def main() -> int:
     from kaapana_assets import nnunet
     from kaapana_assets.archive.service import Archive
     from kaapana_assets.cohorts.definitions import CohortDefinition
-    from kaapana_assets.cohorts.membership import snapshot_cohort
+    from kaapana_assets.cohorts.membership import CohortSnapshot, snapshot_cohort
     from kaapana_assets.cohorts.tags import add_tag
     from kaapana_assets.federated.assets import cross_site_evaluation, federated_model, federated_plan, federated_rounds
     from kaapana_assets.federated.partitions import round_key
@@ -109,6 +109,9 @@ def main() -> int:
         root = Path(tmp)
         pooled = KaapanaHome(root / "pooled").ensure()
         homes, keys, train, test = {}, {}, {}, {}
+        # The liver-train versions cut before any held-out study is ingested: every model here
+        # trains on these (a cut taken later would take the held-out studies in too).
+        training: dict[str, CohortSnapshot] = {}
         for i, site in enumerate(SITES):
             homes[site] = KaapanaHome(root / site).ensure()
             keys[site] = generate_site_key()
@@ -119,8 +122,8 @@ def main() -> int:
             files = [f for s in train[site] for f in s.files]
             for home in (homes[site], pooled):
                 ingest_files(files, Archive.for_home(home), remove_sources=False)
-            snapshot_cohort(Lake(homes[site].lake), cohort)
-        snapshot_cohort(Lake(pooled.lake), cohort)
+            training[site] = snapshot_cohort(Lake(homes[site].lake), cohort)
+        training["pooled"] = snapshot_cohort(Lake(pooled.lake), cohort)
         # Each site's held-out studies in its own lake too, after liver-train was cut (its
         # version 1 is what the federation trains on), as the tagged cohort liver-test.
         for site in SITES:
@@ -189,14 +192,20 @@ def main() -> int:
                                                   store.read_global("bench", args.rounds))
         results["federated"] = score(folder)
 
-        def train_alone(name: str, home: KaapanaHome, schedule: nnunet.Schedule = schedule) -> Path:
-            """nnU-Net on one lake's cohort, trained on the same patients the federated sites trained on."""
+        held_out_patients = {s.patient_id for site in SITES for s in test[site]}
+
+        def train_alone(name: str, home: KaapanaHome, snapshot: CohortSnapshot,
+                        schedule: nnunet.Schedule = schedule) -> Path:
+            """nnU-Net on one lake's liver-train version, the patients the federated sites trained on."""
             t0 = time.perf_counter()
             lake = Lake(home.lake)
             paths = nnunet.NnunetPaths(root / "work" / name.replace(" ", "_"))
             raw = paths.raw / nnunet.dataset_name(1, name)
-            export_cohort(lake, home.archive, snapshot_cohort(lake, cohort), raw, ["liver"])
+            export_cohort(lake, home.archive, snapshot, raw, ["liver"])
             cases = json.loads((raw / "cases.json").read_text())
+            leaked = {c["patient_id"] for c in cases} & held_out_patients
+            if leaked:
+                raise SystemExit(f"{name}: {len(leaked)} held-out patients in the training export")
             held = set()
             for site in SITES:  # each site's own validation patients stay out, as in the federation
                 mine = [(c["case"], c["patient_id"]) for c in cases
@@ -218,13 +227,13 @@ def main() -> int:
             if not args.no_cross_site:
                 print_cross_site(matrix, timings["cross-site"])
             return 0
-        results["centralized"] = score(train_alone("centralized", pooled))
+        results["centralized"] = score(train_alone("centralized", pooled, training["pooled"]))
         # The federation made len(SITES)× the gradient steps (every site trained the full
         # budget each round): a centralized model with that many steps too.
-        results["centralized ×3"] = score(train_alone("centralized ×3", pooled, dataclasses.replace(
+        results["centralized ×3"] = score(train_alone("centralized ×3", pooled, training["pooled"], dataclasses.replace(
             schedule, iterations_per_epoch=schedule.iterations_per_epoch * len(SITES))))
         for site in SITES:
-            results[f"{site} alone"] = score(train_alone(f"{site} alone", homes[site]))
+            results[f"{site} alone"] = score(train_alone(f"{site} alone", homes[site], training[site]))
 
     print(f"\nliver Dice on held-out studies ({args.test} per site, grid {args.slices}×{args.matrix}²); "
           f"{args.rounds} rounds × {args.local_epochs} local epochs × {args.iterations} iterations, width {args.width}")
