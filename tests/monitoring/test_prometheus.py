@@ -305,7 +305,7 @@ def test_a_real_prometheus_reads_back_what_the_tables_hold(federation: Federatio
             network = prometheus.values(url, '{__name__=~"kaapana_network_.*", job="hub"}')
             health = prometheus.values(url, '{__name__=~"kaapana_dagster_.*", job="hub"}')
             federated = prometheus.values(url, '{__name__=~"kaapana_federated_.*", job="hub"}')
-            at_site = prometheus.values(url, '{__name__=~"kaapana_dicom_.*|kaapana_cohort_.*", job="site"}')
+            at_site = prometheus.values(url, '{__name__=~"kaapana_dicom_.*|kaapana_cohort_.*|kaapana_project_.*", job="site"}')
             dashboard = {expr: prometheus.query(url, re.sub(r"\$site", ".*", expr))
                          for expr in _expressions(_dashboard()) if not expr.startswith("label_values")}
     finally:
