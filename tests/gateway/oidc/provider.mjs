@@ -54,27 +54,23 @@ const server = createServer();
 await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
 const issuer = `http://127.0.0.1:${server.address().port}`;
 
+// Both clients alike. A native client's loopback redirect URI matches on any port (RFC 8252
+// 7.3): the gateway of a test listens on a free port chosen after the provider started.
+const client = {
+  client_secret: secret,
+  application_type: 'native',
+  redirect_uris: ['http://127.0.0.1/auth/callback'],
+  grant_types: ['authorization_code'],
+  response_types: ['code'],
+  token_endpoint_auth_method: 'client_secret_basic',
+};
+
 const provider = new Provider(issuer, {
-  clients: [{
-    client_id: 'kaapana',
-    client_secret: secret,
-    // A native client's loopback redirect URI matches on any port (RFC 8252 7.3): the
-    // gateway of a test listens on a free port chosen after the provider started.
-    application_type: 'native',
-    redirect_uris: ['http://127.0.0.1/auth/callback'],
-    grant_types: ['authorization_code'],
-    response_types: ['code'],
-    token_endpoint_auth_method: 'client_secret_basic',
-  }, {
+  clients: [
+    { client_id: 'kaapana', ...client },
     // Tokens that expire one second after they are issued, for the tests of expiry.
-    client_id: 'kaapana-short',
-    client_secret: secret,
-    application_type: 'native',
-    redirect_uris: ['http://127.0.0.1/auth/callback'],
-    grant_types: ['authorization_code'],
-    response_types: ['code'],
-    token_endpoint_auth_method: 'client_secret_basic',
-  }],
+    { client_id: 'kaapana-short', ...client },
+  ],
   interactions: { policy },
   jwks: { keys: [signingKey] },
   cookies: { keys: ['kaapana-test-cookie-key'] },
